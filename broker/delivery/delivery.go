@@ -1,0 +1,353 @@
+// Package delivery feeds queued messages to online devices: in order, with
+// at most a window of unacknowledged messages per device, from memory
+// while a device keeps up and from the queue on disk when it falls behind
+// or reconnects. It tracks its own packet IDs and PUBACKs, never mochi's
+// inflight map.
+package delivery
+
+import (
+	"log/slog"
+	"sync"
+
+	"github.com/chatd/chatd/broker/queue"
+)
+
+// Source is the queue delivery reads from and reports acknowledgements to.
+type Source interface {
+	// Read returns up to max messages of user with Seq > after, in order.
+	Read(user string, after uint64, max int) ([]queue.Message, error)
+	// Head returns the last committed sequence of user.
+	Head(user string) (uint64, error)
+	// Ack records that device has acknowledged everything up to cursor.
+	Ack(user, device string, cursor uint64)
+}
+
+// Sink is where a device's packets are written.
+type Sink interface {
+	// Publish queues a QoS 1 PUBLISH.
+	Publish(pid uint16, topic string, payload []byte, dup bool)
+}
+
+// Options configures a Delivery.
+type Options struct {
+	// Source is the durable queue.
+	Source Source
+	// Logger receives read errors.
+	Logger *slog.Logger
+	// TailMessages caps a user's in-memory tail of recent messages.
+	TailMessages int
+	// ReadAhead is how many messages one disk read fetches for a device.
+	ReadAhead int
+}
+
+// Delivery is the set of online devices of all users.
+type Delivery struct {
+	opts  Options
+	log   *slog.Logger
+	feeds sync.Map // user -> *feed
+	mu    sync.Mutex
+	reads sync.WaitGroup
+}
+
+// New returns a Delivery reading from opts.Source.
+func New(opts Options) *Delivery {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.TailMessages <= 0 {
+		opts.TailMessages = 1024
+	}
+	if opts.ReadAhead <= 0 {
+		opts.ReadAhead = 1024
+	}
+	return &Delivery{opts: opts, log: opts.Logger}
+}
+
+// Device is one online device being fed.
+type Device struct {
+	f      *feed
+	name   string
+	topic  string
+	sink   Sink
+	window int
+
+	next     uint64 // smallest sequence not yet sent
+	acked    uint64 // every sequence <= acked is acknowledged
+	inflight []inflight
+	nextPID  uint16
+
+	prefetch []queue.Message
+	reading  bool
+	readHead uint64
+	stopped  bool
+}
+
+type inflight struct {
+	seq   uint64
+	pid   uint16
+	acked bool
+}
+
+// feed is one user's online devices and recent messages.
+type feed struct {
+	user    string
+	mu      sync.Mutex
+	devices map[string]*Device
+	// tail holds recent messages with consecutive sequences, so devices that
+	// keep up are fed without reading back from disk.
+	tail []queue.Message
+	head uint64
+	dead bool
+}
+
+// Start begins feeding device of user, whose acknowledged cursor is
+// cursor, through sink with at most window messages in flight. Messages
+// after cursor are (re)sent in order. A device already being fed under
+// the same name (a session takeover) is replaced.
+func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Sink) (*Device, error) {
+	for {
+		f := d.feedOf(user)
+		f.mu.Lock()
+		if f.dead {
+			f.mu.Unlock()
+			continue
+		}
+		if f.head == 0 && len(f.devices) == 0 {
+			head, err := d.opts.Source.Head(user)
+			if err != nil {
+				f.mu.Unlock()
+				d.release(f)
+				return nil, err
+			}
+			f.head = max(f.head, head)
+		}
+		if old, ok := f.devices[device]; ok {
+			old.stopped = true
+		}
+		dev := &Device{
+			f: f, name: device, topic: "inbox/" + user, sink: sink, window: max(window, 1),
+			next: cursor + 1, acked: cursor,
+		}
+		f.devices[device] = dev
+		d.pump(dev)
+		f.mu.Unlock()
+		return dev, nil
+	}
+}
+
+// feedOf returns the live feed of user, creating it.
+func (d *Delivery) feedOf(user string) *feed {
+	if v, ok := d.feeds.Load(user); ok {
+		return v.(*feed)
+	}
+	v, _ := d.feeds.LoadOrStore(user, &feed{user: user, devices: make(map[string]*Device)})
+	return v.(*feed)
+}
+
+// release drops f when it has no devices left; called without f.mu held.
+func (d *Delivery) release(f *feed) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.devices) == 0 && !f.dead {
+		f.dead = true
+		d.feeds.CompareAndDelete(f.user, f)
+	}
+}
+
+// Stop ends feeding dev; messages it did not acknowledge are sent again
+// when it reconnects.
+func (d *Delivery) Stop(dev *Device) {
+	f := dev.f
+	f.mu.Lock()
+	dev.stopped = true
+	if f.devices[dev.name] == dev {
+		delete(f.devices, dev.name)
+	}
+	f.trim()
+	f.mu.Unlock()
+	d.release(f)
+}
+
+// Stored is called once for every message committed to user's queue, in
+// order. It feeds the user's online devices from memory.
+func (d *Delivery) Stored(user string, m queue.Message) {
+	v, ok := d.feeds.Load(user)
+	if !ok {
+		return
+	}
+	f := v.(*feed)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.dead || m.Seq <= f.head {
+		return
+	}
+	if len(f.tail) > 0 && m.Seq != f.tail[len(f.tail)-1].Seq+1 {
+		f.tail = f.tail[:0]
+	}
+	f.tail = append(f.tail, m)
+	f.head = m.Seq
+	if len(f.tail) > d.opts.TailMessages {
+		n := copy(f.tail, f.tail[len(f.tail)-d.opts.TailMessages:])
+		clear(f.tail[n:])
+		f.tail = f.tail[:n]
+	}
+	for _, dev := range f.devices {
+		d.pump(dev)
+	}
+}
+
+// Acked handles a PUBACK from dev for packet id pid.
+func (d *Delivery) Acked(dev *Device, pid uint16) {
+	f := dev.f
+	f.mu.Lock()
+	if dev.stopped {
+		f.mu.Unlock()
+		return
+	}
+	found := false
+	for i := range dev.inflight {
+		if dev.inflight[i].pid == pid && !dev.inflight[i].acked {
+			dev.inflight[i].acked = true
+			found = true
+			break
+		}
+	}
+	if !found {
+		f.mu.Unlock()
+		return
+	}
+	n := 0
+	for n < len(dev.inflight) && dev.inflight[n].acked {
+		dev.acked = dev.inflight[n].seq
+		n++
+	}
+	dev.inflight = dev.inflight[:copy(dev.inflight, dev.inflight[n:])]
+	if len(dev.inflight) == 0 {
+		dev.acked = dev.next - 1
+	}
+	acked := dev.acked
+	d.pump(dev)
+	if n > 0 {
+		f.trim()
+	}
+	f.mu.Unlock()
+	if n > 0 {
+		d.opts.Source.Ack(f.user, dev.name, acked)
+	}
+}
+
+// pump sends dev what its window allows; called with dev.f.mu held.
+func (d *Delivery) pump(dev *Device) {
+	f := dev.f
+	for !dev.stopped && len(dev.inflight) < dev.window && dev.next <= f.head {
+		m, ok := dev.take()
+		if !ok {
+			d.readAhead(dev)
+			return
+		}
+		pid := dev.allocPID()
+		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid})
+		dev.next = m.Seq + 1
+		dev.sink.Publish(pid, dev.topic, m.Data, false)
+	}
+}
+
+// take returns the message at dev.next from the read-ahead or the tail.
+// Gaps in a disk read are sequences that expired or were never stored.
+func (dev *Device) take() (queue.Message, bool) {
+	for len(dev.prefetch) > 0 && dev.prefetch[0].Seq < dev.next {
+		dev.prefetch[0] = queue.Message{}
+		dev.prefetch = dev.prefetch[1:]
+	}
+	if len(dev.prefetch) > 0 {
+		m := dev.prefetch[0]
+		dev.prefetch[0] = queue.Message{}
+		dev.prefetch = dev.prefetch[1:]
+		return m, true
+	}
+	t := dev.f.tail
+	if len(t) > 0 && dev.next >= t[0].Seq && dev.next <= t[len(t)-1].Seq {
+		return t[dev.next-t[0].Seq], true
+	}
+	if dev.readHead >= dev.next && !dev.reading {
+		// The last disk read saw everything up to readHead and nothing at
+		// dev.next: those sequences are gone, continue after them.
+		dev.next = dev.readHead + 1
+		dev.readHead = 0
+		return dev.take()
+	}
+	return queue.Message{}, false
+}
+
+// allocPID returns a packet ID not in use by dev's inflight messages.
+func (dev *Device) allocPID() uint16 {
+	for {
+		dev.nextPID++
+		if dev.nextPID == 0 {
+			dev.nextPID = 1
+		}
+		used := false
+		for _, in := range dev.inflight {
+			if in.pid == dev.nextPID {
+				used = true
+				break
+			}
+		}
+		if !used {
+			return dev.nextPID
+		}
+	}
+}
+
+// readAhead starts one disk read for dev; called with dev.f.mu held.
+func (d *Delivery) readAhead(dev *Device) {
+	if dev.reading {
+		return
+	}
+	dev.reading = true
+	after, head := dev.next-1, dev.f.head
+	d.reads.Add(1)
+	go func() {
+		defer d.reads.Done()
+		msgs, err := d.opts.Source.Read(dev.f.user, after, d.opts.ReadAhead)
+		f := dev.f
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		dev.reading = false
+		if err != nil {
+			d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "error", err)
+			return
+		}
+		dev.prefetch = msgs
+		if len(msgs) < d.opts.ReadAhead {
+			dev.readHead = head
+		}
+		d.pump(dev)
+	}()
+}
+
+// trim drops tail messages every online device has acknowledged; called with f.mu held.
+func (f *feed) trim() {
+	if len(f.tail) == 0 {
+		return
+	}
+	low := f.head
+	for _, dev := range f.devices {
+		low = min(low, dev.acked)
+	}
+	n := 0
+	for n < len(f.tail) && f.tail[n].Seq <= low {
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	k := copy(f.tail, f.tail[n:])
+	clear(f.tail[k:])
+	f.tail = f.tail[:k]
+}
+
+// Close waits for disk reads in progress; call it before closing the Source.
+func (d *Delivery) Close() {
+	d.reads.Wait()
+}

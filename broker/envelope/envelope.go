@@ -1,0 +1,197 @@
+// Package envelope validates message objects and builds the envelopes of
+// PROTOCOL.md sections 3 and 5.
+package envelope
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+)
+
+// MaxIDLen is the longest message id allowed.
+const MaxIDLen = 64
+
+// Validation errors; each maps to one protocol error code.
+var (
+	// ErrTooLarge is a message object larger than the configured maximum.
+	ErrTooLarge = errors.New("message too large")
+	// ErrBadPayload is a payload that is not a JSON object with a valid id.
+	ErrBadPayload = errors.New("payload is not a JSON object with a string id of 1-64 characters")
+)
+
+// Validate checks that payload is a JSON object of at most max bytes with a
+// string "id" of 1-64 characters, and returns that id.
+func Validate(payload []byte, max int) (string, error) {
+	if len(payload) > max {
+		return "", fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(payload), max)
+	}
+	if !json.Valid(payload) {
+		return "", fmt.Errorf("%w: not valid JSON", ErrBadPayload)
+	}
+	id, found, err := topLevelID(payload)
+	if err != nil {
+		return "", err
+	}
+	if !found {
+		return "", fmt.Errorf("%w: no id field", ErrBadPayload)
+	}
+	if len(id) == 0 || len(id) > MaxIDLen {
+		return "", fmt.Errorf("%w: id has %d bytes", ErrBadPayload, len(id))
+	}
+	return id, nil
+}
+
+// RefOf returns the id of payload if it has one, for error events about
+// payloads that failed other checks; "" otherwise.
+func RefOf(payload []byte) string {
+	if !json.Valid(payload) {
+		return ""
+	}
+	id, _, err := topLevelID(payload)
+	if err != nil || len(id) > MaxIDLen {
+		return ""
+	}
+	return id
+}
+
+// topLevelID finds the string value of the top-level "id" key of a valid
+// JSON document. It walks the document once without building it, because
+// this runs for every message on the hot path.
+func topLevelID(b []byte) (string, bool, error) {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return "", false, fmt.Errorf("%w: not an object", ErrBadPayload)
+	}
+	i++
+	var id string
+	found := false
+	for {
+		i = skipSpace(b, i)
+		if i < len(b) && b[i] == '}' {
+			return id, found, nil
+		}
+		keyEnd := skipString(b, i)
+		key := b[i:keyEnd]
+		i = skipSpace(b, keyEnd)
+		i = skipSpace(b, i+1) // past ':'
+		valEnd := skipValue(b, i)
+		if isIDKey(key) {
+			if b[i] != '"' {
+				return "", false, fmt.Errorf("%w: id is not a string", ErrBadPayload)
+			}
+			if err := json.Unmarshal(b[i:valEnd], &id); err != nil {
+				return "", false, fmt.Errorf("%w: id: %w", ErrBadPayload, err)
+			}
+			found = true
+		}
+		i = skipSpace(b, valEnd)
+		if i < len(b) && b[i] == ',' {
+			i++
+		}
+	}
+}
+
+func isIDKey(quoted []byte) bool {
+	if string(quoted) == `"id"` {
+		return true
+	}
+	for _, c := range quoted {
+		if c == '\\' {
+			var k string
+			return json.Unmarshal(quoted, &k) == nil && k == "id"
+		}
+	}
+	return false
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// skipString returns the index just past the string starting at b[i] == '"'.
+func skipString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return len(b)
+}
+
+// skipValue returns the index just past the value starting at b[i].
+func skipValue(b []byte, i int) int {
+	if i >= len(b) {
+		return i
+	}
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for i < len(b) {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i)
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+		return i
+	default:
+		for i < len(b) && b[i] != ',' && b[i] != '}' && b[i] != ']' && b[i] != ' ' && b[i] != '\t' && b[i] != '\n' && b[i] != '\r' {
+			i++
+		}
+		return i
+	}
+}
+
+// Message returns the envelope delivering msg from one user to another;
+// group is "" for a direct message. User and group IDs need no escaping:
+// they are validated to [A-Za-z0-9_.-].
+func Message(from, to, group string, tsMillis int64, msg []byte) []byte {
+	b := make([]byte, 0, len(msg)+len(from)+len(to)+len(group)+64)
+	b = append(b, `{"kind":"msg","from":"`...)
+	b = append(b, from...)
+	b = append(b, `","to":"`...)
+	b = append(b, to...)
+	if group != "" {
+		b = append(b, `","group":"`...)
+		b = append(b, group...)
+	}
+	b = append(b, `","ts":`...)
+	b = strconv.AppendInt(b, tsMillis, 10)
+	b = append(b, `,"msg":`...)
+	b = append(b, msg...)
+	b = append(b, '}')
+	return b
+}
+
+// Error returns the error event queued to a v3 sender whose publish was refused.
+func Error(ref, code, reason string) []byte {
+	ev := struct {
+		Kind   string `json:"kind"`
+		Ref    string `json:"ref,omitempty"`
+		Code   string `json:"code"`
+		Reason string `json:"reason"`
+	}{"error", ref, code, reason}
+	b, err := json.Marshal(ev)
+	if err != nil {
+		// Marshalling a struct of strings cannot fail; keep the event minimal if it ever does.
+		return []byte(`{"kind":"error","code":"` + code + `"}`)
+	}
+	return b
+}

@@ -1,0 +1,224 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/config"
+)
+
+var testSecret = []byte("test-secret-0123456789")
+
+// startServer runs a real server on loopback with its data in dir.
+func startServer(t testing.TB, dir string, mutate func(*config.Config)) *Server {
+	t.Helper()
+	cfg := config.Default()
+	cfg.DataDir = dir
+	cfg.Listen = "127.0.0.1:0"
+	cfg.HTTP = "127.0.0.1:0"
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	s, err := New(Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatalf("new server: %v", err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatalf("start server: %v", err)
+	}
+	t.Cleanup(func() { stopServer(t, s) })
+	return s
+}
+
+func stopServer(t testing.TB, s *Server) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Close(ctx); err != nil {
+		t.Errorf("close server: %v", err)
+	}
+}
+
+func mint(t testing.TB, user string) string {
+	t.Helper()
+	tok, err := token.Mint(testSecret, user, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// envelopeMsg is the delivered envelope of PROTOCOL.md section 3.
+type envelopeMsg struct {
+	Kind   string          `json:"kind"`
+	From   string          `json:"from"`
+	To     string          `json:"to"`
+	TS     int64           `json:"ts"`
+	Msg    json.RawMessage `json:"msg"`
+	Ref    string          `json:"ref"`
+	Code   string          `json:"code"`
+	Reason string          `json:"reason"`
+}
+
+// phone is a paho v3 client recording what its inbox receives.
+type phone struct {
+	t      testing.TB
+	user   string
+	client paho.Client
+	mu     sync.Mutex
+	got    []envelopeMsg
+	raw    [][]byte
+	signal chan struct{}
+	// hold, when set, makes the handler block, so no PUBACK is sent.
+	hold chan struct{}
+}
+
+type phoneOpt struct {
+	clientID  string
+	clean     bool
+	noSub     bool
+	password  string
+	manualAck bool
+}
+
+func dial(t testing.TB, s *Server, user string, o phoneOpt) (*phone, error) {
+	t.Helper()
+	p := &phone{t: t, user: user, signal: make(chan struct{}, 1)}
+	id := o.clientID
+	if id == "" {
+		id = user
+	}
+	pw := o.password
+	if pw == "" {
+		pw = mint(t, user)
+	}
+	opts := paho.NewClientOptions().
+		AddBroker("tcp://" + s.MQTTAddr()).
+		SetClientID(id).SetUsername(user).SetPassword(pw).
+		SetCleanSession(o.clean).
+		SetAutoReconnect(false).
+		SetConnectRetry(false).
+		SetOrderMatters(true).
+		SetConnectTimeout(5 * time.Second)
+	if o.manualAck {
+		opts.SetAutoAckDisabled(true)
+	}
+	c := paho.NewClient(opts)
+	tk := c.Connect()
+	if !tk.WaitTimeout(10 * time.Second) {
+		return nil, fmt.Errorf("connect %s: timeout", user)
+	}
+	if err := tk.Error(); err != nil {
+		return nil, err
+	}
+	p.client = c
+	t.Cleanup(func() { c.Disconnect(100) })
+	if !o.noSub {
+		st := c.Subscribe("inbox/"+user, 1, p.handle)
+		if !st.WaitTimeout(10*time.Second) || st.Error() != nil {
+			return nil, fmt.Errorf("subscribe %s: %v", user, st.Error())
+		}
+	}
+	return p, nil
+}
+
+func mustDial(t testing.TB, s *Server, user string, o phoneOpt) *phone {
+	t.Helper()
+	p, err := dial(t, s, user, o)
+	if err != nil {
+		t.Fatalf("dial %s: %v", user, err)
+	}
+	return p
+}
+
+func (p *phone) handle(_ paho.Client, m paho.Message) {
+	if p.hold != nil {
+		<-p.hold
+	}
+	var e envelopeMsg
+	if err := json.Unmarshal(m.Payload(), &e); err != nil {
+		p.t.Errorf("%s received a non-JSON payload %q: %v", p.user, m.Payload(), err)
+	}
+	p.mu.Lock()
+	p.got = append(p.got, e)
+	p.raw = append(p.raw, append([]byte(nil), m.Payload()...))
+	p.mu.Unlock()
+	select {
+	case p.signal <- struct{}{}:
+	default:
+	}
+}
+
+// send publishes a message object with id to user's inbox and waits for the PUBACK.
+func (p *phone) send(to, id string, extra string) {
+	p.t.Helper()
+	payload := fmt.Sprintf(`{"id":%q%s}`, id, extra)
+	p.publish("inbox/"+to, []byte(payload))
+}
+
+func (p *phone) publish(topicName string, payload []byte) {
+	p.t.Helper()
+	tk := p.client.Publish(topicName, 1, false, payload)
+	if !tk.WaitTimeout(10 * time.Second) {
+		p.t.Fatalf("%s: publish to %s: no PUBACK", p.user, topicName)
+	}
+	if err := tk.Error(); err != nil {
+		p.t.Fatalf("%s: publish to %s: %v", p.user, topicName, err)
+	}
+}
+
+// waitFor waits until the phone has received n messages and returns them.
+func (p *phone) waitFor(n int) []envelopeMsg {
+	p.t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		p.mu.Lock()
+		if len(p.got) >= n {
+			out := append([]envelopeMsg(nil), p.got...)
+			p.mu.Unlock()
+			return out
+		}
+		have := len(p.got)
+		p.mu.Unlock()
+		select {
+		case <-p.signal:
+		case <-time.After(50 * time.Millisecond):
+		case <-deadline:
+			p.t.Fatalf("%s: got %d messages, want %d", p.user, have, n)
+		}
+	}
+}
+
+// ids returns the msg ids received so far, in order.
+func (p *phone) ids() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.got))
+	for _, e := range p.got {
+		var m struct {
+			ID string `json:"id"`
+		}
+		if err := json.Unmarshal(e.Msg, &m); err == nil {
+			out = append(out, m.ID)
+		} else {
+			out = append(out, "")
+		}
+	}
+	return out
+}
+
+// quiet asserts that nothing more arrives than n messages, after a round
+// trip through the server that would have carried anything pending.
+func (p *phone) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.got)
+}

@@ -1,0 +1,291 @@
+// Package queue keeps durable per-user message queues in Badger.
+//
+// Guarantees: a message passed to Append is on disk (per the sync mode)
+// before its Done callback reports Stored; messages of one user are
+// numbered in the order they were committed; a message stays until every
+// device of its user has acknowledged it (at least once), or until it
+// expires. Acknowledgements are persisted lazily, every AckFlushInterval:
+// a crash may redeliver a few acknowledged messages, never lose one.
+package queue
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/chatd/chatd/config"
+)
+
+// Message is one queued envelope and its position in its user's queue.
+type Message struct {
+	// Seq is the message's position in its user's queue, from 1.
+	Seq uint64
+	// Data is the envelope delivered to the user's devices.
+	Data []byte
+}
+
+// Status is the outcome of an Append.
+type Status int
+
+// Append outcomes.
+const (
+	// Stored means the message is durable and will be delivered.
+	Stored Status = iota
+	// Duplicate means the (sender, id) pair was seen within the dedup window; nothing was stored.
+	Duplicate
+	// Full means the recipient's queue is at max_queue_messages; nothing was stored.
+	Full
+	// Failed means the commit failed; nothing was stored.
+	Failed
+	// Passed is the outcome of a request with no recipient, used to keep acknowledgements in order.
+	Passed
+)
+
+// Request asks for one message to be stored.
+type Request struct {
+	// To is the recipient user; "" makes the request an ordering barrier that stores nothing.
+	To string
+	// Sender and ID form the dedup key; an empty ID disables dedup (server-made events).
+	Sender, ID string
+	// Data is the envelope to store.
+	Data []byte
+	// Done is called once, on the committer goroutine, in the order requests
+	// were made. It must not block.
+	Done func(Status, Message, error)
+}
+
+// Options configures a Store.
+type Options struct {
+	// Dir is the Badger directory.
+	Dir string
+	// Queue holds the sync mode, TTLs and caps.
+	Queue config.Queue
+	// Logger receives background errors.
+	Logger *slog.Logger
+	// OnStored is called on the committer goroutine for every stored
+	// message after its batch is durable and after its Done; it must not block.
+	OnStored func(user string, m Message)
+}
+
+// Store is the set of all users' queues.
+type Store struct {
+	db     *badger.DB
+	opts   Options
+	log    *slog.Logger
+	reqs   chan *Request
+	users  sync.Map // user ID -> *userQueue
+	dirtyM sync.Mutex
+	dirty  map[*userQueue]struct{}
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	closed sync.Once
+}
+
+// maxBatchBytes keeps one commit well under Badger's transaction limit.
+const maxBatchBytes = 4 << 20
+
+// Open opens or creates the queue store in opts.Dir and starts its committer.
+func Open(opts Options) (*Store, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	bo := badger.DefaultOptions(opts.Dir).
+		WithLogger(badgerLogger{opts.Logger}).
+		WithSyncWrites(opts.Queue.Sync == config.SyncAlways).
+		WithDetectConflicts(false).
+		WithNumVersionsToKeep(1).
+		WithCompactL0OnClose(true)
+	db, err := badger.Open(bo)
+	if err != nil {
+		return nil, fmt.Errorf("open queue %s: %w", opts.Dir, err)
+	}
+	s := &Store{
+		db:    db,
+		opts:  opts,
+		log:   opts.Logger,
+		reqs:  make(chan *Request, 16384),
+		dirty: make(map[*userQueue]struct{}),
+		stop:  make(chan struct{}),
+	}
+	s.wg.Add(2)
+	go s.commitLoop()
+	go s.maintenanceLoop()
+	return s, nil
+}
+
+// Append queues r for the committer; r.Done reports the outcome. It blocks
+// only when the committer is saturated, which slows that publisher alone.
+func (s *Store) Append(r *Request) {
+	s.reqs <- r
+}
+
+// Close stores what was already appended, persists acknowledgements and
+// closes Badger. Append must not be called after Close.
+func (s *Store) Close() error {
+	var err error
+	s.closed.Do(func() {
+		close(s.stop)
+		s.wg.Wait()
+		if e := s.db.Sync(); e != nil {
+			err = fmt.Errorf("sync queue: %w", e)
+		}
+		if e := s.db.Close(); e != nil {
+			err = errors.Join(err, fmt.Errorf("close queue: %w", e))
+		}
+	})
+	return err
+}
+
+// Read returns up to max messages of user with Seq > after, in order.
+func (s *Store) Read(user string, after uint64, max int) ([]Message, error) {
+	var out []Message
+	err := s.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.Prefix = msgPrefix(user)
+		io.PrefetchSize = min(max, 256)
+		it := txn.NewIterator(io)
+		defer it.Close()
+		for it.Seek(msgKey(user, after+1)); it.Valid() && len(out) < max; it.Next() {
+			item := it.Item()
+			v, err := item.ValueCopy(nil)
+			if err != nil {
+				return fmt.Errorf("read value: %w", err)
+			}
+			out = append(out, Message{Seq: seqOf(item.Key()), Data: v})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read queue of %s after %d: %w", user, after, err)
+	}
+	return out, nil
+}
+
+// Attach registers a device of user that just connected and returns its
+// cursor: the last sequence it has acknowledged. A user's first device
+// gets everything queued; a device added while the user has others gets
+// what arrives from then on. A transient device is forgotten on Detach.
+func (s *Store) Attach(user, device string, transient bool) (uint64, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return 0, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	now := time.Now().Unix()
+	if d, ok := u.devices[device]; ok {
+		d.lastSeen = now
+		d.transient = d.transient && transient
+		return d.cursor, nil
+	}
+	cursor := u.head
+	if len(u.devices) == 0 {
+		cursor = u.tail - 1
+	}
+	d := &deviceState{cursor: cursor, lastSeen: now, transient: transient}
+	if !transient {
+		// Persisted now, not lazily: a device that crashed before its record
+		// was written would come back as "new" and skip what it was sent.
+		err := s.db.Update(func(txn *badger.Txn) error {
+			return txn.Set(deviceKey(user, device), encodeDevice(cursor, now))
+		})
+		if err != nil {
+			return 0, fmt.Errorf("register device %s/%s: %w", user, device, err)
+		}
+		d.saved, d.savedSeen = cursor, now
+	}
+	u.devices[device] = d
+	return cursor, nil
+}
+
+// Ack records that device of user has acknowledged every message up to and
+// including cursor. It is persisted within AckFlushInterval.
+func (s *Store) Ack(user, device string, cursor uint64) {
+	u, err := s.user(user)
+	if err != nil {
+		s.log.Error("ack", "user", user, "error", err)
+		return
+	}
+	u.mu.Lock()
+	d, ok := u.devices[device]
+	if ok && cursor > d.cursor {
+		d.cursor = cursor
+	}
+	u.mu.Unlock()
+	if ok {
+		s.markDirty(u)
+	}
+}
+
+// Detach records that device of user disconnected; a transient device is forgotten.
+func (s *Store) Detach(user, device string) {
+	u, err := s.user(user)
+	if err != nil {
+		s.log.Error("detach", "user", user, "error", err)
+		return
+	}
+	u.mu.Lock()
+	if d, ok := u.devices[device]; ok {
+		if d.transient {
+			delete(u.devices, device)
+		} else {
+			d.lastSeen = time.Now().Unix()
+		}
+	}
+	u.mu.Unlock()
+	s.markDirty(u)
+}
+
+// Depth returns how many messages of user are stored and not yet deleted.
+func (s *Store) Depth(user string) (uint64, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return 0, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.head - u.deleted, nil
+}
+
+// Head returns the last sequence of user's queue that is durable.
+func (s *Store) Head(user string) (uint64, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return 0, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.committed, nil
+}
+
+// DiskSize returns Badger's LSM and value-log sizes in bytes.
+func (s *Store) DiskSize() (lsm, vlog int64) { return s.db.Size() }
+
+func (s *Store) markDirty(u *userQueue) {
+	s.dirtyM.Lock()
+	s.dirty[u] = struct{}{}
+	s.dirtyM.Unlock()
+}
+
+// badgerLogger routes Badger's logs to slog, keeping its chatty info lines at debug.
+type badgerLogger struct{ l *slog.Logger }
+
+func (b badgerLogger) Errorf(f string, a ...any)   { b.l.Error(fmt.Sprintf("badger: "+f, a...)) }
+func (b badgerLogger) Warningf(f string, a ...any) { b.l.Warn(fmt.Sprintf("badger: "+f, a...)) }
+func (b badgerLogger) Infof(f string, a ...any)    { b.l.Debug(fmt.Sprintf("badger: "+f, a...)) }
+func (b badgerLogger) Debugf(f string, a ...any)   { b.l.Debug(fmt.Sprintf("badger: "+f, a...)) }
+
+// TryAppend queues r unless the committer is saturated; it never blocks,
+// so the committer's own callbacks may use it.
+func (s *Store) TryAppend(r *Request) bool {
+	select {
+	case s.reqs <- r:
+		return true
+	default:
+		return false
+	}
+}

@@ -1,0 +1,132 @@
+package queue
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// userQueue is the in-memory index of one user's queue; the messages
+// themselves live only in Badger.
+type userQueue struct {
+	name string
+	mu   sync.Mutex
+	// head is the last sequence assigned; committed the last one durable;
+	// tail is the lowest that may still be stored; every sequence <= deleted
+	// has been deleted.
+	head, committed, tail, deleted uint64
+	devices             map[string]*deviceState
+	// forgotten lists devices unseen for device_ttl whose records the next flush deletes.
+	forgotten []string
+}
+
+// deviceState is one device's acknowledged cursor, and what of it is on disk.
+type deviceState struct {
+	cursor, saved       uint64
+	lastSeen, savedSeen int64
+	transient           bool
+	forget              bool
+}
+
+// user returns the loaded queue index of name.
+func (s *Store) user(name string) (*userQueue, error) {
+	if v, ok := s.users.Load(name); ok {
+		return v.(*userQueue), nil
+	}
+	u, err := s.load(name)
+	if err != nil {
+		return nil, err
+	}
+	v, _ := s.users.LoadOrStore(name, u)
+	return v.(*userQueue), nil
+}
+
+// load reads a user's queue bounds and devices. The head is the larger of
+// the last stored message and the largest cursor, so that a queue emptied
+// by deletion never reuses a sequence a device has already acknowledged.
+func (s *Store) load(name string) (*userQueue, error) {
+	u := &userQueue{name: name, devices: make(map[string]*deviceState)}
+	var first, last uint64
+	expired := time.Now().Add(-s.opts.Queue.DeviceTTL).Unix()
+	err := s.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.PrefetchValues = false
+		io.Prefix = msgPrefix(name)
+		it := txn.NewIterator(io)
+		it.Rewind()
+		if it.Valid() {
+			first = seqOf(it.Item().Key())
+		}
+		it.Close()
+
+		io.Reverse = true
+		it = txn.NewIterator(io)
+		it.Seek(msgKey(name, ^uint64(0)))
+		if it.Valid() {
+			last = seqOf(it.Item().Key())
+		}
+		it.Close()
+
+		dio := badger.DefaultIteratorOptions
+		dio.Prefix = devicePrefix(name)
+		it = txn.NewIterator(dio)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			device := string(item.Key()[len(dio.Prefix):])
+			v, err := item.ValueCopy(nil)
+			if err != nil {
+				return fmt.Errorf("read device %s: %w", device, err)
+			}
+			cursor, seen, ok := decodeDevice(v)
+			if !ok {
+				return fmt.Errorf("device record %s/%s is corrupt (%d bytes)", name, device, len(v))
+			}
+			d := &deviceState{cursor: cursor, saved: cursor, lastSeen: seen, savedSeen: seen}
+			if seen < expired {
+				d.forget = true
+			}
+			u.devices[device] = d
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load queue of %s: %w", name, err)
+	}
+	u.head = last
+	for _, d := range u.devices {
+		u.head = max(u.head, d.cursor)
+	}
+	u.committed = u.head
+	if first == 0 {
+		u.tail = u.head + 1
+	} else {
+		u.tail = first
+	}
+	u.deleted = u.tail - 1
+	for device, d := range u.devices {
+		if d.forget {
+			u.forgotten = append(u.forgotten, device)
+			delete(u.devices, device)
+		}
+	}
+	if len(u.forgotten) > 0 {
+		s.markDirty(u)
+	}
+	return u, nil
+}
+
+// minCursor is the sequence every device has acknowledged; ok is false when
+// the user has no devices, whose queue then waits for its first one.
+func (u *userQueue) minCursor() (uint64, bool) {
+	if len(u.devices) == 0 {
+		return 0, false
+	}
+	m := ^uint64(0)
+	for _, d := range u.devices {
+		m = min(m, d.cursor)
+	}
+	return m, true
+}

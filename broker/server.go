@@ -1,0 +1,200 @@
+// Package broker assembles chatd: the mochi MQTT broker, the hooks, the
+// durable queue, delivery and the HTTP listener.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/hooks"
+)
+
+// Options configures a Server.
+type Options struct {
+	// Config is the validated configuration.
+	Config config.Config
+	// Secret is the HS256 token key.
+	Secret []byte
+	// Logger receives the server's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Server is one chatd node.
+type Server struct {
+	cfg      config.Config
+	log      *slog.Logger
+	queue    *queue.Store
+	delivery *delivery.Delivery
+	mqtt     *mqtt.Server
+	tcp      *listeners.TCP
+	http     *http.Server
+	httpLn   net.Listener
+}
+
+// queueDir is the Badger directory inside the data dir.
+const queueDir = "queue"
+
+// New opens the data dir and the queue; it does not listen yet.
+func New(opts Options) (*Server, error) {
+	cfg := opts.Config
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if len(opts.Secret) == 0 {
+		return nil, errors.New("no token secret")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
+	}
+	s := &Server{cfg: cfg, log: log}
+	q, err := queue.Open(queue.Options{
+		Dir:    filepath.Join(cfg.DataDir, queueDir),
+		Queue:  cfg.Queue,
+		Logger: log,
+		OnStored: func(user string, m queue.Message) {
+			s.delivery.Stored(user, m)
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.queue = q
+	s.delivery = delivery.New(delivery.Options{
+		Source:       q,
+		Logger:       log,
+		TailMessages: max(1024, 4*cfg.Limits.MaxInflight),
+		ReadAhead:    1024,
+	})
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumQos = 1
+	caps.RetainAvailable = 0
+	caps.MaximumPacketSize = uint32(cfg.Limits.MaxMessageBytes + 8192)
+	// mochi's own outbound queue only carries its rare control packets;
+	// deliveries and PUBACKs go through broker/wire.
+	caps.MaximumClientWritesPending = 64
+	caps.ReceiveMaximum = 1024
+	caps.MaximumInflight = 1024
+	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
+	s.mqtt = mqtt.New(&mqtt.Options{
+		Capabilities:             caps,
+		ClientNetWriteBufferSize: 1024,
+		ClientNetReadBufferSize:  1024,
+		Logger:                   log.With("component", "mqtt"),
+	})
+	auth := &hooks.Auth{
+		Server:       s.mqtt,
+		Verifier:     token.NewVerifier(opts.Secret),
+		MaxKeepalive: uint16(min(cfg.Limits.MaxKeepalive, 65535)),
+		Log:          log,
+	}
+	inbox := &hooks.Inbox{
+		Server:          s.mqtt,
+		Queue:           q,
+		Delivery:        s.delivery,
+		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
+		MaxInflight:     cfg.Limits.MaxInflight,
+		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
+		Log:             log,
+	}
+	for _, h := range []mqtt.Hook{auth, inbox} {
+		if err := s.mqtt.AddHook(h, nil); err != nil {
+			return nil, errors.Join(fmt.Errorf("add hook %s: %w", h.ID(), err), q.Close())
+		}
+	}
+	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
+	if err := s.mqtt.AddListener(s.tcp); err != nil {
+		return nil, errors.Join(fmt.Errorf("listen mqtt on %s: %w", cfg.Listen, err), q.Close())
+	}
+	return s, nil
+}
+
+// Start starts serving MQTT and HTTP.
+func (s *Server) Start() error {
+	if s.cfg.HTTP != "" {
+		ln, err := net.Listen("tcp", s.cfg.HTTP)
+		if err != nil {
+			return fmt.Errorf("listen http on %s: %w", s.cfg.HTTP, err)
+		}
+		s.httpLn = ln
+		s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("http server", "error", err)
+			}
+		}()
+	}
+	if err := s.mqtt.Serve(); err != nil {
+		return fmt.Errorf("serve mqtt: %w", err)
+	}
+	return nil
+}
+
+// MQTTAddr returns the MQTT listener's address.
+func (s *Server) MQTTAddr() string { return s.tcp.Address() }
+
+// HTTPAddr returns the HTTP listener's address, "" when disabled.
+func (s *Server) HTTPAddr() string {
+	if s.httpLn == nil {
+		return ""
+	}
+	return s.httpLn.Addr().String()
+}
+
+// Close stops accepting connections, disconnects clients, lets the
+// committer finish what was accepted, and closes the queue.
+func (s *Server) Close(ctx context.Context) error {
+	var errs []error
+	if s.http != nil {
+		if err := s.http.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("stop http: %w", err))
+		}
+	}
+	if err := s.mqtt.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("stop mqtt: %w", err))
+	}
+	// Client goroutines run their disconnect hooks after Close returns;
+	// they may still append, so the queue stays open until they are done.
+	done := make(chan struct{})
+	go func() {
+		s.mqtt.Listeners.ClientsWg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		errs = append(errs, fmt.Errorf("wait for clients: %w", ctx.Err()))
+	}
+	s.delivery.Close()
+	if err := s.queue.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprintln(w, "ok")
+	})
+	return mux
+}

@@ -1,0 +1,198 @@
+// Package wire writes the server's own PUBLISH and PUBACK packets to a
+// client connection, coalescing everything pending into one socket write.
+//
+// Why not mochi's WritePacket: it allocates and issues one write(2) per
+// packet, and blocks the caller on a slow socket. Here callers (the
+// committer, the delivery of acks) only append bytes to a buffer; a
+// goroutine started on demand, and ending when the buffer is empty, does
+// the writing, so a phone that stops reading stalls nobody else.
+package wire
+
+import (
+	"fmt"
+	"sync"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+)
+
+// Conn is the part of an MQTT connection the writer needs.
+type Conn interface {
+	// Write writes b to the client in one piece, serialised with any other writer of the connection.
+	Write(b []byte) error
+	// Close disconnects the client.
+	Close(reason error)
+}
+
+// ErrOverflow is given to Conn.Close when a client stopped reading.
+var ErrOverflow = fmt.Errorf("client is not reading: pending writes over limit")
+
+// Writer is the outbound packet queue of one connection. The zero value is not usable.
+type Writer struct {
+	conn       Conn
+	v5         bool
+	maxPending int
+
+	mu      sync.Mutex
+	buf     []byte
+	spare   []byte
+	busy    bool
+	closed  bool
+	written sync.WaitGroup
+}
+
+// NewWriter returns a Writer for conn; v5 selects MQTT 5 encodings and a
+// client with more than maxPending unwritten bytes is disconnected.
+func NewWriter(conn Conn, v5 bool, maxPending int) *Writer {
+	return &Writer{conn: conn, v5: v5, maxPending: maxPending}
+}
+
+// Puback queues a PUBACK for packet id pid with an MQTT 5 reason code (0 = success; ignored for v3).
+func (w *Writer) Puback(pid uint16, reason byte) {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return
+	}
+	if w.v5 && reason != 0 {
+		w.buf = append(w.buf, 0x40, 3, byte(pid>>8), byte(pid), reason)
+	} else {
+		w.buf = append(w.buf, 0x40, 2, byte(pid>>8), byte(pid))
+	}
+	w.kick()
+}
+
+// Publish queues a QoS 1 PUBLISH of payload on topic with packet id pid.
+func (w *Writer) Publish(pid uint16, topic string, payload []byte, dup bool) {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return
+	}
+	w.buf = AppendPublish(w.buf, w.v5, pid, topic, payload, dup)
+	w.kick()
+}
+
+// Close stops the writer; queued bytes not yet written are dropped.
+func (w *Writer) Close() {
+	w.mu.Lock()
+	w.closed = true
+	w.buf = nil
+	w.spare = nil
+	w.mu.Unlock()
+}
+
+// Wait blocks until no write goroutine is running.
+func (w *Writer) Wait() { w.written.Wait() }
+
+// kick starts the write goroutine if needed; called with w.mu held, releases it.
+func (w *Writer) kick() {
+	if len(w.buf) > w.maxPending {
+		w.closed = true
+		w.buf = nil
+		w.mu.Unlock()
+		w.conn.Close(ErrOverflow)
+		return
+	}
+	if w.busy {
+		w.mu.Unlock()
+		return
+	}
+	w.busy = true
+	w.written.Add(1)
+	w.mu.Unlock()
+	go w.run()
+}
+
+// spareCap is the largest buffer kept between bursts, so an idle
+// connection holds little memory.
+const spareCap = 64 << 10
+
+func (w *Writer) run() {
+	defer w.written.Done()
+	for {
+		w.mu.Lock()
+		if len(w.buf) == 0 || w.closed {
+			w.busy = false
+			w.mu.Unlock()
+			return
+		}
+		b := w.buf
+		w.buf = w.spare[:0]
+		w.spare = nil
+		w.mu.Unlock()
+
+		err := w.conn.Write(b)
+
+		w.mu.Lock()
+		if cap(b) <= spareCap {
+			w.spare = b[:0]
+		}
+		if err != nil {
+			w.closed = true
+			w.buf = nil
+		}
+		w.mu.Unlock()
+	}
+}
+
+// AppendPublish appends the encoding of a QoS 1 PUBLISH to b.
+func AppendPublish(b []byte, v5 bool, pid uint16, topic string, payload []byte, dup bool) []byte {
+	h := byte(0x32)
+	if dup {
+		h |= 0x08
+	}
+	n := 2 + len(topic) + 2 + len(payload)
+	if v5 {
+		n++ // empty property set
+	}
+	b = append(b, h)
+	b = appendVarint(b, n)
+	b = append(b, byte(len(topic)>>8), byte(len(topic)))
+	b = append(b, topic...)
+	b = append(b, byte(pid>>8), byte(pid))
+	if v5 {
+		b = append(b, 0)
+	}
+	return append(b, payload...)
+}
+
+func appendVarint(b []byte, n int) []byte {
+	for {
+		c := byte(n & 0x7f)
+		n >>= 7
+		if n > 0 {
+			c |= 0x80
+		}
+		b = append(b, c)
+		if n == 0 {
+			return b
+		}
+	}
+}
+
+// MochiConn adapts a mochi client to Conn.
+type MochiConn struct {
+	// Client is the mochi client written to.
+	Client *mqtt.Client
+	// Server disconnects the client.
+	Server *mqtt.Server
+}
+
+// Write writes b under the client's lock, the lock mochi's own WritePacket
+// holds, so packets from both never interleave.
+func (c MochiConn) Write(b []byte) error {
+	c.Client.Lock()
+	defer c.Client.Unlock()
+	if c.Client.Net.Conn == nil {
+		return fmt.Errorf("client %s has no connection", c.Client.ID)
+	}
+	if _, err := c.Client.Net.Conn.Write(b); err != nil {
+		return fmt.Errorf("write to %s: %w", c.Client.ID, err)
+	}
+	return nil
+}
+
+// Close disconnects the client, telling it why.
+func (c MochiConn) Close(reason error) {
+	c.Client.Stop(reason)
+}

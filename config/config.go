@@ -1,0 +1,161 @@
+// Package config defines chatd's settings, their defaults and their validation.
+package config
+
+import (
+	"fmt"
+	"time"
+)
+
+// Sync modes say when a message is made durable relative to its PUBACK.
+const (
+	// SyncAlways fsyncs every commit batch before its PUBACKs are sent: survives power loss.
+	SyncAlways = "always"
+	// SyncBatch writes every batch to the OS before its PUBACKs and fsyncs every SyncInterval: survives a process crash, loses at most SyncInterval on power loss.
+	SyncBatch = "batch"
+	// SyncNone writes every batch to the OS before its PUBACKs and never fsyncs: survives a process crash only.
+	SyncNone = "none"
+)
+
+// Config is the whole server configuration.
+type Config struct {
+	// DataDir holds the Badger queue and the development secret.
+	DataDir string `mapstructure:"data_dir"`
+	// Listen is the MQTT TCP listener address.
+	Listen string `mapstructure:"listen"`
+	// HTTP is the HTTP listener address (health, metrics, API).
+	HTTP string `mapstructure:"http"`
+
+	// Auth holds token settings.
+	Auth Auth `mapstructure:"auth"`
+	// Queue holds the durable queue settings.
+	Queue Queue `mapstructure:"queue"`
+	// Limits holds per-client limits.
+	Limits Limits `mapstructure:"limits"`
+	// Log holds logging settings.
+	Log Log `mapstructure:"log"`
+}
+
+// Auth configures access tokens.
+type Auth struct {
+	// Secret is the HS256 key shared with the account service; empty means the development secret in DataDir.
+	Secret string `mapstructure:"secret"`
+}
+
+// Queue configures the durable per-user queues.
+type Queue struct {
+	// Sync is one of always, batch, none.
+	Sync string `mapstructure:"sync"`
+	// SyncInterval is how often batch mode fsyncs.
+	SyncInterval time.Duration `mapstructure:"sync_interval"`
+	// MessageTTL is how long an undelivered message is kept.
+	MessageTTL time.Duration `mapstructure:"message_ttl"`
+	// DedupWindow is how long a (sender, id) pair is remembered.
+	DedupWindow time.Duration `mapstructure:"dedup_window"`
+	// MaxQueueMessages caps one user's queue.
+	MaxQueueMessages int `mapstructure:"max_queue_messages"`
+	// DeviceTTL forgets a device unseen for this long.
+	DeviceTTL time.Duration `mapstructure:"device_ttl"`
+	// AckFlushInterval is how often acknowledged cursors are persisted and delivered messages deleted.
+	AckFlushInterval time.Duration `mapstructure:"ack_flush_interval"`
+	// MaxBatch caps the number of messages in one group commit.
+	MaxBatch int `mapstructure:"max_batch"`
+}
+
+// Limits configures what one client may do.
+type Limits struct {
+	// MaxMessageBytes caps a message object's size.
+	MaxMessageBytes int `mapstructure:"max_message_bytes"`
+	// MaxInflight caps unacknowledged deliveries to one device.
+	MaxInflight int `mapstructure:"max_inflight"`
+	// MaxKeepalive caps the keepalive a client may ask for, in seconds.
+	MaxKeepalive int `mapstructure:"max_keepalive"`
+	// MaxPendingBytes disconnects a client whose unread outbound bytes exceed it.
+	MaxPendingBytes int `mapstructure:"max_pending_bytes"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Level is one of debug, info, warn, error.
+	Level string `mapstructure:"level"`
+	// Format is text or json.
+	Format string `mapstructure:"format"`
+}
+
+// Default returns the embedded default configuration used by `make run`.
+func Default() Config {
+	return Config{
+		DataDir: "data",
+		Listen:  "127.0.0.1:1883",
+		HTTP:    "127.0.0.1:8080",
+		Queue: Queue{
+			Sync:             SyncBatch,
+			SyncInterval:     100 * time.Millisecond,
+			MessageTTL:       30 * 24 * time.Hour,
+			DedupWindow:      24 * time.Hour,
+			MaxQueueMessages: 1_000_000,
+			DeviceTTL:        30 * 24 * time.Hour,
+			AckFlushInterval: 10 * time.Millisecond,
+			MaxBatch:         4096,
+		},
+		Limits: Limits{
+			MaxMessageBytes: 64 * 1024,
+			MaxInflight:     64,
+			MaxKeepalive:    600,
+			MaxPendingBytes: 8 << 20,
+		},
+		Log: Log{Level: "info", Format: "text"},
+	}
+}
+
+// Validate reports the first invalid setting, naming its key.
+func (c *Config) Validate() error {
+	switch {
+	case c.DataDir == "":
+		return fmt.Errorf("data_dir: must not be empty")
+	case c.Listen == "":
+		return fmt.Errorf("listen: must not be empty")
+	}
+	switch c.Queue.Sync {
+	case SyncAlways, SyncBatch, SyncNone:
+	default:
+		return fmt.Errorf("queue.sync: %q is not one of always, batch, none", c.Queue.Sync)
+	}
+	positive := []struct {
+		key string
+		v   int64
+	}{
+		{"queue.sync_interval", int64(c.Queue.SyncInterval)},
+		{"queue.message_ttl", int64(c.Queue.MessageTTL)},
+		{"queue.dedup_window", int64(c.Queue.DedupWindow)},
+		{"queue.max_queue_messages", int64(c.Queue.MaxQueueMessages)},
+		{"queue.device_ttl", int64(c.Queue.DeviceTTL)},
+		{"queue.ack_flush_interval", int64(c.Queue.AckFlushInterval)},
+		{"queue.max_batch", int64(c.Queue.MaxBatch)},
+		{"limits.max_message_bytes", int64(c.Limits.MaxMessageBytes)},
+		{"limits.max_inflight", int64(c.Limits.MaxInflight)},
+		{"limits.max_keepalive", int64(c.Limits.MaxKeepalive)},
+		{"limits.max_pending_bytes", int64(c.Limits.MaxPendingBytes)},
+	}
+	for _, p := range positive {
+		if p.v <= 0 {
+			return fmt.Errorf("%s: must be positive, got %d", p.key, p.v)
+		}
+	}
+	if c.Limits.MaxInflight > 65535 {
+		return fmt.Errorf("limits.max_inflight: at most 65535, got %d", c.Limits.MaxInflight)
+	}
+	if c.Limits.MaxMessageBytes > 16<<20 {
+		return fmt.Errorf("limits.max_message_bytes: at most 16 MiB, got %d", c.Limits.MaxMessageBytes)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log.level: %q is not one of debug, info, warn, error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		return fmt.Errorf("log.format: %q is not one of text, json", c.Log.Format)
+	}
+	return nil
+}

@@ -1,0 +1,85 @@
+// Package hooks connects the mochi broker to chatd: who may connect, what
+// they may subscribe to, and what happens to what they publish.
+package hooks
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/topic"
+)
+
+// Auth checks client IDs and access tokens at CONNECT, caps keepalive, and
+// allows subscriptions only to the client's own inbox and to presence topics.
+type Auth struct {
+	mqtt.HookBase
+	// Server sends CONNACK refusals.
+	Server *mqtt.Server
+	// Verifier checks tokens.
+	Verifier *token.Verifier
+	// MaxKeepalive caps the keepalive a client may ask for, in seconds.
+	MaxKeepalive uint16
+	// Log receives refusals.
+	Log *slog.Logger
+}
+
+// ID names the hook.
+func (h *Auth) ID() string { return "chatd-auth" }
+
+// Provides reports the events Auth handles.
+func (h *Auth) Provides(b byte) bool {
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck}, []byte{b})
+}
+
+// OnConnect checks the username and client ID before authentication, so a
+// bad client ID gets "identifier rejected" rather than a bad-password code.
+func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	user := string(pk.Connect.Username)
+	if pk.Connect.ClientIdentifier == "" && topic.ValidUser(user) {
+		cl.ID = user
+	}
+	if !topic.ValidUser(user) {
+		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("username %q is not a valid user ID", user))
+	}
+	if _, err := topic.ParseClientID(cl.ID, user); err != nil {
+		return h.refuse(cl, packets.ErrClientIdentifierNotValid, err)
+	}
+	if ka := cl.State.Keepalive; ka == 0 || ka > h.MaxKeepalive {
+		cl.State.Keepalive = h.MaxKeepalive
+		cl.State.ServerKeepalive = true
+	}
+	return nil
+}
+
+func (h *Auth) refuse(cl *mqtt.Client, code packets.Code, err error) error {
+	h.Log.Info("connect refused", "remote", cl.Net.Remote, "reason", err.Error())
+	if sendErr := h.Server.SendConnack(cl, code, false, nil); sendErr != nil {
+		return fmt.Errorf("refuse connect: %w (sending connack: %w)", err, sendErr)
+	}
+	return fmt.Errorf("refuse connect: %w", err)
+}
+
+// OnConnectAuthenticate accepts a client whose password is a valid token for its username.
+func (h *Auth) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	user := string(pk.Connect.Username)
+	if err := h.Verifier.Verify(string(pk.Connect.Password), user); err != nil {
+		h.Log.Info("connect refused", "remote", cl.Net.Remote, "user", user, "reason", err.Error())
+		return false
+	}
+	return true
+}
+
+// OnACLCheck allows every publish (OnPublish decides, so that a v3 client
+// gets an error event instead of being disconnected) and only the
+// protocol's subscriptions.
+func (h *Auth) OnACLCheck(cl *mqtt.Client, filter string, write bool) bool {
+	if write {
+		return true
+	}
+	return topic.MaySubscribe(string(cl.Properties.Username), filter)
+}

@@ -1,0 +1,313 @@
+package hooks
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/envelope"
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/wire"
+)
+
+// Error codes of PROTOCOL.md section 5.
+const (
+	CodeNotAuthorized = "not_authorized"
+	CodeBadTopic      = "bad_topic"
+	CodeTooLarge      = "too_large"
+	CodeBadPayload    = "bad_payload"
+	CodeQueueFull     = "queue_full"
+	CodeRateLimited   = "rate_limited"
+	CodeUnknownGroup  = "unknown_group"
+)
+
+// reasonCodes maps a protocol error code to its MQTT 5 PUBACK reason code.
+var reasonCodes = map[string]byte{
+	CodeNotAuthorized: 0x87,
+	CodeBadTopic:      0x90,
+	CodeTooLarge:      0x95,
+	CodeQueueFull:     0x97,
+	CodeRateLimited:   0x97,
+	CodeBadPayload:    0x99,
+	CodeUnknownGroup:  0x90,
+}
+
+// unspecifiedError is the MQTT 5 reason code for a publish the server failed to store.
+const unspecifiedError = 0x80
+
+// Store is the durable queue the inbox hook writes to.
+type Store interface {
+	// Append queues a request for the committer.
+	Append(r *queue.Request)
+	// TryAppend queues a request unless the committer is saturated.
+	TryAppend(r *queue.Request) bool
+	// Attach registers a connected device and returns its cursor.
+	Attach(user, device string, transient bool) (uint64, error)
+	// Detach records that a device disconnected.
+	Detach(user, device string)
+}
+
+// Inbox turns publishes into durable queue entries and feeds subscribed
+// devices: the message path of PROTOCOL.md sections 1, 3 and 5.
+type Inbox struct {
+	mqtt.HookBase
+	// Server disconnects clients.
+	Server *mqtt.Server
+	// Queue stores messages.
+	Queue Store
+	// Delivery feeds online devices.
+	Delivery *delivery.Delivery
+	// MaxMessageBytes caps a message object.
+	MaxMessageBytes int
+	// MaxInflight caps unacknowledged deliveries per device.
+	MaxInflight int
+	// MaxPendingBytes disconnects a client that stops reading.
+	MaxPendingBytes int
+	// Log receives session errors; never message contents.
+	Log *slog.Logger
+
+	sessions sync.Map // *mqtt.Client -> *session
+	current  sync.Map // client ID -> *session, the newest connection of each device
+}
+
+// session is one connection of one device.
+type session struct {
+	user, device string
+	clientID     string
+	v5           bool
+	transient    bool
+	window       int
+	w            *wire.Writer
+	// dev is set once the inbox is subscribed; only the client's own
+	// goroutine touches it.
+	dev *delivery.Device
+}
+
+// ID names the hook.
+func (h *Inbox) ID() string { return "chatd-inbox" }
+
+// Provides reports the events Inbox handles.
+func (h *Inbox) Provides(b byte) bool {
+	return bytes.Contains([]byte{
+		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed,
+		mqtt.OnPublish, mqtt.OnPacketRead,
+	}, []byte{b})
+}
+
+// OnSessionEstablished registers the device and, when the session already
+// holds its inbox subscription, starts feeding it.
+func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	user := string(cl.Properties.Username)
+	device, err := topic.ParseClientID(cl.ID, user)
+	if err != nil {
+		h.Log.Error("session with invalid client id", "client", cl.ID, "error", err)
+		cl.Stop(err)
+		return
+	}
+	v5 := cl.Properties.ProtocolVersion == 5
+	s := &session{
+		user: user, device: device, clientID: cl.ID, v5: v5,
+		transient: (v5 && cl.Properties.Props.SessionExpiryInterval == 0) || (!v5 && cl.Properties.Clean),
+		window:    h.MaxInflight,
+		w:         wire.NewWriter(wire.MochiConn{Client: cl, Server: h.Server}, v5, h.MaxPendingBytes),
+	}
+	if rm := int(cl.Properties.Props.ReceiveMaximum); v5 && rm > 0 && rm < s.window {
+		s.window = rm
+	}
+	if _, err := h.Queue.Attach(user, device, s.transient); err != nil {
+		h.Log.Error("register device", "client", cl.ID, "error", err)
+		cl.Stop(err)
+		return
+	}
+	h.sessions.Store(cl, s)
+	h.current.Store(cl.ID, s)
+	if _, ok := cl.State.Subscriptions.Get(topic.InboxOf(user)); ok {
+		h.startDelivery(cl, s)
+	}
+}
+
+// OnSubscribed starts feeding a device once it subscribes to its inbox.
+func (h *Inbox) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	s, ok := h.session(cl)
+	if !ok || s.dev != nil {
+		return
+	}
+	inbox := topic.InboxOf(s.user)
+	for i, f := range pk.Filters {
+		if f.Filter == inbox && i < len(codes) && codes[i] < 0x80 {
+			h.startDelivery(cl, s)
+			return
+		}
+	}
+}
+
+func (h *Inbox) startDelivery(cl *mqtt.Client, s *session) {
+	// Attach again for the cursor: a taken-over connection may have
+	// advanced it since this session was registered.
+	cursor, err := h.Queue.Attach(s.user, s.device, s.transient)
+	if err != nil {
+		h.Log.Error("read device cursor", "client", cl.ID, "error", err)
+		cl.Stop(err)
+		return
+	}
+	dev, err := h.Delivery.Start(s.user, s.device, cursor, s.window, s.w)
+	if err != nil {
+		h.Log.Error("start delivery", "client", cl.ID, "error", err)
+		cl.Stop(err)
+		return
+	}
+	s.dev = dev
+}
+
+// OnDisconnect stops feeding the device; its unacknowledged messages wait
+// in the queue for its next connection.
+func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	v, ok := h.sessions.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	s := v.(*session)
+	if s.dev != nil {
+		h.Delivery.Stop(s.dev)
+	}
+	s.w.Close()
+	if h.current.CompareAndDelete(s.clientID, s) {
+		h.Queue.Detach(s.user, s.device)
+	}
+}
+
+// OnPacketRead takes the device's PUBACKs for the server's own deliveries.
+func (h *Inbox) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Puback {
+		if s, ok := h.session(cl); ok && s.dev != nil {
+			h.Delivery.Acked(s.dev, pk.PacketID)
+		}
+	}
+	return pk, nil
+}
+
+// OnPublish validates a publish and queues it; the PUBACK is sent when the
+// message is durable. Returning ErrRejectPacket keeps mochi from
+// acknowledging or routing it itself.
+func (h *Inbox) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	s, ok := h.session(cl)
+	if !ok {
+		return pk, packets.ErrRejectPacket
+	}
+	kind, to := topic.Parse(pk.TopicName)
+	switch kind {
+	case topic.Inbox:
+		h.publishInbox(s, pk, to)
+	case topic.Presence:
+		h.refuse(s, pk, CodeNotAuthorized, "presence topics are published by the server only")
+	default:
+		h.refuse(s, pk, CodeBadTopic, fmt.Sprintf("cannot publish to %q", pk.TopicName))
+	}
+	return pk, packets.ErrRejectPacket
+}
+
+func (h *Inbox) publishInbox(s *session, pk packets.Packet, to string) {
+	id, err := envelope.Validate(pk.Payload, h.MaxMessageBytes)
+	switch {
+	case errors.Is(err, envelope.ErrTooLarge):
+		h.refuse(s, pk, CodeTooLarge, err.Error())
+		return
+	case err != nil:
+		h.refuse(s, pk, CodeBadPayload, err.Error())
+		return
+	}
+	pid, qos1 := pk.PacketID, pk.FixedHeader.Qos > 0
+	h.Queue.Append(&queue.Request{
+		To: to, Sender: s.user, ID: id,
+		Data: envelope.Message(s.user, to, "", time.Now().UnixMilli(), pk.Payload),
+		Done: func(st queue.Status, _ queue.Message, err error) {
+			switch st {
+			case queue.Stored, queue.Duplicate:
+				if qos1 {
+					s.w.Puback(pid, 0)
+				}
+			case queue.Full:
+				h.refuseStored(s, pid, qos1, id, CodeQueueFull, fmt.Sprintf("the queue of %s is full", to))
+			default:
+				h.failed(s, pid, qos1, err)
+			}
+		},
+	})
+}
+
+// refuse answers a publish that is refused before it reaches the queue.
+// The answer goes through the committer so PUBACKs stay in publish order.
+func (h *Inbox) refuse(s *session, pk packets.Packet, code, reason string) {
+	pid, qos1 := pk.PacketID, pk.FixedHeader.Qos > 0
+	if s.v5 {
+		if qos1 {
+			h.Queue.Append(&queue.Request{Done: func(queue.Status, queue.Message, error) {
+				s.w.Puback(pid, reasonCodes[code])
+			}})
+		}
+		return
+	}
+	h.Queue.Append(&queue.Request{
+		To:   s.user,
+		Data: envelope.Error(envelope.RefOf(pk.Payload), code, reason),
+		Done: func(queue.Status, queue.Message, error) {
+			if qos1 {
+				s.w.Puback(pid, 0)
+			}
+		},
+	})
+}
+
+// refuseStored answers a publish the committer refused; it runs on the
+// committer goroutine, so it must not wait for the committer.
+func (h *Inbox) refuseStored(s *session, pid uint16, qos1 bool, ref, code, reason string) {
+	if s.v5 {
+		if qos1 {
+			s.w.Puback(pid, reasonCodes[code])
+		}
+		return
+	}
+	if qos1 {
+		s.w.Puback(pid, 0)
+	}
+	ok := h.Queue.TryAppend(&queue.Request{
+		To: s.user, Data: envelope.Error(ref, code, reason),
+		Done: func(queue.Status, queue.Message, error) {},
+	})
+	if !ok {
+		h.Log.Warn("error event dropped: queue busy", "user", s.user, "code", code)
+	}
+}
+
+// failed answers a publish that could not be stored. A v3 client has no
+// negative PUBACK, so it is disconnected and will resend after reconnecting.
+func (h *Inbox) failed(s *session, pid uint16, qos1 bool, err error) {
+	h.Log.Error("store message", "user", s.user, "error", err)
+	if s.v5 {
+		if qos1 {
+			s.w.Puback(pid, unspecifiedError)
+		}
+		return
+	}
+	if v, ok := h.current.Load(s.clientID); ok && v == s {
+		if cl, ok := h.Server.Clients.Get(s.clientID); ok {
+			cl.Stop(fmt.Errorf("store message: %w", err))
+		}
+	}
+}
+
+func (h *Inbox) session(cl *mqtt.Client) (*session, bool) {
+	v, ok := h.sessions.Load(cl)
+	if !ok {
+		return nil, false
+	}
+	return v.(*session), true
+}
