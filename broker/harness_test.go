@@ -222,3 +222,23 @@ func (p *phone) count() int {
 	defer p.mu.Unlock()
 	return len(p.got)
 }
+
+func decodeEnvelope(t testing.TB, b []byte) envelopeMsg {
+	t.Helper()
+	var e envelopeMsg
+	if err := json.Unmarshal(b, &e); err != nil {
+		t.Fatalf("envelope %q: %v", b, err)
+	}
+	return e
+}
+
+func innerID(t testing.TB, e envelopeMsg) string {
+	t.Helper()
+	var m struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal(e.Msg, &m); err != nil {
+		t.Fatalf("msg %q: %v", e.Msg, err)
+	}
+	return m.ID
+}

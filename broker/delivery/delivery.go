@@ -351,3 +351,20 @@ func (f *feed) trim() {
 func (d *Delivery) Close() {
 	d.reads.Wait()
 }
+
+// Window reports how many messages are in flight to a device of user and
+// the next sequence it will be sent; ok is false when it is not online.
+func (d *Delivery) Window(user, device string) (inflight int, next uint64, ok bool) {
+	v, found := d.feeds.Load(user)
+	if !found {
+		return 0, 0, false
+	}
+	f := v.(*feed)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	dev, ok := f.devices[device]
+	if !ok {
+		return 0, 0, false
+	}
+	return len(dev.inflight), dev.next, true
+}

@@ -136,10 +136,10 @@ func (s *Store) stage(txn *badger.Txn, r *Request, ttl, dedupTTL time.Duration) 
 		}
 	}
 	u.mu.Lock()
-	if u.head-u.deleted >= uint64(s.opts.Queue.MaxQueueMessages) {
+	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
 		s.skipExpired(u)
 	}
-	if u.head-u.deleted >= uint64(s.opts.Queue.MaxQueueMessages) {
+	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
 		u.mu.Unlock()
 		return Full, Message{}, nil
 	}

@@ -130,3 +130,14 @@ func (u *userQueue) minCursor() (uint64, bool) {
 	}
 	return m, true
 }
+
+// undelivered counts the messages some device has yet to acknowledge,
+// including expired ones not yet skipped. Acknowledged messages awaiting
+// their lazy deletion do not count. Called with u.mu held.
+func (u *userQueue) undelivered() uint64 {
+	low := u.deleted
+	if m, ok := u.minCursor(); ok && m > low {
+		low = m
+	}
+	return u.head - low
+}

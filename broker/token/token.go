@@ -60,6 +60,11 @@ func (v *Verifier) Verify(tok, user string) error {
 	if tok == "" {
 		return fmt.Errorf("%w: missing", ErrInvalid)
 	}
+	// An empty HMAC key verifies any token signed with an empty key, which
+	// anyone can forge, so fail closed.
+	if len(v.secret) == 0 {
+		return fmt.Errorf("%w: verifier has no secret", ErrInvalid)
+	}
 	var claims jwt.RegisteredClaims
 	_, err := v.parser.ParseWithClaims(tok, &claims, func(*jwt.Token) (any, error) { return v.secret, nil })
 	if err != nil {
@@ -97,19 +102,33 @@ func ResolveSecret(configured, dataDir string) (secret []byte, dev bool, err err
 		return nil, true, fmt.Errorf("generate development secret: %w", err)
 	}
 	s := hex.EncodeToString(raw)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	// The secret is written whole to a temporary file and then linked into
+	// place, so a concurrent caller (chatd token while chatd serve starts)
+	// or a crash never sees an empty or partial secret. Link refuses to
+	// replace an existing file, so when another caller wins, its secret is used.
+	f, err := os.CreateTemp(dataDir, DevSecretFile+".tmp-*")
+	if err != nil {
+		return nil, true, fmt.Errorf("create development secret: %w", err)
+	}
+	tmp := f.Name()
+	_, err = f.WriteString(s + "\n")
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Link(tmp, path)
+	}
+	if rerr := os.Remove(tmp); rerr != nil && err == nil {
+		err = rerr
+	}
 	if errors.Is(err, os.ErrExist) {
 		return ResolveSecret("", dataDir)
 	}
 	if err != nil {
-		return nil, true, fmt.Errorf("create development secret: %w", err)
-	}
-	if _, err := f.WriteString(s + "\n"); err != nil {
-		f.Close()
-		return nil, true, fmt.Errorf("write development secret: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return nil, true, fmt.Errorf("close development secret: %w", err)
+		return nil, true, fmt.Errorf("write development secret %s: %w", path, err)
 	}
 	return []byte(s), true, nil
 }
