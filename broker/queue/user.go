@@ -17,7 +17,7 @@ type userQueue struct {
 	// tail is the lowest that may still be stored; every sequence <= deleted
 	// has been deleted.
 	head, committed, tail, deleted uint64
-	devices             map[string]*deviceState
+	devices                        map[string]*deviceState
 	// forgotten lists devices unseen for device_ttl whose records the next flush deletes.
 	forgotten []string
 }

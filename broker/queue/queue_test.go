@@ -1,0 +1,353 @@
+package queue
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/chatd/chatd/config"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"),
+		goleak.IgnoreAnyFunction("github.com/dgraph-io/ristretto/v2/z.(*AllocatorPool).freeupAllocators"))
+}
+
+type harness struct {
+	t      *testing.T
+	dir    string
+	s      *Store
+	mu     sync.Mutex
+	stored []string // "user:seq" in OnStored order
+}
+
+func newHarness(t *testing.T, mutate func(*config.Queue)) *harness {
+	h := &harness{t: t, dir: t.TempDir()}
+	h.open(mutate)
+	t.Cleanup(func() { h.close() })
+	return h
+}
+
+func (h *harness) open(mutate func(*config.Queue)) {
+	q := config.Default().Queue
+	q.AckFlushInterval = time.Millisecond
+	if mutate != nil {
+		mutate(&q)
+	}
+	s, err := Open(Options{
+		Dir: h.dir, Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		OnStored: func(user string, m Message) {
+			h.mu.Lock()
+			h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
+			h.mu.Unlock()
+		},
+	})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.s = s
+}
+
+func (h *harness) close() {
+	if h.s != nil {
+		if err := h.s.Close(); err != nil {
+			h.t.Error(err)
+		}
+		h.s = nil
+	}
+}
+
+func (h *harness) reopen(mutate func(*config.Queue)) {
+	h.close()
+	h.open(mutate)
+}
+
+// append stores one message and waits for its outcome.
+func (h *harness) append(to, sender, id, data string) (Status, Message) {
+	h.t.Helper()
+	type res struct {
+		st  Status
+		m   Message
+		err error
+	}
+	ch := make(chan res, 1)
+	h.s.Append(&Request{To: to, Sender: sender, ID: id, Data: []byte(data), Done: func(st Status, m Message, err error) {
+		ch <- res{st, m, err}
+	}})
+	r := <-ch
+	if r.st == Failed {
+		h.t.Fatalf("append: %v", r.err)
+	}
+	return r.st, r.m
+}
+
+func (h *harness) read(user string, after uint64) []string {
+	h.t.Helper()
+	msgs, err := h.s.Read(user, after, 1000)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	out := make([]string, len(msgs))
+	for i, m := range msgs {
+		out[i] = fmt.Sprintf("%d=%s", m.Seq, m.Data)
+	}
+	return out
+}
+
+// flushed waits until the lazy ack flush has deleted everything up to seq.
+func (h *harness) flushed(user string, depth uint64) {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		d, err := h.s.Depth(user)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		if d == depth {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("depth of %s stays %d, want %d", user, d, depth)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func eq(t *testing.T, what string, got, want []string) {
+	t.Helper()
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("%s = %v, want %v", what, got, want)
+	}
+}
+
+func TestAppendAssignsSequencesPerUser(t *testing.T) {
+	h := newHarness(t, nil)
+	for i, c := range []struct{ to, data string }{{"bob", "a"}, {"carol", "b"}, {"bob", "c"}} {
+		st, _ := h.append(c.to, "alice", fmt.Sprint(i), c.data)
+		if st != Stored {
+			t.Fatalf("append %d: %v", i, st)
+		}
+	}
+	eq(t, "bob", h.read("bob", 0), []string{"1=a", "2=c"})
+	eq(t, "carol", h.read("carol", 0), []string{"1=b"})
+	eq(t, "after 1", h.read("bob", 1), []string{"2=c"})
+	eq(t, "stored callbacks", h.stored, []string{"bob:1", "carol:1", "bob:2"})
+}
+
+func TestDedup(t *testing.T) {
+	cases := []struct {
+		name        string
+		sender, id  string
+		want        Status
+		wantStored  int
+		description string
+	}{
+		{"first", "alice", "m1", Stored, 1, ""},
+		{"same sender same id", "alice", "m1", Duplicate, 1, ""},
+		{"other sender same id", "mallory", "m1", Stored, 2, ""},
+		{"no id: server event", "alice", "", Stored, 3, ""},
+		{"no id again", "alice", "", Stored, 4, ""},
+	}
+	h := newHarness(t, nil)
+	for _, c := range cases {
+		st, _ := h.append("bob", c.sender, c.id, c.name)
+		if st != c.want {
+			t.Fatalf("%s: status %v, want %v", c.name, st, c.want)
+		}
+		if n := len(h.read("bob", 0)); n != c.wantStored {
+			t.Fatalf("%s: %d stored, want %d", c.name, n, c.wantStored)
+		}
+	}
+}
+
+func TestDedupInOneBatch(t *testing.T) {
+	h := newHarness(t, nil)
+	var wg sync.WaitGroup
+	statuses := make([]Status, 2)
+	for i := range 2 {
+		wg.Add(1)
+		h.s.Append(&Request{To: "bob", Sender: "alice", ID: "same", Data: []byte("x"), Done: func(st Status, _ Message, _ error) {
+			statuses[i] = st
+			wg.Done()
+		}})
+	}
+	wg.Wait()
+	if statuses[0] != Stored || statuses[1] != Duplicate {
+		t.Fatalf("statuses %v", statuses)
+	}
+}
+
+func TestCap(t *testing.T) {
+	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 3 })
+	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if st, _ := h.append("bob", "alice", fmt.Sprint(i), "x"); st != Stored {
+			t.Fatalf("append %d: %v", i, st)
+		}
+	}
+	if st, _ := h.append("bob", "alice", "over", "x"); st != Full {
+		t.Fatalf("append over cap: %v, want Full", st)
+	}
+	// An acknowledged message stops counting at once, before its deletion.
+	h.s.Ack("bob", "phone", 1)
+	if st, _ := h.append("bob", "alice", "after-ack", "x"); st != Stored {
+		t.Fatalf("append after ack: %v, want Stored", st)
+	}
+}
+
+func TestDeletedOnlyWhenEveryDeviceAcked(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, d := range []string{"phone", "laptop"} {
+		if c, err := h.s.Attach("bob", d, false); err != nil || c != 0 {
+			t.Fatalf("attach %s: cursor %d, %v", d, c, err)
+		}
+	}
+	for i := range 4 {
+		h.append("bob", "alice", fmt.Sprint(i), fmt.Sprint(i))
+	}
+	h.s.Ack("bob", "phone", 4)
+	h.s.Ack("bob", "laptop", 2)
+	h.flushed("bob", 2)
+	eq(t, "left", h.read("bob", 0), []string{"3=2", "4=3"})
+	h.s.Ack("bob", "laptop", 4)
+	h.flushed("bob", 0)
+	eq(t, "left", h.read("bob", 0), []string{})
+}
+
+func TestFirstDeviceGetsBacklogLaterDevicesDoNot(t *testing.T) {
+	h := newHarness(t, nil)
+	h.append("bob", "alice", "1", "queued")
+	if c, _ := h.s.Attach("bob", "phone", false); c != 0 {
+		t.Fatalf("first device cursor %d, want 0 (gets everything)", c)
+	}
+	if c, _ := h.s.Attach("bob", "laptop", false); c != 1 {
+		t.Fatalf("second device cursor %d, want 1 (from now on)", c)
+	}
+}
+
+func TestTransientDeviceIsForgotten(t *testing.T) {
+	h := newHarness(t, nil)
+	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.s.Attach("bob", "web", true); err != nil {
+		t.Fatal(err)
+	}
+	h.append("bob", "alice", "1", "x")
+	h.s.Ack("bob", "phone", 1)
+	h.s.Detach("bob", "web")
+	// With the transient device gone, the phone's ack alone deletes it.
+	h.flushed("bob", 0)
+}
+
+func TestRestartKeepsMessagesCursorsAndSequences(t *testing.T) {
+	h := newHarness(t, nil)
+	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		h.append("bob", "alice", fmt.Sprint(i), fmt.Sprint(i))
+	}
+	h.s.Ack("bob", "phone", 5)
+	h.flushed("bob", 0)
+	h.append("bob", "alice", "5", "5")
+	h.reopen(nil)
+
+	if c, err := h.s.Attach("bob", "phone", false); err != nil || c != 5 {
+		t.Fatalf("cursor after restart %d, %v; want 5", c, err)
+	}
+	eq(t, "after restart", h.read("bob", 5), []string{"6=5"})
+	// Sequences continue: an emptied queue never reuses an acknowledged one.
+	st, m := h.append("bob", "alice", "6", "6")
+	if st != Stored || m.Seq != 7 {
+		t.Fatalf("append after restart: %v seq %d, want seq 7", st, m.Seq)
+	}
+	// The dedup window survives the restart.
+	if st, _ := h.append("bob", "alice", "0", "again"); st != Duplicate {
+		t.Fatalf("resend after restart: %v, want Duplicate", st)
+	}
+}
+
+func TestMessageTTL(t *testing.T) {
+	h := newHarness(t, func(q *config.Queue) { q.MessageTTL = time.Second })
+	h.append("bob", "alice", "1", "old")
+	time.Sleep(2100 * time.Millisecond) // Badger expiry has one-second resolution
+	h.append("bob", "alice", "2", "new")
+	eq(t, "after expiry", h.read("bob", 0), []string{"2=new"})
+}
+
+func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
+	h := newHarness(t, nil)
+	if _, err := h.s.Attach("bob", "old-phone", false); err != nil {
+		t.Fatal(err)
+	}
+	h.s.Detach("bob", "old-phone")
+	h.append("bob", "alice", "1", "x")
+	h.reopen(func(q *config.Queue) { q.DeviceTTL = time.Nanosecond })
+	time.Sleep(1100 * time.Millisecond) // last-seen times have one-second resolution
+	// The forgotten device no longer counts: a new device is the first again.
+	if c, _ := h.s.Attach("bob", "new-phone", false); c != 0 {
+		t.Fatalf("new device cursor %d, want 0", c)
+	}
+}
+
+func TestBarrierKeepsOrder(t *testing.T) {
+	h := newHarness(t, nil)
+	var mu sync.Mutex
+	var order []string
+	var wg sync.WaitGroup
+	for i, to := range []string{"bob", "", "bob"} {
+		wg.Add(1)
+		h.s.Append(&Request{To: to, Data: []byte("x"), Done: func(st Status, _ Message, _ error) {
+			mu.Lock()
+			order = append(order, fmt.Sprintf("%d:%v", i, st))
+			mu.Unlock()
+			wg.Done()
+		}})
+	}
+	wg.Wait()
+	eq(t, "order", order, []string{"0:0", "1:4", "2:0"})
+}
+
+func BenchmarkAppendAck(b *testing.B) {
+	for _, mode := range []string{config.SyncNone, config.SyncBatch, config.SyncAlways} {
+		b.Run(mode, func(b *testing.B) {
+			q := config.Default().Queue
+			q.Sync = mode
+			s, err := Open(Options{Dir: b.TempDir(), Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			const users = 200
+			for u := range users {
+				if _, err := s.Attach(fmt.Sprint("u", u), "", false); err != nil {
+					b.Fatal(err)
+				}
+			}
+			payload := make([]byte, 200)
+			var wg sync.WaitGroup
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				wg.Add(1)
+				to := fmt.Sprint("u", i%users)
+				s.Append(&Request{To: to, Sender: "sender", ID: fmt.Sprint(i), Data: payload,
+					Done: func(st Status, m Message, err error) {
+						if st == Stored {
+							s.Ack(to, "", m.Seq)
+						}
+						wg.Done()
+					}})
+			}
+			wg.Wait()
+		})
+	}
+}
