@@ -1,0 +1,36 @@
+# chatd: a durable MQTT chat server. `make run` starts it, `make test` tests it.
+GO ?= go
+
+.PHONY: run test build bench test-deps vet
+
+## run: start the server with the embedded defaults (data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:8080)
+run:
+	$(GO) run ./cmd/chatd serve
+
+## test: vet and run every test (real broker, real clients, real Badger, a real killed process)
+test: test-deps vet
+	$(GO) test -race -timeout 9m ./...
+
+## build: build chatd and loadtest into ./bin
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+## bench: our server vs Mosquitto under the same load; writes docs/benchmarks.md
+bench:
+	bash loadtest/bench.sh
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l .)" || (echo "gofmt needed on:"; gofmt -l .; exit 1)
+
+# The interoperability test drives the server with Debian's stock
+# mosquitto clients; install them when missing and we are allowed to.
+test-deps:
+	@command -v mosquitto_pub >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing mosquitto-clients for the interoperability test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients) >/dev/null || \
+				echo "could not install mosquitto-clients: the interoperability test will skip"; \
+		else \
+			echo "mosquitto-clients missing: the interoperability test will skip (apt-get install mosquitto-clients)"; \
+		fi; }

@@ -1,0 +1,235 @@
+package broker
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+)
+
+var (
+	chatdOnce sync.Once
+	chatdPath string
+	chatdErr  error
+)
+
+// chatdBinary builds cmd/chatd once per test run.
+func chatdBinary(t *testing.T) string {
+	t.Helper()
+	chatdOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "chatd-bin")
+		if err != nil {
+			chatdErr = err
+			return
+		}
+		chatdPath = filepath.Join(dir, "chatd")
+		out, err := exec.Command("go", "build", "-o", chatdPath, "github.com/chatd/chatd/cmd/chatd").CombinedOutput()
+		if err != nil {
+			chatdErr = fmt.Errorf("build chatd: %v\n%s", err, out)
+		}
+	})
+	if chatdErr != nil {
+		t.Fatal(chatdErr)
+	}
+	return chatdPath
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// serverProcess is chatd running as a child process, to be killed for real.
+type serverProcess struct {
+	t       *testing.T
+	bin     string
+	dataDir string
+	addr    string
+	http    string
+	log     *os.File
+	cmd     *exec.Cmd
+}
+
+func newServerProcess(t *testing.T, extraEnv ...string) *serverProcess {
+	p := &serverProcess{t: t, bin: chatdBinary(t), dataDir: t.TempDir(), addr: freeAddr(t), http: freeAddr(t)}
+	f, err := os.Create(filepath.Join(t.TempDir(), "chatd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.log = f
+	t.Cleanup(func() {
+		p.kill()
+		if t.Failed() {
+			if b, err := os.ReadFile(f.Name()); err == nil {
+				t.Logf("server log:\n%s", b)
+			}
+		}
+		f.Close()
+	})
+	p.start(extraEnv...)
+	return p
+}
+
+func (p *serverProcess) start(extraEnv ...string) {
+	p.t.Helper()
+	cmd := exec.Command(p.bin, "serve", "--data-dir", p.dataDir, "--listen", p.addr, "--http", p.http)
+	cmd.Env = append(os.Environ(), "CHATD_AUTH_SECRET="+string(testSecret))
+	cmd.Env = append(cmd.Env, extraEnv...)
+	cmd.Stdout, cmd.Stderr = p.log, p.log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		p.t.Fatalf("start chatd: %v", err)
+	}
+	p.cmd = cmd
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", p.addr, time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("chatd did not listen on %s: %v", p.addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// kill sends SIGKILL: no shutdown code runs.
+func (p *serverProcess) kill() {
+	if p.cmd == nil {
+		return
+	}
+	_ = p.cmd.Process.Kill()
+	_ = p.cmd.Wait()
+	p.cmd = nil
+}
+
+// receiver counts deliveries per id and per connection.
+type receiver struct {
+	mu    sync.Mutex
+	conn  int
+	first map[string]int // id -> connection number of its first delivery
+	dups  map[string]int // id -> connection number of a later delivery
+	n     int
+}
+
+func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and kills a server process")
+	}
+	const (
+		total = 6000
+		kills = 3
+	)
+	srv := newServerProcess(t)
+	rcv := &receiver{first: map[string]int{}, dups: map[string]int{}}
+	bobOpts := paho.NewClientOptions().AddBroker("tcp://"+srv.addr).
+		SetClientID("bob").SetUsername("bob").SetPassword(mint(t, "bob")).
+		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(100 * time.Millisecond).
+		SetConnectRetry(true).SetConnectRetryInterval(100 * time.Millisecond).SetOrderMatters(true)
+	bobOpts.SetOnConnectHandler(func(c paho.Client) {
+		rcv.mu.Lock()
+		rcv.conn++
+		rcv.mu.Unlock()
+		c.Subscribe("inbox/bob", 1, func(_ paho.Client, m paho.Message) {
+			id := innerID(t, decodeEnvelope(t, m.Payload()))
+			rcv.mu.Lock()
+			defer rcv.mu.Unlock()
+			if _, seen := rcv.first[id]; seen {
+				rcv.dups[id] = rcv.conn
+				return
+			}
+			rcv.first[id] = rcv.conn
+			rcv.n++
+		})
+	})
+	bob := paho.NewClient(bobOpts)
+	bob.Connect().Wait()
+	defer bob.Disconnect(100)
+
+	aliceOpts := paho.NewClientOptions().AddBroker("tcp://"+srv.addr).
+		SetClientID("alice").SetUsername("alice").SetPassword(mint(t, "alice")).
+		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(100 * time.Millisecond).
+		SetConnectRetry(true).SetConnectRetryInterval(100 * time.Millisecond).
+		SetWriteTimeout(5 * time.Second)
+	alice := paho.NewClient(aliceOpts)
+	alice.Connect().Wait()
+	defer alice.Disconnect(100)
+
+	// Publish with up to 64 in flight; paho resends unacknowledged publishes
+	// after each reconnect, and the server's dedup absorbs resends it had stored.
+	var acked sync.Map
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	killAt := map[int]bool{}
+	for k := 1; k <= kills; k++ {
+		killAt[k*total/(kills+1)] = true
+	}
+	for i := range total {
+		if killAt[i] {
+			srv.kill()
+			srv.start()
+		}
+		sem <- struct{}{}
+		id := fmt.Sprintf("m-%d", i)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			for {
+				tk := alice.Publish("inbox/bob", 1, false, fmt.Sprintf(`{"id":%q}`, id))
+				if tk.WaitTimeout(60*time.Second) && tk.Error() == nil {
+					acked.Store(id, true)
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		rcv.mu.Lock()
+		n := rcv.n
+		rcv.mu.Unlock()
+		if n >= total || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	rcv.mu.Lock()
+	defer rcv.mu.Unlock()
+	lost := 0
+	acked.Range(func(k, _ any) bool {
+		if _, ok := rcv.first[k.(string)]; !ok {
+			lost++
+			if lost <= 10 {
+				t.Errorf("PUBACKed message %s never delivered", k)
+			}
+		}
+		return true
+	})
+	if lost > 0 {
+		t.Fatalf("%d PUBACKed messages lost across %d SIGKILLs", lost, kills)
+	}
+	for id, conn := range rcv.dups {
+		if rcv.first[id] == conn {
+			t.Errorf("%s delivered twice on one connection: duplicates may only come from redelivery after a reconnect", id)
+		}
+	}
+	t.Logf("%d messages, %d kills, %d connections of the receiver, %d duplicates, 0 lost", total, kills, rcv.conn, len(rcv.dups))
+}

@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/chatd/chatd/broker"
+	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/config"
+)
+
+// shutdownTimeout bounds a graceful shutdown, after which Close gives up
+// waiting for clients so the process does not hang on a stuck connection.
+const shutdownTimeout = 10 * time.Second
+
+// newServeCmd returns `chatd serve`.
+func newServeCmd() *cobra.Command {
+	var configFile string
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the chat server",
+		Long:  serveLong(),
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			// From here on errors are about the run, not the command line.
+			cmd.SilenceUsage = true
+			cfg, err := config.Load(configFile, cmd.Flags())
+			if err != nil {
+				return err
+			}
+			logger, err := newLogger(cfg.Log, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			slog.SetDefault(logger)
+
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			done := make(chan struct{})
+			defer close(done)
+			go exitOnSecondSignal(ctx, stop, done, logger)
+			return serve(ctx, cfg, logger)
+		},
+	}
+	cmd.Flags().StringVar(&configFile, "config", "", "YAML configuration file; optional, see the keys above")
+	config.BindFlags(cmd.Flags())
+	return cmd
+}
+
+// serve runs the server until ctx is done, then shuts it down gracefully.
+func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
+	secret, dev, err := token.ResolveSecret(cfg.Auth.Secret, cfg.DataDir)
+	if err != nil {
+		return fmt.Errorf("token secret: %w", err)
+	}
+	if dev {
+		logger.Warn("auth.secret is not set: using a development secret; set auth.secret (CHATD_AUTH_SECRET) in production",
+			"secret_file", filepath.Join(cfg.DataDir, token.DevSecretFile),
+			"get_a_token", "chatd token USER --data-dir "+shellQuote(cfg.DataDir))
+	}
+	srv, err := broker.New(broker.Options{Config: cfg, Secret: secret, Logger: logger})
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	if err := srv.Start(); err != nil {
+		return errors.Join(fmt.Errorf("start: %w", err), shutdown(srv))
+	}
+	httpAddr := srv.HTTPAddr()
+	if httpAddr == "" {
+		httpAddr = "disabled"
+	}
+	logger.Info("chatd started", "mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync)
+
+	<-ctx.Done()
+	logger.Info("shutting down; signal again to exit immediately", "timeout", shutdownTimeout)
+	if err := shutdown(srv); err != nil {
+		return err
+	}
+	logger.Info("chatd stopped")
+	return nil
+}
+
+// shutdown closes srv within shutdownTimeout.
+func shutdown(srv *broker.Server) error {
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := srv.Close(ctx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	return nil
+}
+
+// exitOnSecondSignal waits for shutdown to begin and then exits the process
+// with status 1 on another SIGINT or SIGTERM, for an operator who will not
+// wait for a slow graceful shutdown. It returns when done is closed.
+func exitOnSecondSignal(ctx context.Context, stop context.CancelFunc, done <-chan struct{}, logger *slog.Logger) {
+	select {
+	case <-ctx.Done():
+	case <-done:
+		return
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	// sigs is registered before stop unregisters the first handler, so a
+	// second signal is always caught rather than getting the default action,
+	// which would kill the process by signal instead of exiting with status 1.
+	stop()
+	select {
+	case sig := <-sigs:
+		logger.Error("second signal during shutdown: exiting immediately", "signal", sig.String())
+		os.Exit(1)
+	case <-done:
+	}
+}
+
+// newLogger returns a logger writing c.Format at c.Level to w.
+func newLogger(c config.Log, w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.Level)); err != nil {
+		return nil, fmt.Errorf("log.level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch c.Format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	default:
+		return nil, fmt.Errorf("log.format: %q is not one of text, json", c.Format)
+	}
+}
+
+// shellQuote quotes s for a POSIX shell when it needs it, so the suggested
+// command can be pasted as is.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-/:@%+=,") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// wrap breaks text into lines of at most width characters, each starting
+// with indent and ending with a newline.
+func wrap(text, indent string, width int) string {
+	var b strings.Builder
+	line := indent
+	for _, word := range strings.Fields(text) {
+		if line != indent && len(line)+1+len(word) > width {
+			b.WriteString(line + "\n")
+			line = indent
+		}
+		if line != indent {
+			line += " "
+		}
+		line += word
+	}
+	b.WriteString(line + "\n")
+	return b.String()
+}
+
+// serveLong is the help of `chatd serve`, with the table of keys generated
+// from the config package so it cannot fall out of date.
+func serveLong() string {
+	var b strings.Builder
+	b.WriteString(`Run the chat server until SIGINT or SIGTERM.
+
+On SIGINT or SIGTERM the server stops accepting connections, finishes the
+commits in progress and closes its storage, within 10 seconds; a second
+signal exits at once with status 1. Either way every message already
+acknowledged with a PUBACK is kept, as queue.sync promises.
+
+Settings, highest precedence first:
+  1. the --data-dir, --listen and --http flags;
+  2. environment variables: CHATD_ and the key in upper case with dots as
+     underscores, e.g. CHATD_QUEUE_SYNC=always, CHATD_AUTH_SECRET=...;
+  3. the YAML file given with --config;
+  4. the defaults below.
+An unknown key or an invalid value stops start-up with an error naming the key.
+Durations are written with a unit: 100ms, 30s, 720h. Example file:
+
+  listen: 0.0.0.0:1883
+  auth:
+    secret: a-long-random-string
+  queue:
+    sync: always
+  limits:
+    max_inflight: 32
+
+Without auth.secret the server signs and checks tokens with a development
+secret it creates in data_dir; mint tokens for it with "chatd token USER".
+
+Keys (default, environment variable):
+`)
+	for _, s := range config.Settings() {
+		fmt.Fprintf(&b, "  %s = %s  (%s)\n%s", s.Key, s.Default, s.Env, wrap(s.Help, "      ", 78))
+	}
+	return strings.TrimRight(b.String(), "\n")
+}

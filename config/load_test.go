@@ -1,0 +1,330 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// clearEnv blanks every CHATD_* variable for the test; viper ignores empty
+// variables, so the test does not depend on the caller's environment.
+func clearEnv(t *testing.T) {
+	t.Helper()
+	for _, s := range Settings() {
+		t.Setenv(s.Env, "")
+	}
+}
+
+func TestLoad(t *testing.T) {
+	tests := []struct {
+		name string
+		// files are created in the working directory before loading.
+		files map[string]string
+		// yaml, when not empty, is written to chatd.yaml and passed to Load.
+		yaml    string
+		env     map[string]string
+		args    []string
+		want    func(c *Config)
+		wantErr []string
+	}{
+		{
+			name: "defaults",
+			want: func(*Config) {},
+		},
+		{
+			name: "file overrides default",
+			yaml: `
+listen: 0.0.0.0:1884
+auth:
+  secret: s3cret
+queue:
+  sync: always
+  sync_interval: 250ms
+  message_ttl: 720h
+limits:
+  max_inflight: 10
+log:
+  format: json
+`,
+			want: func(c *Config) {
+				c.Listen = "0.0.0.0:1884"
+				c.Auth.Secret = "s3cret"
+				c.Queue.Sync = SyncAlways
+				c.Queue.SyncInterval = 250 * time.Millisecond
+				c.Queue.MessageTTL = 720 * time.Hour
+				c.Limits.MaxInflight = 10
+				c.Log.Format = "json"
+			},
+		},
+		{
+			name: "env overrides file",
+			yaml: "listen: 0.0.0.0:1884\nqueue:\n  sync: always\nlimits:\n  max_inflight: 10\n",
+			env: map[string]string{
+				"CHATD_LISTEN":              "0.0.0.0:1885",
+				"CHATD_QUEUE_SYNC":          "none",
+				"CHATD_QUEUE_DEDUP_WINDOW":  "1h30m",
+				"CHATD_LIMITS_MAX_INFLIGHT": "7",
+				"CHATD_AUTH_SECRET":         "from-env",
+			},
+			want: func(c *Config) {
+				c.Listen = "0.0.0.0:1885"
+				c.Queue.Sync = SyncNone
+				c.Queue.DedupWindow = 90 * time.Minute
+				c.Limits.MaxInflight = 7
+				c.Auth.Secret = "from-env"
+			},
+		},
+		{
+			name: "flag overrides env",
+			env:  map[string]string{"CHATD_LISTEN": "0.0.0.0:1885", "CHATD_DATA_DIR": "env-data", "CHATD_HTTP": "0.0.0.0:9000"},
+			args: []string{"--listen", "127.0.0.1:2883", "--data-dir", "flag-data"},
+			want: func(c *Config) {
+				c.Listen = "127.0.0.1:2883"
+				c.DataDir = "flag-data"
+				c.HTTP = "0.0.0.0:9000"
+			},
+		},
+		{
+			name: "unset flag keeps file value",
+			yaml: "listen: 0.0.0.0:1884\ndata_dir: file-data\n",
+			args: []string{},
+			want: func(c *Config) {
+				c.Listen = "0.0.0.0:1884"
+				c.DataDir = "file-data"
+			},
+		},
+		{
+			name:    "unknown nested key refused",
+			yaml:    "queue:\n  synk: always\n",
+			wantErr: []string{"chatd.yaml", "unknown key", "queue.synk"},
+		},
+		{
+			name:    "unknown top-level key refused",
+			yaml:    "listen_addr: 0.0.0.0:1884\n",
+			wantErr: []string{"unknown key", "listen_addr"},
+		},
+		{
+			name:    "negative limit refused",
+			yaml:    "limits:\n  max_inflight: -1\n",
+			wantErr: []string{"chatd.yaml", "limits.max_inflight", "positive"},
+		},
+		{
+			name:    "negative limit from env refused",
+			env:     map[string]string{"CHATD_LIMITS_MAX_MESSAGE_BYTES": "-5"},
+			wantErr: []string{"limits.max_message_bytes", "positive", "CHATD_LIMITS_MAX_MESSAGE_BYTES"},
+		},
+		{
+			name:    "bad sync mode",
+			yaml:    "queue:\n  sync: fsync\n",
+			wantErr: []string{"queue.sync", "fsync"},
+		},
+		{
+			name:    "bad duration",
+			yaml:    "queue:\n  sync_interval: 10 parsecs\n",
+			wantErr: []string{"queue.sync_interval"},
+		},
+		{
+			name:    "duration without unit",
+			yaml:    "queue:\n  message_ttl: 100\n",
+			wantErr: []string{"queue.message_ttl", "needs a unit"},
+		},
+		{
+			name:    "bad duration from env",
+			env:     map[string]string{"CHATD_QUEUE_DEVICE_TTL": "forever"},
+			wantErr: []string{"queue.device_ttl", "forever", "CHATD_QUEUE_DEVICE_TTL"},
+		},
+		{
+			name:    "wrong type",
+			yaml:    "limits:\n  max_inflight: lots\n",
+			wantErr: []string{"limits.max_inflight"},
+		},
+		{
+			name:    "fraction for an integer",
+			yaml:    "limits:\n  max_keepalive: 1.5\n",
+			wantErr: []string{"limits.max_keepalive", "whole number"},
+		},
+		{
+			name:    "section given a scalar",
+			yaml:    "queue: fast\n",
+			wantErr: []string{"queue"},
+		},
+		{
+			name:    "malformed yaml",
+			yaml:    "listen: [\n",
+			wantErr: []string{"chatd.yaml"},
+		},
+		{
+			name:    "data dir under a regular file",
+			files:   map[string]string{"blocker": "not a directory"},
+			yaml:    "data_dir: blocker/data\n",
+			wantErr: []string{"chatd.yaml", "data_dir", "blocker/data"},
+		},
+		{
+			name:    "empty data dir",
+			args:    []string{"--data-dir", ""},
+			wantErr: []string{"data_dir", "empty", "--data-dir"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			dir := t.TempDir()
+			t.Chdir(dir)
+			for name, content := range tt.files {
+				if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			file := ""
+			if tt.yaml != "" {
+				file = filepath.Join(dir, "chatd.yaml")
+				if err := os.WriteFile(file, []byte(tt.yaml), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			var fs *pflag.FlagSet
+			if tt.args != nil {
+				fs = pflag.NewFlagSet("test", pflag.ContinueOnError)
+				BindFlags(fs)
+				if err := fs.Parse(tt.args); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			got, err := Load(file, fs)
+
+			if tt.wantErr != nil {
+				t.Logf("error: %v", err)
+				if err == nil {
+					t.Fatalf("Load succeeded with %+v, want error containing %q", got, tt.wantErr)
+				}
+				for _, s := range tt.wantErr {
+					if !strings.Contains(err.Error(), s) {
+						t.Errorf("error %q does not contain %q", err, s)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			want := Default()
+			tt.want(&want)
+			if got != want {
+				t.Errorf("Load =\n%+v\nwant\n%+v", got, want)
+			}
+			if fi, err := os.Stat(got.DataDir); err != nil || !fi.IsDir() {
+				t.Errorf("data dir %s not created: %v", got.DataDir, err)
+			}
+			if entries, err := os.ReadDir(got.DataDir); err != nil || len(entries) != 0 {
+				t.Errorf("data dir %s not left empty: %v %v", got.DataDir, entries, err)
+			}
+		})
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	clearEnv(t)
+	t.Chdir(t.TempDir())
+	_, err := Load("nope.yaml", nil)
+	if err == nil || !strings.Contains(err.Error(), "nope.yaml") {
+		t.Fatalf("Load(missing file) error = %v, want one naming nope.yaml", err)
+	}
+}
+
+func TestLoadReadOnlyDataDir(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("root can write to a read-only directory")
+	}
+	clearEnv(t)
+	dir := filepath.Join(t.TempDir(), "ro")
+	if err := os.Mkdir(dir, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("CHATD_DATA_DIR", dir)
+	_, err := Load("", nil)
+	if err == nil || !strings.Contains(err.Error(), "data_dir") || !strings.Contains(err.Error(), "not writable") {
+		t.Fatalf("Load(read-only data dir) error = %v, want data_dir not writable", err)
+	}
+}
+
+func TestBindFlagsDefaults(t *testing.T) {
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	BindFlags(fs)
+	d := Default()
+	for flag, want := range map[string]string{"data-dir": d.DataDir, "listen": d.Listen, "http": d.HTTP} {
+		f := fs.Lookup(flag)
+		if f == nil {
+			t.Errorf("--%s not registered", flag)
+			continue
+		}
+		if f.DefValue != want {
+			t.Errorf("--%s default = %q, want %q", flag, f.DefValue, want)
+		}
+		if f.Usage == "" {
+			t.Errorf("--%s has no help", flag)
+		}
+	}
+}
+
+func TestSettings(t *testing.T) {
+	settings := Settings()
+	if len(settings) != len(help) {
+		t.Errorf("Settings has %d keys, help documents %d: keep help in step with Config", len(settings), len(help))
+	}
+	byKey := map[string]Setting{}
+	for _, s := range settings {
+		byKey[s.Key] = s
+		if s.Help == "" {
+			t.Errorf("key %s has no help text", s.Key)
+		}
+	}
+	tests := []struct {
+		key, env, def string
+	}{
+		{"data_dir", "CHATD_DATA_DIR", "data"},
+		{"auth.secret", "CHATD_AUTH_SECRET", `""`},
+		{"queue.sync", "CHATD_QUEUE_SYNC", "batch"},
+		{"queue.sync_interval", "CHATD_QUEUE_SYNC_INTERVAL", "100ms"},
+		{"queue.message_ttl", "CHATD_QUEUE_MESSAGE_TTL", "720h"},
+		{"queue.max_queue_messages", "CHATD_QUEUE_MAX_QUEUE_MESSAGES", "1000000"},
+		{"limits.max_inflight", "CHATD_LIMITS_MAX_INFLIGHT", "64"},
+		{"log.format", "CHATD_LOG_FORMAT", "text"},
+	}
+	for _, tt := range tests {
+		s, ok := byKey[tt.key]
+		if !ok {
+			t.Errorf("key %s missing from Settings", tt.key)
+			continue
+		}
+		if s.Env != tt.env || s.Default != tt.def {
+			t.Errorf("%s: env %s default %s, want %s %s", tt.key, s.Env, s.Default, tt.env, tt.def)
+		}
+	}
+}
+
+func TestFormatDuration(t *testing.T) {
+	tests := []struct {
+		d    time.Duration
+		want string
+	}{
+		{720 * time.Hour, "720h"},
+		{90 * time.Minute, "1h30m"},
+		{10 * time.Minute, "10m"},
+		{90 * time.Second, "1m30s"},
+		{100 * time.Millisecond, "100ms"},
+		{0, "0s"},
+	}
+	for _, tt := range tests {
+		if got := formatDuration(tt.d); got != tt.want {
+			t.Errorf("formatDuration(%v) = %q, want %q", tt.d, got, tt.want)
+		}
+	}
+}

@@ -1,0 +1,122 @@
+package config
+
+import (
+	"fmt"
+	"reflect"
+	"strings"
+	"time"
+)
+
+// EnvPrefix is the prefix of every environment variable that sets a key.
+const EnvPrefix = "CHATD"
+
+// Setting describes one configuration key, for help output and documentation.
+type Setting struct {
+	// Key is the dotted key as written in the YAML file, e.g. queue.sync.
+	Key string
+	// Env is the environment variable that sets Key, e.g. CHATD_QUEUE_SYNC.
+	Env string
+	// Default is the built-in default value, formatted as it would be written in the file.
+	Default string
+	// Help says what the key does.
+	Help string
+}
+
+// help documents every key; TestSettingsHelp keeps it in step with Config.
+var help = map[string]string{
+	"data_dir":                 "directory holding the durable queue and the development secret",
+	"listen":                   "MQTT TCP listen address",
+	"http":                     "HTTP listen address (health, metrics, API); empty disables it",
+	"auth.secret":              "HS256 secret shared with the account service; empty uses a development secret kept in data_dir",
+	"queue.sync":               "when a message is made durable before its PUBACK: always (fsync every batch), batch (fsync every sync_interval), none (never fsync)",
+	"queue.sync_interval":      "how often batch mode fsyncs",
+	"queue.message_ttl":        "how long an undelivered message is kept",
+	"queue.dedup_window":       "how long a (sender, id) pair is remembered to drop duplicates",
+	"queue.max_queue_messages": "most messages queued for one user",
+	"queue.device_ttl":         "a device unseen for this long is forgotten",
+	"queue.ack_flush_interval": "how often acknowledged cursors are persisted and delivered messages deleted",
+	"queue.max_batch":          "most messages in one group commit",
+	"limits.max_message_bytes": "largest message object a client may send, in bytes (at most 16 MiB)",
+	"limits.max_inflight":      "most unacknowledged deliveries to one device (at most 65535)",
+	"limits.max_keepalive":     "largest keepalive a client may ask for, in seconds",
+	"limits.max_pending_bytes": "a client whose unread outbound bytes exceed this is disconnected",
+	"log.level":                "debug, info, warn or error",
+	"log.format":               "text or json",
+}
+
+// Settings lists every configuration key in declaration order, with its
+// built-in default, environment variable and help text.
+func Settings() []Setting {
+	var out []Setting
+	for _, l := range leaves(Default()) {
+		out = append(out, Setting{
+			Key:     l.key,
+			Env:     EnvName(l.key),
+			Default: formatValue(l.value),
+			Help:    help[l.key],
+		})
+	}
+	return out
+}
+
+// EnvName returns the environment variable that sets key.
+func EnvName(key string) string {
+	return EnvPrefix + "_" + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+}
+
+// leaf is one scalar setting found by walking a Config.
+type leaf struct {
+	key   string
+	value any
+}
+
+var durationType = reflect.TypeFor[time.Duration]()
+
+// leaves walks c by its mapstructure tags, so that the set of keys is
+// defined once, by the Config struct, rather than repeated in a list here.
+func leaves(c Config) []leaf {
+	var out []leaf
+	var walk func(v reflect.Value, prefix string)
+	walk = func(v reflect.Value, prefix string) {
+		t := v.Type()
+		for i := range t.NumField() {
+			key := prefix + t.Field(i).Tag.Get("mapstructure")
+			f := v.Field(i)
+			if f.Kind() == reflect.Struct && f.Type() != durationType {
+				walk(f, key+".")
+				continue
+			}
+			out = append(out, leaf{key: key, value: f.Interface()})
+		}
+	}
+	walk(reflect.ValueOf(c), "")
+	return out
+}
+
+// formatValue writes v the way a user would write it in the YAML file.
+func formatValue(v any) string {
+	switch v := v.(type) {
+	case string:
+		if v == "" {
+			return `""`
+		}
+		return v
+	case time.Duration:
+		return formatDuration(v)
+	default:
+		return fmt.Sprint(v)
+	}
+}
+
+// formatDuration drops the zero minute and second parts that
+// time.Duration.String adds, so 720h prints as 720h rather than 720h0m0s.
+func formatDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
+}
