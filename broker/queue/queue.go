@@ -12,10 +12,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/ristretto/v2/z"
 
 	"github.com/chatd/chatd/config"
 )
@@ -100,6 +102,14 @@ func Open(opts Options) (*Store, error) {
 		WithNumVersionsToKeep(1).
 		WithCompactL0OnClose(true)
 	db, err := badger.Open(bo)
+	if err != nil && strings.Contains(err.Error(), z.NewFile.Error()) {
+		// A crash between creating a memtable file and its first write leaves
+		// an empty .mem file that fails the first open and not the second
+		// (dgraph-io/badger#2207). Badger flattens the error to text, so
+		// errors.Is cannot see the sentinel.
+		opts.Logger.Warn("reopening queue after an interrupted memtable creation", "dir", opts.Dir)
+		db, err = badger.Open(bo)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open queue %s: %w", opts.Dir, err)
 	}
