@@ -136,7 +136,7 @@ func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
 	)
 	srv := newServerProcess(t)
 	rcv := &receiver{first: map[string]int{}, dups: map[string]int{}}
-	bobOpts := paho.NewClientOptions().AddBroker("tcp://"+srv.addr).
+	bobOpts := paho.NewClientOptions().AddBroker("tcp://" + srv.addr).
 		SetClientID("bob").SetUsername("bob").SetPassword(mint(t, "bob")).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(100 * time.Millisecond).
 		SetConnectRetry(true).SetConnectRetryInterval(100 * time.Millisecond).SetOrderMatters(true)
@@ -160,7 +160,7 @@ func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
 	bob.Connect().Wait()
 	defer bob.Disconnect(100)
 
-	aliceOpts := paho.NewClientOptions().AddBroker("tcp://"+srv.addr).
+	aliceOpts := paho.NewClientOptions().AddBroker("tcp://" + srv.addr).
 		SetClientID("alice").SetUsername("alice").SetPassword(mint(t, "alice")).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(100 * time.Millisecond).
 		SetConnectRetry(true).SetConnectRetryInterval(100 * time.Millisecond).
