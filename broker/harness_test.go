@@ -2,10 +2,13 @@ package broker
 
 import (
 	"context"
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/url"
 	"sync"
 	"testing"
 	"time"
@@ -241,4 +244,22 @@ func innerID(t testing.TB, e envelopeMsg) string {
 		t.Fatalf("msg %q: %v", e.Msg, err)
 	}
 	return m.ID
+}
+
+// bufferedConn gives paho a buffered reader: paho reads each packet's
+// header a byte at a time, one system call each, which would make the
+// benchmark client, not the server, the bottleneck.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+func dialBuffered(uri *url.URL, _ paho.ClientOptions) (net.Conn, error) {
+	c, err := net.Dial("tcp", uri.Host)
+	if err != nil {
+		return nil, err
+	}
+	return bufferedConn{Conn: c, r: bufio.NewReaderSize(c, 64<<10)}, nil
 }
