@@ -164,6 +164,23 @@ func TestFlowControlWindow(t *testing.T) {
 	}
 }
 
+// waitAcked waits until the server has received the device's PUBACKs for
+// everything sent to it: paho sends them after the handler returns, and may
+// not have when a test disconnects.
+func waitAcked(t *testing.T, s *Server, user, device string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if n, _, ok := s.delivery.Window(user, device); ok && n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s/%s never acknowledged what it received", user, device)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // deviceWindow reads a device's in-flight count and next sequence from the server.
 func deviceWindow(t *testing.T, s *Server, user, device string) (inflight int, next uint64) {
 	t.Helper()
@@ -196,6 +213,7 @@ func TestMultiDevice(t *testing.T) {
 	}
 
 	// A message waits for the device that is offline, even when the other acked it.
+	waitAcked(t, s, "bob", "laptop")
 	laptop.client.Disconnect(250)
 	alice.send("bob", "while-away", "")
 	phone.waitFor(3)
@@ -228,5 +246,58 @@ func TestSessionTakeover(t *testing.T) {
 	alice.send("bob", "after-takeover", "")
 	if id := innerID(t, second.waitFor(1)[0]); id != "after-takeover" {
 		t.Fatalf("got %s", id)
+	}
+}
+
+func TestSubscriptionSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	s := startServer(t, dir, nil)
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	bob.client.Disconnect(100)
+	stopServer(t, s)
+
+	s = startServer(t, dir, nil)
+	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
+	alice.send("bob", "after-restart", "")
+	// bob does not subscribe again: its device subscribed before the restart.
+	bob = mustDial(t, s, "bob", phoneOpt{noSub: true})
+	got := make(chan string, 1)
+	bob.client.AddRoute("inbox/bob", func(_ paho.Client, m paho.Message) {
+		got <- innerID(t, decodeEnvelope(t, m.Payload()))
+	})
+	select {
+	case id := <-got:
+		if id != "after-restart" {
+			t.Fatalf("got %s", id)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a device that subscribed before the restart was not fed")
+	}
+}
+
+func TestUnsubscribeStopsDelivery(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
+	alice.send("bob", "one", "")
+	bob.waitFor(1)
+	waitAcked(t, s, "bob", "")
+	if tk := bob.client.Unsubscribe("inbox/bob"); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		t.Fatalf("unsubscribe: %v", tk.Error())
+	}
+	if _, _, ok := s.delivery.Window("bob", ""); ok {
+		t.Fatal("device still fed after unsubscribing")
+	}
+	alice.send("bob", "two", "")
+	// "one" is deleted once its ack is flushed; "two" must stay queued.
+	deadline := time.Now().Add(10 * time.Second)
+	for d, _ := s.queue.Depth("bob"); d != 1; d, _ = s.queue.Depth("bob") {
+		if time.Now().After(deadline) {
+			t.Fatalf("queue depth %d, want 1: the message must wait in the queue", d)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := bob.count(); n != 1 {
+		t.Fatalf("bob received %d messages after unsubscribing, want 1", n)
 	}
 }

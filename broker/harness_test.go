@@ -218,8 +218,7 @@ func (p *phone) ids() []string {
 	return out
 }
 
-// quiet asserts that nothing more arrives than n messages, after a round
-// trip through the server that would have carried anything pending.
+// count returns how many messages the phone has received.
 func (p *phone) count() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()

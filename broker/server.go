@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -43,6 +44,8 @@ type Server struct {
 	tcp      *listeners.TCP
 	http     *http.Server
 	httpLn   net.Listener
+	closed   sync.Once
+	closeErr error
 }
 
 // queueDir is the Badger directory inside the data dir.
@@ -160,8 +163,14 @@ func (s *Server) HTTPAddr() string {
 }
 
 // Close stops accepting connections, disconnects clients, lets the
-// committer finish what was accepted, and closes the queue.
+// committer finish what was accepted, and closes the queue. Calls after
+// the first return the first's result.
 func (s *Server) Close(ctx context.Context) error {
+	s.closed.Do(func() { s.closeErr = s.close(ctx) })
+	return s.closeErr
+}
+
+func (s *Server) close(ctx context.Context) error {
 	var errs []error
 	if s.http != nil {
 		if err := s.http.Shutdown(ctx); err != nil {

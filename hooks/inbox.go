@@ -49,8 +49,11 @@ type Store interface {
 	Append(r *queue.Request)
 	// TryAppend queues a request unless the committer is saturated.
 	TryAppend(r *queue.Request) bool
-	// Attach registers a connected device and returns its cursor.
-	Attach(user, device string, transient bool) (uint64, error)
+	// Attach registers a connected device and returns its cursor and
+	// whether it subscribed to its inbox before.
+	Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error)
+	// SetSubscribed records whether a device is subscribed to its inbox.
+	SetSubscribed(user, device string, subscribed bool)
 	// Detach records that a device disconnected.
 	Detach(user, device string)
 }
@@ -98,12 +101,13 @@ func (h *Inbox) ID() string { return "chatd-inbox" }
 func (h *Inbox) Provides(b byte) bool {
 	return bytes.Contains([]byte{
 		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed,
-		mqtt.OnPublish, mqtt.OnPacketRead,
+		mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPacketRead,
 	}, []byte{b})
 }
 
-// OnSessionEstablished registers the device and, when the session already
-// holds its inbox subscription, starts feeding it.
+// OnSessionEstablished registers the device and, when it subscribed to its
+// inbox on an earlier connection, starts feeding it: its subscription is
+// kept with the device, not in mochi's in-memory session.
 func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	user := string(cl.Properties.Username)
 	device, err := topic.ParseClientID(cl.ID, user)
@@ -122,15 +126,16 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if rm := int(cl.Properties.Props.ReceiveMaximum); v5 && rm > 0 && rm < s.window {
 		s.window = rm
 	}
-	if _, err := h.Queue.Attach(user, device, s.transient); err != nil {
+	cursor, subscribed, err := h.Queue.Attach(user, device, s.transient)
+	if err != nil {
 		h.Log.Error("register device", "client", cl.ID, "error", err)
 		cl.Stop(err)
 		return
 	}
 	h.sessions.Store(cl, s)
 	h.current.Store(cl.ID, s)
-	if _, ok := cl.State.Subscriptions.Get(topic.InboxOf(user)); ok {
-		h.startDelivery(cl, s)
+	if subscribed {
+		h.startDelivery(cl, s, cursor)
 	}
 }
 
@@ -143,21 +148,40 @@ func (h *Inbox) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 	inbox := topic.InboxOf(s.user)
 	for i, f := range pk.Filters {
 		if f.Filter == inbox && i < len(codes) && codes[i] < 0x80 {
-			h.startDelivery(cl, s)
+			// Attach again for the cursor: a taken-over connection may have
+			// advanced it since this session was registered.
+			cursor, _, err := h.Queue.Attach(s.user, s.device, s.transient)
+			if err != nil {
+				h.Log.Error("read device cursor", "client", cl.ID, "error", err)
+				cl.Stop(err)
+				return
+			}
+			h.Queue.SetSubscribed(s.user, s.device, true)
+			h.startDelivery(cl, s, cursor)
 			return
 		}
 	}
 }
 
-func (h *Inbox) startDelivery(cl *mqtt.Client, s *session) {
-	// Attach again for the cursor: a taken-over connection may have
-	// advanced it since this session was registered.
-	cursor, err := h.Queue.Attach(s.user, s.device, s.transient)
-	if err != nil {
-		h.Log.Error("read device cursor", "client", cl.ID, "error", err)
-		cl.Stop(err)
+// OnUnsubscribed stops feeding a device that unsubscribes from its inbox;
+// its messages wait in the queue.
+func (h *Inbox) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	s, ok := h.session(cl)
+	if !ok || s.dev == nil {
 		return
 	}
+	inbox := topic.InboxOf(s.user)
+	for _, f := range pk.Filters {
+		if f.Filter == inbox {
+			h.Delivery.Stop(s.dev)
+			s.dev = nil
+			h.Queue.SetSubscribed(s.user, s.device, false)
+			return
+		}
+	}
+}
+
+func (h *Inbox) startDelivery(cl *mqtt.Client, s *session, cursor uint64) {
 	dev, err := h.Delivery.Start(s.user, s.device, cursor, s.window, s.w)
 	if err != nil {
 		h.Log.Error("start delivery", "client", cl.ID, "error", err)
@@ -181,6 +205,15 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s.w.Close()
 	if h.current.CompareAndDelete(s.clientID, s) {
 		h.Queue.Detach(s.user, s.device)
+	}
+	if !expire && !cl.IsTakenOver() {
+		// The device's queue and subscription are kept by chatd; mochi would
+		// otherwise hold every disconnected persistent session in memory
+		// for device_ttl.
+		h.Server.UnsubscribeClient(cl)
+		if cur, ok := h.Server.Clients.Get(cl.ID); ok && cur == cl {
+			h.Server.Clients.Delete(cl.ID)
+		}
 	}
 }
 

@@ -185,9 +185,8 @@ func (s *Store) skipExpired(u *userQueue) {
 
 // deviceWrite is a device record written by a flush.
 type deviceWrite struct {
-	name   string
-	cursor uint64
-	seen   int64
+	name string
+	rec  record
 }
 
 // userFlush is what a flush wrote for one user.
@@ -237,7 +236,7 @@ func (s *Store) flush() {
 		u.mu.Lock()
 		for _, w := range f.devices {
 			if d, ok := u.devices[w.name]; ok {
-				d.saved, d.savedSeen = w.cursor, w.seen
+				d.saved = w.rec
 			}
 		}
 		if f.upTo > u.deleted {
@@ -258,8 +257,8 @@ func (s *Store) stageFlush(wb *badger.WriteBatch, u *userQueue, budget *int) (us
 	f := userFlush{u: u}
 	u.mu.Lock()
 	for name, d := range u.devices {
-		if !d.transient && (d.cursor != d.saved || d.lastSeen != d.savedSeen) {
-			f.devices = append(f.devices, deviceWrite{name, d.cursor, d.lastSeen})
+		if !d.transient && d.record != d.saved {
+			f.devices = append(f.devices, deviceWrite{name, d.record})
 		}
 	}
 	forgotten := u.forgotten
@@ -275,7 +274,7 @@ func (s *Store) stageFlush(wb *badger.WriteBatch, u *userQueue, budget *int) (us
 	u.mu.Unlock()
 
 	for _, w := range f.devices {
-		if err := wb.Set(deviceKey(u.name, w.name), encodeDevice(w.cursor, w.seen)); err != nil {
+		if err := wb.Set(deviceKey(u.name, w.name), w.rec.encode()); err != nil {
 			return f, fmt.Errorf("write cursor of %s/%s: %w", u.name, w.name, err)
 		}
 	}

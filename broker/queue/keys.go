@@ -6,7 +6,7 @@ import "encoding/binary"
 // prefix never matches another user's keys.
 //
 //	m<user>\x00<seq:8 BE>  -> envelope bytes (TTL message_ttl)
-//	v<user>\x00<device>    -> device record: cursor:8 BE, last seen unix:8 BE
+//	v<user>\x00<device>    -> device record: cursor:8 BE, last seen unix:8 BE, flags:1
 //	d<sender>\x00<id>      -> empty (TTL dedup_window)
 const (
 	msgTag    = 'm'
@@ -55,16 +55,35 @@ func dedupKey(sender, id string) []byte {
 	return append(b, id...)
 }
 
-func encodeDevice(cursor uint64, lastSeen int64) []byte {
-	b := make([]byte, 16)
-	binary.BigEndian.PutUint64(b, cursor)
-	binary.BigEndian.PutUint64(b[8:], uint64(lastSeen))
+// subscribedFlag marks a device that subscribed to its inbox, so that it is
+// fed on its next connection even if it does not subscribe again (its MQTT
+// session, kept only in memory by mochi, does not survive a restart).
+const subscribedFlag = 1
+
+// record is what is persisted of one device.
+type record struct {
+	cursor     uint64
+	seen       int64
+	subscribed bool
+}
+
+func (r record) encode() []byte {
+	b := make([]byte, 17)
+	binary.BigEndian.PutUint64(b, r.cursor)
+	binary.BigEndian.PutUint64(b[8:], uint64(r.seen))
+	if r.subscribed {
+		b[16] = subscribedFlag
+	}
 	return b
 }
 
-func decodeDevice(v []byte) (cursor uint64, lastSeen int64, ok bool) {
-	if len(v) != 16 {
-		return 0, 0, false
+func decodeRecord(v []byte) (record, bool) {
+	if len(v) != 17 {
+		return record{}, false
 	}
-	return binary.BigEndian.Uint64(v), int64(binary.BigEndian.Uint64(v[8:])), true
+	return record{
+		cursor:     binary.BigEndian.Uint64(v),
+		seen:       int64(binary.BigEndian.Uint64(v[8:])),
+		subscribed: v[16]&subscribedFlag != 0,
+	}, true
 }

@@ -176,59 +176,53 @@ func (s *Store) Read(user string, after uint64, max int) ([]Message, error) {
 }
 
 // Attach registers a device of user that just connected and returns its
-// cursor: the last sequence it has acknowledged. A user's first device
-// gets everything queued; a device added while the user has others gets
-// what arrives from then on. A transient device is forgotten on Detach.
-func (s *Store) Attach(user, device string, transient bool) (uint64, error) {
+// cursor, the last sequence it has acknowledged, and whether it subscribed
+// to its inbox on an earlier connection. A user's first device gets
+// everything queued; a device added while the user has others gets what
+// arrives from then on. A transient device is forgotten on Detach.
+func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error) {
 	u, err := s.user(user)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	now := time.Now().Unix()
 	if d, ok := u.devices[device]; ok {
-		d.lastSeen = now
+		d.seen = now
 		d.transient = d.transient && transient
-		return d.cursor, nil
+		return d.cursor, d.subscribed, nil
 	}
-	cursor := u.head
+	r := record{cursor: u.head, seen: now}
 	if len(u.devices) == 0 {
-		cursor = u.tail - 1
+		r.cursor = u.tail - 1
 	}
-	d := &deviceState{cursor: cursor, lastSeen: now, transient: transient}
+	d := &deviceState{record: r, transient: transient}
 	if !transient {
 		// Persisted now, not lazily: a device that crashed before its record
 		// was written would come back as "new" and skip what it was sent.
 		err := s.db.Update(func(txn *badger.Txn) error {
-			return txn.Set(deviceKey(user, device), encodeDevice(cursor, now))
+			return txn.Set(deviceKey(user, device), r.encode())
 		})
 		if err != nil {
-			return 0, fmt.Errorf("register device %s/%s: %w", user, device, err)
+			return 0, false, fmt.Errorf("register device %s/%s: %w", user, device, err)
 		}
-		d.saved, d.savedSeen = cursor, now
+		d.saved = r
 	}
 	u.devices[device] = d
-	return cursor, nil
+	return r.cursor, false, nil
+}
+
+// SetSubscribed records whether a device of user is subscribed to its
+// inbox; it is persisted within AckFlushInterval.
+func (s *Store) SetSubscribed(user, device string, subscribed bool) {
+	s.updateDevice(user, device, func(d *deviceState) { d.subscribed = subscribed })
 }
 
 // Ack records that device of user has acknowledged every message up to and
 // including cursor. It is persisted within AckFlushInterval.
 func (s *Store) Ack(user, device string, cursor uint64) {
-	u, err := s.user(user)
-	if err != nil {
-		s.log.Error("ack", "user", user, "error", err)
-		return
-	}
-	u.mu.Lock()
-	d, ok := u.devices[device]
-	if ok && cursor > d.cursor {
-		d.cursor = cursor
-	}
-	u.mu.Unlock()
-	if ok {
-		s.markDirty(u)
-	}
+	s.updateDevice(user, device, func(d *deviceState) { d.cursor = max(d.cursor, cursor) })
 }
 
 // Detach records that device of user disconnected; a transient device is forgotten.
@@ -243,11 +237,29 @@ func (s *Store) Detach(user, device string) {
 		if d.transient {
 			delete(u.devices, device)
 		} else {
-			d.lastSeen = time.Now().Unix()
+			d.seen = time.Now().Unix()
 		}
 	}
 	u.mu.Unlock()
 	s.markDirty(u)
+}
+
+// updateDevice changes a known device's record and schedules its flush.
+func (s *Store) updateDevice(user, device string, change func(*deviceState)) {
+	u, err := s.user(user)
+	if err != nil {
+		s.log.Error("update device", "user", user, "device", device, "error", err)
+		return
+	}
+	u.mu.Lock()
+	d, ok := u.devices[device]
+	if ok {
+		change(d)
+	}
+	u.mu.Unlock()
+	if ok {
+		s.markDirty(u)
+	}
 }
 
 // Depth returns how many messages of user are stored and not yet deleted.

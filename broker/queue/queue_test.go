@@ -193,7 +193,7 @@ func TestDedupInOneBatch(t *testing.T) {
 
 func TestCap(t *testing.T) {
 	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 3 })
-	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
@@ -214,7 +214,7 @@ func TestCap(t *testing.T) {
 func TestDeletedOnlyWhenEveryDeviceAcked(t *testing.T) {
 	h := newHarness(t, nil)
 	for _, d := range []string{"phone", "laptop"} {
-		if c, err := h.s.Attach("bob", d, false); err != nil || c != 0 {
+		if c, _, err := h.s.Attach("bob", d, false); err != nil || c != 0 {
 			t.Fatalf("attach %s: cursor %d, %v", d, c, err)
 		}
 	}
@@ -233,20 +233,20 @@ func TestDeletedOnlyWhenEveryDeviceAcked(t *testing.T) {
 func TestFirstDeviceGetsBacklogLaterDevicesDoNot(t *testing.T) {
 	h := newHarness(t, nil)
 	h.append("bob", "alice", "1", "queued")
-	if c, _ := h.s.Attach("bob", "phone", false); c != 0 {
+	if c, _, _ := h.s.Attach("bob", "phone", false); c != 0 {
 		t.Fatalf("first device cursor %d, want 0 (gets everything)", c)
 	}
-	if c, _ := h.s.Attach("bob", "laptop", false); c != 1 {
+	if c, _, _ := h.s.Attach("bob", "laptop", false); c != 1 {
 		t.Fatalf("second device cursor %d, want 1 (from now on)", c)
 	}
 }
 
 func TestTransientDeviceIsForgotten(t *testing.T) {
 	h := newHarness(t, nil)
-	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h.s.Attach("bob", "web", true); err != nil {
+	if _, _, err := h.s.Attach("bob", "web", true); err != nil {
 		t.Fatal(err)
 	}
 	h.append("bob", "alice", "1", "x")
@@ -258,19 +258,20 @@ func TestTransientDeviceIsForgotten(t *testing.T) {
 
 func TestRestartKeepsMessagesCursorsAndSequences(t *testing.T) {
 	h := newHarness(t, nil)
-	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 5 {
 		h.append("bob", "alice", fmt.Sprint(i), fmt.Sprint(i))
 	}
 	h.s.Ack("bob", "phone", 5)
+	h.s.SetSubscribed("bob", "phone", true)
 	h.flushed("bob", 0)
 	h.append("bob", "alice", "5", "5")
 	h.reopen(nil)
 
-	if c, err := h.s.Attach("bob", "phone", false); err != nil || c != 5 {
-		t.Fatalf("cursor after restart %d, %v; want 5", c, err)
+	if c, sub, err := h.s.Attach("bob", "phone", false); err != nil || c != 5 || !sub {
+		t.Fatalf("after restart cursor %d, subscribed %v, %v; want 5, true", c, sub, err)
 	}
 	eq(t, "after restart", h.read("bob", 5), []string{"6=5"})
 	// Sequences continue: an emptied queue never reuses an acknowledged one.
@@ -294,7 +295,7 @@ func TestMessageTTL(t *testing.T) {
 
 func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
 	h := newHarness(t, nil)
-	if _, err := h.s.Attach("bob", "old-phone", false); err != nil {
+	if _, _, err := h.s.Attach("bob", "old-phone", false); err != nil {
 		t.Fatal(err)
 	}
 	h.s.Detach("bob", "old-phone")
@@ -302,7 +303,7 @@ func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
 	h.reopen(func(q *config.Queue) { q.DeviceTTL = time.Nanosecond })
 	time.Sleep(1100 * time.Millisecond) // last-seen times have one-second resolution
 	// The forgotten device no longer counts: a new device is the first again.
-	if c, _ := h.s.Attach("bob", "new-phone", false); c != 0 {
+	if c, _, _ := h.s.Attach("bob", "new-phone", false); c != 0 {
 		t.Fatalf("new device cursor %d, want 0", c)
 	}
 }
@@ -337,7 +338,7 @@ func BenchmarkAppendAck(b *testing.B) {
 			defer s.Close()
 			const users = 200
 			for u := range users {
-				if _, err := s.Attach(fmt.Sprint("u", u), "", false); err != nil {
+				if _, _, err := s.Attach(fmt.Sprint("u", u), "", false); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -397,7 +398,7 @@ func diskUsage(t *testing.T, dir string) int64 {
 func TestDrainingGivesDiskSpaceBack(t *testing.T) {
 	const n = 50000
 	h := newHarness(t, nil)
-	if _, err := h.s.Attach("bob", "phone", false); err != nil {
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
 	payload := make([]byte, 1000)

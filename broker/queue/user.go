@@ -22,12 +22,12 @@ type userQueue struct {
 	forgotten []string
 }
 
-// deviceState is one device's acknowledged cursor, and what of it is on disk.
+// deviceState is one device's record, and what of it is on disk.
 type deviceState struct {
-	cursor, saved       uint64
-	lastSeen, savedSeen int64
-	transient           bool
-	forget              bool
+	record
+	saved     record
+	transient bool
+	forget    bool
 }
 
 // user returns the loaded queue index of name.
@@ -80,12 +80,12 @@ func (s *Store) load(name string) (*userQueue, error) {
 			if err != nil {
 				return fmt.Errorf("read device %s: %w", device, err)
 			}
-			cursor, seen, ok := decodeDevice(v)
+			r, ok := decodeRecord(v)
 			if !ok {
 				return fmt.Errorf("device record %s/%s is corrupt (%d bytes)", name, device, len(v))
 			}
-			d := &deviceState{cursor: cursor, saved: cursor, lastSeen: seen, savedSeen: seen}
-			if seen < expired {
+			d := &deviceState{record: r, saved: r}
+			if r.seen < expired {
 				d.forget = true
 			}
 			u.devices[device] = d
