@@ -10,6 +10,7 @@ run:
 ## test: vet and run every test (real broker, real clients, real Badger, a real killed process)
 test: test-deps vet
 	$(GO) test -race -timeout 9m ./...
+	$(GO) test -timeout 5m -run 'SIGKILL' ./broker/
 
 ## build: build chatd and loadtest into ./bin
 build:

@@ -23,15 +23,7 @@ type manualPhone struct {
 func dialManual(t *testing.T, s *Server, clientID, user string) *manualPhone {
 	t.Helper()
 	p := &manualPhone{signal: make(chan struct{}, 1)}
-	opts := paho.NewClientOptions().AddBroker("tcp://" + s.MQTTAddr()).
-		SetClientID(clientID).SetUsername(user).SetPassword(mint(t, user)).
-		SetCleanSession(false).SetAutoReconnect(false).SetAutoAckDisabled(true).SetOrderMatters(true)
-	c := paho.NewClient(opts)
-	if tk := c.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
-		t.Fatalf("connect %s: %v", clientID, tk.Error())
-	}
-	t.Cleanup(func() { c.Disconnect(50) })
-	tk := c.Subscribe("inbox/"+user, 1, func(_ paho.Client, m paho.Message) {
+	handle := func(_ paho.Client, m paho.Message) {
 		p.mu.Lock()
 		p.msgs = append(p.msgs, m)
 		p.mu.Unlock()
@@ -39,7 +31,17 @@ func dialManual(t *testing.T, s *Server, clientID, user string) *manualPhone {
 		case p.signal <- struct{}{}:
 		default:
 		}
-	})
+	}
+	opts := paho.NewClientOptions().AddBroker("tcp://" + s.MQTTAddr()).
+		SetClientID(clientID).SetUsername(user).SetPassword(mint(t, user)).
+		SetCleanSession(false).SetAutoReconnect(false).SetAutoAckDisabled(true).SetOrderMatters(true).
+		SetDefaultPublishHandler(handle)
+	c := paho.NewClient(opts)
+	if tk := c.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		t.Fatalf("connect %s: %v", clientID, tk.Error())
+	}
+	t.Cleanup(func() { c.Disconnect(50) })
+	tk := c.Subscribe("inbox/"+user, 1, handle)
 	if !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
 		t.Fatalf("subscribe %s: %v", clientID, tk.Error())
 	}
@@ -261,17 +263,8 @@ func TestSubscriptionSurvivesRestart(t *testing.T) {
 	alice.send("bob", "after-restart", "")
 	// bob does not subscribe again: its device subscribed before the restart.
 	bob = mustDial(t, s, "bob", phoneOpt{noSub: true})
-	got := make(chan string, 1)
-	bob.client.AddRoute("inbox/bob", func(_ paho.Client, m paho.Message) {
-		got <- innerID(t, decodeEnvelope(t, m.Payload()))
-	})
-	select {
-	case id := <-got:
-		if id != "after-restart" {
-			t.Fatalf("got %s", id)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("a device that subscribed before the restart was not fed")
+	if id := innerID(t, bob.waitFor(1)[0]); id != "after-restart" {
+		t.Fatalf("got %s", id)
 	}
 }
 

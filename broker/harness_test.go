@@ -114,6 +114,10 @@ func dial(t testing.TB, s *Server, user string, o phoneOpt) (*phone, error) {
 	if o.manualAck {
 		opts.SetAutoAckDisabled(true)
 	}
+	// A device that subscribed on an earlier connection is fed as soon as
+	// it connects, before it subscribes again: like any client of a
+	// persistent session, it needs a handler from the start.
+	opts.SetDefaultPublishHandler(p.handle)
 	c := paho.NewClient(opts)
 	tk := c.Connect()
 	if !tk.WaitTimeout(10 * time.Second) {

@@ -145,6 +145,8 @@ func TestAppendAssignsSequencesPerUser(t *testing.T) {
 	eq(t, "bob", h.read("bob", 0), []string{"1=a", "2=c"})
 	eq(t, "carol", h.read("carol", 0), []string{"1=b"})
 	eq(t, "after 1", h.read("bob", 1), []string{"2=c"})
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	eq(t, "stored callbacks", h.stored, []string{"bob:1", "carol:1", "bob:2"})
 }
 
