@@ -143,7 +143,7 @@ func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
 		kills = 3
 	)
 	srv := newServerProcess(t)
-	rcv := &receiver{first: map[string]int{}, dups: map[string]int{}}
+	rcv := &receiver{conn: 1, first: map[string]int{}, dups: map[string]int{}}
 	onMsg := func(_ paho.Client, m paho.Message) {
 		id := innerID(t, decodeEnvelope(t, m.Payload()))
 		rcv.mu.Lock()
@@ -155,17 +155,19 @@ func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
 		rcv.first[id] = rcv.conn
 		rcv.n++
 	}
-	bobOpts := paho.NewClientOptions().AddBroker("tcp://"+srv.addr).
+	bobOpts := paho.NewClientOptions().AddBroker("tcp://" + srv.addr).
 		SetClientID("bob").SetUsername("bob").SetPassword(mint(t, "bob")).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(100 * time.Millisecond).
 		SetConnectRetry(true).SetConnectRetryInterval(100 * time.Millisecond).SetOrderMatters(true).
 		SetDefaultPublishHandler(onMsg)
-	bobOpts.SetOnConnectHandler(func(c paho.Client) {
+	// Counted when the connection is lost, so a message redelivered on the
+	// next connection, even before its OnConnect, is seen as such.
+	bobOpts.SetConnectionLostHandler(func(paho.Client, error) {
 		rcv.mu.Lock()
 		rcv.conn++
 		rcv.mu.Unlock()
-		c.Subscribe("inbox/bob", 1, onMsg)
 	})
+	bobOpts.SetOnConnectHandler(func(c paho.Client) { c.Subscribe("inbox/bob", 1, onMsg) })
 	bob := paho.NewClient(bobOpts)
 	bob.Connect().Wait()
 	defer bob.Disconnect(100)
