@@ -96,7 +96,7 @@ func Parse(name string) (Kind, string) {
 	return Unknown, ""
 }
 
-// Inbox returns the inbox topic of user.
+// InboxOf returns the inbox topic of user.
 func InboxOf(user string) string { return InboxPrefix + user }
 
 // MaySubscribe reports whether user may subscribe to filter: its own inbox,
