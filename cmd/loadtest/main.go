@@ -1,0 +1,221 @@
+// Command loadtest drives a chatd server, or any MQTT broker with --plain,
+// with many simulated phones over real MQTT connections and reports what
+// their users would feel: throughput, latency, and whether every
+// acknowledged message arrived.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
+
+	"github.com/chatd/chatd/loadtest"
+)
+
+// exitError carries the exit status a run calls for through cobra.
+type exitError struct{ code int }
+
+// Error describes the exit status.
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+func main() {
+	// toxiproxy's bandwidth toxic logs through zerolog's global logger at
+	// trace level on every change of the flaky scenario's faults.
+	zerolog.SetGlobalLevel(zerolog.InfoLevel)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := newRootCmd(os.Stdout, os.Stderr).ExecuteContext(ctx)
+	stop()
+	var ee exitError
+	switch {
+	case errors.As(err, &ee):
+		os.Exit(ee.code)
+	case err != nil:
+		fmt.Fprintln(os.Stderr, "loadtest:", err)
+		os.Exit(2)
+	}
+}
+
+func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "loadtest",
+		Short:         "Drive a chat server with simulated phones and report what users feel",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(newRunCmd(stdout, stderr), newScenariosCmd(stdout), newCompareCmd(stdout))
+	return root
+}
+
+func newScenariosCmd(stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "scenarios",
+		Short: "List the scenarios",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			for _, s := range loadtest.Scenarios {
+				if _, err := fmt.Fprintf(stdout, "%-8s %s\n", s.Name, s.Doc); err != nil {
+					return fmt.Errorf("list scenarios: %w", err)
+				}
+			}
+			return nil
+		},
+	}
+}
+
+func newCompareCmd(stdout io.Writer) *cobra.Command {
+	ours, theirs := "ours", "theirs"
+	cmd := &cobra.Command{
+		Use:   "compare OURS.json THEIRS.json [OURS.json THEIRS.json]...",
+		Short: "Print a Markdown table comparing pairs of JSON reports of the same scenarios",
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) == 0 || len(args)%2 != 0 {
+				return errors.New("want pairs of reports: OURS.json THEIRS.json")
+			}
+			return nil
+		},
+		RunE: func(_ *cobra.Command, args []string) error {
+			var pairs [][2]*loadtest.Report
+			for i := 0; i < len(args); i += 2 {
+				a, err := loadtest.ReadReport(args[i])
+				if err != nil {
+					return err
+				}
+				b, err := loadtest.ReadReport(args[i+1])
+				if err != nil {
+					return err
+				}
+				pairs = append(pairs, [2]*loadtest.Report{a, b})
+			}
+			return loadtest.WriteComparison(stdout, ours, theirs, pairs)
+		},
+	}
+	cmd.Flags().StringVar(&ours, "ours", ours, "column name of the first report of each pair")
+	cmd.Flags().StringVar(&theirs, "theirs", theirs, "column name of the second report of each pair")
+	return cmd
+}
+
+func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
+	cfg := loadtest.DefaultConfig()
+	var (
+		secret, jsonPath, htmlPath string
+		quiet                      bool
+	)
+	names := make([]string, len(loadtest.Scenarios))
+	for i, s := range loadtest.Scenarios {
+		names[i] = s.Name
+	}
+	cmd := &cobra.Command{
+		Use:   "run SCENARIO",
+		Short: "Run one scenario (" + strings.Join(names, ", ") + ")",
+		Long: `Run one scenario against a broker and report sent, PUBACKed, delivered,
+duplicates, lost and out-of-order messages, throughput and latency
+percentiles. Every run stops by itself. The exit status is 0 when the run
+passed, 1 when messages were lost, misrouted or reordered, 2 on any other
+error.`,
+		Example: `  loadtest run chat --users 200 --duration 20s
+  loadtest run drain --messages 100000
+  loadtest run connect --users 10000 --connect-rate 1000 --server-pid $(pgrep -n chatd)
+  loadtest run flaky --users 50 --cut-every 2s
+  loadtest run crash --server-cmd "bin/chatd serve --data-dir /tmp/d --listen 127.0.0.1:1883" --kill-every 5s
+  loadtest run chat --plain --broker tcp://127.0.0.1:1884`,
+		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
+		ValidArgs: names,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg.Scenario = args[0]
+			if !cmd.Flags().Changed("secret") {
+				secret = os.Getenv("CHATD_AUTH_SECRET")
+			}
+			cfg.Secret = []byte(secret)
+			var progress loadtest.Progress
+			if !quiet {
+				// The bar tracks the sending phase; the grace period,
+				// usually short, keeps it just short of full.
+				expected := cfg.Duration
+				if cfg.Scenario == loadtest.ScenarioConnect {
+					expected += cfg.Hold
+				}
+				progress = loadtest.NewProgress(stderr, isTerminal(stderr), expected)
+			}
+			rep, err := loadtest.Run(cmd.Context(), cfg, progress)
+			if rep == nil {
+				return err
+			}
+			if werr := rep.WriteTable(stdout); werr != nil {
+				return werr
+			}
+			if jsonPath != "" {
+				if werr := rep.WriteJSON(jsonPath); werr != nil {
+					return werr
+				}
+			}
+			if htmlPath != "" {
+				if werr := rep.WriteHTML(htmlPath); werr != nil {
+					return werr
+				}
+			}
+			if err != nil {
+				fmt.Fprintln(stderr, "loadtest:", err)
+				return exitError{2}
+			}
+			if code := rep.ExitCode(); code != 0 {
+				return exitError{code}
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Broker, "broker", cfg.Broker, "broker URL: tcp://, ws:// or tls://host:port")
+	f.StringVar(&secret, "secret", "", "HS256 token secret (default $CHATD_AUTH_SECRET)")
+	f.BoolVar(&cfg.Plain, "plain", false, "any MQTT broker: no tokens, raw payloads, no envelope")
+	f.StringVar(&cfg.Topic, "topic", cfg.Topic, "inbox topic template, %s is the user ID")
+	f.StringVar(&cfg.UserPrefix, "user-prefix", cfg.UserPrefix, "prefix of the simulated user IDs")
+	f.IntVar(&cfg.Users, "users", cfg.Users, "simulated users (chat, flaky, crash, connect)")
+	f.DurationVar(&cfg.Duration, "duration", cfg.Duration, "sending time; bounds the drain scenario and the connect ramp")
+	f.DurationVar(&cfg.Grace, "grace", cfg.Grace, "time allowed at the end for messages still on their way")
+	f.IntVar(&cfg.Size, "size", cfg.Size, "message object size in bytes")
+	f.Float64Var(&cfg.Rate, "rate", cfg.Rate, "total messages per second, 0 = as fast as flow control allows")
+	f.IntVar(&cfg.Inflight, "inflight", cfg.Inflight, "unacknowledged publishes per sender")
+	f.DurationVar(&cfg.Keepalive, "keepalive", cfg.Keepalive, "MQTT keepalive")
+	f.DurationVar(&cfg.ConnectTimeout, "connect-timeout", cfg.ConnectTimeout, "timeout of one connection attempt")
+	f.IntVar(&cfg.Messages, "messages", cfg.Messages, "drain: messages queued for the offline user")
+	f.IntVar(&cfg.Senders, "senders", cfg.Senders, "drain: users queueing them")
+	f.Float64Var(&cfg.ConnectRate, "connect-rate", cfg.ConnectRate, "connect: connections per second, 0 = as fast as possible")
+	f.DurationVar(&cfg.Hold, "hold", cfg.Hold, "connect: how long to hold the connections")
+	f.IntVar(&cfg.SourceIPs, "source-ips", 0, "spread connections over 127.0.0.1..N (0 = one per 20000 connections)")
+	f.IntVar(&cfg.ServerPID, "server-pid", 0, "PID of the server on this machine, to measure its CPU and memory")
+	f.StringVar(&cfg.ServerCmd, "server-cmd", "", "command that starts the server (split on spaces); the run starts, measures and stops it")
+	f.StringVar(&cfg.ServerLog, "server-log", "", "file that receives the output of --server-cmd")
+	f.DurationVar(&cfg.KillEvery, "kill-every", cfg.KillEvery, "crash: interval between SIGKILLs")
+	f.DurationVar(&cfg.Latency, "latency", cfg.Latency, "flaky: added latency per direction")
+	f.DurationVar(&cfg.Jitter, "jitter", cfg.Jitter, "flaky: latency jitter")
+	f.IntVar(&cfg.Bandwidth, "bandwidth", cfg.Bandwidth, "flaky: KB/s per connection and direction, 0 = unlimited")
+	f.DurationVar(&cfg.CutEvery, "cut-every", cfg.CutEvery, "flaky: interval between connection cuts, 0 = no cuts")
+	f.DurationVar(&cfg.CutFor, "cut-for", cfg.CutFor, "flaky: length of a cut")
+	f.StringSliceVar(&cfg.Cuts, "cuts", cfg.Cuts, "flaky: kinds of cut: down (proxy off), reset (TCP RST), stall (data stops, then close)")
+	f.Int64Var(&cfg.Seed, "seed", 0, "random seed for recipients and cuts, 0 = random")
+	f.StringVar(&jsonPath, "json", "", "write the report as JSON to this file")
+	f.StringVar(&htmlPath, "html", "", "write a self-contained HTML report to this file")
+	f.BoolVarP(&quiet, "quiet", "q", false, "no live progress on stderr")
+	return cmd
+}
+
+// isTerminal reports whether w is a character device, where a redrawn
+// progress bar makes sense; logs and pipes get plain lines.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestCommands(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		wantOut string
+		wantErr string
+	}{
+		{"scenarios", []string{"scenarios"}, "crash", ""},
+		{"unknown scenario", []string{"run", "gossip"}, "", "invalid argument"},
+		{"no scenario", []string{"run"}, "", "accepts 1 arg"},
+		{"bad flag value", []string{"run", "chat", "--users", "1", "--plain"}, "", "--users"},
+		{"compare needs pairs", []string{"compare", "a.json"}, "", "pairs"},
+		{"compare missing file", []string{"compare", "nope-a.json", "nope-b.json"}, "", "read report"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			cmd := newRootCmd(&stdout, &stderr)
+			cmd.SetArgs(tt.args)
+			err := cmd.ExecuteContext(context.Background())
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("unexpected error: %v", err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Fatalf("err = %v, want one mentioning %q", err, tt.wantErr)
+			}
+			if !strings.Contains(stdout.String(), tt.wantOut) {
+				t.Errorf("stdout %q lacks %q", stdout.String(), tt.wantOut)
+			}
+			var ee exitError
+			if errors.As(err, &ee) {
+				t.Errorf("a usage error came back as exit status %d", ee.code)
+			}
+		})
+	}
+}

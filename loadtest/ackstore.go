@@ -1,0 +1,108 @@
+package loadtest
+
+import (
+	"bytes"
+	"strings"
+	"sync"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
+)
+
+// outboundPrefix is how paho names the store keys of outbound packets.
+const outboundPrefix = "o."
+
+// ackStore is a paho Store that reports each outbound publish of this run
+// when the broker's PUBACK removes it from the store.
+//
+// Publish tokens cannot tell that: when paho resends a stored publish after
+// a reconnect it completes the original token without error before any
+// PUBACK has arrived. The store, on the other hand, keeps a publish until
+// its PUBACK is read, and paho resends it from there, so the moment of
+// deletion is the moment of acknowledgement, whichever connection carried it.
+type ackStore struct {
+	mqtt.Store
+	tag   string
+	onAck func(seq uint64)
+
+	mu   sync.Mutex
+	keys map[string]uint64   // store key -> sequence number
+	seqs map[uint64]struct{} // sequence numbers held
+}
+
+func newAckStore(tag string, onAck func(seq uint64)) *ackStore {
+	return &ackStore{
+		Store: mqtt.NewOrderedMemoryStore(), // resends in the original order
+		tag:   tag,
+		onAck: onAck,
+		keys:  make(map[string]uint64),
+		seqs:  make(map[uint64]struct{}),
+	}
+}
+
+// Put stores a packet and remembers which message an outbound publish carries.
+func (s *ackStore) Put(key string, m packets.ControlPacket) {
+	if p, ok := m.(*packets.PublishPacket); ok && strings.HasPrefix(key, outboundPrefix) {
+		if seq, ok := parseID(leadingID(p.Payload), s.tag); ok {
+			s.mu.Lock()
+			s.keys[key] = seq
+			s.seqs[seq] = struct{}{}
+			s.mu.Unlock()
+		}
+	}
+	s.Store.Put(key, m)
+}
+
+// Del removes a packet; for an outbound publish of this run that is its PUBACK.
+func (s *ackStore) Del(key string) {
+	s.mu.Lock()
+	seq, ok := s.keys[key]
+	if ok {
+		delete(s.keys, key)
+		delete(s.seqs, seq)
+	}
+	s.mu.Unlock()
+	s.Store.Del(key)
+	if ok {
+		s.onAck(seq)
+	}
+}
+
+// Reset empties the store, as paho does for a clean session.
+func (s *ackStore) Reset() {
+	s.mu.Lock()
+	clear(s.keys)
+	clear(s.seqs)
+	s.mu.Unlock()
+	s.Store.Reset()
+}
+
+// holds reports whether message seq waits in the store for its PUBACK, so
+// that paho will (re)send it.
+func (s *ackStore) holds(seq uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.seqs[seq]
+	return ok
+}
+
+// pending returns how many publishes wait for their PUBACK.
+func (s *ackStore) pending() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.keys)
+}
+
+// leadingID returns the id of a payload written by appendMessage, whose
+// first member is always "id", without scanning the padding.
+func leadingID(payload []byte) []byte {
+	rest, ok := bytes.CutPrefix(payload, []byte(`{"id":"`))
+	if !ok {
+		return nil
+	}
+	end := bytes.IndexByte(rest, '"')
+	if end < 0 {
+		return nil
+	}
+	return rest[:end]
+}

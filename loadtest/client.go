@@ -1,0 +1,255 @@
+package loadtest
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/chatd/chatd/broker/token"
+)
+
+// client is one simulated phone: a paho client with a persistent session,
+// subscribed to its own inbox, that may also send.
+type client struct {
+	r    *run
+	idx  int
+	user string
+	mc   mqtt.Client
+
+	store *ackStore
+	// slots is the send window: a send takes a slot, its PUBACK frees it.
+	slots chan struct{}
+	// resync is set while paho reconnects; sending waits until the resent
+	// publishes are acknowledged, because paho resends them concurrently with
+	// new publishes and would reorder a pair's messages.
+	resync atomic.Bool
+
+	readyOnce sync.Once
+	ready     chan struct{}
+	// connectedAt is when the first CONNACK arrived, Unix nanoseconds.
+	connectedAt atomic.Int64
+}
+
+// newClient builds the client of user index idx; it does not connect.
+func (r *run) newClient(idx int) (*client, error) {
+	c := &client{
+		r:     r,
+		idx:   idx,
+		user:  r.users[idx],
+		slots: make(chan struct{}, r.cfg.Inflight),
+		ready: make(chan struct{}),
+	}
+	c.store = newAckStore(r.tag, c.onAck)
+	opts, err := r.clientOptions(c)
+	if err != nil {
+		return nil, err
+	}
+	c.mc = mqtt.NewClient(opts)
+	return c, nil
+}
+
+func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
+	o := mqtt.NewClientOptions().
+		AddBroker(r.brokerURL).
+		SetClientID(c.user).
+		SetProtocolVersion(4).
+		SetCleanSession(false).
+		SetAutoReconnect(true).
+		SetMaxReconnectInterval(2 * time.Second).
+		SetConnectTimeout(r.cfg.ConnectTimeout).
+		SetKeepAlive(r.cfg.Keepalive).
+		SetPingTimeout(r.cfg.Keepalive).
+		SetResumeSubs(false).
+		SetStore(c.store).
+		SetDefaultPublishHandler(c.onMessage).
+		SetOnConnectHandler(c.onConnect).
+		SetConnectionLostHandler(c.onConnectionLost).
+		SetReconnectingHandler(c.onReconnecting)
+	if !r.cfg.Plain {
+		tok, err := token.Mint(r.cfg.Secret, c.user, r.cfg.Duration+r.cfg.Grace+r.cfg.Hold+time.Hour)
+		if err != nil {
+			return nil, fmt.Errorf("token for %s: %w", c.user, err)
+		}
+		o.SetUsername(c.user).SetPassword(tok)
+	}
+	dialer := &net.Dialer{Timeout: r.cfg.ConnectTimeout, LocalAddr: r.localAddr(c.idx)}
+	o.SetDialer(dialer)
+	if u, err := url.Parse(r.brokerURL); err == nil && (u.Scheme == "tcp" || u.Scheme == "mqtt") {
+		// Dial directly: paho's own TCP dial honours proxy environment
+		// variables, and load must only ever reach the broker named.
+		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
+			return dialer.Dial("tcp", uri.Host)
+		})
+	}
+	return o, nil
+}
+
+// localAddr spreads connections over several loopback source addresses
+// when the broker is on loopback, so that a large connect run does not run
+// out of ephemeral ports on one address.
+func (r *run) localAddr(idx int) net.Addr {
+	if r.sourceIPs <= 1 {
+		return nil
+	}
+	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+idx%r.sourceIPs))}
+}
+
+// connect opens the session and waits until the inbox subscription is
+// acknowledged; it returns the CONNECT->CONNACK and CONNECT->SUBACK times.
+func (c *client) connect(ctx context.Context) (connack, suback time.Duration, err error) {
+	start := time.Now()
+	tok := c.mc.Connect()
+	select {
+	case <-tok.Done():
+	case <-ctx.Done():
+		return 0, 0, fmt.Errorf("connect %s: %w", c.user, ctx.Err())
+	}
+	if err := tok.Error(); err != nil {
+		return 0, 0, fmt.Errorf("connect %s: %w", c.user, err)
+	}
+	connack = time.Since(start)
+	timer := time.NewTimer(c.r.cfg.ConnectTimeout)
+	defer timer.Stop()
+	select {
+	case <-c.ready:
+	case <-timer.C:
+		return connack, 0, fmt.Errorf("subscribe %s: no SUBACK within %s", c.user, c.r.cfg.ConnectTimeout)
+	case <-ctx.Done():
+		return connack, 0, fmt.Errorf("subscribe %s: %w", c.user, ctx.Err())
+	}
+	return connack, time.Since(start), nil
+}
+
+// disconnect closes the session, leaving it on the broker.
+func (c *client) disconnect() {
+	if c.mc.IsConnectionOpen() {
+		c.r.conns.connected.Add(-1)
+	}
+	c.mc.Disconnect(100)
+}
+
+func (c *client) onConnect(mc mqtt.Client) {
+	c.r.conns.connected.Add(1)
+	if !c.connectedAt.CompareAndSwap(0, time.Now().UnixNano()) {
+		c.r.conns.reconnects.Add(1)
+	}
+	// Subscribe on every connection: a broker that lost the session (a
+	// crash without persistence) would otherwise never deliver again.
+	topic := c.r.topics[c.idx]
+	tok := mc.Subscribe(topic, 1, nil)
+	if !tok.WaitTimeout(c.r.cfg.ConnectTimeout) {
+		c.r.errs.add(fmt.Errorf("subscribe %s: no SUBACK within %s", c.user, c.r.cfg.ConnectTimeout))
+		return
+	}
+	if err := tok.Error(); err != nil {
+		c.r.errs.add(fmt.Errorf("subscribe %s: %w", c.user, err))
+		return
+	}
+	if st, ok := tok.(*mqtt.SubscribeToken); ok && st.Result()[topic] >= 0x80 {
+		c.r.errs.add(fmt.Errorf("subscribe %s: refused by the broker", c.user))
+		return
+	}
+	c.readyOnce.Do(func() { close(c.ready) })
+}
+
+func (c *client) onConnectionLost(_ mqtt.Client, err error) {
+	c.r.conns.connected.Add(-1)
+	c.r.conns.lost.Add(1)
+	c.r.conns.noteLoss(fmt.Errorf("%s: %w", c.user, err))
+}
+
+func (c *client) onReconnecting(mqtt.Client, *mqtt.ClientOptions) {
+	c.resync.Store(true)
+}
+
+func (c *client) onMessage(_ mqtt.Client, m mqtt.Message) {
+	c.r.ledger.Deliver(c.idx, m.Payload(), time.Now().UnixNano())
+}
+
+func (c *client) onAck(seq uint64) {
+	c.r.ledger.Acked(seq, time.Now().UnixNano())
+	c.release()
+}
+
+// send publishes one message to user index to with pair sequence number n,
+// after waiting for room in the send window.
+func (c *client) send(ctx context.Context, to int, n uint64) error {
+	if err := c.acquire(ctx); err != nil {
+		return err
+	}
+	now := time.Now().UnixNano()
+	seq, err := c.r.ledger.NewMessage(c.idx, to, now)
+	if err != nil {
+		c.release()
+		return err
+	}
+	// paho keeps the payload until the PUBACK, so each message needs its own.
+	payload := appendMessage(make([]byte, 0, c.r.cfg.Size+8), message{Tag: c.r.tag, Seq: seq, SentAt: now, Sender: c.user, N: n}, c.r.cfg.Size)
+	tok := c.mc.Publish(c.r.topics[to], 1, false, payload)
+	// Every failure paho reports is decided inside Publish; one that left the
+	// message in the store (a write timeout) is resent on reconnection.
+	select {
+	case <-tok.Done():
+		if err := tok.Error(); err != nil && !c.store.holds(seq) {
+			c.r.ledger.SendFailed(seq)
+			c.release()
+			return fmt.Errorf("publish %s->%s: %w", c.user, c.r.users[to], err)
+		}
+	default:
+	}
+	return nil
+}
+
+// acquire takes a slot of the send window once no resend is under way.
+func (c *client) acquire(ctx context.Context) error {
+	for {
+		if err := c.waitResync(ctx); err != nil {
+			return err
+		}
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		// The window may have opened because a reconnection's resends are
+		// being acknowledged: then wait for all of them first.
+		if !c.resync.Load() {
+			return nil
+		}
+		c.release()
+	}
+}
+
+func (c *client) release() {
+	select {
+	case <-c.slots:
+	default:
+	}
+}
+
+// waitResync holds sending after a reconnection until paho has resent and
+// the broker acknowledged every stored publish.
+func (c *client) waitResync(ctx context.Context) error {
+	if !c.resync.Load() {
+		return nil
+	}
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if c.mc.IsConnectionOpen() && c.store.pending() == 0 {
+			c.resync.Store(false)
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

@@ -1,0 +1,224 @@
+package loadtest
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Scenario names accepted by Run.
+const (
+	ScenarioChat    = "chat"
+	ScenarioDrain   = "drain"
+	ScenarioConnect = "connect"
+	ScenarioFlaky   = "flaky"
+	ScenarioCrash   = "crash"
+)
+
+// Scenarios lists every scenario with a one-line description.
+var Scenarios = []struct{ Name, Doc string }{
+	{ScenarioChat, "N users send to random other users at --rate; every message must arrive once, in order"},
+	{ScenarioDrain, "--messages queued for one offline user by --senders senders, then it connects and drains"},
+	{ScenarioConnect, "ramp N idle persistent connections at --connect-rate, hold them, measure connect latency and server memory"},
+	{ScenarioFlaky, "chat through a toxiproxy with latency, jitter, bandwidth limit and connection cuts"},
+	{ScenarioCrash, "chat while the server started with --server-cmd is SIGKILLed and restarted every --kill-every"},
+}
+
+// Config describes one load-test run. The zero value is not usable: start
+// from DefaultConfig.
+type Config struct {
+	// Scenario is one of the Scenario* names.
+	Scenario string
+	// Broker is the MQTT URL to drive: tcp://, ws:// or tls://.
+	Broker string
+	// Secret signs the access tokens (ignored in Plain mode).
+	Secret []byte
+	// Plain drives any MQTT broker: no tokens, raw payloads, no envelope.
+	Plain bool
+	// Topic is the inbox topic template; %s is replaced by the user ID.
+	Topic string
+	// UserPrefix starts every simulated user ID.
+	UserPrefix string
+	// Users is the number of simulated users (chat, flaky, crash, connect).
+	Users int
+	// Duration bounds the sending phase (and the whole drain and connect scenarios).
+	Duration time.Duration
+	// Grace is how long to wait at the end for deliveries still on their way.
+	Grace time.Duration
+	// Size is the message object size in bytes.
+	Size int
+	// Rate is the total send rate in messages per second; 0 sends as fast as flow control allows.
+	Rate float64
+	// Inflight caps each sender's unacknowledged publishes.
+	Inflight int
+	// Keepalive is the MQTT keepalive the clients ask for.
+	Keepalive time.Duration
+	// ConnectTimeout bounds one connection attempt.
+	ConnectTimeout time.Duration
+
+	// Messages is how many messages the drain scenario queues.
+	Messages int
+	// Senders is how many users queue messages in the drain scenario.
+	Senders int
+
+	// ConnectRate is the connect scenario's ramp in connections per second; 0 is as fast as possible.
+	ConnectRate float64
+	// Hold is how long the connect scenario keeps its connections open.
+	Hold time.Duration
+	// SourceIPs spreads connections over 127.0.0.1..127.0.0.N to get more local ports; 0 picks by --users.
+	SourceIPs int
+
+	// ServerPID is a server process on this machine to measure.
+	ServerPID int
+	// ServerCmd starts (and at the end stops) the server; crash kills and restarts it.
+	ServerCmd string
+	// ServerLog receives the output of the server started by ServerCmd; empty discards it.
+	ServerLog string
+	// KillEvery is the crash scenario's interval between SIGKILLs.
+	KillEvery time.Duration
+
+	// Latency is the flaky proxy's added latency per direction.
+	Latency time.Duration
+	// Jitter is the flaky proxy's latency jitter.
+	Jitter time.Duration
+	// Bandwidth is the flaky proxy's rate limit per connection and direction in KB/s; 0 is unlimited.
+	Bandwidth int
+	// CutEvery is the flaky scenario's interval between connection cuts; 0 disables cuts.
+	CutEvery time.Duration
+	// CutFor is how long a cut lasts.
+	CutFor time.Duration
+	// Cuts lists the kinds of cut to draw from: down, reset, stall.
+	Cuts []string
+
+	// Seed makes recipient choice and cut order reproducible; 0 picks one.
+	Seed int64
+}
+
+// DefaultConfig returns the defaults of the command line.
+func DefaultConfig() Config {
+	return Config{
+		Scenario:       ScenarioChat,
+		Broker:         "tcp://127.0.0.1:1883",
+		Topic:          "inbox/%s",
+		UserPrefix:     "lt",
+		Users:          100,
+		Duration:       30 * time.Second,
+		Grace:          5 * time.Second,
+		Size:           256,
+		Inflight:       16,
+		Keepalive:      10 * time.Second,
+		ConnectTimeout: 10 * time.Second,
+		Messages:       100_000,
+		Senders:        4,
+		ConnectRate:    500,
+		Hold:           10 * time.Second,
+		KillEvery:      5 * time.Second,
+		Latency:        30 * time.Millisecond,
+		Jitter:         20 * time.Millisecond,
+		Bandwidth:      0,
+		CutEvery:       2 * time.Second,
+		CutFor:         500 * time.Millisecond,
+		Cuts:           []string{cutDown, cutReset, cutStall},
+	}
+}
+
+// Validate reports the first setting that cannot work.
+func (c *Config) Validate() error {
+	known := false
+	for _, s := range Scenarios {
+		known = known || s.Name == c.Scenario
+	}
+	if !known {
+		return fmt.Errorf("unknown scenario %q", c.Scenario)
+	}
+	u, err := url.Parse(c.Broker)
+	if err != nil {
+		return fmt.Errorf("broker %q: %w", c.Broker, err)
+	}
+	switch u.Scheme {
+	case "tcp", "mqtt", "ws", "wss", "tls", "ssl", "mqtts":
+	default:
+		return fmt.Errorf("broker %q: scheme must be tcp, ws, wss or tls", c.Broker)
+	}
+	if u.Host == "" {
+		return fmt.Errorf("broker %q: no host:port", c.Broker)
+	}
+	if strings.Count(c.Topic, "%s") != 1 {
+		return fmt.Errorf("topic %q: must contain %%s exactly once", c.Topic)
+	}
+	if !c.Plain && len(c.Secret) == 0 {
+		return errors.New("no token secret: set --secret or CHATD_AUTH_SECRET, or use --plain")
+	}
+	if !validUserID(c.UserPrefix + "0") {
+		return fmt.Errorf("user prefix %q: user IDs are 1-64 characters of [A-Za-z0-9_.-]", c.UserPrefix)
+	}
+	type positive struct {
+		name string
+		ok   bool
+	}
+	checks := []positive{
+		{"--duration", c.Duration > 0},
+		{"--grace", c.Grace >= 0},
+		{"--size", c.Size > 0},
+		{"--rate", c.Rate >= 0},
+		{"--inflight", c.Inflight > 0 && c.Inflight <= 65535},
+		{"--keepalive", c.Keepalive >= time.Second},
+		{"--connect-timeout", c.ConnectTimeout > 0},
+		{"--connect-rate", c.ConnectRate >= 0},
+		{"--source-ips", c.SourceIPs >= 0 && c.SourceIPs <= 254},
+		{"--hold", c.Hold >= 0},
+	}
+	switch c.Scenario {
+	case ScenarioDrain:
+		checks = append(checks, positive{"--messages", c.Messages > 0}, positive{"--senders", c.Senders > 0})
+	default:
+		checks = append(checks, positive{"--users", c.Users > 0})
+	}
+	switch c.Scenario {
+	case ScenarioChat, ScenarioFlaky, ScenarioCrash:
+		checks = append(checks, positive{"--users (at least 2 to chat)", c.Users >= 2})
+	}
+	if c.Scenario == ScenarioFlaky {
+		checks = append(checks,
+			positive{"--latency", c.Latency >= 0},
+			positive{"--jitter", c.Jitter >= 0},
+			positive{"--bandwidth", c.Bandwidth >= 0},
+			positive{"--cut-every", c.CutEvery >= 0},
+			positive{"--cut-for", c.CutFor > 0 || c.CutEvery == 0},
+			positive{"--cuts", c.CutEvery == 0 || len(c.Cuts) > 0})
+		for _, k := range c.Cuts {
+			if k != cutDown && k != cutReset && k != cutStall {
+				return fmt.Errorf("--cuts: %q is not one of down, reset, stall", k)
+			}
+		}
+	}
+	if c.Scenario == ScenarioCrash {
+		checks = append(checks,
+			positive{"--server-cmd (the crash scenario starts and kills the server)", c.ServerCmd != ""},
+			positive{"--kill-every", c.KillEvery > 0})
+	}
+	for _, p := range checks {
+		if !p.ok {
+			return fmt.Errorf("%s: invalid value", p.name)
+		}
+	}
+	if c.ServerCmd != "" && c.ServerPID != 0 {
+		return errors.New("--server-cmd and --server-pid are exclusive")
+	}
+	return nil
+}
+
+// validUserID reports whether s is a user ID of PROTOCOL.md section 1.
+func validUserID(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '.' || c == '-') {
+			return false
+		}
+	}
+	return true
+}

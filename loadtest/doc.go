@@ -1,0 +1,16 @@
+// Package loadtest drives a chatd server, or any MQTT broker in plain
+// mode, with many simulated phones over real MQTT connections (paho, QoS 1,
+// persistent sessions) and reports what their users would feel.
+//
+// Every message carries its run tag, a run-wide sequence number, its send
+// time and a per sender->receiver sequence number, so the Ledger can tell
+// for each one whether it was PUBACKed, delivered, delivered twice, out of
+// order, to the wrong user, or lost: PUBACKed and still not delivered when
+// the grace period ends. PUBACKs are read from the client's session store
+// rather than from publish tokens, which paho completes early when it
+// resends after a reconnection.
+//
+// The scenarios (chat, drain, connect, flaky, crash) are described by
+// Scenarios; Run executes one and returns a Report, which renders as a
+// table, JSON or a self-contained HTML page.
+package loadtest

@@ -1,0 +1,143 @@
+package loadtest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"testing"
+	"time"
+
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/rs/zerolog"
+	"go.uber.org/goleak"
+
+	"github.com/chatd/chatd/broker"
+	"github.com/chatd/chatd/config"
+)
+
+// serveEnv, when set to "DATADIR ADDR", turns the test binary into a chatd
+// server: the crash scenario's test starts, kills and restarts it.
+const serveEnv = "LOADTEST_TEST_SERVE"
+
+var testSecret = []byte("loadtest-secret-0123456789")
+
+// TestMain checks that runs leave no goroutine behind, or serves chatd
+// when the crash test runs this binary as its server.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(serveEnv); spec != "" {
+		os.Exit(serveForCrashTest(spec))
+	}
+	// As in cmd/loadtest: toxiproxy's bandwidth toxic logs at trace level
+	// through zerolog's global logger.
+	zerolog.SetGlobalLevel(zerolog.InfoLevel)
+	goleak.VerifyTestMain(m,
+		// toxiproxy v2.5.0: when a cut ends a connection while its first
+		// stub holds a chunk, that stub blocks forever on a channel nobody
+		// reads. FaultProxy lifts its shaping toxics during cuts so that only
+		// this rare one remains.
+		goleak.IgnoreTopFunction("github.com/Shopify/toxiproxy/v2/toxics.(*NoopToxic).Pipe"))
+}
+
+func serveForCrashTest(spec string) int {
+	var dir, addr string
+	if _, err := fmt.Sscan(spec, &dir, &addr); err != nil {
+		fmt.Fprintln(os.Stderr, "bad", serveEnv, err)
+		return 2
+	}
+	s, err := newChatd(dir, addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	<-ctx.Done()
+	cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Close(cctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func newChatd(dir, listen string) (*broker.Server, error) {
+	cfg := config.Default()
+	cfg.DataDir = dir
+	cfg.Listen = listen
+	cfg.HTTP = ""
+	s, err := broker.New(broker.Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		return nil, fmt.Errorf("new chatd: %w", err)
+	}
+	if err := s.Start(); err != nil {
+		return nil, fmt.Errorf("start chatd: %w", err)
+	}
+	return s, nil
+}
+
+// startChatd runs our server in-process on a free loopback port and
+// returns its broker URL.
+func startChatd(t *testing.T) string {
+	t.Helper()
+	s, err := newChatd(t.TempDir(), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := s.Close(ctx); err != nil {
+			t.Errorf("close chatd: %v", err)
+		}
+	})
+	return "tcp://" + s.MQTTAddr()
+}
+
+// startMochi runs a plain MQTT broker that lets everyone in and returns
+// its host:port.
+func startMochi(t *testing.T) string {
+	t.Helper()
+	srv := mochi.New(&mochi.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := srv.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.AddListener(listeners.NewNet("t", ln)); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Serve(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Close(); err != nil {
+			t.Errorf("close mochi: %v", err)
+		}
+	})
+	return ln.Addr().String()
+}
+
+// allowAll lets every client connect and use every topic. It stands in for
+// mochi's auth.AllowHook, whose package pulls in a YAML module this module
+// does not require.
+type allowAll struct{ mochi.HookBase }
+
+func (h *allowAll) ID() string { return "allow-all" }
+
+func (h *allowAll) Provides(b byte) bool {
+	return b == mochi.OnConnectAuthenticate || b == mochi.OnACLCheck
+}
+
+func (h *allowAll) OnConnectAuthenticate(*mochi.Client, packets.Packet) bool { return true }
+
+func (h *allowAll) OnACLCheck(*mochi.Client, string, bool) bool { return true }

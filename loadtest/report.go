@@ -1,0 +1,421 @@
+package loadtest
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// maxLostSamples is how many lost messages a report names.
+const maxLostSamples = 20
+
+// Report is everything one run measured.
+type Report struct {
+	// Scenario is the scenario run.
+	Scenario string `json:"scenario"`
+	// Broker is the broker URL driven.
+	Broker string `json:"broker"`
+	// Plain says the broker was driven without tokens or envelopes.
+	Plain bool `json:"plain"`
+	// RunTag prefixes every message id of the run.
+	RunTag string `json:"run_tag"`
+	// Started is when the run began.
+	Started time.Time `json:"started"`
+	// ElapsedSec is the whole run's wall time.
+	ElapsedSec float64 `json:"elapsed_s"`
+	// Interrupted says the run was cut short (Ctrl-C): losses may be overstated.
+	Interrupted bool `json:"interrupted"`
+	// Settings is the configuration that matters to the numbers.
+	Settings Settings `json:"settings"`
+	// Host describes the machine the load tester ran on.
+	Host Host `json:"host"`
+	// Counts is the message accounting.
+	Counts Counts `json:"counts"`
+	// LostSamples names some lost messages as "id from->to".
+	LostSamples []string `json:"lost_samples,omitempty"`
+	// RefusalCodes counts error events by code.
+	RefusalCodes map[string]int64 `json:"refusal_codes,omitempty"`
+	// Throughput is first deliveries per second from the first send to the last delivery.
+	Throughput float64 `json:"throughput_per_s"`
+	// SendRate is messages sent per second of the sending phase.
+	SendRate float64 `json:"send_rate_per_s"`
+	// Deliver is the send->deliver latency of first deliveries.
+	Deliver Percentiles `json:"deliver_latency"`
+	// Ack is the send->PUBACK latency.
+	Ack Percentiles `json:"ack_latency"`
+	// Receipt is the send->delivered-receipt latency (chatd only).
+	Receipt Percentiles `json:"receipt_latency"`
+	// LatencyBins is the send->deliver latency histogram.
+	LatencyBins []Bin `json:"latency_bins,omitempty"`
+	// Connections summarises the clients' connections.
+	Connections Connections `json:"connections"`
+	// Series is the per-second time series.
+	Series []Point `json:"series"`
+	// Server is the server's resource use, when it runs on this machine.
+	Server *ProcUsage `json:"server,omitempty"`
+	// Client is the load tester's own resource use.
+	Client ProcUsage `json:"client"`
+	// Drain is the drain scenario's result.
+	Drain *DrainResult `json:"drain,omitempty"`
+	// Connect is the connect scenario's result.
+	Connect *ConnectResult `json:"connect,omitempty"`
+	// Faults is the flaky scenario's faults.
+	Faults *FaultResult `json:"faults,omitempty"`
+	// Crash is the crash scenario's kills.
+	Crash *CrashResult `json:"crash,omitempty"`
+	// ErrorCount is every error met.
+	ErrorCount int64 `json:"error_count"`
+	// Errors holds the first error messages.
+	Errors []string `json:"errors,omitempty"`
+}
+
+// Settings is the part of the configuration a reader needs to compare runs.
+type Settings struct {
+	// Users is the simulated users.
+	Users int `json:"users"`
+	// Size is the message object size in bytes.
+	Size int `json:"size"`
+	// Rate is the target send rate, 0 for as fast as flow control allows.
+	Rate float64 `json:"rate"`
+	// Inflight is each sender's window of unacknowledged publishes.
+	Inflight int `json:"inflight"`
+	// DurationSec is the sending phase's length.
+	DurationSec float64 `json:"duration_s"`
+	// GraceSec is the drain grace period.
+	GraceSec float64 `json:"grace_s"`
+	// Messages is the drain scenario's queue length.
+	Messages int `json:"messages,omitempty"`
+	// Senders is the drain scenario's senders.
+	Senders int `json:"senders,omitempty"`
+	// ConnectRate is the connect scenario's ramp rate.
+	ConnectRate float64 `json:"connect_rate,omitempty"`
+	// HoldSec is the connect scenario's hold.
+	HoldSec float64 `json:"hold_s,omitempty"`
+	// KillEverySec is the crash scenario's kill interval.
+	KillEverySec float64 `json:"kill_every_s,omitempty"`
+	// ServerCmd is the command that started the server.
+	ServerCmd string `json:"server_cmd,omitempty"`
+}
+
+// Connections summarises the clients' connections.
+type Connections struct {
+	// Clients is the simulated phones.
+	Clients int `json:"clients"`
+	// Reconnects is the automatic reconnections.
+	Reconnects int64 `json:"reconnects"`
+	// Lost is the connections lost.
+	Lost int64 `json:"lost"`
+	// LossReasons holds the first reasons given for lost connections.
+	LossReasons []string `json:"loss_reasons,omitempty"`
+	// Connack is the CONNECT->CONNACK latency of first connections.
+	Connack Percentiles `json:"connack_latency"`
+	// Suback is the CONNECT->SUBACK latency of first connections.
+	Suback Percentiles `json:"suback_latency"`
+}
+
+func (r *run) report(interrupted bool) *Report {
+	counts, lost := r.ledger.Final(maxLostSamples)
+	deliver, ack, receipt := r.ledger.Histograms()
+	rep := &Report{
+		Scenario:     r.cfg.Scenario,
+		Broker:       r.cfg.Broker,
+		Plain:        r.cfg.Plain,
+		RunTag:       r.tag,
+		Started:      r.start,
+		ElapsedSec:   time.Since(r.start).Seconds(),
+		Interrupted:  interrupted,
+		Settings:     r.settings(),
+		Host:         hostInfo(),
+		Counts:       counts,
+		LostSamples:  lost,
+		RefusalCodes: r.ledger.RefusalCodes(),
+		Deliver:      PercentilesOf(deliver),
+		Ack:          PercentilesOf(ack),
+		Receipt:      PercentilesOf(receipt),
+		LatencyBins:  LogBins(deliver),
+		Client:       r.self.usage(),
+		Drain:        r.drain,
+		Connect:      r.connect,
+		Faults:       r.faults,
+		Crash:        r.crash,
+	}
+	if len(rep.RefusalCodes) == 0 {
+		rep.RefusalCodes = nil
+	}
+	if first, last := r.ledger.FirstSend(), r.lastDelivery(); first > 0 && last > first {
+		rep.Throughput = float64(counts.Unique) / (float64(last-first) / 1e9)
+	}
+	switch r.cfg.Scenario {
+	case ScenarioChat, ScenarioFlaky, ScenarioCrash:
+		rep.SendRate = float64(counts.Sent) / r.cfg.Duration.Seconds()
+	}
+	r.latMu.Lock()
+	rep.Connections = Connections{
+		Clients:    int(r.connectH.TotalCount()),
+		Reconnects: r.conns.reconnects.Load(),
+		Lost:       r.conns.lost.Load(),
+		Connack:    PercentilesOf(r.connectH),
+		Suback:     PercentilesOf(r.subscribeH),
+	}
+	r.latMu.Unlock()
+	r.conns.mu.Lock()
+	rep.Connections.LossReasons = append([]string(nil), r.conns.reasons...)
+	r.conns.mu.Unlock()
+	if r.watch != nil {
+		u := r.watch.usage()
+		rep.Server = &u
+	}
+	r.seriesMu.Lock()
+	rep.Series = append([]Point(nil), r.series...)
+	r.seriesMu.Unlock()
+	rep.ErrorCount, rep.Errors = r.errs.snapshot()
+	return rep
+}
+
+func (r *run) lastDelivery() int64 {
+	_, last := r.ledger.DeliveryWindow()
+	return last
+}
+
+func (r *run) settings() Settings {
+	c := r.cfg
+	s := Settings{
+		Users:       len(r.users),
+		Size:        c.Size,
+		Rate:        c.Rate,
+		Inflight:    c.Inflight,
+		DurationSec: c.Duration.Seconds(),
+		GraceSec:    c.Grace.Seconds(),
+		ServerCmd:   c.ServerCmd,
+	}
+	switch c.Scenario {
+	case ScenarioDrain:
+		s.Messages, s.Senders = c.Messages, c.Senders
+	case ScenarioConnect:
+		s.ConnectRate, s.HoldSec = c.ConnectRate, c.Hold.Seconds()
+	case ScenarioCrash:
+		s.KillEverySec = c.KillEvery.Seconds()
+	}
+	return s
+}
+
+// settingsLine describes the settings that matter to the scenario.
+func (rep *Report) settingsLine() string {
+	s := rep.Settings
+	switch rep.Scenario {
+	case ScenarioConnect:
+		rate := "unlimited"
+		if s.ConnectRate > 0 {
+			rate = fmt.Sprintf("%.0f/s", s.ConnectRate)
+		}
+		return fmt.Sprintf("users %d  connect rate %s  hold %.1fs", s.Users, rate, s.HoldSec)
+	case ScenarioDrain:
+		return fmt.Sprintf("messages %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
+			s.Messages, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
+	}
+	rate := "max"
+	if s.Rate > 0 {
+		rate = fmt.Sprintf("%.0f/s", s.Rate)
+	}
+	line := fmt.Sprintf("users %d  size %d B  rate %s  inflight %d  duration %.0fs  grace %.0fs",
+		s.Users, s.Size, rate, s.Inflight, s.DurationSec, s.GraceSec)
+	if s.KillEverySec > 0 {
+		line += fmt.Sprintf("  kill every %.1fs", s.KillEverySec)
+	}
+	return line
+}
+
+// Failures lists why the run failed; it is empty when the run passed.
+func (rep *Report) Failures() []string {
+	var f []string
+	c := rep.Counts
+	add := func(n int64, what string) {
+		if n > 0 {
+			f = append(f, fmt.Sprintf("%d %s", n, what))
+		}
+	}
+	add(c.Lost, "messages lost (PUBACKed, never delivered)")
+	add(c.Misrouted, "deliveries misrouted")
+	add(c.OrderViolations, "order violations")
+	add(c.SendFailed, "publishes failed")
+	add(c.Refused, "messages refused by the broker")
+	add(c.Malformed, "malformed deliveries")
+	add(rep.ErrorCount, "errors")
+	if rep.Interrupted {
+		f = append(f, "interrupted before the grace period ended")
+	}
+	return f
+}
+
+// ExitCode is the process exit status the report calls for: 0 when the
+// run passed, 1 when messages were lost, misrouted or reordered (the
+// broker broke its promise), 2 for any other error, and for an
+// interrupted run, whose losses are unknown.
+func (rep *Report) ExitCode() int {
+	c := rep.Counts
+	switch {
+	case rep.Interrupted:
+		return 2
+	case c.Lost > 0 || c.Misrouted > 0 || c.OrderViolations > 0:
+		return 1
+	case len(rep.Failures()) > 0:
+		return 2
+	default:
+		return 0
+	}
+}
+
+// WriteJSON writes the report as indented JSON to path.
+func (rep *Report) WriteJSON(path string) error {
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode report: %w", err)
+	}
+	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	return nil
+}
+
+// WriteTable writes the human summary of the report.
+func (rep *Report) WriteTable(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	p := func(format string, a ...any) { fmt.Fprintf(tw, format+"\n", a...) }
+	mode := "chatd"
+	if rep.Plain {
+		mode = "plain MQTT"
+	}
+	p("%s against %s (%s), run %s, %.1f s", rep.Scenario, rep.Broker, mode, rep.RunTag, rep.ElapsedSec)
+	p("%s", rep.settingsLine())
+	p("")
+	c := rep.Counts
+	if c.Sent > 0 || rep.Scenario != ScenarioConnect {
+		p("messages")
+		p("  sent\t%d", c.Sent)
+		p("  PUBACKed\t%d", c.Acked)
+		p("  delivered\t%d\t(unique %d, duplicates %d)", c.Delivered, c.Unique, c.Duplicates)
+		p("  lost\t%d\t(PUBACKed, not delivered after the grace period)", c.Lost)
+		p("  in flight at stop\t%d\t(neither PUBACKed nor delivered)", c.InFlight)
+		p("  order violations\t%d", c.OrderViolations)
+	}
+	if c.Refused+c.SendFailed+c.Misrouted+c.Foreign+c.Malformed > 0 {
+		p("  refused\t%d\t%s", c.Refused, codes(rep.RefusalCodes))
+		p("  send failures\t%d", c.SendFailed)
+		p("  misrouted\t%d", c.Misrouted)
+		p("  foreign\t%d\t(not sent by this run)", c.Foreign)
+		p("  malformed\t%d", c.Malformed)
+	}
+	if c.Receipts+c.ErrorEvents+c.Other > 0 {
+		p("  events\treceipts %d, errors %d, other %d", c.Receipts, c.ErrorEvents, c.Other)
+	}
+	switch {
+	case rep.Throughput > 0 && rep.SendRate > 0:
+		p("throughput\t%.0f msg/s delivered\t(sent %.0f/s)", rep.Throughput, rep.SendRate)
+	case rep.Throughput > 0:
+		p("throughput\t%.0f msg/s delivered", rep.Throughput)
+	}
+	p("")
+	p("latency (ms)\tp50\tp90\tp99\tp99.9\tmax\tcount")
+	row := func(name string, q Percentiles) {
+		if q.Count > 0 {
+			p("  %s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%d", name, q.P50, q.P90, q.P99, q.P999, q.Max, q.Count)
+		}
+	}
+	row("send->deliver", rep.Deliver)
+	row("send->PUBACK", rep.Ack)
+	row("send->receipt", rep.Receipt)
+	row("CONNECT->CONNACK", rep.Connections.Connack)
+	row("CONNECT->SUBACK", rep.Connections.Suback)
+	p("")
+	cn := rep.Connections
+	p("connections\t%d clients, %d reconnects, %d lost", cn.Clients, cn.Reconnects, cn.Lost)
+	if d := rep.Drain; d != nil {
+		p("drain\tqueued %d in %.2f s (%.0f/s); drained in %.2f s (%.0f/s), first after %.1f ms; complete %v",
+			d.Queued, d.QueueSec, d.QueueRate, d.DrainSec, d.DrainRate, d.FirstMs, d.Complete)
+	}
+	if k := rep.Connect; k != nil {
+		p("connect\t%d of %d connected (%d failed) in %.2f s over %d source IPs, held %.1f s",
+			k.Connected, k.Target, k.Failed, k.RampSec, k.SourceIPs, k.HoldSec)
+		if k.RSSPerConnKB != 0 {
+			p("  server memory\t%.1f MB -> %.1f MB: %.1f KiB per connection", k.ServerRSSBeforeMB, k.ServerRSSHeldMB, k.RSSPerConnKB)
+		}
+	}
+	if f := rep.Faults; f != nil {
+		p("faults\tlatency %d ms ± %d ms, bandwidth %s, cuts %s",
+			f.LatencyMs, f.JitterMs, kbps(f.BandwidthKBs), cuts(f.Cuts))
+	}
+	if k := rep.Crash; k != nil {
+		p("crash\t%d kills, restart %s ms", k.Kills, floats(k.RestartMs))
+	}
+	if s := rep.Server; s != nil {
+		p("server\tpid %d: cpu %.1f s (%.0f%% of a core), rss %.1f -> %.1f MB (peak %.1f)",
+			s.PID, s.CPUSeconds, s.AvgCPUPercent, s.StartRSSMB, s.EndRSSMB, s.PeakRSSMB)
+	}
+	p("load tester\tcpu %.1f s (%.0f%% of a core), peak rss %.1f MB", rep.Client.CPUSeconds, rep.Client.AvgCPUPercent, rep.Client.PeakRSSMB)
+	for _, l := range rep.LostSamples {
+		p("  lost\t%s", l)
+	}
+	for _, e := range rep.Errors {
+		p("  error\t%s", e)
+	}
+	p("")
+	if f := rep.Failures(); len(f) > 0 {
+		p("FAIL: %s", strings.Join(f, "; "))
+	} else {
+		p("PASS")
+	}
+	if rep.Interrupted {
+		p("(interrupted: the grace period may have been cut short)")
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	return nil
+}
+
+func codes(m map[string]int64) string {
+	if len(m) == 0 {
+		return ""
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s=%d", k, m[k])
+	}
+	return strings.Join(parts, " ")
+}
+
+func cuts(m map[string]int) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	conv := make(map[string]int64, len(m))
+	for k, v := range m {
+		conv[k] = int64(v)
+	}
+	return codes(conv)
+}
+
+func kbps(n int) string {
+	if n <= 0 {
+		return "unlimited"
+	}
+	return fmt.Sprintf("%d KB/s", n)
+}
+
+func floats(v []float64) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = fmt.Sprintf("%.0f", x)
+	}
+	return strings.Join(parts, " ")
+}

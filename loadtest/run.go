@@ -1,0 +1,436 @@
+package loadtest
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/url"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	hdrhistogram "github.com/HdrHistogram/hdrhistogram-go"
+)
+
+// Phases a run goes through, shown on the progress line.
+const (
+	phaseStart   = "start"
+	phaseConnect = "connect"
+	phaseSend    = "send"
+	phaseQueue   = "queue"
+	phaseDrain   = "drain"
+	phaseHold    = "hold"
+	phaseGrace   = "grace"
+	phaseClose   = "close"
+)
+
+// connectWorkers bounds the connections being opened at once.
+const connectWorkers = 64
+
+// portsPerSourceIP is how many connections one loopback source address
+// carries before the next one is used; Linux offers ~28k ephemeral ports.
+const portsPerSourceIP = 20_000
+
+// run is the state of one Run call; every goroutine it starts ends before
+// Run returns.
+type run struct {
+	cfg       Config
+	tag       string
+	users     []string
+	topics    []string
+	ledger    *Ledger
+	brokerURL string
+	sourceIPs int
+	start     time.Time
+	phase     atomic.Value // string
+	progress  Progress
+
+	errs  errorLog
+	conns connStats
+
+	server *serverProc
+	watch  *procWatch // the server, when known
+	self   *procWatch
+
+	latMu      sync.Mutex
+	connectH   *hdrhistogram.Histogram
+	subscribeH *hdrhistogram.Histogram
+
+	seriesMu sync.Mutex
+	series   []Point
+	prev     Counts
+	prevErrs int64
+	prevAt   time.Time
+
+	drain   *DrainResult
+	connect *ConnectResult
+	faults  *FaultResult
+	crash   *CrashResult
+}
+
+// errorLog counts errors and keeps the first few messages for the report.
+type errorLog struct {
+	mu    sync.Mutex
+	n     int64
+	first []string
+}
+
+const maxErrorSamples = 20
+
+func (e *errorLog) add(err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.n++
+	if len(e.first) < maxErrorSamples {
+		e.first = append(e.first, err.Error())
+	}
+}
+
+func (e *errorLog) snapshot() (int64, []string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.n, append([]string(nil), e.first...)
+}
+
+// connStats follows the clients' connections.
+type connStats struct {
+	connected  atomic.Int64
+	reconnects atomic.Int64
+	lost       atomic.Int64
+
+	mu      sync.Mutex
+	reasons []string
+}
+
+func (s *connStats) noteLoss(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.reasons) < maxErrorSamples {
+		s.reasons = append(s.reasons, err.Error())
+	}
+}
+
+// Run executes the scenario cfg describes and returns its report. It stops
+// by itself: sending lasts cfg.Duration, then at most cfg.Grace is spent
+// waiting for deliveries. The error is non-nil when the run could not be
+// carried out; lost messages are reported, not returned as an error.
+// progress may be nil.
+func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	r, err := newRun(cfg, progress)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.ServerCmd != "" {
+		srv, err := startServer(ctx, cfg.ServerCmd, cfg.ServerLog, r.brokerHost())
+		if err != nil {
+			return nil, err
+		}
+		r.server = srv
+		r.watch = newProcWatch(srv.pid())
+	} else if cfg.ServerPID != 0 {
+		if _, err := ReadProc(cfg.ServerPID); err != nil {
+			return nil, fmt.Errorf("--server-pid: %w", err)
+		}
+		r.watch = newProcWatch(cfg.ServerPID)
+	}
+
+	samplerCtx, stopSampler := context.WithCancel(context.Background())
+	var samplerDone sync.WaitGroup
+	samplerDone.Add(1)
+	go func() {
+		defer samplerDone.Done()
+		r.sampleEverySecond(samplerCtx)
+	}()
+
+	var runErr error
+	switch cfg.Scenario {
+	case ScenarioChat:
+		runErr = r.runChat(ctx, nil)
+	case ScenarioDrain:
+		runErr = r.runDrain(ctx)
+	case ScenarioConnect:
+		runErr = r.runConnect(ctx)
+	case ScenarioFlaky:
+		runErr = r.runFlaky(ctx)
+	case ScenarioCrash:
+		runErr = r.runCrash(ctx)
+	}
+
+	stopSampler()
+	samplerDone.Wait()
+	r.takeSample(time.Now())
+	if r.progress != nil {
+		if err := r.progress.Done(); err != nil {
+			r.errs.add(err)
+		}
+	}
+	if r.server != nil {
+		if err := r.server.stop(); err != nil {
+			r.errs.add(err)
+		}
+	}
+	if runErr != nil {
+		r.errs.add(runErr)
+	}
+	return r.report(ctx.Err() != nil), runErr
+}
+
+func newRun(cfg Config, progress Progress) (*run, error) {
+	tag, err := newTag()
+	if err != nil {
+		return nil, err
+	}
+	r := &run{
+		cfg:        cfg,
+		tag:        tag,
+		brokerURL:  cfg.Broker,
+		start:      time.Now(),
+		progress:   progress,
+		self:       newProcWatch(os.Getpid()),
+		connectH:   newHist(),
+		subscribeH: newHist(),
+	}
+	r.phase.Store(phaseStart)
+	r.prevAt = r.start
+	switch cfg.Scenario {
+	case ScenarioDrain:
+		for i := range cfg.Senders {
+			r.users = append(r.users, fmt.Sprintf("%s-s%d", cfg.UserPrefix, i))
+		}
+		r.users = append(r.users, cfg.UserPrefix+"-r")
+	case ScenarioConnect:
+		for i := range cfg.Users {
+			r.users = append(r.users, fmt.Sprintf("%s-c%d", cfg.UserPrefix, i))
+		}
+	default:
+		for i := range cfg.Users {
+			r.users = append(r.users, fmt.Sprintf("%s-u%d", cfg.UserPrefix, i))
+		}
+	}
+	for _, u := range r.users {
+		if !validUserID(u) {
+			return nil, fmt.Errorf("user ID %q: 1-64 characters of [A-Za-z0-9_.-]; shorten --user-prefix", u)
+		}
+		r.topics = append(r.topics, fmt.Sprintf(cfg.Topic, u))
+	}
+	r.ledger = NewLedger(tag, r.users, cfg.Plain)
+	r.sourceIPs = cfg.SourceIPs
+	if r.sourceIPs == 0 && r.brokerOnLoopback() {
+		r.sourceIPs = (len(r.users) + portsPerSourceIP - 1) / portsPerSourceIP
+	}
+	return r, nil
+}
+
+// newTag returns a random run tag: message ids of one run never collide
+// with those left on a broker by another.
+func newTag() (string, error) {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("run tag: %w", err)
+	}
+	for i := range b {
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return string(b), nil
+}
+
+// brokerHost returns the host:port of the broker URL.
+func (r *run) brokerHost() string {
+	u, err := url.Parse(r.cfg.Broker)
+	if err != nil {
+		return ""
+	}
+	return u.Host
+}
+
+func (r *run) brokerOnLoopback() bool {
+	host, _, err := net.SplitHostPort(r.brokerHost())
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback() && ip.To4() != nil
+}
+
+func (r *run) setPhase(p string) { r.phase.Store(p) }
+
+// sleep waits for d or until ctx ends, and reports whether d elapsed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// connectAll opens the clients of the given user indices, at most rate
+// per second (0: as fast as connectWorkers allow). The result is aligned
+// with idxs, nil where a connection failed; failures are counted in the
+// error log and the first is returned.
+func (r *run) connectAll(ctx context.Context, idxs []int, rate float64) ([]*client, int, error) {
+	r.setPhase(phaseConnect)
+	clients := make([]*client, len(idxs))
+	jobs := make(chan int)
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		failed   int
+		firstErr error
+	)
+	for range min(connectWorkers, len(idxs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				c, err := r.newClient(idxs[j])
+				var connack, suback time.Duration
+				if err == nil {
+					connack, suback, err = c.connect(ctx)
+					if err != nil {
+						c.mc.Disconnect(0)
+					}
+				}
+				if err != nil {
+					r.errs.add(err)
+					mu.Lock()
+					failed++
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					continue
+				}
+				r.latMu.Lock()
+				recordMicros(r.connectH, int64(connack))
+				recordMicros(r.subscribeH, int64(suback))
+				r.latMu.Unlock()
+				clients[j] = c
+			}
+		}()
+	}
+	var interval time.Duration
+	if rate > 0 {
+		interval = time.Duration(float64(time.Second) / rate)
+	}
+	next := time.Now()
+	for j := range idxs {
+		if interval > 0 {
+			if d := time.Until(next); d > 0 && !sleep(ctx, d) {
+				break
+			}
+			next = next.Add(interval)
+		}
+		select {
+		case jobs <- j:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	return clients, failed, firstErr
+}
+
+// disconnectAll closes every non-nil client, several at a time.
+func (r *run) disconnectAll(clients []*client) {
+	r.setPhase(phaseClose)
+	jobs := make(chan *client)
+	var wg sync.WaitGroup
+	for range min(connectWorkers, max(1, len(clients))) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range jobs {
+				c.disconnect()
+			}
+		}()
+	}
+	for _, c := range clients {
+		if c != nil {
+			jobs <- c
+		}
+	}
+	close(jobs)
+	wg.Wait()
+}
+
+// awaitDelivery waits up to grace for every sent message to be delivered
+// (or refused), and reports whether that happened.
+func (r *run) awaitDelivery(ctx context.Context, grace time.Duration) bool {
+	deadline := time.Now().Add(grace)
+	for r.ledger.Outstanding() > 0 {
+		if time.Now().After(deadline) || !sleep(ctx, 10*time.Millisecond) {
+			return false
+		}
+	}
+	return true
+}
+
+// awaitConnected waits up to d for every client to have a live connection.
+func (r *run) awaitConnected(ctx context.Context, clients []*client, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		all := true
+		for _, c := range clients {
+			if c != nil && !c.mc.IsConnectionOpen() {
+				all = false
+				break
+			}
+		}
+		if all {
+			return true
+		}
+		if time.Now().After(deadline) || !sleep(ctx, 20*time.Millisecond) {
+			return false
+		}
+	}
+}
+
+// sendInterval returns the pause between two sends of one of n senders
+// sharing rate messages per second; 0 means no pacing.
+func sendInterval(rate float64, n int) time.Duration {
+	if rate <= 0 || n <= 0 {
+		return 0
+	}
+	return time.Duration(math.Round(float64(n) * float64(time.Second) / rate))
+}
+
+// pacer spaces sends by interval without drifting: a sender that fell
+// behind catches up, but never by more than one second of sends.
+type pacer struct {
+	interval time.Duration
+	next     time.Time
+}
+
+func (p *pacer) wait(ctx context.Context) bool {
+	if p.interval <= 0 {
+		return ctx.Err() == nil
+	}
+	now := time.Now()
+	if p.next.Before(now.Add(-time.Second)) {
+		p.next = now
+	}
+	if d := p.next.Sub(now); d > 0 && !sleep(ctx, d) {
+		return false
+	}
+	p.next = p.next.Add(p.interval)
+	return ctx.Err() == nil
+}
+
+var errNoClients = errors.New("no client could connect")

@@ -1,0 +1,131 @@
+package loadtest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// DrainResult is what the drain scenario measured.
+type DrainResult struct {
+	// Messages is how many messages were to be queued.
+	Messages int `json:"messages"`
+	// Queued is how many were PUBACKed while the recipient was offline.
+	Queued int64 `json:"queued"`
+	// QueueSec is the time from the first send to the last PUBACK.
+	QueueSec float64 `json:"queue_s"`
+	// QueueRate is Queued / QueueSec: the durable write rate.
+	QueueRate float64 `json:"queue_per_s"`
+	// FirstMs is the time from the recipient's CONNECT to its first message.
+	FirstMs float64 `json:"first_ms"`
+	// DrainSec is the time from the recipient's CONNECT to its last message.
+	DrainSec float64 `json:"drain_s"`
+	// DrainRate is the messages received per second of DrainSec.
+	DrainRate float64 `json:"drain_per_s"`
+	// Complete says every queued message arrived.
+	Complete bool `json:"complete"`
+}
+
+// runDrain queues messages for an offline user, then connects it and
+// measures how fast its queue drains. Queueing and draining together are
+// bounded by the duration; the grace period follows.
+func (r *run) runDrain(ctx context.Context) error {
+	deadline := time.Now().Add(r.cfg.Duration)
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	recv := len(r.users) - 1
+	res := &DrainResult{Messages: r.cfg.Messages}
+	r.drain = res
+
+	// A user the broker has never seen may have nowhere to queue (a
+	// plain broker keeps messages only for known persistent sessions).
+	known, _, err := r.connectAll(dctx, []int{recv}, 0)
+	r.disconnectAll(known)
+	if err != nil {
+		return fmt.Errorf("register the offline user: %w", err)
+	}
+
+	sidx := make([]int, r.cfg.Senders)
+	for i := range sidx {
+		sidx[i] = i
+	}
+	senders, _, err := r.connectAll(dctx, sidx, 0)
+	defer r.disconnectAll(senders)
+	if err != nil {
+		return fmt.Errorf("connect senders: %w", err)
+	}
+
+	r.setPhase(phaseQueue)
+	var budget atomic.Int64
+	budget.Store(int64(r.cfg.Messages))
+	interval := sendInterval(r.cfg.Rate, len(senders))
+	queueStart := time.Now()
+	var wg sync.WaitGroup
+	for _, c := range senders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.queueTo(dctx, c, recv, &budget, interval)
+		}()
+	}
+	wg.Wait()
+	for {
+		c := r.ledger.Snapshot()
+		if c.Acked+c.SendFailed >= c.Sent || !sleep(dctx, 5*time.Millisecond) {
+			break
+		}
+	}
+	queued := r.ledger.Snapshot()
+	res.Queued = queued.Acked
+	res.QueueSec = time.Since(queueStart).Seconds()
+	if res.QueueSec > 0 {
+		res.QueueRate = float64(res.Queued) / res.QueueSec
+	}
+
+	r.setPhase(phaseDrain)
+	rc, err := r.newClient(recv)
+	if err != nil {
+		return err
+	}
+	drainStart := time.Now()
+	if _, _, err := rc.connect(dctx); err != nil {
+		rc.mc.Disconnect(0)
+		return fmt.Errorf("connect the drained user: %w", err)
+	}
+	defer rc.disconnect()
+	r.awaitDelivery(dctx, time.Until(deadline))
+	r.setPhase(phaseGrace)
+	if !r.awaitDelivery(ctx, r.cfg.Grace) {
+		r.errs.add(fmt.Errorf("drain incomplete: %d messages outstanding after the grace period", r.ledger.Outstanding()))
+	}
+	res.Complete = r.ledger.Outstanding() == 0
+	first, last := r.ledger.DeliveryWindow()
+	if first > 0 {
+		res.FirstMs = float64(first-drainStart.UnixNano()) / 1e6
+		res.DrainSec = float64(last-drainStart.UnixNano()) / 1e9
+		if res.DrainSec > 0 {
+			res.DrainRate = float64(r.ledger.Snapshot().Unique) / res.DrainSec
+		}
+	}
+	return nil
+}
+
+// queueTo sends from c to user index to while the shared budget lasts.
+func (r *run) queueTo(ctx context.Context, c *client, to int, budget *atomic.Int64, interval time.Duration) {
+	p := pacer{interval: interval, next: time.Now()}
+	var n uint64
+	for budget.Add(-1) >= 0 && p.wait(ctx) {
+		n++
+		if err := c.send(ctx, to, n); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			r.errs.add(err)
+			if !sleep(ctx, 10*time.Millisecond) {
+				return
+			}
+		}
+	}
+}

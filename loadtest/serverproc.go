@@ -1,0 +1,170 @@
+package loadtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// serverReadyTimeout bounds how long a started server may take to accept connections.
+const serverReadyTimeout = 30 * time.Second
+
+// serverStopTimeout is how long a server may take to exit after SIGTERM before SIGKILL.
+const serverStopTimeout = 10 * time.Second
+
+// serverProc is a server the harness started itself, in its own process
+// group so that a kill reaches any child it forks.
+type serverProc struct {
+	args []string
+	addr string
+	log  io.Writer
+	file *os.File // the log file, when there is one
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{} // closed when cmd has exited
+	werr error
+}
+
+// startServer runs cmdline (split on spaces, no shell) with its output
+// appended to logPath ("" discards it), and waits until addr accepts TCP
+// connections.
+func startServer(ctx context.Context, cmdline, logPath, addr string) (*serverProc, error) {
+	args := strings.Fields(cmdline)
+	if len(args) == 0 {
+		return nil, errors.New("--server-cmd is empty")
+	}
+	s := &serverProc{args: args, addr: addr, log: io.Discard}
+	if logPath != "" {
+		f, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("server log: %w", err)
+		}
+		s.file, s.log = f, f
+	}
+	if err := s.launch(ctx); err != nil {
+		s.closeLog()
+		return nil, err
+	}
+	return s, nil
+}
+
+// launch starts the process and waits until it accepts connections.
+func (s *serverProc) launch(ctx context.Context) error {
+	cmd := exec.Command(s.args[0], s.args[1:]...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Stdout, cmd.Stderr = s.log, s.log
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start server %q: %w", s.args[0], err)
+	}
+	done := make(chan struct{})
+	s.mu.Lock()
+	s.cmd, s.done = cmd, done
+	s.mu.Unlock()
+	go func() {
+		err := cmd.Wait()
+		s.mu.Lock()
+		s.werr = err
+		s.mu.Unlock()
+		close(done)
+	}()
+	deadline := time.Now().Add(serverReadyTimeout)
+	for {
+		conn, err := net.DialTimeout("tcp", s.addr, 200*time.Millisecond)
+		if err == nil {
+			return conn.Close()
+		}
+		select {
+		case <-done:
+			s.mu.Lock()
+			werr := s.werr
+			s.mu.Unlock()
+			return fmt.Errorf("server %q exited before accepting connections on %s: %w", s.args[0], s.addr, werr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			s.signal(syscall.SIGKILL)
+			<-done
+			return fmt.Errorf("server %q not accepting connections on %s after %s", s.args[0], s.addr, serverReadyTimeout)
+		}
+		if !sleep(ctx, 50*time.Millisecond) {
+			s.signal(syscall.SIGKILL)
+			<-done
+			return fmt.Errorf("start server: %w", ctx.Err())
+		}
+	}
+}
+
+// pid returns the current server process ID.
+func (s *serverProc) pid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cmd.Process.Pid
+}
+
+// signal sends sig to the server's process group.
+func (s *serverProc) signal(sig syscall.Signal) {
+	s.mu.Lock()
+	pid := s.cmd.Process.Pid
+	s.mu.Unlock()
+	// The group may already be gone; the caller waits on done either way.
+	if err := syscall.Kill(-pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+		fmt.Fprintf(s.log, "loadtest: signal %v to server group %d: %v\n", sig, pid, err)
+	}
+}
+
+// kill SIGKILLs the server and waits until it is gone.
+func (s *serverProc) kill() {
+	s.signal(syscall.SIGKILL)
+	s.mu.Lock()
+	done := s.done
+	s.mu.Unlock()
+	<-done
+}
+
+// restart starts the server again after a kill.
+func (s *serverProc) restart(ctx context.Context) error {
+	return s.launch(ctx)
+}
+
+// stop ends the server with SIGTERM, then SIGKILL if it lingers, and
+// closes its log.
+func (s *serverProc) stop() error {
+	defer s.closeLog()
+	s.mu.Lock()
+	done := s.done
+	s.mu.Unlock()
+	select {
+	case <-done:
+		return nil
+	default:
+	}
+	s.signal(syscall.SIGTERM)
+	t := time.NewTimer(serverStopTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return nil
+	case <-t.C:
+		s.signal(syscall.SIGKILL)
+		<-done
+		return fmt.Errorf("server did not exit within %s of SIGTERM; killed", serverStopTimeout)
+	}
+}
+
+func (s *serverProc) closeLog() {
+	if s.file != nil {
+		if err := s.file.Close(); err != nil {
+			fmt.Fprintf(os.Stderr, "loadtest: close server log: %v\n", err)
+		}
+		s.file = nil
+	}
+}

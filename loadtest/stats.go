@@ -1,0 +1,581 @@
+package loadtest
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	hdrhistogram "github.com/HdrHistogram/hdrhistogram-go"
+)
+
+// Latencies are recorded in microseconds from 1 µs to one hour with three
+// significant digits: a slow drain can hold a message for minutes.
+const (
+	histLowest  = 1
+	histHighest = 3600 * 1_000_000
+	histDigits  = 3
+)
+
+// Message records live in pages of pageSize, allocated as the run grows, so
+// a delivery finds its record with two loads and no map.
+const (
+	pageBits = 16
+	pageSize = 1 << pageBits
+	maxPages = 1 << 14
+)
+
+// errLedgerFull is returned when a run sends more messages than a ledger can track.
+var errLedgerFull = errors.New("ledger full: more than 2^30 messages in one run")
+
+// Record state flags.
+const (
+	flagSent uint32 = 1 << iota
+	flagAcked
+	flagFailed
+	flagRefused
+	flagReceipt
+)
+
+// record is the state of one message; every field is atomic because the
+// sender, the PUBACK path and the receiver touch it from different goroutines.
+type record struct {
+	sentAt     atomic.Int64
+	route      atomic.Uint64 // from<<32 | to, user indices
+	state      atomic.Uint32
+	deliveries atomic.Uint32
+}
+
+type page [pageSize]record
+
+// latShard holds one slice of the latency histograms; deliveries and acks
+// are spread over shards so that receivers do not contend on one lock.
+type latShard struct {
+	mu       sync.Mutex
+	deliver  *hdrhistogram.Histogram
+	interval *hdrhistogram.Histogram
+	ack      *hdrhistogram.Histogram
+	receipt  *hdrhistogram.Histogram
+	_        [64]byte
+}
+
+// receiverState is what one receiver remembers to check ordering: the
+// highest pair sequence number seen from each sender.
+type receiverState struct {
+	mu   sync.Mutex
+	last map[string]uint64
+}
+
+type counters struct {
+	sent, failed, acked, delivered, unique, dups atomic.Int64
+	refused, order, misrouted, foreign, receipts atomic.Int64
+	errorEvents, malformed, other                atomic.Int64
+	firstSend, firstDelivery, lastDelivery       atomic.Int64
+}
+
+// Ledger is the accounting of one run: every message sent, acknowledged
+// and delivered, with latency histograms. All methods are safe for
+// concurrent use.
+type Ledger struct {
+	tag       string
+	users     []string
+	plain     bool
+	next      atomic.Uint64
+	growMu    sync.Mutex
+	pages     [maxPages]atomic.Pointer[page]
+	shards    []latShard
+	receivers []receiverState
+	c         counters
+
+	codesMu sync.Mutex
+	codes   map[string]int64
+}
+
+// NewLedger returns an empty ledger for a run whose message ids start with
+// tag, between the given users (indices into users identify them); plain
+// says deliveries are bare message objects rather than envelopes.
+func NewLedger(tag string, users []string, plain bool) *Ledger {
+	n := 4 * runtime.GOMAXPROCS(0)
+	l := &Ledger{
+		tag:       tag,
+		users:     users,
+		plain:     plain,
+		shards:    make([]latShard, n),
+		receivers: make([]receiverState, len(users)),
+		codes:     make(map[string]int64),
+	}
+	for i := range l.shards {
+		l.shards[i].deliver = newHist()
+		l.shards[i].interval = newHist()
+		l.shards[i].ack = newHist()
+		l.shards[i].receipt = newHist()
+	}
+	for i := range l.receivers {
+		l.receivers[i].last = make(map[string]uint64)
+	}
+	return l
+}
+
+func newHist() *hdrhistogram.Histogram {
+	return hdrhistogram.New(histLowest, histHighest, histDigits)
+}
+
+// recordMicros records a duration given in nanoseconds as microseconds,
+// clamped into the histogram's range so that clock skew or a
+// pathological delay never loses a sample.
+func recordMicros(h *hdrhistogram.Histogram, nanos int64) {
+	v := nanos / 1000
+	if v < 0 {
+		v = 0
+	}
+	if v > histHighest {
+		v = histHighest
+	}
+	// The value is clamped into range, where RecordValue cannot fail.
+	_ = h.RecordValue(v)
+}
+
+// Tag returns the run tag that prefixes every message id.
+func (l *Ledger) Tag() string { return l.tag }
+
+// NewMessage registers a message from user index from to user index to,
+// sent at sentAt (Unix nanoseconds), and returns its sequence number.
+func (l *Ledger) NewMessage(from, to int, sentAt int64) (uint64, error) {
+	seq := l.next.Add(1) - 1
+	p, err := l.page(seq, true)
+	if err != nil {
+		return 0, err
+	}
+	r := &p[seq&(pageSize-1)]
+	r.sentAt.Store(sentAt)
+	r.route.Store(uint64(uint32(from))<<32 | uint64(uint32(to)))
+	r.state.Store(flagSent)
+	l.c.sent.Add(1)
+	l.c.firstSend.CompareAndSwap(0, sentAt)
+	return seq, nil
+}
+
+func (l *Ledger) page(seq uint64, create bool) (*page, error) {
+	idx := seq >> pageBits
+	if idx >= maxPages {
+		return nil, errLedgerFull
+	}
+	if p := l.pages[idx].Load(); p != nil || !create {
+		return p, nil
+	}
+	l.growMu.Lock()
+	defer l.growMu.Unlock()
+	if p := l.pages[idx].Load(); p != nil {
+		return p, nil
+	}
+	p := new(page)
+	l.pages[idx].Store(p)
+	return p, nil
+}
+
+// lookup returns the record of a message this run sent, or nil.
+func (l *Ledger) lookup(seq uint64) *record {
+	if seq >= l.next.Load() {
+		return nil
+	}
+	p, err := l.page(seq, false)
+	if err != nil || p == nil {
+		return nil
+	}
+	r := &p[seq&(pageSize-1)]
+	if r.state.Load()&flagSent == 0 {
+		return nil
+	}
+	return r
+}
+
+// SendFailed records that the client library refused message seq, so it
+// never reached the network and is not expected anywhere.
+func (l *Ledger) SendFailed(seq uint64) {
+	r := l.lookup(seq)
+	if r == nil || r.state.Load()&flagAcked != 0 || r.deliveries.Load() != 0 {
+		return
+	}
+	if r.state.Or(flagFailed)&flagFailed == 0 {
+		l.c.failed.Add(1)
+	}
+}
+
+// Acked records the broker's PUBACK of message seq at time at (Unix
+// nanoseconds); a second PUBACK of the same message is ignored.
+func (l *Ledger) Acked(seq uint64, at int64) {
+	r := l.lookup(seq)
+	if r == nil || r.state.Or(flagAcked)&flagAcked != 0 {
+		return
+	}
+	l.c.acked.Add(1)
+	from := int(r.route.Load() >> 32)
+	s := &l.shards[from%len(l.shards)]
+	s.mu.Lock()
+	recordMicros(s.ack, at-r.sentAt.Load())
+	s.mu.Unlock()
+}
+
+// Deliver records payload received at time at (Unix nanoseconds) by the
+// user with index receiver. It counts duplicates, order violations per
+// sender->receiver pair, misrouted and foreign messages, receipts and
+// error events.
+func (l *Ledger) Deliver(receiver int, payload []byte, at int64) {
+	var d delivery
+	if err := parseDelivery(payload, l.plain, &d); err != nil {
+		l.c.malformed.Add(1)
+		return
+	}
+	switch string(d.Kind) {
+	case "msg":
+	case "receipt":
+		l.c.receipts.Add(1)
+		l.receipt(&d, at)
+		return
+	case "error":
+		l.c.errorEvents.Add(1)
+		l.refuse(d.ID, d.Code)
+		return
+	default:
+		l.c.other.Add(1)
+		return
+	}
+	seq, ok := parseID(d.ID, l.tag)
+	var r *record
+	if ok {
+		r = l.lookup(seq)
+	}
+	if r == nil {
+		l.c.foreign.Add(1)
+		return
+	}
+	l.c.delivered.Add(1)
+	route := r.route.Load()
+	from, to := int(route>>32), int(uint32(route))
+	if to != receiver || from >= len(l.users) || string(d.Sender) != l.users[from] ||
+		(!l.plain && (string(d.From) != l.users[from] || string(d.To) != l.users[to])) {
+		l.c.misrouted.Add(1)
+	}
+	if r.deliveries.Add(1) > 1 {
+		l.c.dups.Add(1)
+		return
+	}
+	l.c.unique.Add(1)
+	l.c.firstDelivery.CompareAndSwap(0, at)
+	storeMax(&l.c.lastDelivery, at)
+
+	s := &l.shards[receiver%len(l.shards)]
+	s.mu.Lock()
+	recordMicros(s.deliver, at-d.SentAt)
+	recordMicros(s.interval, at-d.SentAt)
+	s.mu.Unlock()
+
+	if receiver < 0 || receiver >= len(l.receivers) {
+		return
+	}
+	rs := &l.receivers[receiver]
+	rs.mu.Lock()
+	last, seen := rs.last[string(d.Sender)]
+	if seen && d.N <= last {
+		l.c.order.Add(1)
+	} else {
+		rs.last[string(d.Sender)] = d.N
+	}
+	rs.mu.Unlock()
+}
+
+// receipt records the send->receipt latency of the messages a delivered
+// receipt names: the "double tick" a sender's user sees.
+func (l *Ledger) receipt(d *delivery, at int64) {
+	if string(d.Status) != "delivered" || d.IDs == nil {
+		return
+	}
+	err := eachString(d.IDs, func(id []byte) {
+		seq, ok := parseID(id, l.tag)
+		if !ok {
+			return
+		}
+		r := l.lookup(seq)
+		if r == nil || r.state.Or(flagReceipt)&flagReceipt != 0 {
+			return
+		}
+		s := &l.shards[int(r.route.Load()>>32)%len(l.shards)]
+		s.mu.Lock()
+		recordMicros(s.receipt, at-r.sentAt.Load())
+		s.mu.Unlock()
+	})
+	if err != nil {
+		l.c.malformed.Add(1)
+	}
+}
+
+// refuse records an error event about message id: the broker acknowledged
+// it but will never deliver it, so it is refused rather than lost.
+func (l *Ledger) refuse(id, code []byte) {
+	l.codesMu.Lock()
+	l.codes[string(code)]++
+	l.codesMu.Unlock()
+	seq, ok := parseID(id, l.tag)
+	if !ok {
+		return
+	}
+	if r := l.lookup(seq); r != nil && r.state.Or(flagRefused)&flagRefused == 0 {
+		l.c.refused.Add(1)
+	}
+}
+
+func storeMax(v *atomic.Int64, x int64) {
+	for {
+		cur := v.Load()
+		if x <= cur || v.CompareAndSwap(cur, x) {
+			return
+		}
+	}
+}
+
+// Counts is the message accounting of a run.
+type Counts struct {
+	// Sent is every message handed to the MQTT client, including failed ones.
+	Sent int64 `json:"sent"`
+	// SendFailed is the messages the MQTT client refused before sending.
+	SendFailed int64 `json:"send_failed"`
+	// Acked is the messages the broker PUBACKed.
+	Acked int64 `json:"acked"`
+	// Delivered is every delivery of this run's messages, duplicates included.
+	Delivered int64 `json:"delivered"`
+	// Unique is the messages delivered at least once.
+	Unique int64 `json:"unique"`
+	// Duplicates is the deliveries beyond the first of a message.
+	Duplicates int64 `json:"duplicates"`
+	// Lost is the messages PUBACKed but never delivered (final counts only).
+	Lost int64 `json:"lost"`
+	// InFlight is the messages neither PUBACKed nor delivered when the run stopped (final counts only).
+	InFlight int64 `json:"in_flight"`
+	// Refused is the messages the broker acknowledged and then refused with an error event.
+	Refused int64 `json:"refused"`
+	// OrderViolations is first deliveries whose pair sequence number was not above the last one seen.
+	OrderViolations int64 `json:"order_violations"`
+	// Misrouted is deliveries to the wrong user or attributed to the wrong sender.
+	Misrouted int64 `json:"misrouted"`
+	// Foreign is messages received that this run did not send (earlier runs, other clients).
+	Foreign int64 `json:"foreign"`
+	// Receipts is receipt events received.
+	Receipts int64 `json:"receipts"`
+	// ErrorEvents is error events received.
+	ErrorEvents int64 `json:"error_events"`
+	// Malformed is payloads that could not be parsed.
+	Malformed int64 `json:"malformed"`
+	// Other is events of any other kind (typing...).
+	Other int64 `json:"other"`
+}
+
+// Snapshot returns the running counters; Lost and InFlight stay zero until Final.
+func (l *Ledger) Snapshot() Counts {
+	c := &l.c
+	return Counts{
+		Sent:            c.sent.Load(),
+		SendFailed:      c.failed.Load(),
+		Acked:           c.acked.Load(),
+		Delivered:       c.delivered.Load(),
+		Unique:          c.unique.Load(),
+		Duplicates:      c.dups.Load(),
+		Refused:         c.refused.Load(),
+		OrderViolations: c.order.Load(),
+		Misrouted:       c.misrouted.Load(),
+		Foreign:         c.foreign.Load(),
+		Receipts:        c.receipts.Load(),
+		ErrorEvents:     c.errorEvents.Load(),
+		Malformed:       c.malformed.Load(),
+		Other:           c.other.Load(),
+	}
+}
+
+// Outstanding returns how many sent messages are neither delivered, refused
+// nor failed: what a drain still waits for.
+func (l *Ledger) Outstanding() int64 {
+	c := &l.c
+	return c.sent.Load() - c.failed.Load() - c.unique.Load() - c.refused.Load()
+}
+
+// Final scans every message and returns the counts with Lost and InFlight
+// filled in, plus up to maxSamples lost messages described as "id from->to".
+// Every sent message is exactly one of: failed, delivered (Unique),
+// refused, lost or in flight.
+func (l *Ledger) Final(maxSamples int) (Counts, []string) {
+	c := l.Snapshot()
+	var unique, refused, lost, inflight, failed int64
+	var samples []string
+	n := l.next.Load()
+	for seq := uint64(0); seq < n; seq++ {
+		r := l.lookup(seq)
+		if r == nil {
+			continue
+		}
+		st := r.state.Load()
+		switch {
+		case st&flagFailed != 0:
+			failed++
+		case r.deliveries.Load() > 0:
+			unique++
+		case st&flagRefused != 0:
+			refused++
+		case st&flagAcked != 0:
+			lost++
+			if len(samples) < maxSamples {
+				route := r.route.Load()
+				samples = append(samples, fmt.Sprintf("%s-%d %s->%s", l.tag, seq,
+					l.userName(int(route>>32)), l.userName(int(uint32(route)))))
+			}
+		default:
+			inflight++
+		}
+	}
+	c.Unique, c.Refused, c.Lost, c.InFlight, c.SendFailed = unique, refused, lost, inflight, failed
+	return c, samples
+}
+
+func (l *Ledger) userName(i int) string {
+	if i < 0 || i >= len(l.users) {
+		return fmt.Sprintf("#%d", i)
+	}
+	return l.users[i]
+}
+
+// RefusalCodes returns how many error events carried each code.
+func (l *Ledger) RefusalCodes() map[string]int64 {
+	l.codesMu.Lock()
+	defer l.codesMu.Unlock()
+	out := make(map[string]int64, len(l.codes))
+	for k, v := range l.codes {
+		out[k] = v
+	}
+	return out
+}
+
+// Histograms returns merged copies of the latency histograms, in
+// microseconds: send->deliver (first deliveries), send->PUBACK and
+// send->delivered receipt.
+func (l *Ledger) Histograms() (deliver, ack, receipt *hdrhistogram.Histogram) {
+	deliver, ack, receipt = newHist(), newHist(), newHist()
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		deliver.Merge(s.deliver)
+		ack.Merge(s.ack)
+		receipt.Merge(s.receipt)
+		s.mu.Unlock()
+	}
+	return deliver, ack, receipt
+}
+
+// TakeInterval returns the send->deliver histogram of the deliveries since
+// the previous call, and starts a new interval.
+func (l *Ledger) TakeInterval() *hdrhistogram.Histogram {
+	h := newHist()
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		h.Merge(s.interval)
+		s.interval.Reset()
+		s.mu.Unlock()
+	}
+	return h
+}
+
+// FirstSend returns when the first message was sent, Unix nanoseconds, or 0.
+func (l *Ledger) FirstSend() int64 { return l.c.firstSend.Load() }
+
+// DeliveryWindow returns when the first and the last message were first
+// delivered, Unix nanoseconds, or zeros when nothing was.
+func (l *Ledger) DeliveryWindow() (first, last int64) {
+	return l.c.firstDelivery.Load(), l.c.lastDelivery.Load()
+}
+
+// Percentiles summarises a latency distribution in milliseconds.
+type Percentiles struct {
+	// Count is the number of samples.
+	Count int64 `json:"count"`
+	// P50 is the median.
+	P50 float64 `json:"p50_ms"`
+	// P90 is the 90th percentile.
+	P90 float64 `json:"p90_ms"`
+	// P99 is the 99th percentile.
+	P99 float64 `json:"p99_ms"`
+	// P999 is the 99.9th percentile.
+	P999 float64 `json:"p99_9_ms"`
+	// Max is the largest sample.
+	Max float64 `json:"max_ms"`
+	// Mean is the arithmetic mean.
+	Mean float64 `json:"mean_ms"`
+}
+
+// PercentilesOf summarises a histogram of microsecond values.
+func PercentilesOf(h *hdrhistogram.Histogram) Percentiles {
+	if h.TotalCount() == 0 {
+		return Percentiles{}
+	}
+	v := h.ValueAtPercentiles([]float64{50, 90, 99, 99.9})
+	ms := func(us int64) float64 { return float64(us) / 1000 }
+	return Percentiles{
+		Count: h.TotalCount(),
+		P50:   ms(v[50]),
+		P90:   ms(v[90]),
+		P99:   ms(v[99]),
+		P999:  ms(v[99.9]),
+		Max:   ms(h.Max()),
+		Mean:  h.Mean() / 1000,
+	}
+}
+
+// Bin is one bar of a latency histogram.
+type Bin struct {
+	// FromMs is the bin's lower bound in milliseconds.
+	FromMs float64 `json:"from_ms"`
+	// ToMs is the bin's upper bound in milliseconds.
+	ToMs float64 `json:"to_ms"`
+	// Count is the samples in [FromMs, ToMs).
+	Count int64 `json:"count"`
+}
+
+// LogBins folds a microsecond histogram into bins whose bounds follow the
+// 1-2-5 series, which reads well on a log axis.
+func LogBins(h *hdrhistogram.Histogram) []Bin {
+	if h.TotalCount() == 0 {
+		return nil
+	}
+	var bounds []int64
+	for decade := int64(1); decade <= histHighest; decade *= 10 {
+		bounds = append(bounds, decade, 2*decade, 5*decade)
+	}
+	counts := make([]int64, len(bounds))
+	for _, bar := range h.Distribution() {
+		if bar.Count == 0 {
+			continue
+		}
+		i := sort.Search(len(bounds), func(i int) bool { return bounds[i] > bar.From }) - 1
+		if i < 0 {
+			i = 0
+		}
+		counts[i] += bar.Count
+	}
+	first, last := -1, -1
+	for i, n := range counts {
+		if n > 0 {
+			if first < 0 {
+				first = i
+			}
+			last = i
+		}
+	}
+	bins := make([]Bin, 0, last-first+1)
+	for i := first; i <= last; i++ {
+		to := float64(bounds[i]) * 2
+		if i+1 < len(bounds) {
+			to = float64(bounds[i+1])
+		}
+		bins = append(bins, Bin{FromMs: float64(bounds[i]) / 1000, ToMs: to / 1000, Count: counts[i]})
+	}
+	return bins
+}
