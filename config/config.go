@@ -33,6 +33,14 @@ type Config struct {
 	Limits Limits `mapstructure:"limits"`
 	// Log holds logging settings.
 	Log Log `mapstructure:"log"`
+	// Debug holds diagnostics for operators.
+	Debug Debug `mapstructure:"debug"`
+}
+
+// Debug configures diagnostics.
+type Debug struct {
+	// Pprof serves Go's profiler on the HTTP listener.
+	Pprof bool `mapstructure:"pprof"`
 }
 
 // Auth configures access tokens.

@@ -24,6 +24,7 @@ type Setting struct {
 
 // help documents every key; TestSettingsHelp keeps it in step with Config.
 var help = map[string]string{
+	"debug.pprof":              "serve Go profiling at /debug/pprof on the HTTP listener; keep the HTTP listener private when on",
 	"data_dir":                 "directory holding the durable queue and the development secret",
 	"listen":                   "MQTT TCP listen address",
 	"http":                     "HTTP listen address (health, metrics, API); empty disables it",

@@ -266,6 +266,7 @@ func (h *Inbox) publishInbox(s *session, pk packets.Packet, to string) {
 			case queue.Stored, queue.Duplicate:
 				if qos1 {
 					s.w.Puback(pid, 0)
+					s.w.Flush(false)
 				}
 			case queue.Full:
 				h.refuseStored(s, pid, qos1, id, CodeQueueFull, fmt.Sprintf("the queue of %s is full", to))
@@ -284,6 +285,7 @@ func (h *Inbox) refuse(s *session, pk packets.Packet, code, reason string) {
 		if qos1 {
 			h.Queue.Append(&queue.Request{Done: func(queue.Status, queue.Message, error) {
 				s.w.Puback(pid, reasonCodes[code])
+				s.w.Flush(false)
 			}})
 		}
 		return
@@ -294,6 +296,7 @@ func (h *Inbox) refuse(s *session, pk packets.Packet, code, reason string) {
 		Done: func(queue.Status, queue.Message, error) {
 			if qos1 {
 				s.w.Puback(pid, 0)
+				s.w.Flush(false)
 			}
 		},
 	})
@@ -305,11 +308,13 @@ func (h *Inbox) refuseStored(s *session, pid uint16, qos1 bool, ref, code, reaso
 	if s.v5 {
 		if qos1 {
 			s.w.Puback(pid, reasonCodes[code])
+			s.w.Flush(false)
 		}
 		return
 	}
 	if qos1 {
 		s.w.Puback(pid, 0)
+		s.w.Flush(false)
 	}
 	ok := h.Queue.TryAppend(&queue.Request{
 		To: s.user, Data: envelope.Error(ref, code, reason),
@@ -327,6 +332,7 @@ func (h *Inbox) failed(s *session, pid uint16, qos1 bool, err error) {
 	if s.v5 {
 		if qos1 {
 			s.w.Puback(pid, unspecifiedError)
+			s.w.Flush(false)
 		}
 		return
 	}

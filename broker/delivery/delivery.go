@@ -26,6 +26,9 @@ type Source interface {
 type Sink interface {
 	// Publish queues a QoS 1 PUBLISH.
 	Publish(pid uint16, topic string, payload []byte, dup bool)
+	// Flush writes what is queued: in the calling goroutine when inline,
+	// else in the background.
+	Flush(inline bool)
 }
 
 // Options configures a Delivery.
@@ -131,6 +134,7 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 		f.devices[device] = dev
 		d.pump(dev)
 		f.mu.Unlock()
+		sink.Flush(true)
 		return dev, nil
 	}
 }
@@ -176,8 +180,17 @@ func (d *Delivery) Stored(user string, m queue.Message) {
 		return
 	}
 	f := v.(*feed)
+	var fed [4]Sink
+	sinks := fed[:0]
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	// The committer calls this: the writes happen in the background, so
+	// that a slow phone never holds up the commits of everyone else.
+	defer func() {
+		f.mu.Unlock()
+		for _, s := range sinks {
+			s.Flush(false)
+		}
+	}()
 	if f.dead || m.Seq <= f.head {
 		return
 	}
@@ -192,7 +205,9 @@ func (d *Delivery) Stored(user string, m queue.Message) {
 		f.tail = f.tail[:n]
 	}
 	for _, dev := range f.devices {
-		d.pump(dev)
+		if d.pump(dev) {
+			sinks = append(sinks, dev.sink)
+		}
 	}
 }
 
@@ -226,30 +241,39 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 		dev.acked = dev.next - 1
 	}
 	acked := dev.acked
-	d.pump(dev)
+	sent := d.pump(dev)
 	if n > 0 {
 		f.trim()
 	}
 	f.mu.Unlock()
+	if sent {
+		// Acks arrive on the device's own connection goroutine, which may
+		// wait for its own client's socket.
+		dev.sink.Flush(true)
+	}
 	if n > 0 {
 		d.opts.Source.Ack(f.user, dev.name, acked)
 	}
 }
 
-// pump sends dev what its window allows; called with dev.f.mu held.
-func (d *Delivery) pump(dev *Device) {
+// pump queues for dev what its window allows and reports whether it queued
+// anything; the caller flushes dev.sink after releasing dev.f.mu.
+func (d *Delivery) pump(dev *Device) bool {
 	f := dev.f
+	sent := false
 	for !dev.stopped && len(dev.inflight) < dev.window && dev.next <= f.head {
 		m, ok := dev.take()
 		if !ok {
 			d.readAhead(dev)
-			return
+			break
 		}
 		pid := dev.allocPID()
 		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid})
 		dev.next = m.Seq + 1
 		dev.sink.Publish(pid, dev.topic, m.Data, false)
+		sent = true
 	}
+	return sent
 }
 
 // take returns the message at dev.next from the read-ahead or the tail.
@@ -312,9 +336,9 @@ func (d *Delivery) readAhead(dev *Device) {
 		msgs, err := d.opts.Source.Read(dev.f.user, after, d.opts.ReadAhead)
 		f := dev.f
 		f.mu.Lock()
-		defer f.mu.Unlock()
 		dev.reading = false
 		if err != nil {
+			f.mu.Unlock()
 			d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "error", err)
 			return
 		}
@@ -322,7 +346,11 @@ func (d *Delivery) readAhead(dev *Device) {
 		if len(msgs) < d.opts.ReadAhead {
 			dev.readHead = head
 		}
-		d.pump(dev)
+		sent := d.pump(dev)
+		f.mu.Unlock()
+		if sent {
+			dev.sink.Flush(true)
+		}
 	}()
 }
 

@@ -87,8 +87,14 @@ type Store struct {
 	closed sync.Once
 }
 
-// maxBatchBytes keeps one commit well under Badger's transaction limit.
-const maxBatchBytes = 4 << 20
+// Badger sizes; see Open.
+const (
+	memTableSize   = 16 << 20
+	blockCacheSize = 64 << 20
+	// maxBatchBytes keeps one commit well under Badger's transaction
+	// limit, a fraction of the memtable size.
+	maxBatchBytes = 1 << 20
+)
 
 // Open opens or creates the queue store in opts.Dir and starts its committer.
 func Open(opts Options) (*Store, error) {
@@ -100,7 +106,12 @@ func Open(opts Options) (*Store, error) {
 		WithSyncWrites(opts.Queue.Sync == config.SyncAlways).
 		WithDetectConflicts(false).
 		WithNumVersionsToKeep(1).
-		WithCompactL0OnClose(true)
+		WithCompactL0OnClose(true).
+		// Small memtables: a queue's entries live briefly, inserts into a
+		// smaller skiplist are cheaper, and the server's memory stays low.
+		WithMemTableSize(memTableSize).
+		// Reads happen only when a device drains a backlog from disk.
+		WithBlockCacheSize(blockCacheSize)
 	db, err := badger.Open(bo)
 	if err != nil && strings.Contains(err.Error(), z.NewFile.Error()) {
 		// A crash between creating a memtable file and its first write leaves

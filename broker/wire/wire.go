@@ -2,15 +2,18 @@
 // client connection, coalescing everything pending into one socket write.
 //
 // Why not mochi's WritePacket: it allocates and issues one write(2) per
-// packet, and blocks the caller on a slow socket. Here callers (the
-// committer, the delivery of acks) only append bytes to a buffer; a
-// goroutine started on demand, and ending when the buffer is empty, does
-// the writing, so a phone that stops reading stalls nobody else.
+// packet, and blocks the caller on a slow socket. Here callers append
+// packets to a buffer and then Flush: the connection's own goroutine
+// writes in place (it only waits for its own client), any other goroutine,
+// such as the committer, hands the writing to a goroutine started on
+// demand that ends when the buffer is empty, so a phone that stops reading
+// stalls nobody else.
 package wire
 
 import (
 	"fmt"
 	"sync"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 )
@@ -46,7 +49,8 @@ func NewWriter(conn Conn, v5 bool, maxPending int) *Writer {
 	return &Writer{conn: conn, v5: v5, maxPending: maxPending}
 }
 
-// Puback queues a PUBACK for packet id pid with an MQTT 5 reason code (0 = success; ignored for v3).
+// Puback queues a PUBACK for packet id pid with an MQTT 5 reason code (0
+// = success; ignored for v3). It is written at the next Flush.
 func (w *Writer) Puback(pid uint16, reason byte) {
 	w.mu.Lock()
 	if w.closed {
@@ -58,10 +62,11 @@ func (w *Writer) Puback(pid uint16, reason byte) {
 	} else {
 		w.buf = append(w.buf, 0x40, 2, byte(pid>>8), byte(pid))
 	}
-	w.kick()
+	w.checkOverflow()
 }
 
 // Publish queues a QoS 1 PUBLISH of payload on topic with packet id pid.
+// It is written at the next Flush.
 func (w *Writer) Publish(pid uint16, topic string, payload []byte, dup bool) {
 	w.mu.Lock()
 	if w.closed {
@@ -69,7 +74,28 @@ func (w *Writer) Publish(pid uint16, topic string, payload []byte, dup bool) {
 		return
 	}
 	w.buf = AppendPublish(w.buf, w.v5, pid, topic, payload, dup)
-	w.kick()
+	w.checkOverflow()
+}
+
+// Flush writes what is queued. With inline, the caller writes it itself
+// and returns when the buffer is empty: only the connection's own
+// goroutine should, since it then waits for its client. Otherwise a
+// goroutine is started to write it. Either way, a write already under way
+// takes the queued bytes along and Flush returns at once.
+func (w *Writer) Flush(inline bool) {
+	w.mu.Lock()
+	if w.busy || w.closed || len(w.buf) == 0 {
+		w.mu.Unlock()
+		return
+	}
+	w.busy = true
+	w.written.Add(1)
+	w.mu.Unlock()
+	if inline {
+		w.run()
+		return
+	}
+	go w.run()
 }
 
 // Close stops the writer; queued bytes not yet written are dropped.
@@ -84,23 +110,17 @@ func (w *Writer) Close() {
 // Wait blocks until no write goroutine is running.
 func (w *Writer) Wait() { w.written.Wait() }
 
-// kick starts the write goroutine if needed; called with w.mu held, releases it.
-func (w *Writer) kick() {
-	if len(w.buf) > w.maxPending {
-		w.closed = true
-		w.buf = nil
-		w.mu.Unlock()
-		w.conn.Close(ErrOverflow)
-		return
-	}
-	if w.busy {
+// checkOverflow disconnects a client whose unwritten bytes exceed the
+// limit; called with w.mu held, releases it.
+func (w *Writer) checkOverflow() {
+	if len(w.buf) <= w.maxPending {
 		w.mu.Unlock()
 		return
 	}
-	w.busy = true
-	w.written.Add(1)
+	w.closed = true
+	w.buf = nil
 	w.mu.Unlock()
-	go w.run()
+	w.conn.Close(ErrOverflow)
 }
 
 // spareCap is the largest buffer kept between bursts, so an idle
@@ -178,15 +198,28 @@ type MochiConn struct {
 	Server *mqtt.Server
 }
 
+// writeTimeout bounds one write to a client: past it the client is taken
+// for gone, even while it still answers keepalives without reading.
+const writeTimeout = 30 * time.Second
+
 // Write writes b under the client's lock, the lock mochi's own WritePacket
 // holds, so packets from both never interleave.
 func (c MochiConn) Write(b []byte) error {
 	c.Client.Lock()
 	defer c.Client.Unlock()
-	if c.Client.Net.Conn == nil {
+	conn := c.Client.Net.Conn
+	if conn == nil {
 		return fmt.Errorf("client %s has no connection", c.Client.ID)
 	}
-	if _, err := c.Client.Net.Conn.Write(b); err != nil {
+	if err := conn.SetWriteDeadline(time.Now().Add(writeTimeout)); err != nil {
+		return fmt.Errorf("set write deadline for %s: %w", c.Client.ID, err)
+	}
+	_, err := conn.Write(b)
+	// mochi's own writes (PINGRESP, SUBACK) must not inherit our deadline.
+	if resetErr := conn.SetWriteDeadline(time.Time{}); err == nil && resetErr != nil {
+		err = resetErr
+	}
+	if err != nil {
 		return fmt.Errorf("write to %s: %w", c.Client.ID, err)
 	}
 	return nil

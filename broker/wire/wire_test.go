@@ -108,6 +108,7 @@ func TestWriterKeepsOrder(t *testing.T) {
 			}
 		}
 		w.Puback(9999, 0x97)
+		w.Flush(false)
 		w.Wait()
 		version := byte(4)
 		if v5 {
@@ -137,6 +138,7 @@ func TestWriterDisconnectsClientThatStopsReading(t *testing.T) {
 	w := NewWriter(c, false, 1000)
 	for range 200 {
 		w.Publish(1, "inbox/a", []byte("0123456789"), false)
+		w.Flush(false)
 	}
 	if reason := <-c.closed; reason != ErrOverflow {
 		t.Fatalf("closed with %v, want ErrOverflow", reason)
