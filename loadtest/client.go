@@ -1,6 +1,7 @@
 package loadtest
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"net"
@@ -84,11 +85,29 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 		// Dial directly: paho's own TCP dial honours proxy environment
 		// variables, and load must only ever reach the broker named.
 		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
-			return dialer.Dial("tcp", uri.Host)
+			conn, err := dialer.Dial("tcp", uri.Host)
+			if err != nil {
+				return nil, err
+			}
+			return bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
 		})
 	}
 	return o, nil
 }
+
+// readBufferSize is each simulated phone's read buffer. paho reads every
+// packet header a byte at a time, one system call each; without a buffer
+// the load tool, not the broker under test, would be the bottleneck.
+const readBufferSize = 4096
+
+// bufferedConn is a connection whose reads go through a buffer.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+// Read reads from the buffer.
+func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 // localAddr spreads connections over several loopback source addresses
 // when the broker is on loopback, so that a large connect run does not run
