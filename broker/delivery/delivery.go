@@ -273,7 +273,23 @@ func (d *Delivery) pump(dev *Device) bool {
 		dev.sink.Publish(pid, dev.topic, m.Data, false)
 		sent = true
 	}
+	if d.runningLow(dev) {
+		d.readAhead(dev)
+	}
 	return sent
+}
+
+// runningLow reports whether a device draining from disk should read its
+// next batch now, while it still has half a batch to send, so that it
+// never waits for the disk; called with dev.f.mu held.
+func (d *Delivery) runningLow(dev *Device) bool {
+	n := len(dev.prefetch)
+	if dev.reading || n == 0 || n >= d.opts.ReadAhead/2 {
+		return false
+	}
+	last := dev.prefetch[n-1].Seq
+	t := dev.f.tail
+	return last < dev.f.head && (len(t) == 0 || last+1 < t[0].Seq)
 }
 
 // take returns the message at dev.next from the read-ahead or the tail.
@@ -330,6 +346,9 @@ func (d *Delivery) readAhead(dev *Device) {
 	}
 	dev.reading = true
 	after, head := dev.next-1, dev.f.head
+	if n := len(dev.prefetch); n > 0 {
+		after = max(after, dev.prefetch[n-1].Seq)
+	}
 	d.reads.Add(1)
 	go func() {
 		defer d.reads.Done()
@@ -342,7 +361,7 @@ func (d *Delivery) readAhead(dev *Device) {
 			d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "error", err)
 			return
 		}
-		dev.prefetch = msgs
+		dev.prefetch = append(dev.prefetch, msgs...)
 		if len(msgs) < d.opts.ReadAhead {
 			dev.readHead = head
 		}
