@@ -76,7 +76,10 @@ type Device struct {
 
 	next     uint64 // smallest sequence not yet sent
 	acked    uint64 // every sequence <= acked is acknowledged
+	// inflight is what was sent and is not below the cursor, in order;
+	// unacked counts its entries not yet acknowledged.
 	inflight []inflight
+	unacked  int
 	nextPID  uint16
 
 	prefetch []queue.Message
@@ -223,6 +226,7 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 	for i := range dev.inflight {
 		if dev.inflight[i].pid == pid && !dev.inflight[i].acked {
 			dev.inflight[i].acked = true
+			dev.unacked--
 			found = true
 			break
 		}
@@ -261,7 +265,10 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 func (d *Delivery) pump(dev *Device) bool {
 	f := dev.f
 	sent := false
-	for !dev.stopped && len(dev.inflight) < dev.window && dev.next <= f.head {
+	// An acknowledgement out of order frees a slot of the window; the
+	// second bound keeps a client that never acknowledges one message from
+	// growing the list without end.
+	for !dev.stopped && dev.unacked < dev.window && len(dev.inflight) < 2*dev.window && dev.next <= f.head {
 		m, ok := dev.take()
 		if !ok {
 			d.readAhead(dev)
@@ -269,6 +276,7 @@ func (d *Delivery) pump(dev *Device) bool {
 		}
 		pid := dev.allocPID()
 		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid})
+		dev.unacked++
 		dev.next = m.Seq + 1
 		dev.sink.Publish(pid, dev.topic, m.Data, false)
 		sent = true
@@ -399,8 +407,9 @@ func (d *Delivery) Close() {
 	d.reads.Wait()
 }
 
-// Window reports how many messages are in flight to a device of user and
-// the next sequence it will be sent; ok is false when it is not online.
+// Window reports how many messages are in flight unacknowledged to a
+// device of user and the next sequence it will be sent; ok is false when
+// it is not online.
 func (d *Delivery) Window(user, device string) (inflight int, next uint64, ok bool) {
 	v, found := d.feeds.Load(user)
 	if !found {
@@ -413,5 +422,5 @@ func (d *Delivery) Window(user, device string) (inflight int, next uint64, ok bo
 	if !ok {
 		return 0, 0, false
 	}
-	return len(dev.inflight), dev.next, true
+	return dev.unacked, dev.next, true
 }
