@@ -89,7 +89,9 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 			if err != nil {
 				return nil, err
 			}
-			return bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
+			g := dbgConnGen.Add(1)
+			dbg("DIAL %s conn=%d", c.user, g)
+			return bufferedConn{Conn: dbgConn{Conn: conn, user: c.user, gen: g}, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
 		})
 	}
 	return o, nil
@@ -181,17 +183,21 @@ func (c *client) onConnectionLost(_ mqtt.Client, err error) {
 	c.r.conns.connected.Add(-1)
 	c.r.conns.lost.Add(1)
 	c.r.conns.noteLoss(fmt.Errorf("%s: %w", c.user, err))
+	dbg("LOST %s %v", c.user, err)
 }
 
 func (c *client) onReconnecting(mqtt.Client, *mqtt.ClientOptions) {
 	c.resync.Store(true)
+	dbg("RECONNECTING %s pending=%d", c.user, c.store.pending())
 }
 
 func (c *client) onMessage(_ mqtt.Client, m mqtt.Message) {
+	dbg("RECV %s from=%s n=%s id=%s dup=%v", c.user, field(m.Payload(), "s"), field(m.Payload(), "n"), field(m.Payload(), "id"), m.Duplicate())
 	c.r.ledger.Deliver(c.idx, m.Payload(), time.Now().UnixNano())
 }
 
 func (c *client) onAck(seq uint64) {
+	dbg("ACK %s seq=%d", c.user, seq)
 	c.r.ledger.Acked(seq, time.Now().UnixNano())
 	c.release()
 }
@@ -210,7 +216,9 @@ func (c *client) send(ctx context.Context, to int, n uint64) error {
 	}
 	// paho keeps the payload until the PUBACK, so each message needs its own.
 	payload := appendMessage(make([]byte, 0, c.r.cfg.Size+8), message{Tag: c.r.tag, Seq: seq, SentAt: now, Sender: c.user, N: n}, c.r.cfg.Size)
+	dbg("PUB> %s to=%s n=%d seq=%d resync=%v", c.user, c.r.users[to], n, seq, c.resync.Load())
 	tok := c.mc.Publish(c.r.topics[to], 1, false, payload)
+	dbg("PUB< %s to=%s n=%d seq=%d took=%s", c.user, c.r.users[to], n, seq, time.Since(time.Unix(0, now)))
 	// Every failure paho reports is decided inside Publish; one that left the
 	// message in the store (a write timeout) is resent on reconnection.
 	select {

@@ -280,6 +280,7 @@ func (l *Ledger) Deliver(receiver int, payload []byte, at int64) {
 	last, seen := rs.last[string(d.Sender)]
 	if seen && d.N <= last {
 		l.c.order.Add(1)
+		dbg("VIOLATION %s from=%s last=%d n=%d seq=%d", l.users[receiver], d.Sender, last, d.N, seq)
 	} else {
 		rs.last[string(d.Sender)] = d.N
 	}

@@ -74,8 +74,8 @@ type Device struct {
 	sink   Sink
 	window int
 
-	next     uint64 // smallest sequence not yet sent
-	acked    uint64 // every sequence <= acked is acknowledged
+	next  uint64 // smallest sequence not yet sent
+	acked uint64 // every sequence <= acked is acknowledged
 	// inflight is what was sent and is not below the cursor, in order;
 	// unacked counts its entries not yet acknowledged.
 	inflight []inflight
