@@ -33,8 +33,42 @@ type Config struct {
 	Limits Limits `mapstructure:"limits"`
 	// Log holds logging settings.
 	Log Log `mapstructure:"log"`
+	// Groups holds group chat settings.
+	Groups Groups `mapstructure:"groups"`
+	// Media holds media upload settings.
+	Media Media `mapstructure:"media"`
+	// Push holds push notification settings.
+	Push Push `mapstructure:"push"`
 	// Debug holds diagnostics for operators.
 	Debug Debug `mapstructure:"debug"`
+}
+
+// Groups configures group chats.
+type Groups struct {
+	// MaxMembers caps a group's size.
+	MaxMembers int `mapstructure:"max_members"`
+}
+
+// Media configures uploaded files.
+type Media struct {
+	// Dir holds uploaded files; empty means "media" inside DataDir.
+	Dir string `mapstructure:"dir"`
+	// MaxBytes caps one upload.
+	MaxBytes int64 `mapstructure:"max_bytes"`
+	// TTL deletes an upload this long after it was made.
+	TTL time.Duration `mapstructure:"ttl"`
+}
+
+// Push configures the webhook that wakes sleeping phones.
+type Push struct {
+	// Webhook is the URL notifications are POSTed to; empty disables push.
+	Webhook string `mapstructure:"webhook"`
+	// Interval is the least time between two notifications to one user.
+	Interval time.Duration `mapstructure:"interval"`
+	// QueueSize bounds the notifications waiting to be sent.
+	QueueSize int `mapstructure:"queue_size"`
+	// MaxAttempts is how often one notification is tried.
+	MaxAttempts int `mapstructure:"max_attempts"`
 }
 
 // Debug configures diagnostics.
@@ -111,7 +145,10 @@ func Default() Config {
 			MaxKeepalive:    600,
 			MaxPendingBytes: 8 << 20,
 		},
-		Log: Log{Level: "info", Format: "text"},
+		Log:    Log{Level: "info", Format: "text"},
+		Groups: Groups{MaxMembers: 1024},
+		Media:  Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
+		Push:   Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
 	}
 }
 
@@ -143,6 +180,12 @@ func (c *Config) Validate() error {
 		{"limits.max_inflight", int64(c.Limits.MaxInflight)},
 		{"limits.max_keepalive", int64(c.Limits.MaxKeepalive)},
 		{"limits.max_pending_bytes", int64(c.Limits.MaxPendingBytes)},
+		{"groups.max_members", int64(c.Groups.MaxMembers)},
+		{"media.max_bytes", c.Media.MaxBytes},
+		{"media.ttl", int64(c.Media.TTL)},
+		{"push.interval", int64(c.Push.Interval)},
+		{"push.queue_size", int64(c.Push.QueueSize)},
+		{"push.max_attempts", int64(c.Push.MaxAttempts)},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {

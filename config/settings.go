@@ -43,6 +43,14 @@ var help = map[string]string{
 	"limits.max_pending_bytes": "a client whose unread outbound bytes exceed this is disconnected",
 	"log.level":                "debug, info, warn or error",
 	"log.format":               "text or json",
+	"groups.max_members":       "most members of one group",
+	"media.dir":                "directory for uploaded media; empty means media inside data_dir",
+	"media.max_bytes":          "largest upload, in bytes",
+	"media.ttl":                "uploads are deleted this long after they were made",
+	"push.webhook":             "URL that push notifications are POSTed to; empty disables push",
+	"push.interval":            "least time between two push notifications to one user",
+	"push.queue_size":          "push notifications waiting to be sent; beyond it new ones are dropped and counted",
+	"push.max_attempts":        "how often one push notification is tried before it is dropped",
 }
 
 // Settings lists every configuration key in declaration order, with its

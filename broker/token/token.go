@@ -57,23 +57,35 @@ func NewVerifier(secret []byte) *Verifier {
 
 // Verify returns nil when tok is a valid, unexpired token whose sub is user.
 func (v *Verifier) Verify(tok, user string) error {
+	sub, err := v.Subject(tok)
+	if err != nil {
+		return err
+	}
+	if sub != user {
+		return fmt.Errorf("%w: sub %q does not match username %q", ErrInvalid, sub, user)
+	}
+	return nil
+}
+
+// Subject returns the user a valid, unexpired token was issued to, for
+// HTTP requests that carry a token but no username.
+func (v *Verifier) Subject(tok string) (string, error) {
 	if tok == "" {
-		return fmt.Errorf("%w: missing", ErrInvalid)
+		return "", fmt.Errorf("%w: missing", ErrInvalid)
 	}
 	// An empty HMAC key verifies any token signed with an empty key, which
 	// anyone can forge, so fail closed.
 	if len(v.secret) == 0 {
-		return fmt.Errorf("%w: verifier has no secret", ErrInvalid)
+		return "", fmt.Errorf("%w: verifier has no secret", ErrInvalid)
 	}
 	var claims jwt.RegisteredClaims
-	_, err := v.parser.ParseWithClaims(tok, &claims, func(*jwt.Token) (any, error) { return v.secret, nil })
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	if _, err := v.parser.ParseWithClaims(tok, &claims, func(*jwt.Token) (any, error) { return v.secret, nil }); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	if claims.Subject != user {
-		return fmt.Errorf("%w: sub %q does not match username %q", ErrInvalid, claims.Subject, user)
+	if claims.Subject == "" {
+		return "", fmt.Errorf("%w: no sub", ErrInvalid)
 	}
-	return nil
+	return claims.Subject, nil
 }
 
 // ResolveSecret returns configured when it is set, else the development
