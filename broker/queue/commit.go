@@ -17,6 +17,14 @@ type outcome struct {
 	status Status
 	msg    Message
 	err    error
+	// fanout holds what was stored for a request's further recipients.
+	fanout []stored
+}
+
+// stored is one message stored for one recipient.
+type stored struct {
+	user string
+	msg  Message
 }
 
 // commitLoop is the single writer: it groups appends from every connection
@@ -64,76 +72,150 @@ func (s *Store) collect(batch []*Request) []*Request {
 	return batch
 }
 
+// batchTxn writes a batch's entries, committing and starting a new Badger
+// transaction whenever one is full. A failed commit fails every request
+// that had an entry in it; a group message spread over several
+// transactions may then reach some of its recipients, which the sender's
+// retry cannot repair (its dedup key is written last). Only a failing disk
+// gets there.
+type batchTxn struct {
+	s       *Store
+	txn     *badger.Txn
+	first   int // index of the first request with an entry in txn
+	results []outcome
+}
+
+// set adds e on behalf of request idx.
+func (b *batchTxn) set(idx int, e *badger.Entry) error {
+	err := b.txn.SetEntry(e)
+	if errors.Is(err, badger.ErrTxnTooBig) {
+		b.commit(idx, idx+1)
+		err = b.txn.SetEntry(e)
+	}
+	return err
+}
+
+// commit commits txn for requests [first, upTo) and starts the next one at next.
+func (b *batchTxn) commit(next, upTo int) {
+	if err := b.txn.Commit(); err != nil {
+		err = fmt.Errorf("commit %d messages: %w", upTo-b.first, err)
+		b.s.log.Error("queue commit failed", "error", err)
+		for i := b.first; i < upTo && i < len(b.results); i++ {
+			if b.results[i].status == Stored {
+				b.results[i] = outcome{status: Failed, err: err}
+			}
+		}
+	}
+	b.txn = b.s.db.NewTransaction(true)
+	b.first = next
+}
+
 // commit stores a batch in as few Badger transactions as its size allows
 // and then reports every outcome in order.
 func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 	ttl := s.opts.Queue.MessageTTL
 	dedupTTL := s.opts.Queue.DedupWindow
-	txn := s.db.NewTransaction(true)
-	first := 0 // index of the first request in txn
-	finish := func(upTo int) {
-		if err := txn.Commit(); err != nil {
-			err = fmt.Errorf("commit %d messages: %w", upTo-first, err)
-			s.log.Error("queue commit failed", "error", err)
-			for i := first; i < upTo; i++ {
-				if results[i].status == Stored {
-					results[i] = outcome{status: Failed, err: err}
-				}
-			}
-		}
-		first = upTo
-	}
+	b := &batchTxn{s: s, txn: s.db.NewTransaction(true)}
 	for i, r := range batch {
 		results = append(results, outcome{})
-		if r.To == "" {
+		b.results = results
+		if r.To == "" && len(r.Fanout) == 0 {
 			results[i].status = Passed
 			continue
 		}
-		st, msg, err := s.stage(txn, r, ttl, dedupTTL)
-		if errors.Is(err, badger.ErrTxnTooBig) {
-			finish(i)
-			txn = s.db.NewTransaction(true)
-			st, msg, err = s.stage(txn, r, ttl, dedupTTL)
+		o := s.stage(b, i, r, ttl, dedupTTL)
+		// A commit forced while staging this request may already have failed it.
+		if results[i].status != Failed {
+			results[i] = o
 		}
-		results[i] = outcome{status: st, msg: msg, err: err}
 	}
-	finish(len(batch))
+	b.commit(len(batch), len(batch))
+	b.txn.Discard()
 	for i, r := range batch {
-		if results[i].status == Stored {
-			if u, err := s.user(r.To); err == nil {
-				u.mu.Lock()
-				u.committed = max(u.committed, results[i].msg.Seq)
-				u.mu.Unlock()
-			}
+		if results[i].status != Stored {
+			continue
+		}
+		if r.To != "" {
+			s.committed(r.To, results[i].msg.Seq)
+		}
+		for _, f := range results[i].fanout {
+			s.committed(f.user, f.msg.Seq)
 		}
 	}
 	for i, r := range batch {
 		o := results[i]
 		r.Done(o.status, o.msg, o.err)
-		if o.status == Stored && s.opts.OnStored != nil {
+		if o.status != Stored || s.opts.OnStored == nil {
+			continue
+		}
+		if r.To != "" && o.msg.Seq != 0 {
 			s.opts.OnStored(r.To, o.msg)
+		}
+		for _, f := range o.fanout {
+			s.opts.OnStored(f.user, f.msg)
 		}
 	}
 	return results
 }
 
-// stage checks dedup and the queue cap, assigns the next sequence of the
-// recipient and adds the message to txn.
-func (s *Store) stage(txn *badger.Txn, r *Request, ttl, dedupTTL time.Duration) (Status, Message, error) {
-	u, err := s.user(r.To)
+// committed records that seq of user is durable.
+func (s *Store) committed(user string, seq uint64) {
+	u, err := s.user(user)
 	if err != nil {
-		return Failed, Message{}, err
+		return
 	}
+	u.mu.Lock()
+	u.committed = max(u.committed, seq)
+	u.mu.Unlock()
+}
+
+// stage checks dedup and the queue caps, assigns the next sequence of each
+// recipient and adds the message to txn.
+func (s *Store) stage(b *batchTxn, idx int, r *Request, ttl, dedupTTL time.Duration) outcome {
 	var dk []byte
 	if r.ID != "" {
 		dk = dedupKey(r.Sender, r.ID)
-		_, err := txn.Get(dk)
+		_, err := b.txn.Get(dk)
 		if err == nil {
-			return Duplicate, Message{}, nil
+			return outcome{status: Duplicate}
 		}
 		if !errors.Is(err, badger.ErrKeyNotFound) {
-			return Failed, Message{}, fmt.Errorf("dedup lookup: %w", err)
+			return outcome{status: Failed, err: fmt.Errorf("dedup lookup: %w", err)}
 		}
+	}
+	o := outcome{status: Stored}
+	if r.To != "" {
+		msg, full, err := s.stageOne(b, idx, r.To, r.Meta, r.Data, ttl)
+		switch {
+		case err != nil:
+			return outcome{status: Failed, err: err}
+		case full && len(r.Fanout) == 0:
+			return outcome{status: Full}
+		}
+		o.msg = msg
+	}
+	for _, f := range r.Fanout {
+		msg, full, err := s.stageOne(b, idx, f.To, r.Meta, f.Data, ttl)
+		if err != nil {
+			return outcome{status: Failed, err: err}
+		}
+		if !full {
+			o.fanout = append(o.fanout, stored{f.To, msg})
+		}
+	}
+	if dk != nil {
+		if err := b.set(idx, badger.NewEntry(dk, nil).WithTTL(dedupTTL)); err != nil {
+			return outcome{status: Failed, err: fmt.Errorf("stage dedup key: %w", err)}
+		}
+	}
+	return o
+}
+
+// stageOne adds one recipient's copy to txn; full reports a queue at its cap.
+func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration) (msg Message, full bool, err error) {
+	u, err := s.user(to)
+	if err != nil {
+		return Message{}, false, err
 	}
 	u.mu.Lock()
 	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
@@ -141,20 +223,16 @@ func (s *Store) stage(txn *badger.Txn, r *Request, ttl, dedupTTL time.Duration) 
 	}
 	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
 		u.mu.Unlock()
-		return Full, Message{}, nil
+		return Message{}, true, nil
 	}
 	seq := u.head + 1
 	u.head = seq
 	u.mu.Unlock()
-	if err := txn.SetEntry(badger.NewEntry(msgKey(r.To, seq), r.Data).WithTTL(ttl)); err != nil {
-		return Failed, Message{}, fmt.Errorf("stage message: %w", err)
+	v, m, d := encodeValue(meta, data)
+	if err := b.set(idx, badger.NewEntry(msgKey(to, seq), v).WithTTL(ttl)); err != nil {
+		return Message{}, false, fmt.Errorf("stage message: %w", err)
 	}
-	if dk != nil {
-		if err := txn.SetEntry(badger.NewEntry(dk, nil).WithTTL(dedupTTL)); err != nil {
-			return Failed, Message{}, fmt.Errorf("stage dedup key: %w", err)
-		}
-	}
-	return Stored, Message{Seq: seq, Data: r.Data}, nil
+	return Message{Seq: seq, Meta: m, Data: d}, false, nil
 }
 
 // skipExpired moves a full queue's tail past messages that expired

@@ -1,6 +1,9 @@
 package queue
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"errors"
+)
 
 // Key layout. User IDs and device names never contain 0x00, so a user's
 // prefix never matches another user's keys.
@@ -8,6 +11,8 @@ import "encoding/binary"
 //	m<user>\x00<seq:8 BE>  -> envelope bytes (TTL message_ttl)
 //	v<user>\x00<device>    -> device record: cursor:8 BE, last seen unix:8 BE, flags:1
 //	d<sender>\x00<id>      -> empty (TTL dedup_window)
+//	p<user>                -> presence record (package broker/presence)
+//	g<group>               -> group record (package broker/groups)
 const (
 	msgTag    = 'm'
 	deviceTag = 'v'
@@ -86,4 +91,26 @@ func decodeRecord(v []byte) (record, bool) {
 		seen:       int64(binary.BigEndian.Uint64(v[8:])),
 		subscribed: v[16]&subscribedFlag != 0,
 	}, true
+}
+
+// encodeValue lays out a stored message: the length of meta as a uvarint,
+// meta, then the envelope. It returns the value and its two parts.
+func encodeValue(meta, data []byte) (v, m, d []byte) {
+	v = make([]byte, 0, binary.MaxVarintLen32+len(meta)+len(data))
+	v = binary.AppendUvarint(v, uint64(len(meta)))
+	start := len(v)
+	v = append(v, meta...)
+	v = append(v, data...)
+	return v, v[start : start+len(meta)], v[start+len(meta):]
+}
+
+// errCorruptValue is a stored message whose layout does not decode.
+var errCorruptValue = errors.New("corrupt stored message")
+
+func decodeValue(v []byte) (meta, data []byte, err error) {
+	n, k := binary.Uvarint(v)
+	if k <= 0 || n > uint64(len(v)-k) {
+		return nil, nil, errCorruptValue
+	}
+	return v[k : k+int(n)], v[k+int(n):], nil
 }

@@ -26,6 +26,9 @@ import (
 type Message struct {
 	// Seq is the message's position in its user's queue, from 1.
 	Seq uint64
+	// Meta is what the caller stored beside the envelope for itself (who
+	// to send a delivered receipt to); it is never delivered.
+	Meta []byte
 	// Data is the envelope delivered to the user's devices.
 	Data []byte
 }
@@ -53,11 +56,25 @@ type Request struct {
 	To string
 	// Sender and ID form the dedup key; an empty ID disables dedup (server-made events).
 	Sender, ID string
+	// Meta is stored beside Data and handed back with the message.
+	Meta []byte
 	// Data is the envelope to store.
 	Data []byte
+	// Fanout lists more recipients of the same message (a group message),
+	// each with its own envelope, stored in the same commit under the one
+	// dedup key. A full queue skips that recipient alone.
+	Fanout []Fanout
 	// Done is called once, on the committer goroutine, in the order requests
 	// were made. It must not block.
 	Done func(Status, Message, error)
+}
+
+// Fanout is one more recipient of a Request.
+type Fanout struct {
+	// To is the recipient user.
+	To string
+	// Data is the envelope for that recipient.
+	Data []byte
 }
 
 // Options configures a Store.
@@ -176,7 +193,11 @@ func (s *Store) Read(user string, after uint64, max int) ([]Message, error) {
 			if err != nil {
 				return fmt.Errorf("read value: %w", err)
 			}
-			out = append(out, Message{Seq: seqOf(item.Key()), Data: v})
+			meta, data, err := decodeValue(v)
+			if err != nil {
+				return fmt.Errorf("message %d: %w", seqOf(item.Key()), err)
+			}
+			out = append(out, Message{Seq: seqOf(item.Key()), Meta: meta, Data: data})
 		}
 		return nil
 	})
@@ -294,6 +315,10 @@ func (s *Store) Head(user string) (uint64, error) {
 	defer u.mu.Unlock()
 	return u.committed, nil
 }
+
+// DB returns the Badger database, for the server's other small records
+// (presence, groups) under their own key prefixes, listed in keys.go.
+func (s *Store) DB() *badger.DB { return s.db }
 
 // DiskSize returns Badger's LSM and value-log sizes in bytes.
 func (s *Store) DiskSize() (lsm, vlog int64) { return s.db.Size() }

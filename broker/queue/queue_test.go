@@ -427,3 +427,53 @@ func TestDrainingGivesDiskSpaceBack(t *testing.T) {
 	}
 	eq(t, "left", h.read("bob", 0), []string{})
 }
+
+func TestFanoutStoresOneCopyPerRecipientUnderOneDedupKey(t *testing.T) {
+	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 1 })
+	h.append("full", "x", "pre", "fills the queue of full")
+	req := func() (Status, Message) {
+		ch := make(chan Status, 1)
+		var msg Message
+		h.s.Append(&Request{Sender: "alice", ID: "g-1", Meta: []byte("meta"),
+			Fanout: []Fanout{{To: "bob", Data: []byte("to bob")}, {To: "carol", Data: []byte("to carol")}, {To: "full", Data: []byte("to full")}},
+			Done: func(st Status, m Message, _ error) { msg = m; ch <- st }})
+		return <-ch, msg
+	}
+	if st, _ := req(); st != Stored {
+		t.Fatalf("fan-out: %v", st)
+	}
+	eq(t, "bob", h.read("bob", 0), []string{"1=to bob"})
+	eq(t, "carol", h.read("carol", 0), []string{"1=to carol"})
+	eq(t, "full", h.read("full", 0), []string{"1=fills the queue of full"})
+	if st, _ := req(); st != Duplicate {
+		t.Fatalf("resent fan-out: %v, want Duplicate", st)
+	}
+	msgs, err := h.s.Read("bob", 0, 10)
+	if err != nil || string(msgs[0].Meta) != "meta" {
+		t.Fatalf("meta read back: %q, %v", msgs[0].Meta, err)
+	}
+}
+
+func TestLargeFanoutSpansTransactions(t *testing.T) {
+	h := newHarness(t, nil)
+	data := bytes.Repeat([]byte("x"), 32<<10)
+	var fan []Fanout
+	for i := range 1024 {
+		fan = append(fan, Fanout{To: fmt.Sprint("m", i), Data: data})
+	}
+	ch := make(chan Status, 1)
+	h.s.Append(&Request{Sender: "alice", ID: "big", Fanout: fan, Done: func(st Status, _ Message, err error) {
+		if err != nil {
+			t.Error(err)
+		}
+		ch <- st
+	}})
+	if st := <-ch; st != Stored {
+		t.Fatalf("32 MiB fan-out: %v", st)
+	}
+	for _, u := range []string{"m0", "m511", "m1023"} {
+		if msgs, err := h.s.Read(u, 0, 2); err != nil || len(msgs) != 1 || len(msgs[0].Data) != len(data) {
+			t.Fatalf("%s: %d messages, %v", u, len(msgs), err)
+		}
+	}
+}
