@@ -12,6 +12,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,8 +20,11 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/presence"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/topic"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/hooks"
 )
@@ -42,6 +46,9 @@ type Server struct {
 	queue    *queue.Store
 	delivery *delivery.Delivery
 	mqtt     *mqtt.Server
+	presence *presence.Tracker
+	groups   *groups.Store
+	verifier *token.Verifier
 	tcp      *listeners.TCP
 	http     *http.Server
 	httpLn   net.Listener
@@ -68,7 +75,7 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
-	s := &Server{cfg: cfg, log: log}
+	s := &Server{cfg: cfg, log: log, verifier: token.NewVerifier(opts.Secret)}
 	q, err := queue.Open(queue.Options{
 		Dir:    filepath.Join(cfg.DataDir, queueDir),
 		Queue:  cfg.Queue,
@@ -81,16 +88,18 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.queue = q
+	var inbox *hooks.Inbox
 	s.delivery = delivery.New(delivery.Options{
 		Source:       q,
 		Logger:       log,
 		TailMessages: max(1024, 4*cfg.Limits.MaxInflight),
 		ReadAhead:    1024,
+		OnDelivered:  func(user string, metas [][]byte) { inbox.Delivered(user, metas) },
 	})
+	s.groups = groups.New(q.DB(), cfg.Groups.MaxMembers)
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumQos = 1
-	caps.RetainAvailable = 0
 	caps.MaximumPacketSize = uint32(cfg.Limits.MaxMessageBytes + 8192)
 	// mochi's own outbound queue only carries its rare control packets;
 	// deliveries and PUBACKs go through broker/wire.
@@ -99,6 +108,8 @@ func New(opts Options) (*Server, error) {
 	caps.MaximumInflight = 1024
 	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
 	s.mqtt = mqtt.New(&mqtt.Options{
+		// The inline client publishes presence, retained, as the server.
+		InlineClient:             true,
 		Capabilities:             caps,
 		ClientNetWriteBufferSize: 1024,
 		ClientNetReadBufferSize:  1024,
@@ -106,14 +117,17 @@ func New(opts Options) (*Server, error) {
 	})
 	auth := &hooks.Auth{
 		Server:       s.mqtt,
-		Verifier:     token.NewVerifier(opts.Secret),
+		Verifier:     s.verifier,
 		MaxKeepalive: uint16(min(cfg.Limits.MaxKeepalive, 65535)),
 		Log:          log,
 	}
-	inbox := &hooks.Inbox{
+	s.presence = presence.New(q.DB(), s.mqtt.Publish, log)
+	inbox = &hooks.Inbox{
 		Server:          s.mqtt,
 		Queue:           q,
 		Delivery:        s.delivery,
+		Presence:        s.presence,
+		Groups:          s.groups,
 		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
 		MaxInflight:     cfg.Limits.MaxInflight,
 		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
@@ -133,6 +147,9 @@ func New(opts Options) (*Server, error) {
 
 // Start starts serving MQTT and HTTP.
 func (s *Server) Start() error {
+	if err := s.presence.Restore(); err != nil {
+		return err
+	}
 	if s.cfg.HTTP != "" {
 		ln, err := net.Listen("tcp", s.cfg.HTTP)
 		if err != nil {
@@ -206,6 +223,7 @@ func (s *Server) routes() http.Handler {
 		w.Header().Set("Content-Type", "text/plain")
 		fmt.Fprintln(w, "ok")
 	})
+	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -213,4 +231,20 @@ func (s *Server) routes() http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// bearer authenticates an HTTP request by its "Authorization: Bearer" token.
+func (s *Server) bearer(r *http.Request) (string, error) {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return "", errors.New("missing Authorization: Bearer token")
+	}
+	user, err := s.verifier.Subject(strings.TrimSpace(tok))
+	if err != nil {
+		return "", err
+	}
+	if !topic.ValidUser(user) {
+		return "", fmt.Errorf("token subject %q is not a user ID", user)
+	}
+	return user, nil
 }

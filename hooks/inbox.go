@@ -13,6 +13,8 @@ import (
 
 	"github.com/chatd/chatd/broker/delivery"
 	"github.com/chatd/chatd/broker/envelope"
+	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/presence"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/topic"
 	"github.com/chatd/chatd/broker/wire"
@@ -68,6 +70,10 @@ type Inbox struct {
 	Queue Store
 	// Delivery feeds online devices.
 	Delivery *delivery.Delivery
+	// Presence announces users coming online and going offline.
+	Presence *presence.Tracker
+	// Groups holds group memberships.
+	Groups *groups.Store
 	// MaxMessageBytes caps a message object.
 	MaxMessageBytes int
 	// MaxInflight caps unacknowledged deliveries per device.
@@ -134,6 +140,7 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	h.sessions.Store(cl, s)
 	h.current.Store(cl.ID, s)
+	h.Presence.Connected(user)
 	if subscribed {
 		h.startDelivery(cl, s, cursor)
 	}
@@ -203,6 +210,7 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.Delivery.Stop(s.dev)
 	}
 	s.w.Close()
+	h.Presence.Disconnected(s.user)
 	if h.current.CompareAndDelete(s.clientID, s) {
 		h.Queue.Detach(s.user, s.device)
 	}
@@ -231,6 +239,9 @@ func (h *Inbox) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 // message is durable. Returning ErrRejectPacket keeps mochi from
 // acknowledging or routing it itself.
 func (h *Inbox) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil // the server's own presence announcements
+	}
 	s, ok := h.session(cl)
 	if !ok {
 		return pk, packets.ErrRejectPacket
@@ -239,6 +250,12 @@ func (h *Inbox) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	switch kind {
 	case topic.Inbox:
 		h.publishInbox(s, pk, to)
+	case topic.Group:
+		h.publishGroup(s, pk, to)
+	case topic.Receipt:
+		h.publishReceipt(s, pk, to)
+	case topic.Typing:
+		h.publishTyping(s, pk, to)
 	case topic.Presence:
 		h.refuse(s, pk, CodeNotAuthorized, "presence topics are published by the server only")
 	default:
@@ -257,24 +274,29 @@ func (h *Inbox) publishInbox(s *session, pk packets.Packet, to string) {
 		h.refuse(s, pk, CodeBadPayload, err.Error())
 		return
 	}
-	pid, qos1 := pk.PacketID, pk.FixedHeader.Qos > 0
 	h.Queue.Append(&queue.Request{
-		To: to, Sender: s.user, ID: id,
+		To: to, Sender: s.user, ID: id, Meta: envelope.Meta(s.user, id),
 		Data: envelope.Message(s.user, to, "", time.Now().UnixMilli(), pk.Payload),
-		Done: func(st queue.Status, _ queue.Message, err error) {
-			switch st {
-			case queue.Stored, queue.Duplicate:
-				if qos1 {
-					s.w.Puback(pid, 0)
-					s.w.Flush(false)
-				}
-			case queue.Full:
-				h.refuseStored(s, pid, qos1, id, CodeQueueFull, fmt.Sprintf("the queue of %s is full", to))
-			default:
-				h.failed(s, pid, qos1, err)
-			}
-		},
+		Done: h.answer(s, pk, id, fmt.Sprintf("the queue of %s is full", to)),
 	})
+}
+
+// answer returns the Done of a stored publish: the PUBACK, or the refusal.
+func (h *Inbox) answer(s *session, pk packets.Packet, id, fullReason string) func(queue.Status, queue.Message, error) {
+	pid, qos1 := pk.PacketID, pk.FixedHeader.Qos > 0
+	return func(st queue.Status, _ queue.Message, err error) {
+		switch st {
+		case queue.Stored, queue.Duplicate, queue.Passed:
+			if qos1 {
+				s.w.Puback(pid, 0)
+				s.w.Flush(false)
+			}
+		case queue.Full:
+			h.refuseStored(s, pid, qos1, id, CodeQueueFull, fullReason)
+		default:
+			h.failed(s, pid, qos1, err)
+		}
+	}
 }
 
 // refuse answers a publish that is refused before it reaches the queue.

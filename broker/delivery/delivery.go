@@ -26,6 +26,8 @@ type Source interface {
 type Sink interface {
 	// Publish queues a QoS 1 PUBLISH.
 	Publish(pid uint16, topic string, payload []byte, dup bool)
+	// PublishQoS0 queues a QoS 0 PUBLISH, for what is never stored.
+	PublishQoS0(topic string, payload []byte)
 	// Flush writes what is queued: in the calling goroutine when inline,
 	// else in the background.
 	Flush(inline bool)
@@ -41,6 +43,11 @@ type Options struct {
 	TailMessages int
 	// ReadAhead is how many messages one disk read fetches for a device.
 	ReadAhead int
+	// OnDelivered, if set, is called with the Meta of messages a device of
+	// user acknowledged that no other device of user had acknowledged
+	// before, in order, on the acknowledging connection's goroutine, with
+	// no lock held. It may block that connection alone.
+	OnDelivered func(user string, metas [][]byte)
 }
 
 // Delivery is the set of online devices of all users.
@@ -92,6 +99,7 @@ type inflight struct {
 	seq   uint64
 	pid   uint16
 	acked bool
+	meta  []byte
 }
 
 // feed is one user's online devices and recent messages.
@@ -103,7 +111,10 @@ type feed struct {
 	// keep up are fed without reading back from disk.
 	tail []queue.Message
 	head uint64
-	dead bool
+	// receipted is the last sequence reported to OnDelivered, so that a
+	// user's second device acknowledging a message reports nothing.
+	receipted uint64
+	dead      bool
 }
 
 // Start begins feeding device of user, whose acknowledged cursor is
@@ -214,6 +225,27 @@ func (d *Delivery) Stored(user string, m queue.Message) {
 	}
 }
 
+// Ephemeral sends payload at QoS 0 on topic to the online devices of user
+// that are being fed, now or never: it is not stored.
+func (d *Delivery) Ephemeral(user, topic string, payload []byte) {
+	v, ok := d.feeds.Load(user)
+	if !ok {
+		return
+	}
+	f := v.(*feed)
+	var fed [4]Sink
+	sinks := fed[:0]
+	f.mu.Lock()
+	for _, dev := range f.devices {
+		dev.sink.PublishQoS0(topic, payload)
+		sinks = append(sinks, dev.sink)
+	}
+	f.mu.Unlock()
+	for _, s := range sinks {
+		s.Flush(false)
+	}
+}
+
 // Acked handles a PUBACK from dev for packet id pid.
 func (d *Delivery) Acked(dev *Device, pid uint16) {
 	f := dev.f
@@ -236,11 +268,19 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 		return
 	}
 	n := 0
+	var metas [][]byte
 	for n < len(dev.inflight) && dev.inflight[n].acked {
-		dev.acked = dev.inflight[n].seq
+		in := dev.inflight[n]
+		dev.acked = in.seq
+		if in.seq > f.receipted && len(in.meta) > 0 && d.opts.OnDelivered != nil {
+			metas = append(metas, in.meta)
+		}
 		n++
 	}
-	dev.inflight = dev.inflight[:copy(dev.inflight, dev.inflight[n:])]
+	f.receipted = max(f.receipted, dev.acked)
+	k := copy(dev.inflight, dev.inflight[n:])
+	clear(dev.inflight[k:])
+	dev.inflight = dev.inflight[:k]
 	if len(dev.inflight) == 0 {
 		dev.acked = dev.next - 1
 	}
@@ -257,6 +297,9 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 	}
 	if n > 0 {
 		d.opts.Source.Ack(f.user, dev.name, acked)
+	}
+	if len(metas) > 0 {
+		d.opts.OnDelivered(f.user, metas)
 	}
 }
 
@@ -275,7 +318,7 @@ func (d *Delivery) pump(dev *Device) bool {
 			break
 		}
 		pid := dev.allocPID()
-		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid})
+		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid, meta: m.Meta})
 		dev.unacked++
 		dev.next = m.Seq + 1
 		dev.sink.Publish(pid, dev.topic, m.Data, false)

@@ -75,6 +75,13 @@ func (s *fakeSink) Publish(pid uint16, topic string, payload []byte, dup bool) {
 	s.mu.Unlock()
 }
 
+func (s *fakeSink) PublishQoS0(topic string, payload []byte) {
+	s.mu.Lock()
+	s.pids = append(s.pids, 0)
+	s.seqs = append(s.seqs, "qos0:"+string(payload))
+	s.mu.Unlock()
+}
+
 func (s *fakeSink) Flush(bool) {
 	select {
 	case s.sig <- struct{}{}:

@@ -436,7 +436,7 @@ func TestFanoutStoresOneCopyPerRecipientUnderOneDedupKey(t *testing.T) {
 		var msg Message
 		h.s.Append(&Request{Sender: "alice", ID: "g-1", Meta: []byte("meta"),
 			Fanout: []Fanout{{To: "bob", Data: []byte("to bob")}, {To: "carol", Data: []byte("to carol")}, {To: "full", Data: []byte("to full")}},
-			Done: func(st Status, m Message, _ error) { msg = m; ch <- st }})
+			Done:   func(st Status, m Message, _ error) { msg = m; ch <- st }})
 		return <-ch, msg
 	}
 	if st, _ := req(); st != Stored {

@@ -77,6 +77,18 @@ func (w *Writer) Publish(pid uint16, topic string, payload []byte, dup bool) {
 	w.checkOverflow()
 }
 
+// PublishQoS0 queues a QoS 0 PUBLISH of payload on topic, for what is sent
+// once and never stored. It is written at the next Flush.
+func (w *Writer) PublishQoS0(topic string, payload []byte) {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return
+	}
+	w.buf = AppendPublishQoS0(w.buf, w.v5, topic, payload)
+	w.checkOverflow()
+}
+
 // Flush writes what is queued. With inline, the caller writes it itself
 // and returns when the buffer is empty: only the connection's own
 // goroutine should, since it then waits for its client. Otherwise a
@@ -170,6 +182,22 @@ func AppendPublish(b []byte, v5 bool, pid uint16, topic string, payload []byte, 
 	b = append(b, byte(len(topic)>>8), byte(len(topic)))
 	b = append(b, topic...)
 	b = append(b, byte(pid>>8), byte(pid))
+	if v5 {
+		b = append(b, 0)
+	}
+	return append(b, payload...)
+}
+
+// AppendPublishQoS0 appends the encoding of a QoS 0 PUBLISH to b.
+func AppendPublishQoS0(b []byte, v5 bool, topic string, payload []byte) []byte {
+	n := 2 + len(topic) + len(payload)
+	if v5 {
+		n++ // empty property set
+	}
+	b = append(b, 0x30)
+	b = appendVarint(b, n)
+	b = append(b, byte(len(topic)>>8), byte(len(topic)))
+	b = append(b, topic...)
 	if v5 {
 		b = append(b, 0)
 	}

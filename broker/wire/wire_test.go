@@ -73,6 +73,20 @@ func TestAppendPublishDecodes(t *testing.T) {
 	}
 }
 
+func TestAppendPublishQoS0Decodes(t *testing.T) {
+	for _, v5 := range []bool{false, true} {
+		version := byte(4)
+		if v5 {
+			version = 5
+		}
+		b := AppendPublishQoS0(nil, v5, "inbox/bob", []byte(`{"kind":"typing"}`))
+		pk := decode(t, bufio.NewReader(bytes.NewReader(b)), version)
+		if pk.TopicName != "inbox/bob" || pk.FixedHeader.Qos != 0 || string(pk.Payload) != `{"kind":"typing"}` {
+			t.Fatalf("v5=%v decoded topic %q qos %d payload %q", v5, pk.TopicName, pk.FixedHeader.Qos, pk.Payload)
+		}
+	}
+}
+
 // memConn records what the writer writes; while stalled is open, writes
 // block like those to a client that stopped reading.
 type memConn struct {

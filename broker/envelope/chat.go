@@ -1,0 +1,99 @@
+package envelope
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strconv"
+)
+
+// MaxReceiptIDs caps the ids of one read receipt.
+const MaxReceiptIDs = 1000
+
+// Meta returns what is stored beside a message so that its delivery can
+// be reported to its sender: the sender and the message id.
+func Meta(from, id string) []byte {
+	b := make([]byte, 0, len(from)+1+len(id))
+	b = append(b, from...)
+	b = append(b, 0)
+	return append(b, id...)
+}
+
+// ParseMeta is the inverse of Meta.
+func ParseMeta(b []byte) (from, id string, ok bool) {
+	i := bytes.IndexByte(b, 0)
+	if i <= 0 {
+		return "", "", false
+	}
+	return string(b[:i]), string(b[i+1:]), true
+}
+
+// Receipt returns the event telling a sender that by has received or read ids.
+func Receipt(status, by string, ids []string, tsMillis int64) []byte {
+	ev := struct {
+		Kind   string   `json:"kind"`
+		Status string   `json:"status"`
+		By     string   `json:"by"`
+		IDs    []string `json:"ids"`
+		TS     int64    `json:"ts"`
+	}{"receipt", status, by, ids, tsMillis}
+	b, err := json.Marshal(ev)
+	if err != nil {
+		// Strings and an integer always marshal; keep the type honest anyway.
+		return []byte(`{"kind":"receipt","status":"` + status + `"}`)
+	}
+	return b
+}
+
+// ReadReceipt validates what a reader publishes to receipt/{sender}:
+// {"status":"read","ids":[...]} with 1 to MaxReceiptIDs ids of 1-64
+// characters, and returns the ids.
+func ReadReceipt(payload []byte, max int) ([]string, error) {
+	if len(payload) > max {
+		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(payload), max)
+	}
+	var r struct {
+		Status string   `json:"status"`
+		IDs    []string `json:"ids"`
+	}
+	if err := json.Unmarshal(payload, &r); err != nil {
+		return nil, fmt.Errorf("%w: receipt: %w", ErrBadPayload, err)
+	}
+	if r.Status != "read" {
+		return nil, fmt.Errorf("%w: receipt status must be \"read\"", ErrBadPayload)
+	}
+	if len(r.IDs) == 0 || len(r.IDs) > MaxReceiptIDs {
+		return nil, fmt.Errorf("%w: a receipt carries 1 to %d ids, got %d", ErrBadPayload, MaxReceiptIDs, len(r.IDs))
+	}
+	for _, id := range r.IDs {
+		if len(id) == 0 || len(id) > MaxIDLen {
+			return nil, fmt.Errorf("%w: receipt id has %d bytes", ErrBadPayload, len(id))
+		}
+	}
+	return r.IDs, nil
+}
+
+// Typing returns the ephemeral event telling a user that from is typing.
+func Typing(from string, tsMillis int64) []byte {
+	b := make([]byte, 0, len(from)+48)
+	b = append(b, `{"kind":"typing","from":"`...)
+	b = append(b, from...)
+	b = append(b, `","ts":`...)
+	b = strconv.AppendInt(b, tsMillis, 10)
+	return append(b, '}')
+}
+
+// Presence returns the retained presence/{user} payload: online with the
+// time it came online, or offline with the time it was last seen.
+func Presence(user string, online bool, tsMillis int64) []byte {
+	b := make([]byte, 0, len(user)+64)
+	b = append(b, `{"user":"`...)
+	b = append(b, user...)
+	if online {
+		b = append(b, `","online":true,"ts":`...)
+	} else {
+		b = append(b, `","online":false,"last_seen":`...)
+	}
+	b = strconv.AppendInt(b, tsMillis, 10)
+	return append(b, '}')
+}

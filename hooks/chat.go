@@ -1,0 +1,113 @@
+package hooks
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/chatd/chatd/broker/envelope"
+	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/topic"
+)
+
+// publishGroup stores a member's message once per other member, in one
+// commit, with the group in each envelope (PROTOCOL.md section 4).
+func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
+	g, err := h.Groups.Get(gid)
+	switch {
+	case errors.Is(err, groups.ErrUnknown):
+		h.refuse(s, pk, CodeUnknownGroup, fmt.Sprintf("no group %q", gid))
+		return
+	case err != nil:
+		h.refuse(s, pk, CodeUnknownGroup, "group unavailable")
+		h.Log.Error("read group", "group", gid, "error", err)
+		return
+	case !g.IsMember(s.user):
+		h.refuse(s, pk, CodeNotAuthorized, fmt.Sprintf("not a member of %q", gid))
+		return
+	}
+	id, err := envelope.Validate(pk.Payload, h.MaxMessageBytes)
+	switch {
+	case errors.Is(err, envelope.ErrTooLarge):
+		h.refuse(s, pk, CodeTooLarge, err.Error())
+		return
+	case err != nil:
+		h.refuse(s, pk, CodeBadPayload, err.Error())
+		return
+	}
+	ts := time.Now().UnixMilli()
+	fan := make([]queue.Fanout, 0, len(g.Members)-1)
+	for _, m := range g.Members {
+		if m != s.user {
+			fan = append(fan, queue.Fanout{To: m, Data: envelope.Message(s.user, m, gid, ts, pk.Payload)})
+		}
+	}
+	h.Queue.Append(&queue.Request{
+		Sender: s.user, ID: id, Meta: envelope.Meta(s.user, id), Fanout: fan,
+		Done: h.answer(s, pk, id, "every member's queue is full"),
+	})
+}
+
+// publishReceipt forwards a read receipt to the original sender's inbox.
+// Receipts carry no metadata, so they never generate receipts themselves.
+func (h *Inbox) publishReceipt(s *session, pk packets.Packet, to string) {
+	ids, err := envelope.ReadReceipt(pk.Payload, h.MaxMessageBytes)
+	switch {
+	case errors.Is(err, envelope.ErrTooLarge):
+		h.refuse(s, pk, CodeTooLarge, err.Error())
+		return
+	case err != nil:
+		h.refuse(s, pk, CodeBadPayload, err.Error())
+		return
+	}
+	h.Queue.Append(&queue.Request{
+		To:   to,
+		Data: envelope.Receipt("read", s.user, ids, time.Now().UnixMilli()),
+		Done: h.answer(s, pk, "", fmt.Sprintf("the queue of %s is full", to)),
+	})
+}
+
+// publishTyping passes a typing signal to the recipient's online devices
+// at QoS 0; it is never stored. A QoS 1 publish is acknowledged in order.
+func (h *Inbox) publishTyping(s *session, pk packets.Packet, to string) {
+	h.Delivery.Ephemeral(to, topic.InboxOf(to), envelope.Typing(s.user, time.Now().UnixMilli()))
+	if pk.FixedHeader.Qos > 0 {
+		pid := pk.PacketID
+		h.Queue.Append(&queue.Request{Done: func(queue.Status, queue.Message, error) {
+			s.w.Puback(pid, 0)
+			s.w.Flush(false)
+		}})
+	}
+}
+
+// Delivered queues delivered receipts to the senders of messages a device
+// of user acknowledged, one receipt per sender with all its ids.
+func (h *Inbox) Delivered(user string, metas [][]byte) {
+	var senders []string
+	ids := make(map[string][]string)
+	for _, m := range metas {
+		from, id, ok := envelope.ParseMeta(m)
+		if !ok {
+			continue
+		}
+		if _, seen := ids[from]; !seen {
+			senders = append(senders, from)
+		}
+		ids[from] = append(ids[from], id)
+	}
+	ts := time.Now().UnixMilli()
+	for _, from := range senders {
+		h.Queue.Append(&queue.Request{
+			To:   from,
+			Data: envelope.Receipt("delivered", user, ids[from], ts),
+			Done: func(st queue.Status, _ queue.Message, err error) {
+				if st == queue.Failed || st == queue.Full {
+					h.Log.Warn("delivered receipt not queued", "to", from, "status", int(st), "error", err)
+				}
+			},
+		})
+	}
+}
