@@ -188,7 +188,7 @@ func TestConnectRefusals(t *testing.T) {
 	}
 	t.Run("empty client id becomes the user", func(t *testing.T) {
 		opts := paho.NewClientOptions().AddBroker("tcp://" + s.MQTTAddr()).
-			SetUsername("carol").SetPassword(mint(t, "carol")).SetCleanSession(true)
+			SetUsername("carol").SetPassword(mint(t, "carol")).SetCleanSession(true).SetAutoReconnect(false)
 		c := paho.NewClient(opts)
 		if tk := c.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
 			t.Fatalf("connect: %v", tk.Error())

@@ -79,9 +79,9 @@ func NewDisk(dir string) (*Disk, error) {
 
 // Put implements Store: it streams r into a temporary directory, hashing as
 // it writes, fsyncs, and commits by renaming the directory to the new id.
-func (d *Disk) Put(ctx context.Context, owner, contentType string, r io.Reader, max int64) (info Info, err error) {
-	if max < 0 {
-		return Info{}, fmt.Errorf("put media: negative limit %d", max)
+func (d *Disk) Put(ctx context.Context, owner, contentType string, r io.Reader, limit int64) (info Info, err error) {
+	if limit < 0 {
+		return Info{}, fmt.Errorf("put media: negative limit %d", limit)
 	}
 	id, err := newID()
 	if err != nil {
@@ -97,7 +97,7 @@ func (d *Disk) Put(ctx context.Context, owner, contentType string, r io.Reader, 
 			err = errors.Join(err, fmt.Errorf("remove unfinished upload: %w", rmErr))
 		}
 	}()
-	size, sum, err := writeData(ctx, filepath.Join(tmp, dataFile), r, max)
+	size, sum, err := writeData(ctx, filepath.Join(tmp, dataFile), r, limit)
 	if err != nil {
 		return Info{}, err
 	}
@@ -264,25 +264,25 @@ func (d *Disk) readMeta(id string) (Info, error) {
 	return info, nil
 }
 
-// writeData copies r to a new file at path, at most max bytes, and returns
+// writeData copies r to a new file at path, at most limit bytes, and returns
 // the size and hex SHA-256 of what it wrote.
-func writeData(ctx context.Context, path string, r io.Reader, max int64) (int64, string, error) {
+func writeData(ctx context.Context, path string, r io.Reader, limit int64) (int64, string, error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return 0, "", fmt.Errorf("create media file: %w", err)
 	}
 	h := sha256.New()
-	// Reading one byte past max tells "exactly max" from "too large"
+	// Reading one byte past limit tells "exactly limit" from "too large"
 	// without buffering anything.
-	limit := max
-	if limit < math.MaxInt64 {
-		limit++
+	readLimit := limit
+	if readLimit < math.MaxInt64 {
+		readLimit++
 	}
-	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(ctxReader{ctx: ctx, r: r}, limit))
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(ctxReader{ctx: ctx, r: r}, readLimit))
 	switch {
 	case err != nil:
 		err = fmt.Errorf("write media file: %w", err)
-	case n > max:
+	case n > limit:
 		err = ErrTooLarge
 	default:
 		if err = f.Sync(); err != nil {

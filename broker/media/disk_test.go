@@ -149,7 +149,7 @@ func TestDiskPutLimit(t *testing.T) {
 	tests := []struct {
 		name    string
 		size    int
-		max     int64
+		limit   int64
 		wantErr error
 	}{
 		{"exactly max", 1000, 1000, nil},
@@ -164,7 +164,7 @@ func TestDiskPutLimit(t *testing.T) {
 			d, dir := newDisk(t)
 			data := randomBytes(t, tt.size, 2)
 			// A plain io.Reader, so the store cannot learn the size up front.
-			info, err := d.Put(t.Context(), "alice", "a/b", io.MultiReader(bytes.NewReader(data)), tt.max)
+			info, err := d.Put(t.Context(), "alice", "a/b", io.MultiReader(bytes.NewReader(data)), tt.limit)
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("Put error = %v, want %v", err, tt.wantErr)
 			}
@@ -180,10 +180,10 @@ func TestDiskPutLimit(t *testing.T) {
 			}
 		})
 	}
-	t.Run("negative max", func(t *testing.T) {
+	t.Run("negative limit", func(t *testing.T) {
 		d, dir := newDisk(t)
 		if _, err := d.Put(t.Context(), "alice", "a/b", bytes.NewReader(nil), -1); err == nil {
-			t.Error("Put with max -1 succeeded")
+			t.Error("Put with limit -1 succeeded")
 		}
 		if names := entries(t, dir); len(names) != 0 {
 			t.Errorf("dir holds %v", names)
@@ -193,6 +193,7 @@ func TestDiskPutLimit(t *testing.T) {
 
 func TestDiskPutFailureLeavesNothing(t *testing.T) {
 	errBroken := errors.New("connection reset")
+	data := randomBytes(t, 100_000, 3)
 	tests := []struct {
 		name    string
 		reader  func(cancel context.CancelFunc) io.Reader
@@ -200,25 +201,25 @@ func TestDiskPutFailureLeavesNothing(t *testing.T) {
 	}{
 		{
 			name:    "reader fails half way",
-			reader:  func(context.CancelFunc) io.Reader { return &errReader{data: randomBytes(t, 100_000, 3), err: errBroken} },
+			reader:  func(context.CancelFunc) io.Reader { return &errReader{data: data, err: errBroken} },
 			wantErr: errBroken,
 		},
 		{
 			name: "context cancelled before",
 			reader: func(cancel context.CancelFunc) io.Reader {
 				cancel()
-				return bytes.NewReader(randomBytes(t, 100, 4))
+				return bytes.NewReader(data[:100])
 			},
 			wantErr: context.Canceled,
 		},
 		{
 			name: "context cancelled while streaming",
 			reader: func(cancel context.CancelFunc) io.Reader {
-				first := bytes.NewReader(randomBytes(t, 50_000, 5))
+				first := bytes.NewReader(data[:50_000])
 				return io.MultiReader(first, readFunc(func(p []byte) (int, error) {
 					cancel()
 					return copy(p, "more"), nil
-				}), bytes.NewReader(randomBytes(t, 50_000, 6)))
+				}), bytes.NewReader(data[50_000:]))
 			},
 			wantErr: context.Canceled,
 		},
@@ -352,12 +353,12 @@ func TestDiskExpire(t *testing.T) {
 		wantDeleted int
 		wantKept    []string
 	}{
-		{t0, 0, ids},                               // strictly before: an upload created at t0 stays
-		{t0.Add(time.Hour), 1, ids[1:]},            // the oldest goes
-		{t0.Add(time.Hour), 0, ids[1:]},            // nothing more to do
-		{t0.Add(90 * time.Minute), 1, ids[2:]},     // the second goes, the newest stays
-		{t0.Add(3 * time.Hour), 1, []string{}},     // all gone
-		{t0.Add(300 * time.Hour), 0, []string{}},   // empty dir
+		{t0, 0, ids},                             // strictly before: an upload created at t0 stays
+		{t0.Add(time.Hour), 1, ids[1:]},          // the oldest goes
+		{t0.Add(time.Hour), 0, ids[1:]},          // nothing more to do
+		{t0.Add(90 * time.Minute), 1, ids[2:]},   // the second goes, the newest stays
+		{t0.Add(3 * time.Hour), 1, []string{}},   // all gone
+		{t0.Add(300 * time.Hour), 0, []string{}}, // empty dir
 	}
 	for i, s := range steps {
 		n, err := d.Expire(t.Context(), s.before)
@@ -435,8 +436,8 @@ func TestDiskConcurrent(t *testing.T) {
 	ids := make([]string, workers)
 	errs := make([]error, workers)
 	for i := range workers {
+		data := randomBytes(t, 64<<10+i, byte(i))
 		wg.Go(func() {
-			data := randomBytes(t, 64<<10+i, byte(i))
 			info, err := d.Put(t.Context(), "alice", "a/b", bytes.NewReader(data), 1<<20)
 			if err != nil {
 				errs[i] = err
@@ -526,5 +527,27 @@ func BenchmarkDiskPut(b *testing.B) {
 		if _, err := d.Put(b.Context(), "bench", "application/octet-stream", bytes.NewReader(data), int64(len(data))); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+func TestDiskCorruptMetadata(t *testing.T) {
+	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	d, dir := newDisk(t)
+	d.now = func() time.Time { return t0 }
+	bad := put(t, d, []byte("bad"))
+	good := put(t, d, []byte("good"))
+	if err := os.WriteFile(filepath.Join(dir, bad.ID, metaFile), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := d.Open(t.Context(), bad.ID); err == nil || errors.Is(err, ErrNotFound) {
+		t.Errorf("Open of corrupt upload = %v, want an error other than ErrNotFound", err)
+	}
+	// One broken upload neither stops the sweep nor goes unreported.
+	n, err := d.Expire(t.Context(), t0.Add(time.Hour))
+	if n != 1 || err == nil {
+		t.Errorf("Expire = %d, %v; want 1 and an error", n, err)
+	}
+	if _, _, err := d.Open(t.Context(), good.ID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("expired upload: Open = %v, want ErrNotFound", err)
 	}
 }

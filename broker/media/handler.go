@@ -67,15 +67,15 @@ func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/media/{id}", h.download)
 }
 
-// RunJanitor deletes uploads older than TTL at once and then every every
-// (DefaultJanitorEvery when every is not positive), logging failures, until
-// ctx is done. It blocks: the caller runs it in a goroutine it owns, and
+// RunJanitor deletes the uploads older than TTL, first at once and then
+// every interval (DefaultJanitorEvery when not positive), logging failures,
+// until ctx is done. It blocks: the caller runs it in a goroutine it owns, and
 // cancels ctx and waits for RunJanitor to return before closing the Store.
-func (h *Handler) RunJanitor(ctx context.Context, every time.Duration) {
-	if every <= 0 {
-		every = DefaultJanitorEvery
+func (h *Handler) RunJanitor(ctx context.Context, interval time.Duration) {
+	if interval <= 0 {
+		interval = DefaultJanitorEvery
 	}
-	t := time.NewTicker(every)
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		h.sweep(ctx)
@@ -111,20 +111,20 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 		h.writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
-	max := h.maxBytes()
-	if r.ContentLength > max {
-		h.tooLarge(w, max)
+	limit := h.maxBytes()
+	if r.ContentLength > limit {
+		h.tooLarge(w, limit)
 		return
 	}
 	// MaxBytesReader also makes the server close the connection instead of
 	// draining the rest of an oversized body.
-	body := &bodyReader{r: http.MaxBytesReader(w, r.Body, max)}
-	info, err := h.Store.Put(r.Context(), user, ct, body, max)
+	body := &bodyReader{r: http.MaxBytesReader(w, r.Body, limit)}
+	info, err := h.Store.Put(r.Context(), user, ct, body, limit)
 	var mbe *http.MaxBytesError
 	switch {
 	case err == nil:
 	case errors.Is(err, ErrTooLarge) || errors.As(body.err, &mbe):
-		h.tooLarge(w, max)
+		h.tooLarge(w, limit)
 		return
 	case body.err != nil || r.Context().Err() != nil:
 		// The client's side failed (connection cut, bad chunking): nothing
@@ -253,8 +253,8 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 }
 
 // tooLarge answers 413.
-func (h *Handler) tooLarge(w http.ResponseWriter, max int64) {
-	h.writeError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the file is larger than %d bytes", max))
+func (h *Handler) tooLarge(w http.ResponseWriter, limit int64) {
+	h.writeError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the file is larger than %d bytes", limit))
 }
 
 // notFound answers 404.

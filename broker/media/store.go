@@ -51,9 +51,9 @@ type Info struct {
 //   - Expire deletes every upload created before the given time and returns
 //     how many it deleted; a failure on one upload does not stop the others.
 type Store interface {
-	// Put stores the bytes of r, at most max of them (ErrTooLarge beyond),
+	// Put stores the bytes of r, at most limit of them (ErrTooLarge beyond),
 	// for owner with contentType, and returns the new upload's Info.
-	Put(ctx context.Context, owner, contentType string, r io.Reader, max int64) (Info, error)
+	Put(ctx context.Context, owner, contentType string, r io.Reader, limit int64) (Info, error)
 	// Open returns the content of upload id, which the caller closes, and its Info.
 	Open(ctx context.Context, id string) (io.ReadSeekCloser, Info, error)
 	// Delete removes upload id.

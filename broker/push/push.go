@@ -227,6 +227,14 @@ func positive[T int | time.Duration](v, def T) T {
 // Interval ago (counted as suppressed), or when QueueSize notifications are
 // unfinished (counted as dropped; the user may be notified again at once).
 // It is safe for concurrent use.
+//
+// The interval counts from acceptance, not from a successful send, so a
+// failing webhook is not hammered once per message; a suppressed
+// notification is not sent later, the next message after the interval
+// sends one. Remembering users costs one map entry per user accepted within
+// the last Interval, at most about twice that between sweeps (which never
+// run below 1024 entries); that number is bounded by QueueSize plus what the webhook
+// completes in one Interval.
 func (n *Notifier) Notify(nf Notification) bool {
 	if n.url == "" {
 		return false
@@ -341,9 +349,8 @@ func (n *Notifier) attempt(j *job) {
 	if j.body == nil {
 		body, err := json.Marshal(j.nf)
 		if err != nil {
-			n.failed.Add(1)
+			n.finish(&n.failed)
 			n.log.Error("encode push notification", "user", j.nf.User, "error", err)
-			n.finish()
 			return
 		}
 		j.body = body
@@ -352,8 +359,7 @@ func (n *Notifier) attempt(j *job) {
 	retry, retryAfter, err := n.post(j.body)
 	switch {
 	case err == nil:
-		n.sent.Add(1)
-		n.finish()
+		n.finish(&n.sent)
 	case n.ctx.Err() != nil:
 		// Close cut the request short; j stays pending for Close to count.
 	case retry && j.attempts < n.maxAttempts:
@@ -361,17 +367,18 @@ func (n *Notifier) attempt(j *job) {
 		n.log.Debug("push attempt failed, will retry", "user", j.nf.User, "attempt", j.attempts, "retry_in", d, "error", err)
 		n.later(j, d)
 	default:
-		n.failed.Add(1)
+		n.finish(&n.failed)
 		n.log.Warn("push notification not sent", "user", j.nf.User, "attempts", j.attempts, "error", err)
-		n.finish()
 	}
 }
 
-// finish releases the queue slot of a notification that is done.
-func (n *Notifier) finish() {
+// finish releases the queue slot of a notification that is done, then
+// counts it in outcome: whoever sees the count sees the slot free.
+func (n *Notifier) finish(outcome *atomic.Uint64) {
 	n.mu.Lock()
 	n.pending--
 	n.mu.Unlock()
+	outcome.Add(1)
 }
 
 // later puts j back on the work queue after d, on a timer rather than in a

@@ -39,20 +39,23 @@ func webhook(t *testing.T, h http.HandlerFunc) *httptest.Server {
 	return srv
 }
 
-// gate blocks handlers until it is opened; the test's cleanup opens it
-// before the server is closed, since closing waits for the handlers.
-type gate struct {
-	ch   chan struct{}
-	once sync.Once
+// blockingWebhook starts a test server whose handler reports each request
+// on arrived and then blocks until open is called. Open is also called when
+// the test ends, before the server is closed, since closing the server
+// waits for its handlers.
+func blockingWebhook(t *testing.T) (srv *httptest.Server, arrived <-chan struct{}, open func()) {
+	t.Helper()
+	gate := make(chan struct{})
+	arrivals := make(chan struct{}, 16)
+	srv = webhook(t, func(w http.ResponseWriter, r *http.Request) {
+		arrivals <- struct{}{}
+		<-gate
+	})
+	var once sync.Once
+	open = func() { once.Do(func() { close(gate) }) }
+	t.Cleanup(open)
+	return srv, arrivals, open
 }
-
-func newGate(t *testing.T) *gate {
-	g := &gate{ch: make(chan struct{})}
-	t.Cleanup(g.open)
-	return g
-}
-
-func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
 
 // newNotifier builds a Notifier with test-sized delays and a logger writing
 // to the test's output, closed when the test ends.
@@ -270,8 +273,7 @@ func TestPruneKeepsOnlyLiveUsers(t *testing.T) {
 }
 
 func TestQueueFullDropsWithoutBlocking(t *testing.T) {
-	g := newGate(t)
-	srv := webhook(t, func(w http.ResponseWriter, r *http.Request) { <-g.ch })
+	srv, _, open := blockingWebhook(t)
 	n := newNotifier(t, Options{URL: srv.URL, QueueSize: 2})
 	note := func(user string) Notification {
 		return Notification{User: user, From: "alice", Kind: "msg", Queued: 1}
@@ -288,7 +290,7 @@ func TestQueueFullDropsWithoutBlocking(t *testing.T) {
 		t.Errorf("Dropped = %d, want 1", got)
 	}
 
-	g.open()
+	open()
 	waitFor(func() bool { return n.Stats().Sent == 2 })
 	if !n.Notify(note("u3")) {
 		t.Error("a dropped notification used up its user's interval")
@@ -300,12 +302,7 @@ func TestQueueFullDropsWithoutBlocking(t *testing.T) {
 }
 
 func TestCloseDuringRequest(t *testing.T) {
-	g := newGate(t)
-	arrived := make(chan struct{}, 2)
-	srv := webhook(t, func(w http.ResponseWriter, r *http.Request) {
-		arrived <- struct{}{}
-		<-g.ch // until the test ends
-	})
+	srv, arrived, _ := blockingWebhook(t) // blocks until the test ends
 	n := newNotifier(t, Options{URL: srv.URL})
 	n.Notify(Notification{User: "bob", From: "alice", Kind: "msg", Queued: 1})
 	n.Notify(Notification{User: "carol", From: "alice", Kind: "msg", Queued: 1})
