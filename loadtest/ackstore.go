@@ -2,6 +2,8 @@ package loadtest
 
 import (
 	"bytes"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 
@@ -84,6 +86,13 @@ func (s *ackStore) holds(seq uint64) bool {
 	defer s.mu.Unlock()
 	_, ok := s.seqs[seq]
 	return ok
+}
+
+// held returns the messages that wait in the store for their PUBACK.
+func (s *ackStore) held() []uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Collect(maps.Keys(s.seqs))
 }
 
 // pending returns how many publishes wait for their PUBACK.

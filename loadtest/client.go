@@ -30,11 +30,21 @@ type client struct {
 	// publishes are acknowledged, because paho resends them concurrently with
 	// new publishes and would reorder a pair's messages.
 	resync atomic.Bool
+	// publishing is the message being sent, from taking its slot until
+	// paho's Publish returns, nil between sends: the one publish that a
+	// reconnection can catch under way (see onReconnecting).
+	publishing atomic.Pointer[outgoing]
 
 	readyOnce sync.Once
 	ready     chan struct{}
 	// connectedAt is when the first CONNACK arrived, Unix nanoseconds.
 	connectedAt atomic.Int64
+}
+
+// outgoing names a message being sent: recipient index and pair sequence number.
+type outgoing struct {
+	to int
+	n  uint64
 }
 
 // newClient builds the client of user index idx; it does not connect.
@@ -89,9 +99,7 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 			if err != nil {
 				return nil, err
 			}
-			g := dbgConnGen.Add(1)
-			dbg("DIAL %s conn=%d", c.user, g)
-			return bufferedConn{Conn: dbgConn{Conn: conn, user: c.user, gen: g}, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
+			return bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
 		})
 	}
 	return o, nil
@@ -183,21 +191,33 @@ func (c *client) onConnectionLost(_ mqtt.Client, err error) {
 	c.r.conns.connected.Add(-1)
 	c.r.conns.lost.Add(1)
 	c.r.conns.noteLoss(fmt.Errorf("%s: %w", c.user, err))
-	dbg("LOST %s %v", c.user, err)
 }
 
+// onReconnecting holds sending until paho has resent the stored publishes,
+// and accounts for the one publish the hold comes too late for. A Publish
+// that found the connection up and was then stuck handing its packet to
+// the dead connection's writer is taken up by the new connection's writer
+// as soon as it starts, before paho resends the stored publishes. That
+// message may reach the broker ahead of earlier messages of its pair still
+// waiting for their PUBACK, or after them if the broker had them already:
+// the ledger is told, so that it does not count either order as the
+// broker's. paho calls this before it dials, so the marks are in place
+// before the message can be sent. Marking the message itself, when it is
+// already stored, is harmless: its own number never precedes it.
 func (c *client) onReconnecting(mqtt.Client, *mqtt.ClientOptions) {
 	c.resync.Store(true)
-	dbg("RECONNECTING %s pending=%d", c.user, c.store.pending())
+	if p := c.publishing.Load(); p != nil {
+		for _, seq := range c.store.held() {
+			c.r.ledger.Overtaken(seq, p.to, p.n)
+		}
+	}
 }
 
 func (c *client) onMessage(_ mqtt.Client, m mqtt.Message) {
-	dbg("RECV %s from=%s n=%s id=%s dup=%v", c.user, field(m.Payload(), "s"), field(m.Payload(), "n"), field(m.Payload(), "id"), m.Duplicate())
 	c.r.ledger.Deliver(c.idx, m.Payload(), time.Now().UnixNano())
 }
 
 func (c *client) onAck(seq uint64) {
-	dbg("ACK %s seq=%d", c.user, seq)
 	c.r.ledger.Acked(seq, time.Now().UnixNano())
 	c.release()
 }
@@ -205,9 +225,10 @@ func (c *client) onAck(seq uint64) {
 // send publishes one message to user index to with pair sequence number n,
 // after waiting for room in the send window.
 func (c *client) send(ctx context.Context, to int, n uint64) error {
-	if err := c.acquire(ctx); err != nil {
+	if err := c.acquire(ctx, &outgoing{to: to, n: n}); err != nil {
 		return err
 	}
+	defer c.publishing.Store(nil)
 	now := time.Now().UnixNano()
 	seq, err := c.r.ledger.NewMessage(c.idx, to, now)
 	if err != nil {
@@ -216,9 +237,7 @@ func (c *client) send(ctx context.Context, to int, n uint64) error {
 	}
 	// paho keeps the payload until the PUBACK, so each message needs its own.
 	payload := appendMessage(make([]byte, 0, c.r.cfg.Size+8), message{Tag: c.r.tag, Seq: seq, SentAt: now, Sender: c.user, N: n}, c.r.cfg.Size)
-	dbg("PUB> %s to=%s n=%d seq=%d resync=%v", c.user, c.r.users[to], n, seq, c.resync.Load())
 	tok := c.mc.Publish(c.r.topics[to], 1, false, payload)
-	dbg("PUB< %s to=%s n=%d seq=%d took=%s", c.user, c.r.users[to], n, seq, time.Since(time.Unix(0, now)))
 	// Every failure paho reports is decided inside Publish; one that left the
 	// message in the store (a write timeout) is resent on reconnection.
 	select {
@@ -233,8 +252,9 @@ func (c *client) send(ctx context.Context, to int, n uint64) error {
 	return nil
 }
 
-// acquire takes a slot of the send window once no resend is under way.
-func (c *client) acquire(ctx context.Context) error {
+// acquire takes a slot of the send window for message p once no resend is
+// under way, and leaves p announced in c.publishing.
+func (c *client) acquire(ctx context.Context, p *outgoing) error {
 	for {
 		if err := c.waitResync(ctx); err != nil {
 			return err
@@ -244,11 +264,15 @@ func (c *client) acquire(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		// The window may have opened because a reconnection's resends are
-		// being acknowledged: then wait for all of them first.
+		// Announce the message, then look for a reconnection: either
+		// onReconnecting sees the message, or this sees the reconnection
+		// and waits for its resends. The window may also have opened
+		// because a reconnection's resends are being acknowledged.
+		c.publishing.Store(p)
 		if !c.resync.Load() {
 			return nil
 		}
+		c.publishing.Store(nil)
 		c.release()
 	}
 }

@@ -46,6 +46,10 @@ type record struct {
 	route      atomic.Uint64 // from<<32 | to, user indices
 	state      atomic.Uint32
 	deliveries atomic.Uint32
+	// overtaker is the pair number of a later message of the same pair
+	// that the broker may have accepted before this one, 0 for none (see
+	// Ledger.Overtaken).
+	overtaker atomic.Uint64
 }
 
 type page [pageSize]record
@@ -61,11 +65,33 @@ type latShard struct {
 	_        [64]byte
 }
 
-// receiverState is what one receiver remembers to check ordering: the
-// highest pair sequence number seen from each sender.
+// receiverState is what one receiver remembers to check ordering, per sender.
 type receiverState struct {
 	mu   sync.Mutex
-	last map[string]uint64
+	seen map[string]*pairSeen
+}
+
+// pairSeen holds the two highest pair sequence numbers a receiver has seen
+// from one sender. A message is out of order when a message of its pair
+// numbered above it was delivered first, unless that one is its overtaker
+// (see Ledger.Overtaken); as a message has at most one overtaker, the two
+// highest numbers are enough to tell.
+type pairSeen struct{ first, second uint64 }
+
+// outOfOrder reports whether a message numbered n with overtaker o was
+// delivered after a message of its pair that the broker accepted after it.
+func (p pairSeen) outOfOrder(n, o uint64) bool {
+	return (p.first >= n && p.first != o) || (p.second >= n && p.second != o)
+}
+
+// add records that the message numbered n was delivered.
+func (p *pairSeen) add(n uint64) {
+	switch {
+	case n > p.first:
+		p.first, p.second = n, p.first
+	case n > p.second:
+		p.second = n
+	}
 }
 
 type counters struct {
@@ -113,7 +139,7 @@ func NewLedger(tag string, users []string, plain bool) *Ledger {
 		l.shards[i].receipt = newHist()
 	}
 	for i := range l.receivers {
-		l.receivers[i].last = make(map[string]uint64)
+		l.receivers[i].seen = make(map[string]*pairSeen)
 	}
 	return l
 }
@@ -203,6 +229,24 @@ func (l *Ledger) SendFailed(seq uint64) {
 	}
 }
 
+// Overtaken records that the message numbered n from the sender of message
+// seq to user index to may have been accepted by the broker before seq,
+// although it follows seq in their pair: it was being published when the
+// connection was lost while seq still waited for its PUBACK. paho then
+// sends it on the new connection before it resends the stored publishes,
+// so which of the two the broker accepted first is unknown, and neither
+// order of delivery breaks the ordering promise. A seq bound for another
+// user is ignored. A message waits for its PUBACK across at most one such
+// reconnection: the sender publishes nothing more until every stored
+// publish is acknowledged (client.waitResync).
+func (l *Ledger) Overtaken(seq uint64, to int, n uint64) {
+	r := l.lookup(seq)
+	if r == nil || int(uint32(r.route.Load())) != to {
+		return
+	}
+	r.overtaker.Store(n)
+}
+
 // Acked records the broker's PUBACK of message seq at time at (Unix
 // nanoseconds); a second PUBACK of the same message is ignored.
 func (l *Ledger) Acked(seq uint64, at int64) {
@@ -277,13 +321,15 @@ func (l *Ledger) Deliver(receiver int, payload []byte, at int64) {
 	}
 	rs := &l.receivers[receiver]
 	rs.mu.Lock()
-	last, seen := rs.last[string(d.Sender)]
-	if seen && d.N <= last {
-		l.c.order.Add(1)
-		dbg("VIOLATION %s from=%s last=%d n=%d seq=%d", l.users[receiver], d.Sender, last, d.N, seq)
-	} else {
-		rs.last[string(d.Sender)] = d.N
+	seen := rs.seen[string(d.Sender)]
+	if seen == nil {
+		seen = new(pairSeen)
+		rs.seen[string(d.Sender)] = seen
 	}
+	if seen.outOfOrder(d.N, r.overtaker.Load()) {
+		l.c.order.Add(1)
+	}
+	seen.add(d.N)
 	rs.mu.Unlock()
 }
 
@@ -356,7 +402,8 @@ type Counts struct {
 	InFlight int64 `json:"in_flight"`
 	// Refused is the messages the broker acknowledged and then refused with an error event.
 	Refused int64 `json:"refused"`
-	// OrderViolations is first deliveries whose pair sequence number was not above the last one seen.
+	// OrderViolations is first deliveries that came after a message of their sender->receiver pair
+	// numbered above them, which the broker must have accepted after them.
 	OrderViolations int64 `json:"order_violations"`
 	// Misrouted is deliveries to the wrong user or attributed to the wrong sender.
 	Misrouted int64 `json:"misrouted"`
