@@ -20,8 +20,11 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/envelope"
 	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/media"
 	"github.com/chatd/chatd/broker/presence"
+	"github.com/chatd/chatd/broker/push"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/token"
 	"github.com/chatd/chatd/broker/topic"
@@ -48,16 +51,24 @@ type Server struct {
 	mqtt     *mqtt.Server
 	presence *presence.Tracker
 	groups   *groups.Store
+	push     *push.Notifier
+	media    *media.Handler
 	verifier *token.Verifier
-	tcp      *listeners.TCP
-	http     *http.Server
-	httpLn   net.Listener
-	closed   sync.Once
-	closeErr error
+	// stopJanitor ends the media janitor; janitorDone closes when it has.
+	stopJanitor context.CancelFunc
+	janitorDone chan struct{}
+	tcp         *listeners.TCP
+	http        *http.Server
+	httpLn      net.Listener
+	closed      sync.Once
+	closeErr    error
 }
 
 // queueDir is the Badger directory inside the data dir.
 const queueDir = "queue"
+
+// mediaJanitorEvery is how often expired media is deleted.
+const mediaJanitorEvery = 10 * time.Minute
 
 // New opens the data dir and the queue; it does not listen yet.
 func New(opts Options) (*Server, error) {
@@ -82,6 +93,9 @@ func New(opts Options) (*Server, error) {
 		Logger: log,
 		OnStored: func(user string, m queue.Message) {
 			s.delivery.Stored(user, m)
+			if len(m.Meta) > 0 && !s.delivery.Online(user) {
+				s.notifyPush(user, m.Meta)
+			}
 		},
 	})
 	if err != nil {
@@ -97,6 +111,32 @@ func New(opts Options) (*Server, error) {
 		OnDelivered:  func(user string, metas [][]byte) { inbox.Delivered(user, metas) },
 	})
 	s.groups = groups.New(q.DB(), cfg.Groups.MaxMembers)
+	s.push, err = push.New(push.Options{
+		URL:         cfg.Push.Webhook,
+		Interval:    cfg.Push.Interval,
+		QueueSize:   cfg.Push.QueueSize,
+		MaxAttempts: cfg.Push.MaxAttempts,
+		Logger:      log.With("component", "push"),
+	})
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("push.webhook: %w", err), q.Close())
+	}
+	mediaDir := cfg.Media.Dir
+	if mediaDir == "" {
+		mediaDir = filepath.Join(cfg.DataDir, "media")
+	}
+	mediaStore, err := media.NewDisk(mediaDir)
+	if err != nil {
+		s.push.Close()
+		return nil, errors.Join(fmt.Errorf("media: %w", err), q.Close())
+	}
+	s.media = &media.Handler{
+		Store:        mediaStore,
+		Authenticate: s.bearer,
+		MaxBytes:     cfg.Media.MaxBytes,
+		TTL:          cfg.Media.TTL,
+		Logger:       log.With("component", "media"),
+	}
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumQos = 1
@@ -135,11 +175,13 @@ func New(opts Options) (*Server, error) {
 	}
 	for _, h := range []mqtt.Hook{auth, inbox} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
+			s.push.Close()
 			return nil, errors.Join(fmt.Errorf("add hook %s: %w", h.ID(), err), q.Close())
 		}
 	}
 	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
 	if err := s.mqtt.AddListener(s.tcp); err != nil {
+		s.push.Close()
 		return nil, errors.Join(fmt.Errorf("listen mqtt on %s: %w", cfg.Listen, err), q.Close())
 	}
 	return s, nil
@@ -150,6 +192,12 @@ func (s *Server) Start() error {
 	if err := s.presence.Restore(); err != nil {
 		return err
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stopJanitor, s.janitorDone = cancel, make(chan struct{})
+	go func() {
+		defer close(s.janitorDone)
+		s.media.RunJanitor(ctx, mediaJanitorEvery)
+	}()
 	if s.cfg.HTTP != "" {
 		ln, err := net.Listen("tcp", s.cfg.HTTP)
 		if err != nil {
@@ -210,6 +258,11 @@ func (s *Server) close(ctx context.Context) error {
 	case <-ctx.Done():
 		errs = append(errs, fmt.Errorf("wait for clients: %w", ctx.Err()))
 	}
+	if s.stopJanitor != nil {
+		s.stopJanitor()
+		<-s.janitorDone
+	}
+	s.push.Close()
 	s.delivery.Close()
 	if err := s.queue.Close(); err != nil {
 		errs = append(errs, err)
@@ -224,6 +277,7 @@ func (s *Server) routes() http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
+	s.media.Register(mux)
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -247,4 +301,19 @@ func (s *Server) bearer(r *http.Request) (string, error) {
 		return "", fmt.Errorf("token subject %q is not a user ID", user)
 	}
 	return user, nil
+}
+
+// notifyPush tells the push webhook that user, who has no device online,
+// has a message waiting.
+func (s *Server) notifyPush(user string, meta []byte) {
+	from, group, _, ok := envelope.ParseMeta(meta)
+	if !ok {
+		return
+	}
+	queued, err := s.queue.Depth(user)
+	if err != nil {
+		s.log.Error("queue depth for push", "user", user, "error", err)
+		return
+	}
+	s.push.Notify(push.Notification{User: user, From: from, Kind: "msg", Group: group, Queued: queued})
 }

@@ -46,7 +46,7 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 		}
 	}
 	h.Queue.Append(&queue.Request{
-		Sender: s.user, ID: id, Meta: envelope.Meta(s.user, id), Fanout: fan,
+		Sender: s.user, ID: id, Meta: envelope.Meta(s.user, gid, id), Fanout: fan,
 		Done: h.answer(s, pk, id, "every member's queue is full"),
 	})
 }
@@ -89,7 +89,7 @@ func (h *Inbox) Delivered(user string, metas [][]byte) {
 	var senders []string
 	ids := make(map[string][]string)
 	for _, m := range metas {
-		from, id, ok := envelope.ParseMeta(m)
+		from, _, id, ok := envelope.ParseMeta(m)
 		if !ok {
 			continue
 		}

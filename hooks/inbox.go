@@ -275,7 +275,7 @@ func (h *Inbox) publishInbox(s *session, pk packets.Packet, to string) {
 		return
 	}
 	h.Queue.Append(&queue.Request{
-		To: to, Sender: s.user, ID: id, Meta: envelope.Meta(s.user, id),
+		To: to, Sender: s.user, ID: id, Meta: envelope.Meta(s.user, "", id),
 		Data: envelope.Message(s.user, to, "", time.Now().UnixMilli(), pk.Payload),
 		Done: h.answer(s, pk, id, fmt.Sprintf("the queue of %s is full", to)),
 	})

@@ -246,6 +246,18 @@ func (d *Delivery) Ephemeral(user, topic string, payload []byte) {
 	}
 }
 
+// Online reports whether some device of user is being fed.
+func (d *Delivery) Online(user string) bool {
+	v, ok := d.feeds.Load(user)
+	if !ok {
+		return false
+	}
+	f := v.(*feed)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.devices) > 0
+}
+
 // Acked handles a PUBACK from dev for packet id pid.
 func (d *Delivery) Acked(dev *Device, pid uint16) {
 	f := dev.f

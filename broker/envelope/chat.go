@@ -11,21 +11,29 @@ import (
 const MaxReceiptIDs = 1000
 
 // Meta returns what is stored beside a message so that its delivery can
-// be reported to its sender: the sender and the message id.
-func Meta(from, id string) []byte {
-	b := make([]byte, 0, len(from)+1+len(id))
+// be reported to its sender and announced by push: the sender, the group
+// ("" for a direct message) and the message id. The id goes last: it is
+// the only part that may hold a NUL byte.
+func Meta(from, group, id string) []byte {
+	b := make([]byte, 0, len(from)+len(group)+2+len(id))
 	b = append(b, from...)
+	b = append(b, 0)
+	b = append(b, group...)
 	b = append(b, 0)
 	return append(b, id...)
 }
 
 // ParseMeta is the inverse of Meta.
-func ParseMeta(b []byte) (from, id string, ok bool) {
+func ParseMeta(b []byte) (from, group, id string, ok bool) {
 	i := bytes.IndexByte(b, 0)
 	if i <= 0 {
-		return "", "", false
+		return "", "", "", false
 	}
-	return string(b[:i]), string(b[i+1:]), true
+	j := bytes.IndexByte(b[i+1:], 0)
+	if j < 0 {
+		return "", "", "", false
+	}
+	return string(b[:i]), string(b[i+1 : i+1+j]), string(b[i+2+j:]), true
 }
 
 // Receipt returns the event telling a sender that by has received or read ids.

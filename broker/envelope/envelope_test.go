@@ -105,3 +105,22 @@ func FuzzValidate(f *testing.F) {
 		}
 	})
 }
+
+func TestMetaRoundTrip(t *testing.T) {
+	cases := []struct{ from, group, id string }{
+		{"alice", "", "m-1"},
+		{"alice", "g1", "m-2"},
+		{"bob", "g.x", "id\x00with\x00nuls"},
+	}
+	for _, c := range cases {
+		from, group, id, ok := ParseMeta(Meta(c.from, c.group, c.id))
+		if !ok || from != c.from || group != c.group || id != c.id {
+			t.Errorf("ParseMeta(Meta(%q, %q, %q)) = %q, %q, %q, %v", c.from, c.group, c.id, from, group, id, ok)
+		}
+	}
+	for _, bad := range []string{"", "\x00g\x00id", "alice", "alice\x00g"} {
+		if _, _, _, ok := ParseMeta([]byte(bad)); ok {
+			t.Errorf("ParseMeta(%q) accepted", bad)
+		}
+	}
+}
