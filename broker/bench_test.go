@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"bytes"
 	"fmt"
+	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -16,13 +19,24 @@ import (
 // after the durable commit, delivery to paho subscribers, their PUBACKs and
 // the deletion of acknowledged messages. Reported per delivered message.
 func BenchmarkDirect1to1(b *testing.B) {
-	for _, mode := range []string{config.SyncBatch, config.SyncAlways} {
-		b.Run("sync="+mode, func(b *testing.B) { benchDirect(b, mode, 50, 32) })
+	for _, c := range []struct {
+		mode     string
+		receipts bool
+	}{{config.SyncBatch, true}, {config.SyncBatch, false}, {config.SyncAlways, true}} {
+		b.Run(fmt.Sprintf("sync=%s/receipts=%v", c.mode, c.receipts), func(b *testing.B) {
+			benchDirect(b, c.mode, c.receipts, 50, 32)
+		})
 	}
 }
 
-func benchDirect(b *testing.B, mode string, users, window int) {
-	s := startServer(b, b.TempDir(), func(c *config.Config) { c.Queue.Sync = mode })
+// isMsg tells a message from a receipt without parsing the envelope.
+func isMsg(payload []byte) bool { return bytes.HasPrefix(payload, []byte(`{"kind":"msg"`)) }
+
+func benchDirect(b *testing.B, mode string, receipts bool, users, window int) {
+	s := startServer(b, b.TempDir(), func(c *config.Config) {
+		c.Queue.Sync = mode
+		c.Receipts.Delivered = receipts
+	})
 	var delivered atomic.Int64
 	done := make(chan struct{})
 	target := int64(b.N)
@@ -37,8 +51,8 @@ func benchDirect(b *testing.B, mode string, users, window int) {
 		if tk := c.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
 			b.Fatalf("connect: %v", tk.Error())
 		}
-		tk := c.Subscribe("inbox/"+user, 1, func(paho.Client, paho.Message) {
-			if delivered.Add(1) == target {
+		tk := c.Subscribe("inbox/"+user, 1, func(_ paho.Client, m paho.Message) {
+			if isMsg(m.Payload()) && delivered.Add(1) == target {
 				close(done)
 			}
 		})
@@ -126,4 +140,63 @@ func BenchmarkDrain(b *testing.B) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
+}
+
+// BenchmarkGroupFanout1024 measures a group of 1,024 online members: one
+// member publishes, every other member receives. Reported per delivered copy.
+func BenchmarkGroupFanout1024(b *testing.B) {
+	const members = 1024
+	s := startServer(b, b.TempDir(), nil)
+	var names []string
+	for i := range members {
+		names = append(names, fmt.Sprintf("m%04d", i))
+	}
+	req, err := http.NewRequest("POST", "http://"+s.HTTPAddr()+"/v1/groups",
+		strings.NewReader(fmt.Sprintf(`{"id":"big","members":["%s"]}`, strings.Join(names[1:], `","`))))
+	if err != nil {
+		b.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+mint(b, names[0]))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusCreated {
+		b.Fatalf("create group: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	var delivered atomic.Int64
+	done := make(chan struct{})
+	target := int64(b.N) * (members - 1)
+	clients := make([]paho.Client, members)
+	for i, name := range names {
+		opts := paho.NewClientOptions().AddBroker("tcp://" + s.MQTTAddr()).
+			SetClientID(name).SetUsername(name).SetPassword(mint(b, name)).
+			SetCleanSession(false).SetAutoReconnect(false).SetCustomOpenConnectionFn(dialBuffered)
+		c := paho.NewClient(opts)
+		if tk := c.Connect(); !tk.WaitTimeout(30*time.Second) || tk.Error() != nil {
+			b.Fatalf("connect %s: %v", name, tk.Error())
+		}
+		tk := c.Subscribe("inbox/"+name, 1, func(_ paho.Client, m paho.Message) {
+			if isMsg(m.Payload()) && delivered.Add(1) == target {
+				close(done)
+			}
+		})
+		if !tk.WaitTimeout(30*time.Second) || tk.Error() != nil {
+			b.Fatalf("subscribe %s: %v", name, tk.Error())
+		}
+		clients[i] = c
+		defer c.Disconnect(50)
+	}
+	b.ResetTimer()
+	sem := make(chan struct{}, 8)
+	for i := range b.N {
+		sem <- struct{}{}
+		tk := clients[0].Publish("group/big", 1, false, fmt.Sprintf(`{"id":"g-%d","text":"hello everyone"}`, i))
+		go func() { tk.Wait(); <-sem }()
+	}
+	select {
+	case <-done:
+	case <-time.After(300 * time.Second):
+		b.Fatalf("delivered %d of %d", delivered.Load(), target)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(target)/b.Elapsed().Seconds(), "delivered/s")
 }

@@ -417,3 +417,20 @@ func TestGroupFanOutToHundredMembers(t *testing.T) {
 		}
 	}
 }
+
+func TestDeliveredReceiptsCanBeTurnedOff(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Receipts.Delivered = false })
+	alice := mustDial(t, s, "alice", phoneOpt{})
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	alice.send("bob", "m-1", "")
+	bob.waitFor(1)
+	waitAcked(t, s, "bob", "")
+	if h, _ := s.queue.Head("alice"); h != 0 {
+		t.Fatalf("alice's queue head %d with receipts.delivered off", h)
+	}
+	// Read receipts are the reader's own messages and still pass.
+	bob.publish("receipt/alice", []byte(`{"status":"read","ids":["m-1"]}`))
+	if e := alice.waitFor(1)[0]; e.Kind != "receipt" {
+		t.Fatalf("alice got %+v", e)
+	}
+}

@@ -103,13 +103,16 @@ func New(opts Options) (*Server, error) {
 	}
 	s.queue = q
 	var inbox *hooks.Inbox
-	s.delivery = delivery.New(delivery.Options{
+	dopts := delivery.Options{
 		Source:       q,
 		Logger:       log,
 		TailMessages: max(1024, 4*cfg.Limits.MaxInflight),
 		ReadAhead:    1024,
-		OnDelivered:  func(user string, metas [][]byte) { inbox.Delivered(user, metas) },
-	})
+	}
+	if cfg.Receipts.Delivered {
+		dopts.OnDelivered = func(user string, metas [][]byte) { inbox.Delivered(user, metas) }
+	}
+	s.delivery = delivery.New(dopts)
 	s.groups = groups.New(q.DB(), cfg.Groups.MaxMembers)
 	s.push, err = push.New(push.Options{
 		URL:         cfg.Push.Webhook,

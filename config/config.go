@@ -33,6 +33,8 @@ type Config struct {
 	Limits Limits `mapstructure:"limits"`
 	// Log holds logging settings.
 	Log Log `mapstructure:"log"`
+	// Receipts holds receipt settings.
+	Receipts Receipts `mapstructure:"receipts"`
 	// Groups holds group chat settings.
 	Groups Groups `mapstructure:"groups"`
 	// Media holds media upload settings.
@@ -41,6 +43,12 @@ type Config struct {
 	Push Push `mapstructure:"push"`
 	// Debug holds diagnostics for operators.
 	Debug Debug `mapstructure:"debug"`
+}
+
+// Receipts configures the receipts the server generates.
+type Receipts struct {
+	// Delivered queues a delivered receipt to the sender when a recipient's device acknowledges a message.
+	Delivered bool `mapstructure:"delivered"`
 }
 
 // Groups configures group chats.
@@ -145,10 +153,11 @@ func Default() Config {
 			MaxKeepalive:    600,
 			MaxPendingBytes: 8 << 20,
 		},
-		Log:    Log{Level: "info", Format: "text"},
-		Groups: Groups{MaxMembers: 1024},
-		Media:  Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
-		Push:   Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
+		Log:      Log{Level: "info", Format: "text"},
+		Receipts: Receipts{Delivered: true},
+		Groups:   Groups{MaxMembers: 1024},
+		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
+		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
 	}
 }
 

@@ -43,6 +43,7 @@ var help = map[string]string{
 	"limits.max_pending_bytes": "a client whose unread outbound bytes exceed this is disconnected",
 	"log.level":                "debug, info, warn or error",
 	"log.format":               "text or json",
+	"receipts.delivered":       "queue a delivered receipt to the sender when a recipient's device acknowledges a message (the second tick)",
 	"groups.max_members":       "most members of one group",
 	"media.dir":                "directory for uploaded media; empty means media inside data_dir",
 	"media.max_bytes":          "largest upload, in bytes",

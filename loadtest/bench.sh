@@ -10,7 +10,7 @@
 # rate (latency under a moderate load), and drain.
 #
 # Settings (environment): BENCH_USERS (200), BENCH_DURATION (20s), BENCH_RATE (2000),
-# BENCH_MESSAGES (100000), BENCH_SIZE (256), BENCH_OUT (docs/benchmarks.md),
+# BENCH_MESSAGES (100000), BENCH_SIZE (256), BENCH_RECEIPTS (false), BENCH_OUT (docs/benchmarks.md),
 # CHATD_PORT (21883), CHATD_HTTP_PORT (21880), MOSQUITTO_PORT (21884),
 # CHATD_BIN (a chatd binary to use instead of building ./cmd/chatd).
 set -euo pipefail
@@ -102,6 +102,10 @@ if [[ -z "$mosquitto" ]]; then
 fi
 
 export CHATD_AUTH_SECRET=${CHATD_AUTH_SECRET:-bench-$RANDOM$RANDOM$RANDOM$RANDOM}
+# Mosquitto sends no delivered receipts; for a like-for-like comparison
+# chatd does not either (each one is a second durable message). Set
+# BENCH_RECEIPTS=true to measure chatd with them.
+export CHATD_RECEIPTS_DELIVERED=${BENCH_RECEIPTS:-false}
 
 log "starting chatd on 127.0.0.1:$chatd_port"
 mkdir -p "$work/chatd-data"
