@@ -23,6 +23,7 @@ import (
 	"github.com/chatd/chatd/broker/envelope"
 	"github.com/chatd/chatd/broker/groups"
 	"github.com/chatd/chatd/broker/media"
+	"github.com/chatd/chatd/broker/metrics"
 	"github.com/chatd/chatd/broker/presence"
 	"github.com/chatd/chatd/broker/push"
 	"github.com/chatd/chatd/broker/queue"
@@ -52,6 +53,7 @@ type Server struct {
 	presence *presence.Tracker
 	groups   *groups.Store
 	push     *push.Notifier
+	metrics  *metrics.Metrics
 	media    *media.Handler
 	verifier *token.Verifier
 	// stopJanitor ends the media janitor; janitorDone closes when it has.
@@ -97,6 +99,7 @@ func New(opts Options) (*Server, error) {
 				s.notifyPush(user, m.Meta)
 			}
 		},
+		OnCommit: func(n int, took time.Duration) { s.metrics.Committed(n, took) },
 	})
 	if err != nil {
 		return nil, err
@@ -108,12 +111,18 @@ func New(opts Options) (*Server, error) {
 		Logger:       log,
 		TailMessages: max(1024, 4*cfg.Limits.MaxInflight),
 		ReadAhead:    1024,
+		OnAcked:      func(took time.Duration) { s.metrics.Acked(took) },
 	}
 	if cfg.Receipts.Delivered {
 		dopts.OnDelivered = func(user string, metas [][]byte) { inbox.Delivered(user, metas) }
 	}
 	s.delivery = delivery.New(dopts)
 	s.groups = groups.New(q.DB(), cfg.Groups.MaxMembers)
+	s.metrics = metrics.New(metrics.Sources{
+		Connections: func() float64 { return float64(s.mqtt.Info.ClientsConnected) },
+		Queue:       q,
+		Delivery:    s.delivery,
+	})
 	s.push, err = push.New(push.Options{
 		URL:         cfg.Push.Webhook,
 		Interval:    cfg.Push.Interval,
@@ -171,6 +180,7 @@ func New(opts Options) (*Server, error) {
 		Delivery:        s.delivery,
 		Presence:        s.presence,
 		Groups:          s.groups,
+		Observe:         s.metrics,
 		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
 		MaxInflight:     cfg.Limits.MaxInflight,
 		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
@@ -281,6 +291,7 @@ func (s *Server) routes() http.Handler {
 	})
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
+	mux.Handle("GET /metrics", s.metrics.Handler())
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

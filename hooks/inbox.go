@@ -60,6 +60,14 @@ type Store interface {
 	Detach(user, device string)
 }
 
+// Observer counts what the message path does, for metrics.
+type Observer interface {
+	// Connected counts an established session.
+	Connected()
+	// Refused counts a refused publish by its protocol error code.
+	Refused(code string)
+}
+
 // Inbox turns publishes into durable queue entries and feeds subscribed
 // devices: the message path of PROTOCOL.md sections 1, 3 and 5.
 type Inbox struct {
@@ -74,6 +82,8 @@ type Inbox struct {
 	Presence *presence.Tracker
 	// Groups holds group memberships.
 	Groups *groups.Store
+	// Observe counts sessions and refusals.
+	Observe Observer
 	// MaxMessageBytes caps a message object.
 	MaxMessageBytes int
 	// MaxInflight caps unacknowledged deliveries per device.
@@ -141,6 +151,7 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	h.sessions.Store(cl, s)
 	h.current.Store(cl.ID, s)
 	h.Presence.Connected(user)
+	h.Observe.Connected()
 	if subscribed {
 		h.startDelivery(cl, s, cursor)
 	}
@@ -302,6 +313,7 @@ func (h *Inbox) answer(s *session, pk packets.Packet, id, fullReason string) fun
 // refuse answers a publish that is refused before it reaches the queue.
 // The answer goes through the committer so PUBACKs stay in publish order.
 func (h *Inbox) refuse(s *session, pk packets.Packet, code, reason string) {
+	h.Observe.Refused(code)
 	pid, qos1 := pk.PacketID, pk.FixedHeader.Qos > 0
 	if s.v5 {
 		if qos1 {
@@ -327,6 +339,7 @@ func (h *Inbox) refuse(s *session, pk packets.Packet, code, reason string) {
 // refuseStored answers a publish the committer refused; it runs on the
 // committer goroutine, so it must not wait for the committer.
 func (h *Inbox) refuseStored(s *session, pid uint16, qos1 bool, ref, code, reason string) {
+	h.Observe.Refused(code)
 	if s.v5 {
 		if qos1 {
 			s.w.Puback(pid, reasonCodes[code])

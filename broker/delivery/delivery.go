@@ -8,6 +8,8 @@ package delivery
 import (
 	"log/slog"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/chatd/chatd/broker/queue"
 )
@@ -48,6 +50,17 @@ type Options struct {
 	// before, in order, on the acknowledging connection's goroutine, with
 	// no lock held. It may block that connection alone.
 	OnDelivered func(user string, metas [][]byte)
+	// OnAcked, if set, is told how long each acknowledged message took from
+	// being written to its device to its PUBACK.
+	OnAcked func(took time.Duration)
+}
+
+// Stats are delivery's running totals.
+type Stats struct {
+	// Sent counts PUBLISHes of stored messages to devices, resends included.
+	Sent uint64
+	// Acked counts their PUBACKs.
+	Acked uint64
 }
 
 // Delivery is the set of online devices of all users.
@@ -55,8 +68,14 @@ type Delivery struct {
 	opts  Options
 	log   *slog.Logger
 	feeds sync.Map // user -> *feed
-	mu    sync.Mutex
 	reads sync.WaitGroup
+	sent  atomic.Uint64
+	acked atomic.Uint64
+}
+
+// Stats returns delivery's running totals.
+func (d *Delivery) Stats() Stats {
+	return Stats{Sent: d.sent.Load(), Acked: d.acked.Load()}
 }
 
 // New returns a Delivery reading from opts.Source.
@@ -100,6 +119,7 @@ type inflight struct {
 	pid   uint16
 	acked bool
 	meta  []byte
+	sent  time.Time
 }
 
 // feed is one user's online devices and recent messages.
@@ -272,6 +292,10 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 			dev.inflight[i].acked = true
 			dev.unacked--
 			found = true
+			d.acked.Add(1)
+			if d.opts.OnAcked != nil {
+				d.opts.OnAcked(time.Since(dev.inflight[i].sent))
+			}
 			break
 		}
 	}
@@ -330,7 +354,8 @@ func (d *Delivery) pump(dev *Device) bool {
 			break
 		}
 		pid := dev.allocPID()
-		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid, meta: m.Meta})
+		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid, meta: m.Meta, sent: time.Now()})
+		d.sent.Add(1)
 		dev.unacked++
 		dev.next = m.Seq + 1
 		dev.sink.Publish(pid, dev.topic, m.Data, false)

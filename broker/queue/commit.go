@@ -113,6 +113,7 @@ func (b *batchTxn) commit(next, upTo int) {
 // commit stores a batch in as few Badger transactions as its size allows
 // and then reports every outcome in order.
 func (s *Store) commit(batch []*Request, results []outcome) []outcome {
+	start := time.Now()
 	ttl := s.opts.Queue.MessageTTL
 	dedupTTL := s.opts.Queue.DedupWindow
 	b := &batchTxn{s: s, txn: s.db.NewTransaction(true)}
@@ -131,10 +132,25 @@ func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 	}
 	b.commit(len(batch), len(batch))
 	b.txn.Discard()
+	s.stats.commits.Add(1)
+	if s.opts.OnCommit != nil {
+		s.opts.OnCommit(len(batch), time.Since(start))
+	}
 	for i, r := range batch {
+		switch results[i].status {
+		case Duplicate:
+			s.stats.duplicates.Add(1)
+		case Full:
+			s.stats.full.Add(1)
+		}
 		if results[i].status != Stored {
 			continue
 		}
+		n := uint64(len(results[i].fanout))
+		if r.To != "" && results[i].msg.Seq != 0 {
+			n++
+		}
+		s.stats.stored.Add(n)
 		if r.To != "" {
 			s.committed(r.To, results[i].msg.Seq)
 		}
@@ -318,6 +334,7 @@ func (s *Store) flush() {
 			}
 		}
 		if f.upTo > u.deleted {
+			s.stats.deleted.Add(f.upTo - u.deleted)
 			u.deleted = f.upTo
 			u.tail = max(u.tail, f.upTo+1)
 		}

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -88,6 +89,27 @@ type Options struct {
 	// OnStored is called on the committer goroutine for every stored
 	// message after its batch is durable and after its Done; it must not block.
 	OnStored func(user string, m Message)
+	// OnCommit, if set, is told the size and duration of every group commit.
+	OnCommit func(messages int, took time.Duration)
+}
+
+// Stats are the store's running totals.
+type Stats struct {
+	// Stored counts messages stored, one per recipient.
+	Stored uint64
+	// Duplicates counts publishes dropped by the dedup window.
+	Duplicates uint64
+	// Full counts messages refused by a full queue.
+	Full uint64
+	// Deleted counts messages deleted once acknowledged by every device.
+	Deleted uint64
+	// Commits counts group commits.
+	Commits uint64
+}
+
+// counters backs Stats.
+type counters struct {
+	stored, duplicates, full, deleted, commits atomic.Uint64
 }
 
 // Store is the set of all users' queues.
@@ -102,6 +124,28 @@ type Store struct {
 	stop   chan struct{}
 	wg     sync.WaitGroup
 	closed sync.Once
+	stats  counters
+}
+
+// Stats returns the store's running totals.
+func (s *Store) Stats() Stats {
+	return Stats{
+		Stored:     s.stats.stored.Load(),
+		Duplicates: s.stats.duplicates.Load(),
+		Full:       s.stats.full.Load(),
+		Deleted:    s.stats.deleted.Load(),
+		Commits:    s.stats.commits.Load(),
+	}
+}
+
+// Undelivered returns how many stored messages some device has yet to
+// acknowledge, over all users (including expired ones not yet noticed).
+func (s *Store) Undelivered() uint64 {
+	st := s.Stats()
+	if st.Deleted > st.Stored {
+		return 0
+	}
+	return st.Stored - st.Deleted
 }
 
 // Badger sizes; see Open.

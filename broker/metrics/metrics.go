@@ -1,0 +1,105 @@
+// Package metrics exposes the server's Prometheus metrics. Totals kept by
+// the queue and delivery are read at scrape time, so the message path pays
+// for no metric it does not need an event for.
+package metrics
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/queue"
+)
+
+// Sources are the parts of the server the metrics read.
+type Sources struct {
+	// Connections returns the number of connected clients.
+	Connections func() float64
+	// Queue is the durable store.
+	Queue *queue.Store
+	// Delivery feeds devices.
+	Delivery *delivery.Delivery
+}
+
+// Metrics is the server's registry and the metrics it observes by event.
+type Metrics struct {
+	registry *prometheus.Registry
+	connects prometheus.Counter
+	refusals *prometheus.CounterVec
+	commit   prometheus.Histogram
+	batch    prometheus.Histogram
+	acked    prometheus.Histogram
+}
+
+// New registers every metric, reading totals from src.
+func New(src Sources) *Metrics {
+	m := &Metrics{
+		registry: prometheus.NewRegistry(),
+		connects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "chatd_connects_total", Help: "MQTT sessions established.",
+		}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "chatd_refusals_total", Help: "Publishes refused, by protocol error code.",
+		}, []string{"code"}),
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "chatd_commit_seconds", Help: "Duration of one group commit to the queue.",
+			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 14),
+		}),
+		batch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "chatd_commit_batch_messages", Help: "Requests in one group commit.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 13),
+		}),
+		acked: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "chatd_delivery_seconds", Help: "From writing a message to a device to its PUBACK.",
+			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 16),
+		}),
+	}
+	counter := func(name, help string, f func() uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(f()) })
+	}
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	m.registry.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.connects, m.refusals, m.commit, m.batch, m.acked,
+		gauge("chatd_connections", "Connected MQTT clients.", src.Connections),
+		counter("chatd_messages_stored_total", "Messages stored, one per recipient.", func() uint64 { return src.Queue.Stats().Stored }),
+		counter("chatd_messages_deduplicated_total", "Publishes dropped as duplicates within the dedup window.", func() uint64 { return src.Queue.Stats().Duplicates }),
+		counter("chatd_messages_deleted_total", "Messages deleted once every device acknowledged them.", func() uint64 { return src.Queue.Stats().Deleted }),
+		counter("chatd_messages_sent_total", "Messages written to devices, resends included.", func() uint64 { return src.Delivery.Stats().Sent }),
+		counter("chatd_messages_acked_total", "PUBACKs received from devices.", func() uint64 { return src.Delivery.Stats().Acked }),
+		counter("chatd_commits_total", "Group commits.", func() uint64 { return src.Queue.Stats().Commits }),
+		gauge("chatd_queue_messages", "Messages stored and not yet acknowledged by every device, all users.", func() float64 { return float64(src.Queue.Undelivered()) }),
+		gauge("chatd_disk_bytes", "Size of the queue's LSM tree and value log.", func() float64 {
+			lsm, vlog := src.Queue.DiskSize()
+			return float64(lsm + vlog)
+		}),
+	)
+	return m
+}
+
+// Handler serves the metrics in the Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
+}
+
+// Connected counts an established session.
+func (m *Metrics) Connected() { m.connects.Inc() }
+
+// Refused counts a refused publish by its protocol error code.
+func (m *Metrics) Refused(code string) { m.refusals.WithLabelValues(code).Inc() }
+
+// Committed observes one group commit.
+func (m *Metrics) Committed(messages int, took time.Duration) {
+	m.batch.Observe(float64(messages))
+	m.commit.Observe(took.Seconds())
+}
+
+// Acked observes the delivery time of one message.
+func (m *Metrics) Acked(took time.Duration) { m.acked.Observe(took.Seconds()) }

@@ -1,0 +1,58 @@
+package broker
+
+import (
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/chatd/chatd/config"
+)
+
+func scrape(t *testing.T, s *Server, path string) (int, string) {
+	t.Helper()
+	resp, err := http.Get("http://" + s.HTTPAddr() + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(b)
+}
+
+func TestMetricsAndHealth(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Receipts.Delivered = false })
+	if code, body := scrape(t, s, "/healthz"); code != 200 || strings.TrimSpace(body) != "ok" {
+		t.Fatalf("healthz: %d %q", code, body)
+	}
+	alice := mustDial(t, s, "alice", phoneOpt{})
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	alice.send("bob", "m-1", "")
+	bob.waitFor(1)
+	waitAcked(t, s, "bob", "")
+	alice.publish("nowhere", []byte(`{"id":"x"}`))
+	alice.waitFor(1)
+
+	_, body := scrape(t, s, "/metrics")
+	for _, want := range []string{
+		"chatd_connections 2",
+		"chatd_connects_total 2",
+		"chatd_messages_stored_total 2", // bob's message and alice's error event
+		"chatd_messages_sent_total 2",
+		`chatd_refusals_total{code="bad_topic"} 1`,
+		"chatd_commit_seconds_count",
+		"chatd_delivery_seconds_count",
+		"chatd_disk_bytes",
+		"go_goroutines",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("metrics:\n%s", body)
+	}
+}
