@@ -49,16 +49,6 @@ func chatdBinary(t *testing.T) string {
 	return chatdPath
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // serverProcess is chatd running as a child process, to be killed for real.
 type serverProcess struct {
 	t       *testing.T

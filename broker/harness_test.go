@@ -266,3 +266,14 @@ func dialBuffered(uri *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	}
 	return bufferedConn{Conn: c, r: bufio.NewReaderSize(c, 64<<10)}, nil
 }
+
+// freeAddr returns a loopback address with a port free at the time of the call.
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}

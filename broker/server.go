@@ -4,6 +4,7 @@ package broker
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -60,6 +61,7 @@ type Server struct {
 	stopJanitor context.CancelFunc
 	janitorDone chan struct{}
 	tcp         *listeners.TCP
+	tls         *listeners.TCP
 	http        *http.Server
 	httpLn      net.Listener
 	closed      sync.Once
@@ -192,12 +194,45 @@ func New(opts Options) (*Server, error) {
 			return nil, errors.Join(fmt.Errorf("add hook %s: %w", h.ID(), err), q.Close())
 		}
 	}
-	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
-	if err := s.mqtt.AddListener(s.tcp); err != nil {
+	if err := s.addListeners(); err != nil {
 		s.push.Close()
-		return nil, errors.Join(fmt.Errorf("listen mqtt on %s: %w", cfg.Listen, err), q.Close())
+		return nil, errors.Join(err, q.Close())
 	}
 	return s, nil
+}
+
+// addListeners opens the MQTT listeners: TCP always, TLS and WebSocket when configured.
+func (s *Server) addListeners() error {
+	cfg := s.cfg
+	var tlsConfig *tls.Config
+	if cfg.TLS.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.CertFile, cfg.TLS.KeyFile)
+		if err != nil {
+			return fmt.Errorf("tls.cert_file/tls.key_file: %w", err)
+		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
+	if err := s.mqtt.AddListener(s.tcp); err != nil {
+		return fmt.Errorf("listen mqtt on %s: %w", cfg.Listen, err)
+	}
+	if cfg.TLS.Listen != "" {
+		s.tls = listeners.NewTCP(listeners.Config{ID: "tls", Address: cfg.TLS.Listen, TLSConfig: tlsConfig})
+		if err := s.mqtt.AddListener(s.tls); err != nil {
+			return fmt.Errorf("listen mqtt over tls on %s: %w", cfg.TLS.Listen, err)
+		}
+	}
+	if cfg.WebSocket.Listen != "" {
+		wc := listeners.Config{ID: "ws", Address: cfg.WebSocket.Listen}
+		if cfg.WebSocket.TLS {
+			wc.TLSConfig = tlsConfig
+		}
+		// mochi's WebSocket listener answers on every path, /mqtt included.
+		if err := s.mqtt.AddListener(listeners.NewWebsocket(wc)); err != nil {
+			return fmt.Errorf("listen mqtt over websocket on %s: %w", cfg.WebSocket.Listen, err)
+		}
+	}
+	return nil
 }
 
 // Start starts serving MQTT and HTTP.
@@ -232,6 +267,14 @@ func (s *Server) Start() error {
 
 // MQTTAddr returns the MQTT listener's address.
 func (s *Server) MQTTAddr() string { return s.tcp.Address() }
+
+// TLSAddr returns the MQTT-over-TLS listener's address, "" when disabled.
+func (s *Server) TLSAddr() string {
+	if s.tls == nil {
+		return ""
+	}
+	return s.tls.Address()
+}
 
 // HTTPAddr returns the HTTP listener's address, "" when disabled.
 func (s *Server) HTTPAddr() string {

@@ -25,6 +25,10 @@ type Config struct {
 	// HTTP is the HTTP listener address (health, metrics, API).
 	HTTP string `mapstructure:"http"`
 
+	// TLS configures the MQTT-over-TLS listener.
+	TLS TLS `mapstructure:"tls"`
+	// WebSocket configures the MQTT-over-WebSocket listener.
+	WebSocket WebSocket `mapstructure:"websocket"`
 	// Auth holds token settings.
 	Auth Auth `mapstructure:"auth"`
 	// Queue holds the durable queue settings.
@@ -83,6 +87,24 @@ type Push struct {
 type Debug struct {
 	// Pprof serves Go's profiler on the HTTP listener.
 	Pprof bool `mapstructure:"pprof"`
+}
+
+// TLS configures MQTT over TLS.
+type TLS struct {
+	// Listen is the TLS listener address; empty disables it.
+	Listen string `mapstructure:"listen"`
+	// CertFile is the PEM certificate chain.
+	CertFile string `mapstructure:"cert_file"`
+	// KeyFile is the PEM private key.
+	KeyFile string `mapstructure:"key_file"`
+}
+
+// WebSocket configures MQTT over WebSocket, served at /mqtt.
+type WebSocket struct {
+	// Listen is the WebSocket listener address; empty disables it.
+	Listen string `mapstructure:"listen"`
+	// TLS serves wss:// with the certificate of the tls section.
+	TLS bool `mapstructure:"tls"`
 }
 
 // Auth configures access tokens.
@@ -168,6 +190,12 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("data_dir: must not be empty")
 	case c.Listen == "":
 		return fmt.Errorf("listen: must not be empty")
+	}
+	if c.TLS.Listen != "" && (c.TLS.CertFile == "" || c.TLS.KeyFile == "") {
+		return fmt.Errorf("tls.listen: needs tls.cert_file and tls.key_file")
+	}
+	if c.WebSocket.TLS && (c.TLS.CertFile == "" || c.TLS.KeyFile == "") {
+		return fmt.Errorf("websocket.tls: needs tls.cert_file and tls.key_file")
 	}
 	switch c.Queue.Sync {
 	case SyncAlways, SyncBatch, SyncNone:
