@@ -83,7 +83,9 @@ func newServerProcess(t *testing.T, extraEnv ...string) *serverProcess {
 func (p *serverProcess) start(extraEnv ...string) {
 	p.t.Helper()
 	cmd := exec.Command(p.bin, "serve", "--data-dir", p.dataDir, "--listen", p.addr, "--http", p.http)
-	cmd.Env = append(os.Environ(), "CHATD_AUTH_SECRET="+string(testSecret))
+	cmd.Env = append(os.Environ(), "CHATD_AUTH_SECRET="+string(testSecret),
+		// One sender publishes as fast as it can: lift the per-user limit.
+		"CHATD_LIMITS_PUBLISH_RATE=1000000", "CHATD_LIMITS_PUBLISH_BYTES_RATE=1073741824")
 	cmd.Env = append(cmd.Env, extraEnv...)
 	cmd.Stdout, cmd.Stderr = p.log, p.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -28,6 +28,10 @@ func startServer(t testing.TB, dir string, mutate func(*config.Config)) *Server 
 	cfg.DataDir = dir
 	cfg.Listen = "127.0.0.1:0"
 	cfg.HTTP = "127.0.0.1:0"
+	// Tests publish in bursts far beyond a phone's; the rate limits have a test of their own.
+	cfg.Limits.PublishRate = 1e6
+	cfg.Limits.PublishBytesRate = 1 << 30
+	cfg.Limits.ConnectRate = 1e6
 	if mutate != nil {
 		mutate(&cfg)
 	}

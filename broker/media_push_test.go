@@ -129,6 +129,11 @@ func TestPushWebhook(t *testing.T) {
 	})
 	bob := mustDial(t, s, "bob", phoneOpt{})
 	bob.client.Disconnect(100)
+	for deadline := time.Now().Add(10 * time.Second); s.delivery.Online("bob"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("bob's disconnect never reached the server")
+		}
+	}
 	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
 	alice.send("bob", "m-1", `,"text":"secret"`)
 	got := hook.waitFor(t, 1)[0]

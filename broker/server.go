@@ -19,6 +19,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"golang.org/x/time/rate"
 
 	"github.com/chatd/chatd/broker/delivery"
 	"github.com/chatd/chatd/broker/envelope"
@@ -158,6 +159,9 @@ func New(opts Options) (*Server, error) {
 	// mochi's own outbound queue only carries its rare control packets;
 	// deliveries and PUBACKs go through broker/wire.
 	caps.MaximumClientWritesPending = 64
+	if cfg.Limits.MaxConnections > 0 {
+		caps.MaximumClients = int64(cfg.Limits.MaxConnections)
+	}
 	caps.ReceiveMaximum = 1024
 	caps.MaximumInflight = 1024
 	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
@@ -169,10 +173,17 @@ func New(opts Options) (*Server, error) {
 		ClientNetReadBufferSize:  1024,
 		Logger:                   log.With("component", "mqtt"),
 	})
+	users := &hooks.Users{
+		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
+		PublishRate:      cfg.Limits.PublishRate,
+		PublishBytesRate: cfg.Limits.PublishBytesRate,
+	}
 	auth := &hooks.Auth{
 		Server:       s.mqtt,
 		Verifier:     s.verifier,
 		MaxKeepalive: uint16(min(cfg.Limits.MaxKeepalive, 65535)),
+		Connects:     rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
+		Users:        users,
 		Log:          log,
 	}
 	s.presence = presence.New(q.DB(), s.mqtt.Publish, log)
@@ -183,11 +194,13 @@ func New(opts Options) (*Server, error) {
 		Presence:        s.presence,
 		Groups:          s.groups,
 		Observe:         s.metrics,
+		Users:           users,
 		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
 		MaxInflight:     cfg.Limits.MaxInflight,
 		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
 		Log:             log,
 	}
+	auth.Connected = inbox.Connected
 	for _, h := range []mqtt.Hook{auth, inbox} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
 			s.push.Close()

@@ -143,6 +143,16 @@ type Limits struct {
 	MaxKeepalive int `mapstructure:"max_keepalive"`
 	// MaxPendingBytes disconnects a client whose unread outbound bytes exceed it.
 	MaxPendingBytes int `mapstructure:"max_pending_bytes"`
+	// MaxConnections caps connected clients; 0 means no cap.
+	MaxConnections int `mapstructure:"max_connections"`
+	// MaxConnectionsPerUser caps one user's simultaneous connections.
+	MaxConnectionsPerUser int `mapstructure:"max_connections_per_user"`
+	// ConnectRate caps new connections per second, server-wide.
+	ConnectRate float64 `mapstructure:"connect_rate"`
+	// PublishRate caps one user's publishes per second (bursts of twice as many).
+	PublishRate float64 `mapstructure:"publish_rate"`
+	// PublishBytesRate caps one user's published bytes per second (bursts of twice as many).
+	PublishBytesRate int `mapstructure:"publish_bytes_rate"`
 }
 
 // Log configures logging.
@@ -170,10 +180,14 @@ func Default() Config {
 			MaxBatch:         4096,
 		},
 		Limits: Limits{
-			MaxMessageBytes: 64 * 1024,
-			MaxInflight:     64,
-			MaxKeepalive:    600,
-			MaxPendingBytes: 8 << 20,
+			MaxMessageBytes:       64 * 1024,
+			MaxInflight:           64,
+			MaxKeepalive:          600,
+			MaxPendingBytes:       8 << 20,
+			MaxConnectionsPerUser: 16,
+			ConnectRate:           2000,
+			PublishRate:           1000,
+			PublishBytesRate:      8 << 20,
 		},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
@@ -217,6 +231,10 @@ func (c *Config) Validate() error {
 		{"limits.max_inflight", int64(c.Limits.MaxInflight)},
 		{"limits.max_keepalive", int64(c.Limits.MaxKeepalive)},
 		{"limits.max_pending_bytes", int64(c.Limits.MaxPendingBytes)},
+		{"limits.max_connections_per_user", int64(c.Limits.MaxConnectionsPerUser)},
+		{"limits.connect_rate", int64(c.Limits.ConnectRate)},
+		{"limits.publish_rate", int64(c.Limits.PublishRate)},
+		{"limits.publish_bytes_rate", int64(c.Limits.PublishBytesRate)},
 		{"groups.max_members", int64(c.Groups.MaxMembers)},
 		{"media.max_bytes", c.Media.MaxBytes},
 		{"media.ttl", int64(c.Media.TTL)},
@@ -228,6 +246,9 @@ func (c *Config) Validate() error {
 		if p.v <= 0 {
 			return fmt.Errorf("%s: must be positive, got %d", p.key, p.v)
 		}
+	}
+	if c.Limits.MaxConnections < 0 {
+		return fmt.Errorf("limits.max_connections: must not be negative, got %d", c.Limits.MaxConnections)
 	}
 	if c.Limits.MaxInflight > 65535 {
 		return fmt.Errorf("limits.max_inflight: at most 65535, got %d", c.Limits.MaxInflight)

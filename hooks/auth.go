@@ -4,11 +4,13 @@ package hooks
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"log/slog"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/time/rate"
 
 	"github.com/chatd/chatd/broker/token"
 	"github.com/chatd/chatd/broker/topic"
@@ -24,6 +26,13 @@ type Auth struct {
 	Verifier *token.Verifier
 	// MaxKeepalive caps the keepalive a client may ask for, in seconds.
 	MaxKeepalive uint16
+	// Connects limits new connections, server-wide.
+	Connects *rate.Limiter
+	// Users counts each user's connections.
+	Users *Users
+	// Connected reports whether a client ID has a live connection, so a
+	// session takeover is not counted against the user's cap.
+	Connected func(clientID string) bool
 	// Log receives refusals.
 	Log *slog.Logger
 }
@@ -48,6 +57,20 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	if _, err := topic.ParseClientID(cl.ID, user); err != nil {
 		return h.refuse(cl, packets.ErrClientIdentifierNotValid, err)
+	}
+	busy := packets.ErrServerBusy
+	if cl.Properties.ProtocolVersion < 5 {
+		busy = packets.ErrServerUnavailable
+	}
+	if !h.Connects.Allow() {
+		return h.refuse(cl, busy, errors.New("connect rate limit"))
+	}
+	if n := h.Users.Connections(user); n >= h.Users.MaxConnections && !h.Connected(cl.ID) {
+		quota := packets.ErrQuotaExceeded
+		if cl.Properties.ProtocolVersion < 5 {
+			quota = packets.ErrServerUnavailable
+		}
+		return h.refuse(cl, quota, fmt.Errorf("user %s has %d connections, the limit", user, n))
 	}
 	if ka := cl.State.Keepalive; ka == 0 || ka > h.MaxKeepalive {
 		cl.State.Keepalive = h.MaxKeepalive

@@ -84,6 +84,8 @@ type Inbox struct {
 	Groups *groups.Store
 	// Observe counts sessions and refusals.
 	Observe Observer
+	// Users holds each connected user's connection count and publish budgets.
+	Users *Users
 	// MaxMessageBytes caps a message object.
 	MaxMessageBytes int
 	// MaxInflight caps unacknowledged deliveries per device.
@@ -108,6 +110,8 @@ type session struct {
 	// dev is set once the inbox is subscribed; only the client's own
 	// goroutine touches it.
 	dev *delivery.Device
+	// budget is the user's publish budget, shared by its connections.
+	budget *userState
 }
 
 // ID names the hook.
@@ -148,6 +152,7 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		cl.Stop(err)
 		return
 	}
+	s.budget = h.Users.join(user)
 	h.sessions.Store(cl, s)
 	h.current.Store(cl.ID, s)
 	h.Presence.Connected(user)
@@ -221,6 +226,7 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.Delivery.Stop(s.dev)
 	}
 	s.w.Close()
+	h.Users.leave(s.user)
 	h.Presence.Disconnected(s.user)
 	if h.current.CompareAndDelete(s.clientID, s) {
 		h.Queue.Detach(s.user, s.device)
@@ -255,6 +261,10 @@ func (h *Inbox) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	}
 	s, ok := h.session(cl)
 	if !ok {
+		return pk, packets.ErrRejectPacket
+	}
+	if !s.budget.allow(len(pk.Payload)) {
+		h.refuse(s, pk, CodeRateLimited, "publish rate limit: slow down")
 		return pk, packets.ErrRejectPacket
 	}
 	kind, to := topic.Parse(pk.TopicName)
@@ -376,6 +386,12 @@ func (h *Inbox) failed(s *session, pid uint16, qos1 bool, err error) {
 			cl.Stop(fmt.Errorf("store message: %w", err))
 		}
 	}
+}
+
+// Connected reports whether clientID has a live connection.
+func (h *Inbox) Connected(clientID string) bool {
+	_, ok := h.current.Load(clientID)
+	return ok
 }
 
 func (h *Inbox) session(cl *mqtt.Client) (*session, bool) {

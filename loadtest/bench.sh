@@ -106,6 +106,10 @@ export CHATD_AUTH_SECRET=${CHATD_AUTH_SECRET:-bench-$RANDOM$RANDOM$RANDOM$RANDOM
 # chatd does not either (each one is a second durable message). Set
 # BENCH_RECEIPTS=true to measure chatd with them.
 export CHATD_RECEIPTS_DELIVERED=${BENCH_RECEIPTS:-false}
+# The drain scenario queues from a few senders at full speed, far above a
+# phone's rate: lift the per-user publish limits (Mosquitto has none).
+export CHATD_LIMITS_PUBLISH_RATE=${CHATD_LIMITS_PUBLISH_RATE:-1000000}
+export CHATD_LIMITS_PUBLISH_BYTES_RATE=${CHATD_LIMITS_PUBLISH_BYTES_RATE:-1073741824}
 
 log "starting chatd on 127.0.0.1:$chatd_port"
 mkdir -p "$work/chatd-data"
