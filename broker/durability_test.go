@@ -10,6 +10,7 @@ package broker
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -130,10 +131,25 @@ func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and kills a server process")
 	}
-	const (
-		total = 6000
-		kills = 3
-	)
+	cases := []struct {
+		name   string
+		total  int
+		kills  int
+		random bool
+	}{
+		{"3 kills between publishes", 6000, 3, false},
+		// Kills land anywhere: mid-commit, mid-delivery, mid-ack-flush.
+		{"20 kills at random times", 20000, 20, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) { sigkillRun(t, c.total, c.kills, c.random) })
+	}
+}
+
+// sigkillRun publishes total messages while the server is killed kills
+// times, at evenly spread publishes or at random moments, and checks that
+// every PUBACKed message is delivered.
+func sigkillRun(t *testing.T, total, kills int, random bool) {
 	srv := newServerProcess(t)
 	rcv := &receiver{conn: 1, first: map[string]int{}, dups: map[string]int{}}
 	onMsg := func(_ paho.Client, m paho.Message) {
@@ -179,11 +195,24 @@ func TestNoAckedMessageLostAcrossSIGKILL(t *testing.T) {
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 64)
 	killAt := map[int]bool{}
-	for k := 1; k <= kills; k++ {
-		killAt[k*total/(kills+1)] = true
+	if random {
+		// Kill at random publishes, each followed by a random pause so that
+		// the kill lands at any point of the server's work.
+		rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+		for len(killAt) < kills {
+			killAt[1+rng.IntN(total-1)] = true
+		}
+	} else {
+		for k := 1; k <= kills; k++ {
+			killAt[k*total/(kills+1)] = true
+		}
 	}
+	pause := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 2))
 	for i := range total {
 		if killAt[i] {
+			if random {
+				time.Sleep(time.Duration(pause.IntN(20)) * time.Millisecond)
+			}
 			srv.kill()
 			srv.start()
 		}
