@@ -95,6 +95,15 @@ func TestUnackedRedeliveredAfterReconnectAckedNot(t *testing.T) {
 		}
 		m.Ack()
 	}
+	// paho sends the PUBACKs in the background: disconnect once they are in.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if n, _ := deviceWindow(t, s, "bob", ""); n == 6 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the server never got the four PUBACKs")
+		}
+	}
 	bob.client.Disconnect(250)
 
 	bob = dialManual(t, s, "bob", "bob")

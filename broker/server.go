@@ -24,6 +24,7 @@ import (
 	"github.com/chatd/chatd/broker/delivery"
 	"github.com/chatd/chatd/broker/envelope"
 	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/listen"
 	"github.com/chatd/chatd/broker/media"
 	"github.com/chatd/chatd/broker/metrics"
 	"github.com/chatd/chatd/broker/presence"
@@ -162,6 +163,9 @@ func New(opts Options) (*Server, error) {
 	if cfg.Limits.MaxConnections > 0 {
 		caps.MaximumClients = int64(cfg.Limits.MaxConnections)
 	}
+	// Topic aliases would let one client hold up to 65,535 topic names in
+	// memory; chatd's topics are short.
+	caps.TopicAliasMaximum = 0
 	caps.ReceiveMaximum = 1024
 	caps.MaximumInflight = 1024
 	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
@@ -171,7 +175,7 @@ func New(opts Options) (*Server, error) {
 		Capabilities:             caps,
 		ClientNetWriteBufferSize: 1024,
 		ClientNetReadBufferSize:  1024,
-		Logger:                   log.With("component", "mqtt"),
+		Logger:                   slog.New(listen.QuietPackets{Handler: log.Handler()}).With("component", "mqtt"),
 	})
 	users := &hooks.Users{
 		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
@@ -226,12 +230,12 @@ func (s *Server) addListeners() error {
 		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
-	if err := s.mqtt.AddListener(s.tcp); err != nil {
+	if err := s.mqtt.AddListener(listen.ConnectDeadline{Listener: s.tcp, Timeout: cfg.Limits.ConnectTimeout}); err != nil {
 		return fmt.Errorf("listen mqtt on %s: %w", cfg.Listen, err)
 	}
 	if cfg.TLS.Listen != "" {
 		s.tls = listeners.NewTCP(listeners.Config{ID: "tls", Address: cfg.TLS.Listen, TLSConfig: tlsConfig})
-		if err := s.mqtt.AddListener(s.tls); err != nil {
+		if err := s.mqtt.AddListener(listen.ConnectDeadline{Listener: s.tls, Timeout: cfg.Limits.ConnectTimeout}); err != nil {
 			return fmt.Errorf("listen mqtt over tls on %s: %w", cfg.TLS.Listen, err)
 		}
 	}
@@ -241,7 +245,7 @@ func (s *Server) addListeners() error {
 			wc.TLSConfig = tlsConfig
 		}
 		// mochi's WebSocket listener answers on every path, /mqtt included.
-		if err := s.mqtt.AddListener(listeners.NewWebsocket(wc)); err != nil {
+		if err := s.mqtt.AddListener(listen.ConnectDeadline{Listener: listeners.NewWebsocket(wc), Timeout: cfg.Limits.ConnectTimeout}); err != nil {
 			return fmt.Errorf("listen mqtt over websocket on %s: %w", cfg.WebSocket.Listen, err)
 		}
 	}

@@ -147,6 +147,8 @@ type Limits struct {
 	MaxConnections int `mapstructure:"max_connections"`
 	// MaxConnectionsPerUser caps one user's simultaneous connections.
 	MaxConnectionsPerUser int `mapstructure:"max_connections_per_user"`
+	// ConnectTimeout is how long a new connection may take to send CONNECT.
+	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
 	// ConnectRate caps new connections per second, server-wide.
 	ConnectRate float64 `mapstructure:"connect_rate"`
 	// PublishRate caps one user's publishes per second (bursts of twice as many).
@@ -185,6 +187,7 @@ func Default() Config {
 			MaxKeepalive:          600,
 			MaxPendingBytes:       8 << 20,
 			MaxConnectionsPerUser: 16,
+			ConnectTimeout:        10 * time.Second,
 			ConnectRate:           2000,
 			PublishRate:           1000,
 			PublishBytesRate:      8 << 20,
@@ -233,6 +236,7 @@ func (c *Config) Validate() error {
 		{"limits.max_pending_bytes", int64(c.Limits.MaxPendingBytes)},
 		{"limits.max_connections_per_user", int64(c.Limits.MaxConnectionsPerUser)},
 		{"limits.connect_rate", int64(c.Limits.ConnectRate)},
+		{"limits.connect_timeout", int64(c.Limits.ConnectTimeout)},
 		{"limits.publish_rate", int64(c.Limits.PublishRate)},
 		{"limits.publish_bytes_rate", int64(c.Limits.PublishBytesRate)},
 		{"groups.max_members", int64(c.Groups.MaxMembers)},

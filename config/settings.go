@@ -48,6 +48,7 @@ var help = map[string]string{
 	"limits.max_pending_bytes":        "a client whose unread outbound bytes exceed this is disconnected",
 	"limits.max_connections":          "most connected clients; 0 means no cap",
 	"limits.max_connections_per_user": "most simultaneous connections of one user; a session takeover does not count twice",
+	"limits.connect_timeout":          "a new connection that sends no CONNECT within this is closed",
 	"limits.connect_rate":             "new connections per second, server-wide (bursts of twice as many)",
 	"limits.publish_rate":             "publishes per second of one user, all devices together (bursts of twice as many); over it: rate_limited",
 	"limits.publish_bytes_rate":       "published bytes per second of one user (bursts of twice as many); over it: rate_limited",

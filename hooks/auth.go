@@ -58,6 +58,16 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if _, err := topic.ParseClientID(cl.ID, user); err != nil {
 		return h.refuse(cl, packets.ErrClientIdentifierNotValid, err)
 	}
+	// The token is checked here rather than in OnConnectAuthenticate so
+	// that the connect rate below is spent by authenticated clients only:
+	// a flood of bad CONNECTs must not lock everyone else out.
+	if err := h.Verifier.Verify(string(pk.Connect.Password), user); err != nil {
+		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("user %s: %w", user, err))
+	}
+	// A Will would be published by mochi as this client, past every check
+	// of the message path (spoofed envelopes, retained presence, packet IDs
+	// of our own deliveries): the protocol has none, so it is dropped.
+	cl.Properties.Will = mqtt.Will{}
 	busy := packets.ErrServerBusy
 	if cl.Properties.ProtocolVersion < 5 {
 		busy = packets.ErrServerUnavailable
@@ -87,13 +97,9 @@ func (h *Auth) refuse(cl *mqtt.Client, code packets.Code, err error) error {
 	return fmt.Errorf("refuse connect: %w", err)
 }
 
-// OnConnectAuthenticate accepts a client whose password is a valid token for its username.
+// OnConnectAuthenticate accepts the clients OnConnect let through: it has
+// checked their tokens already.
 func (h *Auth) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	user := string(pk.Connect.Username)
-	if err := h.Verifier.Verify(string(pk.Connect.Password), user); err != nil {
-		h.Log.Info("connect refused", "remote", cl.Net.Remote, "user", user, "reason", err.Error())
-		return false
-	}
 	return true
 }
 

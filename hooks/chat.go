@@ -38,6 +38,12 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 		h.refuse(s, pk, CodeBadPayload, err.Error())
 		return
 	}
+	// One publish is stored once per member: it costs the sender's budget
+	// once per copy beyond the first, already paid.
+	if extra := len(g.Members) - 2; extra > 0 && !s.budget.allowN(extra, extra*len(pk.Payload)) {
+		h.refuse(s, pk, CodeRateLimited, fmt.Sprintf("a message to the %d members of %q is over your rate limit", len(g.Members), gid))
+		return
+	}
 	ts := time.Now().UnixMilli()
 	fan := make([]queue.Fanout, 0, len(g.Members)-1)
 	for _, m := range g.Members {

@@ -72,6 +72,10 @@ func (u *Users) leave(user string) {
 }
 
 // allow spends one publish of n bytes from the user's budgets.
-func (st *userState) allow(n int) bool {
-	return st.msgs.Allow() && st.bytes.AllowN(time.Now(), n)
+func (st *userState) allow(n int) bool { return st.allowN(1, n) }
+
+// allowN spends msgs publishes of n bytes in all from the user's budgets.
+func (st *userState) allowN(msgs, n int) bool {
+	now := time.Now()
+	return st.msgs.AllowN(now, msgs) && st.bytes.AllowN(now, n)
 }

@@ -52,12 +52,13 @@ func (g *Group) IsAdmin(user string) bool {
 }
 
 // Store is every group, on disk and cached in memory. Changes are written
-// to disk before they are visible.
+// to disk before they are visible. Only groups that exist are cached, so
+// lookups of made-up names cost a disk read, not memory.
 type Store struct {
 	db         *badger.DB
 	maxMembers int
 	mu         sync.RWMutex
-	cache      map[string]*Group // nil value: known not to exist
+	cache      map[string]*Group
 }
 
 // New returns a Store in db allowing at most maxMembers per group.
@@ -67,25 +68,25 @@ func New(db *badger.DB, maxMembers int) *Store {
 
 // Get returns the group gid. The result is shared: do not modify it.
 func (s *Store) Get(gid string) (*Group, error) {
+	if !topic.ValidUser(gid) {
+		return nil, fmt.Errorf("%w: %q", ErrUnknown, gid)
+	}
 	s.mu.RLock()
 	g, ok := s.cache[gid]
 	s.mu.RUnlock()
 	if ok {
-		if g == nil {
-			return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
-		}
 		return g, nil
 	}
 	g, err := s.load(gid)
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	s.cache[gid] = g
-	s.mu.Unlock()
 	if g == nil {
 		return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
 	}
+	s.mu.Lock()
+	s.cache[gid] = g
+	s.mu.Unlock()
 	return g, nil
 }
 
@@ -194,13 +195,16 @@ func (s *Store) change(gid string, edit func(*Group) error) (*Group, error) {
 	return g, nil
 }
 
-// lockedGet reads through the cache; called with s.mu held.
+// lockedGet reads through the cache, nil for no such group; called with s.mu held.
 func (s *Store) lockedGet(gid string) (*Group, error) {
+	if !topic.ValidUser(gid) {
+		return nil, nil
+	}
 	if g, ok := s.cache[gid]; ok {
 		return g, nil
 	}
 	g, err := s.load(gid)
-	if err != nil {
+	if err != nil || g == nil {
 		return nil, err
 	}
 	s.cache[gid] = g

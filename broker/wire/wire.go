@@ -77,11 +77,17 @@ func (w *Writer) Publish(pid uint16, topic string, payload []byte, dup bool) {
 	w.checkOverflow()
 }
 
+// qos0Backlog is the unwritten bytes past which QoS 0 packets are dropped:
+// an ephemeral signal to a client that is behind is worth nothing, and a
+// flood of them must not get it disconnected.
+const qos0Backlog = 64 << 10
+
 // PublishQoS0 queues a QoS 0 PUBLISH of payload on topic, for what is sent
-// once and never stored. It is written at the next Flush.
+// once and never stored, unless the client is behind. It is written at the
+// next Flush.
 func (w *Writer) PublishQoS0(topic string, payload []byte) {
 	w.mu.Lock()
-	if w.closed {
+	if w.closed || len(w.buf) > qos0Backlog {
 		w.mu.Unlock()
 		return
 	}

@@ -1,0 +1,61 @@
+// Package listen adapts mochi's listeners to what a public server needs.
+package listen
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// ConnectDeadline wraps a mochi listener so that a peer must send its
+// CONNECT within a deadline. mochi sets no deadline before CONNECT, so a
+// silent peer would hold a connection, and its goroutines, for ever; once
+// the CONNECT is read mochi's keepalive deadline replaces this one.
+type ConnectDeadline struct {
+	listeners.Listener
+	// Timeout is how long a new connection may stay silent.
+	Timeout time.Duration
+}
+
+// Serve accepts connections, giving each the CONNECT deadline.
+func (l ConnectDeadline) Serve(establish listeners.EstablishFn) {
+	l.Listener.Serve(func(id string, c net.Conn) error {
+		if err := c.SetReadDeadline(time.Now().Add(l.Timeout)); err != nil {
+			c.Close()
+			return err
+		}
+		return establish(id, c)
+	})
+}
+
+// QuietPackets drops the attributes mochi adds to some of its log lines
+// that hold a whole packet, and with it a password or a message: chatd
+// never logs either.
+type QuietPackets struct {
+	slog.Handler
+}
+
+// Handle drops the packet attribute before passing the record on.
+func (q QuietPackets) Handle(ctx context.Context, r slog.Record) error {
+	out := slog.NewRecord(r.Time, r.Level, r.Message, r.PC)
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key != "pk" && a.Key != "packet" {
+			out.AddAttrs(a)
+		}
+		return true
+	})
+	return q.Handler.Handle(ctx, out)
+}
+
+// WithAttrs keeps the filter on derived handlers.
+func (q QuietPackets) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return QuietPackets{q.Handler.WithAttrs(attrs)}
+}
+
+// WithGroup keeps the filter on derived handlers.
+func (q QuietPackets) WithGroup(name string) slog.Handler {
+	return QuietPackets{q.Handler.WithGroup(name)}
+}
