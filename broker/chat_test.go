@@ -235,28 +235,7 @@ func TestPresenceKeepaliveTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	tok := mint(t, "bob")
-	var body bytes.Buffer
-	str := func(v string) { body.Write([]byte{byte(len(v) >> 8), byte(len(v))}); body.WriteString(v) }
-	str("MQTT")
-	body.Write([]byte{4, 0xC2, 0, 1}) // v3.1.1, username+password+clean, keepalive 1 s
-	str("bob")
-	str("bob")
-	str(tok)
-	pkt := []byte{0x10}
-	n := body.Len()
-	for {
-		c := byte(n & 0x7f)
-		n >>= 7
-		if n > 0 {
-			c |= 0x80
-		}
-		pkt = append(pkt, c)
-		if n == 0 {
-			break
-		}
-	}
-	if _, err := conn.Write(append(pkt, body.Bytes()...)); err != nil {
+	if _, err := conn.Write(connectPacket("bob", mint(t, "bob"), 1, "", "")); err != nil {
 		t.Fatal(err)
 	}
 	if e := w.waitUser(t, "bob", 1)[0]; e["online"] != true {

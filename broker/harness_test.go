@@ -2,6 +2,7 @@ package broker
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -280,4 +281,38 @@ func freeAddr(t testing.TB) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// connectPacket encodes a v3.1.1 CONNECT with username and password user
+// and token, clean session, keepalive seconds, and a retained QoS 1 Will
+// when willTopic is set: what a test needs that paho will not send.
+func connectPacket(user, token string, keepalive uint16, willTopic, willMsg string) []byte {
+	var body bytes.Buffer
+	str := func(v string) { body.Write([]byte{byte(len(v) >> 8), byte(len(v))}); body.WriteString(v) }
+	str("MQTT")
+	flags := byte(0xC2) // username, password, clean session
+	if willTopic != "" {
+		flags |= 0x04 | 0x08 | 0x20 // Will, QoS 1, retained
+	}
+	body.Write([]byte{4, flags, byte(keepalive >> 8), byte(keepalive)})
+	str(user)
+	if willTopic != "" {
+		str(willTopic)
+		str(willMsg)
+	}
+	str(user)
+	str(token)
+	pkt := []byte{0x10}
+	for n := body.Len(); ; {
+		c := byte(n & 0x7f)
+		n >>= 7
+		if n > 0 {
+			c |= 0x80
+		}
+		pkt = append(pkt, c)
+		if n == 0 {
+			break
+		}
+	}
+	return append(pkt, body.Bytes()...)
 }

@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"bytes"
 	"io"
 	"net"
 	"testing"
@@ -10,7 +9,7 @@ import (
 	"github.com/chatd/chatd/config"
 )
 
-// connectWithWill writes a v3.1.1 CONNECT of user, with a Will when willTopic is set.
+// connectWithWill connects user with a Will and reads its CONNACK.
 func connectWithWill(t *testing.T, addr, user, willTopic, willMsg string) net.Conn {
 	t.Helper()
 	conn, err := net.Dial("tcp", addr)
@@ -18,34 +17,7 @@ func connectWithWill(t *testing.T, addr, user, willTopic, willMsg string) net.Co
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	var body bytes.Buffer
-	str := func(v string) { body.Write([]byte{byte(len(v) >> 8), byte(len(v))}); body.WriteString(v) }
-	str("MQTT")
-	flags := byte(0xC2) // username, password, clean session
-	if willTopic != "" {
-		flags |= 0x04 | 0x08 | 0x20 // Will, QoS 1, retained
-	}
-	body.Write([]byte{4, flags, 0, 60})
-	str(user)
-	if willTopic != "" {
-		str(willTopic)
-		str(willMsg)
-	}
-	str(user)
-	str(mint(t, user))
-	pkt := []byte{0x10}
-	for n := body.Len(); ; {
-		c := byte(n & 0x7f)
-		n >>= 7
-		if n > 0 {
-			c |= 0x80
-		}
-		pkt = append(pkt, c)
-		if n == 0 {
-			break
-		}
-	}
-	if _, err := conn.Write(append(pkt, body.Bytes()...)); err != nil {
+	if _, err := conn.Write(connectPacket(user, mint(t, user), 60, willTopic, willMsg)); err != nil {
 		t.Fatal(err)
 	}
 	ack := make([]byte, 4)

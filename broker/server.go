@@ -57,6 +57,7 @@ type Server struct {
 	groups   *groups.Store
 	push     *push.Notifier
 	metrics  *metrics.Metrics
+	inbox    *hooks.Inbox
 	media    *media.Handler
 	verifier *token.Verifier
 	// stopJanitor ends the media janitor; janitorDone closes when it has.
@@ -191,7 +192,7 @@ func New(opts Options) (*Server, error) {
 		Log:          log,
 	}
 	s.presence = presence.New(q.DB(), s.mqtt.Publish, log)
-	inbox = &hooks.Inbox{
+	s.inbox = &hooks.Inbox{
 		Server:          s.mqtt,
 		Queue:           q,
 		Delivery:        s.delivery,
@@ -204,6 +205,7 @@ func New(opts Options) (*Server, error) {
 		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
 		Log:             log,
 	}
+	inbox = s.inbox
 	auth.Connected = inbox.Connected
 	for _, h := range []mqtt.Hook{auth, inbox} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
@@ -218,6 +220,18 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
+// guard wraps l with the CONNECT deadline and panic recovery.
+func (s *Server) guard(l listeners.Listener) listen.Guard {
+	return listen.Guard{
+		Listener: l,
+		Timeout:  s.cfg.Limits.ConnectTimeout,
+		OnPanic: func(c net.Conn, p any) {
+			s.log.Error("connection closed after a panic; the server goes on", "remote", c.RemoteAddr().String(), "panic", fmt.Sprint(p))
+			s.inbox.Abandon(c)
+		},
+	}
+}
+
 // addListeners opens the MQTT listeners: TCP always, TLS and WebSocket when configured.
 func (s *Server) addListeners() error {
 	cfg := s.cfg
@@ -230,12 +244,12 @@ func (s *Server) addListeners() error {
 		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
-	if err := s.mqtt.AddListener(listen.ConnectDeadline{Listener: s.tcp, Timeout: cfg.Limits.ConnectTimeout}); err != nil {
+	if err := s.mqtt.AddListener(s.guard(s.tcp)); err != nil {
 		return fmt.Errorf("listen mqtt on %s: %w", cfg.Listen, err)
 	}
 	if cfg.TLS.Listen != "" {
 		s.tls = listeners.NewTCP(listeners.Config{ID: "tls", Address: cfg.TLS.Listen, TLSConfig: tlsConfig})
-		if err := s.mqtt.AddListener(listen.ConnectDeadline{Listener: s.tls, Timeout: cfg.Limits.ConnectTimeout}); err != nil {
+		if err := s.mqtt.AddListener(s.guard(s.tls)); err != nil {
 			return fmt.Errorf("listen mqtt over tls on %s: %w", cfg.TLS.Listen, err)
 		}
 	}
@@ -245,7 +259,7 @@ func (s *Server) addListeners() error {
 			wc.TLSConfig = tlsConfig
 		}
 		// mochi's WebSocket listener answers on every path, /mqtt included.
-		if err := s.mqtt.AddListener(listen.ConnectDeadline{Listener: listeners.NewWebsocket(wc), Timeout: cfg.Limits.ConnectTimeout}); err != nil {
+		if err := s.mqtt.AddListener(s.guard(listeners.NewWebsocket(wc))); err != nil {
 			return fmt.Errorf("listen mqtt over websocket on %s: %w", cfg.WebSocket.Listen, err)
 		}
 	}

@@ -29,13 +29,8 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 		h.refuse(s, pk, CodeNotAuthorized, fmt.Sprintf("not a member of %q", gid))
 		return
 	}
-	id, err := envelope.Validate(pk.Payload, h.MaxMessageBytes)
-	switch {
-	case errors.Is(err, envelope.ErrTooLarge):
-		h.refuse(s, pk, CodeTooLarge, err.Error())
-		return
-	case err != nil:
-		h.refuse(s, pk, CodeBadPayload, err.Error())
+	id, ok := h.validate(s, pk, envelope.Validate)
+	if !ok {
 		return
 	}
 	// One publish is stored once per member: it costs the sender's budget
@@ -60,13 +55,13 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 // publishReceipt forwards a read receipt to the original sender's inbox.
 // Receipts carry no metadata, so they never generate receipts themselves.
 func (h *Inbox) publishReceipt(s *session, pk packets.Packet, to string) {
-	ids, err := envelope.ReadReceipt(pk.Payload, h.MaxMessageBytes)
-	switch {
-	case errors.Is(err, envelope.ErrTooLarge):
-		h.refuse(s, pk, CodeTooLarge, err.Error())
-		return
-	case err != nil:
-		h.refuse(s, pk, CodeBadPayload, err.Error())
+	var ids []string
+	readIDs := func(b []byte, max int) (string, error) {
+		var err error
+		ids, err = envelope.ReadReceipt(b, max)
+		return "", err
+	}
+	if _, ok := h.validate(s, pk, readIDs); !ok {
 		return
 	}
 	h.Queue.Append(&queue.Request{

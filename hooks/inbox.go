@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -242,6 +243,24 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 }
 
+// Abandon cleans up after a connection whose serving goroutine panicked,
+// which mochi ends without its disconnect hooks.
+func (h *Inbox) Abandon(conn net.Conn) {
+	var found *mqtt.Client
+	h.sessions.Range(func(k, _ any) bool {
+		if cl := k.(*mqtt.Client); cl.Net.Conn == conn {
+			found = cl
+			return false
+		}
+		return true
+	})
+	if found == nil {
+		return
+	}
+	h.OnDisconnect(found, errors.New("connection abandoned after a panic"), false)
+	found.Stop(errors.New("connection abandoned after a panic"))
+}
+
 // OnPacketRead takes the device's PUBACKs for the server's own deliveries.
 func (h *Inbox) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Type == packets.Puback {
@@ -286,13 +305,8 @@ func (h *Inbox) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 }
 
 func (h *Inbox) publishInbox(s *session, pk packets.Packet, to string) {
-	id, err := envelope.Validate(pk.Payload, h.MaxMessageBytes)
-	switch {
-	case errors.Is(err, envelope.ErrTooLarge):
-		h.refuse(s, pk, CodeTooLarge, err.Error())
-		return
-	case err != nil:
-		h.refuse(s, pk, CodeBadPayload, err.Error())
+	id, ok := h.validate(s, pk, envelope.Validate)
+	if !ok {
 		return
 	}
 	h.Queue.Append(&queue.Request{
@@ -300,6 +314,21 @@ func (h *Inbox) publishInbox(s *session, pk packets.Packet, to string) {
 		Data: envelope.Message(s.user, to, "", time.Now().UnixMilli(), pk.Payload),
 		Done: h.answer(s, pk, id, fmt.Sprintf("the queue of %s is full", to)),
 	})
+}
+
+// validate checks a payload with check and refuses the publish with the
+// matching error code when it fails.
+func (h *Inbox) validate(s *session, pk packets.Packet, check func([]byte, int) (string, error)) (string, bool) {
+	v, err := check(pk.Payload, h.MaxMessageBytes)
+	switch {
+	case errors.Is(err, envelope.ErrTooLarge):
+		h.refuse(s, pk, CodeTooLarge, err.Error())
+		return "", false
+	case err != nil:
+		h.refuse(s, pk, CodeBadPayload, err.Error())
+		return "", false
+	}
+	return v, true
 }
 
 // answer returns the Done of a stored publish: the PUBACK, or the refusal.

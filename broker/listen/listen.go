@@ -3,6 +3,7 @@ package listen
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"time"
@@ -10,22 +11,36 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 )
 
-// ConnectDeadline wraps a mochi listener so that a peer must send its
-// CONNECT within a deadline. mochi sets no deadline before CONNECT, so a
-// silent peer would hold a connection, and its goroutines, for ever; once
-// the CONNECT is read mochi's keepalive deadline replaces this one.
-type ConnectDeadline struct {
+// Guard wraps a mochi listener for the public internet. A peer must send
+// its CONNECT within Timeout: mochi sets no deadline before CONNECT, so a
+// silent peer would hold a connection, and its goroutines, for ever (once
+// the CONNECT is read, mochi's keepalive deadline replaces this one). And a
+// panic while serving one connection, such as mochi v2.7.9's decoder on a
+// malformed MQTT 5 SUBSCRIBE (mochi-mqtt/server#501), closes that
+// connection instead of the whole server.
+type Guard struct {
 	listeners.Listener
 	// Timeout is how long a new connection may stay silent.
 	Timeout time.Duration
+	// OnPanic, if set, cleans up after a connection whose serving panicked.
+	OnPanic func(c net.Conn, recovered any)
 }
 
-// Serve accepts connections, giving each the CONNECT deadline.
-func (l ConnectDeadline) Serve(establish listeners.EstablishFn) {
-	l.Listener.Serve(func(id string, c net.Conn) error {
+// Serve accepts connections through the guard.
+func (l Guard) Serve(establish listeners.EstablishFn) {
+	l.Listener.Serve(func(id string, c net.Conn) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				c.Close()
+				if l.OnPanic != nil {
+					l.OnPanic(c, p)
+				}
+				err = fmt.Errorf("connection from %s closed after a panic: %v", c.RemoteAddr(), p)
+			}
+		}()
 		if err := c.SetReadDeadline(time.Now().Add(l.Timeout)); err != nil {
 			c.Close()
-			return err
+			return fmt.Errorf("set connect deadline: %w", err)
 		}
 		return establish(id, c)
 	})
