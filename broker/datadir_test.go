@@ -50,7 +50,7 @@ func TestCorruptDataDirIsRefused(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			copy(b, "XXXXXXXX")
+			copy(b, "garbage!")
 			if err := os.WriteFile(filepath.Join(q, "MANIFEST"), b, 0o600); err != nil {
 				t.Fatal(err)
 			}
