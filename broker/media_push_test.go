@@ -160,6 +160,12 @@ func TestPushWebhook(t *testing.T) {
 			t.Fatalf("second message within the interval: %+v", s.push.Stats())
 		}
 	}
+	// The webhook records a body before the notifier counts it as sent.
+	for deadline := time.Now().Add(10 * time.Second); s.push.Stats().Sent != 1; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("first notification never counted as sent: %+v", s.push.Stats())
+		}
+	}
 	// An online user is not pushed.
 	bob = mustDial(t, s, "bob", phoneOpt{})
 	carol := mustDial(t, s, "carol", phoneOpt{})

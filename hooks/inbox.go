@@ -55,6 +55,8 @@ type Store interface {
 	// Attach registers a connected device and returns its cursor and
 	// whether it subscribed to its inbox before.
 	Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error)
+	// Cursor returns the last sequence a registered device acknowledged.
+	Cursor(user, device string) (uint64, error)
 	// SetSubscribed records whether a device is subscribed to its inbox.
 	SetSubscribed(user, device string, subscribed bool)
 	// Detach records that a device disconnected.
@@ -172,9 +174,9 @@ func (h *Inbox) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 	inbox := topic.InboxOf(s.user)
 	for i, f := range pk.Filters {
 		if f.Filter == inbox && i < len(codes) && codes[i] < 0x80 {
-			// Attach again for the cursor: a taken-over connection may have
+			// Read the cursor now: a taken-over connection may have
 			// advanced it since this session was registered.
-			cursor, _, err := h.Queue.Attach(s.user, s.device, s.transient)
+			cursor, err := h.Queue.Cursor(s.user, s.device)
 			if err != nil {
 				h.Log.Error("read device cursor", "client", cl.ID, "error", err)
 				cl.Stop(err)

@@ -33,6 +33,8 @@ func (s *Store) commitLoop() {
 	defer s.wg.Done()
 	tick := time.NewTicker(s.opts.Queue.AckFlushInterval)
 	defer tick.Stop()
+	sweep := time.NewTicker(sweepInterval(s.opts.Queue.DeviceTTL))
+	defer sweep.Stop()
 	batch := make([]*Request, 0, s.opts.Queue.MaxBatch)
 	results := make([]outcome, 0, s.opts.Queue.MaxBatch)
 	for {
@@ -42,6 +44,8 @@ func (s *Store) commitLoop() {
 			results = s.commit(batch, results[:0])
 		case <-tick.C:
 			s.flush()
+		case <-sweep.C:
+			s.forgetUnseenDevices(time.Now())
 		case <-s.stop:
 			for {
 				select {
@@ -386,4 +390,35 @@ func (s *Store) stageFlush(wb *badger.WriteBatch, u *userQueue, budget *int) (us
 	}
 	f.upTo = upTo
 	return f, nil
+}
+
+// sweepInterval is how often devices unseen for ttl are looked for: often
+// enough that a lost phone stops holding messages back soon after ttl.
+func sweepInterval(ttl time.Duration) time.Duration {
+	return min(max(ttl/10, time.Second), time.Hour)
+}
+
+// forgetUnseenDevices forgets the offline devices of loaded users unseen
+// for device_ttl, so that they stop holding their users' messages back
+// (users not loaded are checked when they are). It runs on the committer
+// goroutine, like the flush that deletes their records.
+func (s *Store) forgetUnseenDevices(now time.Time) {
+	before := now.Add(-s.opts.Queue.DeviceTTL).Unix()
+	s.users.Range(func(_, v any) bool {
+		u := v.(*userQueue)
+		u.mu.Lock()
+		forgot := false
+		for name, d := range u.devices {
+			if d.online == 0 && !d.transient && d.seen < before {
+				delete(u.devices, name)
+				u.forgotten = append(u.forgotten, name)
+				forgot = true
+			}
+		}
+		u.mu.Unlock()
+		if forgot {
+			s.markDirty(u)
+		}
+		return true
+	})
 }

@@ -266,6 +266,7 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	now := time.Now().Unix()
 	if d, ok := u.devices[device]; ok {
 		d.seen = now
+		d.online++
 		d.transient = d.transient && transient
 		return d.cursor, d.subscribed, nil
 	}
@@ -273,7 +274,7 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	if len(u.devices) == 0 {
 		r.cursor = u.tail - 1
 	}
-	d := &deviceState{record: r, transient: transient}
+	d := &deviceState{record: r, transient: transient, online: 1}
 	if !transient {
 		// Persisted now, not lazily: a device that crashed before its record
 		// was written would come back as "new" and skip what it was sent.
@@ -287,6 +288,21 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	}
 	u.devices[device] = d
 	return r.cursor, false, nil
+}
+
+// Cursor returns the last sequence device of user has acknowledged.
+func (s *Store) Cursor(user, device string) (uint64, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return 0, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	d, ok := u.devices[device]
+	if !ok {
+		return 0, fmt.Errorf("device %s/%s is not registered", user, device)
+	}
+	return d.cursor, nil
 }
 
 // SetSubscribed records whether a device of user is subscribed to its
@@ -310,6 +326,7 @@ func (s *Store) Detach(user, device string) {
 	}
 	u.mu.Lock()
 	if d, ok := u.devices[device]; ok {
+		d.online = max(d.online-1, 0)
 		if d.transient {
 			delete(u.devices, device)
 		} else {

@@ -477,3 +477,26 @@ func TestLargeFanoutSpansTransactions(t *testing.T) {
 		}
 	}
 }
+
+func TestUnseenDevicesAreForgottenWhileRunning(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, d := range []string{"phone", "lost-phone"} {
+		if _, _, err := h.s.Attach("bob", d, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.s.Detach("bob", "lost-phone")
+	h.append("bob", "alice", "1", "x")
+	h.s.Ack("bob", "phone", 1)
+	// The lost phone holds the message back until it is forgotten; the
+	// phone, connected all along, is never forgotten however old its
+	// last-seen time.
+	h.s.forgetUnseenDevices(time.Now().Add(h.s.opts.Queue.DeviceTTL + time.Minute))
+	h.flushed("bob", 0)
+	if c, _, _ := h.s.Attach("bob", "lost-phone", false); c != 1 {
+		t.Fatalf("the forgotten phone came back with cursor %d, want 1 (a new device)", c)
+	}
+	if c, _, _ := h.s.Attach("bob", "phone", false); c != 1 {
+		t.Fatalf("the connected phone has cursor %d, want 1", c)
+	}
+}

@@ -28,6 +28,8 @@ type deviceState struct {
 	saved     record
 	transient bool
 	forget    bool
+	// online counts the device's open connections (a takeover briefly has two).
+	online int
 }
 
 // user returns the loaded queue index of name.
