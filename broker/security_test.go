@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/chatd/chatd/broker/token"
 	"github.com/chatd/chatd/config"
 )
 
@@ -68,4 +71,26 @@ func TestSilentConnectionIsClosed(t *testing.T) {
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
+}
+
+func TestSessionEndsWhenTokenExpires(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	tok, err := token.Mint(testSecret, "bob", 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost := make(chan error, 1)
+	opts := paho.NewClientOptions().AddBroker("tcp://" + s.MQTTAddr()).
+		SetClientID("bob").SetUsername("bob").SetPassword(tok).SetAutoReconnect(false).
+		SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
+	c := paho.NewClient(opts)
+	if tk := c.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		t.Fatalf("connect: %v", tk.Error())
+	}
+	defer c.Disconnect(50)
+	select {
+	case <-lost:
+	case <-time.After(30 * time.Second):
+		t.Fatal("a session outlived its token")
+	}
 }

@@ -207,6 +207,7 @@ func New(opts Options) (*Server, error) {
 	}
 	inbox = s.inbox
 	auth.Connected = inbox.Connected
+	inbox.TokenExpiry = auth.TokenExpiry
 	for _, h := range []mqtt.Hook{auth, inbox} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
 			s.push.Close()
@@ -283,7 +284,8 @@ func (s *Server) Start() error {
 			return fmt.Errorf("listen http on %s: %w", s.cfg.HTTP, err)
 		}
 		s.httpLn = ln
-		s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+		// No read or write timeout: media uploads and downloads may be long.
+		s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 		go func() {
 			if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				s.log.Error("http server", "error", err)

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -33,6 +35,8 @@ type Auth struct {
 	// Connected reports whether a client ID has a live connection, so a
 	// session takeover is not counted against the user's cap.
 	Connected func(clientID string) bool
+
+	expiries sync.Map // *mqtt.Client -> time.Time its token expires
 	// Log receives refusals.
 	Log *slog.Logger
 }
@@ -42,7 +46,7 @@ func (h *Auth) ID() string { return "chatd-auth" }
 
 // Provides reports the events Auth handles.
 func (h *Auth) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect}, []byte{b})
 }
 
 // OnConnect checks the username and client ID before authentication, so a
@@ -61,9 +65,11 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	// The token is checked here rather than in OnConnectAuthenticate so
 	// that the connect rate below is spent by authenticated clients only:
 	// a flood of bad CONNECTs must not lock everyone else out.
-	if err := h.Verifier.Verify(string(pk.Connect.Password), user); err != nil {
+	exp, err := h.Verifier.Verify(string(pk.Connect.Password), user)
+	if err != nil {
 		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("user %s: %w", user, err))
 	}
+	h.expiries.Store(cl, exp)
 	// A Will would be published by mochi as this client, past every check
 	// of the message path (spoofed envelopes, retained presence, packet IDs
 	// of our own deliveries): the protocol has none, so it is dropped.
@@ -95,6 +101,20 @@ func (h *Auth) refuse(cl *mqtt.Client, code packets.Code, err error) error {
 		return fmt.Errorf("refuse connect: %w (sending connack: %w)", err, sendErr)
 	}
 	return fmt.Errorf("refuse connect: %w", err)
+}
+
+// TokenExpiry returns when the token cl connected with expires.
+func (h *Auth) TokenExpiry(cl *mqtt.Client) (time.Time, bool) {
+	v, ok := h.expiries.Load(cl)
+	if !ok {
+		return time.Time{}, false
+	}
+	return v.(time.Time), true
+}
+
+// OnDisconnect forgets the client's token expiry.
+func (h *Auth) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	h.expiries.Delete(cl)
 }
 
 // OnConnectAuthenticate accepts the clients OnConnect let through: it has

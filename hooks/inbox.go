@@ -43,6 +43,9 @@ var reasonCodes = map[string]byte{
 	CodeUnknownGroup:  0x90,
 }
 
+// errTokenExpired ends a session whose access token expired.
+var errTokenExpired = errors.New("access token expired")
+
 // unspecifiedError is the MQTT 5 reason code for a publish the server failed to store.
 const unspecifiedError = 0x80
 
@@ -89,6 +92,9 @@ type Inbox struct {
 	Observe Observer
 	// Users holds each connected user's connection count and publish budgets.
 	Users *Users
+	// TokenExpiry returns when the token a client connected with expires;
+	// the client is disconnected then, to reconnect with a fresh one.
+	TokenExpiry func(cl *mqtt.Client) (time.Time, bool)
 	// MaxMessageBytes caps a message object.
 	MaxMessageBytes int
 	// MaxInflight caps unacknowledged deliveries per device.
@@ -115,6 +121,8 @@ type session struct {
 	dev *delivery.Device
 	// budget is the user's publish budget, shared by its connections.
 	budget *userState
+	// expiry disconnects the client when its token expires.
+	expiry *time.Timer
 }
 
 // ID names the hook.
@@ -156,6 +164,9 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	s.budget = h.Users.join(user)
+	if exp, ok := h.TokenExpiry(cl); ok {
+		s.expiry = time.AfterFunc(time.Until(exp), func() { cl.Stop(errTokenExpired) })
+	}
 	h.sessions.Store(cl, s)
 	h.current.Store(cl.ID, s)
 	h.Presence.Connected(user)
@@ -229,6 +240,9 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.Delivery.Stop(s.dev)
 	}
 	s.w.Close()
+	if s.expiry != nil {
+		s.expiry.Stop()
+	}
 	h.Users.leave(s.user)
 	h.Presence.Disconnected(s.user)
 	if h.current.CompareAndDelete(s.clientID, s) {

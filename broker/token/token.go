@@ -55,37 +55,45 @@ func NewVerifier(secret []byte) *Verifier {
 	}
 }
 
-// Verify returns nil when tok is a valid, unexpired token whose sub is user.
-func (v *Verifier) Verify(tok, user string) error {
-	sub, err := v.Subject(tok)
+// Verify returns when a valid token for user expires, or an error when tok
+// is not one.
+func (v *Verifier) Verify(tok, user string) (time.Time, error) {
+	sub, exp, err := v.parse(tok)
 	if err != nil {
-		return err
+		return time.Time{}, err
 	}
 	if sub != user {
-		return fmt.Errorf("%w: sub %q does not match username %q", ErrInvalid, sub, user)
+		return time.Time{}, fmt.Errorf("%w: sub %q does not match username %q", ErrInvalid, sub, user)
 	}
-	return nil
+	return exp, nil
 }
 
 // Subject returns the user a valid, unexpired token was issued to, for
 // HTTP requests that carry a token but no username.
 func (v *Verifier) Subject(tok string) (string, error) {
+	sub, _, err := v.parse(tok)
+	return sub, err
+}
+
+// parse checks tok and returns its subject and expiry.
+func (v *Verifier) parse(tok string) (string, time.Time, error) {
 	if tok == "" {
-		return "", fmt.Errorf("%w: missing", ErrInvalid)
+		return "", time.Time{}, fmt.Errorf("%w: missing", ErrInvalid)
 	}
 	// An empty HMAC key verifies any token signed with an empty key, which
 	// anyone can forge, so fail closed.
 	if len(v.secret) == 0 {
-		return "", fmt.Errorf("%w: verifier has no secret", ErrInvalid)
+		return "", time.Time{}, fmt.Errorf("%w: verifier has no secret", ErrInvalid)
 	}
 	var claims jwt.RegisteredClaims
 	if _, err := v.parser.ParseWithClaims(tok, &claims, func(*jwt.Token) (any, error) { return v.secret, nil }); err != nil {
-		return "", fmt.Errorf("%w: %w", ErrInvalid, err)
+		return "", time.Time{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	if claims.Subject == "" {
-		return "", fmt.Errorf("%w: no sub", ErrInvalid)
+		return "", time.Time{}, fmt.Errorf("%w: no sub", ErrInvalid)
 	}
-	return claims.Subject, nil
+	// WithExpirationRequired guarantees ExpiresAt is set.
+	return claims.Subject, claims.ExpiresAt.Time, nil
 }
 
 // ResolveSecret returns configured when it is set, else the development

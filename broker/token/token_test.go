@@ -195,7 +195,7 @@ func TestVerify(t *testing.T) {
 			if tt.secret != nil {
 				key = tt.secret
 			}
-			err := token.NewVerifier(key).Verify(tt.tok(t), tt.user)
+			_, err := token.NewVerifier(key).Verify(tt.tok(t), tt.user)
 			switch {
 			case tt.ok && err != nil:
 				t.Fatalf("Verify refused a valid token: %v", err)
@@ -252,7 +252,7 @@ func TestResolveSecretDev(t *testing.T) {
 		t.Fatalf("second call: secret %q dev %v; want %q dev true", second, dev, first)
 	}
 	tok := mint(t, first, "alice", time.Hour)
-	if err := token.NewVerifier(second).Verify(tok, "alice"); err != nil {
+	if _, err := token.NewVerifier(second).Verify(tok, "alice"); err != nil {
 		t.Fatalf("token minted with the first secret refused by the second: %v", err)
 	}
 }

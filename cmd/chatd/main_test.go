@@ -128,7 +128,7 @@ func TestToken(t *testing.T) {
 				t.Fatal(err)
 			}
 			user := tt.args[1]
-			if err := token.NewVerifier(secret).Verify(tok, user); err != nil {
+			if _, err := token.NewVerifier(secret).Verify(tok, user); err != nil {
 				t.Fatalf("printed token refused: %v", err)
 			}
 			var claims jwt.RegisteredClaims
