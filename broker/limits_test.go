@@ -74,3 +74,16 @@ func TestConnectionsPerUser(t *testing.T) {
 	// Other users are not affected.
 	mustDial(t, s, "alice", phoneOpt{})
 }
+
+func TestDevicesPerUser(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Queue.MaxDevices = 2 })
+	for _, d := range []string{"bob/a", "bob/b"} {
+		p := mustDial(t, s, "bob", phoneOpt{clientID: d})
+		p.client.Disconnect(50)
+	}
+	if _, err := dial(t, s, "bob", phoneOpt{clientID: "bob/c"}); !errors.Is(err, packets.ErrorRefusedServerUnavailable) {
+		t.Fatalf("a third device: %v, want refused", err)
+	}
+	// Known devices still connect.
+	mustDial(t, s, "bob", phoneOpt{clientID: "bob/a"})
+}

@@ -189,6 +189,7 @@ func New(opts Options) (*Server, error) {
 		MaxKeepalive: uint16(min(cfg.Limits.MaxKeepalive, 65535)),
 		Connects:     rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
 		Users:        users,
+		MayAttach:    q.MayAttach,
 		Log:          log,
 	}
 	s.presence = presence.New(q.DB(), s.mqtt.Publish, log)

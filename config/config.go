@@ -127,6 +127,8 @@ type Queue struct {
 	MaxQueueMessages int `mapstructure:"max_queue_messages"`
 	// DeviceTTL forgets a device unseen for this long.
 	DeviceTTL time.Duration `mapstructure:"device_ttl"`
+	// MaxDevices caps one user's known devices.
+	MaxDevices int `mapstructure:"max_devices"`
 	// AckFlushInterval is how often acknowledged cursors are persisted and delivered messages deleted.
 	AckFlushInterval time.Duration `mapstructure:"ack_flush_interval"`
 	// MaxBatch caps the number of messages in one group commit.
@@ -178,6 +180,7 @@ func Default() Config {
 			DedupWindow:      24 * time.Hour,
 			MaxQueueMessages: 1_000_000,
 			DeviceTTL:        30 * 24 * time.Hour,
+			MaxDevices:       32,
 			AckFlushInterval: 10 * time.Millisecond,
 			MaxBatch:         4096,
 		},
@@ -228,6 +231,7 @@ func (c *Config) Validate() error {
 		{"queue.dedup_window", int64(c.Queue.DedupWindow)},
 		{"queue.max_queue_messages", int64(c.Queue.MaxQueueMessages)},
 		{"queue.device_ttl", int64(c.Queue.DeviceTTL)},
+		{"queue.max_devices", int64(c.Queue.MaxDevices)},
 		{"queue.ack_flush_interval", int64(c.Queue.AckFlushInterval)},
 		{"queue.max_batch", int64(c.Queue.MaxBatch)},
 		{"limits.max_message_bytes", int64(c.Limits.MaxMessageBytes)},

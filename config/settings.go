@@ -40,6 +40,7 @@ var help = map[string]string{
 	"queue.dedup_window":              "how long a (sender, id) pair is remembered to drop duplicates",
 	"queue.max_queue_messages":        "most messages queued for one user",
 	"queue.device_ttl":                "a device unseen for this long is forgotten",
+	"queue.max_devices":               "most devices (client IDs) one user may have; a new one beyond it is refused at CONNECT",
 	"queue.ack_flush_interval":        "how often acknowledged cursors are persisted and delivered messages deleted",
 	"queue.max_batch":                 "most messages in one group commit",
 	"limits.max_message_bytes":        "largest message object a client may send, in bytes (at most 16 MiB)",

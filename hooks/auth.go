@@ -35,6 +35,8 @@ type Auth struct {
 	// Connected reports whether a client ID has a live connection, so a
 	// session takeover is not counted against the user's cap.
 	Connected func(clientID string) bool
+	// MayAttach reports whether a device may connect under the user's cap on devices.
+	MayAttach func(user, device string) (bool, error)
 
 	expiries sync.Map // *mqtt.Client -> time.Time its token expires
 	// Log receives refusals.
@@ -59,7 +61,8 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if !topic.ValidUser(user) {
 		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("username %q is not a valid user ID", user))
 	}
-	if _, err := topic.ParseClientID(cl.ID, user); err != nil {
+	device, err := topic.ParseClientID(cl.ID, user)
+	if err != nil {
 		return h.refuse(cl, packets.ErrClientIdentifierNotValid, err)
 	}
 	// The token is checked here rather than in OnConnectAuthenticate so
@@ -81,12 +84,19 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if !h.Connects.Allow() {
 		return h.refuse(cl, busy, errors.New("connect rate limit"))
 	}
+	quota := packets.ErrQuotaExceeded
+	if cl.Properties.ProtocolVersion < 5 {
+		quota = packets.ErrServerUnavailable
+	}
 	if n := h.Users.Connections(user); n >= h.Users.MaxConnections && !h.Connected(cl.ID) {
-		quota := packets.ErrQuotaExceeded
-		if cl.Properties.ProtocolVersion < 5 {
-			quota = packets.ErrServerUnavailable
-		}
 		return h.refuse(cl, quota, fmt.Errorf("user %s has %d connections, the limit", user, n))
+	}
+	// Device names are the client's choice: without a cap, one user could
+	// register devices without end, each holding messages back.
+	if ok, err := h.MayAttach(user, device); err != nil {
+		return h.refuse(cl, busy, fmt.Errorf("check devices of %s: %w", user, err))
+	} else if !ok {
+		return h.refuse(cl, quota, fmt.Errorf("user %s has the most devices allowed", user))
 	}
 	if ka := cl.State.Keepalive; ka == 0 || ka > h.MaxKeepalive {
 		cl.State.Keepalive = h.MaxKeepalive

@@ -290,6 +290,19 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	return r.cursor, false, nil
 }
 
+// MayAttach reports whether device of user may connect: it is known, or
+// the user has fewer than max_devices devices.
+func (s *Store) MayAttach(user, device string) (bool, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return false, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	_, known := u.devices[device]
+	return known || len(u.devices) < s.opts.Queue.MaxDevices, nil
+}
+
 // Cursor returns the last sequence device of user has acknowledged.
 func (s *Store) Cursor(user, device string) (uint64, error) {
 	u, err := s.user(user)
