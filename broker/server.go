@@ -19,6 +19,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
 	"github.com/chatd/chatd/broker/delivery"
@@ -231,6 +232,14 @@ func (s *Server) guard(l listeners.Listener) listen.Guard {
 			s.log.Error("connection closed after a panic; the server goes on", "remote", c.RemoteAddr().String(), "panic", fmt.Sprint(p))
 			s.inbox.Abandon(c)
 		},
+		CloseClients: func(id string) {
+			for _, cl := range s.mqtt.Clients.GetAll() {
+				if cl.Net.Listener == id && !cl.Closed() {
+					// The client is going either way; a failed DISCONNECT write changes nothing.
+					_ = s.mqtt.DisconnectClient(cl, packets.ErrServerShuttingDown)
+				}
+			}
+		},
 	}
 }
 
@@ -333,6 +342,7 @@ func (s *Server) close(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("stop http: %w", err))
 		}
 	}
+	s.inbox.Closing()
 	if err := s.mqtt.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("stop mqtt: %w", err))
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -106,7 +107,11 @@ type Inbox struct {
 
 	sessions sync.Map // *mqtt.Client -> *session
 	current  sync.Map // client ID -> *session, the newest connection of each device
+	closing  atomic.Bool
 }
+
+// Closing tells the hook the server is shutting down.
+func (h *Inbox) Closing() { h.closing.Store(true) }
 
 // session is one connection of one device.
 type session struct {
@@ -248,7 +253,11 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if h.current.CompareAndDelete(s.clientID, s) {
 		h.Queue.Detach(s.user, s.device)
 	}
-	if !expire && !cl.IsTakenOver() {
+	// During shutdown mochi walks its client map holding a read lock it
+	// takes twice (Clients.GetByListener calls Len): a Delete waiting
+	// between the two deadlocks the shutdown. The map dies with the
+	// process then anyway.
+	if !expire && !cl.IsTakenOver() && !h.closing.Load() {
 		// The device's queue and subscription are kept by chatd; mochi would
 		// otherwise hold every disconnected persistent session in memory
 		// for device_ttl.

@@ -24,6 +24,19 @@ type Guard struct {
 	Timeout time.Duration
 	// OnPanic, if set, cleans up after a connection whose serving panicked.
 	OnPanic func(c net.Conn, recovered any)
+	// CloseClients, if set, disconnects the listener's clients at shutdown
+	// in place of mochi's own, which takes its client map's read lock twice
+	// (Clients.GetByListener calls Len) and so deadlocks against any client
+	// removed from the map at the same moment.
+	CloseClients func(listenerID string)
+}
+
+// Close stops the listener and disconnects its clients.
+func (l Guard) Close(closeClients listeners.CloseFn) {
+	if l.CloseClients != nil {
+		closeClients = l.CloseClients
+	}
+	l.Listener.Close(closeClients)
 }
 
 // Serve accepts connections through the guard.
