@@ -70,6 +70,8 @@ type Server struct {
 	httpLn      net.Listener
 	closed      sync.Once
 	closeErr    error
+	// ended orders connection ends before shutdown (see listen.Guard.Ended).
+	ended sync.Mutex
 }
 
 // queueDir is the Badger directory inside the data dir.
@@ -232,6 +234,7 @@ func (s *Server) guard(l listeners.Listener) listen.Guard {
 			s.log.Error("connection closed after a panic; the server goes on", "remote", c.RemoteAddr().String(), "panic", fmt.Sprint(p))
 			s.inbox.Abandon(c)
 		},
+		Ended: &s.ended,
 		CloseClients: func(id string) {
 			for _, cl := range s.mqtt.Clients.GetAll() {
 				if cl.Net.Listener == id && !cl.Closed() {
@@ -343,6 +346,8 @@ func (s *Server) close(ctx context.Context) error {
 		}
 	}
 	s.inbox.Closing()
+	s.ended.Lock()
+	s.ended.Unlock() // empty on purpose: only the ordering matters
 	if err := s.mqtt.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("stop mqtt: %w", err))
 	}

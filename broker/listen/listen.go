@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/listeners"
@@ -29,6 +30,25 @@ type Guard struct {
 	// (Clients.GetByListener calls Len) and so deadlocks against any client
 	// removed from the map at the same moment.
 	CloseClients func(listenerID string)
+	// Ended, if set, is locked and unlocked when a connection is closed, and
+	// by the server before it shuts mochi down. mochi counts connections
+	// in a WaitGroup it adds to inside each connection's goroutine and
+	// waits on at shutdown; for a connection that never sent CONNECT
+	// nothing else orders the two, which the race detector reports.
+	Ended *sync.Mutex
+}
+
+// endedConn is a connection whose Close passes through the Ended mutex.
+type endedConn struct {
+	net.Conn
+	ended *sync.Mutex
+}
+
+// Close closes the connection after passing through the mutex.
+func (c endedConn) Close() error {
+	c.ended.Lock()
+	c.ended.Unlock() // empty on purpose: only the ordering matters
+	return c.Conn.Close()
 }
 
 // Close stops the listener and disconnects its clients.
@@ -54,6 +74,9 @@ func (l Guard) Serve(establish listeners.EstablishFn) {
 		if err := c.SetReadDeadline(time.Now().Add(l.Timeout)); err != nil {
 			c.Close()
 			return fmt.Errorf("set connect deadline: %w", err)
+		}
+		if l.Ended != nil {
+			c = endedConn{Conn: c, ended: l.Ended}
 		}
 		return establish(id, c)
 	})
