@@ -129,7 +129,7 @@ func TestPushWebhook(t *testing.T) {
 	})
 	bob := mustDial(t, s, "bob", phoneOpt{})
 	bob.client.Disconnect(100)
-	for deadline := time.Now().Add(10 * time.Second); s.delivery.Online("bob"); time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); fed(s, "bob"); time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("bob's disconnect never reached the server")
 		}
@@ -179,4 +179,10 @@ func TestPushWebhook(t *testing.T) {
 func srvBody(m map[string]any) string {
 	b, _ := json.Marshal(m)
 	return string(b)
+}
+
+// fed reports whether the bare device of user is being fed.
+func fed(s *Server, user string) bool {
+	_, _, ok := s.delivery.Window(user, "")
+	return ok
 }

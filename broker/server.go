@@ -102,8 +102,7 @@ func New(opts Options) (*Server, error) {
 		Queue:  cfg.Queue,
 		Logger: log,
 		OnStored: func(user string, m queue.Message) {
-			s.delivery.Stored(user, m)
-			if len(m.Meta) > 0 && !s.delivery.Online(user) {
+			if online := s.delivery.Stored(user, m); !online && len(m.Meta) > 0 {
 				s.notifyPush(user, m.Meta)
 			}
 		},

@@ -207,28 +207,20 @@ func (d *Delivery) Stop(dev *Device) {
 }
 
 // Stored is called once for every message committed to user's queue, in
-// order. It feeds the user's online devices from memory.
-func (d *Delivery) Stored(user string, m queue.Message) {
-	v, ok := d.feeds.Load(user)
-	if !ok {
-		return
+// order. It feeds the user's online devices from memory and reports
+// whether the user has any device being fed.
+func (d *Delivery) Stored(user string, m queue.Message) bool {
+	f := d.lockedFeed(user)
+	if f == nil {
+		return false
 	}
-	f := v.(*feed)
-	var fed [4]Sink
-	sinks := fed[:0]
-	f.mu.Lock()
-	// The committer calls this: the writes happen in the background, so
-	// that a slow phone never holds up the commits of everyone else.
-	defer func() {
+	online := len(f.devices) > 0
+	if m.Seq <= f.head {
 		f.mu.Unlock()
-		for _, s := range sinks {
-			s.Flush(false)
-		}
-	}()
-	if f.dead || m.Seq <= f.head {
-		return
+		return online
 	}
 	if len(f.tail) > 0 && m.Seq != f.tail[len(f.tail)-1].Seq+1 {
+		clear(f.tail)
 		f.tail = f.tail[:0]
 	}
 	f.tail = append(f.tail, m)
@@ -238,44 +230,56 @@ func (d *Delivery) Stored(user string, m queue.Message) {
 		clear(f.tail[n:])
 		f.tail = f.tail[:n]
 	}
+	var buf [4]Sink
+	sinks := buf[:0]
 	for _, dev := range f.devices {
 		if d.pump(dev) {
 			sinks = append(sinks, dev.sink)
 		}
 	}
+	f.mu.Unlock()
+	flushInBackground(sinks)
+	return online
 }
 
 // Ephemeral sends payload at QoS 0 on topic to the online devices of user
 // that are being fed, now or never: it is not stored.
 func (d *Delivery) Ephemeral(user, topic string, payload []byte) {
-	v, ok := d.feeds.Load(user)
-	if !ok {
+	f := d.lockedFeed(user)
+	if f == nil {
 		return
 	}
-	f := v.(*feed)
-	var fed [4]Sink
-	sinks := fed[:0]
-	f.mu.Lock()
+	var buf [4]Sink
+	sinks := buf[:0]
 	for _, dev := range f.devices {
 		dev.sink.PublishQoS0(topic, payload)
 		sinks = append(sinks, dev.sink)
 	}
 	f.mu.Unlock()
-	for _, s := range sinks {
-		s.Flush(false)
-	}
+	flushInBackground(sinks)
 }
 
-// Online reports whether some device of user is being fed.
-func (d *Delivery) Online(user string) bool {
+// lockedFeed returns the live feed of user with its lock held, or nil.
+func (d *Delivery) lockedFeed(user string) *feed {
 	v, ok := d.feeds.Load(user)
 	if !ok {
-		return false
+		return nil
 	}
 	f := v.(*feed)
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.devices) > 0
+	if f.dead {
+		f.mu.Unlock()
+		return nil
+	}
+	return f
+}
+
+// flushInBackground flushes sinks without waiting for their sockets: the
+// committer and publishers call it, and a slow phone must hold up neither.
+func flushInBackground(sinks []Sink) {
+	for _, s := range sinks {
+		s.Flush(false)
+	}
 }
 
 // Acked handles a PUBACK from dev for packet id pid.

@@ -17,14 +17,26 @@ type outcome struct {
 	status Status
 	msg    Message
 	err    error
-	// fanout holds what was stored for a request's further recipients.
+	// to is what was stored for the request's To (u is nil when nothing
+	// was); fanout is what was stored for its further recipients.
+	to     stored
 	fanout []stored
 }
 
-// stored is one message stored for one recipient.
+// stored is one message stored in one user's queue.
 type stored struct {
-	user string
-	msg  Message
+	u   *userQueue
+	msg Message
+}
+
+// each calls f for every message the request stored.
+func (o *outcome) each(f func(stored)) {
+	if o.to.u != nil {
+		f(o.to)
+	}
+	for _, st := range o.fanout {
+		f(st)
+	}
 }
 
 // commitLoop is the single writer: it groups appends from every connection
@@ -140,7 +152,7 @@ func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 	if s.opts.OnCommit != nil {
 		s.opts.OnCommit(len(batch), time.Since(start))
 	}
-	for i, r := range batch {
+	for i := range batch {
 		switch results[i].status {
 		case Duplicate:
 			s.stats.duplicates.Add(1)
@@ -150,43 +162,21 @@ func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 		if results[i].status != Stored {
 			continue
 		}
-		n := uint64(len(results[i].fanout))
-		if r.To != "" && results[i].msg.Seq != 0 {
-			n++
-		}
-		s.stats.stored.Add(n)
-		if r.To != "" {
-			s.committed(r.To, results[i].msg.Seq)
-		}
-		for _, f := range results[i].fanout {
-			s.committed(f.user, f.msg.Seq)
-		}
+		results[i].each(func(st stored) {
+			s.stats.stored.Add(1)
+			st.u.mu.Lock()
+			st.u.committed = max(st.u.committed, st.msg.Seq)
+			st.u.mu.Unlock()
+		})
 	}
 	for i, r := range batch {
-		o := results[i]
+		o := &results[i]
 		r.Done(o.status, o.msg, o.err)
-		if o.status != Stored || s.opts.OnStored == nil {
-			continue
-		}
-		if r.To != "" && o.msg.Seq != 0 {
-			s.opts.OnStored(r.To, o.msg)
-		}
-		for _, f := range o.fanout {
-			s.opts.OnStored(f.user, f.msg)
+		if o.status == Stored && s.opts.OnStored != nil {
+			o.each(func(st stored) { s.opts.OnStored(st.u.name, st.msg) })
 		}
 	}
 	return results
-}
-
-// committed records that seq of user is durable.
-func (s *Store) committed(user string, seq uint64) {
-	u, err := s.user(user)
-	if err != nil {
-		return
-	}
-	u.mu.Lock()
-	u.committed = max(u.committed, seq)
-	u.mu.Unlock()
 }
 
 // stage checks dedup and the queue caps, assigns the next sequence of each
@@ -205,22 +195,22 @@ func (s *Store) stage(b *batchTxn, idx int, r *Request, ttl, dedupTTL time.Durat
 	}
 	o := outcome{status: Stored}
 	if r.To != "" {
-		msg, full, err := s.stageOne(b, idx, r.To, r.Meta, r.Data, ttl)
+		st, full, err := s.stageOne(b, idx, r.To, r.Meta, r.Data, ttl)
 		switch {
 		case err != nil:
 			return outcome{status: Failed, err: err}
 		case full && len(r.Fanout) == 0:
 			return outcome{status: Full}
 		}
-		o.msg = msg
+		o.to, o.msg = st, st.msg
 	}
 	for _, f := range r.Fanout {
-		msg, full, err := s.stageOne(b, idx, f.To, r.Meta, f.Data, ttl)
+		st, full, err := s.stageOne(b, idx, f.To, r.Meta, f.Data, ttl)
 		if err != nil {
 			return outcome{status: Failed, err: err}
 		}
 		if !full {
-			o.fanout = append(o.fanout, stored{f.To, msg})
+			o.fanout = append(o.fanout, st)
 		}
 	}
 	if dk != nil {
@@ -232,10 +222,10 @@ func (s *Store) stage(b *batchTxn, idx int, r *Request, ttl, dedupTTL time.Durat
 }
 
 // stageOne adds one recipient's copy to txn; full reports a queue at its cap.
-func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration) (msg Message, full bool, err error) {
+func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration) (st stored, full bool, err error) {
 	u, err := s.user(to)
 	if err != nil {
-		return Message{}, false, err
+		return stored{}, false, err
 	}
 	u.mu.Lock()
 	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
@@ -243,16 +233,16 @@ func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl
 	}
 	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
 		u.mu.Unlock()
-		return Message{}, true, nil
+		return stored{}, true, nil
 	}
 	seq := u.head + 1
 	u.head = seq
 	u.mu.Unlock()
 	v, m, d := encodeValue(meta, data)
 	if err := b.set(idx, badger.NewEntry(msgKey(to, seq), v).WithTTL(ttl)); err != nil {
-		return Message{}, false, fmt.Errorf("stage message: %w", err)
+		return stored{}, false, fmt.Errorf("stage message: %w", err)
 	}
-	return Message{Seq: seq, Meta: m, Data: d}, false, nil
+	return stored{u: u, msg: Message{Seq: seq, Meta: m, Data: d}}, false, nil
 }
 
 // skipExpired moves a full queue's tail past messages that expired
