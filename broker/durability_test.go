@@ -86,7 +86,8 @@ func (p *serverProcess) start(extraEnv ...string) {
 	cmd := exec.Command(p.bin, "serve", "--data-dir", p.dataDir, "--listen", p.addr, "--http", p.http)
 	cmd.Env = append(os.Environ(), "CHATD_AUTH_SECRET="+string(testSecret),
 		// One sender publishes as fast as it can: lift the per-user limit.
-		"CHATD_LIMITS_PUBLISH_RATE=1000000", "CHATD_LIMITS_PUBLISH_BYTES_RATE=1073741824")
+		"CHATD_LIMITS_PUBLISH_RATE=1000000", "CHATD_LIMITS_PUBLISH_BYTES_RATE=1073741824",
+		"CHATD_QUEUE_MIN_FREE_BYTES=1048576")
 	cmd.Env = append(cmd.Env, extraEnv...)
 	cmd.Stdout, cmd.Stderr = p.log, p.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

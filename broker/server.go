@@ -156,6 +156,10 @@ func New(opts Options) (*Server, error) {
 		TTL:          cfg.Media.TTL,
 		Logger:       log.With("component", "media"),
 	}
+	if cfg.Media.Dir == "" {
+		// Uploads share the queue's file system and its reserve.
+		s.media.DiskLow = q.LowDisk
+	}
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumQos = 1

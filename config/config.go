@@ -133,6 +133,8 @@ type Queue struct {
 	AckFlushInterval time.Duration `mapstructure:"ack_flush_interval"`
 	// MaxBatch caps the number of messages in one group commit.
 	MaxBatch int `mapstructure:"max_batch"`
+	// MinFreeBytes is the free space of data_dir's file system below which publishes are refused.
+	MinFreeBytes int64 `mapstructure:"min_free_bytes"`
 }
 
 // Limits configures what one client may do.
@@ -183,6 +185,7 @@ func Default() Config {
 			MaxDevices:       32,
 			AckFlushInterval: 10 * time.Millisecond,
 			MaxBatch:         4096,
+			MinFreeBytes:     256 << 20,
 		},
 		Limits: Limits{
 			MaxMessageBytes:       64 * 1024,
@@ -234,6 +237,7 @@ func (c *Config) Validate() error {
 		{"queue.max_devices", int64(c.Queue.MaxDevices)},
 		{"queue.ack_flush_interval", int64(c.Queue.AckFlushInterval)},
 		{"queue.max_batch", int64(c.Queue.MaxBatch)},
+		{"queue.min_free_bytes", c.Queue.MinFreeBytes},
 		{"limits.max_message_bytes", int64(c.Limits.MaxMessageBytes)},
 		{"limits.max_inflight", int64(c.Limits.MaxInflight)},
 		{"limits.max_keepalive", int64(c.Limits.MaxKeepalive)},

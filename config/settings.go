@@ -43,6 +43,7 @@ var help = map[string]string{
 	"queue.max_devices":               "most devices (client IDs) one user may have; a new one beyond it is refused at CONNECT",
 	"queue.ack_flush_interval":        "how often acknowledged cursors are persisted and delivered messages deleted",
 	"queue.max_batch":                 "most messages in one group commit",
+	"queue.min_free_bytes":            "free bytes of data_dir's file system below which publishes and media uploads are refused, so that acknowledgements, deletes and compaction still have room",
 	"limits.max_message_bytes":        "largest message object a client may send, in bytes (at most 16 MiB)",
 	"limits.max_inflight":             "most unacknowledged deliveries to one device (at most 65535)",
 	"limits.max_keepalive":            "largest keepalive a client may ask for, in seconds",

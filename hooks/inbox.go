@@ -31,6 +31,10 @@ const (
 	CodeQueueFull     = "queue_full"
 	CodeRateLimited   = "rate_limited"
 	CodeUnknownGroup  = "unknown_group"
+
+	// refusedNoSpace labels, in metrics only, publishes refused for lack
+	// of disk space: clients see them as any other failure to store.
+	refusedNoSpace = "no_space"
 )
 
 // reasonCodes maps a protocol error code to its MQTT 5 PUBACK reason code.
@@ -427,7 +431,13 @@ func (h *Inbox) refuseStored(s *session, pid uint16, qos1 bool, ref, code, reaso
 // failed answers a publish that could not be stored. A v3 client has no
 // negative PUBACK, so it is disconnected and will resend after reconnecting.
 func (h *Inbox) failed(s *session, pid uint16, qos1 bool, err error) {
-	h.Log.Error("store message", "user", s.user, "error", err)
+	if errors.Is(err, queue.ErrNoSpace) {
+		// The store logs the low-disk state once; a line per refused
+		// publish would fill the disk's last room with logs.
+		h.Observe.Refused(refusedNoSpace)
+	} else {
+		h.Log.Error("store message", "user", s.user, "error", err)
+	}
 	if s.v5 {
 		if qos1 {
 			s.w.Puback(pid, unspecifiedError)

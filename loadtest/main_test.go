@@ -73,6 +73,8 @@ func newChatd(dir, listen string) (*broker.Server, error) {
 	cfg.DataDir = dir
 	cfg.Listen = listen
 	cfg.HTTP = ""
+	// Runs must not depend on how full the machine's disk is.
+	cfg.Queue.MinFreeBytes = 1 << 20
 	s, err := broker.New(broker.Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		return nil, fmt.Errorf("new chatd: %w", err)

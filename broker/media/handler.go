@@ -43,6 +43,8 @@ type Handler struct {
 	TTL time.Duration
 	// Logger receives errors and expiry counts; nil means slog.Default().
 	Logger *slog.Logger
+	// DiskLow reports that the disk is too full to take uploads; nil means never.
+	DiskLow func() bool
 
 	// now is the clock for expiry; nil means time.Now. Tests set it.
 	now func() time.Time
@@ -109,6 +111,10 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 	ct, err := contentType(r.Header.Get("Content-Type"))
 	if err != nil {
 		h.writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	if h.DiskLow != nil && h.DiskLow() {
+		h.writeError(w, http.StatusInsufficientStorage, "no_space", "the server's disk is full; try again later")
 		return
 	}
 	limit := h.maxBytes()

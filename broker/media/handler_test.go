@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -642,5 +643,21 @@ func TestJanitorLogsFailures(t *testing.T) {
 	h.sweep(t.Context())
 	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "input/output error") {
 		t.Errorf("a failed sweep logged %q, want an error with the cause", out)
+	}
+}
+
+func TestUploadRefusedWhileDiskLow(t *testing.T) {
+	f := newFixture(t, 1<<20)
+	var low atomic.Bool
+	f.h.DiskLow = low.Load
+	low.Store(true)
+	resp, _, b := f.upload(t, "image/png", strings.NewReader("picture"))
+	wantError(t, resp, b, http.StatusInsufficientStorage, "no_space")
+	if names := entries(t, f.dir); len(names) != 0 {
+		t.Errorf("a refused upload left %v", names)
+	}
+	low.Store(false)
+	if resp, _, b := f.upload(t, "image/png", strings.NewReader("picture")); resp.StatusCode != http.StatusCreated {
+		t.Fatalf("upload once space is back: %d %s", resp.StatusCode, b)
 	}
 }

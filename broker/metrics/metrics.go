@@ -80,6 +80,13 @@ func New(src Sources) *Metrics {
 			lsm, vlog := src.Queue.DiskSize()
 			return float64(lsm + vlog)
 		}),
+		gauge("chatd_disk_free_bytes", "Free space of the data directory's file system at the last check.", func() float64 { return float64(src.Queue.FreeBytes()) }),
+		gauge("chatd_disk_low", "1 while publishes are refused because free space is under queue.min_free_bytes.", func() float64 {
+			if src.Queue.LowDisk() {
+				return 1
+			}
+			return 0
+		}),
 	)
 	return m
 }

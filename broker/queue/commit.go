@@ -192,6 +192,12 @@ func (s *Store) stage(b *batchTxn, idx int, r *Request, ttl, dedupTTL time.Durat
 		if !errors.Is(err, badger.ErrKeyNotFound) {
 			return outcome{status: Failed, err: fmt.Errorf("dedup lookup: %w", err)}
 		}
+		// Only client messages stop at the disk reserve: server-made
+		// events (receipts, errors) follow messages already stored and
+		// are bounded by them.
+		if s.lowDisk.Load() {
+			return outcome{status: Failed, err: ErrNoSpace}
+		}
 	}
 	o := outcome{status: Stored}
 	if r.To != "" {

@@ -12,7 +12,8 @@ import (
 // gcInterval is how often the value log is garbage collected.
 const gcInterval = time.Minute
 
-// maintenanceLoop fsyncs in batch mode and reclaims value-log space.
+// maintenanceLoop fsyncs in batch mode, watches free disk space and
+// reclaims value-log space.
 func (s *Store) maintenanceLoop() {
 	defer s.wg.Done()
 	var syncC <-chan time.Time
@@ -23,8 +24,12 @@ func (s *Store) maintenanceLoop() {
 	}
 	gc := time.NewTicker(gcInterval)
 	defer gc.Stop()
+	disk := time.NewTicker(diskCheckInterval)
+	defer disk.Stop()
 	for {
 		select {
+		case <-disk.C:
+			s.checkDisk()
 		case <-syncC:
 			if err := s.db.Sync(); err != nil {
 				s.log.Error("periodic fsync", "error", err)

@@ -125,6 +125,9 @@ type Store struct {
 	wg     sync.WaitGroup
 	closed sync.Once
 	stats  counters
+	// free and lowDisk are the last reading of the disk watch.
+	free    atomic.Int64
+	lowDisk atomic.Bool
 }
 
 // Stats returns the store's running totals.
@@ -193,6 +196,7 @@ func Open(opts Options) (*Store, error) {
 		dirty: make(map[*userQueue]struct{}),
 		stop:  make(chan struct{}),
 	}
+	s.checkDisk()
 	s.wg.Add(2)
 	go s.commitLoop()
 	go s.maintenanceLoop()
