@@ -1,0 +1,326 @@
+package jsqueue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/broker/queue"
+)
+
+// The append path is a pipeline of two goroutines. The committer takes
+// requests as they come, publishes every recipient's copy asynchronously
+// and hands the batch on; the completer waits for the batch's
+// acknowledgements in request order, sends again what was lost to a
+// leader election or a reconnect, and then calls Done and OnStored. Many
+// batches are in flight at once, bounded by MaxPending messages.
+
+// pub is one recipient's copy of a request and its outcome.
+type pub struct {
+	user   string
+	msg    *nats.Msg
+	fut    jetstream.PubAckFuture
+	err    error
+	status queue.Status
+	seq    uint64
+	// meta and data are what Read would return, for OnStored.
+	meta, data []byte
+}
+
+// pending is one request and its copies: To's first, then the fan-out's.
+type pending struct {
+	req  *queue.Request
+	pubs []pub
+}
+
+// batch is what the committer published in one go.
+type batch struct {
+	items []pending
+	start time.Time
+	msgs  int
+}
+
+// commitLoop is the committer: it publishes requests in arrival order.
+func (s *Store) commitLoop() {
+	defer s.wg.Done()
+	defer close(s.batches)
+	for {
+		select {
+		case r := <-s.reqs:
+			s.publish(s.collect(r))
+		case <-s.stop:
+			// Close waited for Append callers to leave: reqs only shrinks now.
+			for {
+				select {
+				case r := <-s.reqs:
+					s.publish(s.collect(r))
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// collect returns r and whatever else is already waiting, up to MaxBatch.
+func (s *Store) collect(r *queue.Request) []*queue.Request {
+	reqs := []*queue.Request{r}
+	for len(reqs) < s.opts.Queue.MaxBatch {
+		select {
+		case r := <-s.reqs:
+			reqs = append(reqs, r)
+		default:
+			return reqs
+		}
+	}
+	return reqs
+}
+
+// publish sends every copy of reqs without waiting and passes the batch
+// to the completer.
+func (s *Store) publish(reqs []*queue.Request) {
+	b := &batch{items: make([]pending, len(reqs)), start: time.Now()}
+	for i, r := range reqs {
+		p := &b.items[i]
+		p.req = r
+		if r.To == "" && len(r.Fanout) == 0 {
+			continue
+		}
+		p.pubs = make([]pub, 0, len(r.Fanout)+1)
+		if r.To != "" {
+			p.pubs = append(p.pubs, s.send(r, r.To, r.Data))
+		}
+		for _, f := range r.Fanout {
+			p.pubs = append(p.pubs, s.send(r, f.To, f.Data))
+		}
+		b.msgs += len(p.pubs)
+	}
+	s.batches <- b
+}
+
+// send publishes one recipient's copy of r.
+func (s *Store) send(r *queue.Request, to string, data []byte) pub {
+	v := encodeValue(r.Meta, data)
+	subj, _ := s.names.subject(to)
+	m := &nats.Msg{Subject: subj, Data: v}
+	if r.ID != "" {
+		m.Header = nats.Header{jetstream.MsgIDHeader: []string{msgID(r.Sender, r.ID, to)}}
+	}
+	meta, body, _ := decodeValue(v)
+	p := pub{user: to, msg: m, meta: meta, data: body}
+	// A full set of pending publishes waits for room as long as a publish
+	// may wait for its acknowledgement.
+	p.fut, p.err = s.js.PublishMsgAsync(m, jetstream.WithStallWait(s.opts.PublishTimeout))
+	return p
+}
+
+// completeLoop is the completer: it reports each batch in request order.
+func (s *Store) completeLoop() {
+	defer s.wg.Done()
+	for b := range s.batches {
+		s.complete(b)
+	}
+}
+
+// complete waits for a batch's acknowledgements, retries what was lost,
+// and reports every request.
+func (s *Store) complete(b *batch) {
+	var retry []*pub
+	for i := range b.items {
+		for j := range b.items[i].pubs {
+			p := &b.items[i].pubs[j]
+			if p.err == nil {
+				select {
+				case ack := <-p.fut.Ok():
+					p.acked(ack, false)
+				case err := <-p.fut.Err():
+					p.err = err
+				}
+			}
+			if p.err != nil && !p.full() {
+				if retryable(p.err) {
+					retry = append(retry, p)
+				} else {
+					p.failed()
+				}
+			}
+		}
+	}
+	if len(retry) > 0 {
+		s.retry(retry)
+	}
+	s.stats.commits.Add(1)
+	if s.opts.OnCommit != nil {
+		s.opts.OnCommit(b.msgs, time.Since(b.start))
+	}
+	for i := range b.items {
+		s.report(&b.items[i])
+	}
+}
+
+// acked records an acknowledgement. A duplicate on a second attempt may
+// be the first attempt's own copy, whose acknowledgement was lost: it is
+// stored either way, under the sequence JetStream reports.
+func (p *pub) acked(ack *jetstream.PubAck, again bool) {
+	p.err = nil
+	p.seq = ack.Sequence
+	p.status = queue.Stored
+	if ack.Duplicate && !again {
+		p.status = queue.Duplicate
+	}
+}
+
+// full reports, and records, a refusal because the user's queue is at
+// max_queue_messages. JetStream answers it with code 503, which must not
+// be taken for an unavailable stream and retried.
+func (p *pub) full() bool {
+	var apiErr *jetstream.APIError
+	if errors.As(p.err, &apiErr) && apiErr.ErrorCode == errCodeStoreFailed &&
+		strings.Contains(apiErr.Description, "maximum messages per subject") {
+		p.status, p.err = queue.Full, nil
+		return true
+	}
+	return false
+}
+
+// errCodeStoreFailed is JetStream's JSStreamStoreFailedF, whose
+// description says why a message was not stored.
+const errCodeStoreFailed jetstream.ErrorCode = 10077
+
+// failed records p.err as a failure.
+func (p *pub) failed() {
+	p.status = queue.Failed
+	p.err = fmt.Errorf("store message for %s: %w", p.user, p.err)
+}
+
+// retryable reports errors after which the message may or may not be
+// stored and JetStream may answer a second attempt: lost connections,
+// missing acknowledgements, streams between leaders.
+func retryable(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.Code == 503
+	}
+	return errors.Is(err, jetstream.ErrAsyncPublishTimeout) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		errors.Is(err, jetstream.ErrTooManyStalledMsgs) ||
+		errors.Is(err, nats.ErrDisconnected) ||
+		errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, context.DeadlineExceeded)
+}
+
+// retry sends ps again, all at once and in order, until each is answered
+// or RetryFor has passed. The same Nats-Msg-Id makes a copy that did land
+// a duplicate instead of a second copy; a message without an ID (server
+// events) may be stored twice, which at-least-once delivery allows.
+func (s *Store) retry(ps []*pub) {
+	deadline := time.Now().Add(s.opts.RetryFor)
+	wait := 50 * time.Millisecond
+	for len(ps) > 0 {
+		if time.Now().After(deadline) {
+			for _, p := range ps {
+				p.status = queue.Failed
+				p.err = fmt.Errorf("store message for %s: no acknowledgement within %v: %w", p.user, s.opts.RetryFor, p.err)
+			}
+			return
+		}
+		s.log.Warn("publishing again after lost acknowledgements", "messages", len(ps), "error", ps[0].err)
+		for _, p := range ps {
+			m := &nats.Msg{Subject: p.msg.Subject, Header: p.msg.Header, Data: p.msg.Data}
+			p.fut, p.err = s.js.PublishMsgAsync(m, jetstream.WithStallWait(s.opts.PublishTimeout))
+		}
+		var left []*pub
+		for _, p := range ps {
+			if p.err == nil {
+				select {
+				case ack := <-p.fut.Ok():
+					p.acked(ack, true)
+					continue
+				case err := <-p.fut.Err():
+					p.err = err
+				}
+			}
+			switch {
+			case p.full():
+			case retryable(p.err):
+				left = append(left, p)
+			default:
+				p.failed()
+			}
+		}
+		if len(left) == len(ps) {
+			// Nothing went through: give the cluster time to elect a leader.
+			time.Sleep(wait)
+			wait = min(2*wait, time.Second)
+		}
+		ps = left
+	}
+}
+
+// report calls Done for one request and OnStored for its stored copies.
+// The request's status follows broker/queue: Failed if any copy failed,
+// Duplicate if every copy that was not refused is a duplicate, Full if
+// the only recipient is full, else Stored; the Message is To's copy.
+func (s *Store) report(p *pending) {
+	r := p.req
+	if len(p.pubs) == 0 {
+		r.Done(queue.Passed, queue.Message{}, nil)
+		return
+	}
+	var (
+		err           error
+		stored, dupes int
+		msg           queue.Message
+	)
+	for i := range p.pubs {
+		c := &p.pubs[i]
+		switch c.status {
+		case queue.Stored:
+			stored++
+			s.stats.stored.Add(1)
+			if i == 0 && r.To != "" {
+				msg = queue.Message{Seq: c.seq, Meta: c.meta, Data: c.data}
+			}
+		case queue.Duplicate:
+			dupes++
+		case queue.Full:
+			s.stats.full.Add(1)
+		case queue.Failed:
+			err = errors.Join(err, c.err)
+		}
+	}
+	status := queue.Stored
+	switch {
+	case err != nil:
+		// Copies already stored stay; the sender's resend stores the rest
+		// and finds the others duplicates.
+		status = queue.Failed
+	case stored == 0 && dupes > 0:
+		status = queue.Duplicate
+		s.stats.duplicates.Add(1)
+	case stored == 0 && len(r.Fanout) == 0:
+		status = queue.Full
+	}
+	if status != queue.Stored {
+		msg = queue.Message{}
+	}
+	r.Done(status, msg, err)
+	// Even a failed request may have stored some copies: they are
+	// delivered, so their users' feeds must hear of them.
+	if s.opts.OnStored == nil || stored == 0 {
+		return
+	}
+	for i := range p.pubs {
+		c := &p.pubs[i]
+		if c.status == queue.Stored {
+			s.opts.OnStored(c.user, queue.Message{Seq: c.seq, Meta: c.meta, Data: c.data})
+		}
+	}
+}

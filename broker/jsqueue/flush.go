@@ -1,0 +1,237 @@
+package jsqueue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// purgeWorkers bounds the users purged at once by one flush.
+const purgeWorkers = 8
+
+// flushLoop persists acknowledgements every AckFlushInterval and forgets
+// unseen devices; on Close it flushes once more.
+func (s *Store) flushLoop() {
+	defer s.wg.Done()
+	tick := time.NewTicker(s.opts.Queue.AckFlushInterval)
+	defer tick.Stop()
+	sweep := time.NewTicker(sweepInterval(s.opts.Queue.DeviceTTL))
+	defer sweep.Stop()
+	for {
+		select {
+		case <-tick.C:
+			s.flush()
+		case <-sweep.C:
+			s.forgetUnseenDevices(time.Now())
+		case <-s.stop:
+			s.flush()
+			return
+		}
+	}
+}
+
+// sweepInterval is how often devices unseen for ttl are looked for.
+func sweepInterval(ttl time.Duration) time.Duration {
+	return min(max(ttl/10, time.Second), time.Hour)
+}
+
+// write is one device record a flush writes.
+type write struct {
+	u    *userState
+	name string
+	rec  record
+	rev  uint64
+	fut  jetstream.PubAckFuture
+	err  error
+}
+
+// flush writes changed device records, deletes forgotten ones, and purges
+// what every device of a user has acknowledged.
+func (s *Store) flush() {
+	s.dirtyM.Lock()
+	if len(s.dirty) == 0 {
+		s.dirtyM.Unlock()
+		return
+	}
+	dirty := s.dirty
+	s.dirty = make(map[*userState]struct{}, len(dirty))
+	s.dirtyM.Unlock()
+
+	var writes []*write
+	var purges []*userState
+	deletes := make(map[*userState][]string)
+	for u := range dirty {
+		u.mu.Lock()
+		for name, d := range u.devices {
+			if d.record != d.saved || d.rev == 0 {
+				writes = append(writes, &write{u: u, name: name, rec: d.record, rev: d.rev})
+			}
+		}
+		if len(u.forgotten) > 0 {
+			deletes[u] = u.forgotten
+			u.forgotten = nil
+		}
+		if low, ok := u.minCursor(); ok && low > u.purged {
+			purges = append(purges, u)
+		}
+		u.mu.Unlock()
+	}
+	ctx, cancel := s.reqCtx()
+	defer cancel()
+	s.writeRecords(ctx, writes)
+	s.deleteRecords(ctx, deletes)
+	s.purgeAcknowledged(ctx, purges)
+}
+
+// writeRecords writes records with compare-and-set on their revision, all
+// in flight at once. A record another node changed meanwhile is merged.
+func (s *Store) writeRecords(ctx context.Context, ws []*write) {
+	for _, w := range ws {
+		if w.rev == 0 {
+			continue // created synchronously below: a deleted key has a marker to replace
+		}
+		m := &nats.Msg{
+			Subject: s.names.kvSubject(deviceKey(w.u.name, w.name)),
+			Data:    w.rec.encode(),
+			Header:  nats.Header{jetstream.ExpectedLastSubjSeqHeader: []string{strconv.FormatUint(w.rev, 10)}},
+		}
+		w.fut, w.err = s.js.PublishMsgAsync(m, jetstream.WithStallWait(s.opts.RequestTimeout))
+	}
+	for _, w := range ws {
+		var rev uint64
+		switch {
+		case w.rev == 0:
+			rev, w.err = s.kv.Create(ctx, deviceKey(w.u.name, w.name), w.rec.encode())
+		case w.err == nil:
+			select {
+			case ack := <-w.fut.Ok():
+				rev = ack.Sequence
+			case w.err = <-w.fut.Err():
+			}
+		}
+		var apiErr *jetstream.APIError
+		if errors.Is(w.err, jetstream.ErrKeyExists) || errors.As(w.err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+			w.rec, rev, w.err = s.mergeRecord(ctx, w)
+		}
+		if w.err != nil {
+			s.log.Error("persist device cursor", "user", w.u.name, "device", w.name, "error", w.err)
+			s.markDirty(w.u)
+			continue
+		}
+		w.u.mu.Lock()
+		if d, ok := w.u.devices[w.name]; ok {
+			d.saved, d.rev = w.rec, rev
+			d.cursor = max(d.cursor, w.rec.cursor)
+			if d.record != d.saved {
+				s.markDirty(w.u)
+			}
+		}
+		w.u.mu.Unlock()
+	}
+}
+
+// mergeRecord writes w's record merged with the bucket's newer one.
+func (s *Store) mergeRecord(ctx context.Context, w *write) (record, uint64, error) {
+	key := deviceKey(w.u.name, w.name)
+	e, err := s.kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		rev, err := s.kv.Create(ctx, key, w.rec.encode())
+		return w.rec, rev, err
+	}
+	if err != nil {
+		return w.rec, 0, fmt.Errorf("read %s to merge: %w", key, err)
+	}
+	theirs, ok := decodeRecord(e.Value())
+	if !ok {
+		return w.rec, 0, fmt.Errorf("device record %s is corrupt", key)
+	}
+	merged := w.rec
+	merged.cursor = max(merged.cursor, theirs.cursor)
+	merged.seen = max(merged.seen, theirs.seen)
+	rev, err := s.kv.Update(ctx, key, merged.encode(), e.Revision())
+	return merged, rev, err
+}
+
+// deleteRecords deletes the records of forgotten devices.
+func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]string) {
+	for u, names := range deletes {
+		var failed []string
+		for _, name := range names {
+			if err := s.kv.Delete(ctx, deviceKey(u.name, name)); err != nil {
+				s.log.Error("forget device", "user", u.name, "device", name, "error", err)
+				failed = append(failed, name)
+			}
+		}
+		if len(failed) > 0 {
+			u.mu.Lock()
+			u.forgotten = append(u.forgotten, failed...)
+			u.mu.Unlock()
+			s.markDirty(u)
+		}
+	}
+}
+
+// purgeAcknowledged purges, for each user, the messages every device has
+// acknowledged. The device set is read from the bucket's leader right
+// before: a device added on another node since this node last looked
+// starts at the queue's head, so it needs nothing below a cursor that
+// every device read here had already reached.
+func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) {
+	work := make(chan *userState)
+	var wg sync.WaitGroup
+	for range min(purgeWorkers, len(users)) {
+		wg.Go(func() {
+			for u := range work {
+				if err := s.purgeUser(ctx, u); err != nil {
+					s.log.Error("delete acknowledged messages", "user", u.name, "error", err)
+					s.markDirty(u)
+				}
+			}
+		})
+	}
+	for _, u := range users {
+		work <- u
+	}
+	close(work)
+	wg.Wait()
+}
+
+func (s *Store) purgeUser(ctx context.Context, u *userState) error {
+	recs, err := s.readDevices(ctx, u.name)
+	if err != nil {
+		return err
+	}
+	s.reconcile(u, recs)
+	u.mu.Lock()
+	upTo, ok := u.minCursor()
+	// Only what the bucket holds counts: a cursor not yet written would
+	// be lost with this node.
+	for name := range u.devices {
+		if st, in := recs[name]; in && !st.deleted {
+			upTo = min(upTo, st.rec.cursor)
+		} else {
+			ok = false
+		}
+	}
+	purged := u.purged
+	u.mu.Unlock()
+	if !ok || upTo <= purged {
+		return nil
+	}
+	subj, shard := s.names.subject(u.name)
+	n, err := purge(ctx, s.nc, s.names.stream(shard), subj, upTo+1)
+	if err != nil {
+		return err
+	}
+	s.stats.deleted.Add(n)
+	u.mu.Lock()
+	u.purged = max(u.purged, upTo)
+	u.mu.Unlock()
+	return nil
+}

@@ -1,0 +1,387 @@
+package jsqueue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// userState is what this node knows of one user's devices. The bucket is
+// the truth, shared by every node: the cache is refreshed from it on
+// Attach and before every purge, and written back by the flush.
+type userState struct {
+	name string
+	mu   sync.Mutex
+	// devices are the user's known devices, on any node.
+	devices map[string]*deviceState
+	// forgotten lists devices whose records the next flush deletes.
+	forgotten []string
+	// purged is the sequence up to which this node purged the queue.
+	purged uint64
+}
+
+// deviceState is one device's record, what of it the bucket holds, and its
+// connections to this node.
+type deviceState struct {
+	record
+	saved record
+	// rev is saved's revision in the bucket; 0 if it was never written.
+	rev    uint64
+	online int
+}
+
+// stored is one device record read from the bucket.
+type stored struct {
+	rec     record
+	rev     uint64
+	deleted bool
+}
+
+// user returns the state of name, loading it from the bucket.
+func (s *Store) user(name string) (*userState, error) {
+	if v, ok := s.users.Load(name); ok {
+		return v.(*userState), nil
+	}
+	ctx, cancel := s.reqCtx()
+	defer cancel()
+	recs, err := s.readDevices(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("load devices of %s: %w", name, err)
+	}
+	u := &userState{name: name, devices: make(map[string]*deviceState)}
+	s.reconcile(u, recs)
+	v, _ := s.users.LoadOrStore(name, u)
+	return v.(*userState), nil
+}
+
+// readDevices reads every device record of user from the bucket's stream
+// leader, a record per request: a purge decided on a replica's lagging
+// copy could miss a device that was just added and delete what it has not
+// received.
+func (s *Store) readDevices(ctx context.Context, user string) (map[string]stored, error) {
+	filter := s.names.kvSubject(deviceFilter(user))
+	prefix := s.names.kvSubject(token(user) + ".")
+	out := make(map[string]stored)
+	for seq := uint64(1); ; {
+		sm, err := leaderGet(ctx, s.nc, s.names.kvStream(), msgGetRequest{Seq: seq, NextFor: filter})
+		if errors.Is(err, errNotFound) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		seq = sm.Sequence + 1
+		name, err := untoken(strings.TrimPrefix(sm.Subject, prefix))
+		if err != nil {
+			return nil, fmt.Errorf("device key %s: %w", sm.Subject, err)
+		}
+		st := stored{rev: sm.Sequence}
+		if deletedRecord(sm.Header) {
+			st.deleted = true
+		} else if st.rec, err = decodeStored(sm); err != nil {
+			return nil, err
+		}
+		out[name] = st
+	}
+}
+
+// deletedRecord reports a KV delete or purge marker.
+func deletedRecord(hdr []byte) bool {
+	if len(hdr) == 0 {
+		return false
+	}
+	h, err := nats.DecodeHeadersMsg(hdr)
+	return err == nil && h.Get("KV-Operation") != ""
+}
+
+func decodeStored(sm *storedMsg) (record, error) {
+	r, ok := decodeRecord(sm.Data)
+	if !ok {
+		return record{}, fmt.Errorf("device record %s is corrupt (%d bytes)", sm.Subject, len(sm.Data))
+	}
+	return r, nil
+}
+
+// reconcile merges the bucket's records into u. Cursors only grow, so a
+// record newer in the bucket is merged with what this node has not
+// written yet; a device whose record another node deleted is dropped
+// unless it is connected here, in which case it is written again.
+func (s *Store) reconcile(u *userState, recs map[string]stored) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	expired := time.Now().Add(-s.opts.Queue.DeviceTTL).Unix()
+	forgot := false
+	for name, st := range recs {
+		d, ok := u.devices[name]
+		switch {
+		case st.deleted && !ok:
+		case st.deleted:
+			if d.online == 0 {
+				delete(u.devices, name)
+			} else {
+				d.rev, d.saved = st.rev, record{}
+			}
+		case !ok:
+			if st.rec.seen < expired {
+				// Unseen for device_ttl: it no longer holds messages back.
+				u.forgotten = append(u.forgotten, name)
+				forgot = true
+				continue
+			}
+			if !u.isForgotten(name) {
+				u.devices[name] = &deviceState{record: st.rec, saved: st.rec, rev: st.rev}
+			}
+		case st.rev > d.rev:
+			changed := d.record != d.saved
+			merged := st.rec
+			merged.cursor = max(merged.cursor, d.cursor)
+			merged.seen = max(merged.seen, d.seen)
+			if changed {
+				merged.subscribed = d.subscribed
+			}
+			d.record, d.saved, d.rev = merged, st.rec, st.rev
+		}
+	}
+	for name, d := range u.devices {
+		if _, ok := recs[name]; !ok && d.rev != 0 {
+			if d.online == 0 {
+				delete(u.devices, name)
+			} else {
+				d.rev, d.saved = 0, record{}
+			}
+		}
+	}
+	if forgot {
+		s.markDirty(u)
+	}
+}
+
+// isForgotten reports whether name awaits deletion; called with u.mu held.
+func (u *userState) isForgotten(name string) bool {
+	for _, f := range u.forgotten {
+		if f == name {
+			return true
+		}
+	}
+	return false
+}
+
+// unforget drops name from the pending deletions; called with u.mu held.
+func (u *userState) unforget(name string) {
+	for i, f := range u.forgotten {
+		if f == name {
+			u.forgotten = append(u.forgotten[:i], u.forgotten[i+1:]...)
+			return
+		}
+	}
+}
+
+// minCursor is the sequence every device has acknowledged; ok is false
+// when the user has no devices, whose queue then waits for its first one.
+func (u *userState) minCursor() (uint64, bool) {
+	if len(u.devices) == 0 {
+		return 0, false
+	}
+	m := ^uint64(0)
+	for _, d := range u.devices {
+		m = min(m, d.cursor)
+	}
+	return m, true
+}
+
+// Attach registers a device of user that just connected and returns its
+// cursor, the last sequence it has acknowledged, and whether it subscribed
+// to its inbox on an earlier connection. A user's first device gets
+// everything queued; a device added while the user has others gets what
+// arrives from then on. A transient device is forgotten on Detach.
+//
+// The user's records are read again from the bucket first, so a device
+// that last connected to another node resumes where it acknowledged there.
+func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error) {
+	u, err := s.user(user)
+	if err != nil {
+		return 0, false, err
+	}
+	ctx, cancel := s.reqCtx()
+	defer cancel()
+	recs, err := s.readDevices(ctx, user)
+	if err != nil {
+		return 0, false, fmt.Errorf("attach %s/%s: %w", user, device, err)
+	}
+	s.reconcile(u, recs)
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	now := time.Now().Unix()
+	if d, ok := u.devices[device]; ok {
+		d.seen = now
+		d.online++
+		d.transient = d.transient && transient
+		return d.cursor, d.subscribed, nil
+	}
+	r := record{seen: now, transient: transient}
+	if r.cursor, err = s.startCursor(ctx, u); err != nil {
+		return 0, false, fmt.Errorf("attach %s/%s: %w", user, device, err)
+	}
+	// Written now, not lazily: a device that crashed before its record was
+	// written would come back as "new" and skip what it was sent.
+	key := deviceKey(user, device)
+	rev, err := s.kv.Create(ctx, key, r.encode())
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		// Another node registered it meanwhile: that record holds.
+		var e jetstream.KeyValueEntry
+		if e, err = s.kv.Get(ctx, key); err == nil {
+			var ok bool
+			if r, ok = decodeRecord(e.Value()); !ok {
+				err = fmt.Errorf("device record %s is corrupt", key)
+			}
+			rev = e.Revision()
+			r.seen = now
+		}
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("register device %s/%s: %w", user, device, err)
+	}
+	u.unforget(device)
+	u.devices[device] = &deviceState{record: r, saved: r, rev: rev, online: 1}
+	return r.cursor, r.subscribed, nil
+}
+
+// startCursor is a new device's cursor: before the first queued message
+// for the user's first device, the queue's head for any later one.
+// Called with u.mu held.
+func (s *Store) startCursor(ctx context.Context, u *userState) (uint64, error) {
+	subj, shard := s.names.subject(u.name)
+	stream := s.names.stream(shard)
+	if len(u.devices) == 0 {
+		first, err := s.firstSeq(ctx, stream, subj)
+		if err != nil {
+			return 0, err
+		}
+		if first > 0 {
+			return first - 1, nil
+		}
+	}
+	head, err := s.lastSeq(ctx, stream, subj)
+	if err != nil {
+		return 0, err
+	}
+	for _, d := range u.devices {
+		head = max(head, d.cursor)
+	}
+	return max(head, u.purged), nil
+}
+
+// MayAttach reports whether device of user may connect: it is known, or
+// the user has fewer than max_devices devices. It answers from this
+// node's copy of the user's records, refreshed at every Attach.
+func (s *Store) MayAttach(user, device string) (bool, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return false, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	_, known := u.devices[device]
+	return known || len(u.devices) < s.opts.Queue.MaxDevices, nil
+}
+
+// Cursor returns the last sequence device of user has acknowledged.
+func (s *Store) Cursor(user, device string) (uint64, error) {
+	u, err := s.user(user)
+	if err != nil {
+		return 0, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	d, ok := u.devices[device]
+	if !ok {
+		return 0, fmt.Errorf("device %s/%s is not registered", user, device)
+	}
+	return d.cursor, nil
+}
+
+// SetSubscribed records whether a device of user is subscribed to its
+// inbox; it is persisted within AckFlushInterval.
+func (s *Store) SetSubscribed(user, device string, subscribed bool) {
+	s.updateDevice(user, device, func(d *deviceState) { d.subscribed = subscribed })
+}
+
+// Ack records that device of user has acknowledged every message up to and
+// including cursor. It is persisted within AckFlushInterval.
+func (s *Store) Ack(user, device string, cursor uint64) {
+	s.updateDevice(user, device, func(d *deviceState) { d.cursor = max(d.cursor, cursor) })
+}
+
+// Detach records that device of user disconnected; a transient device is forgotten.
+func (s *Store) Detach(user, device string) {
+	u, err := s.user(user)
+	if err != nil {
+		s.log.Error("detach", "user", user, "error", err)
+		return
+	}
+	u.mu.Lock()
+	if d, ok := u.devices[device]; ok {
+		d.online = max(d.online-1, 0)
+		if d.transient {
+			delete(u.devices, device)
+			u.forgotten = append(u.forgotten, device)
+		} else {
+			d.seen = time.Now().Unix()
+		}
+	}
+	u.mu.Unlock()
+	s.markDirty(u)
+}
+
+// updateDevice changes a known device's record and schedules its flush.
+func (s *Store) updateDevice(user, device string, change func(*deviceState)) {
+	u, err := s.user(user)
+	if err != nil {
+		s.log.Error("update device", "user", user, "device", device, "error", err)
+		return
+	}
+	u.mu.Lock()
+	d, ok := u.devices[device]
+	if ok {
+		change(d)
+	}
+	u.mu.Unlock()
+	if ok {
+		s.markDirty(u)
+	}
+}
+
+func (s *Store) markDirty(u *userState) {
+	s.dirtyM.Lock()
+	s.dirty[u] = struct{}{}
+	s.dirtyM.Unlock()
+}
+
+// forgetUnseenDevices forgets the offline devices of loaded users unseen
+// for device_ttl, so that they stop holding their users' messages back.
+func (s *Store) forgetUnseenDevices(now time.Time) {
+	before := now.Add(-s.opts.Queue.DeviceTTL).Unix()
+	s.users.Range(func(_, v any) bool {
+		u := v.(*userState)
+		u.mu.Lock()
+		forgot := false
+		for name, d := range u.devices {
+			if d.online == 0 && d.seen < before {
+				delete(u.devices, name)
+				u.forgotten = append(u.forgotten, name)
+				forgot = true
+			}
+		}
+		u.mu.Unlock()
+		if forgot {
+			s.markDirty(u)
+		}
+		return true
+	})
+}
