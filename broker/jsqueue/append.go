@@ -188,32 +188,62 @@ func (p *pub) full() bool {
 	return false
 }
 
-// errCodeStoreFailed is JetStream's JSStreamStoreFailedF, whose
-// description says why a message was not stored.
-const errCodeStoreFailed jetstream.ErrorCode = 10077
+// JetStream error codes the append path tells apart.
+const (
+	// errCodeStoreFailed is JSStreamStoreFailedF, whose description says
+	// why a message was not stored.
+	errCodeStoreFailed jetstream.ErrorCode = 10077
+	// errCodeClusterNotAvailable is JSClusterNotAvailErr: no quorum yet.
+	errCodeClusterNotAvailable jetstream.ErrorCode = 10008
+	// errCodeDuplicateInProcess is JSStreamDuplicateMessageConflict: a
+	// resend met its first copy still being replicated; the next resend
+	// is answered as a duplicate, with the first copy's sequence.
+	errCodeDuplicateInProcess jetstream.ErrorCode = 10158
+)
 
-// failed records p.err as a failure.
+// noSpace reports JetStream refusing a message for lack of storage: the
+// account's or server's limits (JetStream's max_store), or the disk.
+func noSpace(err error) bool {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return false
+	}
+	switch apiErr.ErrorCode {
+	case 10002, 10023, 10047: // account limits, insufficient resources, storage exceeded
+		return true
+	case errCodeStoreFailed:
+		return strings.Contains(apiErr.Description, "resources") || strings.Contains(apiErr.Description, "no space")
+	}
+	return false
+}
+
+// failed records p.err as a failure; lack of space is queue.ErrNoSpace,
+// as broker/queue reports it.
 func (p *pub) failed() {
 	p.status = queue.Failed
+	if noSpace(p.err) {
+		p.err = fmt.Errorf("store message for %s: %w (%w)", p.user, queue.ErrNoSpace, p.err)
+		return
+	}
 	p.err = fmt.Errorf("store message for %s: %w", p.user, p.err)
 }
 
 // retryable reports errors after which the message may or may not be
-// stored and JetStream may answer a second attempt: lost connections,
-// missing acknowledgements, streams between leaders.
+// stored and JetStream may answer a second attempt: lost connections and
+// acknowledgements, socket errors, streams between leaders. JetStream's
+// own refusals are final, but for the want of a quorum.
 func retryable(err error) bool {
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) {
-		return apiErr.Code == 503
+		// Not every 503: a message JetStream refused to store (10077) is
+		// refused again.
+		return apiErr.ErrorCode == errCodeClusterNotAvailable || apiErr.ErrorCode == errCodeDuplicateInProcess
 	}
-	return errors.Is(err, jetstream.ErrAsyncPublishTimeout) ||
-		errors.Is(err, jetstream.ErrNoStreamResponse) ||
-		errors.Is(err, jetstream.ErrTooManyStalledMsgs) ||
-		errors.Is(err, nats.ErrDisconnected) ||
-		errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, nats.ErrNoResponders) ||
-		errors.Is(err, nats.ErrTimeout) ||
-		errors.Is(err, context.DeadlineExceeded)
+	return !errors.Is(err, nats.ErrConnectionClosed) &&
+		!errors.Is(err, nats.ErrMaxPayload) &&
+		!errors.Is(err, nats.ErrBadSubject) &&
+		!errors.Is(err, nats.ErrInvalidConnection) &&
+		!errors.Is(err, context.Canceled)
 }
 
 // retry sends ps again, all at once and in order, until each is answered
@@ -232,6 +262,7 @@ func (s *Store) retry(ps []*pub) {
 			return
 		}
 		s.log.Warn("publishing again after lost acknowledgements", "messages", len(ps), "error", ps[0].err)
+		s.retries.Add(uint64(len(ps)))
 		for _, p := range ps {
 			m := &nats.Msg{Subject: p.msg.Subject, Header: p.msg.Header, Data: p.msg.Data}
 			p.fut, p.err = s.js.PublishMsgAsync(m, jetstream.WithStallWait(s.opts.PublishTimeout))
@@ -311,6 +342,7 @@ func (s *Store) report(p *pending) {
 	if status != queue.Stored {
 		msg = queue.Message{}
 	}
+	s.noteSpace(stored > 0, err)
 	r.Done(status, msg, err)
 	// Even a failed request may have stored some copies: they are
 	// delivered, so their users' feeds must hear of them.

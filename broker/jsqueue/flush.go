@@ -15,16 +15,20 @@ import (
 // purgeWorkers bounds the users purged at once by one flush.
 const purgeWorkers = 8
 
-// flushLoop persists acknowledgements every AckFlushInterval and forgets
-// unseen devices; on Close it flushes once more.
+// flushLoop persists acknowledgements every AckFlushInterval, forgets
+// unseen devices and reads the storage left; on Close it flushes once more.
 func (s *Store) flushLoop() {
 	defer s.wg.Done()
 	tick := time.NewTicker(s.opts.Queue.AckFlushInterval)
 	defer tick.Stop()
 	sweep := time.NewTicker(sweepInterval(s.opts.Queue.DeviceTTL))
 	defer sweep.Stop()
+	free := time.NewTicker(freeInterval)
+	defer free.Stop()
 	for {
 		select {
+		case <-free.C:
+			s.readFree()
 		case <-tick.C:
 			s.flush()
 		case <-sweep.C:

@@ -65,7 +65,7 @@ type Options struct {
 	// Replicas is the replica count of the streams and the bucket; 0 means DefaultReplicas.
 	Replicas int
 	// Prefix names the streams, subjects and bucket, so that separate
-	// stores can share one NATS; 0 means DefaultPrefix. Letters, digits, '-' and '_'.
+	// stores can share one NATS; "" means DefaultPrefix. Letters, digits, '-' and '_'.
 	Prefix string
 	// MaxPending caps messages awaiting their JetStream acknowledgement;
 	// Append blocks beyond it. 0 means DefaultMaxPending.
@@ -120,6 +120,11 @@ type Store struct {
 	dirty  map[*userState]struct{}
 
 	stats counters
+	// retries counts publishes sent again, for tests.
+	retries atomic.Uint64
+	// free and lowDisk back FreeBytes and LowDisk.
+	free    atomic.Int64
+	lowDisk atomic.Bool
 }
 
 var prefixRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
@@ -205,6 +210,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if err := s.setup(ctx); err != nil {
 		return nil, err
 	}
+	s.readFree()
 	s.wg.Add(3)
 	go s.commitLoop()
 	go s.completeLoop()
@@ -216,12 +222,16 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 // updates every shard's stream.
 func (s *Store) setup(ctx context.Context) error {
 	q := s.opts.Queue
-	kv, err := s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      s.names.bucket(),
-		Description: "chatd device cursors",
-		History:     1,
-		Replicas:    s.opts.Replicas,
-		Storage:     jetstream.FileStorage,
+	var kv jetstream.KeyValue
+	err := untilAnswered(ctx, func() (err error) {
+		kv, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      s.names.bucket(),
+			Description: "chatd device cursors",
+			History:     1,
+			Replicas:    s.opts.Replicas,
+			Storage:     jetstream.FileStorage,
+		})
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("jsqueue: bucket %s: %w", s.names.bucket(), err)
@@ -261,7 +271,11 @@ func (s *Store) setup(ctx context.Context) error {
 			// Read fetches a batch from one replica; see read.go.
 			AllowDirect: true,
 		}
-		st, err := s.js.CreateOrUpdateStream(ctx, cfg)
+		var st jetstream.Stream
+		err := untilAnswered(ctx, func() (err error) {
+			st, err = s.js.CreateOrUpdateStream(ctx, cfg)
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("jsqueue: stream %s: %w", cfg.Name, err)
 		}
@@ -274,14 +288,22 @@ func (s *Store) setup(ctx context.Context) error {
 // users would hash to other streams and lose sight of their queues.
 func (s *Store) checkShards(ctx context.Context) error {
 	want := strconv.Itoa(s.opts.Shards)
-	_, err := s.kv.Create(ctx, shardsKey, []byte(want))
+	// A bucket just created may not have elected its leader yet.
+	err := untilAnswered(ctx, func() error {
+		_, err := s.kv.Create(ctx, shardsKey, []byte(want))
+		return err
+	})
 	if err == nil {
 		return nil
 	}
 	if !errors.Is(err, jetstream.ErrKeyExists) {
 		return fmt.Errorf("jsqueue: record shard count: %w", err)
 	}
-	e, err := s.kv.Get(ctx, shardsKey)
+	var e jetstream.KeyValueEntry
+	err = untilAnswered(ctx, func() (err error) {
+		e, err = s.kv.Get(ctx, shardsKey)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("jsqueue: read shard count: %w", err)
 	}
@@ -289,6 +311,22 @@ func (s *Store) checkShards(ctx context.Context) error {
 		return fmt.Errorf("jsqueue: the queues were created with %s shards, not %s; the shard count cannot change", got, want)
 	}
 	return nil
+}
+
+// untilAnswered calls f again while it fails for want of an answer (a
+// group electing its leader), until ctx ends.
+func untilAnswered(ctx context.Context, f func() error) error {
+	for {
+		err := f()
+		if err == nil || !retryable(err) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Close stores what was already appended (retrying for at most
