@@ -15,48 +15,104 @@ import (
 	"github.com/chatd/chatd/config"
 )
 
+// TestPublishRateLimit sends 30 publishes at once against a limit of 5/s
+// (bursts of 10): with no delay allowed the excess is refused; with a long
+// one it is slowed down and every publish goes through.
 func TestPublishRateLimit(t *testing.T) {
-	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Limits.PublishRate = 5 })
-	got := make(chan string, 64)
-	bob := dialV5(t, s, "bob", func(p *paho5.Publish) { got <- innerID(t, decodeEnvelope(t, p.Payload)) })
+	for _, tt := range []struct {
+		name     string
+		maxDelay time.Duration
+		refused  bool
+	}{
+		{"refused at once", 0, true},
+		{"slowed down", time.Minute, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := startServer(t, t.TempDir(), func(c *config.Config) {
+				c.Limits.PublishRate = 5
+				c.Limits.PublishMaxDelay = tt.maxDelay
+			})
+			got := make(chan string, 64)
+			bob := dialV5(t, s, "bob", func(p *paho5.Publish) { got <- innerID(t, decodeEnvelope(t, p.Payload)) })
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			if _, err := bob.Subscribe(ctx, &paho5.Subscribe{Subscriptions: []paho5.SubscribeOptions{{Topic: "inbox/bob", QoS: 1}}}); err != nil {
+				t.Fatal(err)
+			}
+			alice := dialV5(t, s, "alice", nil)
+			var accepted []string
+			refused := 0
+			for i := range 30 {
+				id := fmt.Sprintf("m-%d", i)
+				resp, err := alice.Publish(ctx, &paho5.Publish{QoS: 1, Topic: "inbox/bob", Payload: []byte(`{"id":"` + id + `"}`)})
+				switch {
+				case resp != nil && resp.ReasonCode == 0x97:
+					refused++
+				case err == nil && resp.ReasonCode == 0:
+					accepted = append(accepted, id)
+				default:
+					t.Fatalf("publish %d: %v %v", i, resp, err)
+				}
+			}
+			if (refused > 0) != tt.refused {
+				t.Fatalf("%d of 30 publishes at once refused by a limit of 5/s (bursts of 10)", refused)
+			}
+			// Everything accepted arrives, in order; nothing refused does.
+			carol := mustDial(t, s, "carol", phoneOpt{noSub: true})
+			carol.send("bob", "marker", "")
+			for _, want := range append(accepted, "marker") {
+				select {
+				case id := <-got:
+					if id != want {
+						t.Fatalf("bob got %s, want %s", id, want)
+					}
+				case <-ctx.Done():
+					t.Fatalf("bob never got %s", want)
+				}
+			}
+			_, body := scrape(t, s, "/metrics")
+			lines := strings.Split(body, "\n")
+			if refused > 0 && !slices.Contains(lines, fmt.Sprintf(`chatd_refusals_total{code="rate_limited"} %d`, refused)) {
+				t.Errorf("metrics do not count %d rate_limited refusals", refused)
+			}
+			if !tt.refused && !slices.Contains(lines, "chatd_publishes_delayed_total 20") {
+				t.Errorf("metrics do not count the 20 publishes past the burst as delayed")
+			}
+		})
+	}
+}
+
+// TestRateBudgetSurvivesReconnect: a user who spent its budget does not
+// get a fresh one by reconnecting.
+func TestRateBudgetSurvivesReconnect(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) {
+		c.Limits.PublishRate = 0.01
+		c.Limits.PublishMaxDelay = 0
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := bob.Subscribe(ctx, &paho5.Subscribe{Subscriptions: []paho5.SubscribeOptions{{Topic: "inbox/bob", QoS: 1}}}); err != nil {
-		t.Fatal(err)
+	publish := func(c *paho5.Client, id string) byte {
+		t.Helper()
+		resp, err := c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: "inbox/bob", Payload: []byte(`{"id":"` + id + `"}`)})
+		if resp == nil {
+			t.Fatalf("publish %s: %v", id, err)
+		}
+		return resp.ReasonCode
 	}
 	alice := dialV5(t, s, "alice", nil)
-	var accepted []string
-	refused := 0
-	for i := range 30 {
-		id := fmt.Sprintf("m-%d", i)
-		resp, err := alice.Publish(ctx, &paho5.Publish{QoS: 1, Topic: "inbox/bob", Payload: []byte(`{"id":"` + id + `"}`)})
-		switch {
-		case resp != nil && resp.ReasonCode == 0x97:
-			refused++
-		case err == nil && resp.ReasonCode == 0:
-			accepted = append(accepted, id)
-		default:
-			t.Fatalf("publish %d: %v %v", i, resp, err)
-		}
+	if code := publish(alice, "first"); code != 0 {
+		t.Fatalf("first publish: 0x%x", code)
 	}
-	if refused == 0 {
-		t.Fatal("30 publishes at once passed a limit of 5/s (bursts of 10)")
+	if code := publish(alice, "second"); code != 0x97 {
+		t.Fatalf("second publish past a burst of one: 0x%x, want 0x97", code)
 	}
-	// Everything accepted arrives, in order; nothing refused does.
-	alice2 := mustDial(t, s, "carol", phoneOpt{noSub: true})
-	alice2.send("bob", "marker", "")
-	for _, want := range append(accepted, "marker") {
-		select {
-		case id := <-got:
-			if id != want {
-				t.Fatalf("bob got %s, want %s", id, want)
-			}
-		case <-ctx.Done():
-			t.Fatalf("bob never got %s", want)
-		}
+	if err := alice.Disconnect(&paho5.Disconnect{}); err != nil {
+		t.Fatal(err)
 	}
-	if _, body := scrape(t, s, "/metrics"); !slices.Contains(strings.Split(body, "\n"), fmt.Sprintf(`chatd_refusals_total{code="rate_limited"} %d`, refused)) {
-		t.Errorf("metrics do not count %d rate_limited refusals", refused)
+	waitDisconnected(t, s, "alice")
+	again := dialV5(t, s, "alice", nil)
+	if code := publish(again, "after reconnect"); code != 0x97 {
+		t.Fatalf("publish after reconnecting: 0x%x, want 0x97 (the budget was renewed)", code)
 	}
 }
 
@@ -86,4 +142,16 @@ func TestDevicesPerUser(t *testing.T) {
 	}
 	// Known devices still connect.
 	mustDial(t, s, "bob", phoneOpt{clientID: "bob/a"})
+}
+
+// waitDisconnected waits until the server has ended clientID's connection.
+func waitDisconnected(t *testing.T, s *Server, clientID string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for s.inbox.Connected(clientID) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still connected", clientID)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -188,6 +188,7 @@ func New(opts Options) (*Server, error) {
 		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
 		PublishRate:      cfg.Limits.PublishRate,
 		PublishBytesRate: cfg.Limits.PublishBytesRate,
+		MaxDelay:         cfg.Limits.PublishMaxDelay,
 	}
 	auth := &hooks.Auth{
 		Server:       s.mqtt,

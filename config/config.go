@@ -159,6 +159,8 @@ type Limits struct {
 	PublishRate float64 `mapstructure:"publish_rate"`
 	// PublishBytesRate caps one user's published bytes per second (bursts of twice as many).
 	PublishBytesRate int `mapstructure:"publish_bytes_rate"`
+	// PublishMaxDelay is how long a publish over its sender's rate may wait before it is refused.
+	PublishMaxDelay time.Duration `mapstructure:"publish_max_delay"`
 }
 
 // Log configures logging.
@@ -197,6 +199,7 @@ func Default() Config {
 			ConnectRate:           2000,
 			PublishRate:           1000,
 			PublishBytesRate:      8 << 20,
+			PublishMaxDelay:       time.Second,
 		},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
@@ -245,7 +248,6 @@ func (c *Config) Validate() error {
 		{"limits.max_connections_per_user", int64(c.Limits.MaxConnectionsPerUser)},
 		{"limits.connect_rate", int64(c.Limits.ConnectRate)},
 		{"limits.connect_timeout", int64(c.Limits.ConnectTimeout)},
-		{"limits.publish_rate", int64(c.Limits.PublishRate)},
 		{"limits.publish_bytes_rate", int64(c.Limits.PublishBytesRate)},
 		{"groups.max_members", int64(c.Groups.MaxMembers)},
 		{"media.max_bytes", c.Media.MaxBytes},
@@ -258,6 +260,12 @@ func (c *Config) Validate() error {
 		if p.v <= 0 {
 			return fmt.Errorf("%s: must be positive, got %d", p.key, p.v)
 		}
+	}
+	if !(c.Limits.PublishRate > 0) {
+		return fmt.Errorf("limits.publish_rate: must be positive, got %g", c.Limits.PublishRate)
+	}
+	if c.Limits.PublishMaxDelay < 0 {
+		return fmt.Errorf("limits.publish_max_delay: must not be negative, got %s", c.Limits.PublishMaxDelay)
 	}
 	if c.Limits.MaxConnections < 0 {
 		return fmt.Errorf("limits.max_connections: must not be negative, got %d", c.Limits.MaxConnections)

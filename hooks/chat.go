@@ -35,9 +35,15 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 	}
 	// One publish is stored once per member: it costs the sender's budget
 	// once per copy beyond the first, already paid.
-	if extra := len(g.Members) - 2; extra > 0 && !s.budget.allowN(extra, extra*len(pk.Payload)) {
-		h.refuse(s, pk, CodeRateLimited, fmt.Sprintf("a message to the %d members of %q is over your rate limit", len(g.Members), gid))
-		return
+	if extra := len(g.Members) - 2; extra > 0 {
+		ok, waited := s.budget.spendN(extra, extra*len(pk.Payload))
+		if waited {
+			h.Observe.Delayed()
+		}
+		if !ok {
+			h.refuse(s, pk, CodeRateLimited, fmt.Sprintf("a message to the %d members of %q is over your rate limit", len(g.Members), gid))
+			return
+		}
 	}
 	ts := time.Now().UnixMilli()
 	fan := make([]queue.Fanout, 0, len(g.Members)-1)

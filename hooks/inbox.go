@@ -77,6 +77,8 @@ type Observer interface {
 	Connected()
 	// Refused counts a refused publish by its protocol error code.
 	Refused(code string)
+	// Delayed counts a publish held back to its sender's rate.
+	Delayed()
 }
 
 // Inbox turns publishes into durable queue entries and feeds subscribed
@@ -311,7 +313,11 @@ func (h *Inbox) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	if !ok {
 		return pk, packets.ErrRejectPacket
 	}
-	if !s.budget.allow(len(pk.Payload)) {
+	ok, waited := s.budget.spend(len(pk.Payload))
+	if waited {
+		h.Observe.Delayed()
+	}
+	if !ok {
 		h.refuse(s, pk, CodeRateLimited, "publish rate limit: slow down")
 		return pk, packets.ErrRejectPacket
 	}

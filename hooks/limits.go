@@ -7,9 +7,15 @@ import (
 	"golang.org/x/time/rate"
 )
 
+// sweepEvery is how many departures pass between sweeps of the budgets of
+// users who left: often enough to bound them, rarely enough to cost nothing.
+const sweepEvery = 1024
+
 // Users is what the hooks keep per connected user: how many connections
-// it has and its publish budgets, shared by all its devices. A user with
-// no connection has no entry, so memory follows the connected users.
+// it has and its publish budgets, shared by all its devices. A user who
+// leaves with budgets still spent keeps them until they refill, so that
+// reconnecting does not buy a fresh burst; otherwise memory follows the
+// connected users.
 type Users struct {
 	// MaxConnections caps one user's connections.
 	MaxConnections int
@@ -17,16 +23,21 @@ type Users struct {
 	PublishRate float64
 	// PublishBytesRate is each user's published bytes per second.
 	PublishBytesRate int
+	// MaxDelay is how long a publish over budget may wait for it before it is refused.
+	MaxDelay time.Duration
 
-	mu sync.Mutex
-	m  map[string]*userState
+	mu     sync.Mutex
+	m      map[string]*userState
+	leaves int
 }
 
-// userState is one connected user's count and token buckets.
+// userState is one user's connection count and token buckets.
 type userState struct {
 	conns int
 	msgs  *rate.Limiter
 	bytes *rate.Limiter
+	// maxDelay is Users.MaxDelay.
+	maxDelay time.Duration
 }
 
 // Connections returns how many connections user has.
@@ -50,8 +61,9 @@ func (u *Users) join(user string) *userState {
 	if !ok {
 		// Bursts of twice the rate let a phone send what it queued offline.
 		st = &userState{
-			msgs:  rate.NewLimiter(rate.Limit(u.PublishRate), max(1, int(2*u.PublishRate))),
-			bytes: rate.NewLimiter(rate.Limit(u.PublishBytesRate), max(1, 2*u.PublishBytesRate)),
+			msgs:     rate.NewLimiter(rate.Limit(u.PublishRate), max(1, int(2*u.PublishRate))),
+			bytes:    rate.NewLimiter(rate.Limit(u.PublishBytesRate), max(1, 2*u.PublishBytesRate)),
+			maxDelay: u.MaxDelay,
 		}
 		u.m[user] = st
 	}
@@ -63,19 +75,57 @@ func (u *Users) join(user string) *userState {
 func (u *Users) leave(user string) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if st, ok := u.m[user]; ok {
-		st.conns--
-		if st.conns <= 0 {
-			delete(u.m, user)
+	st, ok := u.m[user]
+	if !ok {
+		return
+	}
+	st.conns--
+	now := time.Now()
+	if st.conns <= 0 && st.refilled(now) {
+		delete(u.m, user)
+	}
+	if u.leaves++; u.leaves%sweepEvery == 0 {
+		for name, st := range u.m {
+			if st.conns <= 0 && st.refilled(now) {
+				delete(u.m, name)
+			}
 		}
 	}
 }
 
-// allow spends one publish of n bytes from the user's budgets.
-func (st *userState) allow(n int) bool { return st.allowN(1, n) }
+// refilled reports whether both buckets are full again at now.
+func (st *userState) refilled(now time.Time) bool {
+	return st.msgs.TokensAt(now) >= float64(st.msgs.Burst()) && st.bytes.TokensAt(now) >= float64(st.bytes.Burst())
+}
 
-// allowN spends msgs publishes of n bytes in all from the user's budgets.
-func (st *userState) allowN(msgs, n int) bool {
+// spend takes one publish of n bytes from the user's budgets; see spendN.
+func (st *userState) spend(n int) (ok, waited bool) { return st.spendN(1, n) }
+
+// spendN takes msgs publishes of n bytes in all from the user's budgets.
+// Over budget, it waits up to maxDelay for them to refill: the caller is
+// the client's reader, so a client sending too fast is read no faster than
+// its rate and its TCP window closes, which slows that client alone
+// instead of answering each excess publish. False means the wait would be
+// longer (or the request is larger than a whole burst): the publish is
+// refused. waited reports a publish that had to wait.
+func (st *userState) spendN(msgs, n int) (ok, waited bool) {
 	now := time.Now()
-	return st.msgs.AllowN(now, msgs) && st.bytes.AllowN(now, n)
+	rm := st.msgs.ReserveN(now, msgs)
+	rb := st.bytes.ReserveN(now, n)
+	if !rm.OK() || !rb.OK() {
+		rm.CancelAt(now)
+		rb.CancelAt(now)
+		return false, false
+	}
+	d := max(rm.DelayFrom(now), rb.DelayFrom(now))
+	if d > st.maxDelay {
+		rm.CancelAt(now)
+		rb.CancelAt(now)
+		return false, false
+	}
+	if d <= 0 {
+		return true, false
+	}
+	time.Sleep(d)
+	return true, true
 }

@@ -53,6 +53,8 @@ type Config struct {
 	Rate float64
 	// Inflight caps each sender's unacknowledged publishes.
 	Inflight int
+	// Flooders is how many abusive clients publish as fast as they can beside the chat users.
+	Flooders int
 	// Keepalive is the MQTT keepalive the clients ask for.
 	Keepalive time.Duration
 	// ConnectTimeout bounds one connection attempt.
@@ -169,6 +171,7 @@ func (c *Config) Validate() error {
 		{"--connect-rate", c.ConnectRate >= 0},
 		{"--source-ips", c.SourceIPs >= 0 && c.SourceIPs <= 254},
 		{"--hold", c.Hold >= 0},
+		{"--flooders", c.Flooders >= 0},
 	}
 	switch c.Scenario {
 	case ScenarioDrain:

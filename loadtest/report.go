@@ -68,6 +68,8 @@ type Report struct {
 	Faults *FaultResult `json:"faults,omitempty"`
 	// Crash is the crash scenario's kills.
 	Crash *CrashResult `json:"crash,omitempty"`
+	// Flood is what the abusive clients of --flooders did.
+	Flood *FloodResult `json:"flood,omitempty"`
 	// ErrorCount is every error met.
 	ErrorCount int64 `json:"error_count"`
 	// Errors holds the first error messages.
@@ -143,6 +145,7 @@ func (r *run) report(interrupted bool) *Report {
 		Connect:      r.connect,
 		Faults:       r.faults,
 		Crash:        r.crash,
+		Flood:        r.flood,
 	}
 	if len(rep.RefusalCodes) == 0 {
 		rep.RefusalCodes = nil
@@ -348,6 +351,9 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	if f := rep.Faults; f != nil {
 		p("faults\tlatency %d ms ± %d ms, bandwidth %s, cuts %s",
 			f.LatencyMs, f.JitterMs, kbps(f.BandwidthKBs), cuts(f.Cuts))
+	}
+	if f := rep.Flood; f != nil {
+		p("flood\t%d abusive clients: %d publishes, %d answered (%.0f/s)", f.Clients, f.Sent, f.Acked, f.Rate)
 	}
 	if k := rep.Crash; k != nil {
 		p("crash\t%d kills, restart %s ms", k.Kills, floats(k.RestartMs))

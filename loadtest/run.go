@@ -70,6 +70,7 @@ type run struct {
 	connect *ConnectResult
 	faults  *FaultResult
 	crash   *CrashResult
+	flood   *FloodResult
 }
 
 // errorLog counts errors and keeps the first few messages for the report.

@@ -118,6 +118,21 @@ func TestRunChat(t *testing.T) {
 	}
 }
 
+// TestRunChatWithFlooder runs the chat users beside one abusive client:
+// the flood is answered, and every chat message still arrives once.
+func TestRunChatWithFlooder(t *testing.T) {
+	cfg := testConfig(ScenarioChat, startChatd(t))
+	cfg.Flooders = 1
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	if c := rep.Counts; c.Sent == 0 || c.Unique != c.Sent {
+		t.Errorf("counts %+v: want every chat message delivered", c)
+	}
+	if f := rep.Flood; f == nil || f.Clients != 1 || f.Sent == 0 || f.Acked == 0 {
+		t.Errorf("flood %+v: want one flooder whose publishes were answered", f)
+	}
+}
+
 func TestRunChatPlain(t *testing.T) {
 	cfg := testConfig(ScenarioChat, "tcp://"+startMochi(t))
 	cfg.Plain = true

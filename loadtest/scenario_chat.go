@@ -28,6 +28,15 @@ func (r *run) runChat(ctx context.Context, during func(context.Context)) error {
 		return fmt.Errorf("connect %d users: %w", len(idxs), err)
 	}
 
+	var flood *flooders
+	if r.cfg.Flooders > 0 {
+		if flood, err = r.startFlooders(ctx, r.cfg.Flooders); err != nil {
+			flood.close()
+			r.disconnectAll(clients)
+			return err
+		}
+	}
+
 	r.setPhase(phaseSend)
 	sendCtx, cancel := context.WithTimeout(ctx, r.cfg.Duration)
 	defer cancel()
@@ -41,6 +50,13 @@ func (r *run) runChat(ctx context.Context, during func(context.Context)) error {
 			r.sendLoop(sendCtx, c, rand.New(rand.NewPCG(seed, uint64(i))), interval)
 		}()
 	}
+	if flood != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			flood.run(sendCtx)
+		}()
+	}
 	if during != nil {
 		wg.Add(1)
 		go func() {
@@ -49,6 +65,9 @@ func (r *run) runChat(ctx context.Context, during func(context.Context)) error {
 		}()
 	}
 	wg.Wait()
+	if flood != nil {
+		r.flood = flood.close()
+	}
 
 	r.setPhase(phaseGrace)
 	// After faults, clients may still be reconnecting; they must be back

@@ -30,6 +30,7 @@ type Metrics struct {
 	registry *prometheus.Registry
 	connects prometheus.Counter
 	refusals *prometheus.CounterVec
+	delayed  prometheus.Counter
 	commit   prometheus.Histogram
 	batch    prometheus.Histogram
 	acked    prometheus.Histogram
@@ -45,6 +46,9 @@ func New(src Sources) *Metrics {
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "chatd_refusals_total", Help: "Publishes refused, by protocol error code.",
 		}, []string{"code"}),
+		delayed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "chatd_publishes_delayed_total", Help: "Publishes held back until their sender's rate budget allowed them.",
+		}),
 		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "chatd_commit_seconds", Help: "Duration of one group commit to the queue.",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 14),
@@ -67,7 +71,7 @@ func New(src Sources) *Metrics {
 	m.registry.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.connects, m.refusals, m.commit, m.batch, m.acked,
+		m.connects, m.refusals, m.delayed, m.commit, m.batch, m.acked,
 		gauge("chatd_connections", "Connected MQTT clients.", src.Connections),
 		counter("chatd_messages_stored_total", "Messages stored, one per recipient.", func() uint64 { return src.Queue.Stats().Stored }),
 		counter("chatd_messages_deduplicated_total", "Publishes dropped as duplicates within the dedup window.", func() uint64 { return src.Queue.Stats().Duplicates }),
@@ -101,6 +105,9 @@ func (m *Metrics) Connected() { m.connects.Inc() }
 
 // Refused counts a refused publish by its protocol error code.
 func (m *Metrics) Refused(code string) { m.refusals.WithLabelValues(code).Inc() }
+
+// Delayed counts a publish held back to its sender's rate.
+func (m *Metrics) Delayed() { m.delayed.Inc() }
 
 // Committed observes one group commit.
 func (m *Metrics) Committed(messages int, took time.Duration) {

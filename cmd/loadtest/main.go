@@ -127,6 +127,7 @@ error.`,
   loadtest run connect --users 10000 --connect-rate 1000 --server-pid $(pgrep -n chatd)
   loadtest run flaky --users 50 --cut-every 2s
   loadtest run crash --server-cmd "bin/chatd serve --data-dir /tmp/d --listen 127.0.0.1:1883" --kill-every 5s
+  loadtest run chat --rate 5000 --users 200 --flooders 1
   loadtest run chat --plain --broker tcp://127.0.0.1:1884`,
 		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
 		ValidArgs: names,
@@ -185,6 +186,7 @@ error.`,
 	f.IntVar(&cfg.Size, "size", cfg.Size, "message object size in bytes")
 	f.Float64Var(&cfg.Rate, "rate", cfg.Rate, "total messages per second, 0 = as fast as flow control allows")
 	f.IntVar(&cfg.Inflight, "inflight", cfg.Inflight, "unacknowledged publishes per sender")
+	f.IntVar(&cfg.Flooders, "flooders", 0, "chat: abusive clients publishing as fast as they can beside the users, to measure what they do to everyone else")
 	f.DurationVar(&cfg.Keepalive, "keepalive", cfg.Keepalive, "MQTT keepalive")
 	f.DurationVar(&cfg.ConnectTimeout, "connect-timeout", cfg.ConnectTimeout, "timeout of one connection attempt")
 	f.IntVar(&cfg.Messages, "messages", cfg.Messages, "drain: messages queued for the offline user")
