@@ -122,6 +122,7 @@ func (s *Store) send(r *queue.Request, to string, data []byte) pub {
 // completeLoop is the completer: it reports each batch in request order.
 func (s *Store) completeLoop() {
 	defer s.wg.Done()
+	defer close(s.completed)
 	for b := range s.batches {
 		s.complete(b)
 	}

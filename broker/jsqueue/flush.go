@@ -34,6 +34,8 @@ func (s *Store) flushLoop() {
 		case <-sweep.C:
 			s.forgetUnseenDevices(time.Now())
 		case <-s.stop:
+			// Done and OnStored callbacks of the last requests may still ack.
+			<-s.completed
 			s.flush()
 			return
 		}

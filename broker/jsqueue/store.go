@@ -112,8 +112,10 @@ type Store struct {
 	reqs    chan *queue.Request
 	batches chan *batch
 	stop    chan struct{}
-	wg      sync.WaitGroup
-	closed  sync.Once
+	// completed is closed when the completer has reported everything.
+	completed chan struct{}
+	wg        sync.WaitGroup
+	closed    sync.Once
 
 	users  sync.Map // user ID -> *userState
 	dirtyM sync.Mutex
@@ -197,15 +199,16 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("jsqueue: jetstream: %w", err)
 	}
 	s := &Store{
-		opts:    opts,
-		log:     opts.Logger,
-		nc:      opts.Conn,
-		js:      js,
-		names:   names{prefix: opts.Prefix, shards: opts.Shards},
-		reqs:    make(chan *queue.Request, 16384),
-		batches: make(chan *batch, 64),
-		stop:    make(chan struct{}),
-		dirty:   make(map[*userState]struct{}),
+		opts:      opts,
+		log:       opts.Logger,
+		nc:        opts.Conn,
+		js:        js,
+		names:     names{prefix: opts.Prefix, shards: opts.Shards},
+		reqs:      make(chan *queue.Request, 16384),
+		batches:   make(chan *batch, 64),
+		stop:      make(chan struct{}),
+		completed: make(chan struct{}),
+		dirty:     make(map[*userState]struct{}),
 	}
 	if err := s.setup(ctx); err != nil {
 		return nil, err

@@ -2,6 +2,7 @@ package jsqueue
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -186,6 +187,12 @@ func TestAppendOrdersAndReadsPerUser(t *testing.T) {
 	}
 	if d, err := h.s.Depth("bob"); err != nil || d != 2 {
 		t.Fatalf("depth of bob %d, %v; want 2", d, err)
+	}
+	if streams, _ := h.s.DiskSize(); streams == 0 {
+		t.Fatal("DiskSize: no bytes in the streams")
+	}
+	if free := h.s.FreeBytes(); free != -1 {
+		t.Fatalf("FreeBytes %d, want -1 (no account limit)", free)
 	}
 	msgs, err := h.s.Read("bob", 0, 1)
 	if err != nil || len(msgs) != 1 || msgs[0].Seq != seqs[0] {
@@ -523,4 +530,37 @@ func TestAppendAfterCloseFails(t *testing.T) {
 	if s.TryAppend(&queue.Request{To: "bob"}) {
 		t.Fatal("TryAppend after close accepted")
 	}
+}
+
+func TestOutOfStorageIsNoSpace(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	defer goleak.VerifyNone(t, before)
+	n, err := natsnode.Start(context.Background(), natsnode.Config{Name: "small", Dir: t.TempDir(), Listen: "127.0.0.1:0", MaxStore: 1 << 20, Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Shutdown()
+	s, err := Open(context.Background(), Options{Conn: n.Conn(), Queue: testQueue(nil), Replicas: 1, Shards: 1, Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	data := make([]byte, 32<<10)
+	for i := range 64 {
+		ch := make(chan error, 1)
+		s.Append(&queue.Request{To: "bob", Sender: "alice", ID: fmt.Sprint(i), Data: data, Done: func(st queue.Status, _ queue.Message, err error) {
+			if st != queue.Stored && err == nil {
+				err = fmt.Errorf("status %v", st)
+			}
+			ch <- err
+		}})
+		if err := <-ch; err != nil {
+			if !errors.Is(err, queue.ErrNoSpace) || !s.LowDisk() {
+				t.Fatalf("message %d: %v (low disk %v), want queue.ErrNoSpace", i, err, s.LowDisk())
+			}
+			t.Logf("refused after %d messages: %v", i, err)
+			return
+		}
+	}
+	t.Fatal("2 MiB stored in a 1 MiB JetStream")
 }
