@@ -30,13 +30,16 @@ func (s *Store) flushLoop() {
 		case <-free.C:
 			s.readFree()
 		case <-tick.C:
-			s.flush()
+			// Errors are logged and the users flushed again next time.
+			_ = s.flush()
 		case <-sweep.C:
 			s.forgetUnseenDevices(time.Now())
 		case <-s.stop:
 			// Done and OnStored callbacks of the last requests may still ack.
 			<-s.completed
-			s.flush()
+			if err := s.flush(); err != nil {
+				s.closeErr = fmt.Errorf("jsqueue: persist acknowledgements on close: %w", err)
+			}
 			return
 		}
 	}
@@ -58,12 +61,13 @@ type write struct {
 }
 
 // flush writes changed device records, deletes forgotten ones, and purges
-// what every device of a user has acknowledged.
-func (s *Store) flush() {
+// what every device of a user has acknowledged. What fails is logged,
+// returned, and left dirty for the next flush.
+func (s *Store) flush() error {
 	s.dirtyM.Lock()
 	if len(s.dirty) == 0 {
 		s.dirtyM.Unlock()
-		return
+		return nil
 	}
 	dirty := s.dirty
 	s.dirty = make(map[*userState]struct{}, len(dirty))
@@ -90,14 +94,17 @@ func (s *Store) flush() {
 	}
 	ctx, cancel := s.reqCtx()
 	defer cancel()
-	s.writeRecords(ctx, writes)
-	s.deleteRecords(ctx, deletes)
-	s.purgeAcknowledged(ctx, purges)
+	return errors.Join(
+		s.writeRecords(ctx, writes),
+		s.deleteRecords(ctx, deletes),
+		s.purgeAcknowledged(ctx, purges),
+	)
 }
 
 // writeRecords writes records with compare-and-set on their revision, all
 // in flight at once. A record another node changed meanwhile is merged.
-func (s *Store) writeRecords(ctx context.Context, ws []*write) {
+func (s *Store) writeRecords(ctx context.Context, ws []*write) error {
+	var errs []error
 	for _, w := range ws {
 		if w.rev == 0 {
 			continue // created synchronously below: a deleted key has a marker to replace
@@ -127,6 +134,7 @@ func (s *Store) writeRecords(ctx context.Context, ws []*write) {
 		}
 		if w.err != nil {
 			s.log.Error("persist device cursor", "user", w.u.name, "device", w.name, "error", w.err)
+			errs = append(errs, fmt.Errorf("cursor of %s/%s: %w", w.u.name, w.name, w.err))
 			s.markDirty(w.u)
 			continue
 		}
@@ -140,6 +148,7 @@ func (s *Store) writeRecords(ctx context.Context, ws []*write) {
 		}
 		w.u.mu.Unlock()
 	}
+	return errors.Join(errs...)
 }
 
 // mergeRecord writes w's record merged with the bucket's newer one.
@@ -165,12 +174,14 @@ func (s *Store) mergeRecord(ctx context.Context, w *write) (record, uint64, erro
 }
 
 // deleteRecords deletes the records of forgotten devices.
-func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]string) {
+func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]string) error {
+	var errs []error
 	for u, names := range deletes {
 		var failed []string
 		for _, name := range names {
 			if err := s.kv.Delete(ctx, deviceKey(u.name, name)); err != nil {
 				s.log.Error("forget device", "user", u.name, "device", name, "error", err)
+				errs = append(errs, fmt.Errorf("forget %s/%s: %w", u.name, name, err))
 				failed = append(failed, name)
 			}
 		}
@@ -181,6 +192,7 @@ func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]stri
 			s.markDirty(u)
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // purgeAcknowledged purges, for each user, the messages every device has
@@ -188,14 +200,21 @@ func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]stri
 // before: a device added on another node since this node last looked
 // starts at the queue's head, so it needs nothing below a cursor that
 // every device read here had already reached.
-func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) {
+func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) error {
 	work := make(chan *userState)
-	var wg sync.WaitGroup
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+	)
 	for range min(purgeWorkers, len(users)) {
 		wg.Go(func() {
 			for u := range work {
 				if err := s.purgeUser(ctx, u); err != nil {
 					s.log.Error("delete acknowledged messages", "user", u.name, "error", err)
+					mu.Lock()
+					errs = append(errs, fmt.Errorf("purge queue of %s: %w", u.name, err))
+					mu.Unlock()
 					s.markDirty(u)
 				}
 			}
@@ -206,6 +225,7 @@ func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) {
 	}
 	close(work)
 	wg.Wait()
+	return errors.Join(errs...)
 }
 
 func (s *Store) purgeUser(ctx context.Context, u *userState) error {

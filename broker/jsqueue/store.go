@@ -42,12 +42,19 @@ import (
 
 // Defaults of Options.
 const (
-	DefaultShards         = 4
-	DefaultReplicas       = 3
-	DefaultPrefix         = "chatd"
-	DefaultMaxPending     = 16384
+	// DefaultShards is the number of streams users are spread over.
+	DefaultShards = 4
+	// DefaultReplicas is the replica count of streams and bucket.
+	DefaultReplicas = 3
+	// DefaultPrefix names streams, subjects and bucket.
+	DefaultPrefix = "chatd"
+	// DefaultMaxPending caps publishes awaiting acknowledgement.
+	DefaultMaxPending = 16384
+	// DefaultPublishTimeout is how long one publish waits for its acknowledgement.
 	DefaultPublishTimeout = 5 * time.Second
-	DefaultRetryFor       = 30 * time.Second
+	// DefaultRetryFor is how long a publish is retried before it fails.
+	DefaultRetryFor = 30 * time.Second
+	// DefaultRequestTimeout bounds each synchronous JetStream call.
 	DefaultRequestTimeout = 5 * time.Second
 )
 
@@ -56,8 +63,9 @@ type Options struct {
 	// Conn is the NATS connection (natsnode.Node.Conn); the Store does
 	// not close it.
 	Conn *nats.Conn
-	// Queue holds the TTLs and caps; Sync, SyncInterval and MaxBatch's
-	// durability role belong to the NATS servers here (natsnode.Config).
+	// Queue holds the TTLs, caps, flush interval and batch size. Its sync
+	// settings do not apply: fsync is the NATS servers' (natsnode.Config),
+	// and a replicated stream's durability is its quorum.
 	Queue config.Queue
 	// Shards is how many streams the users are spread over; 0 means
 	// DefaultShards. It cannot change once the streams exist: Open refuses.
@@ -116,6 +124,9 @@ type Store struct {
 	completed chan struct{}
 	wg        sync.WaitGroup
 	closed    sync.Once
+
+	// closeErr is what the last flush on Close failed to persist.
+	closeErr error
 
 	users  sync.Map // user ID -> *userState
 	dirtyM sync.Mutex
@@ -333,7 +344,8 @@ func untilAnswered(ctx context.Context, f func() error) error {
 }
 
 // Close stores what was already appended (retrying for at most
-// RetryFor), persists acknowledgements and stops the Store's goroutines.
+// RetryFor), persists acknowledgements and stops the Store's goroutines;
+// its error says what acknowledgements could not be persisted.
 // It leaves the connection open. Append must not be called after Close;
 // if it is, its Done reports Failed.
 func (s *Store) Close() error {
@@ -344,7 +356,7 @@ func (s *Store) Close() error {
 		close(s.stop)
 		s.wg.Wait()
 	})
-	return nil
+	return s.closeErr
 }
 
 // errClosed fails a request made after Close.
