@@ -20,7 +20,7 @@ import (
 	"github.com/chatd/chatd/config"
 )
 
-var testSecret = []byte("test-secret-0123456789")
+var testSecret = []byte("test-secret-0123456789-0123456789")
 
 // startServer runs a real server on loopback with its data in dir.
 func startServer(t testing.TB, dir string, mutate func(*config.Config)) *Server {

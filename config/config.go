@@ -171,6 +171,10 @@ type Log struct {
 	Format string `mapstructure:"format"`
 }
 
+// MinSecretBytes is the shortest auth.secret accepted: HS256 wants a key
+// of at least its 32-byte output.
+const MinSecretBytes = 32
+
 // Default returns the embedded default configuration used by `make run`.
 func Default() Config {
 	return Config{
@@ -260,6 +264,9 @@ func (c *Config) Validate() error {
 		if p.v <= 0 {
 			return fmt.Errorf("%s: must be positive, got %d", p.key, p.v)
 		}
+	}
+	if n := len(c.Auth.Secret); n > 0 && n < MinSecretBytes {
+		return fmt.Errorf("auth.secret: must be at least %d bytes, got %d: a short secret lets a captured token be brute-forced offline (make one with: openssl rand -hex 32)", MinSecretBytes, n)
 	}
 	if !(c.Limits.PublishRate > 0) {
 		return fmt.Errorf("limits.publish_rate: must be positive, got %g", c.Limits.PublishRate)

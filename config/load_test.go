@@ -40,7 +40,7 @@ func TestLoad(t *testing.T) {
 			yaml: `
 listen: 0.0.0.0:1884
 auth:
-  secret: s3cret
+  secret: s3cret-s3cret-s3cret-s3cret-s3cret
 queue:
   sync: always
   sync_interval: 250ms
@@ -52,7 +52,7 @@ log:
 `,
 			want: func(c *Config) {
 				c.Listen = "0.0.0.0:1884"
-				c.Auth.Secret = "s3cret"
+				c.Auth.Secret = "s3cret-s3cret-s3cret-s3cret-s3cret"
 				c.Queue.Sync = SyncAlways
 				c.Queue.SyncInterval = 250 * time.Millisecond
 				c.Queue.MessageTTL = 720 * time.Hour
@@ -68,14 +68,14 @@ log:
 				"CHATD_QUEUE_SYNC":          "none",
 				"CHATD_QUEUE_DEDUP_WINDOW":  "1h30m",
 				"CHATD_LIMITS_MAX_INFLIGHT": "7",
-				"CHATD_AUTH_SECRET":         "from-env",
+				"CHATD_AUTH_SECRET":         "from-env-0123456789abcdef0123456789",
 			},
 			want: func(c *Config) {
 				c.Listen = "0.0.0.0:1885"
 				c.Queue.Sync = SyncNone
 				c.Queue.DedupWindow = 90 * time.Minute
 				c.Limits.MaxInflight = 7
-				c.Auth.Secret = "from-env"
+				c.Auth.Secret = "from-env-0123456789abcdef0123456789"
 			},
 		},
 		{
@@ -141,6 +141,11 @@ log:
 			name:    "wrong type",
 			yaml:    "limits:\n  max_inflight: lots\n",
 			wantErr: []string{"limits.max_inflight"},
+		},
+		{
+			name:    "short secret",
+			yaml:    "auth:\n  secret: s3cret\n",
+			wantErr: []string{"auth.secret", "at least 32 bytes", "got 6"},
 		},
 		{
 			name:    "fraction for an integer",

@@ -101,7 +101,7 @@ if [[ -z "$mosquitto" ]]; then
 	mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 fi
 
-export CHATD_AUTH_SECRET=${CHATD_AUTH_SECRET:-bench-$RANDOM$RANDOM$RANDOM$RANDOM}
+export CHATD_AUTH_SECRET=${CHATD_AUTH_SECRET:-bench-$(od -An -N16 -tx1 /dev/urandom | tr -d " \n")}
 # Mosquitto sends no delivered receipts; for a like-for-like comparison
 # chatd does not either (each one is a second durable message). Set
 # BENCH_RECEIPTS=true to measure chatd with them.

@@ -26,7 +26,7 @@ import (
 // server: the crash scenario's test starts, kills and restarts it.
 const serveEnv = "LOADTEST_TEST_SERVE"
 
-var testSecret = []byte("loadtest-secret-0123456789")
+var testSecret = []byte("loadtest-secret-0123456789-0123456789")
 
 // TestMain checks that runs leave no goroutine behind, or serves chatd
 // when the crash test runs this binary as its server.

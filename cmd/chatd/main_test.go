@@ -87,7 +87,7 @@ func TestToken(t *testing.T) {
 	}{
 		{name: "development secret", args: []string{"token", "alice"}, ttl: 24 * time.Hour, wantNote: true},
 		{name: "ttl and data dir", args: []string{"token", "bob.1", "--ttl", "1h", "--data-dir", "elsewhere"}, ttl: time.Hour, wantNote: true},
-		{name: "configured secret", args: []string{"token", "carol"}, env: map[string]string{"CHATD_AUTH_SECRET": "configured-secret"}, secret: "configured-secret", ttl: 24 * time.Hour},
+		{name: "configured secret", args: []string{"token", "carol"}, env: map[string]string{"CHATD_AUTH_SECRET": "configured-secret-0123456789abcdef"}, secret: "configured-secret-0123456789abcdef", ttl: 24 * time.Hour},
 		{name: "bad user", args: []string{"token", "al ice"}, wantErr: "al ice"},
 		{name: "user too long", args: []string{"token", strings.Repeat("a", 65)}, wantErr: "1-64"},
 		{name: "no user", args: []string{"token"}, wantErr: "arg"},
