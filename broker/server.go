@@ -22,6 +22,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
+	"github.com/dgraph-io/badger/v4"
+
 	"github.com/chatd/chatd/broker/delivery"
 	"github.com/chatd/chatd/broker/envelope"
 	"github.com/chatd/chatd/broker/groups"
@@ -49,9 +51,11 @@ type Options struct {
 
 // Server is one chatd node.
 type Server struct {
-	cfg      config.Config
-	log      *slog.Logger
-	queue    *queue.Store
+	cfg   config.Config
+	log   *slog.Logger
+	queue store
+	// cluster is set in cluster mode.
+	cluster  *cluster
 	delivery *delivery.Delivery
 	mqtt     *mqtt.Server
 	presence *presence.Tracker
@@ -97,19 +101,35 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
 	s := &Server{cfg: cfg, log: log, verifier: token.NewVerifier(opts.Secret)}
-	q, err := queue.Open(queue.Options{
-		Dir:    filepath.Join(cfg.DataDir, queueDir),
-		Queue:  cfg.Queue,
-		Logger: log,
-		OnStored: func(user string, m queue.Message) {
-			if online := s.delivery.Stored(user, m); !online && len(m.Meta) > 0 {
-				s.notifyPush(user, m.Meta)
-			}
-		},
-		OnCommit: func(n int, took time.Duration) { s.metrics.Committed(n, took) },
-	})
-	if err != nil {
-		return nil, err
+	onStored := func(user string, m queue.Message) {
+		if online := s.delivery.Stored(user, m); !online && len(m.Meta) > 0 {
+			s.notifyPush(user, m.Meta)
+		}
+	}
+	onCommit := func(n int, took time.Duration) { s.metrics.Committed(n, took) }
+	var (
+		q   store
+		db  *badger.DB
+		err error
+	)
+	if cfg.Cluster.Enabled {
+		s.cluster, q, err = startCluster(cfg, log, onStored, onCommit)
+		if err != nil {
+			return nil, err
+		}
+		db = s.cluster.local
+	} else {
+		bq, err := queue.Open(queue.Options{
+			Dir:      filepath.Join(cfg.DataDir, queueDir),
+			Queue:    cfg.Queue,
+			Logger:   log,
+			OnStored: onStored,
+			OnCommit: onCommit,
+		})
+		if err != nil {
+			return nil, err
+		}
+		q, db = bq, bq.DB()
 	}
 	s.queue = q
 	var inbox *hooks.Inbox
@@ -124,7 +144,7 @@ func New(opts Options) (*Server, error) {
 		dopts.OnDelivered = func(user string, metas [][]byte) { inbox.Delivered(user, metas) }
 	}
 	s.delivery = delivery.New(dopts)
-	s.groups = groups.New(q.DB(), cfg.Groups.MaxMembers)
+	s.groups = groups.New(db, cfg.Groups.MaxMembers)
 	s.metrics = metrics.New(metrics.Sources{
 		Connections: func() float64 { return float64(s.mqtt.Info.ClientsConnected) },
 		Queue:       q,
@@ -138,7 +158,7 @@ func New(opts Options) (*Server, error) {
 		Logger:      log.With("component", "push"),
 	})
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("push.webhook: %w", err), q.Close())
+		return nil, errors.Join(fmt.Errorf("push.webhook: %w", err), s.closeStore())
 	}
 	mediaDir := cfg.Media.Dir
 	if mediaDir == "" {
@@ -147,7 +167,7 @@ func New(opts Options) (*Server, error) {
 	mediaStore, err := media.NewDisk(mediaDir)
 	if err != nil {
 		s.push.Close()
-		return nil, errors.Join(fmt.Errorf("media: %w", err), q.Close())
+		return nil, errors.Join(fmt.Errorf("media: %w", err), s.closeStore())
 	}
 	s.media = &media.Handler{
 		Store:        mediaStore,
@@ -199,7 +219,7 @@ func New(opts Options) (*Server, error) {
 		MayAttach:    q.MayAttach,
 		Log:          log,
 	}
-	s.presence = presence.New(q.DB(), s.mqtt.Publish, log)
+	s.presence = presence.New(db, s.mqtt.Publish, log)
 	s.inbox = &hooks.Inbox{
 		Server:          s.mqtt,
 		Queue:           q,
@@ -219,12 +239,12 @@ func New(opts Options) (*Server, error) {
 	for _, h := range []mqtt.Hook{auth, inbox} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
 			s.push.Close()
-			return nil, errors.Join(fmt.Errorf("add hook %s: %w", h.ID(), err), q.Close())
+			return nil, errors.Join(fmt.Errorf("add hook %s: %w", h.ID(), err), s.closeStore())
 		}
 	}
 	if err := s.addListeners(); err != nil {
 		s.push.Close()
-		return nil, errors.Join(err, q.Close())
+		return nil, errors.Join(err, s.closeStore())
 	}
 	return s, nil
 }
@@ -373,7 +393,7 @@ func (s *Server) close(ctx context.Context) error {
 	}
 	s.push.Close()
 	s.delivery.Close()
-	if err := s.queue.Close(); err != nil {
+	if err := s.closeStore(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
@@ -426,4 +446,13 @@ func (s *Server) notifyPush(user string, meta []byte) {
 		return
 	}
 	s.push.Notify(push.Notification{User: user, From: from, Kind: "msg", Group: group, Queued: queued})
+}
+
+// closeStore closes the queue and, in cluster mode, NATS after it.
+func (s *Server) closeStore() error {
+	err := s.queue.Close()
+	if s.cluster != nil {
+		err = errors.Join(err, s.cluster.close())
+	}
+	return err
 }

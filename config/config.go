@@ -45,6 +45,8 @@ type Config struct {
 	Media Media `mapstructure:"media"`
 	// Push holds push notification settings.
 	Push Push `mapstructure:"push"`
+	// Cluster configures cluster mode.
+	Cluster Cluster `mapstructure:"cluster"`
 	// Debug holds diagnostics for operators.
 	Debug Debug `mapstructure:"debug"`
 }
@@ -81,6 +83,29 @@ type Push struct {
 	QueueSize int `mapstructure:"queue_size"`
 	// MaxAttempts is how often one notification is tried.
 	MaxAttempts int `mapstructure:"max_attempts"`
+}
+
+// Cluster configures cluster mode: queues in NATS JetStream, shared by
+// every node, instead of the embedded Badger store.
+type Cluster struct {
+	// Enabled turns cluster mode on.
+	Enabled bool `mapstructure:"enabled"`
+	// Node is this node's name, unique in the cluster and stable across restarts.
+	Node string `mapstructure:"node"`
+	// URL joins an existing NATS cluster (comma-separated URLs) instead of embedding one.
+	URL string `mapstructure:"url"`
+	// NATSListen is the embedded NATS server's client address.
+	NATSListen string `mapstructure:"nats_listen"`
+	// Name is the NATS cluster name shared by every node; empty runs one node alone.
+	Name string `mapstructure:"name"`
+	// Listen is the embedded NATS server's route address, which peers connect to.
+	Listen string `mapstructure:"listen"`
+	// Routes lists the peers' route URLs, comma-separated (nats://host:port).
+	Routes string `mapstructure:"routes"`
+	// Replicas is how many nodes keep each queue.
+	Replicas int `mapstructure:"replicas"`
+	// Shards is how many JetStream streams the users are spread over.
+	Shards int `mapstructure:"shards"`
 }
 
 // Debug configures diagnostics.
@@ -210,6 +235,7 @@ func Default() Config {
 		Groups:   Groups{MaxMembers: 1024},
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
+		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4},
 	}
 }
 
@@ -270,6 +296,16 @@ func (c *Config) Validate() error {
 	}
 	if !(c.Limits.PublishRate > 0) {
 		return fmt.Errorf("limits.publish_rate: must be positive, got %g", c.Limits.PublishRate)
+	}
+	if c.Cluster.Enabled {
+		switch {
+		case c.Cluster.Node == "":
+			return fmt.Errorf("cluster.node: a cluster node needs a name, unique in its cluster")
+		case c.Cluster.Replicas < 1 || c.Cluster.Replicas > 5:
+			return fmt.Errorf("cluster.replicas: must be 1 to 5, got %d", c.Cluster.Replicas)
+		case c.Cluster.Shards < 1:
+			return fmt.Errorf("cluster.shards: must be positive, got %d", c.Cluster.Shards)
+		}
 	}
 	if c.Limits.PublishMaxDelay < 0 {
 		return fmt.Errorf("limits.publish_max_delay: must not be negative, got %s", c.Limits.PublishMaxDelay)

@@ -19,15 +19,19 @@ var flagKeys = []struct{ flag, key string }{
 	{"data-dir", "data_dir"},
 	{"listen", "listen"},
 	{"http", "http"},
+	{"cluster", "cluster.enabled"},
+	{"node", "cluster.node"},
 }
 
-// BindFlags registers --data-dir, --listen and --http on fs, with the
-// built-in defaults, for Load to read.
+// BindFlags registers --data-dir, --listen, --http, --cluster and --node
+// on fs, with the built-in defaults, for Load to read.
 func BindFlags(fs *pflag.FlagSet) {
 	BindDataDirFlag(fs)
 	d := Default()
 	fs.String("listen", d.Listen, "MQTT TCP listen address, host:port (key listen, env "+EnvName("listen")+")")
 	fs.String("http", d.HTTP, "HTTP listen address for /healthz, /metrics and the API, host:port; empty disables it (key http, env "+EnvName("http")+")")
+	fs.Bool("cluster", false, "run as a cluster node, queues in NATS JetStream; see the cluster.* keys (key cluster.enabled, env "+EnvName("cluster.enabled")+")")
+	fs.String("node", "", "this cluster node's name, unique and stable (key cluster.node, env "+EnvName("cluster.node")+")")
 }
 
 // BindDataDirFlag registers only --data-dir on fs, for commands such as

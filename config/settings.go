@@ -24,6 +24,15 @@ type Setting struct {
 
 // help documents every key; TestSettingsHelp keeps it in step with Config.
 var help = map[string]string{
+	"cluster.enabled":                 "run as a cluster node: queues live in NATS JetStream, replicated, and any node serves any user",
+	"cluster.node":                    "this node's name, unique in the cluster and the same across restarts",
+	"cluster.url":                     "join an existing NATS cluster at these comma-separated URLs instead of embedding a NATS server",
+	"cluster.nats_listen":             "client address of the embedded NATS server",
+	"cluster.name":                    "NATS cluster name shared by every node; empty runs a single node",
+	"cluster.listen":                  "route address of the embedded NATS server, which the peers connect to",
+	"cluster.routes":                  "the peers' route URLs, comma-separated, e.g. nats://10.0.0.2:6222,nats://10.0.0.3:6222",
+	"cluster.replicas":                "how many nodes keep each queue (3 survives the loss of one node; 1 for tests)",
+	"cluster.shards":                  "how many JetStream streams the users are spread over",
 	"debug.pprof":                     "serve Go profiling at /debug/pprof on the HTTP listener; keep the HTTP listener private when on",
 	"data_dir":                        "directory holding the durable queue and the development secret",
 	"listen":                          "MQTT TCP listen address",

@@ -15,12 +15,26 @@ import (
 	"github.com/chatd/chatd/broker/queue"
 )
 
+// Queue is what the metrics read of the durable store.
+type Queue interface {
+	// Stats returns the store's running totals.
+	Stats() queue.Stats
+	// Undelivered returns the messages some device has yet to acknowledge.
+	Undelivered() uint64
+	// DiskSize returns the bytes the store takes on disk, in two parts.
+	DiskSize() (int64, int64)
+	// FreeBytes returns the free space left to the store.
+	FreeBytes() int64
+	// LowDisk reports whether publishes are refused for lack of space.
+	LowDisk() bool
+}
+
 // Sources are the parts of the server the metrics read.
 type Sources struct {
 	// Connections returns the number of connected clients.
 	Connections func() float64
 	// Queue is the durable store.
-	Queue *queue.Store
+	Queue Queue
 	// Delivery feeds devices.
 	Delivery *delivery.Delivery
 }

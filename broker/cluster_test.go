@@ -1,0 +1,108 @@
+package broker
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/chatd/chatd/config"
+)
+
+// startCluster runs n chatd nodes in this process, each embedding a NATS
+// server routed to the others, with queues replicated on every node.
+func startTestCluster(t *testing.T, n int) []*Server {
+	t.Helper()
+	routes := make([]string, n)
+	cfgs := make([]config.Config, n)
+	for i := range n {
+		routes[i] = "nats://" + freeAddr(t)
+	}
+	for i := range n {
+		cfg := config.Default()
+		cfg.DataDir = t.TempDir()
+		cfg.Listen = "127.0.0.1:0"
+		cfg.HTTP = "127.0.0.1:0"
+		cfg.Limits.PublishRate = 1e6
+		cfg.Limits.PublishBytesRate = 1 << 30
+		cfg.Limits.ConnectRate = 1e6
+		cfg.Queue.MinFreeBytes = 1 << 20
+		cfg.Cluster = config.Cluster{
+			Enabled:    true,
+			Node:       fmt.Sprintf("n%d", i+1),
+			NATSListen: freeAddr(t),
+			Name:       "chatd-test",
+			Listen:     strings.TrimPrefix(routes[i], "nats://"),
+			Routes:     strings.Join(routes, ","),
+			Replicas:   min(3, n),
+			Shards:     2,
+		}
+		cfgs[i] = cfg
+	}
+	// A JetStream cluster has no leader until a quorum is up: the nodes
+	// must start side by side.
+	servers := make([]*Server, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := New(Options{Config: cfgs[i], Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			if err == nil {
+				err = s.Start()
+			}
+			servers[i], errs[i] = s, err
+		}()
+	}
+	wg.Wait()
+	for i, s := range servers {
+		if s != nil {
+			t.Cleanup(func() { stopServer(t, s) })
+		}
+		if errs[i] != nil {
+			t.Fatalf("node %d: %v", i+1, errs[i])
+		}
+	}
+	return servers
+}
+
+// TestClusterCrossNode sends from alice on node 1 to bob on node 2: bob
+// gets every message in order with the same envelope as on one node, and
+// alice gets the delivered receipts bob's node makes.
+func TestClusterCrossNode(t *testing.T) {
+	nodes := startTestCluster(t, 3)
+	alice := mustDial(t, nodes[0], "alice", phoneOpt{})
+	bob := mustDial(t, nodes[1], "bob", phoneOpt{})
+	const n = 50
+	for i := range n {
+		alice.send("bob", fmt.Sprintf("m-%d", i), `,"text":"hi"`)
+	}
+	got := bob.waitFor(n)
+	for i, e := range got[:n] {
+		if id := innerID(t, e); id != fmt.Sprintf("m-%d", i) || e.Kind != "msg" || e.From != "alice" || e.To != "bob" {
+			t.Fatalf("bob's message %d: %+v (id %s)", i, e, id)
+		}
+	}
+	delivered := map[string]bool{}
+	for len(delivered) < n {
+		alice.waitFor(len(alice.events()) + 1)
+		for _, e := range alice.events() {
+			if e["status"] == "delivered" {
+				for _, id := range strings.Split(ids(e), ",") {
+					delivered[id] = true
+				}
+			}
+		}
+	}
+
+	// A message to a user with no device online waits in the replicated
+	// queue and reaches that user's first device on any node.
+	alice.send("carol", "offline-1", "")
+	carol := mustDial(t, nodes[2], "carol", phoneOpt{})
+	if id := innerID(t, carol.waitFor(1)[0]); id != "offline-1" {
+		t.Fatalf("carol got %s, want offline-1", id)
+	}
+}
