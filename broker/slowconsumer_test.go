@@ -52,7 +52,7 @@ func TestSlowConsumer(t *testing.T) {
 	var sent []string
 	for i := range n {
 		id := fmt.Sprintf("m-%d", i)
-		alice.send("bob", id, pad) // fails the test if the PUBACK does not come
+		alice.send("bob", id, pad)       // fails the test if the PUBACK does not come
 		alice.send("carol", "c-"+id, "") // ids are unique per sender
 		sent = append(sent, id)
 	}
