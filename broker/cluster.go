@@ -2,19 +2,19 @@ package broker
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
-	"github.com/nats-io/nats.go"
 
 	"github.com/chatd/chatd/broker/jsqueue"
 	"github.com/chatd/chatd/broker/natsnode"
+	"github.com/chatd/chatd/broker/peers"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/config"
 )
@@ -41,22 +41,25 @@ type store interface {
 	Close() error
 }
 
-// storedSubject carries, in a cluster, each stored message to every node,
-// so that a node feeds its own devices of the recipient at once instead of
-// finding the message at their next read.
-const storedSubject = "chatd.stored"
+// clusterPrefix starts the subjects of the cluster's notices and streams.
+const clusterPrefix = "chatd"
+
+// errTakenOver ends a connection whose client connected again on another node.
+var errTakenOver = errors.New("session taken over on another node")
 
 // cluster is what cluster mode adds to a node.
 type cluster struct {
 	node *natsnode.Node
-	// local keeps what is not clustered yet (groups, presence) in Badger.
+	// local keeps what is not clustered yet (groups) in Badger, and
+	// each node's own record of last-seen times.
 	local *badger.DB
-	sub   *nats.Subscription
+	bus   atomic.Pointer[peers.Bus]
 	name  string
 }
 
 // startCluster starts or joins NATS and opens the JetStream queue.
-// onStored is called for every message stored by any node.
+// onStored is called for every message this node stores; join later
+// connects the node to its peers.
 func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, queue.Message), onCommit func(int, time.Duration)) (*cluster, store, error) {
 	c := &cluster{name: cfg.Cluster.Node}
 	ncfg := natsnode.Config{
@@ -93,78 +96,48 @@ func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, que
 		Queue:    cfg.Queue,
 		Shards:   cfg.Cluster.Shards,
 		Replicas: cfg.Cluster.Replicas,
+		Prefix:   clusterPrefix,
 		Logger:   log.With("component", "jsqueue"),
 		OnStored: func(user string, m queue.Message) {
 			onStored(user, m)
-			c.announce(log, user, m)
+			if b := c.bus.Load(); b != nil {
+				b.Stored(user, m)
+			}
 		},
 		OnCommit: onCommit,
 	})
 	if err != nil {
 		return nil, nil, errors.Join(fmt.Errorf("cluster queue: %w", err), c.close())
 	}
-	c.sub, err = node.Conn().Subscribe(storedSubject, func(msg *nats.Msg) {
-		origin, user, m, err := decodeStored(msg.Data)
-		if err != nil {
-			log.Error("bad stored notice", "error", err)
-			return
-		}
-		if origin != c.name {
-			onStored(user, m)
-		}
-	})
-	if err != nil {
-		return nil, nil, errors.Join(fmt.Errorf("subscribe %s: %w", storedSubject, err), q.Close(), c.close())
-	}
 	return c, q, nil
 }
 
-// announce tells the other nodes that m was stored for user. A lost
-// notice delays a delivery until the device's next read; it loses nothing.
-func (c *cluster) announce(log *slog.Logger, user string, m queue.Message) {
-	if err := c.node.Conn().Publish(storedSubject, encodeStored(c.name, user, m)); err != nil {
-		log.Warn("announce stored message", "user", user, "error", err)
+// join connects the node to its peers' notices and learns who is online
+// on them, before the node takes connections.
+func (c *cluster) join(log *slog.Logger, h peers.Handlers) (*peers.Bus, error) {
+	bus, err := peers.Start(peers.Options{Conn: c.node.Conn(), Node: c.name, Prefix: clusterPrefix, Logger: log.With("component", "peers")}, h)
+	if err != nil {
+		return nil, fmt.Errorf("join cluster: %w", err)
 	}
+	c.bus.Store(bus)
+	if err := bus.SyncPresence(presenceSyncWait); err != nil {
+		log.Warn("presence of the other nodes not known yet", "error", err)
+	}
+	return bus, nil
 }
 
-// close stops what startCluster started, after the queue is closed.
+// presenceSyncWait is how long a starting node collects its peers' online users.
+const presenceSyncWait = time.Second
+
+// close stops what startCluster and join started, after the queue is closed.
 func (c *cluster) close() error {
 	var err error
-	if c.sub != nil {
-		err = c.sub.Unsubscribe()
+	if b := c.bus.Load(); b != nil {
+		err = b.Close()
 	}
 	if c.local != nil {
 		err = errors.Join(err, c.local.Close())
 	}
 	c.node.Shutdown()
 	return err
-}
-
-// encodeStored lays out a notice: origin, user and meta with 2-byte
-// lengths, the sequence, then the envelope to the end.
-func encodeStored(origin, user string, m queue.Message) []byte {
-	b := make([]byte, 0, 14+len(origin)+len(user)+len(m.Meta)+len(m.Data))
-	for _, s := range [][]byte{[]byte(origin), []byte(user), m.Meta} {
-		b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
-		b = append(b, s...)
-	}
-	b = binary.BigEndian.AppendUint64(b, m.Seq)
-	return append(b, m.Data...)
-}
-
-// decodeStored reads a notice made by encodeStored.
-func decodeStored(b []byte) (origin, user string, m queue.Message, err error) {
-	var parts [3][]byte
-	for i := range parts {
-		if len(b) < 2 || len(b) < 2+int(binary.BigEndian.Uint16(b)) {
-			return "", "", m, errors.New("truncated notice")
-		}
-		n := int(binary.BigEndian.Uint16(b))
-		parts[i], b = b[2:2+n], b[2+n:]
-	}
-	if len(b) < 8 {
-		return "", "", m, errors.New("truncated notice")
-	}
-	m = queue.Message{Seq: binary.BigEndian.Uint64(b), Meta: parts[2], Data: b[8:]}
-	return string(parts[0]), string(parts[1]), m, nil
 }

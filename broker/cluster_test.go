@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/chatd/chatd/config"
 )
@@ -104,5 +105,52 @@ func TestClusterCrossNode(t *testing.T) {
 	carol := mustDial(t, nodes[2], "carol", phoneOpt{})
 	if id := innerID(t, carol.waitFor(1)[0]); id != "offline-1" {
 		t.Fatalf("carol got %s, want offline-1", id)
+	}
+}
+
+// TestClusterPresenceTypingTakeover: presence counts devices on every
+// node, typing crosses nodes, and a device reconnecting to another node
+// takes its session over there.
+func TestClusterPresenceTypingTakeover(t *testing.T) {
+	nodes := startTestCluster(t, 3)
+	w := watchPresence(t, nodes[2], "carol")
+
+	handset := mustDial(t, nodes[0], "bob", phoneOpt{clientID: "bob/phone"})
+	if e := w.waitUser(t, "bob", 1)[0]; e["online"] != true {
+		t.Fatalf("bob's first device, on another node: %v", e)
+	}
+	laptop := mustDial(t, nodes[1], "bob", phoneOpt{clientID: "bob/laptop"})
+
+	// Typing from node 3 reaches both of bob's devices, on nodes 1 and 2.
+	alice := mustDial(t, nodes[2], "alice", phoneOpt{})
+	alice.publish("typing/bob", []byte("{}"))
+	for _, p := range []*phone{handset, laptop} {
+		if e := p.waitFor(1)[0]; e.Kind != "typing" || e.From != "alice" {
+			t.Fatalf("typing on another node: %+v", e)
+		}
+	}
+
+	// The phone moves to node 3: its old connection on node 1 is ended,
+	// and it gets what is sent from then on, once.
+	moved := mustDial(t, nodes[2], "bob", phoneOpt{clientID: "bob/phone"})
+	deadline := time.Now().Add(10 * time.Second)
+	for handset.client.IsConnectionOpen() {
+		if time.Now().After(deadline) {
+			t.Fatal("the phone's connection on node 1 survived its takeover on node 3")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	alice.send("bob", "after-move", "")
+	if id := innerID(t, moved.waitFor(1)[0]); id != "after-move" {
+		t.Fatalf("moved phone got %s", id)
+	}
+
+	// Bob stays online through the move; he goes offline when his last
+	// device, on any node, leaves.
+	laptop.client.Disconnect(100)
+	moved.client.Disconnect(100)
+	got := w.waitUser(t, "bob", 2)
+	if got[1]["online"] != false || len(got) != 2 {
+		t.Fatalf("bob's presence on a third node: %v", got)
 	}
 }

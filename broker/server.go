@@ -30,6 +30,7 @@ import (
 	"github.com/chatd/chatd/broker/listen"
 	"github.com/chatd/chatd/broker/media"
 	"github.com/chatd/chatd/broker/metrics"
+	"github.com/chatd/chatd/broker/peers"
 	"github.com/chatd/chatd/broker/presence"
 	"github.com/chatd/chatd/broker/push"
 	"github.com/chatd/chatd/broker/queue"
@@ -309,6 +310,11 @@ func (s *Server) Start() error {
 	if err := s.presence.Restore(); err != nil {
 		return err
 	}
+	if s.cluster != nil {
+		if err := s.joinCluster(); err != nil {
+			return err
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stopJanitor, s.janitorDone = cancel, make(chan struct{})
 	go func() {
@@ -455,4 +461,34 @@ func (s *Server) closeStore() error {
 		err = errors.Join(err, s.cluster.close())
 	}
 	return err
+}
+
+// joinCluster connects the node to its peers: messages they store and
+// typing signals feed devices here, presence counts every node's
+// connections, and a client connecting elsewhere ends its session here.
+func (s *Server) joinCluster() error {
+	s.presence.Clustered(func(user string, online bool) {
+		if b := s.cluster.bus.Load(); b != nil {
+			b.Presence(user, online)
+		}
+	})
+	bus, err := s.cluster.join(s.log, peers.Handlers{
+		Stored: func(user string, m queue.Message) { s.delivery.Stored(user, m) },
+		Typing: func(user, topic string, payload []byte) {
+			s.delivery.Ephemeral(user, topic, payload)
+		},
+		Presence: s.presence.Remote,
+		NodeGone: s.presence.NodeGone,
+		SessionStarted: func(clientID string) {
+			if cl, ok := s.mqtt.Clients.Get(clientID); ok && !cl.Closed() {
+				cl.Stop(errTakenOver)
+			}
+		},
+		OnlineUsers: s.presence.Local,
+	})
+	if err != nil {
+		return err
+	}
+	s.inbox.Peers = bus
+	return nil
 }

@@ -80,7 +80,11 @@ func (h *Inbox) publishReceipt(s *session, pk packets.Packet, to string) {
 // publishTyping passes a typing signal to the recipient's online devices
 // at QoS 0; it is never stored. A QoS 1 publish is acknowledged in order.
 func (h *Inbox) publishTyping(s *session, pk packets.Packet, to string) {
-	h.Delivery.Ephemeral(to, topic.InboxOf(to), envelope.Typing(s.user, time.Now().UnixMilli()))
+	signal := envelope.Typing(s.user, time.Now().UnixMilli())
+	h.Delivery.Ephemeral(to, topic.InboxOf(to), signal)
+	if h.Peers != nil {
+		h.Peers.Typing(to, topic.InboxOf(to), signal)
+	}
 	if pk.FixedHeader.Qos > 0 {
 		pid := pk.PacketID
 		h.Queue.Append(&queue.Request{Done: func(queue.Status, queue.Message, error) {

@@ -71,6 +71,14 @@ type Store interface {
 	Detach(user, device string)
 }
 
+// Peers tells the other nodes of a cluster what happens on this one.
+type Peers interface {
+	// Typing passes a typing signal to user's devices on the other nodes.
+	Typing(user, topic string, payload []byte)
+	// SessionStarted ends the sessions of clientID on the other nodes.
+	SessionStarted(clientID string)
+}
+
 // Observer counts what the message path does, for metrics.
 type Observer interface {
 	// Connected counts an established session.
@@ -99,6 +107,8 @@ type Inbox struct {
 	Observe Observer
 	// Users holds each connected user's connection count and publish budgets.
 	Users *Users
+	// Peers is set in a cluster; nil on a single node.
+	Peers Peers
 	// TokenExpiry returns when the token a client connected with expires;
 	// the client is disconnected then, to reconnect with a fresh one.
 	TokenExpiry func(cl *mqtt.Client) (time.Time, bool)
@@ -181,6 +191,9 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	h.sessions.Store(cl, s)
 	h.current.Store(cl.ID, s)
 	h.Presence.Connected(user)
+	if h.Peers != nil {
+		h.Peers.SessionStarted(cl.ID)
+	}
 	h.Observe.Connected()
 	if subscribed {
 		h.startDelivery(cl, s, cursor)

@@ -22,17 +22,29 @@ const keyTag = 'p'
 // Publisher publishes a retained message, as the server.
 type Publisher func(topic string, payload []byte, retain bool, qos byte) error
 
+// Relay carries a node's own presence changes to every node of a
+// cluster, this one included, which hand them to Tracker.Remote.
+type Relay func(user string, online bool)
+
 // Tracker counts each user's connections and publishes transitions.
 // Connections are counted, not devices, so a session takeover (the new
 // connection arrives before the old one leaves) never shows "offline".
+//
+// In a cluster, a user is online while any node has a connection of it:
+// each node relays its own first and last connections, and every node
+// keeps, per user, the set of nodes it is online at and publishes when
+// that set becomes empty or stops being so.
 type Tracker struct {
 	db      *badger.DB
 	publish Publisher
 	log     *slog.Logger
 	now     func() time.Time
+	relay   Relay
 
 	mu    sync.Mutex
 	conns map[string]int
+	// where is, in a cluster, the nodes each online user is connected to.
+	where map[string]map[string]struct{}
 }
 
 // New returns a Tracker storing in db and publishing with publish.
@@ -86,13 +98,20 @@ func (t *Tracker) Restore() error {
 	return nil
 }
 
+// Clustered makes t count connections of every node: its own first and
+// last connections of a user go to relay, and the cluster's come back
+// through Remote and NodeGone.
+func (t *Tracker) Clustered(relay Relay) {
+	t.relay = relay
+	t.where = make(map[string]map[string]struct{})
+}
+
 // Connected records a new connection of user; the first one makes it online.
 func (t *Tracker) Connected(user string) {
 	t.mu.Lock()
 	t.conns[user]++
-	first := t.conns[user] == 1
-	if first {
-		t.announce(user, true)
+	if t.conns[user] == 1 {
+		t.change(user, true)
 	}
 	t.mu.Unlock()
 }
@@ -102,12 +121,75 @@ func (t *Tracker) Connected(user string) {
 func (t *Tracker) Disconnected(user string) {
 	t.mu.Lock()
 	t.conns[user]--
-	last := t.conns[user] <= 0
-	if last {
+	if t.conns[user] <= 0 {
 		delete(t.conns, user)
-		t.announce(user, false)
+		t.change(user, false)
 	}
 	t.mu.Unlock()
+}
+
+// change announces a transition of this node, or relays it in a cluster.
+// Called with t.mu held, so one node's relayed changes keep their order.
+func (t *Tracker) change(user string, online bool) {
+	if t.relay != nil {
+		t.relay(user, online)
+		return
+	}
+	t.announce(user, online)
+}
+
+// Remote applies a cluster node's change: user got its first connection
+// at node (online) or lost its last there.
+func (t *Tracker) Remote(node, user string, online bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	nodes := t.where[user]
+	if online {
+		if nodes == nil {
+			nodes = make(map[string]struct{})
+			t.where[user] = nodes
+		}
+		_, had := nodes[node]
+		nodes[node] = struct{}{}
+		if len(nodes) == 1 && !had {
+			t.announce(user, true)
+		}
+		return
+	}
+	if _, had := nodes[node]; !had {
+		return
+	}
+	delete(nodes, node)
+	if len(nodes) == 0 {
+		delete(t.where, user)
+		t.announce(user, false)
+	}
+}
+
+// NodeGone drops every connection of a cluster node that stopped or restarted.
+func (t *Tracker) NodeGone(node string) {
+	t.mu.Lock()
+	var users []string
+	for user, nodes := range t.where {
+		if _, ok := nodes[node]; ok {
+			users = append(users, user)
+		}
+	}
+	t.mu.Unlock()
+	for _, user := range users {
+		t.Remote(node, user, false)
+	}
+}
+
+// Local returns the users with a connection on this node.
+func (t *Tracker) Local() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	users := make([]string, 0, len(t.conns))
+	for u := range t.conns {
+		users = append(users, u)
+	}
+	return users
 }
 
 // announce stores and publishes a transition; called with t.mu held so
