@@ -1,22 +1,24 @@
-// Package groups keeps group chats' memberships in Badger and serves the
-// group HTTP API of PROTOCOL.md section 7.
+// Package groups keeps group chats' memberships, in Badger on one node or
+// in a replicated JetStream KV bucket in a cluster, and serves the group
+// HTTP API of PROTOCOL.md section 7.
 package groups
 
 import (
-	"encoding/json"
+	"context"
 	"errors"
 	"fmt"
 	"slices"
 	"sync"
 	"time"
 
-	"github.com/dgraph-io/badger/v4"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/chatd/chatd/broker/topic"
 )
 
-// keyTag prefixes group records in the shared Badger database.
-const keyTag = 'g'
+// opTimeout bounds one operation against the storage, conflict retries
+// included; only the KV backend can take that long.
+const opTimeout = 10 * time.Second
 
 // Errors of group operations; the HTTP API maps each to a status.
 var (
@@ -26,6 +28,10 @@ var (
 	ErrInvalid       = errors.New("invalid request")
 	ErrTooMany       = errors.New("too many members")
 )
+
+// errConflict is a compare-and-set that lost: the group is no longer at
+// the revision the change was computed from.
+var errConflict = errors.New("group changed meanwhile")
 
 // Group is one group chat.
 type Group struct {
@@ -51,19 +57,110 @@ func (g *Group) IsAdmin(user string) bool {
 	return ok
 }
 
-// Store is every group, on disk and cached in memory. Changes are written
-// to disk before they are visible. Only groups that exist are cached, so
-// lookups of made-up names cost a disk read, not memory.
-type Store struct {
-	db         *badger.DB
-	maxMembers int
-	mu         sync.RWMutex
-	cache      map[string]*Group
+func (g *Group) clone() *Group {
+	return &Group{ID: g.ID, Members: slices.Clone(g.Members), Admins: slices.Clone(g.Admins), Created: g.Created}
 }
 
-// New returns a Store in db allowing at most maxMembers per group.
-func New(db *badger.DB, maxMembers int) *Store {
-	return &Store{db: db, maxMembers: maxMembers, cache: make(map[string]*Group)}
+// backend is where groups persist. Every write is a compare-and-set on a
+// revision that grows with each write of a group, so the Store needs no
+// lock across storage calls and concurrent writers, in this process or on
+// other nodes, never overwrite each other's changes.
+type backend interface {
+	// get reads gid from storage, never from a cache: nil when there is no
+	// such group, with the revision of its deletion or 0.
+	get(ctx context.Context, gid string) (*Group, uint64, error)
+	// create stores g if there is no group g.ID, or fails with ErrExists.
+	create(ctx context.Context, g *Group) (uint64, error)
+	// update stores g if group g.ID is still at revision rev, or fails
+	// with errConflict.
+	update(ctx context.Context, g *Group, rev uint64) (uint64, error)
+}
+
+// entry is a cached group at a revision; g nil is a group deleted at rev
+// (only ever learnt from the KV watch), err a value that would not decode.
+type entry struct {
+	g   *Group
+	rev uint64
+	err error
+}
+
+// Store is every group, in storage and cached in memory. Only groups that
+// exist are cached, so lookups of made-up names cost a storage read, not
+// memory; with KV, every group changed on any node since NewKV is cached
+// too. A Store made by New is the only writer of its groups; one made by
+// NewKV shares its bucket with the Stores of other nodes.
+//
+// What the Store guarantees:
+//
+//   - No lost updates: Create, AddMember and RemoveMember are each one
+//     compare-and-set on the group's revision, retried from a fresh read
+//     on conflict, so concurrent changes from any Stores on the same
+//     storage all take effect, one after another.
+//   - Decisions on current data: a change is applied only to the revision
+//     it was computed from, and a refusal (ErrNotAuthorized, ErrTooMany,
+//     ErrUnknown) that a cached group would give is checked again against
+//     a fresh read, so neither rests on a stale cache.
+//   - Read your writes: once a change returns, Get on the same Store
+//     returns it or a later revision. The cache never goes back to an
+//     older revision.
+//   - Get of an uncached group reads storage; with KV, from the bucket's
+//     stream leader, which has every change acknowledged before the read.
+//   - Other nodes' changes (KV only): the Store watches the bucket from
+//     NewKV on and applies every change to its cache, so a change
+//     acknowledged on another node is returned by Get here as soon as the
+//     watch delivers it, usually within milliseconds. Until then Get may
+//     return the previous revision of a cached group: reads are not
+//     linearizable. While the watch is interrupted (the connection to
+//     NATS down, the bucket's leader changing) the cache keeps serving what
+//     it has; the watch then resumes after the last change it delivered,
+//     skipping none. If the watch ends for good (its connection was
+//     closed), the Store stops caching and reads every group from the
+//     bucket, which fails as the connection does.
+//
+// An operation that fails for want of an answer from storage (a timeout)
+// may still have been applied.
+type Store struct {
+	b          backend
+	maxMembers int
+	// ctx ends at Close; every storage call runs under it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu    sync.RWMutex
+	cache map[string]entry
+	// uncached is set once the cache can no longer be kept current: the KV
+	// watch ended other than by Close.
+	uncached bool
+
+	// watch and watched are the KV backend's watcher and the end of the
+	// goroutine feeding it into the cache; nil for Badger.
+	watch     jetstream.KeyWatcher
+	watched   chan struct{}
+	closeOnce sync.Once
+	closing   chan struct{}
+	closeErr  error
+}
+
+func newStore(b backend, maxMembers int) *Store {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Store{b: b, maxMembers: maxMembers, ctx: ctx, cancel: cancel,
+		cache: make(map[string]entry), closing: make(chan struct{})}
+}
+
+// Close stops the KV watch and waits for it; for a Store made by New it
+// does nothing else. It closes neither the Badger database nor the NATS
+// connection. Operations after Close fail on KV. It is safe to call more
+// than once.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		close(s.closing)
+		if s.watch != nil {
+			s.closeErr = stopWatch(s.watch)
+			<-s.watched
+		}
+		s.cancel()
+	})
+	return s.closeErr
 }
 
 // Get returns the group gid. The result is shared: do not modify it.
@@ -71,44 +168,25 @@ func (s *Store) Get(gid string) (*Group, error) {
 	if !topic.ValidUser(gid) {
 		return nil, fmt.Errorf("%w: %q", ErrUnknown, gid)
 	}
-	s.mu.RLock()
-	g, ok := s.cache[gid]
-	s.mu.RUnlock()
-	if ok {
-		return g, nil
+	if e, ok := s.cached(gid); ok && e.err == nil {
+		if e.g == nil {
+			return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
+		}
+		return e.g, nil
 	}
-	g, err := s.load(gid)
+	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+	defer cancel()
+	e, err := s.read(ctx, gid)
 	if err != nil {
 		return nil, err
 	}
-	if g == nil {
+	if e.err != nil {
+		return nil, e.err
+	}
+	if e.g == nil {
 		return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
 	}
-	s.mu.Lock()
-	s.cache[gid] = g
-	s.mu.Unlock()
-	return g, nil
-}
-
-func (s *Store) load(gid string) (*Group, error) {
-	var g *Group
-	err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(key(gid))
-		if errors.Is(err, badger.ErrKeyNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		return item.Value(func(v []byte) error {
-			g = new(Group)
-			return json.Unmarshal(v, g)
-		})
-	})
-	if err != nil {
-		return nil, fmt.Errorf("load group %s: %w", gid, err)
-	}
-	return g, nil
+	return e.g, nil
 }
 
 // Create makes group gid with creator as member and admin, plus members.
@@ -129,16 +207,13 @@ func (s *Store) Create(creator, gid string, members []string) (*Group, error) {
 		return nil, fmt.Errorf("%w: %d members, at most %d", ErrTooMany, len(set), s.maxMembers)
 	}
 	g := &Group{ID: gid, Members: set, Admins: []string{creator}, Created: time.Now().UnixMilli()}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if cur, err := s.lockedGet(gid); err == nil && cur != nil {
-		return nil, fmt.Errorf("%w: %s", ErrExists, gid)
-	} else if err != nil {
+	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+	defer cancel()
+	rev, err := s.b.create(ctx, g)
+	if err != nil {
 		return nil, err
 	}
-	if err := s.put(g); err != nil {
-		return nil, err
-	}
+	s.remember(gid, entry{g: g, rev: rev})
 	return g, nil
 }
 
@@ -174,58 +249,107 @@ func (s *Store) RemoveMember(by, gid, user string) (*Group, error) {
 	})
 }
 
-// change applies edit to a copy of gid and stores it.
+// change applies edit to a copy of gid and stores it if gid has not
+// changed meanwhile, else applies edit again to what it has become.
 func (s *Store) change(gid string, edit func(*Group) error) (*Group, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	cur, err := s.lockedGet(gid)
-	if err != nil {
-		return nil, err
-	}
-	if cur == nil {
+	if !topic.ValidUser(gid) {
 		return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
 	}
-	g := &Group{ID: cur.ID, Members: slices.Clone(cur.Members), Admins: slices.Clone(cur.Admins), Created: cur.Created}
-	if err := edit(g); err != nil {
-		return nil, err
+	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+	defer cancel()
+	e, ok := s.cached(gid)
+	fresh := !ok
+	for {
+		if fresh {
+			var err error
+			if e, err = s.read(ctx, gid); err != nil {
+				return nil, err
+			}
+		}
+		var err error
+		switch {
+		case e.err != nil:
+			err = e.err
+		case e.g == nil:
+			err = fmt.Errorf("%w: %s", ErrUnknown, gid)
+		}
+		var g *Group
+		if err == nil {
+			g = e.g.clone()
+			err = edit(g)
+		}
+		if err != nil {
+			if fresh {
+				return nil, err
+			}
+			// Refused on the cached copy, which may be behind storage:
+			// only the stored group may refuse.
+			fresh = true
+			continue
+		}
+		rev, err := s.b.update(ctx, g, e.rev)
+		if err == nil {
+			s.remember(gid, entry{g: g, rev: rev})
+			return g, nil
+		}
+		if !errors.Is(err, errConflict) {
+			return nil, err
+		}
+		// Another change won; each lost round means one that succeeded,
+		// so this ends, within ctx at the latest.
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("change group %s: %w", gid, err)
+		}
+		fresh = true
 	}
-	if err := s.put(g); err != nil {
-		return nil, err
-	}
-	return g, nil
 }
 
-// lockedGet reads through the cache, nil for no such group; called with s.mu held.
-func (s *Store) lockedGet(gid string) (*Group, error) {
-	if !topic.ValidUser(gid) {
-		return nil, nil
-	}
-	if g, ok := s.cache[gid]; ok {
-		return g, nil
-	}
-	g, err := s.load(gid)
-	if err != nil || g == nil {
-		return nil, err
-	}
-	s.cache[gid] = g
-	return g, nil
+// cached returns the cache's entry for gid, if any.
+func (s *Store) cached(gid string) (entry, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	e, ok := s.cache[gid]
+	return e, ok
 }
 
-// put writes g and caches it; called with s.mu held.
-func (s *Store) put(g *Group) error {
-	b, err := json.Marshal(g)
+// read loads gid from storage and caches it if it exists; it returns the
+// newest revision known, which a concurrent change may have cached meanwhile.
+func (s *Store) read(ctx context.Context, gid string) (entry, error) {
+	g, rev, err := s.b.get(ctx, gid)
 	if err != nil {
-		return fmt.Errorf("encode group %s: %w", g.ID, err)
+		return entry{}, fmt.Errorf("load group %s: %w", gid, err)
 	}
-	err = s.db.Update(func(txn *badger.Txn) error { return txn.Set(key(g.ID), b) })
-	if err != nil {
-		return fmt.Errorf("store group %s: %w", g.ID, err)
+	if g == nil {
+		// Not cached: made-up names must not take memory.
+		return entry{rev: rev}, nil
 	}
-	s.cache[g.ID] = g
-	return nil
+	return s.remember(gid, entry{g: g, rev: rev}), nil
 }
 
-func key(gid string) []byte { return append([]byte{keyTag}, gid...) }
+// remember caches e unless the cache holds a later revision of gid, and
+// returns what the cache holds then. Revisions only grow, so whichever
+// order reads, writes and the watch arrive in, the cache ends at the newest.
+func (s *Store) remember(gid string, e entry) entry {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.uncached {
+		return e
+	}
+	if cur, ok := s.cache[gid]; ok && cur.rev >= e.rev {
+		return cur
+	}
+	s.cache[gid] = e
+	return e
+}
+
+// stopCaching empties the cache for good: without the watch it would
+// miss other nodes' changes.
+func (s *Store) stopCaching() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.uncached = true
+	clear(s.cache)
+}
 
 func insert(sorted []string, v string) []string {
 	i, found := slices.BinarySearch(sorted, v)
