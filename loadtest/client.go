@@ -39,6 +39,21 @@ type client struct {
 	ready     chan struct{}
 	// connectedAt is when the first CONNACK arrived, Unix nanoseconds.
 	connectedAt atomic.Int64
+
+	// trying is the index in run.brokers of the broker paho last dialled:
+	// the node a connection that comes up is on.
+	trying atomic.Int32
+	// history lists the client's connections, oldest first; the crash
+	// scenario reads from it when the clients of a killed node were back.
+	histMu  sync.Mutex
+	history []connEvent
+}
+
+// connEvent is one connection of a client: when its CONNACK was handled
+// (Unix nanoseconds) and the index of the node it is on.
+type connEvent struct {
+	at   int64
+	node int
 }
 
 // outgoing names a message being sent: recipient index and pair sequence number.
@@ -65,10 +80,38 @@ func (r *run) newClient(idx int) (*client, error) {
 	return c, nil
 }
 
+// rotatedBrokers returns urls starting from the (idx mod n)th: client idx
+// connects first to that node, which spreads the clients evenly, and its
+// auto-reconnect falls back to the following ones in turn when it is down.
+func rotatedBrokers(urls []string, idx int) []string {
+	if len(urls) == 0 {
+		return nil
+	}
+	k := idx % len(urls)
+	out := make([]string, 0, len(urls))
+	out = append(out, urls[k:]...)
+	return append(out, urls[:k]...)
+}
+
+// brokerIndex returns the index in r.brokers of a URL paho dials, or -1.
+func (r *run) brokerIndex(u *url.URL) int {
+	s := u.String()
+	for i, k := range r.brokerKeys {
+		if k == s {
+			return i
+		}
+	}
+	return -1
+}
+
 func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
-	o := mqtt.NewClientOptions().
-		AddBroker(r.brokerURL).
-		SetClientID(c.user).
+	o := mqtt.NewClientOptions()
+	// paho tries its brokers in the order given, on the first connection
+	// and on every reconnection.
+	for _, b := range rotatedBrokers(r.brokers, c.idx) {
+		o.AddBroker(b)
+	}
+	o.SetClientID(c.user).
 		SetProtocolVersion(4).
 		SetCleanSession(false).
 		SetAutoReconnect(true).
@@ -89,11 +132,27 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 		}
 		o.SetUsername(c.user).SetPassword(tok)
 	}
+	if len(r.brokers) > 1 {
+		c.trying.Store(int32(c.idx % len(r.brokers)))
+		// paho names the broker it dials just before dialling it, in the
+		// goroutine that then connects: the last one named is the node
+		// the connection is on.
+		o.SetConnectionNotificationHandler(func(_ mqtt.Client, n mqtt.ConnectionNotification) {
+			if b, ok := n.(mqtt.ConnectionNotificationBroker); ok {
+				if i := r.brokerIndex(b.Broker); i >= 0 {
+					c.trying.Store(int32(i))
+				}
+			}
+		})
+	}
 	dialer := &net.Dialer{Timeout: r.cfg.ConnectTimeout, LocalAddr: r.localAddr(c.idx)}
 	o.SetDialer(dialer)
-	if u, err := url.Parse(r.brokerURL); err == nil && (u.Scheme == "tcp" || u.Scheme == "mqtt") {
+	// Every URL has the scheme of the first (Config.Validate).
+	if u, err := url.Parse(r.brokers[0]); err == nil && (u.Scheme == "tcp" || u.Scheme == "mqtt") {
 		// Dial directly: paho's own TCP dial honours proxy environment
-		// variables, and load must only ever reach the broker named.
+		// variables, and load must only ever reach the brokers named. uri
+		// is the broker paho is trying now, so that a reconnection moves
+		// on to the next node when one is down.
 		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
 			conn, err := dialer.Dial("tcp", uri.Host)
 			if err != nil {
@@ -159,15 +218,47 @@ func (c *client) connect(ctx context.Context) (connack, suback time.Duration, er
 func (c *client) disconnect() {
 	if c.mc.IsConnectionOpen() {
 		c.r.conns.connected.Add(-1)
+		if node, ok := c.node(); ok {
+			c.r.nodes[node].atClose.Add(1)
+		}
 	}
 	c.mc.Disconnect(100)
 }
 
+// node returns the node of the client's latest connection, if it had one.
+func (c *client) node() (int, bool) {
+	c.histMu.Lock()
+	defer c.histMu.Unlock()
+	if len(c.history) == 0 {
+		return 0, false
+	}
+	return c.history[len(c.history)-1].node, true
+}
+
+// connectedAfter returns the time of the client's first connection after
+// t (Unix nanoseconds), and false when it has not connected since.
+func (c *client) connectedAfter(t int64) (int64, bool) {
+	c.histMu.Lock()
+	defer c.histMu.Unlock()
+	for _, e := range c.history {
+		if e.at > t {
+			return e.at, true
+		}
+	}
+	return 0, false
+}
+
 func (c *client) onConnect(mc mqtt.Client) {
+	now := time.Now().UnixNano()
 	c.r.conns.connected.Add(1)
-	if !c.connectedAt.CompareAndSwap(0, time.Now().UnixNano()) {
+	if !c.connectedAt.CompareAndSwap(0, now) {
 		c.r.conns.reconnects.Add(1)
 	}
+	node := int(c.trying.Load())
+	c.r.nodes[node].connects.Add(1)
+	c.histMu.Lock()
+	c.history = append(c.history, connEvent{at: now, node: node})
+	c.histMu.Unlock()
 	// Subscribe on every connection: a broker that lost the session (a
 	// crash without persistence) would otherwise never deliver again.
 	topic := c.r.topics[c.idx]

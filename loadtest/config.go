@@ -23,7 +23,7 @@ var Scenarios = []struct{ Name, Doc string }{
 	{ScenarioDrain, "--messages queued for one offline user by --senders senders, then it connects and drains"},
 	{ScenarioConnect, "ramp N idle persistent connections at --connect-rate, hold them, measure connect latency and server memory"},
 	{ScenarioFlaky, "chat through a toxiproxy with latency, jitter, bandwidth limit and connection cuts"},
-	{ScenarioCrash, "chat while the server started with --server-cmd is SIGKILLed and restarted every --kill-every"},
+	{ScenarioCrash, "chat while the server started with --server-cmd (one node at a time, round robin, when given several) is SIGKILLed and restarted every --kill-every"},
 }
 
 // Config describes one load-test run. The zero value is not usable: start
@@ -31,7 +31,8 @@ var Scenarios = []struct{ Name, Doc string }{
 type Config struct {
 	// Scenario is one of the Scenario* names.
 	Scenario string
-	// Broker is the MQTT URL to drive: tcp://, ws:// or tls://.
+	// Broker is the MQTT URL to drive, tcp://, ws:// or tls://, or a
+	// comma-separated list of them, one per cluster node, all of one scheme.
 	Broker string
 	// Secret signs the access tokens (ignored in Plain mode).
 	Secret []byte
@@ -74,9 +75,12 @@ type Config struct {
 
 	// ServerPID is a server process on this machine to measure.
 	ServerPID int
-	// ServerCmd starts (and at the end stops) the server; crash kills and restarts it.
-	ServerCmd string
-	// ServerLog receives the output of the server started by ServerCmd; empty discards it.
+	// ServerCmds start (and at the end stop) the server: one command, or one
+	// per Broker URL for a cluster, the Nth serving the Nth URL. The crash
+	// scenario kills and restarts one of them at a time.
+	ServerCmds []string
+	// ServerLog receives the output of the servers started by ServerCmds;
+	// with several, node N writes to ServerLog.N. Empty discards it.
 	ServerLog string
 	// KillEvery is the crash scenario's interval between SIGKILLs.
 	KillEvery time.Duration
@@ -135,17 +139,9 @@ func (c *Config) Validate() error {
 	if !known {
 		return fmt.Errorf("unknown scenario %q", c.Scenario)
 	}
-	u, err := url.Parse(c.Broker)
+	urls, err := c.brokerURLs()
 	if err != nil {
-		return fmt.Errorf("broker %q: %w", c.Broker, err)
-	}
-	switch u.Scheme {
-	case "tcp", "mqtt", "ws", "wss", "tls", "ssl", "mqtts":
-	default:
-		return fmt.Errorf("broker %q: scheme must be tcp, ws, wss or tls", c.Broker)
-	}
-	if u.Host == "" {
-		return fmt.Errorf("broker %q: no host:port", c.Broker)
+		return err
 	}
 	if strings.Count(c.Topic, "%s") != 1 {
 		return fmt.Errorf("topic %q: must contain %%s exactly once", c.Topic)
@@ -199,7 +195,7 @@ func (c *Config) Validate() error {
 	}
 	if c.Scenario == ScenarioCrash {
 		checks = append(checks,
-			positive{"--server-cmd (the crash scenario starts and kills the server)", c.ServerCmd != ""},
+			positive{"--server-cmd (the crash scenario starts and kills the server)", len(c.ServerCmds) > 0},
 			positive{"--kill-every", c.KillEvery > 0})
 	}
 	for _, p := range checks {
@@ -207,10 +203,61 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("%s: invalid value", p.name)
 		}
 	}
-	if c.ServerCmd != "" && c.ServerPID != 0 {
+	if len(c.ServerCmds) > 0 && c.ServerPID != 0 {
 		return errors.New("--server-cmd and --server-pid are exclusive")
 	}
+	for _, cmd := range c.ServerCmds {
+		if len(strings.Fields(cmd)) == 0 {
+			return errors.New("--server-cmd: empty command")
+		}
+	}
+	// Each node's command is matched with its URL, which tells when the
+	// node accepts connections again after a restart.
+	if len(c.ServerCmds) > 1 && len(c.ServerCmds) != len(urls) {
+		return fmt.Errorf("--server-cmd given %d times for %d --broker URLs: give one command, or one per URL",
+			len(c.ServerCmds), len(urls))
+	}
+	if c.Scenario == ScenarioFlaky && len(urls) > 1 {
+		return errors.New("--broker: the flaky scenario's fault proxy fronts a single broker URL")
+	}
 	return nil
+}
+
+// brokerURLs splits Broker into its URLs and checks each: a known scheme,
+// a host, no duplicate, and one scheme for all, since the direct TCP dial
+// that clientOptions installs applies to every URL of a client.
+func (c *Config) brokerURLs() ([]string, error) {
+	var urls []string
+	seen := make(map[string]bool)
+	scheme := ""
+	for _, raw := range strings.Split(c.Broker, ",") {
+		raw = strings.TrimSpace(raw)
+		if raw == "" {
+			return nil, fmt.Errorf("broker %q: empty URL in the list", c.Broker)
+		}
+		u, err := url.Parse(raw)
+		if err != nil {
+			return nil, fmt.Errorf("broker %q: %w", raw, err)
+		}
+		switch u.Scheme {
+		case "tcp", "mqtt", "ws", "wss", "tls", "ssl", "mqtts":
+		default:
+			return nil, fmt.Errorf("broker %q: scheme must be tcp, ws, wss or tls", raw)
+		}
+		if u.Host == "" {
+			return nil, fmt.Errorf("broker %q: no host:port", raw)
+		}
+		if scheme != "" && u.Scheme != scheme {
+			return nil, fmt.Errorf("broker %q: every URL of the list must use one scheme (%s)", raw, scheme)
+		}
+		scheme = u.Scheme
+		if seen[raw] {
+			return nil, fmt.Errorf("broker %q: listed twice", raw)
+		}
+		seen[raw] = true
+		urls = append(urls, raw)
+	}
+	return urls, nil
 }
 
 // validUserID reports whether s is a user ID of PROTOCOL.md section 1.

@@ -33,7 +33,25 @@ func TestConfigValidate(t *testing.T) {
 		{"drain needs messages", func(c *Config) { c.Scenario, c.Messages = ScenarioDrain, 0 }, "--messages"},
 		{"crash needs a server command", func(c *Config) { c.Scenario = ScenarioCrash }, "--server-cmd"},
 		{"unknown cut", func(c *Config) { c.Scenario, c.Cuts = ScenarioFlaky, []string{"meteor"} }, "--cuts"},
-		{"pid and command", func(c *Config) { c.ServerPID, c.ServerCmd = 1, "x" }, "exclusive"},
+		{"pid and command", func(c *Config) { c.ServerPID, c.ServerCmds = 1, []string{"x"} }, "exclusive"},
+		{"empty command", func(c *Config) { c.ServerCmds = []string{" "} }, "empty command"},
+		{"two brokers", func(c *Config) { c.Broker = "tcp://127.0.0.1:1883, tcp://127.0.0.1:1884" }, ""},
+		{"one command per broker", func(c *Config) {
+			c.Scenario, c.Broker, c.ServerCmds = ScenarioCrash, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884", []string{"a", "b"}
+		}, ""},
+		{"one command for two brokers", func(c *Config) {
+			c.Scenario, c.Broker, c.ServerCmds = ScenarioCrash, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884", []string{"a"}
+		}, ""},
+		{"commands and brokers differ", func(c *Config) {
+			c.Scenario, c.Broker, c.ServerCmds = ScenarioCrash, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884", []string{"a", "b", "c"}
+		}, "3 times for 2"},
+		{"empty broker in list", func(c *Config) { c.Broker = "tcp://127.0.0.1:1883,,tcp://127.0.0.1:1884" }, "empty URL"},
+		{"broker listed twice", func(c *Config) { c.Broker = "tcp://127.0.0.1:1883,tcp://127.0.0.1:1883" }, "twice"},
+		{"mixed schemes", func(c *Config) { c.Broker = "tcp://127.0.0.1:1883,ws://127.0.0.1:8080/mqtt" }, "one scheme"},
+		{"bad second broker", func(c *Config) { c.Broker = "tcp://127.0.0.1:1883,tcp://" }, "host"},
+		{"flaky with two brokers", func(c *Config) {
+			c.Scenario, c.Broker = ScenarioFlaky, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884"
+		}, "flaky"},
 		{"short keepalive", func(c *Config) { c.Keepalive = time.Millisecond }, "--keepalive"},
 	}
 	for _, tt := range tests {
@@ -65,6 +83,42 @@ func TestSendInterval(t *testing.T) {
 	for _, tt := range tests {
 		if got := sendInterval(tt.rate, tt.n); got != tt.want {
 			t.Errorf("sendInterval(%g, %d) = %s, want %s", tt.rate, tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestRotatedBrokers(t *testing.T) {
+	urls := []string{"a", "b", "c"}
+	tests := []struct {
+		idx  int
+		want string
+	}{
+		{0, "a b c"},
+		{1, "b c a"},
+		{2, "c a b"},
+		{3, "a b c"},
+		{7, "b c a"},
+	}
+	for _, tt := range tests {
+		if got := strings.Join(rotatedBrokers(urls, tt.idx), " "); got != tt.want {
+			t.Errorf("rotatedBrokers(%v, %d) = %s, want %s", urls, tt.idx, got, tt.want)
+		}
+	}
+	if got := rotatedBrokers([]string{"only"}, 5); len(got) != 1 || got[0] != "only" {
+		t.Errorf("one URL: %v", got)
+	}
+	// The rotation must not write into the caller's slice.
+	if strings.Join(urls, " ") != "a b c" {
+		t.Errorf("urls changed to %v", urls)
+	}
+	// Over many clients every URL comes first equally often.
+	first := map[string]int{}
+	for i := range 300 {
+		first[rotatedBrokers(urls, i)[0]]++
+	}
+	for _, u := range urls {
+		if first[u] != 100 {
+			t.Errorf("%s first for %d of 300 clients, want 100", u, first[u])
 		}
 	}
 }

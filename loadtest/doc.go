@@ -13,4 +13,10 @@
 // The scenarios (chat, drain, connect, flaky, crash) are described by
 // Scenarios; Run executes one and returns a Report, which renders as a
 // table, JSON or a self-contained HTML page.
+//
+// A cluster is driven through one broker URL per node: the clients are
+// spread evenly over them, and paho's auto-reconnect moves a client whose
+// node dies to the next URL of its list. With one server command per node
+// the crash scenario kills the nodes one at a time and measures how long
+// the killed node's clients take to be connected again.
 package loadtest

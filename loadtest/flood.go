@@ -47,9 +47,12 @@ func (r *run) startFlooders(ctx context.Context, n int) (*flooders, error) {
 	f := &flooders{r: r, sinkTopic: fmt.Sprintf(r.cfg.Topic, r.cfg.UserPrefix+"-sink"), payloadBytes: r.cfg.Size}
 	for i := range n {
 		user := fmt.Sprintf("%s-flood%d", r.cfg.UserPrefix, i)
-		o := mqtt.NewClientOptions().
-			AddBroker(r.brokerURL).
-			SetClientID(user).
+		o := mqtt.NewClientOptions()
+		// Flooders are spread over the nodes like the users.
+		for _, b := range rotatedBrokers(r.brokers, i) {
+			o.AddBroker(b)
+		}
+		o.SetClientID(user).
 			SetProtocolVersion(4).
 			SetCleanSession(true).
 			SetAutoReconnect(false).

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -28,9 +29,21 @@ const serveEnv = "LOADTEST_TEST_SERVE"
 
 var testSecret = []byte("loadtest-secret-0123456789-0123456789")
 
+// relayFlag, followed by "LISTEN,TARGET,DELAY", turns the test binary
+// into a TCP relay from LISTEN to TARGET that starts listening after DELAY:
+// a second node for the crash scenario, serving the same queues as the
+// first without a cluster, and slow enough to restart that its clients
+// move to the other node meanwhile.
+const relayFlag = "-loadtest.relay="
+
 // TestMain checks that runs leave no goroutine behind, or serves chatd
-// when the crash test runs this binary as its server.
+// or a relay when the crash tests run this binary as their servers.
 func TestMain(m *testing.M) {
+	for _, a := range os.Args[1:] {
+		if spec, ok := strings.CutPrefix(a, relayFlag); ok {
+			os.Exit(relayForCrashTest(spec))
+		}
+	}
 	if spec := os.Getenv(serveEnv); spec != "" {
 		os.Exit(serveForCrashTest(spec))
 	}
@@ -62,6 +75,58 @@ func serveForCrashTest(spec string) int {
 	cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := s.Close(cctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// relayForCrashTest copies bytes between each connection to LISTEN and a
+// new connection to TARGET until either side closes, and until SIGTERM.
+func relayForCrashTest(spec string) int {
+	parts := strings.Split(spec, ",")
+	if len(parts) != 3 {
+		fmt.Fprintln(os.Stderr, "bad", relayFlag, spec)
+		return 2
+	}
+	listen, target := parts[0], parts[1]
+	delay, err := time.ParseDuration(parts[2])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bad", relayFlag, err)
+		return 2
+	}
+	time.Sleep(delay)
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	go func() {
+		for {
+			down, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer down.Close()
+				// While the target is down, the client sees its connection
+				// close and moves on, as from a node that cannot serve.
+				up, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				done := make(chan struct{}, 2)
+				go func() { _, _ = io.Copy(up, down); done <- struct{}{} }()
+				go func() { _, _ = io.Copy(down, up); done <- struct{}{} }()
+				<-done
+			}()
+		}
+	}()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	<-ctx.Done()
+	if err := ln.Close(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}

@@ -18,7 +18,7 @@ const maxLostSamples = 20
 type Report struct {
 	// Scenario is the scenario run.
 	Scenario string `json:"scenario"`
-	// Broker is the broker URL driven.
+	// Broker is the broker URL driven, or the comma-separated URLs of a cluster's nodes.
 	Broker string `json:"broker"`
 	// Plain says the broker was driven without tokens or envelopes.
 	Plain bool `json:"plain"`
@@ -100,8 +100,10 @@ type Settings struct {
 	HoldSec float64 `json:"hold_s,omitempty"`
 	// KillEverySec is the crash scenario's kill interval.
 	KillEverySec float64 `json:"kill_every_s,omitempty"`
-	// ServerCmd is the command that started the server.
+	// ServerCmd is the command that started the server, when there was one.
 	ServerCmd string `json:"server_cmd,omitempty"`
+	// ServerCmds are the commands that started the nodes, when there were several.
+	ServerCmds []string `json:"server_cmds,omitempty"`
 }
 
 // Connections summarises the clients' connections.
@@ -118,6 +120,20 @@ type Connections struct {
 	Connack Percentiles `json:"connack_latency"`
 	// Suback is the CONNECT->SUBACK latency of first connections.
 	Suback Percentiles `json:"suback_latency"`
+	// Nodes counts the connections per broker URL, when there were several.
+	Nodes []NodeConnections `json:"nodes,omitempty"`
+}
+
+// NodeConnections counts the clients' connections to one broker URL.
+type NodeConnections struct {
+	// URL is the node's broker URL.
+	URL string `json:"url"`
+	// Clients is the clients whose first connection was to this node.
+	Clients int64 `json:"clients"`
+	// Connects is every connection to this node, reconnections included.
+	Connects int64 `json:"connects"`
+	// AtClose is the clients connected to this node when the run closed them.
+	AtClose int64 `json:"at_close"`
 }
 
 func (r *run) report(interrupted bool) *Report {
@@ -166,6 +182,17 @@ func (r *run) report(interrupted bool) *Report {
 		Suback:     PercentilesOf(r.subscribeH),
 	}
 	r.latMu.Unlock()
+	if len(r.brokers) > 1 {
+		for i, b := range r.brokers {
+			n := &r.nodes[i]
+			rep.Connections.Nodes = append(rep.Connections.Nodes, NodeConnections{
+				URL:      b,
+				Clients:  n.clients.Load(),
+				Connects: n.connects.Load(),
+				AtClose:  n.atClose.Load(),
+			})
+		}
+	}
 	r.conns.mu.Lock()
 	rep.Connections.LossReasons = append([]string(nil), r.conns.reasons...)
 	r.conns.mu.Unlock()
@@ -194,7 +221,13 @@ func (r *run) settings() Settings {
 		Inflight:    c.Inflight,
 		DurationSec: c.Duration.Seconds(),
 		GraceSec:    c.Grace.Seconds(),
-		ServerCmd:   c.ServerCmd,
+	}
+	switch len(c.ServerCmds) {
+	case 0:
+	case 1:
+		s.ServerCmd = c.ServerCmds[0]
+	default:
+		s.ServerCmds = c.ServerCmds
 	}
 	switch c.Scenario {
 	case ScenarioDrain:
@@ -337,6 +370,9 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	p("")
 	cn := rep.Connections
 	p("connections\t%d clients, %d reconnects, %d lost", cn.Clients, cn.Reconnects, cn.Lost)
+	for i, n := range cn.Nodes {
+		p("  node %d\t%s: %d clients, %d connections, %d at close", i+1, n.URL, n.Clients, n.Connects, n.AtClose)
+	}
 	if d := rep.Drain; d != nil {
 		p("drain\tqueued %d in %.2f s (%.0f/s); drained in %.2f s (%.0f/s), first after %.1f ms; complete %v",
 			d.Queued, d.QueueSec, d.QueueRate, d.DrainSec, d.DrainRate, d.FirstMs, d.Complete)
@@ -356,7 +392,17 @@ func (rep *Report) WriteTable(w io.Writer) error {
 		p("flood\t%d abusive clients: %d publishes, %d answered (%.0f/s)", f.Clients, f.Sent, f.Acked, f.Rate)
 	}
 	if k := rep.Crash; k != nil {
-		p("crash\t%d kills, restart %s ms", k.Kills, floats(k.RestartMs))
+		p("crash\t%d kills, restart %s ms, clients back %s ms", k.Kills, floats(k.RestartMs), resumes(k.ResumeMs))
+		// With several nodes, say which went down and whose clients moved.
+		for i, node := range k.Nodes {
+			switch {
+			case i >= len(k.RestartMs) || i >= len(k.Clients) || i >= len(k.ResumeMs):
+			case k.Clients[i] == 0:
+				p("  kill %d\tnode %d: restart %.0f ms; no client was on it", i+1, node, k.RestartMs[i])
+			default:
+				p("  kill %d\tnode %d: restart %.0f ms; its %d clients back after %s ms", i+1, node, k.RestartMs[i], k.Clients[i], resumes(k.ResumeMs[i:i+1]))
+			}
+		}
 	}
 	if s := rep.Server; s != nil {
 		p("server\tpid %d: cpu %.1f s (%.0f%% of a core), rss %.1f -> %.1f MB (peak %.1f)",
@@ -416,6 +462,19 @@ func kbps(n int) string {
 		return "unlimited"
 	}
 	return fmt.Sprintf("%d KB/s", n)
+}
+
+// resumes formats the crash scenario's resume times, -1 being "never".
+func resumes(v []float64) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		if x < 0 {
+			parts[i] = "never"
+		} else {
+			parts[i] = fmt.Sprintf("%.0f", x)
+		}
+	}
+	return strings.Join(parts, " ")
 }
 
 func floats(v []float64) string {

@@ -43,7 +43,6 @@ type run struct {
 	users     []string
 	topics    []string
 	ledger    *Ledger
-	brokerURL string
 	sourceIPs int
 	start     time.Time
 	phase     atomic.Value // string
@@ -52,9 +51,20 @@ type run struct {
 	errs  errorLog
 	conns connStats
 
-	server *serverProc
-	watch  *procWatch // the server, when known
-	self   *procWatch
+	// brokers are the URLs the clients connect to, one per node; the flaky
+	// scenario replaces its one URL by its proxy's before any client
+	// exists. brokerKeys are their normalised forms and nodes their
+	// connection counts, in the same order.
+	brokers    []string
+	brokerKeys []string
+	nodes      []nodeStats
+	// chatters are the chat scenario's connected clients, set before its
+	// sending phase starts.
+	chatters []*client
+
+	servers []*serverProc // started by ServerCmds, one per node or one for all
+	watch   *procWatch    // the (first) server, when known
+	self    *procWatch
 
 	latMu      sync.Mutex
 	connectH   *hdrhistogram.Histogram
@@ -107,6 +117,16 @@ type connStats struct {
 	reasons []string
 }
 
+// nodeStats counts the connections to one broker URL.
+type nodeStats struct {
+	// clients counts the clients whose first connection was to the node.
+	clients atomic.Int64
+	// connects counts every connection to the node, reconnections included.
+	connects atomic.Int64
+	// atClose counts the clients connected to the node when the run closed them.
+	atClose atomic.Int64
+}
+
 func (s *connStats) noteLoss(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -128,13 +148,15 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.ServerCmd != "" {
-		srv, err := startServer(ctx, cfg.ServerCmd, cfg.ServerLog, r.brokerHost())
+	if len(cfg.ServerCmds) > 0 {
+		srvs, err := startServers(ctx, cfg.ServerCmds, cfg.ServerLog, r.brokerHosts())
 		if err != nil {
 			return nil, err
 		}
-		r.server = srv
-		r.watch = newProcWatch(srv.pid())
+		r.servers = srvs
+		// One node is measured: summing several processes' CPU and memory
+		// would hide how the load is spread over them.
+		r.watch = newProcWatch(srvs[0].pid())
 	} else if cfg.ServerPID != 0 {
 		if _, err := ReadProc(cfg.ServerPID); err != nil {
 			return nil, fmt.Errorf("--server-pid: %w", err)
@@ -172,10 +194,8 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 			r.errs.add(err)
 		}
 	}
-	if r.server != nil {
-		if err := r.server.stop(); err != nil {
-			r.errs.add(err)
-		}
+	for _, err := range stopServers(r.servers) {
+		r.errs.add(err)
 	}
 	if runErr != nil {
 		r.errs.add(runErr)
@@ -188,16 +208,20 @@ func newRun(cfg Config, progress Progress) (*run, error) {
 	if err != nil {
 		return nil, err
 	}
+	brokers, err := cfg.brokerURLs()
+	if err != nil {
+		return nil, err
+	}
 	r := &run{
 		cfg:        cfg,
 		tag:        tag,
-		brokerURL:  cfg.Broker,
 		start:      time.Now(),
 		progress:   progress,
 		self:       newProcWatch(os.Getpid()),
 		connectH:   newHist(),
 		subscribeH: newHist(),
 	}
+	r.setBrokers(brokers)
 	r.phase.Store(phaseStart)
 	r.prevAt = r.start
 	switch cfg.Scenario {
@@ -243,22 +267,45 @@ func newTag() (string, error) {
 	return string(b), nil
 }
 
-// brokerHost returns the host:port of the broker URL.
-func (r *run) brokerHost() string {
-	u, err := url.Parse(r.cfg.Broker)
-	if err != nil {
-		return ""
+// setBrokers sets the URLs clients connect to, before any client exists.
+func (r *run) setBrokers(urls []string) {
+	r.brokers = urls
+	r.brokerKeys = make([]string, len(urls))
+	for i, s := range urls {
+		// paho hands its broker URLs back parsed; they are matched by
+		// their string form.
+		if u, err := url.Parse(s); err == nil {
+			r.brokerKeys[i] = u.String()
+		}
 	}
-	return u.Host
+	r.nodes = make([]nodeStats, len(urls))
 }
 
-func (r *run) brokerOnLoopback() bool {
-	host, _, err := net.SplitHostPort(r.brokerHost())
-	if err != nil {
-		return false
+// brokerHosts returns the host:port of each broker URL.
+func (r *run) brokerHosts() []string {
+	hosts := make([]string, len(r.brokers))
+	for i, s := range r.brokers {
+		if u, err := url.Parse(s); err == nil {
+			hosts[i] = u.Host
+		}
 	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback() && ip.To4() != nil
+	return hosts
+}
+
+// brokerOnLoopback reports whether every broker is on an IPv4 loopback
+// address, from which any 127.0.0.0/8 source address can reach it.
+func (r *run) brokerOnLoopback() bool {
+	for _, h := range r.brokerHosts() {
+		host, _, err := net.SplitHostPort(h)
+		if err != nil {
+			return false
+		}
+		ip := net.ParseIP(host)
+		if ip == nil || !ip.IsLoopback() || ip.To4() == nil {
+			return false
+		}
+	}
+	return true
 }
 
 func (r *run) setPhase(p string) { r.phase.Store(p) }
@@ -316,6 +363,9 @@ func (r *run) connectAll(ctx context.Context, idxs []int, rate float64) ([]*clie
 				recordMicros(r.connectH, int64(connack))
 				recordMicros(r.subscribeH, int64(suback))
 				r.latMu.Unlock()
+				if node, ok := c.node(); ok {
+					r.nodes[node].clients.Add(1)
+				}
 				clients[j] = c
 			}
 		}()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -217,7 +218,7 @@ func TestRunCrash(t *testing.T) {
 	cfg.Duration = 2500 * time.Millisecond
 	cfg.Rate = 200
 	cfg.KillEvery = time.Second
-	cfg.ServerCmd = exe + " -test.run=^$"
+	cfg.ServerCmds = []string{exe + " -test.run=^$"}
 	cfg.ServerLog = filepath.Join(t.TempDir(), "server.log")
 	rep := runOK(t, cfg)
 	assertBalanced(t, rep)
@@ -226,6 +227,169 @@ func TestRunCrash(t *testing.T) {
 	}
 	if rep.Counts.Unique == 0 || rep.Counts.InFlight != 0 {
 		t.Errorf("counts %+v: want every message delivered across the kills", rep.Counts)
+	}
+	k := rep.Crash
+	if len(k.Nodes) != 0 || len(k.Clients) != k.Kills || len(k.ResumeMs) != k.Kills {
+		t.Fatalf("crash %+v: want clients and resume times per kill, no nodes", k)
+	}
+	for i := range k.Kills {
+		// The only server went down: every client was on it, and none
+		// can be back before it restarted.
+		if k.Clients[i] != cfg.Users || k.ResumeMs[i] < k.RestartMs[i] {
+			t.Errorf("kill %d: %d clients back after %.1f ms, restart %.1f ms", i+1, k.Clients[i], k.ResumeMs[i], k.RestartMs[i])
+		}
+	}
+	if len(rep.Connections.Nodes) != 0 {
+		t.Errorf("one broker URL, yet nodes %+v", rep.Connections.Nodes)
+	}
+}
+
+// TestRunChatTwoURLs spreads the users over two URLs of the same server:
+// both get half the clients and nothing is lost. (Two separate single-node
+// servers would not share queues.)
+func TestRunChatTwoURLs(t *testing.T) {
+	one := startChatd(t)
+	port := one[strings.LastIndexByte(one, ':')+1:]
+	two := "tcp://localhost:" + port
+	cfg := testConfig(ScenarioChat, one+","+two)
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	if c := rep.Counts; c.Sent == 0 || c.Unique != c.Sent {
+		t.Errorf("counts %+v: want every message delivered", c)
+	}
+	nodes := rep.Connections.Nodes
+	if len(nodes) != 2 || nodes[0].URL != one || nodes[1].URL != two {
+		t.Fatalf("nodes %+v: want %s and %s", nodes, one, two)
+	}
+	for _, n := range nodes {
+		if n.Clients != int64(cfg.Users/2) || n.Connects < n.Clients || n.AtClose != n.Clients {
+			t.Errorf("node %+v: want %d clients, connected until the end", n, cfg.Users/2)
+		}
+	}
+	var table bytes.Buffer
+	if err := rep.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(table.String(), "node 2") || !strings.Contains(table.String(), two) {
+		t.Errorf("table lacks the nodes:\n%s", table.String())
+	}
+}
+
+// TestRunChatFailover lists a URL nobody listens on first for half the
+// clients: paho moves them on to the next URL, and the report counts every
+// client on the node that answered.
+func TestRunChatFailover(t *testing.T) {
+	dead := "tcp://" + freeAddr(t)
+	live := startChatd(t)
+	cfg := testConfig(ScenarioChat, dead+","+live)
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	nodes := rep.Connections.Nodes
+	if len(nodes) != 2 || nodes[0].Clients != 0 || nodes[0].Connects != 0 || nodes[1].Clients != int64(cfg.Users) {
+		t.Errorf("nodes %+v: want every client on %s", nodes, live)
+	}
+}
+
+// TestClientDialsTheTriedURL checks that the direct dial goes to the
+// broker paho hands it, not to the client's first URL: otherwise a
+// reconnection would never leave a dead node.
+func TestClientDialsTheTriedURL(t *testing.T) {
+	var lns [2]net.Listener
+	var urls [2]string
+	for i := range lns {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		lns[i], urls[i] = ln, "tcp://"+ln.Addr().String()
+	}
+	cfg := testConfig(ScenarioChat, urls[0]+","+urls[1])
+	r, err := newRun(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &client{r: r, idx: 1, user: r.users[1]}
+	c.store = newAckStore(r.tag, c.onAck)
+	o, err := r.clientOptions(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(o.Servers) != 2 || o.Servers[0].String() != urls[1] || o.Servers[1].String() != urls[0] {
+		t.Fatalf("client 1's brokers %v, want %s then %s", o.Servers, urls[1], urls[0])
+	}
+	for i, u := range o.Servers {
+		conn, err := o.CustomOpenConnectionFn(u, *o)
+		if err != nil {
+			t.Fatalf("dial %s: %v", u, err)
+		}
+		want := lns[1-i]
+		if err := want.(*net.TCPListener).SetDeadline(time.Now().Add(5 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		got, err := want.Accept()
+		if err != nil {
+			t.Fatalf("dialling %s did not reach %s: %v", u, want.Addr(), err)
+		}
+		if got.RemoteAddr().String() != conn.LocalAddr().String() {
+			t.Errorf("dialling %s: %s accepted %s, want %s", u, want.Addr(), got.RemoteAddr(), conn.LocalAddr())
+		}
+		got.Close()
+		conn.Close()
+	}
+}
+
+// TestRunCrashTwoNodes kills two server processes in turn: node 1 is
+// chatd, node 2 a TCP relay to it that takes 2s to start, so that both
+// serve the same queues without a cluster. Node 2's clients move to node 1
+// while it restarts, and nothing PUBACKed is lost.
+func TestRunCrashTwoNodes(t *testing.T) {
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chatd, relay := freeAddr(t), freeAddr(t)
+	t.Setenv(serveEnv, t.TempDir()+" "+chatd)
+	cfg := testConfig(ScenarioCrash, "tcp://"+chatd+",tcp://"+relay)
+	cfg.Users = 4
+	cfg.Duration = 3500 * time.Millisecond
+	cfg.Rate = 200
+	cfg.KillEvery = time.Second
+	cfg.ServerCmds = []string{
+		exe + " -test.run=^$",
+		exe + " -test.run=^$ " + relayFlag + relay + "," + chatd + ",2s",
+	}
+	cfg.ServerLog = filepath.Join(t.TempDir(), "server.log")
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	k := rep.Crash
+	if k == nil || k.Kills != 2 || rep.Server == nil {
+		// Kill 1 at 1s, kill 2 at ~2s; its restart outlasts the sending.
+		t.Fatalf("crash %+v, server %+v: want two kills", k, rep.Server)
+	}
+	if len(k.Nodes) != 2 || len(k.Clients) != 2 || len(k.ResumeMs) != 2 || k.Nodes[0] != 1 || k.Nodes[1] != 2 {
+		t.Fatalf("crash %+v: want node 1 then node 2, with clients and resume time", k)
+	}
+	for i := range k.Kills {
+		if k.Clients[i] != 2 || k.ResumeMs[i] < 0 {
+			t.Errorf("kill %d: %d clients back after %.0f ms, want 2 back", i+1, k.Clients[i], k.ResumeMs[i])
+		}
+	}
+	// paho's reconnection delay (1s) is shorter than node 2's restart.
+	if k.ResumeMs[1] >= k.RestartMs[1] {
+		t.Errorf("node 2's clients back after %.0f ms, not before its restart (%.0f ms)", k.ResumeMs[1], k.RestartMs[1])
+	}
+	nodes := rep.Connections.Nodes
+	if len(nodes) != 2 || nodes[0].Clients != 2 || nodes[1].Clients != 2 || nodes[0].AtClose != 4 || nodes[1].AtClose != 0 {
+		t.Errorf("nodes %+v: want 2 clients first on each, all 4 on node 1 at the end", nodes)
+	}
+	if rep.Counts.Unique == 0 || rep.Counts.InFlight != 0 {
+		t.Errorf("counts %+v: want every message delivered across the kills", rep.Counts)
+	}
+	for _, n := range []int{1, 2} {
+		if _, err := os.Stat(fmt.Sprintf("%s.%d", cfg.ServerLog, n)); err != nil {
+			t.Errorf("node %d's log: %v", n, err)
+		}
 	}
 }
 

@@ -37,6 +37,7 @@ func (r *run) runChat(ctx context.Context, during func(context.Context)) error {
 		}
 	}
 
+	r.chatters = clients
 	r.setPhase(phaseSend)
 	sendCtx, cancel := context.WithTimeout(ctx, r.cfg.Duration)
 	defer cancel()

@@ -25,9 +25,10 @@ type FaultResult struct {
 // traffic and cuts the connections every CutEvery; the faults stop with
 // the sending phase so that the grace period can show nothing was lost.
 func (r *run) runFlaky(ctx context.Context) error {
-	u, err := url.Parse(r.cfg.Broker)
+	// Config.Validate allows the flaky scenario one broker URL only.
+	u, err := url.Parse(r.brokers[0])
 	if err != nil {
-		return fmt.Errorf("broker %q: %w", r.cfg.Broker, err)
+		return fmt.Errorf("broker %q: %w", r.brokers[0], err)
 	}
 	fp, err := NewFaultProxy(u.Host)
 	if err != nil {
@@ -38,7 +39,7 @@ func (r *run) runFlaky(ctx context.Context) error {
 		return err
 	}
 	u.Host = fp.Addr()
-	r.brokerURL = u.String()
+	r.setBrokers([]string{u.String()})
 	res := &FaultResult{
 		Proxy:        fp.Addr(),
 		LatencyMs:    r.cfg.Latency.Milliseconds(),

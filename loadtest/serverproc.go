@@ -24,9 +24,13 @@ const serverStopTimeout = 10 * time.Second
 // group so that a kill reaches any child it forks.
 type serverProc struct {
 	args []string
-	addr string
-	log  io.Writer
-	file *os.File // the log file, when there is one
+	// addrs are the MQTT addresses the process serves: it is up once
+	// every one accepts TCP connections.
+	addrs []string
+	// nodes are the indices in run.brokers of those addresses.
+	nodes []int
+	log   io.Writer
+	file  *os.File // the log file, when there is one
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -34,15 +38,90 @@ type serverProc struct {
 	werr error
 }
 
+// startServers starts one server per command line and waits until each
+// accepts connections. One command serves every address in addrs (the
+// broker URLs' host:port); several serve one address each, in order, and
+// then write their output to logPath.N, N counting from 1. They start side
+// by side, because a cluster node may wait for its peers before it listens.
+// On failure the servers already up are stopped.
+func startServers(ctx context.Context, cmdlines []string, logPath string, addrs []string) ([]*serverProc, error) {
+	if len(cmdlines) == 0 {
+		return nil, errors.New("--server-cmd is empty")
+	}
+	if len(cmdlines) > 1 && len(cmdlines) != len(addrs) {
+		return nil, fmt.Errorf("%d server commands for %d broker addresses", len(cmdlines), len(addrs))
+	}
+	srvs := make([]*serverProc, len(cmdlines))
+	errs := make([]error, len(cmdlines))
+	var wg sync.WaitGroup
+	for i, cmdline := range cmdlines {
+		nodes := []int{i}
+		path := logPath
+		if len(cmdlines) == 1 {
+			nodes = make([]int, len(addrs))
+			for j := range nodes {
+				nodes[j] = j
+			}
+		} else if logPath != "" {
+			path = fmt.Sprintf("%s.%d", logPath, i+1)
+		}
+		nodeAddrs := make([]string, len(nodes))
+		for j, n := range nodes {
+			nodeAddrs[j] = addrs[n]
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			srvs[i], errs[i] = startServer(ctx, cmdline, path, nodeAddrs, nodes)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		var up []*serverProc
+		for _, s := range srvs {
+			if s != nil {
+				up = append(up, s)
+			}
+		}
+		// The start-up error says what went wrong; a failure to stop the
+		// others is secondary.
+		_ = stopServers(up)
+		return nil, err
+	}
+	return srvs, nil
+}
+
+// stopServers stops every server side by side (a cluster node may linger
+// on its way out while its peers are still up) and returns their errors.
+func stopServers(srvs []*serverProc) []error {
+	errs := make([]error, len(srvs))
+	var wg sync.WaitGroup
+	for i, s := range srvs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.stop()
+		}()
+	}
+	wg.Wait()
+	var out []error
+	for _, err := range errs {
+		if err != nil {
+			out = append(out, err)
+		}
+	}
+	return out
+}
+
 // startServer runs cmdline (split on spaces, no shell) with its output
-// appended to logPath ("" discards it), and waits until addr accepts TCP
-// connections.
-func startServer(ctx context.Context, cmdline, logPath, addr string) (*serverProc, error) {
+// appended to logPath ("" discards it), and waits until every address in
+// addrs accepts TCP connections.
+func startServer(ctx context.Context, cmdline, logPath string, addrs []string, nodes []int) (*serverProc, error) {
 	args := strings.Fields(cmdline)
 	if len(args) == 0 {
 		return nil, errors.New("--server-cmd is empty")
 	}
-	s := &serverProc{args: args, addr: addr, log: io.Discard}
+	s := &serverProc{args: args, addrs: addrs, nodes: nodes, log: io.Discard}
 	if logPath != "" {
 		f, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 		if err != nil {
@@ -77,23 +156,33 @@ func (s *serverProc) launch(ctx context.Context) error {
 		close(done)
 	}()
 	deadline := time.Now().Add(serverReadyTimeout)
+	pending := s.addrs
 	for {
-		conn, err := net.DialTimeout("tcp", s.addr, 200*time.Millisecond)
-		if err == nil {
-			return conn.Close()
+		for len(pending) > 0 {
+			conn, err := net.DialTimeout("tcp", pending[0], 200*time.Millisecond)
+			if err != nil {
+				break
+			}
+			if err := conn.Close(); err != nil {
+				return fmt.Errorf("close probe of %s: %w", pending[0], err)
+			}
+			pending = pending[1:]
+		}
+		if len(pending) == 0 {
+			return nil
 		}
 		select {
 		case <-done:
 			s.mu.Lock()
 			werr := s.werr
 			s.mu.Unlock()
-			return fmt.Errorf("server %q exited before accepting connections on %s: %w", s.args[0], s.addr, werr)
+			return fmt.Errorf("server %q exited before accepting connections on %s: %w", s.args[0], pending[0], werr)
 		default:
 		}
 		if time.Now().After(deadline) {
 			s.signal(syscall.SIGKILL)
 			<-done
-			return fmt.Errorf("server %q not accepting connections on %s after %s", s.args[0], s.addr, serverReadyTimeout)
+			return fmt.Errorf("server %q not accepting connections on %s after %s", s.args[0], pending[0], serverReadyTimeout)
 		}
 		if !sleep(ctx, 50*time.Millisecond) {
 			s.signal(syscall.SIGKILL)

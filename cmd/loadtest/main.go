@@ -121,12 +121,23 @@ func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 duplicates, lost and out-of-order messages, throughput and latency
 percentiles. Every run stops by itself. The exit status is 0 when the run
 passed, 1 when messages were lost, misrouted or reordered, 2 on any other
-error.`,
+error.
+
+A cluster is driven by giving --broker one URL per node, comma-separated:
+client i connects first to URL i mod n and, when its node goes down, paho
+reconnects it to the next URLs in turn; the report counts the clients per
+node. --server-cmd may then be given once per node (the Nth command serves
+the Nth URL): the crash scenario kills and restarts one node at a time,
+round robin, and reports how long the killed node's clients took to be
+connected again. Server CPU and memory are measured on the first node only.`,
 		Example: `  loadtest run chat --users 200 --duration 20s
   loadtest run drain --messages 100000
   loadtest run connect --users 10000 --connect-rate 1000 --server-pid $(pgrep -n chatd)
   loadtest run flaky --users 50 --cut-every 2s
   loadtest run crash --server-cmd "bin/chatd serve --data-dir /tmp/d --listen 127.0.0.1:1883" --kill-every 5s
+  loadtest run crash --broker tcp://127.0.0.1:18871,tcp://127.0.0.1:18872,tcp://127.0.0.1:18873 \
+    --server-cmd "bin/chatd serve --config n1.yaml" --server-cmd "bin/chatd serve --config n2.yaml" \
+    --server-cmd "bin/chatd serve --config n3.yaml" --kill-every 5s --server-log /tmp/node.log
   loadtest run chat --rate 5000 --users 200 --flooders 1
   loadtest run chat --plain --broker tcp://127.0.0.1:1884`,
 		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
@@ -175,7 +186,7 @@ error.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.Broker, "broker", cfg.Broker, "broker URL: tcp://, ws:// or tls://host:port")
+	f.StringVar(&cfg.Broker, "broker", cfg.Broker, "broker URL: tcp://, ws:// or tls://host:port; for a cluster, one URL per node, comma-separated, clients spread evenly over them")
 	f.StringVar(&secret, "secret", "", "HS256 token secret (default $CHATD_AUTH_SECRET)")
 	f.BoolVar(&cfg.Plain, "plain", false, "any MQTT broker: no tokens, raw payloads, no envelope")
 	f.StringVar(&cfg.Topic, "topic", cfg.Topic, "inbox topic template, %s is the user ID")
@@ -194,10 +205,11 @@ error.`,
 	f.Float64Var(&cfg.ConnectRate, "connect-rate", cfg.ConnectRate, "connect: connections per second, 0 = as fast as possible")
 	f.DurationVar(&cfg.Hold, "hold", cfg.Hold, "connect: how long to hold the connections")
 	f.IntVar(&cfg.SourceIPs, "source-ips", 0, "spread connections over 127.0.0.1..N (0 = one per 20000 connections)")
-	f.IntVar(&cfg.ServerPID, "server-pid", 0, "PID of the server on this machine, to measure its CPU and memory")
-	f.StringVar(&cfg.ServerCmd, "server-cmd", "", "command that starts the server (split on spaces); the run starts, measures and stops it")
-	f.StringVar(&cfg.ServerLog, "server-log", "", "file that receives the output of --server-cmd")
-	f.DurationVar(&cfg.KillEvery, "kill-every", cfg.KillEvery, "crash: interval between SIGKILLs")
+	f.IntVar(&cfg.ServerPID, "server-pid", 0, "PID of the server on this machine, to measure its CPU and memory (of a cluster: one node's)")
+	f.StringArrayVar(&cfg.ServerCmds, "server-cmd", nil, "command that starts the server (split on spaces, no shell); the run starts, measures and stops it. "+
+		"Repeat it once per --broker URL for a cluster: the nodes start side by side, and only the first one's CPU and memory are measured")
+	f.StringVar(&cfg.ServerLog, "server-log", "", "file that receives the output of --server-cmd; with several, node N writes to FILE.N")
+	f.DurationVar(&cfg.KillEvery, "kill-every", cfg.KillEvery, "crash: interval between SIGKILLs (of one node at a time, round robin, with several --server-cmd)")
 	f.DurationVar(&cfg.Latency, "latency", cfg.Latency, "flaky: added latency per direction")
 	f.DurationVar(&cfg.Jitter, "jitter", cfg.Jitter, "flaky: latency jitter")
 	f.IntVar(&cfg.Bandwidth, "bandwidth", cfg.Bandwidth, "flaky: KB/s per connection and direction, 0 = unlimited")

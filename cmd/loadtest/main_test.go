@@ -19,6 +19,9 @@ func TestCommands(t *testing.T) {
 		{"unknown scenario", []string{"run", "gossip"}, "", "invalid argument"},
 		{"no scenario", []string{"run"}, "", "accepts 1 arg"},
 		{"bad flag value", []string{"run", "chat", "--users", "1", "--plain"}, "", "--users"},
+		// --server-cmd is repeated, never split on its commas.
+		{"server-cmd per node", []string{"run", "crash", "--plain", "--broker", "tcp://127.0.0.1:1,tcp://127.0.0.1:2",
+			"--server-cmd", "a --routes x,y", "--server-cmd", "b", "--server-cmd", "c"}, "", "3 times for 2"},
 		{"compare needs pairs", []string{"compare", "a.json"}, "", "pairs"},
 		{"compare missing file", []string{"compare", "nope-a.json", "nope-b.json"}, "", "read report"},
 	}
