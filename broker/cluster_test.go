@@ -154,3 +154,35 @@ func TestClusterPresenceTypingTakeover(t *testing.T) {
 		t.Fatalf("bob's presence on a third node: %v", got)
 	}
 }
+
+// TestClusterGroups: a group made through one node's API is known to the
+// others, and a group message from one node reaches members on the others.
+func TestClusterGroups(t *testing.T) {
+	nodes := startTestCluster(t, 3)
+	if st, body := httpJSON(t, nodes[0], "POST", "/v1/groups", "alice", map[string]any{"id": "g1", "members": []string{"bob", "carol"}}); st != 201 {
+		t.Fatalf("create on node 1: %d %v", st, body)
+	}
+	// Membership changes on node 2 are seen by node 3.
+	if st, body := httpJSON(t, nodes[1], "PUT", "/v1/groups/g1/members/dave", "alice", nil); st != 200 {
+		t.Fatalf("add dave on node 2: %d %v", st, body)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, g := httpJSON(t, nodes[2], "GET", "/v1/groups/g1", "alice", nil)
+		if fmt.Sprint(g["members"]) == "[alice bob carol dave]" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node 3 sees %v", g)
+		}
+	}
+	alice := mustDial(t, nodes[2], "alice", phoneOpt{})
+	bob := mustDial(t, nodes[0], "bob", phoneOpt{})
+	carol := mustDial(t, nodes[1], "carol", phoneOpt{})
+	dave := mustDial(t, nodes[2], "dave", phoneOpt{})
+	alice.publish("group/g1", []byte(`{"id":"gm-1","text":"hi all"}`))
+	for _, p := range []*phone{bob, carol, dave} {
+		if e := p.waitFor(1)[0]; e.Kind != "msg" || e.From != "alice" || e.To != p.user || p.events()[0]["group"] != "g1" {
+			t.Fatalf("%s got %+v", p.user, e)
+		}
+	}
+}

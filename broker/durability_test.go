@@ -59,9 +59,18 @@ type serverProcess struct {
 	http    string
 	log     *os.File
 	cmd     *exec.Cmd
+	// env is the extra environment a cluster node restarts with.
+	env []string
 }
 
 func newServerProcess(t *testing.T, extraEnv ...string) *serverProcess {
+	p := newStoppedProcess(t)
+	p.start(extraEnv...)
+	return p
+}
+
+// newStoppedProcess prepares a server process and its log without starting it.
+func newStoppedProcess(t *testing.T) *serverProcess {
 	p := &serverProcess{t: t, bin: chatdBinary(t), dataDir: t.TempDir(), addr: freeAddr(t), http: freeAddr(t)}
 	f, err := os.Create(filepath.Join(t.TempDir(), "chatd.log"))
 	if err != nil {
@@ -77,11 +86,19 @@ func newServerProcess(t *testing.T, extraEnv ...string) *serverProcess {
 		}
 		f.Close()
 	})
-	p.start(extraEnv...)
 	return p
 }
 
 func (p *serverProcess) start(extraEnv ...string) {
+	p.t.Helper()
+	p.launch(extraEnv...)
+	if err := p.waitListening(); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// launch starts the process without waiting for it to listen.
+func (p *serverProcess) launch(extraEnv ...string) {
 	p.t.Helper()
 	cmd := exec.Command(p.bin, "serve", "--data-dir", p.dataDir, "--listen", p.addr, "--http", p.http)
 	cmd.Env = append(os.Environ(), "CHATD_AUTH_SECRET="+string(testSecret),
@@ -95,15 +112,19 @@ func (p *serverProcess) start(extraEnv ...string) {
 		p.t.Fatalf("start chatd: %v", err)
 	}
 	p.cmd = cmd
-	deadline := time.Now().Add(30 * time.Second)
+}
+
+// waitListening waits until the process accepts MQTT connections.
+func (p *serverProcess) waitListening() error {
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		c, err := net.DialTimeout("tcp", p.addr, time.Second)
 		if err == nil {
 			c.Close()
-			return
+			return nil
 		}
 		if time.Now().After(deadline) {
-			p.t.Fatalf("chatd did not listen on %s: %v", p.addr, err)
+			return fmt.Errorf("chatd did not listen on %s: %w", p.addr, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

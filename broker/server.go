@@ -145,7 +145,16 @@ func New(opts Options) (*Server, error) {
 		dopts.OnDelivered = func(user string, metas [][]byte) { inbox.Delivered(user, metas) }
 	}
 	s.delivery = delivery.New(dopts)
-	s.groups = groups.New(db, cfg.Groups.MaxMembers)
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		s.groups, err = groups.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_groups", cfg.Cluster.Replicas, cfg.Groups.MaxMembers)
+		cancel()
+		if err != nil {
+			return nil, errors.Join(fmt.Errorf("cluster groups: %w", err), s.closeStore())
+		}
+	} else {
+		s.groups = groups.New(db, cfg.Groups.MaxMembers)
+	}
 	s.metrics = metrics.New(metrics.Sources{
 		Connections: func() float64 { return float64(s.mqtt.Info.ClientsConnected) },
 		Queue:       q,
@@ -454,9 +463,13 @@ func (s *Server) notifyPush(user string, meta []byte) {
 	s.push.Notify(push.Notification{User: user, From: from, Kind: "msg", Group: group, Queued: queued})
 }
 
-// closeStore closes the queue and, in cluster mode, NATS after it.
+// closeStore closes the groups and the queue and, in cluster mode, NATS after them.
 func (s *Server) closeStore() error {
-	err := s.queue.Close()
+	var err error
+	if s.groups != nil {
+		err = s.groups.Close()
+	}
+	err = errors.Join(err, s.queue.Close())
 	if s.cluster != nil {
 		err = errors.Join(err, s.cluster.close())
 	}

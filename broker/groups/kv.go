@@ -108,10 +108,14 @@ func (s *Store) follow() {
 	}
 }
 
-// stopWatch stops w; a watch already ended with its connection is not an error.
+// stopWatch stops w; a watch already ended with its connection is not an
+// error, nor is a stop the cluster cannot answer (its last nodes are
+// shutting down): the watch's consumer is ephemeral and JetStream drops it
+// once it is inactive.
 func stopWatch(w jetstream.KeyWatcher) error {
 	err := w.Stop()
-	if err == nil || errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrBadSubscription) {
+	if err == nil || errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrBadSubscription) ||
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
 		return nil
 	}
 	return fmt.Errorf("groups: stop watch: %w", err)
