@@ -10,7 +10,7 @@ run:
 ## test: vet and run every test (real broker, real clients, real Badger, a real killed process)
 test: test-deps vet
 	$(GO) test -race -timeout 9m ./...
-	$(GO) test -timeout 5m -run 'SIGKILL' ./broker/
+	$(GO) test -timeout 8m -run 'SIGKILL|RollingRestart' ./broker/
 
 ## build: build chatd and loadtest into ./bin
 build:
