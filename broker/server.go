@@ -103,7 +103,12 @@ func New(opts Options) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, verifier: token.NewVerifier(opts.Secret)}
 	onStored := func(user string, m queue.Message) {
-		if online := s.delivery.Stored(user, m); !online && len(m.Meta) > 0 {
+		online := s.delivery.Stored(user, m)
+		if !online && s.cluster != nil {
+			// The user may be online on another node, which feeds it.
+			online = s.presence.Online(user)
+		}
+		if !online && len(m.Meta) > 0 {
 			s.notifyPush(user, m.Meta)
 		}
 	}

@@ -181,6 +181,14 @@ func (t *Tracker) NodeGone(node string) {
 	}
 }
 
+// Online reports whether user has a connection on this node or, in a
+// cluster, on any node.
+func (t *Tracker) Online(user string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.conns[user] > 0 || len(t.where[user]) > 0
+}
+
 // Local returns the users with a connection on this node.
 func (t *Tracker) Local() []string {
 	t.mu.Lock()
