@@ -1,9 +1,12 @@
 package broker
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -183,6 +186,50 @@ func TestClusterGroups(t *testing.T) {
 	for _, p := range []*phone{bob, carol, dave} {
 		if e := p.waitFor(1)[0]; e.Kind != "msg" || e.From != "alice" || e.To != p.user || p.events()[0]["group"] != "g1" {
 			t.Fatalf("%s got %+v", p.user, e)
+		}
+	}
+}
+
+// TestClusterMedia: a file uploaded through one node is served, in
+// ranges too, by the others.
+func TestClusterMedia(t *testing.T) {
+	nodes := startTestCluster(t, 3)
+	do := func(s *Server, method, path, user string, body []byte, hdr map[string]string) (*http.Response, []byte) {
+		t.Helper()
+		req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+mint(t, user))
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp, b
+	}
+	photo := bytes.Repeat([]byte("0123456789"), 50000)
+	resp, b := do(nodes[0], "POST", "/v1/media", "alice", photo, map[string]string{"Content-Type": "image/jpeg"})
+	var up struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal(b, &up); err != nil || resp.StatusCode != 201 {
+		t.Fatalf("upload on node 1: %d %s", resp.StatusCode, b)
+	}
+	for _, s := range nodes[1:] {
+		resp, got := do(s, "GET", "/v1/media/"+up.ID, "bob", nil, map[string]string{"Range": "bytes=200000-200009"})
+		if resp.StatusCode != 206 || string(got) != "0123456789" || resp.Header.Get("Content-Type") != "image/jpeg" {
+			t.Fatalf("range from another node: %d %q", resp.StatusCode, got)
+		}
+		if resp, got := do(s, "GET", "/v1/media/"+up.ID, "bob", nil, nil); resp.StatusCode != 200 || !bytes.Equal(got, photo) {
+			t.Fatalf("whole file from another node: %d, %d bytes", resp.StatusCode, len(got))
 		}
 	}
 }

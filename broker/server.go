@@ -175,11 +175,7 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("push.webhook: %w", err), s.closeStore())
 	}
-	mediaDir := cfg.Media.Dir
-	if mediaDir == "" {
-		mediaDir = filepath.Join(cfg.DataDir, "media")
-	}
-	mediaStore, err := media.NewDisk(mediaDir)
+	mediaStore, err := s.openMedia(cfg)
 	if err != nil {
 		s.push.Close()
 		return nil, errors.Join(fmt.Errorf("media: %w", err), s.closeStore())
@@ -191,7 +187,7 @@ func New(opts Options) (*Server, error) {
 		TTL:          cfg.Media.TTL,
 		Logger:       log.With("component", "media"),
 	}
-	if cfg.Media.Dir == "" {
+	if cfg.Media.Dir == "" && s.cluster == nil {
 		// Uploads share the queue's file system and its reserve.
 		s.media.DiskLow = q.LowDisk
 	}
@@ -509,4 +505,20 @@ func (s *Server) joinCluster() error {
 	}
 	s.inbox.Peers = bus
 	return nil
+}
+
+// openMedia opens the media store: files in media.dir on one node, a
+// replicated JetStream object store in a cluster, so that any node serves
+// any upload.
+func (s *Server) openMedia(cfg config.Config) (media.Store, error) {
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return media.NewObjects(ctx, s.cluster.node.JetStream(), clusterPrefix+"_media", cfg.Cluster.Replicas)
+	}
+	dir := cfg.Media.Dir
+	if dir == "" {
+		dir = filepath.Join(cfg.DataDir, "media")
+	}
+	return media.NewDisk(dir)
 }

@@ -114,8 +114,11 @@ func (s *Store) follow() {
 // once it is inactive.
 func stopWatch(w jetstream.KeyWatcher) error {
 	err := w.Stop()
+	var apiErr *jetstream.APIError
+	var legacyAPIErr *nats.APIError
 	if err == nil || errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrBadSubscription) ||
-		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.As(err, &apiErr) || errors.As(err, &legacyAPIErr) {
 		return nil
 	}
 	return fmt.Errorf("groups: stop watch: %w", err)
