@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/chatd/chatd/broker/natsnode"
 	"github.com/chatd/chatd/broker/topic"
 )
 
@@ -33,7 +34,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
 	var kv jetstream.KeyValue
-	err := untilAnswered(ctx, func(ctx context.Context) (err error) {
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
 		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket:      bucket,
 			Description: "chatd groups",
@@ -50,7 +51,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 		getSubject: apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + bucket}
 	// A bucket just created may not have elected its leader yet: make sure
 	// the first operation is answered.
-	err = untilAnswered(ctx, func(ctx context.Context) error {
+	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
 		_, _, _, err := b.last(ctx, probeKey)
 		return err
 	})
@@ -271,34 +272,4 @@ func apiPrefix(o jetstream.JetStreamOptions) string {
 		return strings.TrimSuffix(o.APIPrefix, ".") + "."
 	}
 	return jetstream.DefaultAPIPrefix
-}
-
-// untilAnswered calls f, each time with a short deadline, again while it
-// fails for want of an answer (a bucket electing its leader), until ctx ends.
-func untilAnswered(ctx context.Context, f func(context.Context) error) error {
-	const attempt, pause = 5 * time.Second, 100 * time.Millisecond
-	for {
-		actx, cancel := context.WithTimeout(ctx, attempt)
-		err := f(actx)
-		cancel()
-		if err == nil || !unanswered(err) || ctx.Err() != nil {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(pause):
-		}
-	}
-}
-
-// unanswered reports whether err is a request nobody answered in time,
-// which is worth asking again.
-func unanswered(err error) bool {
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) {
-		return apiErr.Code == 503 // "cluster not available", "no leader" and kin
-	}
-	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) ||
-		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, jetstream.ErrNoStreamResponse)
 }

@@ -35,6 +35,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/chatd/chatd/broker/natsnode"
 
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/config"
@@ -237,7 +240,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 func (s *Store) setup(ctx context.Context) error {
 	q := s.opts.Queue
 	var kv jetstream.KeyValue
-	err := untilAnswered(ctx, func() (err error) {
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
 		kv, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket:      s.names.bucket(),
 			Description: "chatd device cursors",
@@ -264,6 +267,10 @@ func (s *Store) setup(ctx context.Context) error {
 	if perSubject <= 0 {
 		perSubject = -1
 	}
+	// The streams are made side by side: each waits for its replicas to
+	// elect a leader, seconds in a new cluster.
+	s.streams = make([]jetstream.Stream, s.opts.Shards)
+	g, gctx := errgroup.WithContext(ctx)
 	for i := range s.opts.Shards {
 		cfg := jetstream.StreamConfig{
 			Name:        s.names.stream(i),
@@ -285,17 +292,18 @@ func (s *Store) setup(ctx context.Context) error {
 			// Read fetches a batch from one replica; see read.go.
 			AllowDirect: true,
 		}
-		var st jetstream.Stream
-		err := untilAnswered(ctx, func() (err error) {
-			st, err = s.js.CreateOrUpdateStream(ctx, cfg)
-			return err
+		g.Go(func() error {
+			err := natsnode.UntilAnswered(gctx, func(ctx context.Context) (err error) {
+				s.streams[i], err = s.js.CreateOrUpdateStream(ctx, cfg)
+				return err
+			})
+			if err != nil {
+				return fmt.Errorf("jsqueue: stream %s: %w", cfg.Name, err)
+			}
+			return nil
 		})
-		if err != nil {
-			return fmt.Errorf("jsqueue: stream %s: %w", cfg.Name, err)
-		}
-		s.streams = append(s.streams, st)
 	}
-	return nil
+	return g.Wait()
 }
 
 // checkShards records the shard count on first use and refuses another:
@@ -303,7 +311,7 @@ func (s *Store) setup(ctx context.Context) error {
 func (s *Store) checkShards(ctx context.Context) error {
 	want := strconv.Itoa(s.opts.Shards)
 	// A bucket just created may not have elected its leader yet.
-	err := untilAnswered(ctx, func() error {
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
 		_, err := s.kv.Create(ctx, shardsKey, []byte(want))
 		return err
 	})
@@ -314,7 +322,7 @@ func (s *Store) checkShards(ctx context.Context) error {
 		return fmt.Errorf("jsqueue: record shard count: %w", err)
 	}
 	var e jetstream.KeyValueEntry
-	err = untilAnswered(ctx, func() (err error) {
+	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
 		e, err = s.kv.Get(ctx, shardsKey)
 		return err
 	})
@@ -325,22 +333,6 @@ func (s *Store) checkShards(ctx context.Context) error {
 		return fmt.Errorf("jsqueue: the queues were created with %s shards, not %s; the shard count cannot change", got, want)
 	}
 	return nil
-}
-
-// untilAnswered calls f again while it fails for want of an answer (a
-// group electing its leader), until ctx ends.
-func untilAnswered(ctx context.Context, f func() error) error {
-	for {
-		err := f()
-		if err == nil || !retryable(err) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 }
 
 // Close stores what was already appended (retrying for at most

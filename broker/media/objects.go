@@ -21,6 +21,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/broker/natsnode"
 )
 
 // Layout of an Objects bucket. It is the stream of a JetStream object store
@@ -134,7 +136,7 @@ func NewObjects(ctx context.Context, js jetstream.JetStream, bucket string, repl
 		AllowDirect: false,
 	}
 	var stream jetstream.Stream
-	err := untilAnswered(ctx, func(ctx context.Context) (err error) {
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
 		stream, err = js.CreateOrUpdateStream(ctx, cfg)
 		return err
 	})
@@ -702,41 +704,6 @@ func (o *Objects) metaSubject(id string) string {
 func (o *Objects) chunkSubject(token string) string {
 	return "$O." + o.bucket + ".C." + token
 }
-
-// attemptTimeout bounds one attempt of untilAnswered.
-const attemptTimeout = 5 * time.Second
-
-// untilAnswered calls f again, each time with attemptTimeout, while it fails
-// for want of an answer, until ctx ends.
-func untilAnswered(ctx context.Context, f func(ctx context.Context) error) error {
-	for {
-		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
-		err := f(actx)
-		cancel()
-		if err == nil || ctx.Err() != nil || !unanswered(err) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-// unanswered reports whether err means JetStream gave no answer yet, as
-// while its leaders are being elected, rather than a refusal.
-func unanswered(err error) bool {
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) {
-		return apiErr.ErrorCode == errCodeClusterNotAvailable
-	}
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
-		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse)
-}
-
-// errCodeClusterNotAvailable is JetStream's "system temporarily unavailable".
-const errCodeClusterNotAvailable = 10008
 
 // isWrongLastSeq reports whether err is JetStream refusing a publish whose
 // expected last subject sequence did not match.
