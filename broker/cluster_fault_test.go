@@ -110,30 +110,11 @@ func clusterLoad(t *testing.T, procs []*serverProcess, total int, faults map[int
 	})
 	alice := clusterClient(t, procs, 0, "alice", nil, nil)
 
-	var acked sync.Map
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 64)
-	for i := range total {
+	acked := publishToBob(alice, total, func(i int) {
 		if f := faults[i]; f != nil {
 			f()
 		}
-		sem <- struct{}{}
-		id := fmt.Sprintf("m-%d", i)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			for {
-				tk := alice.Publish("inbox/bob", 1, false, fmt.Sprintf(`{"id":%q}`, id))
-				if tk.WaitTimeout(60*time.Second) && tk.Error() == nil {
-					acked.Store(id, true)
-					return
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-		}()
-	}
-	wg.Wait()
+	})
 
 	deadline := time.Now().Add(90 * time.Second)
 	for {

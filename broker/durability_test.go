@@ -211,11 +211,6 @@ func sigkillRun(t *testing.T, total, kills int, random bool) {
 	alice.Connect().Wait()
 	defer alice.Disconnect(100)
 
-	// Publish with up to 64 in flight; paho resends unacknowledged publishes
-	// after each reconnect, and the server's dedup absorbs resends it had stored.
-	var acked sync.Map
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 64)
 	killAt := map[int]bool{}
 	if random {
 		// Kill at random publishes, each followed by a random pause so that
@@ -230,7 +225,7 @@ func sigkillRun(t *testing.T, total, kills int, random bool) {
 		}
 	}
 	pause := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 2))
-	for i := range total {
+	acked := publishToBob(alice, total, func(i int) {
 		if killAt[i] {
 			if random {
 				time.Sleep(time.Duration(pause.IntN(20)) * time.Millisecond)
@@ -238,23 +233,7 @@ func sigkillRun(t *testing.T, total, kills int, random bool) {
 			srv.kill()
 			srv.start()
 		}
-		sem <- struct{}{}
-		id := fmt.Sprintf("m-%d", i)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			for {
-				tk := alice.Publish("inbox/bob", 1, false, fmt.Sprintf(`{"id":%q}`, id))
-				if tk.WaitTimeout(60*time.Second) && tk.Error() == nil {
-					acked.Store(id, true)
-					return
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-		}()
-	}
-	wg.Wait()
+	})
 
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -287,4 +266,35 @@ func sigkillRun(t *testing.T, total, kills int, random bool) {
 		}
 	}
 	t.Logf("%d messages, %d kills, %d connections of the receiver, %d duplicates, 0 lost", total, kills, rcv.conn, len(rcv.dups))
+}
+
+// publishToBob publishes messages m-0 to m-(total-1) from c to bob's inbox
+// with up to 64 in flight, calling before(i) ahead of message i, and
+// returns the ids that were PUBACKed. paho resends unacknowledged
+// publishes after each reconnect, and the server's dedup absorbs resends
+// of what it had stored.
+func publishToBob(c paho.Client, total int, before func(i int)) *sync.Map {
+	var acked sync.Map
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for i := range total {
+		before(i)
+		sem <- struct{}{}
+		id := fmt.Sprintf("m-%d", i)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			for {
+				tk := c.Publish("inbox/bob", 1, false, fmt.Sprintf(`{"id":%q}`, id))
+				if tk.WaitTimeout(60*time.Second) && tk.Error() == nil {
+					acked.Store(id, true)
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+	return &acked
 }
