@@ -10,6 +10,7 @@ import (
 	"time"
 
 	paho5 "github.com/eclipse/paho.golang/paho"
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/chatd/chatd/config"
@@ -153,5 +154,32 @@ func waitDisconnected(t *testing.T, s *Server, clientID string) {
 			t.Fatalf("%s is still connected", clientID)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestSubscriptionsPerConnection: past limits.max_subscriptions, new
+// filters are refused and the ones the client has are granted again.
+func TestSubscriptionsPerConnection(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Limits.MaxSubscriptions = 3 })
+	alice := mustDial(t, s, "alice", phoneOpt{}) // inbox/alice: the first
+	cases := []struct {
+		filter  string
+		granted bool
+	}{
+		{"presence/bob", true},
+		{"presence/carol", true},
+		{"presence/dave", false},
+		{"presence/bob", true},
+		{"inbox/alice", true},
+	}
+	for _, c := range cases {
+		tk := alice.client.Subscribe(c.filter, 1, nil)
+		if !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+			t.Fatalf("subscribe %s: %v", c.filter, tk.Error())
+		}
+		code := tk.(*paho.SubscribeToken).Result()[c.filter]
+		if granted := code < 0x80; granted != c.granted {
+			t.Errorf("%s: SUBACK code 0x%x, want granted %v", c.filter, code, c.granted)
+		}
 	}
 }

@@ -222,13 +222,14 @@ func New(opts Options) (*Server, error) {
 		MaxDelay:         cfg.Limits.PublishMaxDelay,
 	}
 	auth := &hooks.Auth{
-		Server:       s.mqtt,
-		Verifier:     s.verifier,
-		MaxKeepalive: uint16(min(cfg.Limits.MaxKeepalive, 65535)),
-		Connects:     rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
-		Users:        users,
-		MayAttach:    q.MayAttach,
-		Log:          log,
+		Server:           s.mqtt,
+		Verifier:         s.verifier,
+		MaxKeepalive:     uint16(min(cfg.Limits.MaxKeepalive, 65535)),
+		MaxSubscriptions: cfg.Limits.MaxSubscriptions,
+		Connects:         rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
+		Users:            users,
+		MayAttach:        q.MayAttach,
+		Log:              log,
 	}
 	s.presence = presence.New(db, s.mqtt.Publish, log)
 	s.inbox = &hooks.Inbox{

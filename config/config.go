@@ -170,6 +170,8 @@ type Limits struct {
 	MaxInflight int `mapstructure:"max_inflight"`
 	// MaxKeepalive caps the keepalive a client may ask for, in seconds.
 	MaxKeepalive int `mapstructure:"max_keepalive"`
+	// MaxSubscriptions caps one connection's subscriptions (its inbox and the presence of its contacts).
+	MaxSubscriptions int `mapstructure:"max_subscriptions"`
 	// MaxPendingBytes disconnects a client whose unread outbound bytes exceed it.
 	MaxPendingBytes int `mapstructure:"max_pending_bytes"`
 	// MaxConnections caps connected clients; 0 means no cap.
@@ -222,6 +224,7 @@ func Default() Config {
 			MaxMessageBytes:       64 * 1024,
 			MaxInflight:           64,
 			MaxKeepalive:          600,
+			MaxSubscriptions:      4096,
 			MaxPendingBytes:       8 << 20,
 			MaxConnectionsPerUser: 16,
 			ConnectTimeout:        10 * time.Second,
@@ -274,6 +277,7 @@ func (c *Config) Validate() error {
 		{"limits.max_message_bytes", int64(c.Limits.MaxMessageBytes)},
 		{"limits.max_inflight", int64(c.Limits.MaxInflight)},
 		{"limits.max_keepalive", int64(c.Limits.MaxKeepalive)},
+		{"limits.max_subscriptions", int64(c.Limits.MaxSubscriptions)},
 		{"limits.max_pending_bytes", int64(c.Limits.MaxPendingBytes)},
 		{"limits.max_connections_per_user", int64(c.Limits.MaxConnectionsPerUser)},
 		{"limits.connect_rate", int64(c.Limits.ConnectRate)},

@@ -56,6 +56,7 @@ var help = map[string]string{
 	"limits.max_message_bytes":        "largest message object a client may send, in bytes (at most 16 MiB)",
 	"limits.max_inflight":             "most unacknowledged deliveries to one device (at most 65535)",
 	"limits.max_keepalive":            "largest keepalive a client may ask for, in seconds",
+	"limits.max_subscriptions":        "most subscriptions of one connection (its inbox and the presence of its contacts); a SUBSCRIBE past it is refused for the extra filters",
 	"limits.max_pending_bytes":        "a client whose unread outbound bytes exceed this is disconnected",
 	"limits.max_connections":          "most connected clients; 0 means no cap",
 	"limits.max_connections_per_user": "most simultaneous connections of one user; a session takeover does not count twice",

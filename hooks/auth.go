@@ -26,6 +26,8 @@ type Auth struct {
 	Server *mqtt.Server
 	// Verifier checks tokens.
 	Verifier *token.Verifier
+	// MaxSubscriptions caps one connection's subscriptions.
+	MaxSubscriptions int
 	// MaxKeepalive caps the keepalive a client may ask for, in seconds.
 	MaxKeepalive uint16
 	// Connects limits new connections, server-wide.
@@ -140,5 +142,14 @@ func (h *Auth) OnACLCheck(cl *mqtt.Client, filter string, write bool) bool {
 	if write {
 		return true
 	}
-	return topic.MaySubscribe(string(cl.Properties.Username), filter)
+	if !topic.MaySubscribe(string(cl.Properties.Username), filter) {
+		return false
+	}
+	// Each subscription costs memory in mochi's topic tree: past the cap
+	// only filters the client already has are granted (again). mochi
+	// checks and adds one filter at a time, so the count is exact.
+	if _, has := cl.State.Subscriptions.Get(filter); !has && cl.State.Subscriptions.Len() >= h.MaxSubscriptions {
+		return false
+	}
+	return true
 }
