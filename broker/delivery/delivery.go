@@ -6,13 +6,37 @@
 package delivery
 
 import (
+	"cmp"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/chatd/chatd/broker/queue"
 )
+
+// Sequences. A user's messages have strictly increasing sequences in
+// commit order: broker/queue numbers them densely, broker/jsqueue with the
+// stream sequence, which leaves gaps where other users' messages went.
+// Delivery relies on one property of every Source:
+//
+//	once a message of a user is committed, or Head reports its Seq, every
+//	message of that user with a lower Seq is committed too, so that a Read
+//	starting afterwards returns it unless it has expired.
+//
+// Notifications (Stored) come after the commit but may come late, out of
+// order or never: from another node, or after a resend took a later
+// sequence. So a user's tail is trusted across a gap between messages
+// heard of in order, and sent from at once, but a device's cursor, which
+// the Source may act on by deleting messages, never passes f.sure: every
+// message at or below it is known to have reached each device that needs
+// it. In a dense queue every gap is empty and sure is head; otherwise sure
+// moves over gaps only by a Read (verify), which also finds messages whose
+// notification is late or lost. A message heard of late goes into the tail
+// in order for the devices yet to reach it and is sent at once, out of
+// order, to those already past it. Nothing is skipped: at worst it is sent
+// out of order, or sent again after a reconnect.
 
 // Source is the queue delivery reads from and reports acknowledgements to.
 type Source interface {
@@ -47,8 +71,10 @@ type Options struct {
 	ReadAhead int
 	// OnDelivered, if set, is called with the Meta of messages a device of
 	// user acknowledged that no other device of user had acknowledged
-	// before, in order, on the acknowledging connection's goroutine, with
-	// no lock held. It may block that connection alone.
+	// before, in order, as its cursor passes them, with no lock held: on
+	// the acknowledging connection's goroutine, or on the goroutine of a
+	// Read that let the cursor pass messages sent across a gap. It may
+	// block that goroutine alone.
 	OnDelivered func(user string, metas [][]byte)
 	// OnAcked, if set, is told how long each acknowledged message took from
 	// being written to its device to its PUBACK.
@@ -100,13 +126,16 @@ type Device struct {
 	sink   Sink
 	window int
 
-	next  uint64 // smallest sequence not yet sent
-	acked uint64 // every sequence <= acked is acknowledged
-	// inflight is what was sent and is not below the cursor, in order;
+	next  uint64 // one past the last sequence sent in order
+	acked uint64 // the cursor: every message with Seq <= acked is acknowledged
+	// inflight is what was sent and is not below the cursor, in Seq order;
 	// unacked counts its entries not yet acknowledged.
 	inflight []inflight
 	unacked  int
 	nextPID  uint16
+	// late holds messages below next this device never had, heard of
+	// after it went past them, in order; they are sent first.
+	late []queue.Message
 
 	prefetch []queue.Message
 	reading  bool
@@ -127,10 +156,15 @@ type feed struct {
 	user    string
 	mu      sync.Mutex
 	devices map[string]*Device
-	// tail holds recent messages with consecutive sequences, so devices that
-	// keep up are fed without reading back from disk.
+	// tail holds, in order, every message heard of with Seq > base, so
+	// that devices that keep up are fed without reading back from disk.
 	tail []queue.Message
-	head uint64
+	base uint64
+	// head is the highest sequence heard of; every message with Seq <=
+	// sure is known (see Sequences). sure <= head.
+	head, sure uint64
+	// verifying is set while a verify Read is in flight.
+	verifying bool
 	// receipted is the last sequence reported to OnDelivered, so that a
 	// user's second device acknowledging a message reports nothing.
 	receipted uint64
@@ -149,7 +183,9 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 			f.mu.Unlock()
 			continue
 		}
-		if f.head == 0 && len(f.devices) == 0 {
+		if len(f.devices) == 0 {
+			// Stored ignores a feed without devices, whose tail is empty:
+			// everything committed so far is read from the Source.
 			head, err := d.opts.Source.Head(user)
 			if err != nil {
 				f.mu.Unlock()
@@ -157,6 +193,7 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 				return nil, err
 			}
 			f.head = max(f.head, head)
+			f.base, f.sure = f.head, f.head
 		}
 		if old, ok := f.devices[device]; ok {
 			old.stopped = true
@@ -206,30 +243,20 @@ func (d *Delivery) Stop(dev *Device) {
 	d.release(f)
 }
 
-// Stored is called once for every message committed to user's queue, in
-// order. It feeds the user's online devices from memory and reports
-// whether the user has any device being fed.
+// Stored is called for every message committed to user's queue, ideally
+// once and in order, but a late, repeated or missing call loses nothing
+// (see Sequences). It feeds the user's online devices from memory and
+// reports whether the user has any device being fed.
 func (d *Delivery) Stored(user string, m queue.Message) bool {
 	f := d.lockedFeed(user)
 	if f == nil {
 		return false
 	}
-	online := len(f.devices) > 0
-	if m.Seq <= f.head {
+	if len(f.devices) == 0 {
 		f.mu.Unlock()
-		return online
+		return false
 	}
-	if len(f.tail) > 0 && m.Seq != f.tail[len(f.tail)-1].Seq+1 {
-		clear(f.tail)
-		f.tail = f.tail[:0]
-	}
-	f.tail = append(f.tail, m)
-	f.head = m.Seq
-	if len(f.tail) > d.opts.TailMessages {
-		n := copy(f.tail, f.tail[len(f.tail)-d.opts.TailMessages:])
-		clear(f.tail[n:])
-		f.tail = f.tail[:n]
-	}
+	d.heard(f, m)
 	var buf [4]Sink
 	sinks := buf[:0]
 	for _, dev := range f.devices {
@@ -239,7 +266,75 @@ func (d *Delivery) Stored(user string, m queue.Message) bool {
 	}
 	f.mu.Unlock()
 	flushInBackground(sinks)
-	return online
+	return true
+}
+
+// heard takes in m, committed for f's user, from Stored or a verify read;
+// called with f.mu held.
+func (d *Delivery) heard(f *feed, m queue.Message) {
+	if m.Seq <= f.head {
+		d.missed(f, m)
+		return
+	}
+	if m.Seq == f.sure+1 {
+		f.sure = m.Seq
+	}
+	f.tail = append(f.tail, m)
+	f.head = m.Seq
+	d.capTail(f)
+}
+
+// missed handles m, heard of after a message with a higher Seq or again:
+// it goes into the tail unless the tail has it or starts above it, and
+// into the late list of every device past it that never had it; called
+// with f.mu held.
+func (d *Delivery) missed(f *feed, m queue.Message) {
+	i, found := slices.BinarySearchFunc(f.tail, m.Seq, bySeq)
+	if found {
+		// It was heard of before any device went past it.
+		return
+	}
+	if m.Seq > f.base {
+		f.tail = slices.Insert(f.tail, i, m)
+		d.capTail(f)
+	}
+	for _, dev := range f.devices {
+		if dev.next > m.Seq && dev.lacks(m.Seq) {
+			dev.addLate(m)
+		}
+	}
+}
+
+// lacks reports whether dev, already past seq, was never sent it.
+func (dev *Device) lacks(seq uint64) bool {
+	if seq <= dev.acked {
+		return false
+	}
+	_, sent := slices.BinarySearchFunc(dev.inflight, seq, inflightBySeq)
+	_, queued := slices.BinarySearchFunc(dev.late, seq, bySeq)
+	return !sent && !queued
+}
+
+// addLate queues m, which dev went past without it, to be sent next.
+func (dev *Device) addLate(m queue.Message) {
+	i, _ := slices.BinarySearchFunc(dev.late, m.Seq, bySeq)
+	dev.late = slices.Insert(dev.late, i, m)
+}
+
+func bySeq(m queue.Message, seq uint64) int { return cmp.Compare(m.Seq, seq) }
+
+func inflightBySeq(in inflight, seq uint64) int { return cmp.Compare(in.seq, seq) }
+
+// capTail drops f's oldest tail messages beyond TailMessages; called with
+// f.mu held.
+func (d *Delivery) capTail(f *feed) {
+	if len(f.tail) > d.opts.TailMessages {
+		drop := len(f.tail) - d.opts.TailMessages
+		f.base = f.tail[drop-1].Seq
+		n := copy(f.tail, f.tail[drop:])
+		clear(f.tail[n:])
+		f.tail = f.tail[:n]
+	}
 }
 
 // Ephemeral sends payload at QoS 0 on topic to the online devices of user
@@ -307,23 +402,7 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 		f.mu.Unlock()
 		return
 	}
-	n := 0
-	var metas [][]byte
-	for n < len(dev.inflight) && dev.inflight[n].acked {
-		in := dev.inflight[n]
-		dev.acked = in.seq
-		if in.seq > f.receipted && len(in.meta) > 0 && d.opts.OnDelivered != nil {
-			metas = append(metas, in.meta)
-		}
-		n++
-	}
-	f.receipted = max(f.receipted, dev.acked)
-	k := copy(dev.inflight, dev.inflight[n:])
-	clear(dev.inflight[k:])
-	dev.inflight = dev.inflight[:k]
-	if len(dev.inflight) == 0 {
-		dev.acked = dev.next - 1
-	}
+	n, metas := d.advance(dev)
 	acked := dev.acked
 	sent := d.pump(dev)
 	if n > 0 {
@@ -343,6 +422,38 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 	}
 }
 
+// advance moves dev's cursor over the acknowledged start of its inflight
+// list, up to f.sure and below its first late message, and returns how
+// many entries it passed and the Meta to report to OnDelivered; called
+// with dev.f.mu held.
+func (d *Delivery) advance(dev *Device) (int, [][]byte) {
+	f := dev.f
+	bound := f.sure
+	if len(dev.late) > 0 {
+		bound = min(bound, dev.late[0].Seq-1)
+	}
+	n := 0
+	var metas [][]byte
+	for n < len(dev.inflight) && dev.inflight[n].acked && dev.inflight[n].seq <= bound {
+		in := dev.inflight[n]
+		dev.acked = in.seq
+		if in.seq > f.receipted && len(in.meta) > 0 && d.opts.OnDelivered != nil {
+			metas = append(metas, in.meta)
+		}
+		n++
+	}
+	f.receipted = max(f.receipted, dev.acked)
+	k := copy(dev.inflight, dev.inflight[n:])
+	clear(dev.inflight[k:])
+	dev.inflight = dev.inflight[:k]
+	if len(dev.inflight) == 0 && len(dev.late) == 0 {
+		// Every message sent was at or below bound, and a disk read that
+		// moved next on saw everything up to it.
+		dev.acked = dev.next - 1
+	}
+	return n, metas
+}
+
 // pump queues for dev what its window allows and reports whether it queued
 // anything; the caller flushes dev.sink after releasing dev.f.mu.
 func (d *Delivery) pump(dev *Device) bool {
@@ -351,22 +462,33 @@ func (d *Delivery) pump(dev *Device) bool {
 	// An acknowledgement out of order frees a slot of the window; the
 	// second bound keeps a client that never acknowledges one message from
 	// growing the list without end.
-	for !dev.stopped && dev.unacked < dev.window && len(dev.inflight) < 2*dev.window && dev.next <= f.head {
+	for !dev.stopped && dev.unacked < dev.window && len(dev.inflight) < 2*dev.window && (dev.next <= f.head || len(dev.late) > 0) {
 		m, ok := dev.take()
 		if !ok {
 			d.readAhead(dev)
 			break
 		}
 		pid := dev.allocPID()
-		dev.inflight = append(dev.inflight, inflight{seq: m.Seq, pid: pid, meta: m.Meta, sent: time.Now()})
+		in := inflight{seq: m.Seq, pid: pid, meta: m.Meta, sent: time.Now()}
+		if k := len(dev.inflight); k == 0 || dev.inflight[k-1].seq < m.Seq {
+			dev.inflight = append(dev.inflight, in)
+		} else {
+			// A late message: the cursor must wait for it.
+			i, _ := slices.BinarySearchFunc(dev.inflight, m.Seq, inflightBySeq)
+			dev.inflight = slices.Insert(dev.inflight, i, in)
+		}
 		d.sent.Add(1)
 		dev.unacked++
-		dev.next = m.Seq + 1
+		dev.next = max(dev.next, m.Seq+1)
 		dev.sink.Publish(pid, dev.topic, m.Data, false)
 		sent = true
 	}
 	if d.runningLow(dev) {
 		d.readAhead(dev)
+	}
+	if len(dev.inflight) > 0 && dev.inflight[0].acked && dev.inflight[0].seq > f.sure && f.sure < f.head {
+		// The cursor waits at a gap the tail was trusted across.
+		d.verify(f)
 	}
 	return sent
 }
@@ -379,27 +501,37 @@ func (d *Delivery) runningLow(dev *Device) bool {
 	if dev.reading || n == 0 || n >= d.opts.ReadAhead/2 {
 		return false
 	}
-	last := dev.prefetch[n-1].Seq
-	t := dev.f.tail
-	return last < dev.f.head && (len(t) == 0 || last+1 < t[0].Seq)
+	// The tail serves a device only from f.base on.
+	return dev.prefetch[n-1].Seq < dev.f.base
 }
 
-// take returns the message at dev.next from the read-ahead or the tail.
-// Gaps in a disk read are sequences that expired or were never stored.
+// take returns dev's next message: a late one, else the first with Seq >=
+// dev.next from the read-ahead or the tail. Gaps in a disk read are
+// sequences of other users, or that expired or were never stored.
 func (dev *Device) take() (queue.Message, bool) {
-	for len(dev.prefetch) > 0 && dev.prefetch[0].Seq < dev.next {
-		dev.prefetch[0] = queue.Message{}
-		dev.prefetch = dev.prefetch[1:]
+	if len(dev.late) > 0 {
+		m := dev.late[0]
+		dev.late[0] = queue.Message{}
+		dev.late = dev.late[1:]
+		return m, true
 	}
+	// The read-ahead holds nothing below next: reads keep only what is at
+	// or above it, and next moves only through the read-ahead while it has
+	// anything.
 	if len(dev.prefetch) > 0 {
 		m := dev.prefetch[0]
 		dev.prefetch[0] = queue.Message{}
 		dev.prefetch = dev.prefetch[1:]
 		return m, true
 	}
-	t := dev.f.tail
-	if len(t) > 0 && dev.next >= t[0].Seq && dev.next <= t[len(t)-1].Seq {
-		return t[dev.next-t[0].Seq], true
+	if t := dev.f.tail; len(t) > 0 && dev.next > dev.f.base {
+		// In a dense queue next is at a known offset; else search.
+		if first := t[0].Seq; dev.next >= first && dev.next-first < uint64(len(t)) && t[dev.next-first].Seq == dev.next {
+			return t[dev.next-first], true
+		}
+		if i, _ := slices.BinarySearchFunc(t, dev.next, bySeq); i < len(t) {
+			return t[i], true
+		}
 	}
 	if dev.readHead >= dev.next && !dev.reading {
 		// The last disk read saw everything up to readHead and nothing at
@@ -453,7 +585,15 @@ func (d *Delivery) readAhead(dev *Device) {
 			d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "error", err)
 			return
 		}
-		dev.prefetch = append(dev.prefetch, msgs...)
+		// Messages below next were sent from the tail meanwhile, or are
+		// ones this device went past before hearing of them.
+		i, _ := slices.BinarySearchFunc(msgs, dev.next, bySeq)
+		for _, m := range msgs[:i] {
+			if dev.lacks(m.Seq) {
+				dev.addLate(m)
+			}
+		}
+		dev.prefetch = append(dev.prefetch, msgs[i:]...)
 		if len(msgs) < d.opts.ReadAhead {
 			dev.readHead = head
 		}
@@ -461,6 +601,81 @@ func (d *Delivery) readAhead(dev *Device) {
 		f.mu.Unlock()
 		if sent {
 			dev.sink.Flush(true)
+		}
+	}()
+}
+
+// verify reads f's user's messages after f.sure to move sure over the gaps
+// the tail was trusted across, handles any message heard of only now as
+// missed, and moves on the cursors that waited; called with f.mu held.
+func (d *Delivery) verify(f *feed) {
+	if f.verifying {
+		return
+	}
+	f.verifying = true
+	after, head := f.sure, f.head
+	d.reads.Add(1)
+	go func() {
+		defer d.reads.Done()
+		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
+		f.mu.Lock()
+		f.verifying = false
+		if err != nil || len(f.devices) == 0 {
+			f.mu.Unlock()
+			if err != nil {
+				d.log.Error("read queue to verify delivery", "user", f.user, "error", err)
+			}
+			return
+		}
+		// The read returned every message up to its last, and up to head
+		// too unless it stopped at max: those were committed before it
+		// began. Messages above head are ones whose notification is yet to
+		// come, or lost.
+		var checked uint64
+		for _, m := range msgs {
+			d.heard(f, m)
+			checked = m.Seq
+		}
+		if len(msgs) < d.opts.ReadAhead {
+			checked = max(checked, head)
+		}
+		f.sure = max(f.sure, checked)
+		type cursor struct {
+			device string
+			acked  uint64
+		}
+		var (
+			cursors []cursor
+			metas   [][]byte
+			sinks   []Sink
+		)
+		for _, dev := range f.devices {
+			n, m := d.advance(dev)
+			if n > 0 {
+				cursors = append(cursors, cursor{dev.name, dev.acked})
+				metas = append(metas, m...)
+			}
+			if d.pump(dev) {
+				sinks = append(sinks, dev.sink)
+			}
+		}
+		if len(cursors) > 0 {
+			f.trim()
+		}
+		if len(msgs) == d.opts.ReadAhead {
+			// Read on, to the end of the queue: a message whose
+			// notification was lost is found only by reading.
+			d.verify(f)
+		}
+		f.mu.Unlock()
+		for _, s := range sinks {
+			s.Flush(true)
+		}
+		for _, c := range cursors {
+			d.opts.Source.Ack(f.user, c.device, c.acked)
+		}
+		if len(metas) > 0 {
+			d.opts.OnDelivered(f.user, metas)
 		}
 	}()
 }
@@ -481,6 +696,7 @@ func (f *feed) trim() {
 	if n == 0 {
 		return
 	}
+	f.base = f.tail[n-1].Seq
 	k := copy(f.tail, f.tail[n:])
 	clear(f.tail[k:])
 	f.tail = f.tail[:k]

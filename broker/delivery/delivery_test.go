@@ -256,3 +256,279 @@ func TestTakeoverResendsUnacknowledged(t *testing.T) {
 		t.Fatal("the late Stop of the old connection stopped the new one")
 	}
 }
+
+// cursor returns the cursor device reported last; verify reports it from
+// its own goroutine.
+func (s *fakeSource) cursor(device string) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.acked[device]
+}
+
+// waitCursor waits until device's reported cursor is want.
+func (s *fakeSource) waitCursor(t *testing.T, device string, want uint64) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for s.cursor(device) != want {
+		select {
+		case <-time.After(time.Millisecond):
+		case <-deadline:
+			t.Fatalf("cursor %d, want %d", s.cursor(device), want)
+		}
+	}
+}
+
+func payloads(seqs []uint64) []string {
+	var out []string
+	for _, s := range seqs {
+		out = append(out, fmt.Sprint(s))
+	}
+	return out
+}
+
+// every returns the sequences from, from+step, ... up to to.
+func every(from, to, step uint64) []uint64 {
+	var out []uint64
+	for s := from; s <= to; s += step {
+		out = append(out, s)
+	}
+	return out
+}
+
+// message is what a notification of seq carries.
+func message(seq uint64) queue.Message {
+	return queue.Message{Seq: seq, Data: []byte(fmt.Sprint(seq))}
+}
+
+// TestSparseSequences feeds a user whose sequences have gaps, as in a
+// JetStream stream shared with other users, and whose notifications may
+// come out of order or not at all.
+func TestSparseSequences(t *testing.T) {
+	cases := []struct {
+		name      string
+		stored    []uint64 // in the queue before the device starts
+		cursor    uint64
+		window    int
+		readAhead int
+		live      []uint64 // committed after the start, in this order
+		notify    []uint64 // Stored calls after every live commit; nil: each as it commits
+		want      []uint64 // in the order sent
+	}{
+		{"live across gaps", nil, 0, 64, 4, []uint64{3, 7, 8, 20, 21, 40}, nil, []uint64{3, 7, 8, 20, 21, 40}},
+		{"backlog across gaps", []uint64{3, 7, 8, 20, 21, 40}, 0, 64, 2, nil, nil, []uint64{3, 7, 8, 20, 21, 40}},
+		{"backlog then live", []uint64{3, 7, 8}, 0, 64, 2, []uint64{12, 30, 31}, nil, []uint64{3, 7, 8, 12, 30, 31}},
+		{"cursor in a gap", []uint64{3, 7, 8, 20, 21}, 5, 64, 4, []uint64{33}, nil, []uint64{7, 8, 20, 21, 33}},
+		{"cursor in the gap after the last", []uint64{3, 7, 8}, 10, 64, 4, []uint64{33, 34}, nil, []uint64{33, 34}},
+		{"window smaller than the backlog", every(2, 30, 2), 0, 3, 16, []uint64{41, 45, 49}, nil, append(every(2, 30, 2), 41, 45, 49)},
+		{"live beyond the tail", nil, 0, 2, 4, every(5, 100, 5), nil, every(5, 100, 5)},
+		{"notified out of order", nil, 0, 64, 4, []uint64{3, 5, 7, 8}, []uint64{3, 7, 8, 5}, []uint64{3, 7, 8, 5}},
+		{"notified late, before the device got there", nil, 0, 1, 4, []uint64{3, 5, 7, 8}, []uint64{3, 7, 8, 5}, []uint64{3, 5, 7, 8}},
+		{"never notified", nil, 0, 64, 4, []uint64{3, 5, 7, 8, 9}, []uint64{3, 7, 8}, []uint64{3, 7, 8, 5, 9}},
+		{"notified twice", nil, 0, 64, 4, []uint64{3, 7, 8}, []uint64{3, 7, 3, 8, 7}, []uint64{3, 7, 8}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			src := newSource()
+			for _, seq := range c.stored {
+				src.store(seq)
+			}
+			d := newDelivery(src, c.readAhead)
+			defer d.Close()
+			sink := newSink()
+			dev, err := d.Start("bob", "phone", c.cursor, c.window, sink)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, seq := range c.live {
+				m := src.store(seq)
+				if c.notify == nil {
+					d.Stored("bob", m)
+				}
+			}
+			for _, seq := range c.notify {
+				d.Stored("bob", message(seq))
+			}
+			// Acknowledge everything as it arrives; the cursor must never
+			// pass a message not yet acknowledged.
+			for i := range c.want {
+				sink.waitFor(t, i+1)
+				d.Acked(dev, sink.pid(i))
+				for _, seq := range c.want[i+1:] {
+					if cur := src.cursor("phone"); cur >= seq {
+						t.Fatalf("cursor %d reached %d, not yet acknowledged", cur, seq)
+					}
+				}
+			}
+			src.waitCursor(t, "phone", src.head)
+			got := sink.waitFor(t, len(c.want))
+			if fmt.Sprint(got) != fmt.Sprint(payloads(c.want)) {
+				t.Fatalf("delivered %v\nwant      %v", got, c.want)
+			}
+			if n, next, _ := d.Window("bob", "phone"); n != 0 || next != src.head+1 {
+				t.Fatalf("after all acks: %d in flight, next %d; want 0, %d", n, next, src.head+1)
+			}
+		})
+	}
+}
+
+// TestSparseLiveFromMemory: messages notified in order go to a device that
+// keeps up from the tail, gaps or not, without reading the queue.
+func TestSparseLiveFromMemory(t *testing.T) {
+	src := newSource()
+	d := newDelivery(src, 4)
+	defer d.Close()
+	sink := newSink()
+	if _, err := d.Start("bob", "phone", 0, 64, sink); err != nil {
+		t.Fatal(err)
+	}
+	live := []uint64{3, 7, 8, 20, 41}
+	for i, seq := range live {
+		d.Stored("bob", src.store(seq))
+		sink.mu.Lock()
+		n := len(sink.seqs)
+		sink.mu.Unlock()
+		if n != i+1 {
+			t.Fatalf("after Stored(%d) the device has %d messages, want %d", seq, n, i+1)
+		}
+	}
+	if src.reads != 0 {
+		t.Fatalf("%d reads of the queue, want none", src.reads)
+	}
+	if got := sink.waitFor(t, len(live)); fmt.Sprint(got) != fmt.Sprint(payloads(live)) {
+		t.Fatalf("delivered %v, want %v", got, live)
+	}
+}
+
+// TestSparseWindowAndAcks: the window counts messages, not sequences, and
+// the cursor moves to the sequence of the last message acknowledged in
+// order.
+func TestSparseWindowAndAcks(t *testing.T) {
+	src := newSource()
+	for _, seq := range []uint64{4, 9, 10, 15, 30, 31, 50} {
+		src.store(seq)
+	}
+	d := newDelivery(src, 16)
+	defer d.Close()
+	sink := newSink()
+	dev, err := d.Start("bob", "phone", 0, 3, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.waitFor(t, 3)
+	if n, next, _ := d.Window("bob", "phone"); n != 3 || next != 11 {
+		t.Fatalf("window: %d in flight, next %d; want 3, 11", n, next)
+	}
+	// An ack of the second message frees a slot but cannot move the cursor.
+	d.Acked(dev, sink.pid(1))
+	if got := sink.waitFor(t, 4); got[3] != "15" || src.cursor("phone") != 0 {
+		t.Fatalf("after an out-of-order ack: sent %v, cursor %d", got, src.cursor("phone"))
+	}
+	d.Acked(dev, sink.pid(0))
+	if c := src.cursor("phone"); c != 9 {
+		t.Fatalf("cursor %d after acking 4 and 9, want 9", c)
+	}
+	d.Acked(dev, sink.pid(2))
+	if c := src.cursor("phone"); c != 10 {
+		t.Fatalf("cursor %d after acking 10, want 10", c)
+	}
+	// Live messages past a gap: the cursor follows once the gap is known
+	// to hold nothing of this user.
+	d.Stored("bob", src.store(77))
+	for i := 3; i < 8; i++ {
+		sink.waitFor(t, i+1)
+		d.Acked(dev, sink.pid(i))
+	}
+	src.waitCursor(t, "phone", 77)
+	if got := sink.waitFor(t, 8); fmt.Sprint(got) != fmt.Sprint(payloads([]uint64{4, 9, 10, 15, 30, 31, 50, 77})) {
+		t.Fatalf("delivered %v", got)
+	}
+}
+
+// TestSparseReconnect: a device that reconnects gets what follows its
+// cursor, which is the sequence of a message it acknowledged.
+func TestSparseReconnect(t *testing.T) {
+	src := newSource()
+	d := newDelivery(src, 4)
+	defer d.Close()
+	sink := newSink()
+	dev, err := d.Start("bob", "phone", 0, 64, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, seq := range []uint64{3, 7, 8} {
+		d.Stored("bob", src.store(seq))
+	}
+	sink.waitFor(t, 3)
+	d.Acked(dev, sink.pid(0))
+	d.Acked(dev, sink.pid(1))
+	src.waitCursor(t, "phone", 7)
+	d.Stop(dev)
+
+	// Stored while the device is offline: nobody to feed.
+	for _, seq := range []uint64{12, 25} {
+		if d.Stored("bob", src.store(seq)) {
+			t.Fatalf("Stored(%d) reports bob online", seq)
+		}
+	}
+	again := newSink()
+	dev, err = d.Start("bob", "phone", src.cursor("phone"), 64, again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Stored("bob", src.store(40))
+	want := payloads([]uint64{8, 12, 25, 40})
+	for i := range want {
+		again.waitFor(t, i+1)
+		d.Acked(dev, again.pid(i))
+	}
+	if got := again.waitFor(t, len(want)); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after reconnecting at 7: %v, want %v", got, want)
+	}
+	src.waitCursor(t, "phone", 40)
+}
+
+// TestLateMessageTwoDevices: a message heard of after later ones goes, out
+// of order, to a device already past it, and in order to a device that
+// had not got there yet; neither cursor passes it before its ack.
+func TestLateMessageTwoDevices(t *testing.T) {
+	src := newSource()
+	d := newDelivery(src, 16)
+	defer d.Close()
+	fast, slow := newSink(), newSink()
+	fastDev, err := d.Start("bob", "phone", 0, 64, fast)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slowDev, err := d.Start("bob", "tablet", 0, 1, slow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, seq := range []uint64{3, 5, 7, 8} {
+		src.store(seq)
+	}
+	for _, seq := range []uint64{3, 7, 8} {
+		d.Stored("bob", message(seq))
+	}
+	fast.waitFor(t, 3)
+	for i := range 3 {
+		d.Acked(fastDev, fast.pid(i))
+	}
+	d.Stored("bob", message(5))
+	if got := fast.waitFor(t, 4); fmt.Sprint(got) != fmt.Sprint(payloads([]uint64{3, 7, 8, 5})) {
+		t.Fatalf("phone got %v", got)
+	}
+	if c := src.cursor("phone"); c >= 5 {
+		t.Fatalf("phone's cursor %d passed 5 before its ack", c)
+	}
+	d.Acked(fastDev, fast.pid(3))
+	src.waitCursor(t, "phone", 8)
+
+	for i := range 4 {
+		slow.waitFor(t, i+1)
+		d.Acked(slowDev, slow.pid(i))
+	}
+	if got := slow.waitFor(t, 4); fmt.Sprint(got) != fmt.Sprint(payloads([]uint64{3, 5, 7, 8})) {
+		t.Fatalf("tablet got %v", got)
+	}
+	src.waitCursor(t, "tablet", 8)
+}
