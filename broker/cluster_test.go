@@ -91,14 +91,18 @@ func TestClusterCrossNode(t *testing.T) {
 		}
 	}
 	delivered := map[string]bool{}
-	for len(delivered) < n {
-		alice.waitFor(len(alice.events()) + 1)
-		for _, e := range alice.events() {
+	for seen := 0; len(delivered) < n; {
+		events := alice.events()
+		for _, e := range events[seen:] {
 			if e["status"] == "delivered" {
 				for _, id := range strings.Split(ids(e), ",") {
 					delivered[id] = true
 				}
 			}
+		}
+		seen = len(events)
+		if len(delivered) < n {
+			alice.waitFor(seen + 1)
 		}
 	}
 
