@@ -41,6 +41,12 @@ type store interface {
 	Close() error
 }
 
+// Both backends are stores.
+var (
+	_ store = (*queue.Store)(nil)
+	_ store = (*jsqueue.Store)(nil)
+)
+
 // clusterPrefix starts the subjects of the cluster's notices and streams.
 const clusterPrefix = "chatd"
 
@@ -50,8 +56,8 @@ var errTakenOver = errors.New("session taken over on another node")
 // cluster is what cluster mode adds to a node.
 type cluster struct {
 	node *natsnode.Node
-	// local keeps what is not clustered yet (groups) in Badger, and
-	// each node's own record of last-seen times.
+	// local is a Badger database of the node's own: its record of the
+	// presence it published (last-seen times), which is not shared.
 	local *badger.DB
 	bus   atomic.Pointer[peers.Bus]
 	name  string

@@ -17,12 +17,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
-
-	"github.com/dgraph-io/badger/v4"
 
 	"github.com/chatd/chatd/broker/delivery"
 	"github.com/chatd/chatd/broker/envelope"
