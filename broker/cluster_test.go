@@ -2,6 +2,7 @@ package broker
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/broker/natsnode"
 	"github.com/chatd/chatd/config"
 )
 
@@ -235,5 +237,29 @@ func TestClusterMedia(t *testing.T) {
 		if resp, got := do(s, "GET", "/v1/media/"+up.ID, "bob", nil, nil); resp.StatusCode != 200 || !bytes.Equal(got, photo) {
 			t.Fatalf("whole file from another node: %d, %d bytes", resp.StatusCode, len(got))
 		}
+	}
+}
+
+// TestClusterJoinByURL runs two chatd nodes on a NATS server they did not
+// start, as with cluster.url, and sends across them.
+func TestClusterJoinByURL(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	existing, err := natsnode.Start(context.Background(), natsnode.Config{Name: "existing", Dir: t.TempDir(), Listen: "127.0.0.1:0", Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(existing.Shutdown)
+	var nodes []*Server
+	for i := range 2 {
+		s := startServer(t, t.TempDir(), func(c *config.Config) {
+			c.Cluster = config.Cluster{Enabled: true, Node: fmt.Sprintf("n%d", i+1), URL: existing.ClientURL(), Replicas: 1, Shards: 2}
+		})
+		nodes = append(nodes, s)
+	}
+	alice := mustDial(t, nodes[0], "alice", phoneOpt{})
+	bob := mustDial(t, nodes[1], "bob", phoneOpt{})
+	alice.send("bob", "by-url", "")
+	if id := innerID(t, bob.waitFor(1)[0]); id != "by-url" {
+		t.Fatalf("bob got %s", id)
 	}
 }
