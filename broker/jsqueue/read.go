@@ -7,6 +7,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/chatd/chatd/broker/natsnode"
 	"github.com/chatd/chatd/broker/queue"
 )
 
@@ -26,6 +27,18 @@ func (s *Store) Read(user string, after uint64, max int) ([]queue.Message, error
 	}
 	ctx, cancel := s.reqCtx()
 	defer cancel()
+	// While a stream changes leaders its reads go unanswered for a
+	// moment: ask again rather than fail a device's delivery.
+	var out []queue.Message
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+		out, err = s.read(ctx, user, after, max)
+		return err
+	})
+	return out, err
+}
+
+// read is one attempt of Read.
+func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([]queue.Message, error) {
 	subj, shard := s.names.subject(user)
 	stream := s.names.stream(shard)
 	last, err := s.lastSeq(ctx, stream, subj)

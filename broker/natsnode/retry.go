@@ -35,15 +35,21 @@ func UntilAnswered(ctx context.Context, f func(context.Context) error) error {
 	}
 }
 
-// errCodeClusterNotAvailable is JetStream's "system temporarily unavailable".
-const errCodeClusterNotAvailable = 10008
+// JetStream error codes that mean "not yet" while a cluster forms.
+const (
+	// errCodeClusterNotAvailable is "system temporarily unavailable".
+	errCodeClusterNotAvailable = 10008
+	// errCodeNoPeers is "no suitable peers for placement": a peer is not
+	// yet known to be online.
+	errCodeNoPeers = 10005
+)
 
 // Unanswered reports whether err means JetStream gave no answer yet, as
 // while its leaders are being elected, rather than a refusal.
 func Unanswered(err error) bool {
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) {
-		return apiErr.Code == 503 || apiErr.ErrorCode == errCodeClusterNotAvailable
+		return apiErr.Code == 503 || apiErr.ErrorCode == errCodeClusterNotAvailable || apiErr.ErrorCode == errCodeNoPeers
 	}
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
 		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse)
