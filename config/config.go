@@ -309,6 +309,8 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("cluster.replicas: must be 1 to 5, got %d", c.Cluster.Replicas)
 		case c.Cluster.Shards < 1:
 			return fmt.Errorf("cluster.shards: must be positive, got %d", c.Cluster.Shards)
+		case c.Cluster.Replicas > 1 && c.Cluster.URL == "" && c.Cluster.Name == "":
+			return fmt.Errorf("cluster.replicas: %d copies need peers: set cluster.name and cluster.routes, or cluster.url, or replicas 1 for a node alone", c.Cluster.Replicas)
 		}
 	}
 	if c.Limits.PublishMaxDelay < 0 {

@@ -143,6 +143,16 @@ log:
 			wantErr: []string{"limits.max_inflight"},
 		},
 		{
+			name:    "cluster without a name",
+			yaml:    "cluster:\n  enabled: true\n  node: n1\n",
+			wantErr: []string{"cluster.replicas", "need peers"},
+		},
+		{
+			name:    "cluster node without a name",
+			yaml:    "cluster:\n  enabled: true\n  name: prod\n",
+			wantErr: []string{"cluster.node"},
+		},
+		{
 			name:    "short secret",
 			yaml:    "auth:\n  secret: s3cret\n",
 			wantErr: []string{"auth.secret", "at least 32 bytes", "got 6"},
