@@ -451,7 +451,7 @@ func TestRunJanitor(t *testing.T) {
 	if _, _, err := d.Open(t.Context(), old.ID); !errors.Is(err, ErrNotFound) {
 		t.Errorf("expired upload: Open = %v, want ErrNotFound", err)
 	}
-	if got, _ := read(t, d, fresh.ID); string(got) != "fresh" {
+	if got, _ := readFrom(t, d, fresh.ID); string(got) != "fresh" {
 		t.Errorf("fresh upload reads %q", got)
 	}
 	cancel()

@@ -231,6 +231,26 @@ func readFrom(t *testing.T, s Store, id string) ([]byte, Info) {
 	return b, info
 }
 
+// errReader returns its data and then err.
+type errReader struct {
+	data []byte
+	err  error
+}
+
+func (r *errReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, r.err
+	}
+	n := copy(p, r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+// readFunc adapts a function to io.Reader.
+type readFunc func(p []byte) (int, error)
+
+func (f readFunc) Read(p []byte) (int, error) { return f(p) }
+
 func TestStorePutOpen(t *testing.T) {
 	created := time.Date(2025, 3, 1, 12, 0, 0, 123456789, time.UTC)
 	tests := []struct {
