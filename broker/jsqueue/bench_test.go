@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/chatd/chatd/broker/natsnode"
+	"github.com/chatd/chatd/broker/natsnode/natstest"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/config"
 )
@@ -29,7 +30,7 @@ func BenchmarkAppend(b *testing.B) {
 				b.Cleanup(n.Shutdown)
 				nodes = []*natsnode.Node{n}
 			} else {
-				nodes = startNodes(b, 3)
+				nodes = natstest.Cluster(b, 3)
 			}
 			s, err := Open(context.Background(), Options{
 				Conn: nodes[0].Conn(), Queue: config.Default().Queue, Replicas: bc.replicas, Logger: quiet(),

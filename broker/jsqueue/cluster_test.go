@@ -3,7 +3,6 @@ package jsqueue
 import (
 	"context"
 	"fmt"
-	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -13,6 +12,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/chatd/chatd/broker/natsnode"
+	"github.com/chatd/chatd/broker/natsnode/natstest"
 	"github.com/chatd/chatd/broker/queue"
 )
 
@@ -23,68 +23,12 @@ type cluster struct {
 	stores []*Store
 }
 
-// freePorts returns n loopback ports free right now.
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	var ls []net.Listener
-	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	for _, l := range ls {
-		l.Close()
-	}
-	return ports
-}
-
-// startNodes starts size routed nodes side by side (a meta leader needs
-// a quorum of them up) and stops them when the test ends.
-func startNodes(t testing.TB, size int) []*natsnode.Node {
-	t.Helper()
-	ports := freePorts(t, size)
-	var routes []string
-	for _, p := range ports {
-		routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", p))
-	}
-	nodes := make([]*natsnode.Node, size)
-	errs := make([]error, size)
-	var wg sync.WaitGroup
-	for i := range size {
-		wg.Go(func() {
-			nodes[i], errs[i] = natsnode.Start(context.Background(), natsnode.Config{
-				Name: fmt.Sprintf("n%d", i+1), Dir: t.TempDir(), Listen: "127.0.0.1:0",
-				ClusterName: "chatd-test", ClusterListen: fmt.Sprintf("127.0.0.1:%d", ports[i]), Routes: routes,
-				Logger: quiet(),
-			})
-		})
-	}
-	wg.Wait()
-	t.Cleanup(func() {
-		for _, n := range nodes {
-			if n != nil {
-				n.Shutdown()
-			}
-		}
-	})
-	for i, err := range errs {
-		if err != nil {
-			t.Fatalf("node %d: %v", i+1, err)
-		}
-	}
-	return nodes
-}
-
 func newCluster(t *testing.T) *cluster {
 	before := goleak.IgnoreCurrent()
 	c := &cluster{t: t}
 	// Registered first, so it runs after the nodes' and stores' cleanups.
 	t.Cleanup(func() { goleak.VerifyNone(t, before) })
-	c.nodes = startNodes(t, 3)
+	c.nodes = natstest.Cluster(t, 3)
 	for i, n := range c.nodes {
 		s, err := Open(context.Background(), Options{
 			Conn: n.Conn(), Queue: testQueue(nil), Replicas: 3, Shards: 2, Logger: quiet(),

@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"mime"
 	"mime/multipart"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -23,6 +22,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/chatd/chatd/broker/natsnode"
+	"github.com/chatd/chatd/broker/natsnode/natstest"
 )
 
 // The behavioural tests of the Store guarantees run against every
@@ -1070,7 +1070,7 @@ func TestObjectsCluster(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a three-node cluster")
 	}
-	nodes := startNATSCluster(t, 3)
+	nodes := natstest.Cluster(t, 3)
 	stores := make([]*Objects, len(nodes))
 	for i, n := range nodes {
 		o, err := NewObjects(t.Context(), n.JetStream(), "media", 3)
@@ -1126,50 +1126,6 @@ func readsBack(t *testing.T, s Store, id string, want []byte) error {
 		err = fmt.Errorf("read %d bytes, want %d", len(got), len(want))
 	}
 	return err
-}
-
-// startNATSCluster starts size routed nodes side by side on loopback.
-func startNATSCluster(t *testing.T, size int) []*natsnode.Node {
-	t.Helper()
-	var ports []int
-	var ls []net.Listener
-	for range size {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	var routes []string
-	for _, l := range ls {
-		routes = append(routes, "nats://"+l.Addr().String())
-		l.Close()
-	}
-	nodes := make([]*natsnode.Node, size)
-	errs := make([]error, size)
-	var wg sync.WaitGroup
-	for i := range size {
-		wg.Go(func() {
-			nodes[i], errs[i] = natsnode.Start(context.Background(), natsnode.Config{
-				Name: fmt.Sprintf("n%d", i+1), Dir: t.TempDir(), Listen: "127.0.0.1:0",
-				ClusterName: "media", ClusterListen: fmt.Sprintf("127.0.0.1:%d", ports[i]), Routes: routes,
-				Logger: discardLogger(),
-			})
-		})
-	}
-	wg.Wait()
-	t.Cleanup(func() {
-		for _, n := range nodes {
-			if n != nil {
-				n.Shutdown()
-			}
-		}
-	})
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
-	return nodes
 }
 
 func TestSeqRuns(t *testing.T) {

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -114,72 +113,5 @@ func TestStartFailsClearly(t *testing.T) {
 				t.Fatalf("error %q does not say %q", err, c.want)
 			}
 		})
-	}
-}
-
-// StartCluster starts n routed nodes side by side on loopback and stops
-// them when the test ends.
-func startCluster(t *testing.T, size int) []*Node {
-	t.Helper()
-	ports := freePorts(t, size)
-	var routes []string
-	for _, p := range ports {
-		routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", p))
-	}
-	nodes := make([]*Node, size)
-	errs := make([]error, size)
-	var wg sync.WaitGroup
-	for i := range size {
-		wg.Go(func() {
-			nodes[i], errs[i] = Start(context.Background(), Config{
-				Name: fmt.Sprintf("n%d", i+1), Dir: t.TempDir(), Listen: "127.0.0.1:0",
-				ClusterName: "test", ClusterListen: fmt.Sprintf("127.0.0.1:%d", ports[i]), Routes: routes,
-				Logger: quiet(),
-			})
-		})
-	}
-	wg.Wait()
-	t.Cleanup(func() {
-		for _, n := range nodes {
-			if n != nil {
-				n.Shutdown()
-			}
-		}
-	})
-	for i, err := range errs {
-		if err != nil {
-			t.Fatalf("node %d: %v", i+1, err)
-		}
-	}
-	return nodes
-}
-
-func TestClusterReplicatesAcrossNodes(t *testing.T) {
-	verifyNoLeaks(t)
-	nodes := startCluster(t, 3)
-	ctx := context.Background()
-	if got := nodes[0].ClusterURL(); !strings.HasPrefix(got, "nats://127.0.0.1:") {
-		t.Fatalf("cluster URL %q", got)
-	}
-	_, err := nodes[0].JetStream().CreateStream(ctx, jetstream.StreamConfig{Name: "R", Subjects: []string{"r.>"}, Replicas: 3})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := nodes[0].JetStream().Publish(ctx, "r.a", []byte("replicated")); err != nil {
-		t.Fatal(err)
-	}
-	s, err := nodes[2].JetStream().Stream(ctx, "R")
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
-		t.Fatalf("stream cluster info %+v, want a leader and 2 replicas", info.Cluster)
-	}
-	if m, err := s.GetMsg(ctx, 1); err != nil || string(m.Data) != "replicated" {
-		t.Fatalf("read on node 3: %v, %v", m, err)
 	}
 }
