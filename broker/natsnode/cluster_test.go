@@ -4,10 +4,12 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
+	"github.com/chatd/chatd/broker/natsnode"
 	"github.com/chatd/chatd/broker/natsnode/natstest"
 )
 
@@ -18,29 +20,48 @@ func TestClusterReplicatesAcrossNodes(t *testing.T) {
 	// Registered first, so it runs after the nodes' shutdown.
 	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	nodes := natstest.Cluster(t, 3)
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	if got := nodes[0].ClusterURL(); !strings.HasPrefix(got, "nats://127.0.0.1:") {
 		t.Fatalf("cluster URL %q", got)
 	}
-	_, err := nodes[0].JetStream().CreateStream(ctx, jetstream.StreamConfig{Name: "R", Subjects: []string{"r.>"}, Replicas: 3})
-	if err != nil {
-		t.Fatal(err)
+	// A new cluster may leave a request unanswered while its groups
+	// elect leaders: each step is asked again until answered.
+	var (
+		st   jetstream.Stream
+		info *jetstream.StreamInfo
+	)
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
+		_, err := nodes[0].JetStream().CreateOrUpdateStream(ctx, jetstream.StreamConfig{Name: "R", Subjects: []string{"r.>"}, Replicas: 3})
+		return err
+	})
+	if err == nil {
+		err = natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
+			_, err := nodes[0].JetStream().Publish(ctx, "r.a", []byte("replicated"), jetstream.WithMsgID("once"))
+			return err
+		})
 	}
-	if _, err := nodes[0].JetStream().Publish(ctx, "r.a", []byte("replicated")); err != nil {
-		t.Fatal(err)
+	if err == nil {
+		err = natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+			if st, err = nodes[2].JetStream().Stream(ctx, "R"); err != nil {
+				return err
+			}
+			info, err = st.Info(ctx)
+			return err
+		})
 	}
-	s, err := nodes[2].JetStream().Stream(ctx, "R")
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
 		t.Fatalf("stream cluster info %+v, want a leader and 2 replicas", info.Cluster)
 	}
-	if m, err := s.GetMsg(ctx, 1); err != nil || string(m.Data) != "replicated" {
+	var m *jetstream.RawStreamMsg
+	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+		m, err = st.GetMsg(ctx, 1)
+		return err
+	})
+	if err != nil || string(m.Data) != "replicated" {
 		t.Fatalf("read on node 3: %v, %v", m, err)
 	}
 }
