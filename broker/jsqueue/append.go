@@ -155,7 +155,7 @@ func (s *Store) complete(b *batch) {
 	if len(retry) > 0 {
 		s.retry(retry)
 	}
-	s.stats.commits.Add(1)
+	s.stats.Commits.Add(1)
 	if s.opts.OnCommit != nil {
 		s.opts.OnCommit(b.msgs, time.Since(b.start))
 	}
@@ -316,14 +316,14 @@ func (s *Store) report(p *pending) {
 		switch c.status {
 		case queue.Stored:
 			stored++
-			s.stats.stored.Add(1)
+			s.stats.Stored.Add(1)
 			if i == 0 && r.To != "" {
 				msg = queue.Message{Seq: c.seq, Meta: c.meta, Data: c.data}
 			}
 		case queue.Duplicate:
 			dupes++
 		case queue.Full:
-			s.stats.full.Add(1)
+			s.stats.Full.Add(1)
 		case queue.Failed:
 			err = errors.Join(err, c.err)
 		}
@@ -336,7 +336,7 @@ func (s *Store) report(p *pending) {
 		status = queue.Failed
 	case stored == 0 && dupes > 0:
 		status = queue.Duplicate
-		s.stats.duplicates.Add(1)
+		s.stats.Duplicates.Add(1)
 	case stored == 0 && len(r.Fanout) == 0:
 		status = queue.Full
 	}

@@ -255,7 +255,7 @@ func (s *Store) purgeUser(ctx context.Context, u *userState) error {
 	if err != nil {
 		return err
 	}
-	s.stats.deleted.Add(n)
+	s.stats.Deleted.Add(n)
 	u.mu.Lock()
 	u.purged = max(u.purged, upTo)
 	u.mu.Unlock()

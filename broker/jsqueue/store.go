@@ -101,11 +101,6 @@ type Options struct {
 	OnCommit func(messages int, took time.Duration)
 }
 
-// counters backs Stats.
-type counters struct {
-	stored, duplicates, full, deleted, commits atomic.Uint64
-}
-
 // Store is the set of all users' queues, in JetStream.
 type Store struct {
 	opts    Options
@@ -135,7 +130,7 @@ type Store struct {
 	dirtyM sync.Mutex
 	dirty  map[*userState]struct{}
 
-	stats counters
+	stats queue.Counters
 	// retries counts publishes sent again, for tests.
 	retries atomic.Uint64
 	// free and lowDisk back FreeBytes and LowDisk.
@@ -383,27 +378,13 @@ func (s *Store) TryAppend(r *queue.Request) bool {
 }
 
 // Stats returns the store's running totals.
-func (s *Store) Stats() queue.Stats {
-	return queue.Stats{
-		Stored:     s.stats.stored.Load(),
-		Duplicates: s.stats.duplicates.Load(),
-		Full:       s.stats.full.Load(),
-		Deleted:    s.stats.deleted.Load(),
-		Commits:    s.stats.commits.Load(),
-	}
-}
+func (s *Store) Stats() queue.Stats { return s.stats.Stats() }
 
 // Undelivered returns how many messages this store stored that no purge
 // of this store has removed yet. In a cluster each node counts its own
 // appends and purges, so only the sum over nodes means anything, and
 // expired messages are never subtracted.
-func (s *Store) Undelivered() uint64 {
-	st := s.Stats()
-	if st.Deleted > st.Stored {
-		return 0
-	}
-	return st.Stored - st.Deleted
-}
+func (s *Store) Undelivered() uint64 { return s.Stats().Undelivered() }
 
 // DiskSize returns the bytes held by the message streams and by the
 // device bucket (the two figures broker/queue gives for its LSM tree and

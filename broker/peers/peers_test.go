@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -124,7 +125,7 @@ func TestNotices(t *testing.T) {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
 	for _, e := range ra.events {
-		if e[:len("presence")] != "presence" {
+		if !strings.HasPrefix(e, "presence ") {
 			t.Errorf("node a was told of its own notice: %q", e)
 		}
 	}

@@ -148,22 +148,22 @@ func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 	}
 	b.commit(len(batch), len(batch))
 	b.txn.Discard()
-	s.stats.commits.Add(1)
+	s.stats.Commits.Add(1)
 	if s.opts.OnCommit != nil {
 		s.opts.OnCommit(len(batch), time.Since(start))
 	}
 	for i := range batch {
 		switch results[i].status {
 		case Duplicate:
-			s.stats.duplicates.Add(1)
+			s.stats.Duplicates.Add(1)
 		case Full:
-			s.stats.full.Add(1)
+			s.stats.Full.Add(1)
 		}
 		if results[i].status != Stored {
 			continue
 		}
 		results[i].each(func(st stored) {
-			s.stats.stored.Add(1)
+			s.stats.Stored.Add(1)
 			st.u.mu.Lock()
 			st.u.committed = max(st.u.committed, st.msg.Seq)
 			st.u.mu.Unlock()
@@ -334,7 +334,7 @@ func (s *Store) flush() {
 			}
 		}
 		if f.upTo > u.deleted {
-			s.stats.deleted.Add(f.upTo - u.deleted)
+			s.stats.Deleted.Add(f.upTo - u.deleted)
 			u.deleted = f.upTo
 			u.tail = max(u.tail, f.upTo+1)
 		}

@@ -107,9 +107,28 @@ type Stats struct {
 	Commits uint64
 }
 
-// counters backs Stats.
-type counters struct {
-	stored, duplicates, full, deleted, commits atomic.Uint64
+// Counters are a store's running totals, updated concurrently.
+type Counters struct {
+	Stored, Duplicates, Full, Deleted, Commits atomic.Uint64
+}
+
+// Stats returns the totals as they are now.
+func (c *Counters) Stats() Stats {
+	return Stats{
+		Stored:     c.Stored.Load(),
+		Duplicates: c.Duplicates.Load(),
+		Full:       c.Full.Load(),
+		Deleted:    c.Deleted.Load(),
+		Commits:    c.Commits.Load(),
+	}
+}
+
+// Undelivered returns how many stored messages are not deleted yet.
+func (st Stats) Undelivered() uint64 {
+	if st.Deleted > st.Stored {
+		return 0
+	}
+	return st.Stored - st.Deleted
 }
 
 // Store is the set of all users' queues.
@@ -124,32 +143,18 @@ type Store struct {
 	stop   chan struct{}
 	wg     sync.WaitGroup
 	closed sync.Once
-	stats  counters
+	stats  Counters
 	// free and lowDisk are the last reading of the disk watch.
 	free    atomic.Int64
 	lowDisk atomic.Bool
 }
 
 // Stats returns the store's running totals.
-func (s *Store) Stats() Stats {
-	return Stats{
-		Stored:     s.stats.stored.Load(),
-		Duplicates: s.stats.duplicates.Load(),
-		Full:       s.stats.full.Load(),
-		Deleted:    s.stats.deleted.Load(),
-		Commits:    s.stats.commits.Load(),
-	}
-}
+func (s *Store) Stats() Stats { return s.stats.Stats() }
 
 // Undelivered returns how many stored messages some device has yet to
 // acknowledge, over all users (including expired ones not yet noticed).
-func (s *Store) Undelivered() uint64 {
-	st := s.Stats()
-	if st.Deleted > st.Stored {
-		return 0
-	}
-	return st.Stored - st.Deleted
-}
+func (s *Store) Undelivered() uint64 { return s.Stats().Undelivered() }
 
 // Badger sizes; see Open.
 const (
