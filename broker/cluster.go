@@ -74,8 +74,14 @@ func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, que
 		Dir:         filepath.Join(cfg.DataDir, "jetstream"),
 		Listen:      cfg.Cluster.NATSListen,
 		ClusterName: cfg.Cluster.Name,
-		SyncAlways:  cfg.Queue.Sync == config.SyncAlways,
 		Logger:      log.With("component", "nats"),
+	}
+	// queue.sync is the JetStream server's fsync in cluster mode: Badger
+	// holds no queued message there.
+	ncfg.SyncAlways, ncfg.SyncInterval = natsnode.QueueSync(cfg.Queue)
+	if cfg.Queue.Sync == config.SyncNone && cfg.Cluster.URL == "" {
+		log.Info("queue.sync none: JetStream cannot turn fsync off, so it fsyncs on its own interval",
+			"sync_interval", natsnode.DefaultSyncInterval)
 	}
 	if cfg.Cluster.Name != "" {
 		ncfg.ClusterListen = cfg.Cluster.Listen

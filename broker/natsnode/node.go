@@ -19,10 +19,36 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/config"
 )
 
 // DefaultReadyTimeout bounds Start when Config.ReadyTimeout is zero.
 const DefaultReadyTimeout = 30 * time.Second
+
+// DefaultSyncInterval is nats-server's own fsync interval, which an
+// embedded server keeps when Config.SyncInterval is zero.
+const DefaultSyncInterval = 2 * time.Minute
+
+// QueueSync maps chatd's queue.sync and queue.sync_interval onto the
+// embedded server's Config.SyncAlways and Config.SyncInterval, so that a
+// PUBACK means in cluster mode what the mode says on a single node:
+//   - always: every JetStream write is fsynced before it is acknowledged;
+//   - batch: JetStream fsyncs every q.SyncInterval, as Badger does;
+//   - none: JetStream cannot be told never to fsync, so it keeps its own
+//     DefaultSyncInterval, the closest to leaving flushes to the OS.
+//
+// A server chatd joins by URL keeps its own settings: it is not ours to set.
+func QueueSync(q config.Queue) (always bool, interval time.Duration) {
+	switch q.Sync {
+	case config.SyncAlways:
+		return true, 0
+	case config.SyncBatch:
+		return false, q.SyncInterval
+	default:
+		return false, 0
+	}
+}
 
 // Config says which NATS to run or join. With URL set, Start only
 // connects and every server field is ignored.
@@ -45,11 +71,14 @@ type Config struct {
 	// Routes are the peers' route URLs (nats://host:port of their
 	// ClusterListen); this node's own URL may be listed, and is skipped.
 	Routes []string
-	// SyncAlways fsyncs every JetStream write. Without it a replicated
-	// stream relies on its other replicas for a crash of one node, and a
-	// single node may lose the last SyncInterval of writes to a power loss.
+	// SyncAlways fsyncs every JetStream write before it is acknowledged
+	// (for a replicated stream: its Raft log on each replica). Without it
+	// a replicated stream relies on its other replicas for a crash of one
+	// node, and a single node may lose the last SyncInterval of writes to
+	// a power loss. QueueSync derives it from chatd's queue settings.
 	SyncAlways bool
-	// SyncInterval is how often JetStream fsyncs; 0 keeps the server default (2 minutes).
+	// SyncInterval is how often JetStream fsyncs in the background; 0
+	// keeps the server default, DefaultSyncInterval.
 	SyncInterval time.Duration
 	// MaxMemory and MaxStore cap JetStream's memory and disk use in bytes;
 	// 0 keeps the server defaults (a share of the machine's memory and disk).
@@ -120,6 +149,10 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		if err != nil {
 			return nil, err
 		}
+		// A joined server fsyncs as its own configuration says
+		// (jetstream.sync_interval), whatever chatd's queue.sync is.
+		cfg.Logger.Warn("joined an external NATS: how often JetStream fsyncs, and so what a PUBACK survives, is that server's jetstream sync_interval, not queue.sync",
+			"url", n.nc.ConnectedUrlRedacted())
 		return n, nil
 	}
 	opts, err := serverOptions(cfg)
@@ -146,6 +179,9 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		return nil, err
 	}
 	n.srv = srv
+	if jsc := srv.JetStreamConfig(); jsc != nil {
+		cfg.Logger.Info("JetStream fsync", "sync_always", jsc.SyncAlways, "sync_interval", jsc.SyncInterval)
+	}
 	return n, nil
 }
 
@@ -188,7 +224,7 @@ func connect(ctx context.Context, cfg Config, url string) (*Node, error) {
 				log.Warn("disconnected", "error", err)
 			}
 		}),
-		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("reconnected", "url", c.ConnectedUrl()) }),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("reconnected", "url", c.ConnectedUrlRedacted()) }),
 		nats.ErrorHandler(func(_ *nats.Conn, s *nats.Subscription, err error) {
 			subj := ""
 			if s != nil {
