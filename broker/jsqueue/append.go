@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -107,10 +108,13 @@ func (s *Store) publish(reqs []*queue.Request) {
 func (s *Store) send(r *queue.Request, to string, data []byte) pub {
 	v := encodeValue(r.Meta, data)
 	subj, _ := s.names.subject(to)
-	m := &nats.Msg{Subject: subj, Data: v}
+	m := &nats.Msg{Subject: subj, Data: v, Header: nats.Header{}}
 	if r.ID != "" {
-		m.Header = nats.Header{jetstream.MsgIDHeader: []string{msgID(r.Sender, r.ID, to)}}
+		m.Header.Set(jetstream.MsgIDHeader, msgID(r.Sender, r.ID, to))
 	}
+	// The stream's MaxAge expires messages by the wall clock; the header
+	// lets Read follow Options.Now as well.
+	m.Header.Set(expiresHeader, strconv.FormatInt(s.opts.Now().Add(s.opts.Queue.MessageTTL).UnixMilli(), 10))
 	meta, body, _ := decodeValue(v)
 	p := pub{user: to, msg: m, meta: meta, data: body}
 	// A full set of pending publishes waits for room as long as a publish
@@ -299,7 +303,8 @@ func (s *Store) retry(ps []*pub) {
 // report calls Done for one request and OnStored for its stored copies.
 // The request's status follows broker/queue: Failed if any copy failed,
 // Duplicate if every copy that was not refused is a duplicate, Full if
-// the only recipient is full, else Stored; the Message is To's copy.
+// every recipient is full, else Stored (after OnFull names the full
+// ones); the Message is To's copy.
 func (s *Store) report(p *pending) {
 	r := p.req
 	if len(p.pubs) == 0 {
@@ -310,6 +315,7 @@ func (s *Store) report(p *pending) {
 		err           error
 		stored, dupes int
 		msg           queue.Message
+		full          []string
 	)
 	for i := range p.pubs {
 		c := &p.pubs[i]
@@ -324,6 +330,7 @@ func (s *Store) report(p *pending) {
 			dupes++
 		case queue.Full:
 			s.stats.Full.Add(1)
+			full = append(full, c.user)
 		case queue.Failed:
 			err = errors.Join(err, c.err)
 		}
@@ -337,13 +344,18 @@ func (s *Store) report(p *pending) {
 	case stored == 0 && dupes > 0:
 		status = queue.Duplicate
 		s.stats.Duplicates.Add(1)
-	case stored == 0 && len(r.Fanout) == 0:
+	case stored == 0:
+		// Every recipient's queue was full. JetStream keeps no Nats-Msg-Id
+		// of a refused message, so the sender's resend is not a duplicate.
 		status = queue.Full
 	}
 	if status != queue.Stored {
 		msg = queue.Message{}
 	}
 	s.noteSpace(stored > 0, err)
+	if status == queue.Stored && len(full) > 0 && r.OnFull != nil {
+		r.OnFull(full)
+	}
 	r.Done(status, msg, err)
 	// Even a failed request may have stored some copies: they are
 	// delivered, so their users' feeds must hear of them.

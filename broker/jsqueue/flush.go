@@ -33,16 +33,49 @@ func (s *Store) flushLoop() {
 			// Errors are logged and the users flushed again next time.
 			_ = s.flush()
 		case <-sweep.C:
-			s.forgetUnseenDevices(time.Now())
+			s.forgetUnseenDevices(s.opts.Now())
+		case f := <-s.ctl:
+			f()
 		case <-s.stop:
 			// Done and OnStored callbacks of the last requests may still ack.
 			<-s.completed
+			if s.crashed.Load() {
+				return
+			}
 			if err := s.flush(); err != nil {
 				s.closeErr = fmt.Errorf("jsqueue: persist acknowledgements on close: %w", err)
 			}
 			return
 		}
 	}
+}
+
+// Flush persists acknowledgements and purges what every device has
+// acknowledged now, instead of at the next AckFlushInterval, and returns
+// what failed. It must not be called after Close.
+func (s *Store) Flush() error {
+	var err error
+	s.onFlusher(func() { err = s.flush() })
+	return err
+}
+
+// ForgetUnseen forgets, now, the offline devices unseen for device_ttl by
+// the store's clock, as the periodic sweep does, and persists that. It
+// must not be called after Close.
+func (s *Store) ForgetUnseen() error {
+	var err error
+	s.onFlusher(func() {
+		s.forgetUnseenDevices(s.opts.Now())
+		err = s.flush()
+	})
+	return err
+}
+
+// onFlusher runs f on the flusher goroutine, which owns flushes, and waits for it.
+func (s *Store) onFlusher(f func()) {
+	done := make(chan struct{})
+	s.ctl <- func() { f(); close(done) }
+	<-done
 }
 
 // sweepInterval is how often devices unseen for ttl are looked for.

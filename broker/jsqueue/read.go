@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/chatd/chatd/broker/natsnode"
@@ -41,6 +43,7 @@ func (s *Store) Read(user string, after uint64, max int) ([]queue.Message, error
 func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([]queue.Message, error) {
 	subj, shard := s.names.subject(user)
 	stream := s.names.stream(shard)
+	now := s.opts.Now().UnixMilli()
 	last, err := s.lastSeq(ctx, stream, subj)
 	if err != nil {
 		return nil, fmt.Errorf("read queue of %s: %w", user, err)
@@ -53,20 +56,22 @@ func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([
 		return nil, fmt.Errorf("read queue of %s after %d: %w", user, after, err)
 	}
 	out := make([]queue.Message, 0, len(msgs))
+	// from is the last sequence seen, expired or not.
+	from := after
 	for _, m := range msgs {
 		seq, err := seqOf(m)
 		if err != nil {
 			return nil, fmt.Errorf("read queue of %s: %w", user, err)
+		}
+		from = seq
+		if expired(m.Header, now) {
+			continue
 		}
 		meta, data, err := decodeValue(m.Data)
 		if err != nil {
 			return nil, fmt.Errorf("read queue of %s: message %d: %w", user, seq, err)
 		}
 		out = append(out, queue.Message{Seq: seq, Meta: meta, Data: data})
-	}
-	from := after
-	if len(out) > 0 {
-		from = out[len(out)-1].Seq
 	}
 	for len(out) < max && from < last {
 		// The replica stopped short of the leader's last sequence: it lags,
@@ -81,14 +86,34 @@ func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([
 		if sm.Sequence > last {
 			break
 		}
+		from = sm.Sequence
+		if len(sm.Header) > 0 {
+			if h, err := nats.DecodeHeadersMsg(sm.Header); err == nil && expired(h, now) {
+				continue
+			}
+		}
 		meta, data, err := decodeValue(sm.Data)
 		if err != nil {
 			return nil, fmt.Errorf("read queue of %s: message %d: %w", user, sm.Sequence, err)
 		}
 		out = append(out, queue.Message{Seq: sm.Sequence, Meta: meta, Data: data})
-		from = sm.Sequence
 	}
 	return out, nil
+}
+
+// expiresHeader carries a message's expiry, in Unix milliseconds by the
+// store's clock.
+const expiresHeader = "Chatd-Expires"
+
+// expired reports a message whose expiry header is at or before now
+// (Unix milliseconds); messages without one expire by the stream's MaxAge alone.
+func expired(h nats.Header, now int64) bool {
+	v := h.Get(expiresHeader)
+	if v == "" {
+		return false
+	}
+	exp, err := strconv.ParseInt(v, 10, 64)
+	return err == nil && exp <= now
 }
 
 // Head returns the last sequence of user's queue that is durable, or the

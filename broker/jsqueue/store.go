@@ -99,6 +99,9 @@ type Options struct {
 	// OnCommit, if set, is told the size of every batch of publishes and
 	// how long its acknowledgements took.
 	OnCommit func(messages int, took time.Duration)
+	// Now is the clock of device_ttl, message_ttl and last-seen times;
+	// nil means time.Now. Tests move it forward instead of waiting.
+	Now func() time.Time
 }
 
 // Store is the set of all users' queues, in JetStream.
@@ -118,6 +121,10 @@ type Store struct {
 	reqs    chan *queue.Request
 	batches chan *batch
 	stop    chan struct{}
+	// ctl runs Flush and ForgetUnseen on the flusher goroutine.
+	ctl chan func()
+	// crashed skips the last flush on Close, as a crash would (tests).
+	crashed atomic.Bool
 	// completed is closed when the completer has reported everything.
 	completed chan struct{}
 	wg        sync.WaitGroup
@@ -169,6 +176,9 @@ func (o Options) withDefaults() (Options, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
 	if o.Queue.MaxBatch <= 0 {
 		o.Queue.MaxBatch = config.Default().Queue.MaxBatch
 	}
@@ -216,6 +226,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		reqs:      make(chan *queue.Request, 16384),
 		batches:   make(chan *batch, 64),
 		stop:      make(chan struct{}),
+		ctl:       make(chan func()),
 		completed: make(chan struct{}),
 		dirty:     make(map[*userState]struct{}),
 	}

@@ -115,7 +115,7 @@ func decodeStored(sm *storedMsg) (record, error) {
 func (s *Store) reconcile(u *userState, recs map[string]stored) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	expired := time.Now().Add(-s.opts.Queue.DeviceTTL).Unix()
+	expired := s.opts.Now().Add(-s.opts.Queue.DeviceTTL).Unix()
 	forgot := false
 	for name, st := range recs {
 		d, ok := u.devices[name]
@@ -182,10 +182,23 @@ func (u *userState) unforget(name string) {
 	}
 }
 
+// hasPersistent reports whether the user has a device that is not
+// transient; called with u.mu held.
+func (u *userState) hasPersistent() bool {
+	for _, d := range u.devices {
+		if !d.transient {
+			return true
+		}
+	}
+	return false
+}
+
 // minCursor is the sequence every device has acknowledged; ok is false
-// when the user has no devices, whose queue then waits for its first one.
+// when the user has no persistent device. A transient device holds
+// messages back while it is connected, but it cannot release them alone:
+// they wait for the user's first persistent device.
 func (u *userState) minCursor() (uint64, bool) {
-	if len(u.devices) == 0 {
+	if !u.hasPersistent() {
 		return 0, false
 	}
 	m := ^uint64(0)
@@ -195,11 +208,15 @@ func (u *userState) minCursor() (uint64, bool) {
 	return m, true
 }
 
-// Attach registers a device of user that just connected and returns its
-// cursor, the last sequence it has acknowledged, and whether it subscribed
-// to its inbox on an earlier connection. A user's first device gets
-// everything queued; a device added while the user has others gets what
-// arrives from then on. A transient device is forgotten on Detach.
+// Attach registers a connection of a device of user and returns the
+// device's cursor, the last sequence it has acknowledged, and whether it
+// subscribed to its inbox on an earlier connection. A device new to the
+// store gets everything queued when the user has no persistent device
+// (so a user's first persistent device receives the whole backlog, even
+// beside transient ones), and what arrives from then on otherwise. A
+// transient device is forgotten when its last connection on this node
+// detaches; Attach and Detach are counted, so every Attach must be
+// matched by one Detach.
 //
 // The user's records are read again from the bucket first, so a device
 // that last connected to another node resumes where it acknowledged there.
@@ -217,10 +234,12 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	s.reconcile(u, recs)
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	now := time.Now().Unix()
+	now := s.opts.Now().Unix()
 	if d, ok := u.devices[device]; ok {
 		d.seen = now
 		d.online++
+		// A transient device reconnecting with a persistent session becomes
+		// persistent; the flush writes the flag.
 		d.transient = d.transient && transient
 		return d.cursor, d.subscribed, nil
 	}
@@ -253,12 +272,12 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 }
 
 // startCursor is a new device's cursor: before the first queued message
-// for the user's first device, the queue's head for any later one.
+// when the user has no persistent device, the queue's head otherwise.
 // Called with u.mu held.
 func (s *Store) startCursor(ctx context.Context, u *userState) (uint64, error) {
 	subj, shard := s.names.subject(u.name)
 	stream := s.names.stream(shard)
-	if len(u.devices) == 0 {
+	if !u.hasPersistent() {
 		first, err := s.firstSeq(ctx, stream, subj)
 		if err != nil {
 			return 0, err
@@ -318,7 +337,8 @@ func (s *Store) Ack(user, device string, cursor uint64) {
 	s.updateDevice(user, device, func(d *deviceState) { d.cursor = max(d.cursor, cursor) })
 }
 
-// Detach records that device of user disconnected; a transient device is forgotten.
+// Detach records that a connection of device of user ended; a transient
+// device is forgotten when its last connection here ends.
 func (s *Store) Detach(user, device string) {
 	u, err := s.user(user)
 	if err != nil {
@@ -328,11 +348,13 @@ func (s *Store) Detach(user, device string) {
 	u.mu.Lock()
 	if d, ok := u.devices[device]; ok {
 		d.online = max(d.online-1, 0)
-		if d.transient {
+		switch {
+		case d.online > 0:
+		case d.transient:
 			delete(u.devices, device)
 			u.forgotten = append(u.forgotten, device)
-		} else {
-			d.seen = time.Now().Unix()
+		default:
+			d.seen = s.opts.Now().Unix()
 		}
 	}
 	u.mu.Unlock()

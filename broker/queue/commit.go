@@ -18,9 +18,11 @@ type outcome struct {
 	msg    Message
 	err    error
 	// to is what was stored for the request's To (u is nil when nothing
-	// was); fanout is what was stored for its further recipients.
+	// was); fanout is what was stored for its further recipients; full
+	// lists the recipients whose queues were full.
 	to     stored
 	fanout []stored
+	full   []string
 }
 
 // stored is one message stored in one user's queue.
@@ -57,7 +59,9 @@ func (s *Store) commitLoop() {
 		case <-tick.C:
 			s.flush()
 		case <-sweep.C:
-			s.forgetUnseenDevices(time.Now())
+			s.forgetUnseenDevices(s.opts.Now())
+		case f := <-s.ctl:
+			f()
 		case <-s.stop:
 			for {
 				select {
@@ -65,7 +69,9 @@ func (s *Store) commitLoop() {
 					batch = s.collect(append(batch[:0], r))
 					results = s.commit(batch, results[:0])
 				default:
-					s.flush()
+					if !s.crashed.Load() {
+						s.flush()
+					}
 					return
 				}
 			}
@@ -156,8 +162,8 @@ func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 		switch results[i].status {
 		case Duplicate:
 			s.stats.Duplicates.Add(1)
-		case Full:
-			s.stats.Full.Add(1)
+		case Full, Stored:
+			s.stats.Full.Add(uint64(len(results[i].full)))
 		}
 		if results[i].status != Stored {
 			continue
@@ -171,6 +177,9 @@ func (s *Store) commit(batch []*Request, results []outcome) []outcome {
 	}
 	for i, r := range batch {
 		o := &results[i]
+		if o.status == Stored && len(o.full) > 0 && r.OnFull != nil {
+			r.OnFull(o.full)
+		}
 		r.Done(o.status, o.msg, o.err)
 		if o.status == Stored && s.opts.OnStored != nil {
 			o.each(func(st stored) { s.opts.OnStored(st.u.name, st.msg) })
@@ -205,19 +214,27 @@ func (s *Store) stage(b *batchTxn, idx int, r *Request, ttl, dedupTTL time.Durat
 		switch {
 		case err != nil:
 			return outcome{status: Failed, err: err}
-		case full && len(r.Fanout) == 0:
-			return outcome{status: Full}
+		case full:
+			o.full = append(o.full, r.To)
+		default:
+			o.to, o.msg = st, st.msg
 		}
-		o.to, o.msg = st, st.msg
 	}
 	for _, f := range r.Fanout {
 		st, full, err := s.stageOne(b, idx, f.To, r.Meta, f.Data, ttl)
-		if err != nil {
+		switch {
+		case err != nil:
 			return outcome{status: Failed, err: err}
-		}
-		if !full {
+		case full:
+			o.full = append(o.full, f.To)
+		default:
 			o.fanout = append(o.fanout, st)
 		}
+	}
+	if o.to.u == nil && len(o.fanout) == 0 {
+		// Stored nowhere: no dedup key, so that the sender's resend, once
+		// there is room, is stored rather than taken for a duplicate.
+		return outcome{status: Full, full: o.full}
 	}
 	if dk != nil {
 		if err := b.set(idx, badger.NewEntry(dk, nil).WithTTL(dedupTTL)); err != nil {
@@ -245,7 +262,12 @@ func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl
 	u.head = seq
 	u.mu.Unlock()
 	v, m, d := encodeValue(meta, data)
-	if err := b.set(idx, badger.NewEntry(msgKey(to, seq), v).WithTTL(ttl)); err != nil {
+	e := badger.NewEntry(msgKey(to, seq), v)
+	// The expiry follows the store's clock (Options.Now), not Badger's,
+	// rounded up to Badger's whole seconds so that a message never
+	// expires before message_ttl.
+	e.ExpiresAt = uint64(s.opts.Now().Add(ttl + time.Second - 1).Unix())
+	if err := b.set(idx, e); err != nil {
 		return stored{}, false, fmt.Errorf("stage message: %w", err)
 	}
 	return stored{u: u, msg: Message{Seq: seq, Meta: m, Data: d}}, false, nil
@@ -256,14 +278,8 @@ func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl
 func (s *Store) skipExpired(u *userQueue) {
 	first := u.head + 1
 	err := s.db.View(func(txn *badger.Txn) error {
-		io := badger.DefaultIteratorOptions
-		io.PrefetchValues = false
-		io.Prefix = msgPrefix(u.name)
-		it := txn.NewIterator(io)
-		defer it.Close()
-		it.Seek(msgKey(u.name, u.tail))
-		if it.Valid() {
-			first = seqOf(it.Item().Key())
+		if f := firstLive(txn, u.name, u.tail, uint64(s.opts.Now().Unix())); f != 0 {
+			first = f
 		}
 		return nil
 	})

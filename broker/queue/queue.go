@@ -63,8 +63,14 @@ type Request struct {
 	Data []byte
 	// Fanout lists more recipients of the same message (a group message),
 	// each with its own envelope, stored in the same commit under the one
-	// dedup key. A full queue skips that recipient alone.
+	// dedup key. A full queue skips that recipient alone; when every
+	// recipient's queue is full the request is Full and no dedup key is
+	// written, so the sender's retry is not taken for a duplicate.
 	Fanout []Fanout
+	// OnFull, if set, is called before Done of a Stored request with the
+	// recipients whose queues were full and got nothing, on the committer
+	// goroutine; it must not block.
+	OnFull func(users []string)
 	// Done is called once, on the committer goroutine, in the order requests
 	// were made. It must not block.
 	Done func(Status, Message, error)
@@ -91,6 +97,9 @@ type Options struct {
 	OnStored func(user string, m Message)
 	// OnCommit, if set, is told the size and duration of every group commit.
 	OnCommit func(messages int, took time.Duration)
+	// Now is the clock of device_ttl, message_ttl and last-seen times;
+	// nil means time.Now. Tests move it forward instead of waiting.
+	Now func() time.Time
 }
 
 // Stats are the store's running totals.
@@ -140,10 +149,15 @@ type Store struct {
 	users  sync.Map // user ID -> *userQueue
 	dirtyM sync.Mutex
 	dirty  map[*userQueue]struct{}
+	// ctl runs maintenance asked for by Flush and ForgetUnseen on the
+	// committer goroutine, which owns flushes.
+	ctl    chan func()
 	stop   chan struct{}
 	wg     sync.WaitGroup
 	closed sync.Once
-	stats  Counters
+	// crashed skips the last flush on Close, as a crash would (tests).
+	crashed atomic.Bool
+	stats   Counters
 	// free and lowDisk are the last reading of the disk watch.
 	free    atomic.Int64
 	lowDisk atomic.Bool
@@ -169,6 +183,9 @@ const (
 func Open(opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
 	}
 	bo := badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{opts.Logger}).
@@ -198,6 +215,7 @@ func Open(opts Options) (*Store, error) {
 		opts:  opts,
 		log:   opts.Logger,
 		reqs:  make(chan *Request, 16384),
+		ctl:   make(chan func()),
 		dirty: make(map[*userQueue]struct{}),
 		stop:  make(chan struct{}),
 	}
@@ -231,9 +249,11 @@ func (s *Store) Close() error {
 	return err
 }
 
-// Read returns up to max messages of user with Seq > after, in order.
+// Read returns up to max messages of user with Seq > after, in order,
+// leaving out those past message_ttl.
 func (s *Store) Read(user string, after uint64, max int) ([]Message, error) {
 	var out []Message
+	now := uint64(s.opts.Now().Unix())
 	err := s.db.View(func(txn *badger.Txn) error {
 		io := badger.DefaultIteratorOptions
 		io.Prefix = msgPrefix(user)
@@ -242,6 +262,9 @@ func (s *Store) Read(user string, after uint64, max int) ([]Message, error) {
 		defer it.Close()
 		for it.Seek(msgKey(user, after+1)); it.Valid() && len(out) < max; it.Next() {
 			item := it.Item()
+			if expired(item, now) {
+				continue
+			}
 			v, err := item.ValueCopy(nil)
 			if err != nil {
 				return fmt.Errorf("read value: %w", err)
@@ -260,11 +283,22 @@ func (s *Store) Read(user string, after uint64, max int) ([]Message, error) {
 	return out, nil
 }
 
-// Attach registers a device of user that just connected and returns its
-// cursor, the last sequence it has acknowledged, and whether it subscribed
-// to its inbox on an earlier connection. A user's first device gets
-// everything queued; a device added while the user has others gets what
-// arrives from then on. A transient device is forgotten on Detach.
+// expired reports a message past its message_ttl at now (Unix seconds).
+// Badger hides expired entries by the wall clock; this check makes the
+// store follow Options.Now as well.
+func expired(item *badger.Item, now uint64) bool {
+	exp := item.ExpiresAt()
+	return exp != 0 && exp <= now
+}
+
+// Attach registers a connection of a device of user and returns the
+// device's cursor, the last sequence it has acknowledged, and whether it
+// subscribed to its inbox on an earlier connection. A device new to the
+// store gets everything queued when the user has no persistent device
+// (so a user's first persistent device receives the whole backlog, even
+// beside transient ones), and what arrives from then on otherwise. A
+// transient device is forgotten when its last connection detaches; Attach
+// and Detach are counted, so every Attach must be matched by one Detach.
 func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error) {
 	u, err := s.user(user)
 	if err != nil {
@@ -272,31 +306,51 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	now := time.Now().Unix()
+	now := s.opts.Now().Unix()
 	if d, ok := u.devices[device]; ok {
+		if d.transient && !transient {
+			// A transient device reconnecting with a persistent session
+			// becomes persistent: its record is written now, as for a
+			// new device.
+			r := d.record
+			r.seen = now
+			if err := s.saveDevice(user, device, r); err != nil {
+				return 0, false, err
+			}
+			d.saved = r
+		}
 		d.seen = now
 		d.online++
 		d.transient = d.transient && transient
 		return d.cursor, d.subscribed, nil
 	}
 	r := record{cursor: u.head, seen: now}
-	if len(u.devices) == 0 {
+	if !u.hasPersistent() {
 		r.cursor = u.tail - 1
 	}
 	d := &deviceState{record: r, transient: transient, online: 1}
 	if !transient {
 		// Persisted now, not lazily: a device that crashed before its record
 		// was written would come back as "new" and skip what it was sent.
-		err := s.db.Update(func(txn *badger.Txn) error {
-			return txn.Set(deviceKey(user, device), r.encode())
-		})
-		if err != nil {
-			return 0, false, fmt.Errorf("register device %s/%s: %w", user, device, err)
+		if err := s.saveDevice(user, device, r); err != nil {
+			return 0, false, err
 		}
 		d.saved = r
 	}
+	u.unforget(device)
 	u.devices[device] = d
 	return r.cursor, false, nil
+}
+
+// saveDevice writes a device record at once.
+func (s *Store) saveDevice(user, device string, r record) error {
+	err := s.db.Update(func(txn *badger.Txn) error {
+		return txn.Set(deviceKey(user, device), r.encode())
+	})
+	if err != nil {
+		return fmt.Errorf("register device %s/%s: %w", user, device, err)
+	}
+	return nil
 }
 
 // MayAttach reports whether device of user may connect: it is known, or
@@ -339,7 +393,8 @@ func (s *Store) Ack(user, device string, cursor uint64) {
 	s.updateDevice(user, device, func(d *deviceState) { d.cursor = max(d.cursor, cursor) })
 }
 
-// Detach records that device of user disconnected; a transient device is forgotten.
+// Detach records that a connection of device of user ended; a transient
+// device is forgotten when its last connection ends.
 func (s *Store) Detach(user, device string) {
 	u, err := s.user(user)
 	if err != nil {
@@ -349,14 +404,38 @@ func (s *Store) Detach(user, device string) {
 	u.mu.Lock()
 	if d, ok := u.devices[device]; ok {
 		d.online = max(d.online-1, 0)
-		if d.transient {
+		switch {
+		case d.online > 0:
+		case d.transient:
 			delete(u.devices, device)
-		} else {
-			d.seen = time.Now().Unix()
+		default:
+			d.seen = s.opts.Now().Unix()
 		}
 	}
 	u.mu.Unlock()
 	s.markDirty(u)
+}
+
+// Flush persists acknowledgements and deletes what every device has
+// acknowledged now, instead of at the next AckFlushInterval, and returns
+// when it is done. It must not be called after Close.
+func (s *Store) Flush() { s.onCommitter(s.flush) }
+
+// ForgetUnseen forgets, now, the offline devices unseen for device_ttl by
+// the store's clock, as the periodic sweep does, and persists that. It
+// must not be called after Close.
+func (s *Store) ForgetUnseen() {
+	s.onCommitter(func() {
+		s.forgetUnseenDevices(s.opts.Now())
+		s.flush()
+	})
+}
+
+// onCommitter runs f on the committer goroutine and waits for it.
+func (s *Store) onCommitter(f func()) {
+	done := make(chan struct{})
+	s.ctl <- func() { f(); close(done) }
+	<-done
 }
 
 // updateDevice changes a known device's record and schedules its flush.

@@ -3,7 +3,6 @@ package queue
 import (
 	"fmt"
 	"sync"
-	"time"
 
 	"github.com/dgraph-io/badger/v4"
 )
@@ -51,20 +50,16 @@ func (s *Store) user(name string) (*userQueue, error) {
 func (s *Store) load(name string) (*userQueue, error) {
 	u := &userQueue{name: name, devices: make(map[string]*deviceState)}
 	var first, last uint64
-	expired := time.Now().Add(-s.opts.Queue.DeviceTTL).Unix()
+	now := s.opts.Now()
+	unseen := now.Add(-s.opts.Queue.DeviceTTL).Unix()
 	err := s.db.View(func(txn *badger.Txn) error {
+		first = firstLive(txn, name, 1, uint64(now.Unix()))
+
 		io := badger.DefaultIteratorOptions
 		io.PrefetchValues = false
 		io.Prefix = msgPrefix(name)
-		it := txn.NewIterator(io)
-		it.Rewind()
-		if it.Valid() {
-			first = seqOf(it.Item().Key())
-		}
-		it.Close()
-
 		io.Reverse = true
-		it = txn.NewIterator(io)
+		it := txn.NewIterator(io)
 		it.Seek(msgKey(name, ^uint64(0)))
 		if it.Valid() {
 			last = seqOf(it.Item().Key())
@@ -87,7 +82,7 @@ func (s *Store) load(name string) (*userQueue, error) {
 				return fmt.Errorf("device record %s/%s is corrupt (%d bytes)", name, device, len(v))
 			}
 			d := &deviceState{record: r, saved: r}
-			if r.seen < expired {
+			if r.seen < unseen {
 				d.forget = true
 			}
 			u.devices[device] = d
@@ -120,10 +115,50 @@ func (s *Store) load(name string) (*userQueue, error) {
 	return u, nil
 }
 
-// minCursor is the sequence every device has acknowledged; ok is false when
-// the user has no devices, whose queue then waits for its first one.
+// firstLive returns the sequence of user's first message from seq on that
+// is not past message_ttl at now (Unix seconds), 0 if there is none.
+func firstLive(txn *badger.Txn, user string, seq, now uint64) uint64 {
+	io := badger.DefaultIteratorOptions
+	io.PrefetchValues = false
+	io.Prefix = msgPrefix(user)
+	it := txn.NewIterator(io)
+	defer it.Close()
+	for it.Seek(msgKey(user, seq)); it.Valid(); it.Next() {
+		if !expired(it.Item(), now) {
+			return seqOf(it.Item().Key())
+		}
+	}
+	return 0
+}
+
+// hasPersistent reports whether the user has a device that is not
+// transient; called with u.mu held.
+func (u *userQueue) hasPersistent() bool {
+	for _, d := range u.devices {
+		if !d.transient {
+			return true
+		}
+	}
+	return false
+}
+
+// unforget drops name from the records the next flush deletes, for a
+// device that came back before it; called with u.mu held.
+func (u *userQueue) unforget(name string) {
+	for i, f := range u.forgotten {
+		if f == name {
+			u.forgotten = append(u.forgotten[:i], u.forgotten[i+1:]...)
+			return
+		}
+	}
+}
+
+// minCursor is the sequence every device has acknowledged; ok is false
+// when the user has no persistent device. A transient device holds
+// messages back while it is connected, but it cannot release them alone:
+// they wait for the user's first persistent device.
 func (u *userQueue) minCursor() (uint64, bool) {
-	if len(u.devices) == 0 {
+	if !u.hasPersistent() {
 		return 0, false
 	}
 	m := ^uint64(0)
