@@ -452,6 +452,12 @@ func (s *Server) bearer(r *http.Request) (string, error) {
 // notifyPush tells the push webhook that user, who has no device online,
 // has a message waiting.
 func (s *Server) notifyPush(user string, meta []byte) {
+	// This runs on the store's goroutine, which must not wait, and asking
+	// the queue's depth is a JetStream request in a cluster: skip it all
+	// when no webhook is set.
+	if !s.push.Enabled() {
+		return
+	}
 	from, group, _, ok := envelope.ParseMeta(meta)
 	if !ok {
 		return

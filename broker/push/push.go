@@ -221,6 +221,10 @@ func positive[T int | time.Duration](v, def T) T {
 	return v
 }
 
+// Enabled reports whether a webhook is configured: when it is not,
+// callers need not gather what a notification would say.
+func (n *Notifier) Enabled() bool { return n.url != "" }
+
 // Notify queues nf for sending and returns at once, true when it was
 // accepted. It returns false, and sends nothing, when push is disabled,
 // after Close, when a notification for nf.User was accepted less than

@@ -350,6 +350,26 @@ func TestDisabledWithoutURL(t *testing.T) {
 	}
 }
 
+// TestEnabled: Enabled follows the webhook URL, and stays true after Close
+// (it reports the configuration, which Close does not change).
+func TestEnabled(t *testing.T) {
+	off, err := New(Options{})
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if off.Enabled() {
+		t.Error("Enabled() with no webhook")
+	}
+	on := newNotifier(t, Options{URL: "http://127.0.0.1:1/hook"})
+	if !on.Enabled() {
+		t.Error("!Enabled() with a webhook")
+	}
+	on.Close()
+	if !on.Enabled() {
+		t.Error("!Enabled() after Close")
+	}
+}
+
 func TestNewRejectsBadURL(t *testing.T) {
 	for _, u := range []string{"ftp://example.com/hook", "http://", "example.com/hook", "http://exa mple.com/", "://x"} {
 		if n, err := New(Options{URL: u}); err == nil {
