@@ -98,8 +98,10 @@ type entry struct {
 //     storage all take effect, one after another.
 //   - Decisions on current data: a change is applied only to the revision
 //     it was computed from, and a refusal (ErrNotAuthorized, ErrTooMany,
-//     ErrUnknown) that a cached group would give is checked again against
-//     a fresh read, so neither rests on a stale cache.
+//     ErrUnknown) or a change found already made that a cached group
+//     would give is checked again against a fresh read, so none rests on
+//     a stale cache. A change that leaves the group as it is writes
+//     nothing.
 //   - Read your writes: once a change returns, Get on the same Store
 //     returns it or a later revision. The cache never goes back to an
 //     older revision.
@@ -166,11 +168,11 @@ func (s *Store) Close() error {
 // Get returns the group gid. The result is shared: do not modify it.
 func (s *Store) Get(gid string) (*Group, error) {
 	if !topic.ValidUser(gid) {
-		return nil, fmt.Errorf("%w: %q", ErrUnknown, gid)
+		return nil, unknown(gid)
 	}
 	if e, ok := s.cached(gid); ok && e.err == nil {
 		if e.g == nil {
-			return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
+			return nil, unknown(gid)
 		}
 		return e.g, nil
 	}
@@ -184,7 +186,7 @@ func (s *Store) Get(gid string) (*Group, error) {
 		return nil, e.err
 	}
 	if e.g == nil {
-		return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
+		return nil, unknown(gid)
 	}
 	return e.g, nil
 }
@@ -217,43 +219,57 @@ func (s *Store) Create(creator, gid string, members []string) (*Group, error) {
 	return g, nil
 }
 
-// AddMember adds user to gid on behalf of by, who must be an admin.
+// AddMember adds user to gid on behalf of by, who must be an admin. A
+// group by is not a member of is unknown to by, whether or not it exists.
 func (s *Store) AddMember(by, gid, user string) (*Group, error) {
 	if !topic.ValidUser(user) {
 		return nil, fmt.Errorf("%w: %q is not a user ID", ErrInvalid, user)
 	}
-	return s.change(gid, func(g *Group) error {
+	return s.change(gid, func(g *Group) (bool, error) {
+		if !g.IsMember(by) {
+			return false, unknown(gid)
+		}
 		if !g.IsAdmin(by) {
-			return fmt.Errorf("%w: only admins add members", ErrNotAuthorized)
+			return false, fmt.Errorf("%w: only admins add members", ErrNotAuthorized)
 		}
 		if g.IsMember(user) {
-			return nil
+			return false, nil
 		}
 		if len(g.Members) >= s.maxMembers {
-			return fmt.Errorf("%w: at most %d", ErrTooMany, s.maxMembers)
+			return false, fmt.Errorf("%w: at most %d", ErrTooMany, s.maxMembers)
 		}
 		g.Members = insert(g.Members, user)
-		return nil
+		return true, nil
 	})
 }
 
-// RemoveMember removes user from gid on behalf of by: an admin, or user itself.
+// RemoveMember removes user from gid on behalf of by: an admin, or user
+// itself. A group by is not a member of is unknown to by, whether or not
+// it exists.
 func (s *Store) RemoveMember(by, gid, user string) (*Group, error) {
-	return s.change(gid, func(g *Group) error {
+	return s.change(gid, func(g *Group) (bool, error) {
+		if !g.IsMember(by) {
+			return false, unknown(gid)
+		}
 		if by != user && !g.IsAdmin(by) {
-			return fmt.Errorf("%w: only admins remove others", ErrNotAuthorized)
+			return false, fmt.Errorf("%w: only admins remove others", ErrNotAuthorized)
+		}
+		if !g.IsMember(user) {
+			return false, nil
 		}
 		g.Members = remove(g.Members, user)
 		g.Admins = remove(g.Admins, user)
-		return nil
+		return true, nil
 	})
 }
 
 // change applies edit to a copy of gid and stores it if gid has not
-// changed meanwhile, else applies edit again to what it has become.
-func (s *Store) change(gid string, edit func(*Group) error) (*Group, error) {
+// changed meanwhile, else applies edit again to what it has become. edit
+// reports whether it changed the group; a group it leaves as it was is
+// not written.
+func (s *Store) change(gid string, edit func(*Group) (bool, error)) (*Group, error) {
 	if !topic.ValidUser(gid) {
-		return nil, fmt.Errorf("%w: %s", ErrUnknown, gid)
+		return nil, unknown(gid)
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
 	defer cancel()
@@ -271,19 +287,23 @@ func (s *Store) change(gid string, edit func(*Group) error) (*Group, error) {
 		case e.err != nil:
 			err = e.err
 		case e.g == nil:
-			err = fmt.Errorf("%w: %s", ErrUnknown, gid)
+			err = unknown(gid)
 		}
 		var g *Group
+		changed := false
 		if err == nil {
 			g = e.g.clone()
-			err = edit(g)
+			changed, err = edit(g)
 		}
-		if err != nil {
+		if err != nil || !changed {
 			if fresh {
-				return nil, err
+				if err != nil {
+					return nil, err
+				}
+				return e.g, nil
 			}
-			// Refused on the cached copy, which may be behind storage:
-			// only the stored group may refuse.
+			// Refused, or found already done, on the cached copy, which
+			// may be behind storage: only the stored group may decide.
 			fresh = true
 			continue
 		}
@@ -350,6 +370,11 @@ func (s *Store) stopCaching() {
 	s.uncached = true
 	clear(s.cache)
 }
+
+// unknown is the error for a group that does not exist or, to a user who
+// is not a member, one that does: the same words for both, so that an
+// answer does not tell whether a group exists.
+func unknown(gid string) error { return fmt.Errorf("%w: %s", ErrUnknown, gid) }
 
 func insert(sorted []string, v string) []string {
 	i, found := slices.BinarySearch(sorted, v)

@@ -220,6 +220,9 @@ var behaviours = []struct {
 		}
 		_, err := s.AddMember("bob", "g1", "carol")
 		wantErr(t, err, ErrNotAuthorized)
+		// To a non-member the group is unknown, as if it did not exist.
+		_, err = s.AddMember("zed", "g1", "zed")
+		wantErr(t, err, ErrUnknown)
 		_, err = s.AddMember("alice", "g1", "no+user")
 		wantErr(t, err, ErrInvalid)
 		_, err = s.AddMember("alice", "nope", "carol")
@@ -273,14 +276,54 @@ var behaviours = []struct {
 		}
 		wantGroup(t, g, []string{"carol"}, []string{})
 		// Without admins nobody adds or removes others; members still leave.
-		_, err = s.AddMember("alice", "g1", "alice")
+		_, err = s.AddMember("carol", "g1", "alice")
 		wantErr(t, err, ErrNotAuthorized)
+		_, err = s.AddMember("alice", "g1", "alice")
+		wantErr(t, err, ErrUnknown)
 		if g, err = s.RemoveMember("carol", "g1", "carol"); err != nil {
 			t.Fatal(err)
 		}
 		wantGroup(t, g, []string{}, []string{})
 		if _, err = s.Get("g1"); err != nil {
 			t.Fatalf("an empty group still exists: %v", err)
+		}
+	}},
+	{"non-members learn nothing and write nothing", func(t *testing.T, st storage) {
+		s := st.open(t, testMax)
+		if _, err := s.Create("alice", "g1", []string{"bob"}); err != nil {
+			t.Fatal(err)
+		}
+		before := storedRev(t, s, "g1")
+		ops := []struct {
+			name string
+			op   func() (*Group, error)
+		}{
+			{"leave", func() (*Group, error) { return s.RemoveMember("zed", "g1", "zed") }},
+			{"remove a member", func() (*Group, error) { return s.RemoveMember("zed", "g1", "bob") }},
+			{"add itself", func() (*Group, error) { return s.AddMember("zed", "g1", "zed") }},
+			{"add a member", func() (*Group, error) { return s.AddMember("zed", "g1", "bob") }},
+		}
+		for _, o := range ops {
+			g, err := o.op()
+			if !errors.Is(err, ErrUnknown) || g != nil {
+				t.Fatalf("%s by a non-member: %+v, %v; want %v", o.name, g, err, ErrUnknown)
+			}
+			if err.Error() != unknown("g1").Error() {
+				t.Fatalf("%s by a non-member: %q, not the words for a missing group", o.name, err)
+			}
+		}
+		// Changes that change nothing are not written either.
+		if _, err := s.RemoveMember("alice", "g1", "zed"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.AddMember("alice", "g1", "bob"); err != nil {
+			t.Fatal(err)
+		}
+		if after := storedRev(t, s, "g1"); after != before {
+			t.Fatalf("group written: revision %d, was %d", after, before)
+		}
+		if err := hasMembers(s, "g1", "alice", "bob")(); err != nil {
+			t.Fatal(err)
 		}
 	}},
 	{"results are not changed later", func(t *testing.T, st storage) {
@@ -379,7 +422,7 @@ var behaviours = []struct {
 			return err
 		})
 		_, err = a.RemoveMember("alice", "g1", "bob")
-		wantErr(t, err, ErrNotAuthorized)
+		wantErr(t, err, ErrUnknown)
 		eventually(t, hasMembers(a, "g1", "bob", "dave", "erin"))
 	}},
 	{"concurrent changes on one store", func(t *testing.T, st storage) {
@@ -426,6 +469,16 @@ func TestBehaviour(t *testing.T) {
 			}
 		})
 	}
+}
+
+// storedRev is gid's revision in storage.
+func storedRev(t *testing.T, s *Store, gid string) uint64 {
+	t.Helper()
+	_, rev, err := s.b.get(context.Background(), gid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rev
 }
 
 // eventually polls f until it succeeds or propagation has passed, and
@@ -512,7 +565,7 @@ func TestKVNodesSeeEachOther(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = b.AddMember("alice", "g1", "gina")
-	wantErr(t, err, ErrNotAuthorized)
+	wantErr(t, err, ErrUnknown)
 	eventually(t, hasMembers(a, "g1", "bob", "erin", "frank"))
 	eventually(t, hasMembers(b, "g1", "bob", "erin", "frank"))
 }

@@ -63,7 +63,9 @@ func (h *Handler) get(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !g.IsMember(user) {
-		h.fail(w, fmt.Errorf("%w: only members read a group", ErrNotAuthorized))
+		// Answered as a missing group, so that non-members cannot tell
+		// which groups exist.
+		h.fail(w, unknown(g.ID))
 		return
 	}
 	writeJSON(w, http.StatusOK, g)
