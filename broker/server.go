@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -160,7 +161,8 @@ func New(opts Options) (*Server, error) {
 		s.groups = groups.New(db, cfg.Groups.MaxMembers)
 	}
 	s.metrics = metrics.New(metrics.Sources{
-		Connections: func() float64 { return float64(s.mqtt.Info.ClientsConnected) },
+		// mochi updates its counters atomically; so must they be read.
+		Connections: func() float64 { return float64(atomic.LoadInt64(&s.mqtt.Info.ClientsConnected)) },
 		Queue:       q,
 		Delivery:    s.delivery,
 	})
