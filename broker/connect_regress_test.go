@@ -2,10 +2,16 @@ package broker
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/config"
 )
 
 // TestMetricsConnectionsUnderChurn scrapes /metrics while clients connect
@@ -45,5 +51,40 @@ func TestMetricsConnectionsUnderChurn(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("metrics never counted the 4 clients left connected:\n%s", body)
 		}
+	}
+}
+
+// TestFailedNewFreesItsPorts: when New fails after the plain MQTT listener
+// is bound, that port is free again, so a corrected configuration can be
+// started in the same process (or a supervisor's retry does not find it
+// taken).
+func TestFailedNewFreesItsPorts(t *testing.T) {
+	certFile, keyFile, _ := selfSigned(t, t.TempDir())
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	for _, tt := range []struct {
+		name string
+		tls  config.TLS
+	}{
+		{"TLS port in use", config.TLS{Listen: taken.Addr().String(), CertFile: certFile, KeyFile: keyFile}},
+		{"missing certificate", config.TLS{Listen: "127.0.0.1:0", CertFile: filepath.Join(t.TempDir(), "missing.pem"), KeyFile: keyFile}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.DataDir = t.TempDir()
+			cfg.Listen = freeAddr(t)
+			cfg.TLS = tt.tls
+			if _, err := New(Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}); err == nil {
+				t.Fatal("New succeeded")
+			}
+			l, err := net.Listen("tcp", cfg.Listen)
+			if err != nil {
+				t.Fatalf("the MQTT port of a failed New is still taken: %v", err)
+			}
+			l.Close()
+		})
 	}
 }

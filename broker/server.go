@@ -283,8 +283,15 @@ func (s *Server) guard(l listeners.Listener) listen.Guard {
 	}
 }
 
-// addListeners opens the MQTT listeners: TCP always, TLS and WebSocket when configured.
-func (s *Server) addListeners() error {
+// addListeners opens the MQTT listeners: TCP always, TLS and WebSocket
+// when configured. On failure it closes those it opened: mochi binds a TCP
+// listener when it is added, and a failed New must not keep the port.
+func (s *Server) addListeners() (err error) {
+	defer func() {
+		if err != nil {
+			s.mqtt.Listeners.CloseAll(func(string) {})
+		}
+	}()
 	cfg := s.cfg
 	var tlsConfig *tls.Config
 	if cfg.TLS.CertFile != "" {
