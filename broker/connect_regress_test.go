@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	paho5 "github.com/eclipse/paho.golang/paho"
 
 	"github.com/chatd/chatd/config"
 )
@@ -86,5 +89,38 @@ func TestFailedNewFreesItsPorts(t *testing.T) {
 			}
 			l.Close()
 		})
+	}
+}
+
+// TestEmptyClientIDAssignedTheUser: an MQTT 5 client that connects with an
+// empty client ID is told, in the CONNACK, the ID the server gave it, the
+// user ID, and can reconnect with it.
+func TestEmptyClientIDAssignedTheUser(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	connect := func(clientID string) *paho5.Connack {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, err := net.Dial("tcp", s.MQTTAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := paho5.NewClient(paho5.ClientConfig{Conn: conn, ClientID: clientID})
+		ca, err := c.Connect(ctx, &paho5.Connect{
+			KeepAlive: 30, ClientID: clientID, CleanStart: true,
+			Username: "dana", UsernameFlag: true, Password: []byte(mint(t, "dana")), PasswordFlag: true,
+		})
+		if err != nil {
+			t.Fatalf("connect with client id %q: %v", clientID, err)
+		}
+		t.Cleanup(func() { _ = c.Disconnect(&paho5.Disconnect{}) })
+		return ca
+	}
+	ca := connect("")
+	if ca.ReasonCode != 0 || ca.Properties == nil || ca.Properties.AssignedClientID != "dana" {
+		t.Fatalf("CONNACK for an empty client id: reason 0x%x, properties %+v; want success assigning %q", ca.ReasonCode, ca.Properties, "dana")
+	}
+	if ca := connect(ca.Properties.AssignedClientID); ca.ReasonCode != 0 {
+		t.Fatalf("reconnect with the assigned id: reason 0x%x", ca.ReasonCode)
 	}
 }

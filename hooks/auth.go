@@ -58,7 +58,11 @@ func (h *Auth) Provides(b byte) bool {
 func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	user := string(pk.Connect.Username)
 	if pk.Connect.ClientIdentifier == "" && topic.ValidUser(user) {
+		// mochi has assigned a random ID and would tell an MQTT 5 client
+		// so in the CONNACK: tell it the ID it really has, which it may
+		// reconnect with.
 		cl.ID = user
+		cl.Properties.Props.AssignedClientID = user
 	}
 	if !topic.ValidUser(user) {
 		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("username %q is not a valid user ID", user))
