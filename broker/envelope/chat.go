@@ -54,15 +54,17 @@ func Receipt(status, by string, ids []string, tsMillis int64) []byte {
 }
 
 // ReadReceipt validates what a reader publishes to receipt/{sender}:
-// {"status":"read","ids":[...]} with 1 to MaxReceiptIDs ids of 1-64
-// characters, and returns the ids.
+// {"status":"read","ids":[...]} with 1 to MaxReceiptIDs ids, each checked
+// like a message's id (1-64 bytes of valid UTF-8), and returns the ids.
 func ReadReceipt(payload []byte, max int) ([]string, error) {
 	if len(payload) > max {
 		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(payload), max)
 	}
+	// The ids are decoded one by one from their raw tokens, which
+	// decodeID checks as it checks a message's id.
 	var r struct {
-		Status string   `json:"status"`
-		IDs    []string `json:"ids"`
+		Status string            `json:"status"`
+		IDs    []json.RawMessage `json:"ids"`
 	}
 	if err := json.Unmarshal(payload, &r); err != nil {
 		return nil, fmt.Errorf("%w: receipt: %w", ErrBadPayload, err)
@@ -73,12 +75,15 @@ func ReadReceipt(payload []byte, max int) ([]string, error) {
 	if len(r.IDs) == 0 || len(r.IDs) > MaxReceiptIDs {
 		return nil, fmt.Errorf("%w: a receipt carries 1 to %d ids, got %d", ErrBadPayload, MaxReceiptIDs, len(r.IDs))
 	}
-	for _, id := range r.IDs {
-		if len(id) == 0 || len(id) > MaxIDLen {
-			return nil, fmt.Errorf("%w: receipt id has %d bytes", ErrBadPayload, len(id))
+	ids := make([]string, len(r.IDs))
+	for i, tok := range r.IDs {
+		id, err := decodeID(tok)
+		if err != nil {
+			return nil, fmt.Errorf("receipt id %d: %w", i+1, err)
 		}
+		ids[i] = id
 	}
-	return r.IDs, nil
+	return ids, nil
 }
 
 // Typing returns the ephemeral event telling a user that from is typing.

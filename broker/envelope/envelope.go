@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"unicode/utf8"
 )
 
 // MaxIDLen is the longest message id allowed.
@@ -21,7 +22,7 @@ var (
 )
 
 // Validate checks that payload is a JSON object of at most max bytes with a
-// string "id" of 1-64 characters, and returns that id.
+// string "id" of 1-64 bytes of valid UTF-8, and returns that id.
 func Validate(payload []byte, max int) (string, error) {
 	if len(payload) > max {
 		return "", fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(payload), max)
@@ -77,19 +78,107 @@ func topLevelID(b []byte) (string, bool, error) {
 		i = skipSpace(b, i+1) // past ':'
 		valEnd := skipValue(b, i)
 		if isIDKey(key) {
-			if b[i] != '"' {
-				return "", false, fmt.Errorf("%w: id is not a string", ErrBadPayload)
+			v, err := decodeString(b[i:valEnd])
+			if err != nil {
+				return "", false, err
 			}
-			if err := json.Unmarshal(b[i:valEnd], &id); err != nil {
-				return "", false, fmt.Errorf("%w: id: %w", ErrBadPayload, err)
-			}
-			found = true
+			id, found = v, true
 		}
 		i = skipSpace(b, valEnd)
 		if i < len(b) && b[i] == ',' {
 			i++
 		}
 	}
+}
+
+// decodeString decodes the JSON string token tok holding an id. An id
+// must decode to exactly what its sender wrote: encoding/json turns
+// invalid UTF-8 and unpaired surrogate escapes into U+FFFD, so such an id
+// would come back changed in receipts and error events, and its sender
+// could not match them.
+func decodeString(tok []byte) (string, error) {
+	if len(tok) == 0 || tok[0] != '"' {
+		return "", fmt.Errorf("%w: id is not a string", ErrBadPayload)
+	}
+	if !exactString(tok) {
+		return "", fmt.Errorf("%w: id is not valid UTF-8", ErrBadPayload)
+	}
+	var s string
+	if err := json.Unmarshal(tok, &s); err != nil {
+		return "", fmt.Errorf("%w: id: %w", ErrBadPayload, err)
+	}
+	return s, nil
+}
+
+// decodeID decodes the JSON string token tok and checks it is an id of
+// 1 to MaxIDLen bytes.
+func decodeID(tok []byte) (string, error) {
+	id, err := decodeString(tok)
+	if err != nil {
+		return "", err
+	}
+	if len(id) == 0 || len(id) > MaxIDLen {
+		return "", fmt.Errorf("%w: id has %d bytes", ErrBadPayload, len(id))
+	}
+	return id, nil
+}
+
+// exactString reports whether a JSON string token decodes without
+// replacement characters: it is valid UTF-8 and every \u escape of a
+// UTF-16 surrogate is half of a pair.
+func exactString(tok []byte) bool {
+	if !utf8.Valid(tok) {
+		return false
+	}
+	for i := 0; i < len(tok); i++ {
+		if tok[i] != '\\' {
+			continue
+		}
+		i++
+		if i >= len(tok) || tok[i] != 'u' {
+			continue // a one-character escape, skipped whole
+		}
+		r, ok := hex4(tok, i+1)
+		if !ok {
+			return false
+		}
+		i += 4
+		switch {
+		case r >= 0xD800 && r < 0xDC00: // high half: a low half must follow
+			if i+6 >= len(tok) || tok[i+1] != '\\' || tok[i+2] != 'u' {
+				return false
+			}
+			lo, ok := hex4(tok, i+3)
+			if !ok || lo < 0xDC00 || lo > 0xDFFF {
+				return false
+			}
+			i += 6
+		case r >= 0xDC00 && r <= 0xDFFF: // a low half alone
+			return false
+		}
+	}
+	return true
+}
+
+// hex4 decodes the four hex digits at b[i:i+4].
+func hex4(b []byte, i int) (rune, bool) {
+	if i+4 > len(b) {
+		return 0, false
+	}
+	var r rune
+	for _, c := range b[i : i+4] {
+		switch {
+		case c >= '0' && c <= '9':
+			r = r<<4 | rune(c-'0')
+		case c >= 'a' && c <= 'f':
+			r = r<<4 | rune(c-'a'+10)
+		case c >= 'A' && c <= 'F':
+			r = r<<4 | rune(c-'A'+10)
+		default:
+			return 0, false
+		}
+	}
+	return r, true
 }
 
 func isIDKey(quoted []byte) bool {

@@ -3,6 +3,7 @@ package envelope
 import (
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -32,6 +33,18 @@ func TestValidate(t *testing.T) {
 		{"truncated", `{"id":"x"`, "", ErrBadPayload},
 		{"empty", ``, "", ErrBadPayload},
 		{"too large", `{"id":"x","p":"` + strings.Repeat("p", 100) + `"}`, "", ErrTooLarge},
+		{"invalid UTF-8 id", "{\"id\":\"m-\xff\"}", "", ErrBadPayload},
+		{"truncated UTF-8 id", "{\"id\":\"m-\xc3\"}", "", ErrBadPayload},
+		{"lone high surrogate", `{"id":"m-\ud800"}`, "", ErrBadPayload},
+		{"lone low surrogate", `{"id":"m-\udc00"}`, "", ErrBadPayload},
+		{"high surrogate before a letter", `{"id":"\ud83dx"}`, "", ErrBadPayload},
+		{"high surrogate before a non-surrogate escape", `{"id":"\ud83d\u0041"}`, "", ErrBadPayload},
+		{"reversed pair", `{"id":"\ude00\ud83d"}`, "", ErrBadPayload},
+		{"surrogate pair", `{"id":"\ud83d\ude00"}`, "\U0001F600", nil},
+		{"UTF-8 id", `{"id":"m-é-😀"}`, "m-é-😀", nil},
+		{"escaped backslash then u", `{"id":"\\ud800"}`, `\ud800`, nil},
+		{"replacement character written by the sender", `{"id":"\ufffd-�"}`, "\uFFFD-\uFFFD", nil},
+		{"invalid UTF-8 elsewhere is the app's", "{\"id\":\"ok\",\"t\":\"\xff\"}", "ok", nil},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -103,6 +116,7 @@ func FuzzValidate(f *testing.F) {
 		if json.Unmarshal(m["id"], &want) != nil || want != id {
 			t.Fatalf("accepted %q with id %q, object's id is %s", b, id, m["id"])
 		}
+		exactID(t, b, id)
 	})
 }
 
@@ -122,5 +136,50 @@ func TestMetaRoundTrip(t *testing.T) {
 		if _, _, _, ok := ParseMeta([]byte(bad)); ok {
 			t.Errorf("ParseMeta(%q) accepted", bad)
 		}
+	}
+}
+
+func TestReadReceipt(t *testing.T) {
+	many := func(n int) string {
+		ids := make([]string, n)
+		for i := range ids {
+			ids[i] = `"m"`
+		}
+		return `{"status":"read","ids":[` + strings.Join(ids, ",") + `]}`
+	}
+	cases := []struct {
+		name    string
+		payload string
+		ids     []string
+		err     error
+	}{
+		{"one id", `{"status":"read","ids":["m-1"]}`, []string{"m-1"}, nil},
+		{"UTF-8 and escapes", `{"status":"read","ids":["m-é","\u00e9","\ud83d\ude00"]}`, []string{"m-é", "é", "\U0001F600"}, nil},
+		{"1000 ids", many(1000), slices.Repeat([]string{"m"}, 1000), nil},
+		{"1001 ids", many(1001), nil, ErrBadPayload},
+		{"no ids", `{"status":"read","ids":[]}`, nil, ErrBadPayload},
+		{"null ids", `{"status":"read","ids":null}`, nil, ErrBadPayload},
+		{"ids not an array", `{"status":"read","ids":"m-1"}`, nil, ErrBadPayload},
+		{"empty id", `{"status":"read","ids":[""]}`, nil, ErrBadPayload},
+		{"null id", `{"status":"read","ids":[null]}`, nil, ErrBadPayload},
+		{"number id", `{"status":"read","ids":[1]}`, nil, ErrBadPayload},
+		{"64-byte id", `{"status":"read","ids":["` + strings.Repeat("i", 64) + `"]}`, []string{strings.Repeat("i", 64)}, nil},
+		{"65-byte id", `{"status":"read","ids":["` + strings.Repeat("i", 65) + `"]}`, nil, ErrBadPayload},
+		{"invalid UTF-8 id", "{\"status\":\"read\",\"ids\":[\"ok\",\"\xff\"]}", nil, ErrBadPayload},
+		{"lone surrogate id", `{"status":"read","ids":["\udfff"]}`, nil, ErrBadPayload},
+		{"not read", `{"status":"delivered","ids":["m-1"]}`, nil, ErrBadPayload},
+		{"too large", `{"status":"read","ids":["` + strings.Repeat("i", 60) + `"]}`, nil, ErrTooLarge},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			limit := 1 << 16
+			if c.err == ErrTooLarge {
+				limit = 32
+			}
+			ids, err := ReadReceipt([]byte(c.payload), limit)
+			if !errors.Is(err, c.err) || !slices.Equal(ids, c.ids) {
+				t.Fatalf("ReadReceipt(%q) = %q, %v; want %q, %v", c.payload, ids, err, c.ids, c.err)
+			}
+		})
 	}
 }

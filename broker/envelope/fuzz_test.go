@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 // receiptLimit is the server's default max_message_bytes, the limit
@@ -64,6 +65,9 @@ func FuzzReadReceipt(f *testing.F) {
 				t.Fatalf("accepted %q with an id of %d bytes", b, len(id))
 			}
 		}
+		for _, id := range ids {
+			exactID(t, b, id)
+		}
 		// The ids go back out in a Receipt event; they must survive that
 		// encoding unchanged.
 		var ev struct {
@@ -103,4 +107,18 @@ func FuzzParseMeta(f *testing.F) {
 			t.Fatalf("ParseMeta(%q) = %q, %q, %q; Meta of those is %q", raw, f2, g2, id2, again)
 		}
 	})
+}
+
+// exactID fails the test unless id, accepted from payload, is what its
+// sender wrote: valid UTF-8, and a replacement character in it was in the
+// payload, literally or escaped, rather than made by decoding.
+func exactID(t *testing.T, payload []byte, id string) {
+	t.Helper()
+	if !utf8.ValidString(id) {
+		t.Fatalf("accepted %q with id %q, which is not valid UTF-8", payload, id)
+	}
+	if strings.ContainsRune(id, utf8.RuneError) && !bytes.Contains(payload, []byte("\uFFFD")) &&
+		!bytes.Contains(bytes.ToLower(payload), []byte(`\ufffd`)) {
+		t.Fatalf("accepted %q with id %q: a replacement character the payload does not hold", payload, id)
+	}
 }
