@@ -61,6 +61,10 @@ type Receipts struct {
 type Groups struct {
 	// MaxMembers caps a group's size.
 	MaxMembers int `mapstructure:"max_members"`
+	// MaxPerUser caps the groups one user has made and not deleted.
+	MaxPerUser int `mapstructure:"max_per_user"`
+	// CacheMembers bounds the groups kept in memory by their members, summed.
+	CacheMembers int `mapstructure:"cache_members"`
 }
 
 // Media configures uploaded files.
@@ -235,7 +239,7 @@ func Default() Config {
 		},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
-		Groups:   Groups{MaxMembers: 1024},
+		Groups:   Groups{MaxMembers: 1024, MaxPerUser: 1000, CacheMembers: 1_000_000},
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
 		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4},
@@ -284,6 +288,8 @@ func (c *Config) Validate() error {
 		{"limits.connect_timeout", int64(c.Limits.ConnectTimeout)},
 		{"limits.publish_bytes_rate", int64(c.Limits.PublishBytesRate)},
 		{"groups.max_members", int64(c.Groups.MaxMembers)},
+		{"groups.max_per_user", int64(c.Groups.MaxPerUser)},
+		{"groups.cache_members", int64(c.Groups.CacheMembers)},
 		{"media.max_bytes", c.Media.MaxBytes},
 		{"media.ttl", int64(c.Media.TTL)},
 		{"push.interval", int64(c.Push.Interval)},

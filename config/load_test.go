@@ -118,6 +118,24 @@ log:
 			wantErr: []string{"limits.max_message_bytes", "positive", "CHATD_LIMITS_MAX_MESSAGE_BYTES"},
 		},
 		{
+			name: "group limits from env",
+			env:  map[string]string{"CHATD_GROUPS_MAX_PER_USER": "5", "CHATD_GROUPS_CACHE_MEMBERS": "2000"},
+			want: func(c *Config) {
+				c.Groups.MaxPerUser = 5
+				c.Groups.CacheMembers = 2000
+			},
+		},
+		{
+			name:    "zero groups per user refused",
+			yaml:    "groups:\n  max_per_user: 0\n",
+			wantErr: []string{"chatd.yaml", "groups.max_per_user", "positive"},
+		},
+		{
+			name:    "negative group cache from env refused",
+			env:     map[string]string{"CHATD_GROUPS_CACHE_MEMBERS": "-1"},
+			wantErr: []string{"groups.cache_members", "positive", "CHATD_GROUPS_CACHE_MEMBERS"},
+		},
+		{
 			name:    "bad sync mode",
 			yaml:    "queue:\n  sync: fsync\n",
 			wantErr: []string{"queue.sync", "fsync"},
@@ -312,6 +330,8 @@ func TestSettings(t *testing.T) {
 		{"queue.max_queue_messages", "CHATD_QUEUE_MAX_QUEUE_MESSAGES", "1000000"},
 		{"limits.max_inflight", "CHATD_LIMITS_MAX_INFLIGHT", "64"},
 		{"log.format", "CHATD_LOG_FORMAT", "text"},
+		{"groups.max_per_user", "CHATD_GROUPS_MAX_PER_USER", "1000"},
+		{"groups.cache_members", "CHATD_GROUPS_CACHE_MEMBERS", "1000000"},
 	}
 	for _, tt := range tests {
 		s, ok := byKey[tt.key]

@@ -69,6 +69,8 @@ var help = map[string]string{
 	"log.format":                      "text or json",
 	"receipts.delivered":              "queue a delivered receipt to the sender when a recipient's device acknowledges a message (the second tick)",
 	"groups.max_members":              "most members of one group",
+	"groups.max_per_user":             "most groups one user may have made and not deleted; deleting one gives its maker the slot back",
+	"groups.cache_members":            "bounds the groups kept in memory, by their members summed (a group counts one more); the least recently used make room and are read from storage again when needed",
 	"media.dir":                       "directory for uploaded media; empty means media inside data_dir",
 	"media.max_bytes":                 "largest upload, in bytes",
 	"media.ttl":                       "uploads are deleted this long after they were made",

@@ -20,6 +20,16 @@ import (
 // included; only the KV backend can take that long.
 const opTimeout = 10 * time.Second
 
+// Defaults of the Options.
+const (
+	// DefaultMaxPerUser is how many groups one user may have made and not
+	// deleted, unless MaxPerUser says otherwise.
+	DefaultMaxPerUser = 1000
+	// DefaultCacheMembers bounds the cache unless CacheMembers says
+	// otherwise: about 80 MB with 64-byte user IDs, less with shorter ones.
+	DefaultCacheMembers = 1_000_000
+)
+
 // Errors of group operations; the HTTP API maps each to a status.
 var (
 	ErrUnknown       = errors.New("unknown group")
@@ -27,6 +37,7 @@ var (
 	ErrNotAuthorized = errors.New("not authorized")
 	ErrInvalid       = errors.New("invalid request")
 	ErrTooMany       = errors.New("too many members")
+	ErrTooManyGroups = errors.New("too many groups")
 )
 
 // errConflict is a compare-and-set that lost: the group is no longer at
@@ -39,8 +50,12 @@ type Group struct {
 	ID string `json:"id"`
 	// Members are the user IDs in the group, sorted.
 	Members []string `json:"members"`
-	// Admins may add and remove members; sorted.
+	// Admins may add and remove members and delete the group; sorted.
 	Admins []string `json:"admins"`
+	// Creator made the group, which counts against its MaxPerUser until
+	// the group is deleted; empty for groups made before it was recorded,
+	// which count against nobody's.
+	Creator string `json:"creator,omitempty"`
 	// Created is when the group was made, Unix milliseconds.
 	Created int64 `json:"created"`
 }
@@ -58,7 +73,38 @@ func (g *Group) IsAdmin(user string) bool {
 }
 
 func (g *Group) clone() *Group {
-	return &Group{ID: g.ID, Members: slices.Clone(g.Members), Admins: slices.Clone(g.Admins), Created: g.Created}
+	c := *g
+	c.Members, c.Admins = slices.Clone(g.Members), slices.Clone(g.Admins)
+	return &c
+}
+
+// Option sets a limit of a Store other than its members per group.
+type Option func(*options)
+
+type options struct {
+	maxPerUser   int
+	cacheMembers int
+}
+
+// MaxPerUser caps how many groups one user may have made and not
+// deleted; n must be positive, else the default stays.
+func MaxPerUser(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.maxPerUser = n
+		}
+	}
+}
+
+// CacheMembers bounds the groups a Store keeps in memory by their members,
+// summed, each group counting one more; the groups used least recently
+// make room. n must be positive, else the default stays.
+func CacheMembers(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.cacheMembers = n
+		}
+	}
 }
 
 // backend is where groups persist. Every write is a compare-and-set on a
@@ -69,32 +115,49 @@ type backend interface {
 	// get reads gid from storage, never from a cache: nil when there is no
 	// such group, with the revision of its deletion or 0.
 	get(ctx context.Context, gid string) (*Group, uint64, error)
-	// create stores g if there is no group g.ID, or fails with ErrExists.
-	create(ctx context.Context, g *Group) (uint64, error)
+	// create stores g if there is no group g.ID, or fails with ErrExists,
+	// and counts it as one of g.Creator's, failing with ErrTooManyGroups
+	// if g.Creator has maxPerUser already.
+	create(ctx context.Context, g *Group, maxPerUser int) (uint64, error)
 	// update stores g if group g.ID is still at revision rev, or fails
 	// with errConflict.
 	update(ctx context.Context, g *Group, rev uint64) (uint64, error)
+	// remove deletes g if it is still at revision rev, or fails with
+	// errConflict, and counts it no more as one of g.Creator's. gone says
+	// whether the group was deleted, which it can be even with an error:
+	// its creator's count not lowered.
+	remove(ctx context.Context, g *Group, rev uint64) (gone bool, err error)
 }
 
-// entry is a cached group at a revision; g nil is a group deleted at rev
-// (only ever learnt from the KV watch), err a value that would not decode.
+// entry is a cached group at a revision; g nil is a group deleted at rev,
+// err a value that would not decode (both only ever learnt of a group
+// already cached).
 type entry struct {
 	g   *Group
 	rev uint64
 	err error
 }
 
-// Store is every group, in storage and cached in memory. Only groups that
-// exist are cached, so lookups of made-up names cost a storage read, not
-// memory; with KV, every group changed on any node since NewKV is cached
-// too. A Store made by New is the only writer of its groups; one made by
-// NewKV shares its bucket with the Stores of other nodes.
+// flight is what the Store learns of a group while operations on it that
+// may cache it are under way.
+type flight struct {
+	// ops counts the operations.
+	ops int
+	// newest is the newest revision learnt since the first of them began.
+	newest entry
+}
+
+// Store is every group, in storage and the most recently used of them
+// cached in memory, within CacheMembers. Only groups that exist are added
+// to the cache, so lookups of made-up names cost a storage read, not
+// memory. A Store made by New is the only writer of its groups; one made
+// by NewKV shares its bucket with the Stores of other nodes.
 //
 // What the Store guarantees:
 //
-//   - No lost updates: Create, AddMember and RemoveMember are each one
-//     compare-and-set on the group's revision, retried from a fresh read
-//     on conflict, so concurrent changes from any Stores on the same
+//   - No lost updates: Create, AddMember, RemoveMember and Delete are each
+//     one compare-and-set on the group's revision, retried from a fresh
+//     read on conflict, so concurrent changes from any Stores on the same
 //     storage all take effect, one after another.
 //   - Decisions on current data: a change is applied only to the revision
 //     it was computed from, and a refusal (ErrNotAuthorized, ErrTooMany,
@@ -102,21 +165,27 @@ type entry struct {
 //     would give is checked again against a fresh read, so none rests on
 //     a stale cache. A change that leaves the group as it is writes
 //     nothing.
+//   - A user's count of groups made (MaxPerUser) is in storage, so it
+//     survives restarts, and is shared by every node. With Badger it
+//     changes in the same transaction as the group. With KV it is a key
+//     of its own, raised before the group is made and lowered after it is
+//     deleted, so an operation cut short between the two (a timeout, a
+//     crash) leaves it one too high, never too low.
 //   - Read your writes: once a change returns, Get on the same Store
 //     returns it or a later revision. The cache never goes back to an
-//     older revision.
+//     older revision, even for a group it dropped and read again.
 //   - Get of an uncached group reads storage; with KV, from the bucket's
 //     stream leader, which has every change acknowledged before the read.
 //   - Other nodes' changes (KV only): the Store watches the bucket from
-//     NewKV on and applies every change to its cache, so a change
-//     acknowledged on another node is returned by Get here as soon as the
-//     watch delivers it, usually within milliseconds. Until then Get may
-//     return the previous revision of a cached group: reads are not
-//     linearizable. While the watch is interrupted (the connection to
-//     NATS down, the bucket's leader changing) the cache keeps serving what
-//     it has; the watch then resumes after the last change it delivered,
-//     skipping none. If the watch ends for good (its connection was
-//     closed), the Store stops caching and reads every group from the
+//     NewKV on and applies every change of a cached group to its cache,
+//     so a change acknowledged on another node is returned by Get here as
+//     soon as the watch delivers it, usually within milliseconds. Until
+//     then Get may return the previous revision of a cached group: reads
+//     are not linearizable. While the watch is interrupted (the connection
+//     to NATS down, the bucket's leader changing) the cache keeps serving
+//     what it has; the watch then resumes after the last change it
+//     delivered, skipping none. If the watch ends for good (its connection
+//     was closed), the Store stops caching and reads every group from the
 //     bucket, which fails as the connection does.
 //
 // An operation that fails for want of an answer from storage (a timeout)
@@ -124,12 +193,18 @@ type entry struct {
 type Store struct {
 	b          backend
 	maxMembers int
+	maxPerUser int
 	// ctx ends at Close; every storage call runs under it.
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	mu    sync.RWMutex
-	cache map[string]entry
+	mu    sync.Mutex
+	cache *cache
+	// flights has the groups that operations under way may cache: a
+	// revision the watch or another operation brings meanwhile may be
+	// newer than the one the operation read or wrote, and must win even
+	// if the group was not cached when it came.
+	flights map[string]*flight
 	// uncached is set once the cache can no longer be kept current: the KV
 	// watch ended other than by Close.
 	uncached bool
@@ -143,10 +218,14 @@ type Store struct {
 	closeErr  error
 }
 
-func newStore(b backend, maxMembers int) *Store {
+func newStore(b backend, maxMembers int, opts []Option) *Store {
+	o := options{maxPerUser: DefaultMaxPerUser, cacheMembers: DefaultCacheMembers}
+	for _, opt := range opts {
+		opt(&o)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Store{b: b, maxMembers: maxMembers, ctx: ctx, cancel: cancel,
-		cache: make(map[string]entry), closing: make(chan struct{})}
+	return &Store{b: b, maxMembers: maxMembers, maxPerUser: o.maxPerUser, ctx: ctx, cancel: cancel,
+		cache: newCache(o.cacheMembers), flights: make(map[string]*flight), closing: make(chan struct{})}
 }
 
 // Close stops the KV watch and waits for it; for a Store made by New it
@@ -178,6 +257,7 @@ func (s *Store) Get(gid string) (*Group, error) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
 	defer cancel()
+	defer s.end(s.begin(gid))
 	e, err := s.read(ctx, gid)
 	if err != nil {
 		return nil, err
@@ -196,6 +276,9 @@ func (s *Store) Create(creator, gid string, members []string) (*Group, error) {
 	if !topic.ValidUser(gid) {
 		return nil, fmt.Errorf("%w: group id must be 1-64 characters of [A-Za-z0-9_.-]", ErrInvalid)
 	}
+	if !topic.ValidUser(creator) {
+		return nil, fmt.Errorf("%w: creator %q is not a user ID", ErrInvalid, creator)
+	}
 	set := []string{creator}
 	for _, m := range members {
 		if !topic.ValidUser(m) {
@@ -208,14 +291,15 @@ func (s *Store) Create(creator, gid string, members []string) (*Group, error) {
 	if len(set) > s.maxMembers {
 		return nil, fmt.Errorf("%w: %d members, at most %d", ErrTooMany, len(set), s.maxMembers)
 	}
-	g := &Group{ID: gid, Members: set, Admins: []string{creator}, Created: time.Now().UnixMilli()}
+	g := &Group{ID: gid, Members: set, Admins: []string{creator}, Creator: creator, Created: time.Now().UnixMilli()}
 	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
 	defer cancel()
-	rev, err := s.b.create(ctx, g)
+	defer s.end(s.begin(gid))
+	rev, err := s.b.create(ctx, g, s.maxPerUser)
 	if err != nil {
 		return nil, err
 	}
-	s.remember(gid, entry{g: g, rev: rev})
+	s.learn(gid, entry{g: g, rev: rev}, true)
 	return g, nil
 }
 
@@ -225,21 +309,21 @@ func (s *Store) AddMember(by, gid, user string) (*Group, error) {
 	if !topic.ValidUser(user) {
 		return nil, fmt.Errorf("%w: %q is not a user ID", ErrInvalid, user)
 	}
-	return s.change(gid, func(g *Group) (bool, error) {
+	return s.change(gid, func(g *Group) (action, error) {
 		if !g.IsMember(by) {
-			return false, unknown(gid)
+			return keep, unknown(gid)
 		}
 		if !g.IsAdmin(by) {
-			return false, fmt.Errorf("%w: only admins add members", ErrNotAuthorized)
+			return keep, fmt.Errorf("%w: only admins add members", ErrNotAuthorized)
 		}
 		if g.IsMember(user) {
-			return false, nil
+			return keep, nil
 		}
 		if len(g.Members) >= s.maxMembers {
-			return false, fmt.Errorf("%w: at most %d", ErrTooMany, s.maxMembers)
+			return keep, fmt.Errorf("%w: at most %d", ErrTooMany, s.maxMembers)
 		}
 		g.Members = insert(g.Members, user)
-		return true, nil
+		return put, nil
 	})
 }
 
@@ -247,32 +331,60 @@ func (s *Store) AddMember(by, gid, user string) (*Group, error) {
 // itself. A group by is not a member of is unknown to by, whether or not
 // it exists.
 func (s *Store) RemoveMember(by, gid, user string) (*Group, error) {
-	return s.change(gid, func(g *Group) (bool, error) {
+	return s.change(gid, func(g *Group) (action, error) {
 		if !g.IsMember(by) {
-			return false, unknown(gid)
+			return keep, unknown(gid)
 		}
 		if by != user && !g.IsAdmin(by) {
-			return false, fmt.Errorf("%w: only admins remove others", ErrNotAuthorized)
+			return keep, fmt.Errorf("%w: only admins remove others", ErrNotAuthorized)
 		}
 		if !g.IsMember(user) {
-			return false, nil
+			return keep, nil
 		}
 		g.Members = remove(g.Members, user)
 		g.Admins = remove(g.Admins, user)
-		return true, nil
+		return put, nil
 	})
 }
 
-// change applies edit to a copy of gid and stores it if gid has not
-// changed meanwhile, else applies edit again to what it has become. edit
-// reports whether it changed the group; a group it leaves as it was is
-// not written.
-func (s *Store) change(gid string, edit func(*Group) (bool, error)) (*Group, error) {
+// Delete deletes gid on behalf of by, who must be an admin; its creator
+// may then make another group in its place. A group by is not a member
+// of is unknown to by, whether or not it exists.
+func (s *Store) Delete(by, gid string) error {
+	_, err := s.change(gid, func(g *Group) (action, error) {
+		if !g.IsMember(by) {
+			return keep, unknown(gid)
+		}
+		if !g.IsAdmin(by) {
+			return keep, fmt.Errorf("%w: only admins delete a group", ErrNotAuthorized)
+		}
+		return drop, nil
+	})
+	return err
+}
+
+// action is what an edit of change asks to be done with the group.
+type action int
+
+const (
+	// keep writes nothing: the group is as it should be.
+	keep action = iota
+	// put stores the edited group.
+	put
+	// drop deletes the group.
+	drop
+)
+
+// change applies edit to a copy of gid and does what edit asks if gid has
+// not changed meanwhile, else applies edit again to what it has become.
+// It returns the group as it is then, nil once deleted.
+func (s *Store) change(gid string, edit func(*Group) (action, error)) (*Group, error) {
 	if !topic.ValidUser(gid) {
 		return nil, unknown(gid)
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
 	defer cancel()
+	defer s.end(s.begin(gid))
 	e, ok := s.cached(gid)
 	fresh := !ok
 	for {
@@ -290,12 +402,12 @@ func (s *Store) change(gid string, edit func(*Group) (bool, error)) (*Group, err
 			err = unknown(gid)
 		}
 		var g *Group
-		changed := false
+		act := keep
 		if err == nil {
 			g = e.g.clone()
-			changed, err = edit(g)
+			act, err = edit(g)
 		}
-		if err != nil || !changed {
+		if err != nil || act == keep {
 			if fresh {
 				if err != nil {
 					return nil, err
@@ -307,10 +419,21 @@ func (s *Store) change(gid string, edit func(*Group) (bool, error)) (*Group, err
 			fresh = true
 			continue
 		}
-		rev, err := s.b.update(ctx, g, e.rev)
-		if err == nil {
-			s.remember(gid, entry{g: g, rev: rev})
-			return g, nil
+		if act == drop {
+			var gone bool
+			if gone, err = s.b.remove(ctx, e.g, e.rev); gone {
+				// The deletion's own revision is not returned; any between
+				// the group's and the next write's orders the same, and
+				// revisions grow by at least one with each write.
+				s.learn(gid, entry{rev: e.rev + 1}, false)
+				return nil, err
+			}
+		} else {
+			var rev uint64
+			if rev, err = s.b.update(ctx, g, e.rev); err == nil {
+				s.learn(gid, entry{g: g, rev: rev}, true)
+				return g, nil
+			}
 		}
 		if !errors.Is(err, errConflict) {
 			return nil, err
@@ -326,39 +449,78 @@ func (s *Store) change(gid string, edit func(*Group) (bool, error)) (*Group, err
 
 // cached returns the cache's entry for gid, if any.
 func (s *Store) cached(gid string) (entry, bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	e, ok := s.cache[gid]
-	return e, ok
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cache.get(gid)
 }
 
 // read loads gid from storage and caches it if it exists; it returns the
-// newest revision known, which a concurrent change may have cached meanwhile.
+// newest revision known, which a concurrent change may have brought
+// meanwhile. It must be called between begin and end.
 func (s *Store) read(ctx context.Context, gid string) (entry, error) {
 	g, rev, err := s.b.get(ctx, gid)
 	if err != nil {
 		return entry{}, fmt.Errorf("load group %s: %w", gid, err)
 	}
-	if g == nil {
-		// Not cached: made-up names must not take memory.
-		return entry{rev: rev}, nil
-	}
-	return s.remember(gid, entry{g: g, rev: rev}), nil
+	// Not added to the cache if missing: made-up names must not take memory.
+	return s.learn(gid, entry{g: g, rev: rev}, true), nil
 }
 
-// remember caches e unless the cache holds a later revision of gid, and
-// returns what the cache holds then. Revisions only grow, so whichever
-// order reads, writes and the watch arrive in, the cache ends at the newest.
-func (s *Store) remember(gid string, e entry) entry {
+// begin records that an operation that may cache gid is under way, until
+// end(gid); it returns gid.
+func (s *Store) begin(gid string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f := s.flights[gid]
+	if f == nil {
+		f = &flight{}
+		s.flights[gid] = f
+	}
+	f.ops++
+	return gid
+}
+
+// end records the end of an operation begun by begin(gid).
+func (s *Store) end(gid string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f := s.flights[gid]
+	if f.ops--; f.ops == 0 {
+		delete(s.flights, gid)
+	}
+}
+
+// learn takes note of e, a revision of gid read, written or brought by
+// the watch, and returns the newest revision known. It replaces a cached
+// entry of an older revision; add says that e may be cached if gid is not,
+// which only an operation between begin and end may ask for, and which
+// only a group that exists is. Revisions only grow, so whichever order
+// reads, writes and the watch arrive in, the cache ends at the newest, and
+// a revision that was not cached, having come while the group was not,
+// is still known to the operations under way, so none caches an older one.
+func (s *Store) learn(gid string, e entry, add bool) entry {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.uncached {
 		return e
 	}
-	if cur, ok := s.cache[gid]; ok && cur.rev >= e.rev {
-		return cur
+	if f := s.flights[gid]; f != nil {
+		if f.newest.rev > e.rev {
+			e = f.newest
+		} else {
+			f.newest = e
+		}
 	}
-	s.cache[gid] = e
+	if cur, ok := s.cache.get(gid); ok {
+		if cur.rev >= e.rev {
+			return cur
+		}
+		s.cache.put(gid, e)
+		return e
+	}
+	if add && e.g != nil {
+		s.cache.put(gid, e)
+	}
 	return e
 }
 
@@ -368,7 +530,7 @@ func (s *Store) stopCaching() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.uncached = true
-	clear(s.cache)
+	s.cache.clear()
 }
 
 // unknown is the error for a group that does not exist or, to a user who

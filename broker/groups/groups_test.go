@@ -35,10 +35,10 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 // storage is one backend's storage, on which Stores can be opened as if
 // on separate nodes (KV) or one after another (Badger).
 type storage interface {
-	open(t *testing.T, maxMembers int) *Store
+	open(t *testing.T, maxMembers int, opts ...Option) *Store
 	// writer returns a Store whose changes s learns of: s itself for
 	// Badger, which has one Store per database, another node's for KV.
-	writer(t *testing.T, s *Store, maxMembers int) *Store
+	writer(t *testing.T, s *Store, maxMembers int, opts ...Option) *Store
 }
 
 type badgerStorage struct{ db *badger.DB }
@@ -56,8 +56,8 @@ func newBadger(t *testing.T) storage {
 	return &badgerStorage{db: db}
 }
 
-func (b *badgerStorage) open(t *testing.T, maxMembers int) *Store {
-	s := New(b.db, maxMembers)
+func (b *badgerStorage) open(t *testing.T, maxMembers int, opts ...Option) *Store {
+	s := New(b.db, maxMembers, opts...)
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
 			t.Error(err)
@@ -66,7 +66,7 @@ func (b *badgerStorage) open(t *testing.T, maxMembers int) *Store {
 	return s
 }
 
-func (b *badgerStorage) writer(_ *testing.T, s *Store, _ int) *Store { return s }
+func (b *badgerStorage) writer(_ *testing.T, s *Store, _ int, _ ...Option) *Store { return s }
 
 // kvStorage is an embedded single-node NATS; each Store gets its own
 // connection, like a node of its own.
@@ -85,24 +85,24 @@ func newKV(t *testing.T) storage {
 	return &kvStorage{node: n}
 }
 
-func (k *kvStorage) open(t *testing.T, maxMembers int) *Store {
-	s, _ := k.openConn(t, maxMembers)
+func (k *kvStorage) open(t *testing.T, maxMembers int, opts ...Option) *Store {
+	s, _ := k.openConn(t, maxMembers, opts...)
 	return s
 }
 
-func (k *kvStorage) writer(t *testing.T, _ *Store, maxMembers int) *Store {
-	return k.open(t, maxMembers)
+func (k *kvStorage) writer(t *testing.T, _ *Store, maxMembers int, opts ...Option) *Store {
+	return k.open(t, maxMembers, opts...)
 }
 
 // openConn opens a Store on a connection of its own and returns both.
-func (k *kvStorage) openConn(t *testing.T, maxMembers int) (*Store, *natsnode.Node) {
+func (k *kvStorage) openConn(t *testing.T, maxMembers int, opts ...Option) (*Store, *natsnode.Node) {
 	t.Helper()
 	ctx := context.Background()
 	conn, err := natsnode.Start(ctx, natsnode.Config{URL: k.node.ClientURL(), Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := NewKV(ctx, conn.JetStream(), testBucket, 1, maxMembers)
+	s, err := NewKV(ctx, conn.JetStream(), testBucket, 1, maxMembers, opts...)
 	if err != nil {
 		conn.Shutdown()
 		t.Fatal(err)
@@ -326,6 +326,182 @@ var behaviours = []struct {
 			t.Fatal(err)
 		}
 	}},
+	{"groups per user are capped, across restarts", func(t *testing.T, st storage) {
+		s := st.open(t, testMax, MaxPerUser(2))
+		for _, gid := range []string{"a1", "a2"} {
+			g, err := s.Create("alice", gid, []string{"bob"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if g.Creator != "alice" {
+				t.Fatalf("creator %q", g.Creator)
+			}
+		}
+		_, err := s.Create("alice", "a3", nil)
+		wantErr(t, err, ErrTooManyGroups)
+		if _, err := s.Create("bob", "b1", nil); err != nil {
+			t.Fatalf("another user's first group: %v", err)
+		}
+		// Leaving a group one made does not give its slot back.
+		if _, err := s.RemoveMember("alice", "a2", "alice"); err != nil {
+			t.Fatal(err)
+		}
+		fresh := st.open(t, testMax, MaxPerUser(2))
+		_, err = fresh.Create("alice", "a3", nil)
+		wantErr(t, err, ErrTooManyGroups)
+		if _, err := fresh.Get("a3"); !errors.Is(err, ErrUnknown) {
+			t.Fatalf("refused group exists: %v", err)
+		}
+		// A higher cap lets her make more.
+		if _, err := st.open(t, testMax, MaxPerUser(3)).Create("alice", "a3", nil); err != nil {
+			t.Fatal(err)
+		}
+	}},
+	{"delete", func(t *testing.T, st storage) {
+		s := st.open(t, testMax, MaxPerUser(2))
+		for _, gid := range []string{"a1", "a2"} {
+			if _, err := s.Create("alice", gid, []string{"bob"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		before := storedRev(t, s, "a1")
+		wantErr(t, s.Delete("zed", "a1"), ErrUnknown)
+		wantErr(t, s.Delete("zed", "nope"), ErrUnknown)
+		wantErr(t, s.Delete("alice", "a/b"), ErrUnknown)
+		wantErr(t, s.Delete("bob", "a1"), ErrNotAuthorized)
+		if after := storedRev(t, s, "a1"); after != before {
+			t.Fatalf("refused deletion wrote: revision %d, was %d", after, before)
+		}
+		if err := s.Delete("alice", "a1"); err != nil {
+			t.Fatal(err)
+		}
+		for _, sx := range []*Store{s, st.open(t, testMax)} {
+			_, err := sx.Get("a1")
+			wantErr(t, err, ErrUnknown)
+			_, err = sx.AddMember("alice", "a1", "carol")
+			wantErr(t, err, ErrUnknown)
+		}
+		wantErr(t, s.Delete("alice", "a1"), ErrUnknown)
+		// Her slot is back, once; another may take the freed name.
+		if _, err := s.Create("alice", "a3", nil); err != nil {
+			t.Fatalf("create after deleting: %v", err)
+		}
+		_, err := s.Create("alice", "a4", nil)
+		wantErr(t, err, ErrTooManyGroups)
+		g, err := s.Create("bob", "a1", nil)
+		if err != nil {
+			t.Fatalf("create a deleted group's name again: %v", err)
+		}
+		wantGroup(t, g, []string{"bob"}, []string{"bob"})
+		if err := hasMembers(st.open(t, testMax), "a1", "bob")(); err != nil {
+			t.Fatal(err)
+		}
+	}},
+	{"delete from a stale cache", func(t *testing.T, st storage) {
+		s := st.open(t, testMax)
+		if _, err := s.Create("alice", "g1", []string{"bob"}); err != nil {
+			t.Fatal(err)
+		}
+		old, _ := s.cached("g1")
+		if _, err := s.AddMember("alice", "g1", "carol"); err != nil {
+			t.Fatal(err)
+		}
+		s.mu.Lock()
+		s.cache.put("g1", old)
+		s.mu.Unlock()
+		// The deletion at the cached revision loses; it must try again.
+		if err := s.Delete("alice", "g1"); err != nil {
+			t.Fatal(err)
+		}
+		for _, sx := range []*Store{s, st.open(t, testMax)} {
+			_, err := sx.Get("g1")
+			wantErr(t, err, ErrUnknown)
+		}
+	}},
+	{"deleting a group of no recorded creator", func(t *testing.T, st storage) {
+		s := st.open(t, testMax, MaxPerUser(1))
+		if _, err := s.Create("alice", "a1", nil); err != nil {
+			t.Fatal(err)
+		}
+		// As stored before creators were: counted against nobody.
+		old := &Group{ID: "old", Members: []string{"alice"}, Admins: []string{"alice"}, Created: 1}
+		if _, err := s.b.update(context.Background(), old, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Delete("alice", "old"); err != nil {
+			t.Fatal(err)
+		}
+		_, err := s.Create("alice", "a2", nil)
+		wantErr(t, err, ErrTooManyGroups)
+	}},
+	{"concurrent creates keep the cap", func(t *testing.T, st storage) {
+		const limit = 3
+		s := st.open(t, testMax, MaxPerUser(limit))
+		stores := []*Store{s, st.writer(t, s, testMax, MaxPerUser(limit))}
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		made := 0
+		for i := range 12 {
+			wg.Go(func() {
+				_, err := stores[i%2].Create("alice", fmt.Sprintf("g%02d", i), nil)
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case err == nil:
+					made++
+				case !errors.Is(err, ErrTooManyGroups):
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		if made != limit {
+			t.Fatalf("%d groups made, cap %d", made, limit)
+		}
+	}},
+	{"cache is bounded", func(t *testing.T, st storage) {
+		// Each group of two members weighs 3: at most 3 fit in 10.
+		a := st.open(t, testMax, CacheMembers(10))
+		w := st.writer(t, a, testMax)
+		for i := range 20 {
+			if _, err := a.Create("alice", fmt.Sprintf("g%02d", i), []string{"bob"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		check := func() {
+			t.Helper()
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			if a.cache.used > 10 || len(a.cache.items) > 3 || a.cache.order.Len() != len(a.cache.items) {
+				t.Fatalf("cache holds %d groups weighing %d, bound 10", len(a.cache.items), a.cache.used)
+			}
+		}
+		check()
+		for i := range 20 {
+			if err := hasMembers(a, fmt.Sprintf("g%02d", i), "alice", "bob")(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		check()
+		// g00 was dropped; changed meanwhile, it is read again as it is now.
+		if _, ok := a.cached("g00"); ok {
+			t.Fatal("g00 still cached")
+		}
+		if _, err := w.AddMember("alice", "g00", "carol"); err != nil {
+			t.Fatal(err)
+		}
+		if err := hasMembers(a, "g00", "alice", "bob", "carol")(); err != nil {
+			t.Fatal(err)
+		}
+		// A group heavier than the whole cache is served, not cached.
+		big := st.open(t, testMax, CacheMembers(2))
+		if err := hasMembers(big, "g01", "alice", "bob")(); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := big.cached("g01"); ok {
+			t.Fatal("a group heavier than the cache was cached")
+		}
+	}},
 	{"results are not changed later", func(t *testing.T, st storage) {
 		s := st.open(t, testMax)
 		if _, err := s.Create("alice", "g1", []string{"bob"}); err != nil {
@@ -393,7 +569,7 @@ var behaviours = []struct {
 				return nil
 			})
 			a.mu.Lock()
-			a.cache["g1"] = old
+			a.cache.put("g1", old)
 			a.mu.Unlock()
 		}
 		// Full in storage, room in the cache: refused.
@@ -468,6 +644,49 @@ func TestBehaviour(t *testing.T) {
 				t.Run(c.name, func(t *testing.T) { c.run(t, b.new(t)) })
 			}
 		})
+	}
+}
+
+// TestLearnKeepsNewest covers a group the cache did not hold when a newer
+// revision came (from the KV watch, or another operation) while an
+// operation was reading or writing an older one: the older must not be
+// cached over it.
+func TestLearnKeepsNewest(t *testing.T) {
+	s := newBadger(t).open(t, testMax)
+	older := entry{g: &Group{ID: "g1", Members: []string{"a"}}, rev: 5}
+	newer := entry{g: &Group{ID: "g1", Members: []string{"a", "b"}}, rev: 6}
+	deleted := entry{rev: 7}
+
+	// No operation under way: what the watch brings is not cached.
+	s.learn("g1", newer, false)
+	if _, ok := s.cached("g1"); ok {
+		t.Fatal("the watch added a group to the cache")
+	}
+	s.begin("g1")
+	s.learn("g1", newer, false)
+	if got := s.learn("g1", older, true); got.rev != newer.rev {
+		t.Fatalf("learnt revision %d, want %d", got.rev, newer.rev)
+	}
+	if e, ok := s.cached("g1"); !ok || e.rev != newer.rev {
+		t.Fatalf("cached %+v %v, want revision %d", e, ok, newer.rev)
+	}
+	s.end("g1")
+
+	// A deletion while a read of the group is under way is not undone by it.
+	s.cache.clear()
+	s.begin("g1")
+	s.begin("g1")
+	s.learn("g1", deleted, false)
+	s.end("g1")
+	if got := s.learn("g1", newer, true); got.g != nil {
+		t.Fatalf("learnt %+v, want the deletion", got)
+	}
+	if _, ok := s.cached("g1"); ok {
+		t.Fatal("a deleted group was cached")
+	}
+	s.end("g1")
+	if len(s.flights) != 0 {
+		t.Fatalf("flights left: %v", s.flights)
 	}
 }
 
@@ -678,6 +897,34 @@ func TestKVDeletedOutside(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestKVDeleteSeenByOthers deletes a group on one node that another has
+// cached: the other stops serving it, and its creator's slot is back on
+// every node.
+func TestKVDeleteSeenByOthers(t *testing.T) {
+	kv := newKV(t).(*kvStorage)
+	a, b := kv.open(t, testMax, MaxPerUser(1)), kv.open(t, testMax, MaxPerUser(1))
+	if _, err := a.Create("alice", "g1", []string{"bob"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := hasMembers(b, "g1", "alice", "bob")(); err != nil {
+		t.Fatal(err)
+	}
+	_, err := b.Create("alice", "g2", nil)
+	wantErr(t, err, ErrTooManyGroups)
+	if err := a.Delete("alice", "g1"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, func() error {
+		if _, err := b.Get("g1"); !errors.Is(err, ErrUnknown) {
+			return fmt.Errorf("get of a group deleted on another node: %v", err)
+		}
+		return nil
+	})
+	if _, err := b.Create("alice", "g2", nil); err != nil {
+		t.Fatalf("create after deleting on another node: %v", err)
+	}
 }
 
 // TestKVWatchLost closes a Store's connection under it: it must stop

@@ -25,6 +25,7 @@ type Handler struct {
 func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/groups", h.create)
 	mux.HandleFunc("GET /v1/groups/{gid}", h.get)
+	mux.HandleFunc("DELETE /v1/groups/{gid}", h.delete)
 	mux.HandleFunc("PUT /v1/groups/{gid}/members/{user}", h.addMember)
 	mux.HandleFunc("DELETE /v1/groups/{gid}/members/{user}", h.removeMember)
 }
@@ -69,6 +70,19 @@ func (h *Handler) get(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, g)
+}
+
+// delete answers 204 with no body once the group is gone.
+func (h *Handler) delete(w http.ResponseWriter, r *http.Request) {
+	user, ok := h.auth(w, r)
+	if !ok {
+		return
+	}
+	if err := h.Store.Delete(user, r.PathValue("gid")); err != nil {
+		h.fail(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (h *Handler) addMember(w http.ResponseWriter, r *http.Request) {
@@ -127,6 +141,8 @@ func writeError(w http.ResponseWriter, err error) int {
 		status, code = http.StatusForbidden, "not_authorized"
 	case errors.Is(err, ErrTooMany):
 		status, code = http.StatusUnprocessableEntity, "too_many_members"
+	case errors.Is(err, ErrTooManyGroups):
+		status, code = http.StatusUnprocessableEntity, "too_many_groups"
 	case errors.Is(err, ErrInvalid):
 		status, code = http.StatusBadRequest, "bad_request"
 	}

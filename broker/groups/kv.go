@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -25,12 +26,17 @@ const kvOperationHeader = "KV-Operation"
 // probeKey is read to see that a bucket answers; "/" is in no group's key.
 const probeKey = "chatd/probe"
 
+// countPrefix begins the key of a user's count of groups made; "/" is in
+// no group's key.
+const countPrefix = "chatd/created/"
+
 // NewKV returns a Store on the JetStream KV bucket named bucket, creating
 // it with replicas copies or updating its configuration, allowing at most
-// maxMembers per group. Every node of a cluster makes its own Store on the
-// same bucket; see Store for what each sees of the others' changes. ctx
-// bounds the setup only. Close the Store to stop its watch of the bucket.
-func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, maxMembers int) (*Store, error) {
+// maxMembers per group, and the limits of opts. Every node of a cluster
+// makes its own Store on the same bucket, with the same limits; see Store
+// for what each sees of the others' changes. ctx bounds the setup only.
+// Close the Store to stop its watch of the bucket.
+func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, maxMembers int, opts ...Option) (*Store, error) {
 	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
 	var kv jetstream.KeyValue
@@ -58,13 +64,14 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 	if err != nil {
 		return nil, fmt.Errorf("groups: bucket %s not answering: %w", bucket, err)
 	}
-	s := newStore(b, maxMembers)
+	s := newStore(b, maxMembers, opts)
 	// The watch lives as long as the Store: a context given to it makes
 	// nats.go unsubscribe when that context ends. Until it is set up, the
 	// setup's context may end it too.
 	stop := context.AfterFunc(ctx, s.cancel)
 	// UpdatesOnly: a group not cached is read from the bucket when needed,
-	// so only changes made from now on are wanted.
+	// so only changes made from now on are wanted, and only of the groups
+	// cached or being read.
 	w, err := kv.WatchAll(s.ctx, jetstream.UpdatesOnly())
 	if !stop() && err == nil {
 		err = ctx.Err()
@@ -80,6 +87,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 }
 
 // follow applies the watch's changes to the cache until the watch ends.
+// It adds no group to the cache: a group not cached is read from the
+// bucket when it is needed.
 func (s *Store) follow() {
 	defer close(s.watched)
 	for e := range s.watch.Updates() {
@@ -98,7 +107,7 @@ func (s *Store) follow() {
 			}
 			ent.g, ent.err = g, err
 		}
-		s.remember(gid, ent)
+		s.learn(gid, ent, false)
 	}
 	select {
 	case <-s.closing:
@@ -202,14 +211,39 @@ func (b *kvBackend) last(ctx context.Context, key string) (rev uint64, v []byte,
 	return msg.Sequence, msg.Data, true, nil
 }
 
-func (b *kvBackend) create(ctx context.Context, g *Group) (uint64, error) {
+func (b *kvBackend) create(ctx context.Context, g *Group, maxPerUser int) (uint64, error) {
 	v, err := json.Marshal(g)
 	if err != nil {
 		return 0, fmt.Errorf("encode group %s: %w", g.ID, err)
 	}
+	// A group that exists is refused without touching its maker's count.
+	cur, rev, err := b.get(ctx, g.ID)
+	if err != nil {
+		return 0, fmt.Errorf("load group %s: %w", g.ID, err)
+	}
+	if cur != nil {
+		return 0, fmt.Errorf("%w: %s", ErrExists, g.ID)
+	}
+	if err := b.count(ctx, g.Creator, 1, maxPerUser); err != nil {
+		return 0, err
+	}
+	next, err := b.createFrom(ctx, g, v, rev)
+	if errors.Is(err, ErrExists) {
+		// Made by another meanwhile: the count went up for nothing. Any
+		// other error may come from a write applied all the same, which
+		// keeps its count.
+		if cerr := b.count(ctx, g.Creator, -1, 0); cerr != nil {
+			return 0, fmt.Errorf("group %s made by another meanwhile; count of %s not lowered: %w", g.ID, g.Creator, cerr)
+		}
+	}
+	return next, err
+}
+
+// createFrom stores v as g if its key is at revision rev, or is no group
+// at all when it is not.
+func (b *kvBackend) createFrom(ctx context.Context, g *Group, v []byte, rev uint64) (uint64, error) {
 	// Revision 0 expects no write to the key ever; a deleted group's key
 	// expects its deletion marker instead.
-	var rev uint64
 	for {
 		next, err := b.kv.Update(ctx, kvKey(g.ID), v, rev)
 		if err == nil {
@@ -242,6 +276,56 @@ func (b *kvBackend) update(ctx context.Context, g *Group, rev uint64) (uint64, e
 		return 0, fmt.Errorf("store group %s: %w", g.ID, err)
 	}
 	return next, nil
+}
+
+func (b *kvBackend) remove(ctx context.Context, g *Group, rev uint64) (bool, error) {
+	err := b.kv.Delete(ctx, kvKey(g.ID), jetstream.LastRevision(rev))
+	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		return false, fmt.Errorf("delete group %s: %w: %w", g.ID, errConflict, err)
+	}
+	if err != nil {
+		return false, fmt.Errorf("delete group %s: %w", g.ID, err)
+	}
+	if g.Creator == "" {
+		return true, nil
+	}
+	if err := b.count(ctx, g.Creator, -1, 0); err != nil {
+		return true, fmt.Errorf("group %s deleted; count of %s not lowered: %w", g.ID, g.Creator, err)
+	}
+	return true, nil
+}
+
+// count adds delta, 1 or -1, to the number of groups user has made: up to
+// limit, failing with ErrTooManyGroups there, and down to 0.
+func (b *kvBackend) count(ctx context.Context, user string, delta, limit int) error {
+	k := countPrefix + kvKey(user)
+	for {
+		rev, v, ok, err := b.last(ctx, k)
+		if err != nil {
+			return fmt.Errorf("load group count of %s: %w", user, err)
+		}
+		n := 0
+		if ok {
+			if n, err = parseCount(v); err != nil {
+				return fmt.Errorf("load group count of %s: %w", user, err)
+			}
+		}
+		if delta > 0 && n >= limit {
+			return fmt.Errorf("%w: at most %d per user", ErrTooManyGroups, limit)
+		}
+		_, err = b.kv.Update(ctx, k, strconv.AppendInt(nil, int64(max(n+delta, 0)), 10), rev)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+			return fmt.Errorf("store group count of %s: %w", user, err)
+		}
+		// Another group of user made or deleted meanwhile; each lost round
+		// means one that succeeded.
+		if ctx.Err() != nil {
+			return fmt.Errorf("store group count of %s: %w", user, err)
+		}
+	}
 }
 
 // kvKey is gid's key. Group IDs are [A-Za-z0-9_.-], but "." separates a
