@@ -124,3 +124,160 @@ func TestEmptyClientIDAssignedTheUser(t *testing.T) {
 		t.Fatalf("reconnect with the assigned id: reason 0x%x", ca.ReasonCode)
 	}
 }
+
+// rawConnack sends a v3.1.1 CONNECT for clientID of user, with a
+// persistent session so that the device stays registered, on a new
+// connection and returns the CONNACK's return code with the connection,
+// which the caller closes. It reports errors rather than failing the test,
+// so that it can run on any goroutine.
+func rawConnack(s *Server, clientID, user, token string) (byte, net.Conn, error) {
+	body := rawString("MQTT")
+	body = append(body, 4, 0xC0, 0, 30) // level 4; username, password; keepalive 30 s
+	body = append(body, rawString(clientID)...)
+	body = append(body, rawString(user)...)
+	body = append(body, rawString(token)...)
+	c, err := net.Dial("tcp", s.MQTTAddr())
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := c.SetDeadline(time.Now().Add(rawWait)); err != nil {
+		c.Close()
+		return 0, nil, err
+	}
+	if _, err := c.Write(rawPacket(0x10, body)); err != nil {
+		c.Close()
+		return 0, nil, fmt.Errorf("write CONNECT: %w", err)
+	}
+	ack := make([]byte, 4)
+	if _, err := io.ReadFull(c, ack); err != nil {
+		c.Close()
+		return 0, nil, fmt.Errorf("read CONNACK: %w", err)
+	}
+	if ack[0] != 0x20 || ack[1] != 2 {
+		c.Close()
+		return 0, nil, fmt.Errorf("CONNACK % x", ack)
+	}
+	return ack[3], c, nil
+}
+
+// waitSeats waits until user holds n connection seats on s.
+func waitSeats(t *testing.T, s *Server, user string, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); s.auth.Users.Connections(user) != n; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s holds %d connection seats, want %d", user, s.auth.Users.Connections(user), n)
+		}
+	}
+}
+
+// TestConnectionCapUnderParallelConnects: 40 devices of one user connect
+// at once against limits.max_connections_per_user of 16: exactly 16 are
+// accepted, the others refused, and closing them gives every seat back.
+func TestConnectionCapUnderParallelConnects(t *testing.T) {
+	const tries, limit = 40, 16
+	s := startServer(t, t.TempDir(), func(c *config.Config) {
+		c.Limits.MaxConnectionsPerUser = limit
+		c.Queue.MaxDevices = 64
+	})
+	tok := mint(t, "bob")
+	codes := make([]byte, tries)
+	conns := make([]net.Conn, tries)
+	errs := make([]error, tries)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range tries {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			codes[i], conns[i], errs[i] = rawConnack(s, fmt.Sprintf("bob/d%d", i), "bob", tok)
+		}()
+	}
+	close(start)
+	wg.Wait()
+	accepted, refused := 0, 0
+	for i := range tries {
+		if errs[i] != nil {
+			t.Fatalf("device %d: %v", i, errs[i])
+		}
+		defer conns[i].Close()
+		switch codes[i] {
+		case 0:
+			accepted++
+		case 3: // server unavailable: the v3 answer to a quota
+			refused++
+		default:
+			t.Errorf("device %d: CONNACK code %d", i, codes[i])
+		}
+	}
+	if accepted != limit || refused != tries-limit {
+		t.Fatalf("%d accepted and %d refused of %d parallel connects, want %d accepted", accepted, refused, tries, limit)
+	}
+	if n := s.auth.Users.Connections("bob"); n != limit {
+		t.Fatalf("server counts %d connections of bob, want %d", n, limit)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	waitSeats(t, s, "bob", 0)
+}
+
+// TestConnectionSeatsAreGivenBack: however a connection ends (refused
+// for a device over queue.max_devices, closed by the client, taken over,
+// closed after a panic) it gives its seat back, so with a cap of one
+// connection the user can always connect again.
+func TestConnectionSeatsAreGivenBack(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) {
+		c.Limits.MaxConnectionsPerUser = 1
+		c.Queue.MaxDevices = 1
+	})
+	tok := mint(t, "bob")
+	connect := func(clientID string, want byte) net.Conn {
+		t.Helper()
+		code, c, err := rawConnack(s, clientID, "bob", tok)
+		if err != nil {
+			t.Fatalf("%s: %v", clientID, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if code != want {
+			t.Fatalf("%s: CONNACK code %d, want %d", clientID, code, want)
+		}
+		return c
+	}
+	connect("bob/a", 0).Close()
+	waitSeats(t, s, "bob", 0)
+
+	// A user looping on a device over the cap is refused every time, and
+	// each refusal leaves nothing behind.
+	for i := range 50 {
+		connect(fmt.Sprintf("bob/x%d", i), 3).Close()
+	}
+	waitSeats(t, s, "bob", 0)
+
+	// A takeover is not refused by the cap, and the connection it replaces
+	// gives its seat back.
+	first := connect("bob/a", 0)
+	connect("bob/a", 0).Close()
+	serverClosed(t, first)
+	waitSeats(t, s, "bob", 0)
+
+	// A panic while serving the connection (mochi-mqtt/server#501): the
+	// recovery gives the seat back too.
+	panicky := rawDial(t, s)
+	body := rawString("MQTT")
+	body = append(body, 5, 0xC2, 0, 30, 0) // level 5; username, password, clean; keepalive; no properties
+	body = append(body, rawString("bob/a")...)
+	body = append(body, rawString("bob")...)
+	body = append(body, rawString(tok)...)
+	if _, err := panicky.Write(rawPacket(0x10, body)); err != nil {
+		t.Fatal(err)
+	}
+	ack := make([]byte, 5)
+	if _, err := io.ReadFull(panicky, ack); err != nil || ack[3] != 0 {
+		t.Fatalf("v5 CONNACK % x: %v", ack, err)
+	}
+	_, _ = panicky.Write([]byte{0x82, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, 0x61})
+	serverClosed(t, panicky)
+	waitSeats(t, s, "bob", 0)
+	connect("bob/a", 0)
+}

@@ -64,6 +64,7 @@ type Server struct {
 	push     *push.Notifier
 	metrics  *metrics.Metrics
 	inbox    *hooks.Inbox
+	auth     *hooks.Auth
 	media    *media.Handler
 	verifier *token.Verifier
 	// stopJanitor ends the media janitor; janitorDone closes when it has.
@@ -247,6 +248,7 @@ func New(opts Options) (*Server, error) {
 		Log:             log,
 	}
 	inbox = s.inbox
+	s.auth = auth
 	auth.Connected = inbox.Connected
 	inbox.TokenExpiry = auth.TokenExpiry
 	for _, h := range []mqtt.Hook{auth, inbox} {
@@ -262,9 +264,10 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// guard wraps l with the CONNECT deadline and panic recovery.
-func (s *Server) guard(l listeners.Listener) listen.Guard {
-	return listen.Guard{
+// guard wraps l with the CONNECT deadline and panic recovery, and tells
+// the Auth hook when mochi is done with each connection.
+func (s *Server) guard(l listeners.Listener) listeners.Listener {
+	return endedListener{end: s.auth.Ended, Guard: listen.Guard{
 		Listener: l,
 		Timeout:  s.cfg.Limits.ConnectTimeout,
 		OnPanic: func(c net.Conn, p any) {
@@ -280,7 +283,24 @@ func (s *Server) guard(l listeners.Listener) listen.Guard {
 				}
 			}
 		},
-	}
+	}}
+}
+
+// endedListener calls end with each connection once mochi is done with it,
+// however that came about. mochi's hooks miss two ends: a client admitted
+// by OnConnect whose CONNACK could not be written, and a connection whose
+// serving panicked (end runs before the Guard recovers the panic).
+type endedListener struct {
+	listen.Guard
+	end func(net.Conn)
+}
+
+// Serve accepts connections through the guard and reports each one's end.
+func (l endedListener) Serve(establish listeners.EstablishFn) {
+	l.Guard.Serve(func(id string, c net.Conn) error {
+		defer l.end(c)
+		return establish(id, c)
+	})
 }
 
 // addListeners opens the MQTT listeners: TCP always, TLS and WebSocket

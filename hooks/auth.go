@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -40,9 +41,22 @@ type Auth struct {
 	// MayAttach reports whether a device may connect under the user's cap on devices.
 	MayAttach func(user, device string) (bool, error)
 
-	expiries sync.Map // *mqtt.Client -> time.Time its token expires
 	// Log receives refusals.
 	Log *slog.Logger
+
+	// admitted holds, for the connection of each client OnConnect let
+	// through, what its end must undo. It is keyed by the connection, not
+	// the client, so that Ended finds it: every net.Conn mochi's listeners
+	// make is a pointer, hence a valid key.
+	admitted sync.Map // net.Conn -> admission
+}
+
+// admission is what OnConnect holds for a client it let through.
+type admission struct {
+	// user holds one of its connection seats (Users.reserve).
+	user string
+	// expiry is when the client's token expires.
+	expiry time.Time
 }
 
 // ID names the hook.
@@ -78,7 +92,6 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if err != nil {
 		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("user %s: %w", user, err))
 	}
-	h.expiries.Store(cl, exp)
 	// A Will would be published by mochi as this client, past every check
 	// of the message path (spoofed envelopes, retained presence, packet IDs
 	// of our own deliveries): the protocol has none, so it is dropped.
@@ -94,9 +107,19 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if cl.Properties.ProtocolVersion < 5 {
 		quota = packets.ErrServerUnavailable
 	}
-	if n := h.Users.Connections(user); n >= h.Users.MaxConnections && !h.Connected(cl.ID) {
+	n, ok := h.Users.reserve(user, h.Connected(cl.ID))
+	if !ok {
 		return h.refuse(cl, quota, fmt.Errorf("user %s has %d connections, the limit", user, n))
 	}
+	// mochi runs no hook for a client OnConnect refuses: until the client
+	// is admitted below, its seat is given back on the way out, whatever
+	// the way.
+	admitted := false
+	defer func() {
+		if !admitted {
+			h.Users.release(user)
+		}
+	}()
 	// Device names are the client's choice: without a cap, one user could
 	// register devices without end, each holding messages back.
 	if ok, err := h.MayAttach(user, device); err != nil {
@@ -108,6 +131,8 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		cl.State.Keepalive = h.MaxKeepalive
 		cl.State.ServerKeepalive = true
 	}
+	h.admitted.Store(cl.Net.Conn, admission{user: user, expiry: exp})
+	admitted = true
 	return nil
 }
 
@@ -121,16 +146,41 @@ func (h *Auth) refuse(cl *mqtt.Client, code packets.Code, err error) error {
 
 // TokenExpiry returns when the token cl connected with expires.
 func (h *Auth) TokenExpiry(cl *mqtt.Client) (time.Time, bool) {
-	v, ok := h.expiries.Load(cl)
+	v, ok := h.admitted.Load(cl.Net.Conn)
 	if !ok {
 		return time.Time{}, false
 	}
-	return v.(time.Time), true
+	return v.(admission).expiry, true
 }
 
-// OnDisconnect forgets the client's token expiry.
+// OnDisconnect frees the client's connection seat and forgets its token
+// expiry.
 func (h *Auth) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
-	h.expiries.Delete(cl)
+	h.forget(cl.Net.Conn)
+}
+
+// Ended frees what OnConnect holds for the client of conn, if anything,
+// once mochi is done with the connection. mochi runs no hook when a client
+// it admitted fails before its session starts (a CONNACK it cannot write)
+// or when serving it panics; without Ended those would hold a connection
+// seat and memory for ever.
+func (h *Auth) Ended(conn net.Conn) {
+	h.forget(conn)
+}
+
+// forget undoes OnConnect's admission of the client of conn, once.
+func (h *Auth) forget(conn net.Conn) {
+	if v, ok := h.admitted.LoadAndDelete(conn); ok {
+		h.Users.release(v.(admission).user)
+	}
+}
+
+// admittedCount returns how many clients OnConnect let through and nothing
+// has forgotten yet.
+func (h *Auth) admittedCount() int {
+	n := 0
+	h.admitted.Range(func(_, _ any) bool { n++; return true })
+	return n
 }
 
 // OnConnectAuthenticate accepts the clients OnConnect let through: it has

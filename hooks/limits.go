@@ -11,11 +11,10 @@ import (
 // users who left: often enough to bound them, rarely enough to cost nothing.
 const sweepEvery = 1024
 
-// Users is what the hooks keep per connected user: how many connections
-// it has and its publish budgets, shared by all its devices. A user who
-// leaves with budgets still spent keeps them until they refill, so that
-// reconnecting does not buy a fresh burst; otherwise memory follows the
-// connected users.
+// Users is what the hooks keep per user: how many connections it has and
+// its publish budgets, shared by all its devices. A user who leaves with
+// budgets still spent keeps them until they refill, so that reconnecting
+// does not buy a fresh burst; otherwise memory follows the connected users.
 type Users struct {
 	// MaxConnections caps one user's connections.
 	MaxConnections int
@@ -31,8 +30,12 @@ type Users struct {
 	leaves int
 }
 
-// userState is one user's connection count and token buckets.
+// userState is one user's connection counts and token buckets.
 type userState struct {
+	// seats counts the connections Auth admitted and has not seen end:
+	// what the cap on connections is checked against.
+	seats int
+	// conns counts the sessions sharing the budgets (join to leave).
 	conns int
 	msgs  *rate.Limiter
 	bytes *rate.Limiter
@@ -40,20 +43,79 @@ type userState struct {
 	maxDelay time.Duration
 }
 
-// Connections returns how many connections user has.
+// Connections returns how many connections of user were admitted and have
+// not ended yet.
 func (u *Users) Connections(user string) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if st, ok := u.m[user]; ok {
-		return st.conns
+		return st.seats
 	}
 	return 0
 }
 
-// join counts a new connection of user and returns its shared state.
+// reserve takes a connection seat for user and returns how many it had
+// before. Checking the cap and counting the new connection in one step
+// keeps parallel CONNECTs from all passing a check none of them is counted
+// in yet. Past the cap it takes nothing and reports false, unless takeover
+// is set: a device replacing its own connection, whose seat is about to be
+// given back, is not refused, though it holds a seat of its own until then.
+// Every seat taken must be given back with release.
+func (u *Users) reserve(user string, takeover bool) (n int, ok bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st := u.state(user)
+	n = st.seats
+	if n >= u.MaxConnections && !takeover {
+		u.drop(user, st, time.Now())
+		return n, false
+	}
+	st.seats++
+	return n, true
+}
+
+// release gives back a seat taken by reserve.
+func (u *Users) release(user string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st, ok := u.m[user]
+	if !ok {
+		return
+	}
+	st.seats--
+	u.drop(user, st, time.Now())
+}
+
+// join counts a new session of user and returns its shared state.
 func (u *Users) join(user string) *userState {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	st := u.state(user)
+	st.conns++
+	return st
+}
+
+// leave counts a closed session of user.
+func (u *Users) leave(user string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st, ok := u.m[user]
+	if !ok {
+		return
+	}
+	st.conns--
+	now := time.Now()
+	u.drop(user, st, now)
+	if u.leaves++; u.leaves%sweepEvery == 0 {
+		for name, st := range u.m {
+			u.drop(name, st, now)
+		}
+	}
+}
+
+// state returns user's state, created with full budgets if it has none.
+// u.mu must be held.
+func (u *Users) state(user string) *userState {
 	if u.m == nil {
 		u.m = make(map[string]*userState)
 	}
@@ -67,30 +129,23 @@ func (u *Users) join(user string) *userState {
 		}
 		u.m[user] = st
 	}
-	st.conns++
 	return st
 }
 
-// leave counts a closed connection of user.
-func (u *Users) leave(user string) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	st, ok := u.m[user]
-	if !ok {
-		return
-	}
-	st.conns--
-	now := time.Now()
-	if st.conns <= 0 && st.refilled(now) {
+// drop forgets user's state once nothing holds it: no seat, no session,
+// and budgets full again at now, since a spent budget must outlive a
+// reconnect. u.mu must be held.
+func (u *Users) drop(user string, st *userState, now time.Time) {
+	if st.seats <= 0 && st.conns <= 0 && st.refilled(now) {
 		delete(u.m, user)
 	}
-	if u.leaves++; u.leaves%sweepEvery == 0 {
-		for name, st := range u.m {
-			if st.conns <= 0 && st.refilled(now) {
-				delete(u.m, name)
-			}
-		}
-	}
+}
+
+// size returns how many users have state.
+func (u *Users) size() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.m)
 }
 
 // refilled reports whether both buckets are full again at now.
