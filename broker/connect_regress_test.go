@@ -281,3 +281,62 @@ func TestConnectionSeatsAreGivenBack(t *testing.T) {
 	waitSeats(t, s, "bob", 0)
 	connect("bob/a", 0)
 }
+
+// TestSpentBudgetOutlivesReconnect: a user who spent its publish burst
+// and reconnects at once finds it still spent: the next publish waits for
+// the budget to refill when limits.publish_max_delay allows it, and is
+// refused when it does not.
+func TestSpentBudgetOutlivesReconnect(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		rate     float64
+		maxDelay time.Duration
+		// burst is what the rate gives: twice the rate, at least one.
+		burst int
+		// refused is the reason code expected after the reconnect; 0
+		// means the publish is accepted, but no sooner than the budget
+		// allows.
+		refused byte
+	}{
+		{"refused past a short delay", 0.5, 100 * time.Millisecond, 1, 0x97},
+		{"delayed until refilled", 1, 10 * time.Second, 2, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := startServer(t, t.TempDir(), func(c *config.Config) {
+				c.Limits.PublishRate = tt.rate
+				c.Limits.PublishMaxDelay = tt.maxDelay
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			publish := func(c *paho5.Client, id string) byte {
+				t.Helper()
+				resp, err := c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: "inbox/bob", Payload: []byte(`{"id":"` + id + `"}`)})
+				if resp == nil {
+					t.Fatalf("publish %s: %v", id, err)
+				}
+				return resp.ReasonCode
+			}
+			alice := dialV5(t, s, "alice", nil)
+			spent := time.Now()
+			for i := range tt.burst {
+				if code := publish(alice, fmt.Sprintf("burst-%d", i)); code != 0 {
+					t.Fatalf("publish %d of the burst: 0x%x", i, code)
+				}
+			}
+			if err := alice.Disconnect(&paho5.Disconnect{}); err != nil {
+				t.Fatal(err)
+			}
+			waitDisconnected(t, s, "alice")
+			again := dialV5(t, s, "alice", nil)
+			code := publish(again, "after reconnect")
+			if code != tt.refused {
+				t.Fatalf("publish after reconnecting: 0x%x, want 0x%x", code, tt.refused)
+			}
+			// One publish refills in 1/rate from when the burst was spent;
+			// a fresh budget would have let it through at once.
+			if wait := time.Duration(float64(time.Second) / tt.rate); code == 0 && time.Since(spent) < wait*9/10 {
+				t.Fatalf("publish after reconnecting accepted %v after the burst was spent, want at least %v", time.Since(spent), wait)
+			}
+		})
+	}
+}
