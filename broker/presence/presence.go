@@ -34,22 +34,44 @@ type Relay func(user string, online bool)
 // each node relays its own first and last connections, and every node
 // keeps, per user, the set of nodes it is online at and publishes when
 // that set becomes empty or stops being so.
+//
+// A transition is stored (an fsync under sync: always) and published
+// after the Tracker's lock is let go, by the goroutine whose connection
+// caused it, so that a slow disk delays that user's transitions only. One
+// goroutine at a time stores a user's, so a later state is never stored
+// or published before an earlier one; transitions that come while one is
+// being stored are merged into the newest.
 type Tracker struct {
 	db      *badger.DB
 	publish Publisher
 	log     *slog.Logger
 	now     func() time.Time
 	relay   Relay
+	// save stores a user's state in db; tests slow it down.
+	save func(user string, online bool, ts int64) error
 
 	mu    sync.Mutex
 	conns map[string]int
 	// where is, in a cluster, the nodes each online user is connected to.
 	where map[string]map[string]struct{}
+	// unsaved is each user's newest transition not yet stored and
+	// published; saving has the users a goroutine is storing them for.
+	unsaved map[string]state
+	saving  map[string]bool
+}
+
+// state is a user's presence from a time on, Unix milliseconds.
+type state struct {
+	online bool
+	ts     int64
 }
 
 // New returns a Tracker storing in db and publishing with publish.
 func New(db *badger.DB, publish Publisher, log *slog.Logger) *Tracker {
-	return &Tracker{db: db, publish: publish, log: log, now: time.Now, conns: make(map[string]int)}
+	t := &Tracker{db: db, publish: publish, log: log, now: time.Now, conns: make(map[string]int),
+		unsaved: make(map[string]state), saving: make(map[string]bool)}
+	t.save = t.store
+	return t
 }
 
 // Restore publishes every stored presence after a start. Users who were
@@ -87,7 +109,7 @@ func (t *Tracker) Restore() error {
 	for _, r := range recs {
 		if r.online {
 			r.online, r.ts = false, now
-			if err := t.store(r.user, false, now); err != nil {
+			if err := t.save(r.user, false, now); err != nil {
 				return fmt.Errorf("restore presence of %s: %w", r.user, err)
 			}
 		}
@@ -110,10 +132,11 @@ func (t *Tracker) Clustered(relay Relay) {
 func (t *Tracker) Connected(user string) {
 	t.mu.Lock()
 	t.conns[user]++
-	if t.conns[user] == 1 {
-		t.change(user, true)
-	}
+	flush := t.conns[user] == 1 && t.change(user, true)
 	t.mu.Unlock()
+	if flush {
+		t.flush(user)
+	}
 }
 
 // Disconnected records a closed connection of user; the last one makes it
@@ -121,28 +144,41 @@ func (t *Tracker) Connected(user string) {
 func (t *Tracker) Disconnected(user string) {
 	t.mu.Lock()
 	t.conns[user]--
+	flush := false
 	if t.conns[user] <= 0 {
 		delete(t.conns, user)
-		t.change(user, false)
+		flush = t.change(user, false)
 	}
 	t.mu.Unlock()
+	if flush {
+		t.flush(user)
+	}
 }
 
 // change announces a transition of this node, or relays it in a cluster.
-// Called with t.mu held, so one node's relayed changes keep their order.
-func (t *Tracker) change(user string, online bool) {
+// Called with t.mu held, so one node's relayed changes keep their order;
+// true means the caller must flush(user) (see announce).
+func (t *Tracker) change(user string, online bool) bool {
 	if t.relay != nil {
 		t.relay(user, online)
-		return
+		return false
 	}
-	t.announce(user, online)
+	return t.announce(user, online)
 }
 
 // Remote applies a cluster node's change: user got its first connection
 // at node (online) or lost its last there.
 func (t *Tracker) Remote(node, user string, online bool) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	flush := t.remote(node, user, online)
+	t.mu.Unlock()
+	if flush {
+		t.flush(user)
+	}
+}
+
+// remote is Remote with t.mu held; true means the caller must flush(user).
+func (t *Tracker) remote(node, user string, online bool) bool {
 	nodes := t.where[user]
 	if online {
 		if nodes == nil {
@@ -151,19 +187,17 @@ func (t *Tracker) Remote(node, user string, online bool) {
 		}
 		_, had := nodes[node]
 		nodes[node] = struct{}{}
-		if len(nodes) == 1 && !had {
-			t.announce(user, true)
-		}
-		return
+		return len(nodes) == 1 && !had && t.announce(user, true)
 	}
 	if _, had := nodes[node]; !had {
-		return
+		return false
 	}
 	delete(nodes, node)
-	if len(nodes) == 0 {
-		delete(t.where, user)
-		t.announce(user, false)
+	if len(nodes) > 0 {
+		return false
 	}
+	delete(t.where, user)
+	return t.announce(user, false)
 }
 
 // NodeGone drops every connection of a cluster node that stopped or restarted.
@@ -200,15 +234,43 @@ func (t *Tracker) Local() []string {
 	return users
 }
 
-// announce stores and publishes a transition; called with t.mu held so
-// that transitions of a user are published in the order they happened.
-func (t *Tracker) announce(user string, online bool) {
-	ts := t.now().UnixMilli()
-	if err := t.store(user, online, ts); err != nil {
-		t.log.Error("store presence", "user", user, "error", err)
+// announce records a transition for flush to store and publish; called
+// with t.mu held, so that a user's transitions are recorded in the order
+// they happen. It reports whether the caller must call flush(user) once it
+// has let go of t.mu: true unless another goroutine is flushing user's,
+// which then takes this transition too.
+func (t *Tracker) announce(user string, online bool) bool {
+	t.unsaved[user] = state{online: online, ts: t.now().UnixMilli()}
+	if t.saving[user] {
+		return false
 	}
-	if err := t.publish(topic.PresencePrefix+user, envelope.Presence(user, online, ts), true, 0); err != nil {
-		t.log.Error("publish presence", "user", user, "error", err)
+	t.saving[user] = true
+	return true
+}
+
+// flush stores and publishes user's newest transition, without t.mu held,
+// until none is left unsaved. Only the goroutine that announce told to
+// runs it for a user, so a user's states are stored and published in
+// order, and the last stored is the newest.
+func (t *Tracker) flush(user string) {
+	for {
+		t.mu.Lock()
+		st, ok := t.unsaved[user]
+		if !ok {
+			delete(t.saving, user)
+			t.mu.Unlock()
+			return
+		}
+		delete(t.unsaved, user)
+		t.mu.Unlock()
+		// Stored before it is published, so that what a subscriber saw
+		// survives a restart.
+		if err := t.save(user, st.online, st.ts); err != nil {
+			t.log.Error("store presence", "user", user, "error", err)
+		}
+		if err := t.publish(topic.PresencePrefix+user, envelope.Presence(user, st.online, st.ts), true, 0); err != nil {
+			t.log.Error("publish presence", "user", user, "error", err)
+		}
 	}
 }
 
