@@ -305,11 +305,41 @@ func (h *Inbox) Abandon(conn net.Conn) {
 	found.Stop(errors.New("connection abandoned after a panic"))
 }
 
-// OnPacketRead takes the device's PUBACKs for the server's own deliveries.
+// errQoS2 ends an MQTT 3.1.1 connection that published at QoS 2.
+var errQoS2 = errors.New("QoS 2 publish: the server grants at most QoS 1")
+
+// OnPacketRead takes the device's PUBACKs for the server's own deliveries
+// and answers the publishes mochi would otherwise mishandle.
 func (h *Inbox) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type == packets.Puback {
+	switch pk.FixedHeader.Type {
+	case packets.Puback:
 		if s, ok := h.session(cl); ok && s.dev != nil {
 			h.Delivery.Acked(s.dev, pk.PacketID)
+		}
+	case packets.Publish:
+		if pk.FixedHeader.Qos > 1 {
+			// mochi would downgrade it to QoS 1, store it and answer with
+			// a PUBACK, which a QoS 2 sender takes for a protocol error.
+			// The CONNACK said Maximum QoS 1: an MQTT 5 client is told why
+			// it is disconnected, a 3.1.1 one has no way to be. Returning
+			// ErrRejectPacket ends the connection: nothing is stored.
+			if cl.Properties.ProtocolVersion == 5 {
+				// DisconnectClient returns the code it disconnected with.
+				_ = h.Server.DisconnectClient(cl, packets.ErrQosNotSupported)
+			} else {
+				cl.Stop(errQoS2)
+			}
+			return pk, packets.ErrRejectPacket
+		}
+		// mochi drops a publish to a topic it reserves ($SYS/..., $share,
+		// $share/{group}) before OnPublish, without a PUBACK, which
+		// would leave a phone's outbox stuck: it is answered here like
+		// any refused publish. Malformed publishes fail mochi's own
+		// PublishValidate after this hook and close the connection.
+		if pk.PublishValidate(h.Server.Options.Capabilities.TopicAliasMaximum) == packets.CodeSuccess &&
+			!mqtt.IsValidFilter(pk.TopicName, true) {
+			// Always ErrRejectPacket, and mochi drops the packet anyway.
+			_, _ = h.OnPublish(cl, pk)
 		}
 	}
 	return pk, nil

@@ -1,0 +1,197 @@
+package broker
+
+// Regression tests for the publish path: nothing acknowledged is lost and
+// every publish is answered, in any order of events.
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	paho5 "github.com/eclipse/paho.golang/paho"
+)
+
+// v5Box is an MQTT 5 client subscribed to its inbox, recording what arrives.
+type v5Box struct {
+	t      *testing.T
+	c      *paho5.Client
+	mu     sync.Mutex
+	got    []envelopeMsg
+	signal chan struct{}
+}
+
+// dialV5Inbox connects user over MQTT 5 and subscribes it to its inbox.
+func dialV5Inbox(t *testing.T, s *Server, user string) *v5Box {
+	t.Helper()
+	b := &v5Box{t: t, signal: make(chan struct{}, 1)}
+	b.c = dialV5(t, s, user, func(p *paho5.Publish) {
+		e := decodeEnvelope(t, p.Payload)
+		b.mu.Lock()
+		b.got = append(b.got, e)
+		b.mu.Unlock()
+		select {
+		case b.signal <- struct{}{}:
+		default:
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := b.c.Subscribe(ctx, &paho5.Subscribe{Subscriptions: []paho5.SubscribeOptions{{Topic: "inbox/" + user, QoS: 1}}}); err != nil {
+		t.Fatalf("subscribe %s: %v", user, err)
+	}
+	return b
+}
+
+// publish sends payload to topic at QoS 1 and returns the PUBACK's reason code.
+func (b *v5Box) publish(topic, payload string) byte {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := b.c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: topic, Payload: []byte(payload)})
+	if resp == nil {
+		b.t.Fatalf("publish to %s: no PUBACK: %v", topic, err)
+	}
+	return resp.ReasonCode
+}
+
+// waitFor waits until n envelopes have arrived and returns them.
+func (b *v5Box) waitFor(n int) []envelopeMsg {
+	b.t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		b.mu.Lock()
+		if len(b.got) >= n {
+			out := slices.Clone(b.got)
+			b.mu.Unlock()
+			return out
+		}
+		have := len(b.got)
+		b.mu.Unlock()
+		select {
+		case <-b.signal:
+		case <-time.After(50 * time.Millisecond):
+		case <-deadline:
+			b.t.Fatalf("got %d envelopes, want %d", have, n)
+		}
+	}
+}
+
+// msgIDs returns the ids of the messages among evs, in order.
+func msgIDs(t *testing.T, evs []envelopeMsg) []string {
+	t.Helper()
+	var out []string
+	for _, e := range evs {
+		if e.Kind == "msg" {
+			out = append(out, innerID(t, e))
+		}
+	}
+	return out
+}
+
+// TestReservedTopicPublishesAnswered: mochi drops publishes to the topics
+// it reserves before the server's checks; they are answered like any
+// refused publish, so a client's outbox never waits on them.
+func TestReservedTopicPublishesAnswered(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	alice := mustDial(t, s, "alice", phoneOpt{})
+	erin := dialV5Inbox(t, s, "erin")
+	topics := []string{"$SYS/broker/clients", "$sys/x", "$SYS", "$share", "$share/g", "$share/g/inbox/bob"}
+	for i, topic := range topics {
+		ref := fmt.Sprintf("r-%d", i)
+		alice.publish(topic, []byte(`{"id":"`+ref+`"}`))
+		if ev := alice.waitFor(i + 1)[i]; ev.Kind != "error" || ev.Code != "bad_topic" || ev.Ref != ref {
+			t.Errorf("v3 publish to %s: event %+v, want bad_topic for %s", topic, ev, ref)
+		}
+		if code := erin.publish(topic, `{"id":"`+ref+`"}`); code != 0x90 {
+			t.Errorf("v5 publish to %s: reason 0x%x, want 0x90", topic, code)
+		}
+	}
+	alice.send("bob", "ok", "")
+	if got := msgIDs(t, bob.waitFor(1)); !slices.Equal(got, []string{"ok"}) {
+		t.Fatalf("bob got %v, want only ok", got)
+	}
+}
+
+// rawConnectV5 builds an MQTT 5 CONNECT with clean start, username and password.
+func rawConnectV5(clientID, user, password string) []byte {
+	body := rawString("MQTT")
+	body = append(body, 5, 0xC2, 0, 30, 0) // level 5; username, password, clean start; keepalive 30 s; no properties
+	body = append(body, rawString(clientID)...)
+	body = append(body, rawString(user)...)
+	body = append(body, rawString(password)...)
+	return rawPacket(0x10, body)
+}
+
+// rawPublishQoS2 builds a QoS 2 PUBLISH with packet id 1.
+func rawPublishQoS2(v5 bool, topic string, payload []byte) []byte {
+	body := append(rawString(topic), 0, 1)
+	if v5 {
+		body = append(body, 0) // no properties
+	}
+	return rawPacket(0x34, append(body, payload...))
+}
+
+// readToClose reads r until the server closes the connection and returns
+// what it read; it fails the test if the server keeps it open.
+func readToClose(t *testing.T, c net.Conn, r io.Reader) []byte {
+	t.Helper()
+	if err := c.SetReadDeadline(time.Now().Add(rawWait)); err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(r)
+	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+		t.Fatalf("server kept the connection open for %v", rawWait)
+	}
+	return b
+}
+
+// TestQoS2PublishRefused: the server grants QoS 1 at most; a QoS 2
+// publish ends the connection (MQTT 5: DISCONNECT 0x9B first) and is
+// neither stored nor acknowledged.
+func TestQoS2PublishRefused(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	bob := mustDial(t, s, "bob", phoneOpt{})
+
+	c := rawDial(t, s)
+	rawLogin(t, c, "alice", "alice")
+	if _, err := c.Write(rawPublishQoS2(false, "inbox/bob", []byte(`{"id":"q2-v3"}`))); err != nil {
+		t.Fatal(err)
+	}
+	if rest := readToClose(t, c, c); len(rest) != 0 {
+		t.Errorf("v3 QoS 2 publish answered % x, want the connection closed", rest)
+	}
+
+	c5 := rawDial(t, s)
+	if _, err := c5.Write(rawConnectV5("erin", "erin", mint(t, "erin"))); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(c5)
+	if ack := readPacket(t, c5, r); ack[0] != 0x20 || ack[3] != 0 {
+		t.Fatalf("v5 CONNACK % x", ack)
+	}
+	if _, err := c5.Write(rawPublishQoS2(true, "inbox/bob", []byte(`{"id":"q2-v5"}`))); err != nil {
+		t.Fatal(err)
+	}
+	if d := readPacket(t, c5, r); d[0] != 0xE0 || d[2] != 0x9B {
+		t.Errorf("v5 QoS 2 publish answered % x, want DISCONNECT 0x9B", d)
+	}
+	if rest := readToClose(t, c5, r); len(rest) != 0 {
+		t.Errorf("after the DISCONNECT: % x", rest)
+	}
+
+	if h, _ := s.queue.Head("bob"); h != 0 {
+		t.Fatalf("bob's queue head %d after QoS 2 publishes, want 0", h)
+	}
+	mustDial(t, s, "carol", phoneOpt{noSub: true}).send("bob", "ok", "")
+	if got := msgIDs(t, bob.waitFor(1)); !slices.Equal(got, []string{"ok"}) {
+		t.Fatalf("bob got %v, want only ok", got)
+	}
+}
