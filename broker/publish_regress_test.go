@@ -15,7 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	paho5 "github.com/eclipse/paho.golang/paho"
+
+	"github.com/chatd/chatd/broker/queue"
 )
 
 // v5Box is an MQTT 5 client subscribed to its inbox, recording what arrives.
@@ -193,5 +196,35 @@ func TestQoS2PublishRefused(t *testing.T) {
 	mustDial(t, s, "carol", phoneOpt{noSub: true}).send("bob", "ok", "")
 	if got := msgIDs(t, bob.waitFor(1)); !slices.Equal(got, []string{"ok"}) {
 		t.Fatalf("bob got %v, want only ok", got)
+	}
+}
+
+// TestGroupReadFailureAsksForResend: a group that cannot be read is not
+// refused as unknown (for good) but answered as not stored, so that the
+// client sends the message again: MQTT 5 PUBACK 0x80, MQTT 3.1.1
+// disconnect without a PUBACK.
+func TestGroupReadFailureAsksForResend(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	// A group record that does not decode fails every read of the group.
+	err := s.queue.(*queue.Store).DB().Update(func(txn *badger.Txn) error {
+		return txn.Set([]byte("gbroken"), []byte("{not json"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	erin := dialV5Inbox(t, s, "erin")
+	if code := erin.publish("group/broken", `{"id":"m-1"}`); code != failedToStore {
+		t.Errorf("v5 publish to an unreadable group: reason 0x%x, want 0x%x", code, failedToStore)
+	}
+	if code := erin.publish("group/nope", `{"id":"m-2"}`); code != 0x90 {
+		t.Errorf("v5 publish to a missing group: reason 0x%x, want 0x90", code)
+	}
+	raw := rawDial(t, s)
+	rawLogin(t, raw, "alice", "alice")
+	if _, err := raw.Write(rawPublish("group/broken", []byte(`{"id":"m-3"}`))); err != nil {
+		t.Fatal(err)
+	}
+	if rest := readToClose(t, raw, raw); len(rest) != 0 {
+		t.Errorf("v3 publish to an unreadable group answered % x, want the connection closed", rest)
 	}
 }

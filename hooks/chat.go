@@ -22,8 +22,11 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 		h.refuse(s, pk, CodeUnknownGroup, fmt.Sprintf("no group %q", gid))
 		return
 	case err != nil:
-		h.refuse(s, pk, CodeUnknownGroup, "group unavailable")
+		// The group may well exist: the publish is not refused for good
+		// but answered like a message that could not be stored, so that
+		// the client sends it again (PROTOCOL.md section 9).
 		h.Log.Error("read group", "group", gid, "error", err)
+		h.notStored(s, pk, fmt.Errorf("read group %s: %w", gid, err))
 		return
 	case !g.IsMember(s.user):
 		h.refuse(s, pk, CodeNotAuthorized, fmt.Sprintf("not a member of %q", gid))

@@ -131,6 +131,7 @@ func (h *Inbox) Closing() { h.closing.Store(true) }
 
 // session is one connection of one device.
 type session struct {
+	cl           *mqtt.Client
 	user, device string
 	clientID     string
 	v5           bool
@@ -170,7 +171,7 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	v5 := cl.Properties.ProtocolVersion == 5
 	s := &session{
-		user: user, device: device, clientID: cl.ID, v5: v5,
+		cl: cl, user: user, device: device, clientID: cl.ID, v5: v5,
 		transient: (v5 && cl.Properties.Props.SessionExpiryInterval == 0) || (!v5 && cl.Properties.Clean),
 		window:    h.MaxInflight,
 		w:         wire.NewWriter(wire.MochiConn{Client: cl, Server: h.Server}, v5, h.MaxPendingBytes),
@@ -487,6 +488,21 @@ func (h *Inbox) failed(s *session, pid uint16, qos1 bool, err error) {
 	} else {
 		h.Log.Error("store message", "user", s.user, "error", err)
 	}
+	h.resend(s, pid, qos1, err)
+}
+
+// notStored answers, in publish order, a publish that could not be stored
+// for err, already logged: as failed does, so that the client resends it.
+func (h *Inbox) notStored(s *session, pk packets.Packet, err error) {
+	pid, qos1 := pk.PacketID, pk.FixedHeader.Qos > 0
+	h.Queue.Append(&queue.Request{Done: func(queue.Status, queue.Message, error) {
+		h.resend(s, pid, qos1, err)
+	}})
+}
+
+// resend asks the client to send a publish again: MQTT 5 PUBACK 0x80, or
+// for v3 the end of the connection (PROTOCOL.md section 9).
+func (h *Inbox) resend(s *session, pid uint16, qos1 bool, err error) {
 	if s.v5 {
 		if qos1 {
 			s.w.Puback(pid, unspecifiedError)
@@ -494,11 +510,9 @@ func (h *Inbox) failed(s *session, pid uint16, qos1 bool, err error) {
 		}
 		return
 	}
-	if v, ok := h.current.Load(s.clientID); ok && v == s {
-		if cl, ok := h.Server.Clients.Get(s.clientID); ok {
-			cl.Stop(fmt.Errorf("store message: %w", err))
-		}
-	}
+	// The connection the publish came on; stopping one already closed
+	// does nothing.
+	s.cl.Stop(fmt.Errorf("publish not stored, to be sent again: %w", err))
 }
 
 // Connected reports whether clientID has a live connection.
