@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,6 +20,7 @@ import (
 	paho5 "github.com/eclipse/paho.golang/paho"
 
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/config"
 )
 
 // v5Box is an MQTT 5 client subscribed to its inbox, recording what arrives.
@@ -196,6 +198,79 @@ func TestQoS2PublishRefused(t *testing.T) {
 	mustDial(t, s, "carol", phoneOpt{noSub: true}).send("bob", "ok", "")
 	if got := msgIDs(t, bob.waitFor(1)); !slices.Equal(got, []string{"ok"}) {
 		t.Fatalf("bob got %v, want only ok", got)
+	}
+}
+
+// TestIDsMustBeValidUTF8: an id that is not valid UTF-8 (or an unpaired
+// surrogate escape, which decodes to U+FFFD) is refused in messages and
+// read receipts alike, and receipt ids are checked like message ids; a
+// valid non-ASCII id comes back in receipts unchanged.
+func TestIDsMustBeValidUTF8(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Receipts.Delivered = false })
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	alice := mustDial(t, s, "alice", phoneOpt{})
+	erin := dialV5Inbox(t, s, "erin")
+	many := `"m"` + strings.Repeat(`,"m"`, 1000)
+	bad := []struct{ name, topic, payload string }{
+		{"invalid UTF-8 message id", "inbox/bob", "{\"id\":\"m-\xff\"}"},
+		{"lone surrogate message id", "inbox/bob", `{"id":"m-\ud800"}`},
+		{"invalid UTF-8 receipt id", "receipt/bob", "{\"status\":\"read\",\"ids\":[\"ok\",\"\xc3\"]}"},
+		{"lone surrogate receipt id", "receipt/bob", `{"status":"read","ids":["\udc00"]}`},
+		{"65-byte receipt id", "receipt/bob", `{"status":"read","ids":["` + strings.Repeat("i", 65) + `"]}`},
+		{"empty receipt id", "receipt/bob", `{"status":"read","ids":[""]}`},
+		{"no receipt ids", "receipt/bob", `{"status":"read","ids":[]}`},
+		{"1001 receipt ids", "receipt/bob", `{"status":"read","ids":[` + many + `]}`},
+	}
+	for i, c := range bad {
+		alice.publish(c.topic, []byte(c.payload))
+		if ev := alice.waitFor(i + 1)[i]; ev.Kind != "error" || ev.Code != "bad_payload" {
+			t.Errorf("v3 %s: event %+v, want bad_payload", c.name, ev)
+		}
+		if code := erin.publish(c.topic, c.payload); code != 0x99 {
+			t.Errorf("v5 %s: reason 0x%x, want 0x99", c.name, code)
+		}
+	}
+	if h, _ := s.queue.Head("bob"); h != 0 {
+		t.Fatalf("bob's queue head %d after refused publishes, want 0", h)
+	}
+	// A valid id, escaped or not, comes back in the read receipt as sent.
+	bob.publish("inbox/alice", []byte(`{"id":"m-é-\ud83d\ude00"}`))
+	got := alice.waitFor(len(bad) + 1)[len(bad)]
+	id := innerID(t, got)
+	if id != "m-é-\U0001F600" {
+		t.Fatalf("alice got id %q", id)
+	}
+	alice.publish("receipt/bob", []byte(`{"status":"read","ids":["m-é-\ud83d\ude00"]}`))
+	bob.waitFor(1)
+	if ev := bob.events()[0]; ev["status"] != "read" || ids(ev) != id {
+		t.Fatalf("bob's read receipt %v, want ids [%s]", ev, id)
+	}
+}
+
+// TestReceiptsStopAtDiskReserve: past the disk reserve read receipts are
+// refused like messages, as not stored: MQTT 5 PUBACK 0x80, MQTT 3.1.1
+// disconnect without a PUBACK.
+func TestReceiptsStopAtDiskReserve(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Queue.MinFreeBytes = 1 << 62 })
+	erin := dialV5Inbox(t, s, "erin")
+	for _, c := range []struct{ topic, payload string }{
+		{"inbox/bob", `{"id":"m-1"}`},
+		{"receipt/bob", `{"status":"read","ids":["m-1"]}`},
+	} {
+		if code := erin.publish(c.topic, c.payload); code != failedToStore {
+			t.Errorf("v5 publish to %s on a full disk: reason 0x%x, want 0x%x", c.topic, code, failedToStore)
+		}
+	}
+	raw := rawDial(t, s)
+	rawLogin(t, raw, "alice", "alice")
+	if _, err := raw.Write(rawPublish("receipt/bob", []byte(`{"status":"read","ids":["m-1"]}`))); err != nil {
+		t.Fatal(err)
+	}
+	if rest := readToClose(t, raw, raw); len(rest) != 0 {
+		t.Errorf("v3 receipt on a full disk answered % x, want the connection closed", rest)
+	}
+	if h, _ := s.queue.Head("bob"); h != 0 {
+		t.Fatalf("bob's queue head %d on a full disk, want 0", h)
 	}
 }
 

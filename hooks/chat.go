@@ -1,6 +1,9 @@
 package hooks
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -73,11 +76,29 @@ func (h *Inbox) publishReceipt(s *session, pk packets.Packet, to string) {
 	if _, ok := h.validate(s, pk, readIDs); !ok {
 		return
 	}
+	// A read receipt is a client publish like a message: under a dedup
+	// key of its own it stops at the disk reserve as messages do (the
+	// store lets only server-made events, which carry none, past it), and
+	// the same receipt sent again, resent after a reconnect or by the
+	// reader's other device, is queued once.
 	h.Queue.Append(&queue.Request{
-		To:   to,
+		To: to, Sender: s.user, ID: receiptID(to, ids),
 		Data: envelope.Receipt("read", s.user, ids, time.Now().UnixMilli()),
 		Done: h.answer(s, pk, "", fmt.Sprintf("the queue of %s is full", to)),
 	})
+}
+
+// receiptID is the dedup id of a read receipt of ids sent to to. Longer
+// than any message id (envelope.MaxIDLen), it never matches one of the
+// reader's own messages.
+func receiptID(to string, ids []string) string {
+	sum := sha256.New()
+	var n [binary.MaxVarintLen64]byte
+	for _, s := range append([]string{to}, ids...) {
+		sum.Write(n[:binary.PutUvarint(n[:], uint64(len(s)))])
+		sum.Write([]byte(s))
+	}
+	return "read-receipt/" + hex.EncodeToString(sum.Sum(nil))
 }
 
 // publishTyping passes a typing signal to the recipient's online devices
