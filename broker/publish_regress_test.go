@@ -88,6 +88,18 @@ func (b *v5Box) waitFor(n int) []envelopeMsg {
 	}
 }
 
+// findError returns the error event about ref among evs.
+func findError(t *testing.T, evs []envelopeMsg, ref string) envelopeMsg {
+	t.Helper()
+	for _, e := range evs {
+		if e.Kind == "error" && e.Ref == ref {
+			return e
+		}
+	}
+	t.Fatalf("no error event for %s among %+v", ref, evs)
+	return envelopeMsg{}
+}
+
 // msgIDs returns the ids of the messages among evs, in order.
 func msgIDs(t *testing.T, evs []envelopeMsg) []string {
 	t.Helper()
@@ -98,6 +110,100 @@ func msgIDs(t *testing.T, evs []envelopeMsg) []string {
 		}
 	}
 	return out
+}
+
+// waitDepth waits until user's queue holds no undeleted message.
+func waitDepth0(t *testing.T, s *Server, user string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if d, err := s.queue.Depth(user); err == nil && d == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the queue of %s was never emptied", user)
+		}
+	}
+}
+
+// TestGroupFullQueues: a group message reaching no member because every
+// other member's queue is full is refused with queue_full and leaves no
+// dedup key, so that its resend is delivered; one reaching some members
+// is acknowledged, and its sender told whom it missed. MQTT 3.1.1 and 5.
+func TestGroupFullQueues(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) {
+		c.Queue.MaxQueueMessages = 3
+		c.Receipts.Delivered = false
+	})
+	for _, g := range []struct {
+		id, by  string
+		members []string
+	}{
+		{"g1", "alice", []string{"bob", "carol", "dave", "erin"}},
+		{"g2", "alice", []string{"bob", "carol"}},
+		{"g3", "erin", []string{"bob", "carol"}},
+	} {
+		if st, body := httpJSON(t, s, "POST", "/v1/groups", g.by, map[string]any{"id": g.id, "members": g.members}); st != 201 {
+			t.Fatalf("create %s: %d %v", g.id, st, body)
+		}
+	}
+	// bob and carol, who never connected, have full queues.
+	filler := mustDial(t, s, "filler", phoneOpt{noSub: true})
+	for _, u := range []string{"bob", "carol"} {
+		for i := range 3 {
+			filler.send(u, fmt.Sprintf("%s-f-%d", u, i), "")
+		}
+	}
+	alice := mustDial(t, s, "alice", phoneOpt{})
+	dave := mustDial(t, s, "dave", phoneOpt{})
+	erin := dialV5Inbox(t, s, "erin")
+
+	// Some members' queues full: stored for the others and acknowledged.
+	alice.publish("group/g1", []byte(`{"id":"part-v3"}`))
+	if code := erin.publish("group/g1", `{"id":"part-v5"}`); code != 0 {
+		t.Fatalf("group publish with room for some members: reason 0x%x, want 0", code)
+	}
+	if got := msgIDs(t, dave.waitFor(2)); !slices.Equal(got, []string{"part-v3", "part-v5"}) {
+		t.Fatalf("dave got %v", got)
+	}
+	const missed = "could not reach: bob, carol"
+	// alice: the error event and erin's message; erin: the reverse.
+	for who, ev := range map[string]envelopeMsg{
+		"alice": findError(t, alice.waitFor(2), "part-v3"),
+		"erin":  findError(t, erin.waitFor(2), "part-v5"),
+	} {
+		if ev.Code != "queue_full" || !strings.Contains(ev.Reason, missed) {
+			t.Errorf("%s's error event %+v, want queue_full naming whom it missed (%q)", who, ev, missed)
+		}
+	}
+
+	// Every other member's queue full: refused, nothing stored.
+	alice.publish("group/g2", []byte(`{"id":"all-v3"}`))
+	if ev := findError(t, alice.waitFor(3), "all-v3"); ev.Code != "queue_full" {
+		t.Fatalf("alice's error event %+v, want queue_full", ev)
+	}
+	if code := erin.publish("group/g3", `{"id":"all-v5"}`); code != 0x97 {
+		t.Fatalf("group publish with every queue full: reason 0x%x, want 0x97", code)
+	}
+
+	// Once the queues have room the same publishes are stored: the
+	// refusal kept no dedup key.
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	carol := mustDial(t, s, "carol", phoneOpt{})
+	for _, p := range []*phone{bob, carol} {
+		p.waitFor(3)
+		waitAcked(t, s, p.user, "")
+		waitDepth0(t, s, p.user)
+	}
+	alice.publish("group/g2", []byte(`{"id":"all-v3"}`))
+	if code := erin.publish("group/g3", `{"id":"all-v5"}`); code != 0 {
+		t.Fatalf("resend with room: reason 0x%x, want 0", code)
+	}
+	for _, p := range []*phone{bob, carol} {
+		want := []string{p.user + "-f-0", p.user + "-f-1", p.user + "-f-2", "all-v3", "all-v5"}
+		if got := msgIDs(t, p.waitFor(5)); !slices.Equal(got, want) {
+			t.Errorf("%s got %v, want %v", p.user, got, want)
+		}
+	}
 }
 
 // TestReservedTopicPublishesAnswered: mochi drops publishes to the topics

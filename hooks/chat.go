@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -58,10 +59,41 @@ func (h *Inbox) publishGroup(s *session, pk packets.Packet, gid string) {
 			fan = append(fan, queue.Fanout{To: m, Data: envelope.Message(s.user, m, gid, ts, pk.Payload)})
 		}
 	}
+	// When every member's queue is full the store reports Full (and keeps
+	// no dedup key, so a resend is stored); when only some are, the
+	// message is stored for the others and acknowledged, and the sender
+	// is told whom it missed.
 	h.Queue.Append(&queue.Request{
 		Sender: s.user, ID: id, Meta: envelope.Meta(s.user, gid, id), Fanout: fan,
-		Done: h.answer(s, pk, id, "every member's queue is full"),
+		OnFull: func(users []string) { h.unreached(s, id, gid, users) },
+		Done:   h.answer(s, pk, id, fmt.Sprintf("the queue of every other member of %q is full", gid)),
 	})
+}
+
+// maxUnreachedNamed caps the members named in one unreached error event.
+const maxUnreachedNamed = 20
+
+// unreached queues, to the sender of a group message stored for some
+// members, an error event naming the members whose full queues it missed.
+// It runs on the committer goroutine, so it must not wait for it.
+func (h *Inbox) unreached(s *session, ref, gid string, users []string) {
+	named, more := users, ""
+	if len(named) > maxUnreachedNamed {
+		named, more = named[:maxUnreachedNamed], fmt.Sprintf(" and %d more", len(named)-maxUnreachedNamed)
+	}
+	reason := fmt.Sprintf("stored for the other members of %q, whose queues had room; queue full, could not reach: %s%s",
+		gid, strings.Join(named, ", "), more)
+	ok := h.Queue.TryAppend(&queue.Request{
+		To: s.user, Data: envelope.Error(ref, CodeQueueFull, reason),
+		Done: func(st queue.Status, _ queue.Message, err error) {
+			if st == queue.Failed || st == queue.Full {
+				h.Log.Warn("error event not queued", "user", s.user, "code", CodeQueueFull, "status", int(st), "error", err)
+			}
+		},
+	})
+	if !ok {
+		h.Log.Warn("error event dropped: queue busy", "user", s.user, "code", CodeQueueFull)
+	}
 }
 
 // publishReceipt forwards a read receipt to the original sender's inbox.
