@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -203,6 +204,59 @@ func TestGroupFullQueues(t *testing.T) {
 		if got := msgIDs(t, p.waitFor(5)); !slices.Equal(got, want) {
 			t.Errorf("%s got %v, want %v", p.user, got, want)
 		}
+	}
+}
+
+// TestTakenOverDeviceForgottenAfterTTL: a device whose session was taken
+// over and that then left is forgotten after device_ttl like any other,
+// and stops holding its user's messages back.
+func TestTakenOverDeviceForgottenAfterTTL(t *testing.T) {
+	const ttl = 3 * time.Second
+	s := startServer(t, t.TempDir(), func(c *config.Config) {
+		c.Queue.DeviceTTL = ttl
+		c.Receipts.Delivered = false
+	})
+	tablet := mustDial(t, s, "bob", phoneOpt{clientID: "bob/tablet"})
+	first := mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
+	second := mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
+	for deadline := time.Now().Add(10 * time.Second); first.client.IsConnectionOpen(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first connection of bob/phone was not taken over")
+		}
+	}
+	second.client.Disconnect(250)
+	waitDisconnected(t, s, "bob/phone")
+	left := time.Now()
+
+	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
+	deleted := func(wait time.Duration) bool {
+		for deadline := time.Now().Add(wait); ; time.Sleep(10 * time.Millisecond) {
+			if s.queue.Stats().Deleted > 0 {
+				return true
+			}
+			if time.Now().After(deadline) {
+				return false
+			}
+		}
+	}
+	// Within device_ttl the phone holds what the tablet acknowledged.
+	alice.send("bob", "m-0", "")
+	tablet.waitFor(1)
+	waitAcked(t, s, "bob", "tablet")
+	if deleted(300*time.Millisecond) && time.Since(left) < ttl {
+		t.Fatal("a message was deleted before the phone that did not acknowledge it was forgotten")
+	}
+	// Past it, the phone is forgotten: what the tablet acknowledges goes.
+	for i := 1; !deleted(500 * time.Millisecond); i++ {
+		if time.Since(left) > ttl+30*time.Second {
+			t.Fatalf("bob/phone, taken over and gone for %v, still holds bob's messages (device_ttl %v)", time.Since(left).Round(time.Second), ttl)
+		}
+		alice.send("bob", fmt.Sprintf("m-%d", i), "")
+		tablet.waitFor(i + 1)
+		waitAcked(t, s, "bob", "tablet")
+	}
+	if time.Since(left) < ttl {
+		t.Fatalf("messages deleted %v after the phone left, before device_ttl %v", time.Since(left), ttl)
 	}
 }
 
@@ -408,4 +462,87 @@ func TestGroupReadFailureAsksForResend(t *testing.T) {
 	if rest := readToClose(t, raw, raw); len(rest) != 0 {
 		t.Errorf("v3 publish to an unreadable group answered % x, want the connection closed", rest)
 	}
+}
+
+// rawConnectPersistent builds an MQTT 3.1.1 CONNECT without clean session.
+func rawConnectPersistent(clientID, user, password string) []byte {
+	body := rawString("MQTT")
+	body = append(body, 4, 0xC0, 0, 30) // level 4; username, password; keepalive 30 s
+	body = append(body, rawString(clientID)...)
+	body = append(body, rawString(user)...)
+	body = append(body, rawString(password)...)
+	return rawPacket(0x10, body)
+}
+
+// TestReconnectRaceKeepsNewestRegistered: a device disconnecting while
+// its next connection comes in never leaves that connection out of the
+// server's client map, so the one after still takes it over. The race is
+// narrow: the rounds make it likely, not certain, that a regression shows.
+func TestReconnectRaceKeepsNewestRegistered(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	const id = "bob/phone"
+	token := mint(t, "bob")
+	// login connects id; it runs beside the test goroutine, so it reports
+	// errors instead of failing the test.
+	login := func() (net.Conn, error) {
+		c, err := net.Dial("tcp", s.MQTTAddr())
+		if err != nil {
+			return nil, err
+		}
+		if err := c.SetDeadline(time.Now().Add(rawWait)); err != nil {
+			return nil, errors.Join(err, c.Close())
+		}
+		if _, err := c.Write(rawConnectPersistent(id, "bob", token)); err != nil {
+			return nil, errors.Join(err, c.Close())
+		}
+		ack := make([]byte, 4)
+		if _, err := io.ReadFull(c, ack); err != nil {
+			return nil, errors.Join(err, c.Close())
+		}
+		if ack[0] != 0x20 || ack[3] != 0 {
+			return nil, errors.Join(fmt.Errorf("CONNACK % x", ack), c.Close())
+		}
+		return c, nil
+	}
+	connected := func() int64 { return atomic.LoadInt64(&s.mqtt.Info.ClientsConnected) }
+	cur, err := login()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cur.Close() })
+	for round := range 100 {
+		type result struct {
+			c   net.Conn
+			err error
+		}
+		next := make(chan result)
+		go func() {
+			c, err := login()
+			next <- result{c, err}
+		}()
+		// The old connection leaves as the new one comes in.
+		_, werr := cur.Write([]byte{0xE0, 0})
+		r := <-next
+		if r.err != nil {
+			t.Fatalf("round %d: connect: %v", round, r.err)
+		}
+		_ = cur.Close()
+		cur = r.c
+		if werr != nil && !errors.Is(werr, net.ErrClosed) {
+			// The takeover may have closed it first.
+			t.Logf("round %d: DISCONNECT: %v", round, werr)
+		}
+		// Once the old connection is fully gone, its hooks have run.
+		for deadline := time.Now().Add(10 * time.Second); connected() != 1; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: %d connections, want 1", round, connected())
+			}
+		}
+		if cl, ok := s.mqtt.Clients.Get(id); !ok || cl.Closed() {
+			t.Fatalf("round %d: the live connection of %s is not in the client map", round, id)
+		}
+	}
+	// The next connection of the device takes the live one over.
+	mustDial(t, s, "bob", phoneOpt{clientID: id})
+	readToClose(t, cur, cur)
 }

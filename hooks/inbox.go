@@ -124,6 +124,14 @@ type Inbox struct {
 	sessions sync.Map // *mqtt.Client -> *session
 	current  sync.Map // client ID -> *session, the newest connection of each device
 	closing  atomic.Bool
+
+	// registry orders the removal of a closed connection from mochi's
+	// client map against the registration of a newer one of the same
+	// client ID (see unregister).
+	registry sync.Mutex
+	// newest is each client ID's latest connection to pass CONNECT,
+	// under registry.
+	newest map[string]*mqtt.Client
 }
 
 // Closing tells the hook the server is shutting down.
@@ -153,9 +161,20 @@ func (h *Inbox) ID() string { return "chatd-inbox" }
 // Provides reports the events Inbox handles.
 func (h *Inbox) Provides(b byte) bool {
 	return bytes.Contains([]byte{
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed,
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed,
 		mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPacketRead,
 	}, []byte{b})
+}
+
+// OnSessionEstablish records cl as the newest connection of its client ID,
+// before mochi takes over an older one and adds cl to its client map.
+func (h *Inbox) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	h.registry.Lock()
+	defer h.registry.Unlock()
+	if h.newest == nil {
+		h.newest = make(map[string]*mqtt.Client)
+	}
+	h.newest[cl.ID] = cl
 }
 
 // OnSessionEstablished registers the device and, when it subscribed to its
@@ -256,6 +275,7 @@ func (h *Inbox) startDelivery(cl *mqtt.Client, s *session, cursor uint64) {
 // OnDisconnect stops feeding the device; its unacknowledged messages wait
 // in the queue for its next connection.
 func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	defer h.unregister(cl, expire)
 	v, ok := h.sessions.LoadAndDelete(cl)
 	if !ok {
 		return
@@ -270,21 +290,48 @@ func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 	h.Users.leave(s.user)
 	h.Presence.Disconnected(s.user)
-	if h.current.CompareAndDelete(s.clientID, s) {
-		h.Queue.Detach(s.user, s.device)
+	h.current.CompareAndDelete(s.clientID, s)
+	// Every Attach is matched by one Detach, a taken-over connection's
+	// too: the store counts a device's connections, and only when the last
+	// is gone does it forget a transient device or start its device_ttl.
+	h.Queue.Detach(s.user, s.device)
+}
+
+// unregister removes a closed persistent connection from mochi's client
+// map, which would otherwise hold every disconnected session in memory
+// for device_ttl: the device's queue and subscription are kept by chatd.
+//
+// mochi's map has no compare-and-delete, and a newer connection of the
+// same client ID may be added to it at any time: a Get and Delete without
+// a lock could remove the newer one, which a later takeover would then
+// miss. mochi adds a connection after OnSessionEstablish, so that hook
+// records it under registry, and only the newest connection to pass it
+// removes itself, under registry too: a newer one is either recorded
+// already, and nothing is removed, or waits in OnSessionEstablish, and is
+// added after the removal. Unsubscribing happens under the lock for the
+// same reason: mochi's topic tree keys subscriptions by client ID, which
+// the newer connection shares.
+//
+// A connection whose CONNACK mochi fails to write gets no OnDisconnect;
+// its entry stays until its client ID connects again, as the client
+// stays in mochi's own map.
+func (h *Inbox) unregister(cl *mqtt.Client, expire bool) {
+	h.registry.Lock()
+	defer h.registry.Unlock()
+	if h.newest[cl.ID] != cl {
+		return
 	}
-	// During shutdown mochi walks its client map holding a read lock it
-	// takes twice (Clients.GetByListener calls Len): a Delete waiting
-	// between the two deadlocks the shutdown. The map dies with the
-	// process then anyway.
-	if !expire && !cl.IsTakenOver() && !h.closing.Load() {
-		// The device's queue and subscription are kept by chatd; mochi would
-		// otherwise hold every disconnected persistent session in memory
-		// for device_ttl.
-		h.Server.UnsubscribeClient(cl)
-		if cur, ok := h.Server.Clients.Get(cl.ID); ok && cur == cl {
-			h.Server.Clients.Delete(cl.ID)
-		}
+	delete(h.newest, cl.ID)
+	// mochi removes a clean session itself. During shutdown mochi walks
+	// its client map holding a read lock it takes twice
+	// (Clients.GetByListener calls Len): a Delete waiting between the two
+	// deadlocks the shutdown. The map dies with the process then anyway.
+	if expire || cl.IsTakenOver() || h.closing.Load() {
+		return
+	}
+	h.Server.UnsubscribeClient(cl)
+	if cur, ok := h.Server.Clients.Get(cl.ID); ok && cur == cl {
+		h.Server.Clients.Delete(cl.ID)
 	}
 }
 
