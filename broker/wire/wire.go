@@ -7,12 +7,18 @@
 // writes in place (it only waits for its own client), any other goroutine,
 // such as the committer, hands the writing to a goroutine started on
 // demand that ends when the buffer is empty, so a phone that stops reading
-// stalls nobody else.
+// stalls nobody else. A failed write, such as one to a phone that took no
+// byte for the write timeout, closes the connection: a packet may have
+// gone out in part, and nothing can follow it.
 package wire
 
 import (
+	"errors"
 	"fmt"
+	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -168,6 +174,13 @@ func (w *Writer) run() {
 		if err != nil {
 			w.closed = true
 			w.buf = nil
+			w.busy = false
+			w.mu.Unlock()
+			// Part of a packet may have gone out: the connection can carry
+			// nothing more, and a client left connected would hold its
+			// device online with a full window and read a torn packet.
+			w.conn.Close(err)
+			return
 		}
 		w.mu.Unlock()
 	}
@@ -230,14 +243,36 @@ type MochiConn struct {
 	Client *mqtt.Client
 	// Server disconnects the client.
 	Server *mqtt.Server
+	// Timeout is how long a write may go without the client taking a
+	// byte before it is taken for gone; zero means the default (see
+	// SetWriteTimeout).
+	Timeout time.Duration
 }
 
-// writeTimeout bounds one write to a client: past it the client is taken
-// for gone, even while it still answers keepalives without reading.
-const writeTimeout = 30 * time.Second
+// defaultWriteTimeout is MochiConn's Timeout when none is set, in
+// nanoseconds; atomic, as writes of connections still closing may read it
+// while a test sets it.
+var defaultWriteTimeout atomic.Int64
+
+func init() { defaultWriteTimeout.Store(int64(30 * time.Second)) }
+
+// SetWriteTimeout sets how long a write may go without the client taking
+// a byte before it is disconnected, for every MochiConn without a Timeout
+// of its own (30 s unless set), and returns the previous value.
+func SetWriteTimeout(d time.Duration) time.Duration {
+	return time.Duration(defaultWriteTimeout.Swap(int64(d)))
+}
+
+// writeChunk is the most one system call is given. A write times out only
+// when its client takes nothing for a whole timeout, however big the
+// buffer, and over TLS or WebSocket, whose connections are broken by a
+// timed-out write, a chunk is all that must go through in one timeout.
+const writeChunk = 64 << 10
 
 // Write writes b under the client's lock, the lock mochi's own WritePacket
-// holds, so packets from both never interleave.
+// holds, so packets from both never interleave. It fails when the client
+// takes no byte for the write timeout, even while it still answers
+// keepalives without reading.
 func (c MochiConn) Write(b []byte) error {
 	c.Client.Lock()
 	defer c.Client.Unlock()
@@ -245,16 +280,38 @@ func (c MochiConn) Write(b []byte) error {
 	if conn == nil {
 		return fmt.Errorf("client %s has no connection", c.Client.ID)
 	}
-	if err := conn.SetWriteDeadline(time.Now().Add(writeTimeout)); err != nil {
-		return fmt.Errorf("set write deadline for %s: %w", c.Client.ID, err)
+	timeout := c.Timeout
+	if timeout <= 0 {
+		timeout = time.Duration(defaultWriteTimeout.Load())
 	}
-	_, err := conn.Write(b)
+	err := writeProgressing(conn, b, timeout)
 	// mochi's own writes (PINGRESP, SUBACK) must not inherit our deadline.
 	if resetErr := conn.SetWriteDeadline(time.Time{}); err == nil && resetErr != nil {
-		err = resetErr
+		err = fmt.Errorf("clear write deadline: %w", resetErr)
 	}
 	if err != nil {
 		return fmt.Errorf("write to %s: %w", c.Client.ID, err)
+	}
+	return nil
+}
+
+// writeProgressing writes b to conn in chunks, each with a deadline of
+// timeout from when it starts, and goes on after a deadline as long as
+// the write before it took some bytes: a slow but steady reader is served,
+// one that stopped is given up on.
+func writeProgressing(conn net.Conn, b []byte, timeout time.Duration) error {
+	for len(b) > 0 {
+		if err := conn.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+			return fmt.Errorf("set write deadline: %w", err)
+		}
+		n, err := conn.Write(b[:min(len(b), writeChunk)])
+		b = b[n:]
+		if err != nil {
+			if n > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			return err
+		}
 	}
 	return nil
 }
