@@ -7,7 +7,9 @@ package delivery
 
 import (
 	"cmp"
+	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -67,6 +69,10 @@ type Options struct {
 	Logger *slog.Logger
 	// TailMessages caps a user's in-memory tail of recent messages.
 	TailMessages int
+	// TailBytes caps the bytes held by the tails of all users together
+	// (64 MiB if zero): past it, tails drop their oldest messages, which
+	// devices then read from the Source.
+	TailBytes int
 	// ReadAhead is how many messages one disk read fetches for a device.
 	ReadAhead int
 	// OnDelivered, if set, is called with the Meta of messages a device of
@@ -89,12 +95,37 @@ type Stats struct {
 	Acked uint64
 }
 
+// ErrClosed is returned by Start after Close.
+var ErrClosed = errors.New("delivery is closed")
+
 // Delivery is the set of online devices of all users.
 type Delivery struct {
 	opts  Options
 	log   *slog.Logger
 	feeds sync.Map // user -> *feed
-	reads sync.WaitGroup
+
+	// held is the bytes of messages in all tails (see msgBytes), tailed
+	// the number of feeds whose tail holds any; sweeping is set while one
+	// goroutine trims every tail to keep held within TailBytes.
+	held     atomic.Int64
+	tailed   atomic.Int64
+	sweeping atomic.Bool
+
+	// life guards closed. Every Source call is made holding it for
+	// reading, and every goroutine that calls the Source is added to
+	// reads holding it, so that once Close has taken it for writing no
+	// call starts; Close then waits for reads.
+	life   sync.RWMutex
+	closed bool
+	// stopping is closed with closed set: it ends the waits between
+	// retries, and is read without life by paths that only skip work.
+	stopping chan struct{}
+	reads    sync.WaitGroup
+	// retryFirst and retryMax are the shortest and longest waits before
+	// a failed Read is retried: retryFirst and retryMax unless a test
+	// changes them.
+	retryFirst, retryMax time.Duration
+
 	sent  atomic.Uint64
 	acked atomic.Uint64
 }
@@ -115,7 +146,94 @@ func New(opts Options) *Delivery {
 	if opts.ReadAhead <= 0 {
 		opts.ReadAhead = 1024
 	}
-	return &Delivery{opts: opts, log: opts.Logger}
+	if opts.TailBytes <= 0 {
+		opts.TailBytes = 64 << 20
+	}
+	return &Delivery{
+		opts: opts, log: opts.Logger, stopping: make(chan struct{}),
+		retryFirst: retryFirst, retryMax: retryMax,
+	}
+}
+
+// isClosed reports whether Close was called.
+func (d *Delivery) isClosed() bool {
+	select {
+	case <-d.stopping:
+		return true
+	default:
+		return false
+	}
+}
+
+// enter reports whether a Source call may start, and if so holds d.life
+// for reading until exit: Close waits for the call.
+func (d *Delivery) enter() bool {
+	d.life.RLock()
+	if d.closed {
+		d.life.RUnlock()
+		return false
+	}
+	return true
+}
+
+// exit ends what enter began.
+func (d *Delivery) exit() { d.life.RUnlock() }
+
+// spawn runs fn in a goroutine Close waits for, unless d is closed, and
+// reports whether it did.
+func (d *Delivery) spawn(fn func()) bool {
+	d.life.RLock()
+	defer d.life.RUnlock()
+	if d.closed {
+		return false
+	}
+	d.reads.Add(1)
+	go func() {
+		defer d.reads.Done()
+		fn()
+	}()
+	return true
+}
+
+// Retries of a failed Read wait retryFirst, then twice as long each time
+// up to retryMax, less up to half at random, so that the devices of a
+// queue that failed for all of them (a JetStream leader change) do not
+// retry in step.
+const (
+	retryFirst = 10 * time.Millisecond
+	retryMax   = 2 * time.Second
+)
+
+// backoff waits before retry number attempt (from 0) and reports whether
+// to go on: not once d is closed or quit is closed.
+func (d *Delivery) backoff(attempt int, quit <-chan struct{}) bool {
+	delay := d.retryFirst
+	for i := 0; i < attempt && delay < d.retryMax; i++ {
+		delay *= 2
+	}
+	delay = min(delay, d.retryMax)
+	delay -= rand.N(delay / 2)
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-d.stopping:
+		return false
+	case <-quit:
+		return false
+	}
+}
+
+// ack reports device's cursor to the Source unless d is closed, and
+// reports whether it did.
+func (d *Delivery) ack(user, device string, cursor uint64) bool {
+	if !d.enter() {
+		return false
+	}
+	defer d.exit()
+	d.opts.Source.Ack(user, device, cursor)
+	return true
 }
 
 // Device is one online device being fed.
@@ -141,6 +259,20 @@ type Device struct {
 	reading  bool
 	readHead uint64
 	stopped  bool
+	// quit is closed when the device is stopped, ending a read's retries.
+	quit chan struct{}
+}
+
+// stop marks dev stopped; called with dev.f.mu held.
+func (dev *Device) stop() {
+	if dev.stopped {
+		return
+	}
+	dev.stopped = true
+	close(dev.quit)
+	clear(dev.prefetch)
+	dev.prefetch = nil
+	dev.late = nil
 }
 
 type inflight struct {
@@ -157,9 +289,12 @@ type feed struct {
 	mu      sync.Mutex
 	devices map[string]*Device
 	// tail holds, in order, every message heard of with Seq > base, so
-	// that devices that keep up are fed without reading back from disk.
-	tail []queue.Message
-	base uint64
+	// that devices that keep up are fed without reading back from disk;
+	// bytes is what its messages cost (see msgBytes). Only insertTail and
+	// dropTail change either.
+	tail  []queue.Message
+	base  uint64
+	bytes int64
 	// head is the highest sequence heard of; every message with Seq <=
 	// sure is known (see Sequences). sure <= head.
 	head, sure uint64
@@ -177,6 +312,9 @@ type feed struct {
 // the same name (a session takeover) is replaced.
 func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Sink) (*Device, error) {
 	for {
+		if d.isClosed() {
+			return nil, ErrClosed
+		}
 		f := d.feedOf(user)
 		f.mu.Lock()
 		if f.dead {
@@ -186,7 +324,13 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 		if len(f.devices) == 0 {
 			// Stored ignores a feed without devices, whose tail is empty:
 			// everything committed so far is read from the Source.
+			if !d.enter() {
+				f.mu.Unlock()
+				d.release(f)
+				return nil, ErrClosed
+			}
 			head, err := d.opts.Source.Head(user)
+			d.exit()
 			if err != nil {
 				f.mu.Unlock()
 				d.release(f)
@@ -196,11 +340,11 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 			f.base, f.sure = f.head, f.head
 		}
 		if old, ok := f.devices[device]; ok {
-			old.stopped = true
+			old.stop()
 		}
 		dev := &Device{
 			f: f, name: device, topic: "inbox/" + user, sink: sink, window: max(window, 1),
-			next: cursor + 1, acked: cursor,
+			next: cursor + 1, acked: cursor, quit: make(chan struct{}),
 		}
 		f.devices[device] = dev
 		d.pump(dev)
@@ -234,11 +378,11 @@ func (d *Delivery) release(f *feed) {
 func (d *Delivery) Stop(dev *Device) {
 	f := dev.f
 	f.mu.Lock()
-	dev.stopped = true
+	dev.stop()
 	if f.devices[dev.name] == dev {
 		delete(f.devices, dev.name)
 	}
-	f.trim()
+	d.trim(f)
 	f.mu.Unlock()
 	d.release(f)
 }
@@ -246,8 +390,12 @@ func (d *Delivery) Stop(dev *Device) {
 // Stored is called for every message committed to user's queue, ideally
 // once and in order, but a late, repeated or missing call loses nothing
 // (see Sequences). It feeds the user's online devices from memory and
-// reports whether the user has any device being fed.
+// reports whether the user has any device being fed. After Close it does
+// nothing.
 func (d *Delivery) Stored(user string, m queue.Message) bool {
+	if d.isClosed() {
+		return false
+	}
 	f := d.lockedFeed(user)
 	if f == nil {
 		return false
@@ -266,6 +414,7 @@ func (d *Delivery) Stored(user string, m queue.Message) bool {
 	}
 	f.mu.Unlock()
 	flushInBackground(sinks)
+	d.keepBudget()
 	return true
 }
 
@@ -279,7 +428,7 @@ func (d *Delivery) heard(f *feed, m queue.Message) {
 	if m.Seq == f.sure+1 {
 		f.sure = m.Seq
 	}
-	f.tail = append(f.tail, m)
+	d.insertTail(f, len(f.tail), m)
 	f.head = m.Seq
 	d.capTail(f)
 }
@@ -295,7 +444,7 @@ func (d *Delivery) missed(f *feed, m queue.Message) {
 		return
 	}
 	if m.Seq > f.base {
-		f.tail = slices.Insert(f.tail, i, m)
+		d.insertTail(f, i, m)
 		d.capTail(f)
 	}
 	for _, dev := range f.devices {
@@ -325,21 +474,104 @@ func bySeq(m queue.Message, seq uint64) int { return cmp.Compare(m.Seq, seq) }
 
 func inflightBySeq(in inflight, seq uint64) int { return cmp.Compare(in.seq, seq) }
 
-// capTail drops f's oldest tail messages beyond TailMessages; called with
-// f.mu held.
-func (d *Delivery) capTail(f *feed) {
-	if len(f.tail) > d.opts.TailMessages {
-		drop := len(f.tail) - d.opts.TailMessages
-		f.base = f.tail[drop-1].Seq
-		n := copy(f.tail, f.tail[drop:])
-		clear(f.tail[n:])
-		f.tail = f.tail[:n]
+// msgOverhead is roughly what a message costs in a tail besides its
+// Data and Meta.
+const msgOverhead = 64
+
+// msgBytes is what m costs in a tail.
+func msgBytes(m queue.Message) int64 {
+	return int64(len(m.Data)+len(m.Meta)) + msgOverhead
+}
+
+// insertTail puts m at index i of f's tail; called with f.mu held.
+func (d *Delivery) insertTail(f *feed, i int, m queue.Message) {
+	if len(f.tail) == 0 {
+		d.tailed.Add(1)
+	}
+	f.tail = slices.Insert(f.tail, i, m)
+	b := msgBytes(m)
+	f.bytes += b
+	d.held.Add(b)
+}
+
+// dropTail drops the n oldest messages of f's tail, which devices then
+// read from the Source; called with f.mu held.
+func (d *Delivery) dropTail(f *feed, n int) {
+	if n <= 0 {
+		return
+	}
+	var b int64
+	for _, m := range f.tail[:n] {
+		b += msgBytes(m)
+	}
+	f.base = f.tail[n-1].Seq
+	k := copy(f.tail, f.tail[n:])
+	clear(f.tail[k:])
+	f.tail = f.tail[:k]
+	f.bytes -= b
+	d.held.Add(-b)
+	if k == 0 {
+		d.tailed.Add(-1)
 	}
 }
 
+// capTail drops f's oldest tail messages beyond TailMessages, and while
+// the tails of all users hold more than TailBytes, beyond f's share of
+// it; called with f.mu held.
+func (d *Delivery) capTail(f *feed) {
+	d.dropTail(f, len(f.tail)-d.opts.TailMessages)
+	if limit := int64(d.opts.TailBytes); d.held.Load() > limit {
+		d.shrink(f, limit/max(1, d.tailed.Load()))
+	}
+}
+
+// shrink drops f's oldest tail messages until the rest cost at most
+// limit bytes; called with f.mu held.
+func (d *Delivery) shrink(f *feed, limit int64) {
+	n, b := 0, f.bytes
+	for n < len(f.tail) && b > limit {
+		b -= msgBytes(f.tail[n])
+		n++
+	}
+	d.dropTail(f, n)
+}
+
+// keepBudget trims every user's tail to an equal share once the tails
+// hold more than TailBytes together: capTail trims only the tail that
+// grows, and the tail of a user whose devices never acknowledge would
+// otherwise keep its messages for as long as they stay online. It trims
+// down to three quarters, so that the next sweep is a while away, and
+// skips tails locked elsewhere, which trim themselves when they grow.
+// Called without any feed's lock held.
+func (d *Delivery) keepBudget() {
+	limit := int64(d.opts.TailBytes)
+	if d.held.Load() <= limit || !d.sweeping.CompareAndSwap(false, true) {
+		return
+	}
+	defer d.sweeping.Store(false)
+	low := limit / 4 * 3
+	share := low / max(1, d.tailed.Load())
+	d.feeds.Range(func(_, v any) bool {
+		f := v.(*feed)
+		if f.mu.TryLock() {
+			d.shrink(f, share)
+			f.mu.Unlock()
+		}
+		return d.held.Load() > low
+	})
+}
+
+// TailBytes reports the bytes the tails of all users hold, which
+// Options.TailBytes caps.
+func (d *Delivery) TailBytes() int64 { return d.held.Load() }
+
 // Ephemeral sends payload at QoS 0 on topic to the online devices of user
-// that are being fed, now or never: it is not stored.
+// that are being fed, now or never: it is not stored. After Close it does
+// nothing.
 func (d *Delivery) Ephemeral(user, topic string, payload []byte) {
+	if d.isClosed() {
+		return
+	}
 	f := d.lockedFeed(user)
 	if f == nil {
 		return
@@ -377,8 +609,13 @@ func flushInBackground(sinks []Sink) {
 	}
 }
 
-// Acked handles a PUBACK from dev for packet id pid.
+// Acked handles a PUBACK from dev for packet id pid. After Close it does
+// nothing: the cursor stays where the Source has it, and what it would
+// have passed is sent again on the next connection.
 func (d *Delivery) Acked(dev *Device, pid uint16) {
+	if d.isClosed() {
+		return
+	}
 	f := dev.f
 	f.mu.Lock()
 	if dev.stopped {
@@ -406,7 +643,7 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 	acked := dev.acked
 	sent := d.pump(dev)
 	if n > 0 {
-		f.trim()
+		d.trim(f)
 	}
 	f.mu.Unlock()
 	if sent {
@@ -414,10 +651,10 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 		// wait for its own client's socket.
 		dev.sink.Flush(true)
 	}
-	if n > 0 {
-		d.opts.Source.Ack(f.user, dev.name, acked)
-	}
-	if len(metas) > 0 {
+	// Receipts go only with a cursor the Source has: a message whose
+	// acknowledgement is dropped at Close is delivered, and receipted,
+	// again.
+	if n > 0 && d.ack(f.user, dev.name, acked) && len(metas) > 0 {
 		d.opts.OnDelivered(f.user, metas)
 	}
 }
@@ -563,46 +800,78 @@ func (dev *Device) allocPID() uint16 {
 	}
 }
 
-// readAhead starts one disk read for dev; called with dev.f.mu held.
+// readAhead starts one disk read for dev, unless one is under way or d is
+// closed; called with dev.f.mu held.
 func (d *Delivery) readAhead(dev *Device) {
-	if dev.reading {
+	if dev.reading || dev.stopped {
 		return
 	}
-	dev.reading = true
-	after, head := dev.next-1, dev.f.head
-	if n := len(dev.prefetch); n > 0 {
-		after = max(after, dev.prefetch[n-1].Seq)
-	}
-	d.reads.Add(1)
-	go func() {
-		defer d.reads.Done()
-		msgs, err := d.opts.Source.Read(dev.f.user, after, d.opts.ReadAhead)
-		f := dev.f
+	dev.reading = d.spawn(func() { d.readLoop(dev) })
+}
+
+// readLoop reads dev's next messages, retrying a failed Read until it
+// succeeds or dev is stopped or d closed: a device with nothing in flight
+// has nothing else to start another. It clears dev.reading when it ends.
+func (d *Delivery) readLoop(dev *Device) {
+	f := dev.f
+	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
-		dev.reading = false
-		if err != nil {
+		if dev.stopped {
+			dev.reading = false
 			f.mu.Unlock()
-			d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "error", err)
 			return
 		}
-		// Messages below next were sent from the tail meanwhile, or are
-		// ones this device went past before hearing of them.
-		i, _ := slices.BinarySearchFunc(msgs, dev.next, bySeq)
-		for _, m := range msgs[:i] {
-			if dev.lacks(m.Seq) {
-				dev.addLate(m)
-			}
+		after, head := dev.next-1, f.head
+		if n := len(dev.prefetch); n > 0 {
+			after = max(after, dev.prefetch[n-1].Seq)
 		}
-		dev.prefetch = append(dev.prefetch, msgs[i:]...)
-		if len(msgs) < d.opts.ReadAhead {
-			dev.readHead = head
-		}
-		sent := d.pump(dev)
 		f.mu.Unlock()
-		if sent {
-			dev.sink.Flush(true)
+		if !d.enter() {
+			break
 		}
-	}()
+		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
+		d.exit()
+		if err == nil {
+			d.readDone(dev, msgs, head)
+			return
+		}
+		d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "attempt", attempt+1, "error", err)
+		if !d.backoff(attempt, dev.quit) {
+			break
+		}
+	}
+	f.mu.Lock()
+	dev.reading = false
+	f.mu.Unlock()
+}
+
+// readDone takes in msgs, read for dev after every message up to head was
+// committed, and sends what dev's window allows.
+func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64) {
+	f := dev.f
+	f.mu.Lock()
+	dev.reading = false
+	if dev.stopped {
+		f.mu.Unlock()
+		return
+	}
+	// Messages below next were sent from the tail meanwhile, or are
+	// ones this device went past before hearing of them.
+	i, _ := slices.BinarySearchFunc(msgs, dev.next, bySeq)
+	for _, m := range msgs[:i] {
+		if dev.lacks(m.Seq) {
+			dev.addLate(m)
+		}
+	}
+	dev.prefetch = append(dev.prefetch, msgs[i:]...)
+	if len(msgs) < d.opts.ReadAhead {
+		dev.readHead = head
+	}
+	sent := d.pump(dev)
+	f.mu.Unlock()
+	if sent {
+		dev.sink.Flush(true)
+	}
 }
 
 // verify reads f's user's messages after f.sure to move sure over the gaps
@@ -612,76 +881,108 @@ func (d *Delivery) verify(f *feed) {
 	if f.verifying {
 		return
 	}
-	f.verifying = true
-	after, head := f.sure, f.head
-	d.reads.Add(1)
-	go func() {
-		defer d.reads.Done()
-		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
-		f.mu.Lock()
-		f.verifying = false
-		if err != nil || len(f.devices) == 0 {
-			f.mu.Unlock()
-			if err != nil {
-				d.log.Error("read queue to verify delivery", "user", f.user, "error", err)
-			}
-			return
-		}
-		// The read returned every message up to its last, and up to head
-		// too unless it stopped at max: those were committed before it
-		// began. Messages above head are ones whose notification is yet to
-		// come, or lost.
-		var checked uint64
-		for _, m := range msgs {
-			d.heard(f, m)
-			checked = m.Seq
-		}
-		if len(msgs) < d.opts.ReadAhead {
-			checked = max(checked, head)
-		}
-		f.sure = max(f.sure, checked)
-		type cursor struct {
-			device string
-			acked  uint64
-		}
-		var (
-			cursors []cursor
-			metas   [][]byte
-			sinks   []Sink
-		)
-		for _, dev := range f.devices {
-			n, m := d.advance(dev)
-			if n > 0 {
-				cursors = append(cursors, cursor{dev.name, dev.acked})
-				metas = append(metas, m...)
-			}
-			if d.pump(dev) {
-				sinks = append(sinks, dev.sink)
-			}
-		}
-		if len(cursors) > 0 {
-			f.trim()
-		}
-		if len(msgs) == d.opts.ReadAhead {
-			// Read on, to the end of the queue: a message whose
-			// notification was lost is found only by reading.
-			d.verify(f)
-		}
-		f.mu.Unlock()
-		for _, s := range sinks {
-			s.Flush(true)
-		}
-		for _, c := range cursors {
-			d.opts.Source.Ack(f.user, c.device, c.acked)
-		}
-		if len(metas) > 0 {
-			d.opts.OnDelivered(f.user, metas)
-		}
-	}()
+	f.verifying = d.spawn(func() { d.verifyLoop(f) })
 }
 
-// trim drops tail messages every online device has acknowledged; called with f.mu held.
-func (f *feed) trim() {
+// verifyLoop is verify's read, retried until it succeeds, f has no
+// devices left or d is closed: a message whose notification was lost is
+// found only by reading. It clears f.verifying when it ends.
+func (d *Delivery) verifyLoop(f *feed) {
+	for attempt := 0; ; attempt++ {
+		f.mu.Lock()
+		if len(f.devices) == 0 {
+			f.verifying = false
+			f.mu.Unlock()
+			return
+		}
+		after, head := f.sure, f.head
+		f.mu.Unlock()
+		if !d.enter() {
+			break
+		}
+		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
+		d.exit()
+		if err == nil {
+			d.verified(f, msgs, head)
+			return
+		}
+		d.log.Error("read queue to verify delivery", "user", f.user, "attempt", attempt+1, "error", err)
+		if !d.backoff(attempt, nil) {
+			break
+		}
+	}
+	f.mu.Lock()
+	f.verifying = false
+	f.mu.Unlock()
+}
+
+// verified takes in msgs, read for f after every message up to head was
+// committed.
+func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
+	f.mu.Lock()
+	f.verifying = false
+	if len(f.devices) == 0 {
+		f.mu.Unlock()
+		return
+	}
+	// The read returned every message up to its last, and up to head
+	// too unless it stopped at max: those were committed before it
+	// began. Messages above head are ones whose notification is yet to
+	// come, or lost.
+	var checked uint64
+	for _, m := range msgs {
+		d.heard(f, m)
+		checked = m.Seq
+	}
+	if len(msgs) < d.opts.ReadAhead {
+		checked = max(checked, head)
+	}
+	f.sure = max(f.sure, checked)
+	type cursor struct {
+		device string
+		acked  uint64
+	}
+	var (
+		cursors []cursor
+		metas   [][]byte
+		sinks   []Sink
+	)
+	for _, dev := range f.devices {
+		n, m := d.advance(dev)
+		if n > 0 {
+			cursors = append(cursors, cursor{dev.name, dev.acked})
+			metas = append(metas, m...)
+		}
+		if d.pump(dev) {
+			sinks = append(sinks, dev.sink)
+		}
+	}
+	if len(cursors) > 0 {
+		d.trim(f)
+	}
+	if len(msgs) == d.opts.ReadAhead {
+		// Read on, to the end of the queue: a message whose
+		// notification was lost is found only by reading.
+		d.verify(f)
+	}
+	f.mu.Unlock()
+	d.keepBudget()
+	for _, s := range sinks {
+		s.Flush(true)
+	}
+	reported := len(cursors) > 0
+	for _, c := range cursors {
+		reported = d.ack(f.user, c.device, c.acked) && reported
+	}
+	// As in Acked: receipts only with cursors the Source has.
+	if reported && len(metas) > 0 {
+		d.opts.OnDelivered(f.user, metas)
+	}
+}
+
+// trim drops tail messages every online device has acknowledged; called
+// with f.mu held.
+func (d *Delivery) trim(f *feed) {
 	if len(f.tail) == 0 {
 		return
 	}
@@ -693,17 +994,20 @@ func (f *feed) trim() {
 	for n < len(f.tail) && f.tail[n].Seq <= low {
 		n++
 	}
-	if n == 0 {
-		return
-	}
-	f.base = f.tail[n-1].Seq
-	k := copy(f.tail, f.tail[n:])
-	clear(f.tail[k:])
-	f.tail = f.tail[:k]
+	d.dropTail(f, n)
 }
 
-// Close waits for disk reads in progress; call it before closing the Source.
+// Close ends delivery's use of the Source: it waits for calls in flight,
+// ends the retries of failed reads, and from then on no call starts:
+// Start fails with ErrClosed, and Stored, Acked and Ephemeral do nothing.
+// Call it before closing the Source.
 func (d *Delivery) Close() {
+	d.life.Lock()
+	if !d.closed {
+		d.closed = true
+		close(d.stopping)
+	}
+	d.life.Unlock()
 	d.reads.Wait()
 }
 
