@@ -73,7 +73,8 @@ type Options struct {
 	// (64 MiB if zero): past it, tails drop their oldest messages, which
 	// devices then read from the Source.
 	TailBytes int
-	// ReadAhead is how many messages one disk read fetches for a device.
+	// ReadAhead is how many messages one disk read fetches for a device,
+	// at most: fewer when they are big (see readBytes).
 	ReadAhead int
 	// OnDelivered, if set, is called with the Meta of messages a device of
 	// user acknowledged that no other device of user had acknowledged
@@ -258,7 +259,9 @@ type Device struct {
 	prefetch []queue.Message
 	reading  bool
 	readHead uint64
-	stopped  bool
+	// readMax is how many messages the next read asks for.
+	readMax int
+	stopped bool
 	// quit is closed when the device is stopped, ending a read's retries.
 	quit chan struct{}
 }
@@ -345,6 +348,8 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 		dev := &Device{
 			f: f, name: device, topic: "inbox/" + user, sink: sink, window: max(window, 1),
 			next: cursor + 1, acked: cursor, quit: make(chan struct{}),
+			// A window's worth until a read shows how big messages are.
+			readMax: min(d.opts.ReadAhead, max(window, 1)),
 		}
 		f.devices[device] = dev
 		d.pump(dev)
@@ -735,7 +740,7 @@ func (d *Delivery) pump(dev *Device) bool {
 // never waits for the disk; called with dev.f.mu held.
 func (d *Delivery) runningLow(dev *Device) bool {
 	n := len(dev.prefetch)
-	if dev.reading || n == 0 || n >= d.opts.ReadAhead/2 {
+	if dev.reading || n == 0 || n >= dev.readMax/2 {
 		return false
 	}
 	// The tail serves a device only from f.base on.
@@ -821,7 +826,7 @@ func (d *Delivery) readLoop(dev *Device) {
 			f.mu.Unlock()
 			return
 		}
-		after, head := dev.next-1, f.head
+		after, head, asked := dev.next-1, f.head, dev.readMax
 		if n := len(dev.prefetch); n > 0 {
 			after = max(after, dev.prefetch[n-1].Seq)
 		}
@@ -829,10 +834,10 @@ func (d *Delivery) readLoop(dev *Device) {
 		if !d.enter() {
 			break
 		}
-		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
+		msgs, err := d.opts.Source.Read(f.user, after, asked)
 		d.exit()
 		if err == nil {
-			d.readDone(dev, msgs, head)
+			d.readDone(dev, msgs, head, asked)
 			return
 		}
 		d.log.Error("read queue for delivery", "user", f.user, "device", dev.name, "attempt", attempt+1, "error", err)
@@ -845,9 +850,16 @@ func (d *Delivery) readLoop(dev *Device) {
 	f.mu.Unlock()
 }
 
+// readBytes is about the most one read for a device fetches. What it
+// fetches waits in the device's read-ahead for its window, and a device
+// that never acknowledges keeps it there: ReadAhead messages of the
+// largest size would be 64 MiB or more per device.
+const readBytes = 4 << 20
+
 // readDone takes in msgs, read for dev after every message up to head was
-// committed, and sends what dev's window allows.
-func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64) {
+// committed with asked as the most to return, and sends what dev's window
+// allows.
+func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64, asked int) {
 	f := dev.f
 	f.mu.Lock()
 	dev.reading = false
@@ -864,8 +876,15 @@ func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64) {
 		}
 	}
 	dev.prefetch = append(dev.prefetch, msgs[i:]...)
-	if len(msgs) < d.opts.ReadAhead {
+	if len(msgs) < asked {
 		dev.readHead = head
+	}
+	if len(msgs) > 0 {
+		var size int64
+		for _, m := range msgs {
+			size += msgBytes(m)
+		}
+		dev.readMax = int(min(int64(d.opts.ReadAhead), max(1, readBytes*int64(len(msgs))/size)))
 	}
 	sent := d.pump(dev)
 	f.mu.Unlock()

@@ -366,3 +366,56 @@ func TestNoSourceCallAfterClose(t *testing.T) {
 		t.Fatalf("cursor %d reported after Close", c)
 	}
 }
+
+// TestReadAheadBytesBounded: a device that never acknowledges, with a
+// backlog of big messages, holds about readBytes of them read ahead, not
+// ReadAhead messages; once it acknowledges it gets them all, in order.
+func TestReadAheadBytesBounded(t *testing.T) {
+	const (
+		n      = 300
+		size   = 64 << 10
+		window = 4
+	)
+	src := newUsersSource()
+	for range n {
+		src.store("bob", size)
+	}
+	d := New(Options{Source: src, Logger: quiet(), ReadAhead: 1024})
+	defer d.Close()
+	sink := newSink()
+	dev, err := d.Start("bob", "phone", 0, window, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.waitFor(t, window)
+	// Every read it will make while its window is full is made: the first,
+	// and the one ahead of it while the first runs low.
+	var held int64
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		dev.f.mu.Lock()
+		reading := dev.reading
+		held = 0
+		for _, m := range dev.prefetch {
+			held += msgBytes(m)
+		}
+		dev.f.mu.Unlock()
+		if !reading {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the device's read never ended")
+		}
+	}
+	if held > readBytes+size {
+		t.Fatalf("a device that does not acknowledge holds %d bytes read ahead, over %d", held, readBytes+size)
+	}
+	for i := range n {
+		sink.waitFor(t, i+1)
+		d.Acked(dev, sink.pid(i))
+	}
+	for i, payload := range sink.waitFor(t, n) {
+		if want := fmt.Sprintf("%d:", i+1); payload[:len(want)] != want {
+			t.Fatalf("message %d is %.10q", i, payload)
+		}
+	}
+}
