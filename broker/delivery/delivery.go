@@ -303,6 +303,9 @@ type feed struct {
 	head, sure uint64
 	// verifying is set while a verify Read is in flight.
 	verifying bool
+	// again asks for one more verify once the one in flight ends: it may
+	// have read before the message it was asked to find was committed.
+	again bool
 	// receipted is the last sequence reported to OnDelivered, so that a
 	// user's second device acknowledging a message reports nothing.
 	receipted uint64
@@ -898,9 +901,25 @@ func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64, aske
 // missed, and moves on the cursors that waited; called with f.mu held.
 func (d *Delivery) verify(f *feed) {
 	if f.verifying {
+		f.again = true
 		return
 	}
 	f.verifying = d.spawn(func() { d.verifyLoop(f) })
+}
+
+// Resync reads the queue of every user with a device being fed after what
+// delivery has heard of, to find messages whose notification never came:
+// the peers bus calls it when it learns that notices were lost.
+func (d *Delivery) Resync() {
+	d.feeds.Range(func(_, v any) bool {
+		f := v.(*feed)
+		f.mu.Lock()
+		if len(f.devices) > 0 && !f.dead {
+			d.verify(f)
+		}
+		f.mu.Unlock()
+		return true
+	})
 }
 
 // verifyLoop is verify's read, retried until it succeeds, f has no
@@ -910,7 +929,7 @@ func (d *Delivery) verifyLoop(f *feed) {
 	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
 		if len(f.devices) == 0 {
-			f.verifying = false
+			f.verifying, f.again = false, false
 			f.mu.Unlock()
 			return
 		}
@@ -979,9 +998,10 @@ func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 	if len(cursors) > 0 {
 		d.trim(f)
 	}
-	if len(msgs) == d.opts.ReadAhead {
+	if len(msgs) == d.opts.ReadAhead || f.again {
 		// Read on, to the end of the queue: a message whose
 		// notification was lost is found only by reading.
+		f.again = false
 		d.verify(f)
 	}
 	f.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -130,7 +131,9 @@ func (s *Store) reconcile(u *userState, recs map[string]stored) {
 		case !ok:
 			if st.rec.seen < expired {
 				// Unseen for device_ttl: it no longer holds messages back.
-				u.forgotten = append(u.forgotten, name)
+				if !u.isForgotten(name) {
+					u.forgotten = append(u.forgotten, name)
+				}
 				forgot = true
 				continue
 			}
@@ -174,12 +177,7 @@ func (u *userState) isForgotten(name string) bool {
 
 // unforget drops name from the pending deletions; called with u.mu held.
 func (u *userState) unforget(name string) {
-	for i, f := range u.forgotten {
-		if f == name {
-			u.forgotten = append(u.forgotten[:i], u.forgotten[i+1:]...)
-			return
-		}
-	}
+	u.forgotten = slices.DeleteFunc(u.forgotten, func(f string) bool { return f == name })
 }
 
 // hasPersistent reports whether the user has a device that is not
@@ -236,11 +234,20 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	defer u.mu.Unlock()
 	now := s.opts.Now().Unix()
 	if d, ok := u.devices[device]; ok {
+		if d.transient && !transient {
+			// A transient device reconnecting with a persistent session
+			// becomes persistent: written now, as a new device is, since
+			// it now decides what is deleted.
+			r := d.record
+			r.transient, r.seen = false, now
+			rev, err := s.kv.Update(ctx, deviceKey(user, device), r.encode(), d.rev)
+			if err != nil {
+				return 0, false, fmt.Errorf("register device %s/%s as persistent: %w", user, device, err)
+			}
+			d.record, d.saved, d.rev = r, r, rev
+		}
 		d.seen = now
 		d.online++
-		// A transient device reconnecting with a persistent session becomes
-		// persistent; the flush writes the flag.
-		d.transient = d.transient && transient
 		return d.cursor, d.subscribed, nil
 	}
 	r := record{seen: now, transient: transient}
@@ -251,23 +258,38 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	// written would come back as "new" and skip what it was sent.
 	key := deviceKey(user, device)
 	rev, err := s.kv.Create(ctx, key, r.encode())
+	saved := r
 	if errors.Is(err, jetstream.ErrKeyExists) {
-		// Another node registered it meanwhile: that record holds.
 		var e jetstream.KeyValueEntry
 		if e, err = s.kv.Get(ctx, key); err == nil {
-			var ok bool
-			if r, ok = decodeRecord(e.Value()); !ok {
+			old, ok := decodeRecord(e.Value())
+			switch {
+			case !ok:
 				err = fmt.Errorf("device record %s is corrupt", key)
+			case u.isForgotten(device) || old.seen < now-int64(s.opts.Queue.DeviceTTL/time.Second):
+				// A record this node forgot (a transient device that left,
+				// one unseen for device_ttl) and has yet to delete: the
+				// device registers as new.
+				rev, err = s.kv.Update(ctx, key, r.encode(), e.Revision())
+			case old.transient && !transient:
+				// Registered meanwhile as transient (here, by a connection
+				// just ended, or on another node): it holds, and becomes
+				// persistent now.
+				r, r.seen, r.transient = old, now, false
+				rev, err = s.kv.Update(ctx, key, r.encode(), e.Revision())
+			default:
+				// Another node registered it meanwhile: that record holds,
+				// seen now once the flush writes it.
+				saved, rev = old, e.Revision()
+				r, r.seen = old, now
 			}
-			rev = e.Revision()
-			r.seen = now
 		}
 	}
 	if err != nil {
 		return 0, false, fmt.Errorf("register device %s/%s: %w", user, device, err)
 	}
 	u.unforget(device)
-	u.devices[device] = &deviceState{record: r, saved: r, rev: rev, online: 1}
+	u.devices[device] = &deviceState{record: r, saved: saved, rev: rev, online: 1}
 	return r.cursor, r.subscribed, nil
 }
 
@@ -352,13 +374,36 @@ func (s *Store) Detach(user, device string) {
 		case d.online > 0:
 		case d.transient:
 			delete(u.devices, device)
-			u.forgotten = append(u.forgotten, device)
+			s.forgetNow(u, device, d.rev)
 		default:
 			d.seen = s.opts.Now().Unix()
 		}
 	}
 	u.mu.Unlock()
 	s.markDirty(u)
+}
+
+// forgetNow deletes the record of a transient device that left, at once:
+// left to the flush, a crash in between would bring it back as an
+// offline device holding messages back until device_ttl. A record
+// rewritten since rev (the device registered again elsewhere) is kept;
+// other failures are left to the flush. Called with u.mu held, which
+// orders it against a new Attach of the device here.
+func (s *Store) forgetNow(u *userState, device string, rev uint64) {
+	if rev == 0 {
+		return
+	}
+	ctx, cancel := s.reqCtx()
+	defer cancel()
+	err := s.kv.Delete(ctx, deviceKey(u.name, device), jetstream.LastRevision(rev))
+	var apiErr *jetstream.APIError
+	switch {
+	case err == nil:
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+	default:
+		s.log.Warn("forget transient device; the flush tries again", "user", u.name, "device", device, "error", err)
+		u.forgotten = append(u.forgotten, device)
+	}
 }
 
 // updateDevice changes a known device's record and schedules its flush.
@@ -392,16 +437,22 @@ func (s *Store) forgetUnseenDevices(now time.Time) {
 	s.users.Range(func(_, v any) bool {
 		u := v.(*userState)
 		u.mu.Lock()
-		forgot := false
+		changed := false
 		for name, d := range u.devices {
-			if d.online == 0 && d.seen < before {
+			switch {
+			case d.online > 0:
+				// Seen now: its record must not look unseen after a crash
+				// of a server it stayed connected to for device_ttl.
+				d.seen = now.Unix()
+				changed = true
+			case d.online == 0 && d.seen < before:
 				delete(u.devices, name)
 				u.forgotten = append(u.forgotten, name)
-				forgot = true
+				changed = true
 			}
 		}
 		u.mu.Unlock()
-		if forgot {
+		if changed {
 			s.markDirty(u)
 		}
 		return true

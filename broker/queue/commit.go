@@ -57,7 +57,8 @@ func (s *Store) commitLoop() {
 			batch = s.collect(append(batch[:0], r))
 			results = s.commit(batch, results[:0])
 		case <-tick.C:
-			s.flush()
+			// Errors are logged and the users flushed again next time.
+			_ = s.flush()
 		case <-sweep.C:
 			s.forgetUnseenDevices(s.opts.Now())
 		case f := <-s.ctl:
@@ -70,7 +71,7 @@ func (s *Store) commitLoop() {
 					results = s.commit(batch, results[:0])
 				default:
 					if !s.crashed.Load() {
-						s.flush()
+						s.closeErr = s.flush()
 					}
 					return
 				}
@@ -307,12 +308,13 @@ type userFlush struct {
 }
 
 // flush persists changed device cursors and deletes messages every device
-// has acknowledged.
-func (s *Store) flush() {
+// has acknowledged. What fails is logged, returned, and left dirty for the
+// next flush.
+func (s *Store) flush() error {
 	s.dirtyM.Lock()
 	if len(s.dirty) == 0 {
 		s.dirtyM.Unlock()
-		return
+		return nil
 	}
 	dirty := s.dirty
 	s.dirty = make(map[*userQueue]struct{}, len(dirty))
@@ -339,7 +341,7 @@ func (s *Store) flush() {
 		for u := range dirty {
 			s.markDirty(u)
 		}
-		return
+		return fmt.Errorf("persist acknowledgements: %w", err)
 	}
 	for _, f := range done {
 		u := f.u
@@ -361,6 +363,7 @@ func (s *Store) flush() {
 			s.markDirty(u)
 		}
 	}
+	return nil
 }
 
 // stageFlush adds one user's cursor writes and deletions to wb.
@@ -419,16 +422,22 @@ func (s *Store) forgetUnseenDevices(now time.Time) {
 	s.users.Range(func(_, v any) bool {
 		u := v.(*userQueue)
 		u.mu.Lock()
-		forgot := false
+		changed := false
 		for name, d := range u.devices {
-			if d.online == 0 && !d.transient && d.seen < before {
+			switch {
+			case d.online > 0:
+				// Seen now: its record must not look unseen after a crash
+				// of a server it stayed connected to for device_ttl.
+				d.seen = now.Unix()
+				changed = true
+			case d.online == 0 && !d.transient && d.seen < before:
 				delete(u.devices, name)
 				u.forgotten = append(u.forgotten, name)
-				forgot = true
+				changed = true
 			}
 		}
 		u.mu.Unlock()
-		if forgot {
+		if changed {
 			s.markDirty(u)
 		}
 		return true

@@ -157,7 +157,9 @@ type Store struct {
 	closed sync.Once
 	// crashed skips the last flush on Close, as a crash would (tests).
 	crashed atomic.Bool
-	stats   Counters
+	// closeErr is what the last flush on Close failed to persist.
+	closeErr error
+	stats    Counters
 	// free and lowDisk are the last reading of the disk watch.
 	free    atomic.Int64
 	lowDisk atomic.Bool
@@ -239,8 +241,9 @@ func (s *Store) Close() error {
 	s.closed.Do(func() {
 		close(s.stop)
 		s.wg.Wait()
+		err = s.closeErr
 		if e := s.db.Sync(); e != nil {
-			err = fmt.Errorf("sync queue: %w", e)
+			err = errors.Join(err, fmt.Errorf("sync queue: %w", e))
 		}
 		if e := s.db.Close(); e != nil {
 			err = errors.Join(err, fmt.Errorf("close queue: %w", e))
@@ -418,17 +421,23 @@ func (s *Store) Detach(user, device string) {
 
 // Flush persists acknowledgements and deletes what every device has
 // acknowledged now, instead of at the next AckFlushInterval, and returns
-// when it is done. It must not be called after Close.
-func (s *Store) Flush() { s.onCommitter(s.flush) }
+// what failed. It must not be called after Close.
+func (s *Store) Flush() error {
+	var err error
+	s.onCommitter(func() { err = s.flush() })
+	return err
+}
 
 // ForgetUnseen forgets, now, the offline devices unseen for device_ttl by
 // the store's clock, as the periodic sweep does, and persists that. It
 // must not be called after Close.
-func (s *Store) ForgetUnseen() {
+func (s *Store) ForgetUnseen() error {
+	var err error
 	s.onCommitter(func() {
 		s.forgetUnseenDevices(s.opts.Now())
-		s.flush()
+		err = s.flush()
 	})
+	return err
 }
 
 // onCommitter runs f on the committer goroutine and waits for it.

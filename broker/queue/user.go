@@ -2,6 +2,7 @@ package queue
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/dgraph-io/badger/v4"
@@ -145,12 +146,7 @@ func (u *userQueue) hasPersistent() bool {
 // unforget drops name from the records the next flush deletes, for a
 // device that came back before it; called with u.mu held.
 func (u *userQueue) unforget(name string) {
-	for i, f := range u.forgotten {
-		if f == name {
-			u.forgotten = append(u.forgotten[:i], u.forgotten[i+1:]...)
-			return
-		}
-	}
+	u.forgotten = slices.DeleteFunc(u.forgotten, func(f string) bool { return f == name })
 }
 
 // minCursor is the sequence every device has acknowledged; ok is false
