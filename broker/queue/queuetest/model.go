@@ -278,8 +278,8 @@ type msess struct {
 	unacked []uint16
 	// acked are the sequences acknowledged on this connection.
 	acked map[uint64]bool
-	last    uint64
-	seen    int
+	last  uint64
+	seen  int
 }
 
 // sink records what delivery writes to one connection.
@@ -324,15 +324,15 @@ type notice struct {
 
 // runner drives one sequence.
 type runner struct {
-	t     testing.TB
-	b     Backend
-	name  string
+	t    testing.TB
+	b    Backend
+	name string
 	// settleTimeout bounds each wait for delivery.
 	settleTimeout time.Duration
-	q     config.Queue
-	clock *Clock
-	store Store
-	dlv   *delivery.Delivery
+	q             config.Queue
+	clock         *Clock
+	store         Store
+	dlv           *delivery.Delivery
 
 	users   map[string]map[string]*mdev
 	msgs    map[string][]*mmsg // per user, in sequence order
@@ -523,7 +523,6 @@ func (r *runner) apply(e event) error {
 	}
 	return nil
 }
-
 
 // publish appends one message (a fresh id, or a resend of one of the
 // sender's earlier ids) and checks the outcome against the model.
