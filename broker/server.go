@@ -534,6 +534,9 @@ func (s *Server) joinCluster() error {
 			}
 		},
 		OnlineUsers: s.presence.Local,
+		// Stored notices of peers were lost: reread the queues of the
+		// users with a device here, whom no later notice may wake.
+		Missed: func() { s.delivery.Resync() },
 	})
 	if err != nil {
 		return err

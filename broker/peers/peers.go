@@ -3,6 +3,13 @@
 // session takeovers. The queues themselves are in JetStream; nothing here
 // is durable, so a lost notice only delays something a device would get at
 // its next read (a stored message) or is of no lasting value (typing).
+//
+// Core NATS drops notices without telling anyone (a slow consumer, a
+// reconnect, a broken route between servers, a node dying with notices
+// unsent), and a device that is connected and idle reads only when told.
+// So stored notices are numbered per sender incarnation, heartbeats say
+// how many the sender sent, and a bus that finds it may have lost some
+// calls Handlers.Missed, on which the node rereads its users' queues.
 package peers
 
 import (
@@ -10,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,6 +35,22 @@ const (
 	subjSession   = ".session"
 	subjHeartbeat = ".heartbeat"
 	subjSync      = ".presence.sync"
+)
+
+// Headers that number stored notices. They are headers, not part of the
+// payload, so that nodes of the version before them, which ignore headers
+// and check payload lengths, still take the notices of newer nodes during
+// a rolling upgrade, and a notice without them is taken unnumbered.
+const (
+	// hdrNotice on a stored notice is "<boot>.<n>": the sender's
+	// incarnation and the notice's number in it, counted from 1.
+	hdrNotice = "Chatd-Notice"
+	// hdrSent on a heartbeat is the number of the last stored notice its
+	// sender sent in the incarnation the heartbeat names.
+	hdrSent = "Chatd-Sent"
+	// hdrFinal on a heartbeat says that its sender is closing and sends
+	// no more: a peer that saw all it sent then lost nothing of it.
+	hdrFinal = "Chatd-Final"
 )
 
 // Defaults of Options.
@@ -53,6 +78,10 @@ type Handlers struct {
 	// OnlineUsers lists the users with a connection on this node, for a
 	// peer that starts and asks.
 	OnlineUsers func() []string
+	// Missed: stored notices of peers may have been lost, so messages may
+	// be stored that no device here was told of. It may be nil, and may
+	// run at the same time as the other handlers.
+	Missed func()
 }
 
 // Options configures a Bus.
@@ -75,9 +104,24 @@ type Bus struct {
 	h    Handlers
 	boot uint64
 	subs []*nats.Subscription
+	// stored is the subscription to stored notices, whose drops are losses.
+	stored *nats.Subscription
+
+	// sendMu puts stored notices on the wire in the order of their
+	// numbers, and a heartbeat after the notices it counts.
+	sendMu sync.Mutex
+	sent   uint64
 
 	mu    sync.Mutex
 	peers map[string]peer
+	// tallies are kept per node name for the bus's life, not reaped with
+	// peers, so that a node back from a partition is checked for gaps.
+	tallies map[string]*tally
+
+	// reconnects and dropped are the loop's last look at the connection's
+	// reconnects and the stored subscription's drops.
+	reconnects uint64
+	dropped    int
 
 	stop chan struct{}
 	done chan struct{}
@@ -87,6 +131,29 @@ type Bus struct {
 type peer struct {
 	boot uint64
 	seen time.Time
+}
+
+// tally is what the bus heard of one incarnation of a peer's numbered
+// stored notices.
+type tally struct {
+	boot uint64
+	// heard is the highest number heard, or taken as heard once a loss
+	// up to it was reported.
+	heard uint64
+	// sent is what the peer's latest heartbeat said it sent. It is
+	// checked against heard when the next heartbeat comes, not at once:
+	// notices and heartbeats are on different subscriptions, dispatched
+	// by goroutines of their own, so notices a heartbeat counts may still
+	// be queued here when it is handled.
+	sent uint64
+	// final: the latest heartbeat said the peer is closing.
+	final bool
+}
+
+// settled reports whether nothing of t's incarnation can have been lost
+// unseen: it said it was closing, and all it said it sent was heard.
+func (t *tally) settled() bool {
+	return t.final && t.heard >= t.sent
 }
 
 // Start subscribes to the peers' notices, asks them who is online, and
@@ -100,8 +167,9 @@ func Start(opts Options, h Handlers) (*Bus, error) {
 	}
 	b := &Bus{
 		opts: opts, h: h, boot: uint64(time.Now().UnixNano()),
-		peers: make(map[string]peer),
-		stop:  make(chan struct{}), done: make(chan struct{}),
+		peers: make(map[string]peer), tallies: make(map[string]*tally),
+		reconnects: opts.Conn.Stats().Reconnects,
+		stop:       make(chan struct{}), done: make(chan struct{}),
 	}
 	subs := []struct {
 		subj string
@@ -120,19 +188,24 @@ func Start(opts Options, h Handlers) (*Bus, error) {
 			return nil, errors.Join(fmt.Errorf("subscribe %s: %w", opts.Prefix+s.subj, err), b.unsubscribe())
 		}
 		b.subs = append(b.subs, sub)
+		if s.subj == subjStored {
+			b.stored = sub
+		}
 	}
 	if err := opts.Conn.Flush(); err != nil {
 		return nil, errors.Join(fmt.Errorf("subscribe to peers: %w", err), b.unsubscribe())
 	}
-	b.beat()
+	b.beat(false)
 	go b.loop()
 	return b, nil
 }
 
-// Close stops beating and listening.
+// Close stops beating and listening, and tells the peers how many stored
+// notices this node sent, so that they know whether they lost any.
 func (b *Bus) Close() error {
 	close(b.stop)
 	<-b.done
+	b.beat(true)
 	return b.unsubscribe()
 }
 
@@ -145,7 +218,7 @@ func (b *Bus) unsubscribe() error {
 	return err
 }
 
-// loop beats and declares silent peers gone.
+// loop beats, declares silent peers gone and watches for lost notices.
 func (b *Bus) loop() {
 	defer close(b.done)
 	t := time.NewTicker(b.opts.Heartbeat)
@@ -153,26 +226,45 @@ func (b *Bus) loop() {
 	for {
 		select {
 		case <-t.C:
-			b.beat()
+			b.beat(false)
 			b.reap(time.Now())
+			b.watch()
 		case <-b.stop:
 			return
 		}
 	}
 }
 
-func (b *Bus) beat() {
-	b.send(subjHeartbeat, binary.BigEndian.AppendUint64(frame(nil, b.opts.Node), b.boot))
+// beat says this node is alive, or with final that it is closing, and how
+// many stored notices it sent.
+func (b *Bus) beat(final bool) {
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
+	h := nats.Header{hdrSent: []string{strconv.FormatUint(b.sent, 10)}}
+	if final {
+		h.Set(hdrFinal, "1")
+	}
+	b.publish(&nats.Msg{Subject: b.opts.Prefix + subjHeartbeat, Header: h,
+		Data: binary.BigEndian.AppendUint64(frame(nil, b.opts.Node), b.boot)})
 }
 
-// reap reports the peers silent for DeadAfter as gone.
+// reap reports the peers silent for DeadAfter as gone. One that did not
+// say it was closing may have died with stored notices unsent, or be cut
+// off by a partition that loses them: that is a loss too.
 func (b *Bus) reap(now time.Time) {
 	var gone []string
+	lost := false
 	b.mu.Lock()
 	for name, p := range b.peers {
 		if now.Sub(p.seen) > b.opts.DeadAfter {
 			delete(b.peers, name)
 			gone = append(gone, name)
+			if t := b.tallies[name]; t != nil && t.boot == p.boot && !t.settled() {
+				// Reported once: if the peer comes back as it was, its
+				// numbers tell what it sent meanwhile.
+				t.heard, t.final = max(t.heard, t.sent), true
+				lost = true
+			}
 		}
 	}
 	b.mu.Unlock()
@@ -180,13 +272,56 @@ func (b *Bus) reap(now time.Time) {
 		b.opts.Logger.Warn("cluster node silent: its connections count as closed", "node", name, "after", b.opts.DeadAfter)
 		b.h.NodeGone(name)
 	}
+	if lost {
+		b.missed("a node went silent without closing", "nodes", gone)
+	}
 }
 
-// Stored tells the peers that m was stored for user.
+// watch reports the losses that no numbering shows: notices published
+// while this node's connection was down, whose reconnect the loop sees in
+// its counter (the connection is shared, so its handlers are not ours),
+// and notices the stored subscription dropped because they came faster
+// than this node handled them.
+func (b *Bus) watch() {
+	if r := b.opts.Conn.Stats().Reconnects; r != b.reconnects {
+		b.reconnects = r
+		b.missed("NATS connection reconnected")
+	}
+	if b.opts.Conn.IsClosed() {
+		// Closed under the bus: the node is stopping, and said so.
+		return
+	}
+	d, err := b.stored.Dropped()
+	if err != nil {
+		b.opts.Logger.Error("stored notices subscription", "error", err)
+		return
+	}
+	if d != b.dropped {
+		b.dropped = d
+		b.missed("stored notices dropped: this node was too slow", "dropped", d)
+	}
+}
+
+// missed tells the node that stored notices of its peers may have been lost.
+func (b *Bus) missed(cause string, args ...any) {
+	b.opts.Logger.Warn("stored notices of cluster peers may be lost: rereading the queues of connected users",
+		append([]any{"cause", cause}, args...)...)
+	if b.h.Missed != nil {
+		b.h.Missed()
+	}
+}
+
+// Stored tells the peers that m was stored for user, numbering the notice.
+// A number taken by a notice that failed to send shows as a gap.
 func (b *Bus) Stored(user string, m queue.Message) {
 	p := frame(frame(frame(nil, b.opts.Node), user), string(m.Meta))
 	p = binary.BigEndian.AppendUint64(p, m.Seq)
-	b.send(subjStored, append(p, m.Data...))
+	p = append(p, m.Data...)
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
+	b.sent++
+	num := strconv.AppendUint(append(strconv.AppendUint(make([]byte, 0, 41), b.boot, 10), '.'), b.sent, 10)
+	b.publish(&nats.Msg{Subject: b.opts.Prefix + subjStored, Data: p, Header: nats.Header{hdrNotice: []string{string(num)}}})
 }
 
 // Typing passes a typing signal to user's devices on the peers.
@@ -245,8 +380,12 @@ func (b *Bus) SyncPresence(wait time.Duration) error {
 }
 
 func (b *Bus) send(subj string, payload []byte) {
-	if err := b.opts.Conn.Publish(b.opts.Prefix+subj, payload); err != nil {
-		b.opts.Logger.Warn("notify cluster peers", "subject", subj, "error", err)
+	b.publish(&nats.Msg{Subject: b.opts.Prefix + subj, Data: payload})
+}
+
+func (b *Bus) publish(msg *nats.Msg) {
+	if err := b.opts.Conn.PublishMsg(msg); err != nil {
+		b.opts.Logger.Warn("notify cluster peers", "subject", msg.Subject, "error", err)
 	}
 }
 
@@ -261,7 +400,7 @@ func (b *Bus) fromPeer(msg *nats.Msg, keep bool) (string, []byte, bool) {
 }
 
 func (b *Bus) onStored(msg *nats.Msg) {
-	_, rest, ok := b.fromPeer(msg, false)
+	node, rest, ok := b.fromPeer(msg, false)
 	if !ok {
 		return
 	}
@@ -271,7 +410,95 @@ func (b *Bus) onStored(msg *nats.Msg) {
 		b.opts.Logger.Error("bad stored notice")
 		return
 	}
+	// A notice without a number is from a node older than numbering; it
+	// is taken, and only the other signs of loss cover that node.
+	lost := false
+	if v := msg.Header.Get(hdrNotice); v != "" {
+		boot, n, ok := parseNotice(v)
+		if !ok {
+			b.opts.Logger.Error("bad stored notice number", "node", node, "number", v)
+			return
+		}
+		lost = b.heard(node, boot, n)
+	}
+	if lost {
+		b.missed("a stored notice skipped numbers", "node", node)
+	}
 	b.h.Stored(user, queue.Message{Seq: binary.BigEndian.Uint64(rest), Meta: []byte(meta), Data: rest[8:]})
+}
+
+// heard records stored notice n of node's incarnation boot and reports
+// whether notices before it were lost.
+func (b *Bus) heard(node string, boot, n uint64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	t := b.tallies[node]
+	switch {
+	case t == nil:
+		// The first notice of a node unknown until now says nothing of
+		// the ones before it. If this node started after the peer, they
+		// came before this node took connections, and its devices read
+		// their queues when they connect; what was lost while this
+		// node's interest in the subject spread to the other servers is
+		// normally lost before the presence sync wait ends, so before any
+		// device is here. If the peer started after this node, its first
+		// heartbeat, counting 0, normally comes first and makes any
+		// notice after 1 a gap. Either way its later heartbeats count
+		// from here.
+		b.tallies[node] = &tally{boot: boot, heard: n}
+		return false
+	case t.boot != boot:
+		// The peer restarted: the notices of its new incarnation are
+		// numbered from 1 again, and this node, listening all along,
+		// should have heard each. Its old incarnation may have died
+		// with notices unsent, unless it said it was closing.
+		b.tallies[node] = &tally{boot: boot, heard: n}
+		return !t.settled() || n > 1
+	}
+	lost := n > t.heard+1
+	t.heard = max(t.heard, n)
+	return lost
+}
+
+// sentBy records what a heartbeat of node's incarnation boot said it sent,
+// and reports whether notices counted by its previous heartbeat are still
+// unheard, and so lost.
+func (b *Bus) sentBy(node string, boot, sent uint64, final bool) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	t := b.tallies[node]
+	switch {
+	case t == nil:
+		// Unknown until now: see heard.
+		b.tallies[node] = &tally{boot: boot, heard: sent, sent: sent, final: final}
+		return false
+	case t.boot != boot:
+		// Restarted: its notices from 1 are checked at its next heartbeat.
+		b.tallies[node] = &tally{boot: boot, sent: sent, final: final}
+		return !t.settled()
+	}
+	lost := t.heard < t.sent
+	// Reported once: the reread covers what was counted.
+	t.heard = max(t.heard, t.sent)
+	t.sent, t.final = sent, final
+	return lost
+}
+
+// parseNotice splits a hdrNotice value into incarnation and number.
+func parseNotice(v string) (boot, n uint64, ok bool) {
+	bs, ns, ok := strings.Cut(v, ".")
+	if !ok {
+		return 0, 0, false
+	}
+	boot, err := strconv.ParseUint(bs, 10, 64)
+	if err != nil {
+		return 0, 0, false
+	}
+	n, err = strconv.ParseUint(ns, 10, 64)
+	if err != nil || n == 0 {
+		return 0, 0, false
+	}
+	return boot, n, true
 }
 
 func (b *Bus) onTyping(msg *nats.Msg) {
@@ -324,6 +551,17 @@ func (b *Bus) onHeartbeat(msg *nats.Msg) {
 		return
 	}
 	boot := binary.BigEndian.Uint64(rest)
+	// A heartbeat without a count is from a node older than numbering.
+	var sent uint64
+	counted := false
+	if v := msg.Header.Get(hdrSent); v != "" {
+		var err error
+		if sent, err = strconv.ParseUint(v, 10, 64); err != nil {
+			b.opts.Logger.Error("bad heartbeat count", "node", node, "sent", v)
+			return
+		}
+		counted = true
+	}
 	b.mu.Lock()
 	p, known := b.peers[node]
 	b.peers[node] = peer{boot: boot, seen: time.Now()}
@@ -331,6 +569,9 @@ func (b *Bus) onHeartbeat(msg *nats.Msg) {
 	if known && p.boot != boot {
 		// Restarted between two beats: its old connections are gone.
 		b.h.NodeGone(node)
+	}
+	if counted && b.sentBy(node, boot, sent, msg.Header.Get(hdrFinal) != "") {
+		b.missed("a node sent stored notices never heard", "node", node)
 	}
 }
 
