@@ -115,19 +115,24 @@ func directBatch(ctx context.Context, nc *nats.Conn, stream string, req msgGetRe
 		return nil, fmt.Errorf("encode direct get: %w", err)
 	}
 	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
+	// A channel sized to the answer: SubscribeSync's would be sized for
+	// 65,536 messages, half a megabyte allocated and cleared per read.
+	ch := make(chan *nats.Msg, max(req.Batch, 1)+1)
+	sub, err := nc.ChanSubscribe(inbox, ch)
 	if err != nil {
 		return nil, fmt.Errorf("direct get from %s: %w", stream, err)
 	}
-	defer sub.Unsubscribe() //nolint:errcheck // only fails on a closed connection, already reported by NextMsg
+	defer sub.Unsubscribe() //nolint:errcheck // only fails on a closed connection, which the wait below reports
 	if err := nc.PublishRequest(apiPrefix+"DIRECT.GET."+stream, inbox, body); err != nil {
 		return nil, fmt.Errorf("direct get from %s: %w", stream, err)
 	}
 	var out []*nats.Msg
 	for {
-		m, err := sub.NextMsgWithContext(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("direct get from %s: %w", stream, err)
+		var m *nats.Msg
+		select {
+		case m = <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("direct get from %s: %w", stream, ctx.Err())
 		}
 		status := m.Header.Get("Status")
 		switch status {

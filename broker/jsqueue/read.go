@@ -39,6 +39,10 @@ func (s *Store) Read(user string, after uint64, max int) ([]queue.Message, error
 	return out, err
 }
 
+// maxBatch bounds the messages asked of a replica in one request, and so
+// the buffer that receives them.
+const maxBatch = 1024
+
 // read is one attempt of Read.
 func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([]queue.Message, error) {
 	subj, shard := s.names.subject(user)
@@ -51,27 +55,33 @@ func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([
 	if last <= after {
 		return nil, nil
 	}
-	msgs, err := directBatch(ctx, s.nc, stream, msgGetRequest{Seq: after + 1, NextFor: subj, Batch: max, UpToSeq: last})
-	if err != nil {
-		return nil, fmt.Errorf("read queue of %s after %d: %w", user, after, err)
-	}
-	out := make([]queue.Message, 0, len(msgs))
+	var out []queue.Message
 	// from is the last sequence seen, expired or not.
 	from := after
-	for _, m := range msgs {
-		seq, err := seqOf(m)
+	for len(out) < max && from < last {
+		ask := min(max-len(out), maxBatch)
+		msgs, err := directBatch(ctx, s.nc, stream, msgGetRequest{Seq: from + 1, NextFor: subj, Batch: ask, UpToSeq: last})
 		if err != nil {
-			return nil, fmt.Errorf("read queue of %s: %w", user, err)
+			return nil, fmt.Errorf("read queue of %s after %d: %w", user, from, err)
 		}
-		from = seq
-		if expired(m.Header, now) {
-			continue
+		for _, m := range msgs {
+			seq, err := seqOf(m)
+			if err != nil {
+				return nil, fmt.Errorf("read queue of %s: %w", user, err)
+			}
+			from = seq
+			if expired(m.Header, now) {
+				continue
+			}
+			meta, data, err := decodeValue(m.Data)
+			if err != nil {
+				return nil, fmt.Errorf("read queue of %s: message %d: %w", user, seq, err)
+			}
+			out = append(out, queue.Message{Seq: seq, Meta: meta, Data: data})
 		}
-		meta, data, err := decodeValue(m.Data)
-		if err != nil {
-			return nil, fmt.Errorf("read queue of %s: message %d: %w", user, seq, err)
+		if len(msgs) < ask {
+			break // the end, or a lagging replica: the leader tells below
 		}
-		out = append(out, queue.Message{Seq: seq, Meta: meta, Data: data})
 	}
 	for len(out) < max && from < last {
 		// The replica stopped short of the leader's last sequence: it lags,
