@@ -3,6 +3,7 @@ package queue_test
 import (
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -14,7 +15,7 @@ import (
 
 // badger is the Badger store as a conformance-suite backend: a data
 // directory per run, kept across a crash.
-func badger(t *testing.T) queuetest.Backend {
+func badger(t testing.TB) queuetest.Backend {
 	root := t.TempDir()
 	return queuetest.Backend{
 		Name: "badger",
@@ -28,10 +29,21 @@ func badger(t *testing.T) queuetest.Backend {
 			}
 			return s
 		},
-		Crash: func(s queuetest.Store) error { return queue.Crash(s.(*queue.Store)) },
+		Crash:  func(s queuetest.Store) error { return queue.Crash(s.(*queue.Store)) },
+		Remove: func(run string) { _ = os.RemoveAll(filepath.Join(root, run)) },
 	}
 }
 
 func TestConformance(t *testing.T) {
 	queuetest.Run(t, badger(t))
+}
+
+// FuzzModel feeds the model-based test the fuzzer's event sequences:
+//
+//	go test -run '^$' -fuzz FuzzModel -fuzzminimizetime 0 -parallel 1 ./broker/queue/
+//
+// (minimizing replays each new input for a minute by default, which
+// stalls a fuzzer this slow per input).
+func FuzzModel(f *testing.F) {
+	queuetest.FuzzModel(f, badger(f))
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -65,6 +66,25 @@ func RunModel(t *testing.T, b Backend) {
 	}
 	t.Logf("%s: %d sequences, %d events, seeds %d..%d", b.Name, n, events, first, first+n-1)
 }
+
+// FuzzModel runs the model on the fuzzer's event sequences (the encoding
+// of Generate, at most maxFuzzEvents events), seeded with a few
+// generated ones.
+func FuzzModel(f *testing.F, b Backend) {
+	for seed := uint64(1); seed <= 8; seed++ {
+		f.Add(Generate(seed, 40, b.NoticeFaults))
+	}
+	var runs atomic.Int64
+	f.Fuzz(func(t *testing.T, data []byte) {
+		data = data[:min(len(data), maxFuzzEvents*eventBytes)]
+		if err := runEvents(t, b, fmt.Sprintf("f%d", runs.Add(1)), data, settleTimeout); err != nil {
+			t.Fatalf("%v\nsequence:\n%s\nreplay: go test -run 'Model' ./broker/%s -replay %s", err, describe(data), pkgOf(b), hex.EncodeToString(data))
+		}
+	})
+}
+
+// maxFuzzEvents bounds a fuzzed sequence, so that one input stays quick.
+const maxFuzzEvents = 200
 
 // pkgOf names the package whose tests run b, for the replay hint.
 func pkgOf(b Backend) string {
@@ -366,6 +386,9 @@ func runEvents(t testing.TB, b Backend, name string, data []byte, settle time.Du
 		r.dlv.Close()
 		if cerr := r.store.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("close: %w", cerr)
+		}
+		if b.Remove != nil {
+			b.Remove(name)
 		}
 	}()
 	for i, e := range decode(data) {

@@ -52,6 +52,8 @@ type Backend struct {
 	// Crash closes s as a crash would: acknowledgements since the last
 	// Flush are lost.
 	Crash func(s Store) error
+	// Remove, if set, deletes what a closed run left behind.
+	Remove func(run string)
 	// Sparse is set when a user's sequences have gaps (JetStream's stream
 	// sequences): delivery may hold a cursor below acknowledged messages
 	// until a read shows the gap empty, so an acknowledged message may be
