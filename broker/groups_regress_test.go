@@ -129,8 +129,9 @@ func TestGroupDelete(t *testing.T) {
 // refused, also after a restart, until one of them is deleted.
 func TestGroupCreationCap(t *testing.T) {
 	dir := t.TempDir()
-	s := startServer(t, dir, nil)
-	limit := config.Default().Groups.MaxPerUser
+	const limit = 5
+	small := func(c *config.Config) { c.Groups.MaxPerUser = limit }
+	s := startServer(t, dir, small)
 	create := func(s *Server, user, gid string) (int, map[string]any) {
 		return httpJSON(t, s, "POST", "/v1/groups", user, map[string]any{"id": gid})
 	}
@@ -147,7 +148,7 @@ func TestGroupCreationCap(t *testing.T) {
 	}
 	stopServer(t, s)
 
-	s = startServer(t, dir, nil)
+	s = startServer(t, dir, small)
 	if st, body := create(s, "alice", "one-more"); st != 422 || body["error"] != "too_many_groups" {
 		t.Fatalf("group past the cap after a restart: %d %v", st, body)
 	}

@@ -151,15 +151,16 @@ func New(opts Options) (*Server, error) {
 		dopts.OnDelivered = func(user string, metas [][]byte) { inbox.Delivered(user, metas) }
 	}
 	s.delivery = delivery.New(dopts)
+	groupOpts := []groups.Option{groups.MaxPerUser(cfg.Groups.MaxPerUser), groups.CacheMembers(cfg.Groups.CacheMembers)}
 	if s.cluster != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		s.groups, err = groups.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_groups", cfg.Cluster.Replicas, cfg.Groups.MaxMembers)
+		s.groups, err = groups.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_groups", cfg.Cluster.Replicas, cfg.Groups.MaxMembers, groupOpts...)
 		cancel()
 		if err != nil {
 			return nil, errors.Join(fmt.Errorf("cluster groups: %w", err), s.closeStore())
 		}
 	} else {
-		s.groups = groups.New(db, cfg.Groups.MaxMembers)
+		s.groups = groups.New(db, cfg.Groups.MaxMembers, groupOpts...)
 	}
 	s.metrics = metrics.New(metrics.Sources{
 		// mochi updates its counters atomically; so must they be read.
