@@ -127,11 +127,15 @@ func (s *Store) flush() error {
 	}
 	ctx, cancel := s.reqCtx()
 	defer cancel()
-	return errors.Join(
+	err := errors.Join(
 		s.writeRecords(ctx, writes),
 		s.deleteRecords(ctx, deletes),
 		s.purgeAcknowledged(ctx, purges),
 	)
+	for u := range dirty {
+		s.evictIdle(u)
+	}
+	return err
 }
 
 // writeRecords writes records with compare-and-set on their revision, all

@@ -137,11 +137,10 @@ func (s *Store) Head(user string) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("head of %s: %w", user, err)
 	}
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return 0, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	for _, d := range u.devices {
 		last = max(last, d.cursor)

@@ -25,6 +25,61 @@ type userState struct {
 	forgotten []string
 	// purged is the sequence up to which this node purged the queue.
 	purged uint64
+	// evicted is set when the state is dropped from memory: whoever finds
+	// it so loads the user again (lockUser).
+	evicted bool
+}
+
+// lockUser returns the state of name, locked, loading it again if it was
+// evicted meanwhile.
+func (s *Store) lockUser(name string) (*userState, error) {
+	for {
+		u, err := s.user(name)
+		if err != nil {
+			return nil, err
+		}
+		u.mu.Lock()
+		if !u.evicted {
+			return u, nil
+		}
+		u.mu.Unlock()
+	}
+}
+
+// Loaded returns how many users' states are in memory: those with a
+// device connected here, or something not yet flushed.
+func (s *Store) Loaded() int {
+	n := 0
+	s.users.Range(func(_, _ any) bool { n++; return true })
+	return n
+}
+
+// evictIdle drops u from memory when the bucket and the streams hold all
+// of it: no device connected here, every record written, nothing to
+// forget or purge. Memory then follows the users in use, not every user
+// ever addressed. Runs on the flusher goroutine.
+func (s *Store) evictIdle(u *userState) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.evicted || len(u.forgotten) > 0 {
+		return
+	}
+	for _, d := range u.devices {
+		if d.online > 0 || d.record != d.saved || d.rev == 0 {
+			return
+		}
+	}
+	if low, ok := u.minCursor(); ok && low > u.purged {
+		return
+	}
+	s.dirtyM.Lock()
+	_, dirty := s.dirty[u]
+	s.dirtyM.Unlock()
+	if dirty {
+		return
+	}
+	u.evicted = true
+	s.users.CompareAndDelete(u.name, u)
 }
 
 // deviceState is one device's record, what of it the bucket holds, and its
@@ -231,6 +286,11 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 	}
 	s.reconcile(u, recs)
 	u.mu.Lock()
+	if u.evicted {
+		// Dropped from memory meanwhile: start again on a fresh load.
+		u.mu.Unlock()
+		return s.Attach(user, device, transient)
+	}
 	defer u.mu.Unlock()
 	now := s.opts.Now().Unix()
 	if d, ok := u.devices[device]; ok {
@@ -322,11 +382,10 @@ func (s *Store) startCursor(ctx context.Context, u *userState) (uint64, error) {
 // the user has fewer than max_devices devices. It answers from this
 // node's copy of the user's records, refreshed at every Attach.
 func (s *Store) MayAttach(user, device string) (bool, error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return false, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	_, known := u.devices[device]
 	return known || len(u.devices) < s.opts.Queue.MaxDevices, nil
@@ -334,11 +393,10 @@ func (s *Store) MayAttach(user, device string) (bool, error) {
 
 // Cursor returns the last sequence device of user has acknowledged.
 func (s *Store) Cursor(user, device string) (uint64, error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return 0, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	d, ok := u.devices[device]
 	if !ok {
@@ -362,12 +420,11 @@ func (s *Store) Ack(user, device string, cursor uint64) {
 // Detach records that a connection of device of user ended; a transient
 // device is forgotten when its last connection here ends.
 func (s *Store) Detach(user, device string) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		s.log.Error("detach", "user", user, "error", err)
 		return
 	}
-	u.mu.Lock()
 	if d, ok := u.devices[device]; ok {
 		d.online = max(d.online-1, 0)
 		switch {
@@ -408,12 +465,11 @@ func (s *Store) forgetNow(u *userState, device string, rev uint64) {
 
 // updateDevice changes a known device's record and schedules its flush.
 func (s *Store) updateDevice(user, device string, change func(*deviceState)) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		s.log.Error("update device", "user", user, "device", device, "error", err)
 		return
 	}
-	u.mu.Lock()
 	d, ok := u.devices[device]
 	if ok {
 		change(d)

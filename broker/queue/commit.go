@@ -247,11 +247,15 @@ func (s *Store) stage(b *batchTxn, idx int, r *Request, ttl, dedupTTL time.Durat
 
 // stageOne adds one recipient's copy to txn; full reports a queue at its cap.
 func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration) (st stored, full bool, err error) {
-	u, err := s.user(to)
+	u, err := s.lockUser(to)
 	if err != nil {
 		return stored{}, false, err
 	}
-	u.mu.Lock()
+	if !u.anyOnline() {
+		// Looked at by the next flush, which drops the user from memory if
+		// it stays idle.
+		defer s.markDirty(u)
+	}
 	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
 		s.skipExpired(u)
 	}
@@ -361,6 +365,8 @@ func (s *Store) flush() error {
 		u.mu.Unlock()
 		if more {
 			s.markDirty(u)
+		} else {
+			s.evictIdle(u)
 		}
 	}
 	return nil

@@ -303,11 +303,10 @@ func expired(item *badger.Item, now uint64) bool {
 // transient device is forgotten when its last connection detaches; Attach
 // and Detach are counted, so every Attach must be matched by one Detach.
 func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return 0, false, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	now := s.opts.Now().Unix()
 	if d, ok := u.devices[device]; ok {
@@ -359,11 +358,10 @@ func (s *Store) saveDevice(user, device string, r record) error {
 // MayAttach reports whether device of user may connect: it is known, or
 // the user has fewer than max_devices devices.
 func (s *Store) MayAttach(user, device string) (bool, error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return false, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	_, known := u.devices[device]
 	return known || len(u.devices) < s.opts.Queue.MaxDevices, nil
@@ -371,11 +369,10 @@ func (s *Store) MayAttach(user, device string) (bool, error) {
 
 // Cursor returns the last sequence device of user has acknowledged.
 func (s *Store) Cursor(user, device string) (uint64, error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return 0, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	d, ok := u.devices[device]
 	if !ok {
@@ -399,12 +396,11 @@ func (s *Store) Ack(user, device string, cursor uint64) {
 // Detach records that a connection of device of user ended; a transient
 // device is forgotten when its last connection ends.
 func (s *Store) Detach(user, device string) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		s.log.Error("detach", "user", user, "error", err)
 		return
 	}
-	u.mu.Lock()
 	if d, ok := u.devices[device]; ok {
 		d.online = max(d.online-1, 0)
 		switch {
@@ -449,12 +445,11 @@ func (s *Store) onCommitter(f func()) {
 
 // updateDevice changes a known device's record and schedules its flush.
 func (s *Store) updateDevice(user, device string, change func(*deviceState)) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		s.log.Error("update device", "user", user, "device", device, "error", err)
 		return
 	}
-	u.mu.Lock()
 	d, ok := u.devices[device]
 	if ok {
 		change(d)
@@ -467,22 +462,20 @@ func (s *Store) updateDevice(user, device string, change func(*deviceState)) {
 
 // Depth returns how many messages of user are stored and not yet deleted.
 func (s *Store) Depth(user string) (uint64, error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return 0, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.head - u.deleted, nil
 }
 
 // Head returns the last sequence of user's queue that is durable.
 func (s *Store) Head(user string) (uint64, error) {
-	u, err := s.user(user)
+	u, err := s.lockUser(user)
 	if err != nil {
 		return 0, err
 	}
-	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.committed, nil
 }

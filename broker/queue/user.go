@@ -20,6 +20,9 @@ type userQueue struct {
 	devices                        map[string]*deviceState
 	// forgotten lists devices unseen for device_ttl whose records the next flush deletes.
 	forgotten []string
+	// evicted is set when the index is dropped from memory: whoever finds
+	// it so loads the user again (lockUser).
+	evicted bool
 }
 
 // deviceState is one device's record, and what of it is on disk.
@@ -43,6 +46,69 @@ func (s *Store) user(name string) (*userQueue, error) {
 	}
 	v, _ := s.users.LoadOrStore(name, u)
 	return v.(*userQueue), nil
+}
+
+// lockUser returns the loaded queue index of name, locked, loading it
+// again if it was evicted meanwhile.
+func (s *Store) lockUser(name string) (*userQueue, error) {
+	for {
+		u, err := s.user(name)
+		if err != nil {
+			return nil, err
+		}
+		u.mu.Lock()
+		if !u.evicted {
+			return u, nil
+		}
+		u.mu.Unlock()
+	}
+}
+
+// Loaded returns how many users' queue indexes are in memory: those with
+// a device connected, or something not yet flushed.
+func (s *Store) Loaded() int {
+	n := 0
+	s.users.Range(func(_, _ any) bool { n++; return true })
+	return n
+}
+
+// evictIdle drops u from memory when nothing of it lives only there: no
+// device connected, every record saved, nothing to delete, nothing
+// pending. Reloading it from Badger gives the same index, so memory
+// follows the users in use, not every user ever addressed. Runs on the
+// committer goroutine (as flushes do), so no append is half staged.
+func (s *Store) evictIdle(u *userQueue) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.evicted || len(u.forgotten) > 0 || u.committed != u.head {
+		return
+	}
+	for _, d := range u.devices {
+		if d.online > 0 || d.record != d.saved {
+			return
+		}
+	}
+	if low, ok := u.minCursor(); ok && low > u.deleted {
+		return
+	}
+	s.dirtyM.Lock()
+	_, dirty := s.dirty[u]
+	s.dirtyM.Unlock()
+	if dirty {
+		return
+	}
+	u.evicted = true
+	s.users.CompareAndDelete(u.name, u)
+}
+
+// anyOnline reports whether a device of u is connected; called with u.mu held.
+func (u *userQueue) anyOnline() bool {
+	for _, d := range u.devices {
+		if d.online > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // load reads a user's queue bounds and devices. The head is the larger of

@@ -1144,7 +1144,8 @@ func (r *runner) waitingFor(m *mmsg) string {
 
 // finish connects every registered persistent device, delivers and
 // acknowledges everything, disconnects, flushes, and checks that every
-// device got what it must and that nothing released is left behind.
+// device got what it must, that nothing released is left behind, and
+// that the store keeps no user in memory.
 func (r *runner) finish() error {
 	r.releaseLate()
 	for _, user := range sortedUsers(r.users) {
@@ -1186,10 +1187,13 @@ func (r *runner) finish() error {
 			return err
 		}
 		left := r.leftBehind()
-		if left == "" {
+		if left == "" && r.store.Loaded() == 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
+			if left == "" {
+				return fmt.Errorf("%d users kept in memory with no device connected and everything flushed", r.store.Loaded())
+			}
 			return fmt.Errorf("left behind after every device acknowledged: %s", left)
 		}
 		time.Sleep(time.Millisecond)

@@ -36,6 +36,8 @@ type Store interface {
 	Flush() error
 	// ForgetUnseen forgets the offline devices unseen for device_ttl.
 	ForgetUnseen() error
+	// Loaded returns how many users the store keeps in memory.
+	Loaded() int
 	// Close closes the store.
 	Close() error
 }
