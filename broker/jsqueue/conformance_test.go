@@ -110,5 +110,13 @@ func (r renamed) Detach(user, device string) { r.Store.Detach(r.prefix+user, dev
 func TestConformance(t *testing.T) {
 	before := goleak.IgnoreCurrent()
 	t.Cleanup(func() { goleak.VerifyNone(t, before) })
-	queuetest.Run(t, jetstreamBackend(t))
+	queuetest.RunExamples(t, jetstreamBackend(t))
+}
+
+// TestModel runs the model-based test of the message path on JetStream;
+// -seeds, -seed and -replay choose the sequences.
+func TestModel(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
+	queuetest.RunModel(t, jetstreamBackend(t))
 }

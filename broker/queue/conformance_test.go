@@ -35,7 +35,13 @@ func badger(t testing.TB) queuetest.Backend {
 }
 
 func TestConformance(t *testing.T) {
-	queuetest.Run(t, badger(t))
+	queuetest.RunExamples(t, badger(t))
+}
+
+// TestModel runs the model-based test of the message path on Badger;
+// -seeds, -seed and -replay choose the sequences.
+func TestModel(t *testing.T) {
+	queuetest.RunModel(t, badger(t))
 }
 
 // FuzzModel feeds the model-based test the fuzzer's event sequences:

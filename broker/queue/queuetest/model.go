@@ -60,7 +60,7 @@ func RunModel(t *testing.T, b Backend) {
 		events += len(data) / eventBytes
 		if err := runEvents(t, b, fmt.Sprintf("s%d", seed), data, settleTimeout); err != nil {
 			short, serr := shrink(t, b, data, err)
-			t.Fatalf("seed %d fails: %v\nshortest sequence that fails the same way (%d events), with: %v\n%s\nreplay: go test -run 'Model' ./broker/%s -replay %s\n(seed: -seed %d)",
+			t.Fatalf("seed %d fails: %v\nshortest sequence that fails the same way (%d events), with: %v\n%s\nreplay: go test -run Model ./broker/%s -replay %s\n(seed: -seed %d)",
 				seed, err, len(short)/eventBytes, serr, describe(short), pkgOf(b), hex.EncodeToString(short), seed)
 		}
 	}
@@ -78,7 +78,7 @@ func FuzzModel(f *testing.F, b Backend) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		data = data[:min(len(data), maxFuzzEvents*eventBytes)]
 		if err := runEvents(t, b, fmt.Sprintf("f%d", runs.Add(1)), data, settleTimeout); err != nil {
-			t.Fatalf("%v\nsequence:\n%s\nreplay: go test -run 'Model' ./broker/%s -replay %s", err, describe(data), pkgOf(b), hex.EncodeToString(data))
+			t.Fatalf("%v\nsequence:\n%s\nreplay: go test -run Model ./broker/%s -replay %s", err, describe(data), pkgOf(b), hex.EncodeToString(data))
 		}
 	})
 }
