@@ -25,6 +25,8 @@ func (s *Store) flushLoop() {
 	defer sweep.Stop()
 	free := time.NewTicker(freeInterval)
 	defer free.Stop()
+	evict := time.NewTicker(evictEvery)
+	defer evict.Stop()
 	for {
 		select {
 		case <-free.C:
@@ -34,6 +36,8 @@ func (s *Store) flushLoop() {
 			_ = s.flush()
 		case <-sweep.C:
 			s.forgetUnseenDevices(s.opts.Now())
+		case <-evict.C:
+			s.evictIdleUsers(evictAfter)
 		case f := <-s.ctl:
 			f()
 		case <-s.stop:
@@ -71,11 +75,15 @@ func (s *Store) ForgetUnseen() error {
 	return err
 }
 
-// onFlusher runs f on the flusher goroutine, which owns flushes, and waits for it.
+// onFlusher runs f on the flusher goroutine, which owns flushes, and
+// waits for it; after Close it does nothing.
 func (s *Store) onFlusher(f func()) {
 	done := make(chan struct{})
-	s.ctl <- func() { f(); close(done) }
-	<-done
+	select {
+	case s.ctl <- func() { f(); close(done) }:
+		<-done
+	case <-s.stop:
+	}
 }
 
 // sweepInterval is how often devices unseen for ttl are looked for.
@@ -108,7 +116,7 @@ func (s *Store) flush() error {
 
 	var writes []*write
 	var purges []*userState
-	deletes := make(map[*userState][]string)
+	deletes := make(map[*userState][]forget)
 	for u := range dirty {
 		u.mu.Lock()
 		for name, d := range u.devices {
@@ -132,9 +140,6 @@ func (s *Store) flush() error {
 		s.deleteRecords(ctx, deletes),
 		s.purgeAcknowledged(ctx, purges),
 	)
-	for u := range dirty {
-		s.evictIdle(u)
-	}
 	return err
 }
 
@@ -169,6 +174,9 @@ func (s *Store) writeRecords(ctx context.Context, ws []*write) error {
 		if errors.Is(w.err, jetstream.ErrKeyExists) || errors.As(w.err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
 			w.rec, rev, w.err = s.mergeRecord(ctx, w)
 		}
+		if errors.Is(w.err, errDeparted) {
+			continue
+		}
 		if w.err != nil {
 			s.log.Error("persist device cursor", "user", w.u.name, "device", w.name, "error", w.err)
 			errs = append(errs, fmt.Errorf("cursor of %s/%s: %w", w.u.name, w.name, w.err))
@@ -176,23 +184,41 @@ func (s *Store) writeRecords(ctx context.Context, ws []*write) error {
 			continue
 		}
 		w.u.mu.Lock()
-		if d, ok := w.u.devices[w.name]; ok {
+		d, here := w.u.devices[w.name]
+		if here {
 			d.saved, d.rev = w.rec, rev
 			d.cursor = max(d.cursor, w.rec.cursor)
 			if d.record != d.saved {
 				s.markDirty(w.u)
 			}
+		} else {
+			// The device left (a transient one) while its record was being
+			// written, and its delete may have lost to this write: delete
+			// what was written, unless it changed since.
+			s.forgetNow(w.u, w.name, rev)
 		}
 		w.u.mu.Unlock()
 	}
 	return errors.Join(errs...)
 }
 
+// errDeparted is a record write given up because its device was
+// forgotten meanwhile.
+var errDeparted = errors.New("device forgotten meanwhile")
+
 // mergeRecord writes w's record merged with the bucket's newer one.
 func (s *Store) mergeRecord(ctx context.Context, w *write) (record, uint64, error) {
 	key := deviceKey(w.u.name, w.name)
 	e, err := s.kv.Get(ctx, key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		w.u.mu.Lock()
+		_, here := w.u.devices[w.name]
+		w.u.mu.Unlock()
+		if !here {
+			// Forgotten meanwhile (a transient device that left): its
+			// record stays deleted.
+			return w.rec, 0, errDeparted
+		}
 		rev, err := s.kv.Create(ctx, key, w.rec.encode())
 		return w.rec, rev, err
 	}
@@ -210,16 +236,29 @@ func (s *Store) mergeRecord(ctx context.Context, w *write) (record, uint64, erro
 	return merged, rev, err
 }
 
-// deleteRecords deletes the records of forgotten devices.
-func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]string) error {
+// deleteRecords deletes the records of forgotten devices, each only if
+// it is still at the revision it was forgotten by: another node that saw
+// the device since (its cursor and last-seen time newer than this node's
+// copy) keeps it, and this node takes it back at its next read.
+func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]forget) error {
 	var errs []error
-	for u, names := range deletes {
-		var failed []string
-		for _, name := range names {
-			if err := s.kv.Delete(ctx, deviceKey(u.name, name)); err != nil {
-				s.log.Error("forget device", "user", u.name, "device", name, "error", err)
-				errs = append(errs, fmt.Errorf("forget %s/%s: %w", u.name, name, err))
-				failed = append(failed, name)
+	for u, fs := range deletes {
+		var failed []forget
+		for _, f := range fs {
+			var opts []jetstream.KVDeleteOpt
+			if f.rev != 0 {
+				opts = append(opts, jetstream.LastRevision(f.rev))
+			}
+			err := s.kv.Delete(ctx, deviceKey(u.name, f.name), opts...)
+			var apiErr *jetstream.APIError
+			switch {
+			case err == nil:
+			case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+				s.log.Info("device seen on another node: not forgotten", "user", u.name, "device", f.name)
+			default:
+				s.log.Error("forget device", "user", u.name, "device", f.name, "error", err)
+				errs = append(errs, fmt.Errorf("forget %s/%s: %w", u.name, f.name, err))
+				failed = append(failed, f)
 			}
 		}
 		if len(failed) > 0 {

@@ -21,13 +21,18 @@ type userState struct {
 	mu   sync.Mutex
 	// devices are the user's known devices, on any node.
 	devices map[string]*deviceState
-	// forgotten lists devices whose records the next flush deletes.
-	forgotten []string
+	// forgotten lists devices whose records the next flush deletes, each
+	// at the revision this node judged it by.
+	forgotten []forget
 	// purged is the sequence up to which this node purged the queue.
 	purged uint64
 	// evicted is set when the state is dropped from memory: whoever finds
 	// it so loads the user again (lockUser).
 	evicted bool
+	// used is when the state was last locked, Unix nanoseconds.
+	used int64
+	// loading is closed once the state is read from the bucket.
+	loading chan struct{}
 }
 
 // lockUser returns the state of name, locked, loading it again if it was
@@ -40,6 +45,7 @@ func (s *Store) lockUser(name string) (*userState, error) {
 		}
 		u.mu.Lock()
 		if !u.evicted {
+			u.used = s.opts.Now().UnixNano()
 			return u, nil
 		}
 		u.mu.Unlock()
@@ -54,14 +60,43 @@ func (s *Store) Loaded() int {
 	return n
 }
 
+// EvictIdle drops from memory, now, every user that the bucket and the
+// streams hold all of (see evictIdle), however recently it was used; the
+// flusher does the same every evictEvery for users idle for evictAfter.
+// It must not be called after Close.
+func (s *Store) EvictIdle() {
+	s.onFlusher(func() { s.evictIdleUsers(0) })
+}
+
+// Users idle for evictAfter are dropped from memory every evictEvery.
+const (
+	evictEvery = time.Minute
+	evictAfter = time.Minute
+)
+
+// evictIdleUsers evicts the users unused for idle; on the flusher goroutine.
+func (s *Store) evictIdleUsers(idle time.Duration) {
+	before := s.opts.Now().Add(-idle).UnixNano()
+	s.users.Range(func(_, v any) bool {
+		s.evictIdle(v.(*userState), before)
+		return true
+	})
+}
+
 // evictIdle drops u from memory when the bucket and the streams hold all
-// of it: no device connected here, every record written, nothing to
-// forget or purge. Memory then follows the users in use, not every user
-// ever addressed. Runs on the flusher goroutine.
-func (s *Store) evictIdle(u *userState) {
+// of it (no device connected here, every record written, nothing to
+// forget or purge) and it was not used since before. Memory then follows
+// the users in use, not every user ever addressed. Runs on the flusher
+// goroutine.
+func (s *Store) evictIdle(u *userState, before int64) {
+	select {
+	case <-u.loading:
+	default:
+		return
+	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.evicted || len(u.forgotten) > 0 {
+	if u.evicted || u.used > before || len(u.forgotten) > 0 {
 		return
 	}
 	for _, d := range u.devices {
@@ -99,21 +134,36 @@ type stored struct {
 	deleted bool
 }
 
-// user returns the state of name, loading it from the bucket.
+// user returns the state of name, loading it from the bucket. The state
+// is put in the map before it is read, and read by one caller while the
+// others wait, so that there is only ever one: no second load's older
+// copy can replace it after an eviction.
 func (s *Store) user(name string) (*userState, error) {
 	if v, ok := s.users.Load(name); ok {
 		return v.(*userState), nil
 	}
+	u := &userState{name: name, devices: make(map[string]*deviceState), loading: make(chan struct{})}
+	if v, loaded := s.users.LoadOrStore(name, u); loaded {
+		o := v.(*userState)
+		<-o.loading
+		return o, nil
+	}
+	defer close(u.loading)
 	ctx, cancel := s.reqCtx()
 	defer cancel()
 	recs, err := s.readDevices(ctx, name)
 	if err != nil {
+		u.mu.Lock()
+		u.evicted = true
+		u.mu.Unlock()
+		s.users.CompareAndDelete(name, u)
 		return nil, fmt.Errorf("load devices of %s: %w", name, err)
 	}
-	u := &userState{name: name, devices: make(map[string]*deviceState)}
 	s.reconcile(u, recs)
-	v, _ := s.users.LoadOrStore(name, u)
-	return v.(*userState), nil
+	u.mu.Lock()
+	u.used = s.opts.Now().UnixNano()
+	u.mu.Unlock()
+	return u, nil
 }
 
 // readDevices reads every device record of user from the bucket's stream
@@ -187,7 +237,7 @@ func (s *Store) reconcile(u *userState, recs map[string]stored) {
 			if st.rec.seen < expired {
 				// Unseen for device_ttl: it no longer holds messages back.
 				if !u.isForgotten(name) {
-					u.forgotten = append(u.forgotten, name)
+					u.forgotten = append(u.forgotten, forget{name, st.rev})
 				}
 				forgot = true
 				continue
@@ -220,19 +270,21 @@ func (s *Store) reconcile(u *userState, recs map[string]stored) {
 	}
 }
 
+// forget is a device record to delete, unless it changed after rev
+// (another node saw the device since): 0 deletes whatever is there.
+type forget struct {
+	name string
+	rev  uint64
+}
+
 // isForgotten reports whether name awaits deletion; called with u.mu held.
 func (u *userState) isForgotten(name string) bool {
-	for _, f := range u.forgotten {
-		if f == name {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(u.forgotten, func(f forget) bool { return f.name == name })
 }
 
 // unforget drops name from the pending deletions; called with u.mu held.
 func (u *userState) unforget(name string) {
-	u.forgotten = slices.DeleteFunc(u.forgotten, func(f string) bool { return f == name })
+	u.forgotten = slices.DeleteFunc(u.forgotten, func(f forget) bool { return f.name == name })
 }
 
 // hasPersistent reports whether the user has a device that is not
@@ -300,6 +352,15 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 			// it now decides what is deleted.
 			r := d.record
 			r.transient, r.seen = false, now
+			if !u.hasPersistent() {
+				// The user's first persistent device: the backlog too, even
+				// what it went past as a transient device.
+				start, err := s.startCursor(ctx, u)
+				if err != nil {
+					return 0, false, fmt.Errorf("attach %s/%s: %w", user, device, err)
+				}
+				r.cursor = min(r.cursor, start)
+			}
 			rev, err := s.kv.Update(ctx, deviceKey(user, device), r.encode(), d.rev)
 			if err != nil {
 				return 0, false, fmt.Errorf("register device %s/%s as persistent: %w", user, device, err)
@@ -335,7 +396,9 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 				// Registered meanwhile as transient (here, by a connection
 				// just ended, or on another node): it holds, and becomes
 				// persistent now.
+				start := r.cursor // the backlog, when no device is persistent
 				r, r.seen, r.transient = old, now, false
+				r.cursor = min(r.cursor, start)
 				rev, err = s.kv.Update(ctx, key, r.encode(), e.Revision())
 			default:
 				// Another node registered it meanwhile: that record holds,
@@ -459,7 +522,7 @@ func (s *Store) forgetNow(u *userState, device string, rev uint64) {
 	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
 	default:
 		s.log.Warn("forget transient device; the flush tries again", "user", u.name, "device", device, "error", err)
-		u.forgotten = append(u.forgotten, device)
+		u.forgotten = append(u.forgotten, forget{device, rev})
 	}
 }
 
@@ -503,7 +566,7 @@ func (s *Store) forgetUnseenDevices(now time.Time) {
 				changed = true
 			case d.online == 0 && d.seen < before:
 				delete(u.devices, name)
-				u.forgotten = append(u.forgotten, name)
+				u.forgotten = append(u.forgotten, forget{name, d.rev})
 				changed = true
 			}
 		}

@@ -49,6 +49,8 @@ func (s *Store) commitLoop() {
 	defer tick.Stop()
 	sweep := time.NewTicker(sweepInterval(s.opts.Queue.DeviceTTL))
 	defer sweep.Stop()
+	evict := time.NewTicker(evictEvery)
+	defer evict.Stop()
 	batch := make([]*Request, 0, s.opts.Queue.MaxBatch)
 	results := make([]outcome, 0, s.opts.Queue.MaxBatch)
 	for {
@@ -61,6 +63,8 @@ func (s *Store) commitLoop() {
 			_ = s.flush()
 		case <-sweep.C:
 			s.forgetUnseenDevices(s.opts.Now())
+		case <-evict.C:
+			s.evictIdleUsers(evictAfter)
 		case f := <-s.ctl:
 			f()
 		case <-s.stop:
@@ -251,11 +255,6 @@ func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl
 	if err != nil {
 		return stored{}, false, err
 	}
-	if !u.anyOnline() {
-		// Looked at by the next flush, which drops the user from memory if
-		// it stays idle.
-		defer s.markDirty(u)
-	}
 	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
 		s.skipExpired(u)
 	}
@@ -365,8 +364,6 @@ func (s *Store) flush() error {
 		u.mu.Unlock()
 		if more {
 			s.markDirty(u)
-		} else {
-			s.evictIdle(u)
 		}
 	}
 	return nil

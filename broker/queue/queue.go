@@ -316,10 +316,15 @@ func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subs
 			// new device.
 			r := d.record
 			r.seen = now
+			if !u.hasPersistent() {
+				// The user's first persistent device: the backlog too, even
+				// what it went past as a transient device.
+				r.cursor = min(r.cursor, u.tail-1)
+			}
 			if err := s.saveDevice(user, device, r); err != nil {
 				return 0, false, err
 			}
-			d.saved = r
+			d.record, d.saved = r, r
 		}
 		d.seen = now
 		d.online++
@@ -436,11 +441,15 @@ func (s *Store) ForgetUnseen() error {
 	return err
 }
 
-// onCommitter runs f on the committer goroutine and waits for it.
+// onCommitter runs f on the committer goroutine and waits for it; after
+// Close it does nothing.
 func (s *Store) onCommitter(f func()) {
 	done := make(chan struct{})
-	s.ctl <- func() { f(); close(done) }
-	<-done
+	select {
+	case s.ctl <- func() { f(); close(done) }:
+		<-done
+	case <-s.stop:
+	}
 }
 
 // updateDevice changes a known device's record and schedules its flush.

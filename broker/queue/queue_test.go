@@ -287,14 +287,6 @@ func TestRestartKeepsMessagesCursorsAndSequences(t *testing.T) {
 	}
 }
 
-func TestMessageTTL(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) { q.MessageTTL = time.Second })
-	h.append("bob", "alice", "1", "old")
-	time.Sleep(2100 * time.Millisecond) // Badger expiry has one-second resolution
-	h.append("bob", "alice", "2", "new")
-	eq(t, "after expiry", h.read("bob", 0), []string{"2=new"})
-}
-
 func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
 	h := newHarness(t, nil)
 	if _, _, err := h.s.Attach("bob", "old-phone", false); err != nil {

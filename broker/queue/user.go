@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 )
@@ -23,6 +24,8 @@ type userQueue struct {
 	// evicted is set when the index is dropped from memory: whoever finds
 	// it so loads the user again (lockUser).
 	evicted bool
+	// used is when the index was last locked, Unix nanoseconds.
+	used int64
 }
 
 // deviceState is one device's record, and what of it is on disk.
@@ -35,17 +38,26 @@ type deviceState struct {
 	online int
 }
 
-// user returns the loaded queue index of name.
+// user returns the queue index of name, loading it. The index is put in
+// the map locked, before it is read from Badger, so that there is only
+// ever one: callers that find it wait on its mutex for the load, and no
+// second load's older snapshot can replace it after an eviction.
 func (s *Store) user(name string) (*userQueue, error) {
 	if v, ok := s.users.Load(name); ok {
 		return v.(*userQueue), nil
 	}
-	u, err := s.load(name)
-	if err != nil {
+	u := &userQueue{name: name, devices: make(map[string]*deviceState)}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if v, loaded := s.users.LoadOrStore(name, u); loaded {
+		return v.(*userQueue), nil
+	}
+	if err := s.load(u); err != nil {
+		u.evicted = true
+		s.users.CompareAndDelete(name, u)
 		return nil, err
 	}
-	v, _ := s.users.LoadOrStore(name, u)
-	return v.(*userQueue), nil
+	return u, nil
 }
 
 // lockUser returns the loaded queue index of name, locked, loading it
@@ -58,6 +70,7 @@ func (s *Store) lockUser(name string) (*userQueue, error) {
 		}
 		u.mu.Lock()
 		if !u.evicted {
+			u.used = s.opts.Now().UnixNano()
 			return u, nil
 		}
 		u.mu.Unlock()
@@ -72,15 +85,41 @@ func (s *Store) Loaded() int {
 	return n
 }
 
-// evictIdle drops u from memory when nothing of it lives only there: no
-// device connected, every record saved, nothing to delete, nothing
-// pending. Reloading it from Badger gives the same index, so memory
-// follows the users in use, not every user ever addressed. Runs on the
-// committer goroutine (as flushes do), so no append is half staged.
-func (s *Store) evictIdle(u *userQueue) {
+// EvictIdle drops from memory, now, every user with nothing that lives
+// only there (see evictIdle), however recently it was used; the committer
+// does the same every evictEvery for users idle for evictAfter. It must
+// not be called after Close.
+func (s *Store) EvictIdle() {
+	s.onCommitter(func() { s.evictIdleUsers(0) })
+}
+
+// Users idle for evictAfter are dropped from memory every evictEvery:
+// soon enough that memory follows the users in use, not every user ever
+// addressed, late enough that a user who keeps receiving is not loaded
+// again for every message.
+const (
+	evictEvery = time.Minute
+	evictAfter = time.Minute
+)
+
+// evictIdleUsers evicts the users unused for idle; on the committer goroutine.
+func (s *Store) evictIdleUsers(idle time.Duration) {
+	before := s.opts.Now().Add(-idle).UnixNano()
+	s.users.Range(func(_, v any) bool {
+		s.evictIdle(v.(*userQueue), before)
+		return true
+	})
+}
+
+// evictIdle drops u from memory when nothing of it lives only there (no
+// device connected, every record saved, nothing to delete or forget,
+// nothing staged) and it was not used since before. Reloading it from
+// Badger gives the same index. Runs on the committer goroutine, so no
+// append is half staged.
+func (s *Store) evictIdle(u *userQueue, before int64) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.evicted || len(u.forgotten) > 0 || u.committed != u.head {
+	if u.evicted || u.used > before || len(u.forgotten) > 0 || u.committed != u.head {
 		return
 	}
 	for _, d := range u.devices {
@@ -101,21 +140,12 @@ func (s *Store) evictIdle(u *userQueue) {
 	s.users.CompareAndDelete(u.name, u)
 }
 
-// anyOnline reports whether a device of u is connected; called with u.mu held.
-func (u *userQueue) anyOnline() bool {
-	for _, d := range u.devices {
-		if d.online > 0 {
-			return true
-		}
-	}
-	return false
-}
-
-// load reads a user's queue bounds and devices. The head is the larger of
-// the last stored message and the largest cursor, so that a queue emptied
-// by deletion never reuses a sequence a device has already acknowledged.
-func (s *Store) load(name string) (*userQueue, error) {
-	u := &userQueue{name: name, devices: make(map[string]*deviceState)}
+// load reads a user's queue bounds and devices into u, locked and not yet
+// loaded. The head is the larger of the last stored message and the
+// largest cursor, so that a queue emptied by deletion never reuses a
+// sequence a device has already acknowledged.
+func (s *Store) load(u *userQueue) error {
+	name := u.name
 	var first, last uint64
 	now := s.opts.Now()
 	unseen := now.Add(-s.opts.Queue.DeviceTTL).Unix()
@@ -157,7 +187,7 @@ func (s *Store) load(name string) (*userQueue, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("load queue of %s: %w", name, err)
+		return fmt.Errorf("load queue of %s: %w", name, err)
 	}
 	u.head = last
 	for _, d := range u.devices {
@@ -179,7 +209,8 @@ func (s *Store) load(name string) (*userQueue, error) {
 	if len(u.forgotten) > 0 {
 		s.markDirty(u)
 	}
-	return u, nil
+	u.used = s.opts.Now().UnixNano()
+	return nil
 }
 
 // firstLive returns the sequence of user's first message from seq on that

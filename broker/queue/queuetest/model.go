@@ -738,7 +738,17 @@ func (r *runner) connect(user, name string, transient, oldEndsFirst bool) error 
 		d.cursor, d.flushed, d.subscribedOnce = 0, 0, false
 	} else if !transient && !d.persistent {
 		// A transient device becoming persistent has its record, cursor
-		// included, written at once.
+		// included, written at once; if it is the user's first persistent
+		// device, it gets the backlog too.
+		if !r.hasPersistent(user) {
+			for _, m := range r.msgs[user] {
+				if !m.released {
+					m.holders[name] = true
+					delete(m.acked, name)
+				}
+			}
+			d.cursor = 0
+		}
 		d.persistent = true
 		d.flushed = d.cursor
 	}
@@ -1186,6 +1196,7 @@ func (r *runner) finish() error {
 		if err := r.check(); err != nil {
 			return err
 		}
+		r.store.EvictIdle()
 		left := r.leftBehind()
 		if left == "" && r.store.Loaded() == 0 {
 			return nil

@@ -39,6 +39,8 @@ type Store interface {
 	ForgetUnseen() error
 	// Loaded returns how many users the store keeps in memory.
 	Loaded() int
+	// EvictIdle drops from memory every user with nothing only there.
+	EvictIdle()
 	// Close closes the store.
 	Close() error
 }
