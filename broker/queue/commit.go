@@ -305,9 +305,10 @@ type deviceWrite struct {
 
 // userFlush is what a flush wrote for one user.
 type userFlush struct {
-	u       *userQueue
-	devices []deviceWrite
-	upTo    uint64
+	u         *userQueue
+	devices   []deviceWrite
+	forgotten []string
+	upTo      uint64
 }
 
 // flush persists changed device cursors and deletes messages every device
@@ -354,13 +355,22 @@ func (s *Store) flush() error {
 				d.saved = w.rec
 			}
 		}
+		rewrite := false
+		for _, name := range f.forgotten {
+			if d, ok := u.devices[name]; ok && !d.transient {
+				// Attached again while this flush deleted its old record,
+				// which may have taken the new one with it: written again.
+				d.saved = record{}
+				rewrite = true
+			}
+		}
 		if f.upTo > u.deleted {
 			s.stats.Deleted.Add(f.upTo - u.deleted)
 			u.deleted = f.upTo
 			u.tail = max(u.tail, f.upTo+1)
 		}
 		low, ok := u.minCursor()
-		more := ok && low > u.deleted
+		more := ok && low > u.deleted || rewrite
 		u.mu.Unlock()
 		if more {
 			s.markDirty(u)
@@ -379,6 +389,7 @@ func (s *Store) stageFlush(wb *badger.WriteBatch, u *userQueue, budget *int) (us
 		}
 	}
 	forgotten := u.forgotten
+	f.forgotten = forgotten
 	u.forgotten = nil
 	from := max(u.deleted+1, u.tail)
 	upTo, ok := u.minCursor()
