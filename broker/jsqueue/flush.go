@@ -56,7 +56,7 @@ func (s *Store) flushLoop() {
 
 // Flush persists acknowledgements and purges what every device has
 // acknowledged now, instead of at the next AckFlushInterval, and returns
-// what failed. It must not be called after Close.
+// what failed. After Close it does nothing.
 func (s *Store) Flush() error {
 	var err error
 	s.onFlusher(func() { err = s.flush() })
@@ -64,8 +64,8 @@ func (s *Store) Flush() error {
 }
 
 // ForgetUnseen forgets, now, the offline devices unseen for device_ttl by
-// the store's clock, as the periodic sweep does, and persists that. It
-// must not be called after Close.
+// the store's clock, as the periodic sweep does, and persists that.
+// After Close it does nothing.
 func (s *Store) ForgetUnseen() error {
 	var err error
 	s.onFlusher(func() {

@@ -63,7 +63,7 @@ func (s *Store) Loaded() int {
 // EvictIdle drops from memory, now, every user that the bucket and the
 // streams hold all of (see evictIdle), however recently it was used; the
 // flusher does the same every evictEvery for users idle for evictAfter.
-// It must not be called after Close.
+// After Close it does nothing.
 func (s *Store) EvictIdle() {
 	s.onFlusher(func() { s.evictIdleUsers(0) })
 }

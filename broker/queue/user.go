@@ -87,8 +87,8 @@ func (s *Store) Loaded() int {
 
 // EvictIdle drops from memory, now, every user with nothing that lives
 // only there (see evictIdle), however recently it was used; the committer
-// does the same every evictEvery for users idle for evictAfter. It must
-// not be called after Close.
+// does the same every evictEvery for users idle for evictAfter. After
+// Close it does nothing.
 func (s *Store) EvictIdle() {
 	s.onCommitter(func() { s.evictIdleUsers(0) })
 }
