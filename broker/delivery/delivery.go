@@ -310,6 +310,10 @@ type feed struct {
 	// user's second device acknowledging a message reports nothing.
 	receipted uint64
 	dead      bool
+	// parting are devices stopped while a verify was in flight with
+	// messages they acknowledged beyond a gap: the verify moves their
+	// cursors on and reports them, as it would have had they stayed.
+	parting []*Device
 }
 
 // Start begins feeding device of user, whose acknowledged cursor is
@@ -389,6 +393,12 @@ func (d *Delivery) Stop(dev *Device) {
 	dev.stop()
 	if f.devices[dev.name] == dev {
 		delete(f.devices, dev.name)
+	}
+	if f.verifying && len(dev.inflight) > 0 && dev.inflight[0].acked {
+		// Left right after acknowledging past a gap: without this its
+		// last acknowledgements would only reach the Source at its next
+		// connection, and the messages stay stored until then.
+		f.parting = append(f.parting, dev)
 	}
 	d.trim(f)
 	f.mu.Unlock()
@@ -928,7 +938,7 @@ func (d *Delivery) Resync() {
 func (d *Delivery) verifyLoop(f *feed) {
 	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
-		if len(f.devices) == 0 {
+		if len(f.devices) == 0 && len(f.parting) == 0 {
 			f.verifying, f.again = false, false
 			f.mu.Unlock()
 			return
@@ -959,7 +969,7 @@ func (d *Delivery) verifyLoop(f *feed) {
 func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 	f.mu.Lock()
 	f.verifying = false
-	if len(f.devices) == 0 {
+	if len(f.devices) == 0 && len(f.parting) == 0 {
 		f.mu.Unlock()
 		return
 	}
@@ -995,6 +1005,18 @@ func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 			sinks = append(sinks, dev.sink)
 		}
 	}
+	parting := f.parting
+	f.parting = nil
+	for _, dev := range parting {
+		n, m := d.advance(dev)
+		if n > 0 {
+			cursors = append(cursors, cursor{dev.name, dev.acked})
+			metas = append(metas, m...)
+		}
+		if len(dev.inflight) > 0 && dev.inflight[0].acked {
+			f.parting = append(f.parting, dev) // for the verify that reads on
+		}
+	}
 	if len(cursors) > 0 {
 		d.trim(f)
 	}
@@ -1003,6 +1025,9 @@ func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 		// notification was lost is found only by reading.
 		f.again = false
 		d.verify(f)
+	}
+	if !f.verifying {
+		f.parting = nil
 	}
 	f.mu.Unlock()
 	d.keepBudget()
