@@ -129,7 +129,14 @@ type Delivery struct {
 
 	sent  atomic.Uint64
 	acked atomic.Uint64
+
+	// verifySlots bounds the verify reads in flight, so that a Resync of
+	// every fed user is a stream of reads, not a burst of one per user.
+	verifySlots chan struct{}
 }
+
+// maxVerifyReads is how many verify reads may be in flight at once.
+const maxVerifyReads = 64
 
 // Stats returns delivery's running totals.
 func (d *Delivery) Stats() Stats {
@@ -153,6 +160,7 @@ func New(opts Options) *Delivery {
 	return &Delivery{
 		opts: opts, log: opts.Logger, stopping: make(chan struct{}),
 		retryFirst: retryFirst, retryMax: retryMax,
+		verifySlots: make(chan struct{}, maxVerifyReads),
 	}
 }
 
@@ -943,13 +951,26 @@ func (d *Delivery) verifyLoop(f *feed) {
 			f.mu.Unlock()
 			return
 		}
-		after, head := f.sure, f.head
 		f.mu.Unlock()
-		if !d.enter() {
+		slot := false
+		select {
+		case d.verifySlots <- struct{}{}:
+			slot = true
+		case <-d.stopping:
+		}
+		if !slot || !d.enter() {
+			if slot {
+				<-d.verifySlots
+			}
 			break
 		}
+		// Read what is known now: a wait for a slot may have been long.
+		f.mu.Lock()
+		after, head := f.sure, f.head
+		f.mu.Unlock()
 		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
 		d.exit()
+		<-d.verifySlots
 		if err == nil {
 			d.verified(f, msgs, head)
 			return

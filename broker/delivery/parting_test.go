@@ -1,7 +1,11 @@
 package delivery
 
 import (
+	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/chatd/chatd/broker/queue"
 )
@@ -42,4 +46,74 @@ func TestAcksBeyondAGapReachTheSourceAfterStop(t *testing.T) {
 	d.Stop(dev)
 	close(src.gate)
 	src.waitCursor(t, "phone", 7)
+}
+
+// countingSource is a fakeSource that records the most reads in flight.
+type countingSource struct {
+	*fakeSource
+	gate       chan struct{}
+	holding    atomic.Bool // reads wait for gate while set
+	mu         sync.Mutex
+	now, most  int
+	readsStart chan struct{}
+}
+
+func (s *countingSource) Read(user string, after uint64, n int) ([]queue.Message, error) {
+	s.mu.Lock()
+	s.now++
+	s.most = max(s.most, s.now)
+	s.mu.Unlock()
+	select {
+	case s.readsStart <- struct{}{}:
+	default:
+	}
+	if s.holding.Load() {
+		<-s.gate
+	}
+	s.mu.Lock()
+	s.now--
+	s.mu.Unlock()
+	return s.fakeSource.Read(user, after, n)
+}
+
+// TestResyncReadsAreBounded: a Resync of many fed users (the peers bus
+// saw lost notices) reads their queues at most maxVerifyReads at a time,
+// and still finds the message whose notice was lost for each of them.
+func TestResyncReadsAreBounded(t *testing.T) {
+	src := &countingSource{fakeSource: newSource(), gate: make(chan struct{}), readsStart: make(chan struct{}, 1)}
+	d := newDelivery(src, 4)
+	defer d.Close()
+	const users = 3 * maxVerifyReads
+	sinks := make([]*fakeSink, users)
+	for i := range users {
+		sinks[i] = newSink()
+		if _, err := d.Start(fmt.Sprint("u", i), "phone", 0, 8, sinks[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	src.holding.Store(true) // Resync's reads wait for the gate
+	src.store(1)            // committed, its notice lost: only a read finds it
+	d.Resync()
+	deadline := time.After(10 * time.Second)
+	for {
+		src.mu.Lock()
+		now := src.now
+		src.mu.Unlock()
+		if now == maxVerifyReads {
+			break
+		}
+		select {
+		case <-src.readsStart:
+		case <-time.After(time.Millisecond):
+		case <-deadline:
+			t.Fatalf("%d reads in flight, want %d", now, maxVerifyReads)
+		}
+	}
+	close(src.gate)
+	for i := range users {
+		sinks[i].waitFor(t, 1)
+	}
+	if src.most > maxVerifyReads {
+		t.Fatalf("%d verify reads at once, want at most %d", src.most, maxVerifyReads)
+	}
 }
