@@ -328,10 +328,22 @@ func (s *Store) checkShards(ctx context.Context) error {
 		return fmt.Errorf("jsqueue: record shard count: %w", err)
 	}
 	var e jetstream.KeyValueEntry
-	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
-		e, err = s.kv.Get(ctx, shardsKey)
-		return err
-	})
+	for {
+		err = natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+			e, err = s.kv.Get(ctx, shardsKey)
+			return err
+		})
+		// The key exists (Create said so): a replica that has not applied
+		// it yet answers "not found", as seen while a cluster forms.
+		if !errors.Is(err, jetstream.ErrKeyNotFound) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("jsqueue: read shard count: %w (%w)", err, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("jsqueue: read shard count: %w", err)
 	}
