@@ -306,15 +306,9 @@ func TestSpentBudgetOutlivesReconnect(t *testing.T) {
 				c.Limits.PublishRate = tt.rate
 				c.Limits.PublishMaxDelay = tt.maxDelay
 			})
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
 			publish := func(c *paho5.Client, id string) byte {
 				t.Helper()
-				resp, err := c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: "inbox/bob", Payload: []byte(`{"id":"` + id + `"}`)})
-				if resp == nil {
-					t.Fatalf("publish %s: %v", id, err)
-				}
-				return resp.ReasonCode
+				return publishV5(t, c, "inbox/bob", `{"id":"`+id+`"}`)
 			}
 			alice := dialV5(t, s, "alice", nil)
 			spent := time.Now()

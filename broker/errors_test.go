@@ -80,6 +80,19 @@ func TestErrorsV3(t *testing.T) {
 	}
 }
 
+// publishV5 publishes payload to topic at QoS 1 and returns the PUBACK's
+// reason code; the wait covers a publish held back to its sender's rate.
+func publishV5(t testing.TB, c *paho5.Client, topic, payload string) byte {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: topic, Payload: []byte(payload)})
+	if resp == nil {
+		t.Fatalf("publish to %s: no PUBACK: %v", topic, err)
+	}
+	return resp.ReasonCode
+}
+
 func dialV5(t *testing.T, s *Server, user string, onMsg func(*paho5.Publish)) *paho5.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

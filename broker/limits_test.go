@@ -90,15 +90,9 @@ func TestRateBudgetSurvivesReconnect(t *testing.T) {
 		c.Limits.PublishRate = 0.01
 		c.Limits.PublishMaxDelay = 0
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
 	publish := func(c *paho5.Client, id string) byte {
 		t.Helper()
-		resp, err := c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: "inbox/bob", Payload: []byte(`{"id":"` + id + `"}`)})
-		if resp == nil {
-			t.Fatalf("publish %s: %v", id, err)
-		}
-		return resp.ReasonCode
+		return publishV5(t, c, "inbox/bob", `{"id":"`+id+`"}`)
 	}
 	alice := dialV5(t, s, "alice", nil)
 	if code := publish(alice, "first"); code != 0 {

@@ -58,13 +58,7 @@ func dialV5Inbox(t *testing.T, s *Server, user string) *v5Box {
 // publish sends payload to topic at QoS 1 and returns the PUBACK's reason code.
 func (b *v5Box) publish(topic, payload string) byte {
 	b.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	resp, err := b.c.Publish(ctx, &paho5.Publish{QoS: 1, Topic: topic, Payload: []byte(payload)})
-	if resp == nil {
-		b.t.Fatalf("publish to %s: no PUBACK: %v", topic, err)
-	}
-	return resp.ReasonCode
+	return publishV5(b.t, b.c, topic, payload)
 }
 
 // waitFor waits until n envelopes have arrived and returns them.

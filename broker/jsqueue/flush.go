@@ -37,7 +37,7 @@ func (s *Store) flushLoop() {
 		case <-sweep.C:
 			s.forgetUnseenDevices(s.opts.Now())
 		case <-evict.C:
-			s.evictIdleUsers(evictAfter)
+			s.evictIdleUsers(false)
 		case f := <-s.ctl:
 			f()
 		case <-s.stop:

@@ -29,8 +29,9 @@ type userState struct {
 	// evicted is set when the state is dropped from memory: whoever finds
 	// it so loads the user again (lockUser).
 	evicted bool
-	// used is when the state was last locked, Unix nanoseconds.
-	used int64
+	// used is set whenever the state is locked, and cleared by each
+	// eviction pass: one that finds it clear evicts the state.
+	used bool
 	// loading is closed once the state is read from the bucket.
 	loading chan struct{}
 }
@@ -45,7 +46,7 @@ func (s *Store) lockUser(name string) (*userState, error) {
 		}
 		u.mu.Lock()
 		if !u.evicted {
-			u.used = s.opts.Now().UnixNano()
+			u.used = true
 			return u, nil
 		}
 		u.mu.Unlock()
@@ -62,33 +63,30 @@ func (s *Store) Loaded() int {
 
 // EvictIdle drops from memory, now, every user that the bucket and the
 // streams hold all of (see evictIdle), however recently it was used; the
-// flusher does the same every evictEvery for users idle for evictAfter.
+// flusher does the same every evictEvery for users unused since its last pass.
 // After Close it does nothing.
 func (s *Store) EvictIdle() {
-	s.onFlusher(func() { s.evictIdleUsers(0) })
+	s.onFlusher(func() { s.evictIdleUsers(true) })
 }
 
-// Users idle for evictAfter are dropped from memory every evictEvery.
-const (
-	evictEvery = time.Minute
-	evictAfter = time.Minute
-)
+// Users unused for a whole evictEvery are dropped from memory at its end.
+const evictEvery = time.Minute
 
-// evictIdleUsers evicts the users unused for idle; on the flusher goroutine.
-func (s *Store) evictIdleUsers(idle time.Duration) {
-	before := s.opts.Now().Add(-idle).UnixNano()
+// evictIdleUsers evicts the idle users: all of them, or those not used
+// since the last pass; on the flusher goroutine.
+func (s *Store) evictIdleUsers(all bool) {
 	s.users.Range(func(_, v any) bool {
-		s.evictIdle(v.(*userState), before)
+		s.evictIdle(v.(*userState), all)
 		return true
 	})
 }
 
 // evictIdle drops u from memory when the bucket and the streams hold all
 // of it (no device connected here, every record written, nothing to
-// forget or purge) and it was not used since before. Memory then follows
-// the users in use, not every user ever addressed. Runs on the flusher
-// goroutine.
-func (s *Store) evictIdle(u *userState, before int64) {
+// forget or purge) and, unless all, it was not used since the last
+// pass. Memory then follows the users in use, not every user ever
+// addressed. Runs on the flusher goroutine.
+func (s *Store) evictIdle(u *userState, all bool) {
 	select {
 	case <-u.loading:
 	default:
@@ -96,7 +94,9 @@ func (s *Store) evictIdle(u *userState, before int64) {
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.evicted || u.used > before || len(u.forgotten) > 0 {
+	used := u.used
+	u.used = false // a second chance: the next pass evicts it if unused
+	if u.evicted || used && !all || len(u.forgotten) > 0 {
 		return
 	}
 	for _, d := range u.devices {
@@ -161,7 +161,7 @@ func (s *Store) user(name string) (*userState, error) {
 	}
 	s.reconcile(u, recs)
 	u.mu.Lock()
-	u.used = s.opts.Now().UnixNano()
+	u.used = true
 	u.mu.Unlock()
 	return u, nil
 }

@@ -64,7 +64,7 @@ func (s *Store) commitLoop() {
 		case <-sweep.C:
 			s.forgetUnseenDevices(s.opts.Now())
 		case <-evict.C:
-			s.evictIdleUsers(evictAfter)
+			s.evictIdleUsers(false)
 		case f := <-s.ctl:
 			f()
 		case <-s.stop:

@@ -24,8 +24,9 @@ type userQueue struct {
 	// evicted is set when the index is dropped from memory: whoever finds
 	// it so loads the user again (lockUser).
 	evicted bool
-	// used is when the index was last locked, Unix nanoseconds.
-	used int64
+	// used is set whenever the index is locked, and cleared by each
+	// eviction pass: one that finds it clear evicts the index.
+	used bool
 }
 
 // deviceState is one device's record, and what of it is on disk.
@@ -70,7 +71,7 @@ func (s *Store) lockUser(name string) (*userQueue, error) {
 		}
 		u.mu.Lock()
 		if !u.evicted {
-			u.used = s.opts.Now().UnixNano()
+			u.used = true
 			return u, nil
 		}
 		u.mu.Unlock()
@@ -87,39 +88,38 @@ func (s *Store) Loaded() int {
 
 // EvictIdle drops from memory, now, every user with nothing that lives
 // only there (see evictIdle), however recently it was used; the committer
-// does the same every evictEvery for users idle for evictAfter. After
+// does the same every evictEvery for users unused since its last pass. After
 // Close it does nothing.
 func (s *Store) EvictIdle() {
-	s.onCommitter(func() { s.evictIdleUsers(0) })
+	s.onCommitter(func() { s.evictIdleUsers(true) })
 }
 
-// Users idle for evictAfter are dropped from memory every evictEvery:
+// Users unused for a whole evictEvery are dropped from memory at its end:
 // soon enough that memory follows the users in use, not every user ever
 // addressed, late enough that a user who keeps receiving is not loaded
 // again for every message.
-const (
-	evictEvery = time.Minute
-	evictAfter = time.Minute
-)
+const evictEvery = time.Minute
 
-// evictIdleUsers evicts the users unused for idle; on the committer goroutine.
-func (s *Store) evictIdleUsers(idle time.Duration) {
-	before := s.opts.Now().Add(-idle).UnixNano()
+// evictIdleUsers evicts the idle users: all of them, or those not used
+// since the last pass; on the committer goroutine.
+func (s *Store) evictIdleUsers(all bool) {
 	s.users.Range(func(_, v any) bool {
-		s.evictIdle(v.(*userQueue), before)
+		s.evictIdle(v.(*userQueue), all)
 		return true
 	})
 }
 
 // evictIdle drops u from memory when nothing of it lives only there (no
 // device connected, every record saved, nothing to delete or forget,
-// nothing staged) and it was not used since before. Reloading it from
-// Badger gives the same index. Runs on the committer goroutine, so no
-// append is half staged.
-func (s *Store) evictIdle(u *userQueue, before int64) {
+// nothing staged) and, unless all, it was not used since the last pass.
+// Reloading it from Badger gives the same index. Runs on the committer
+// goroutine, so no append is half staged.
+func (s *Store) evictIdle(u *userQueue, all bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.evicted || u.used > before || len(u.forgotten) > 0 || u.committed != u.head {
+	used := u.used
+	u.used = false // a second chance: the next pass evicts it if unused
+	if u.evicted || used && !all || len(u.forgotten) > 0 || u.committed != u.head {
 		return
 	}
 	for _, d := range u.devices {
@@ -209,7 +209,7 @@ func (s *Store) load(u *userQueue) error {
 	if len(u.forgotten) > 0 {
 		s.markDirty(u)
 	}
-	u.used = s.opts.Now().UnixNano()
+	u.used = true
 	return nil
 }
 
