@@ -12,39 +12,18 @@ import (
 
 	"github.com/dgraph-io/badger/v4"
 
-	"github.com/chatd/chatd/broker/jsqueue"
-	"github.com/chatd/chatd/broker/natsnode"
-	"github.com/chatd/chatd/broker/peers"
+	"github.com/chatd/chatd/broker/cluster/natsnode"
+	"github.com/chatd/chatd/broker/cluster/peers"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/queue/badgerq"
+	"github.com/chatd/chatd/broker/queue/jsqueue"
 	"github.com/chatd/chatd/config"
 )
 
-// store is the durable queue behind a node: queue.Store (Badger) alone,
-// jsqueue.Store (JetStream) in a cluster.
-type store interface {
-	Append(r *queue.Request)
-	TryAppend(r *queue.Request) bool
-	Read(user string, after uint64, max int) ([]queue.Message, error)
-	Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error)
-	MayAttach(user, device string) (bool, error)
-	Cursor(user, device string) (uint64, error)
-	SetSubscribed(user, device string, subscribed bool)
-	Ack(user, device string, cursor uint64)
-	Detach(user, device string)
-	Depth(user string) (uint64, error)
-	Head(user string) (uint64, error)
-	Stats() queue.Stats
-	Undelivered() uint64
-	DiskSize() (int64, int64)
-	FreeBytes() int64
-	LowDisk() bool
-	Close() error
-}
-
 // Both backends are stores.
 var (
-	_ store = (*queue.Store)(nil)
-	_ store = (*jsqueue.Store)(nil)
+	_ queue.Store = (*badgerq.Store)(nil)
+	_ queue.Store = (*jsqueue.Store)(nil)
 )
 
 // clusterPrefix starts the subjects of the cluster's notices and streams.
@@ -66,7 +45,7 @@ type cluster struct {
 // startCluster starts or joins NATS and opens the JetStream queue.
 // onStored is called for every message this node stores; join later
 // connects the node to its peers.
-func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, queue.Message), onCommit func(int, time.Duration)) (*cluster, store, error) {
+func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, queue.Message), onCommit func(int, time.Duration)) (*cluster, queue.Store, error) {
 	c := &cluster{name: cfg.Cluster.Node}
 	ncfg := natsnode.Config{
 		URL:         cfg.Cluster.URL,

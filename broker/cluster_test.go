@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker/natsnode"
+	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/config"
 )
 

@@ -13,7 +13,7 @@ import (
 	"github.com/eclipse/paho.mqtt.golang/packets"
 	"github.com/golang-jwt/jwt/v5"
 
-	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/config"
 )
 

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/config"
 )
 

@@ -20,7 +20,7 @@ import (
 	"github.com/dgraph-io/badger/v4"
 	paho5 "github.com/eclipse/paho.golang/paho"
 
-	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/config"
 )
 
@@ -435,7 +435,7 @@ func TestReceiptsStopAtDiskReserve(t *testing.T) {
 func TestGroupReadFailureAsksForResend(t *testing.T) {
 	s := startServer(t, t.TempDir(), nil)
 	// A group record that does not decode fails every read of the group.
-	err := s.queue.(*queue.Store).DB().Update(func(txn *badger.Txn) error {
+	err := s.queue.(*badgerq.Store).DB().Update(func(txn *badger.Txn) error {
 		return txn.Set([]byte("gbroken"), []byte("{not json"))
 	})
 	if err != nil {

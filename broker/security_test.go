@@ -8,7 +8,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/config"
 )
 

@@ -24,20 +24,21 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
-	"github.com/chatd/chatd/broker/delivery"
-	"github.com/chatd/chatd/broker/envelope"
-	"github.com/chatd/chatd/broker/groups"
-	"github.com/chatd/chatd/broker/listen"
-	"github.com/chatd/chatd/broker/media"
+	"github.com/chatd/chatd/broker/cluster/peers"
 	"github.com/chatd/chatd/broker/metrics"
-	"github.com/chatd/chatd/broker/peers"
+	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/presence"
-	"github.com/chatd/chatd/broker/push"
+	"github.com/chatd/chatd/broker/protocol/envelope"
+	"github.com/chatd/chatd/broker/protocol/token"
+	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/broker/token"
-	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/queue/badgerq"
+	"github.com/chatd/chatd/broker/service/groups"
+	"github.com/chatd/chatd/broker/service/media"
+	"github.com/chatd/chatd/broker/service/push"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/hooks"
+	"github.com/chatd/chatd/internal/mochi"
 )
 
 // Options configures a Server.
@@ -54,7 +55,7 @@ type Options struct {
 type Server struct {
 	cfg   config.Config
 	log   *slog.Logger
-	queue store
+	queue queue.Store
 	// cluster is set in cluster mode.
 	cluster  *cluster
 	delivery *delivery.Delivery
@@ -76,7 +77,7 @@ type Server struct {
 	httpLn      net.Listener
 	closed      sync.Once
 	closeErr    error
-	// ended orders connection ends before shutdown (see listen.Guard.Ended).
+	// ended orders connection ends before shutdown (see mochi.Guard.Ended).
 	ended sync.Mutex
 }
 
@@ -115,7 +116,7 @@ func New(opts Options) (*Server, error) {
 	}
 	onCommit := func(n int, took time.Duration) { s.metrics.Committed(n, took) }
 	var (
-		q   store
+		q   queue.Store
 		db  *badger.DB
 		err error
 	)
@@ -126,7 +127,7 @@ func New(opts Options) (*Server, error) {
 		}
 		db = s.cluster.local
 	} else {
-		bq, err := queue.Open(queue.Options{
+		bq, err := badgerq.Open(badgerq.Options{
 			Dir:      filepath.Join(cfg.DataDir, queueDir),
 			Queue:    cfg.Queue,
 			Logger:   log,
@@ -216,7 +217,7 @@ func New(opts Options) (*Server, error) {
 		Capabilities:             caps,
 		ClientNetWriteBufferSize: 1024,
 		ClientNetReadBufferSize:  1024,
-		Logger:                   slog.New(listen.QuietPackets{Handler: log.Handler()}).With("component", "mqtt"),
+		Logger:                   slog.New(mochi.QuietPackets{Handler: log.Handler()}).With("component", "mqtt"),
 	})
 	users := &hooks.Users{
 		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
@@ -268,7 +269,7 @@ func New(opts Options) (*Server, error) {
 // guard wraps l with the CONNECT deadline and panic recovery, and tells
 // the Auth hook when mochi is done with each connection.
 func (s *Server) guard(l listeners.Listener) listeners.Listener {
-	return endedListener{end: s.auth.Ended, Guard: listen.Guard{
+	return endedListener{end: s.auth.Ended, Guard: mochi.Guard{
 		Listener: l,
 		Timeout:  s.cfg.Limits.ConnectTimeout,
 		OnPanic: func(c net.Conn, p any) {
@@ -292,7 +293,7 @@ func (s *Server) guard(l listeners.Listener) listeners.Listener {
 // by OnConnect whose CONNACK could not be written, and a connection whose
 // serving panicked (end runs before the Guard recovers the panic).
 type endedListener struct {
-	listen.Guard
+	mochi.Guard
 	end func(net.Conn)
 }
 

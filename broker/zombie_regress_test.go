@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker/wire"
+	"github.com/chatd/chatd/broker/msgpath/wire"
 	"github.com/chatd/chatd/config"
 )
 

@@ -15,8 +15,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
-	"github.com/chatd/chatd/broker/token"
-	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/protocol/token"
+	"github.com/chatd/chatd/broker/protocol/topic"
 )
 
 // Auth checks client IDs and access tokens at CONNECT, caps keepalive, and

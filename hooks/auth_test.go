@@ -14,7 +14,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
-	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/protocol/token"
 )
 
 var testSecret = []byte("test-secret-0123456789-0123456789")

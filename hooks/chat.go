@@ -11,10 +11,10 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/chatd/chatd/broker/envelope"
-	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/protocol/envelope"
+	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/service/groups"
 )
 
 // publishGroup stores a member's message once per other member, in one

@@ -13,13 +13,13 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/chatd/chatd/broker/delivery"
-	"github.com/chatd/chatd/broker/envelope"
-	"github.com/chatd/chatd/broker/groups"
+	"github.com/chatd/chatd/broker/msgpath/delivery"
+	"github.com/chatd/chatd/broker/msgpath/wire"
 	"github.com/chatd/chatd/broker/presence"
+	"github.com/chatd/chatd/broker/protocol/envelope"
+	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/broker/topic"
-	"github.com/chatd/chatd/broker/wire"
+	"github.com/chatd/chatd/broker/service/groups"
 )
 
 // Error codes of PROTOCOL.md section 5.

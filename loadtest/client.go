@@ -12,7 +12,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/protocol/token"
 )
 
 // client is one simulated phone: a paho client with a persistent session,

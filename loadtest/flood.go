@@ -10,7 +10,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/protocol/token"
 )
 
 // floodWindow is each flooder's unacknowledged publishes: far more than

@@ -11,7 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/queue"
 )
 

@@ -12,8 +12,8 @@ import (
 
 	"github.com/dgraph-io/badger/v4"
 
-	"github.com/chatd/chatd/broker/envelope"
-	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/protocol/envelope"
+	"github.com/chatd/chatd/broker/protocol/topic"
 )
 
 // keyTag prefixes presence records in the shared Badger database.

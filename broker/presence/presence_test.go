@@ -14,7 +14,7 @@ import (
 
 	"github.com/dgraph-io/badger/v4"
 
-	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/protocol/topic"
 )
 
 // published is one presence message as a subscriber decodes it.

@@ -18,7 +18,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"go.uber.org/goleak"
 
-	"github.com/chatd/chatd/broker/token"
+	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/config"
 )
 

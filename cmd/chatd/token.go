@@ -7,8 +7,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/chatd/chatd/broker/token"
-	"github.com/chatd/chatd/broker/topic"
+	"github.com/chatd/chatd/broker/protocol/token"
+	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/config"
 )
 

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker/delivery"
+	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/config"
 )

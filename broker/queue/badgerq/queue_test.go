@@ -1,0 +1,495 @@
+package badgerq
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"github.com/chatd/chatd/broker/queue"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/chatd/chatd/config"
+)
+
+type harness struct {
+	t      *testing.T
+	dir    string
+	s      *Store
+	mu     sync.Mutex
+	stored []string // "user:seq" in OnStored order
+	// badgerLeaks is set by tests that make badger.Open fail, which leaks
+	// Badger's goroutines upstream.
+	badgerLeaks bool
+}
+
+func newHarness(t *testing.T, mutate func(*config.Queue)) *harness {
+	h := &harness{t: t, dir: t.TempDir()}
+	before := goleak.IgnoreCurrent()
+	h.open(mutate)
+	t.Cleanup(func() {
+		h.close()
+		if !h.badgerLeaks {
+			goleak.VerifyNone(t, before)
+		}
+	})
+	return h
+}
+
+func (h *harness) open(mutate func(*config.Queue)) {
+	q := config.Default().Queue
+	q.AckFlushInterval = time.Millisecond
+	if mutate != nil {
+		mutate(&q)
+	}
+	s, err := Open(Options{
+		Dir: h.dir, Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		OnStored: func(user string, m queue.Message) {
+			h.mu.Lock()
+			h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
+			h.mu.Unlock()
+		},
+	})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.s = s
+}
+
+func (h *harness) close() {
+	if h.s != nil {
+		if err := h.s.Close(); err != nil {
+			h.t.Error(err)
+		}
+		h.s = nil
+	}
+}
+
+func (h *harness) reopen(mutate func(*config.Queue)) {
+	h.close()
+	h.open(mutate)
+}
+
+// append stores one message and waits for its outcome.
+func (h *harness) append(to, sender, id, data string) (queue.Status, queue.Message) {
+	h.t.Helper()
+	type res struct {
+		st  queue.Status
+		m   queue.Message
+		err error
+	}
+	ch := make(chan res, 1)
+	h.s.Append(&queue.Request{To: to, Sender: sender, ID: id, Data: []byte(data), Done: func(st queue.Status, m queue.Message, err error) {
+		ch <- res{st, m, err}
+	}})
+	r := <-ch
+	if r.st == queue.Failed {
+		h.t.Fatalf("append: %v", r.err)
+	}
+	return r.st, r.m
+}
+
+func (h *harness) read(user string, after uint64) []string {
+	h.t.Helper()
+	msgs, err := h.s.Read(user, after, 1000)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	out := make([]string, len(msgs))
+	for i, m := range msgs {
+		out[i] = fmt.Sprintf("%d=%s", m.Seq, m.Data)
+	}
+	return out
+}
+
+// flushed waits until the lazy ack flush has deleted everything up to seq.
+func (h *harness) flushed(user string, depth uint64) {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		d, err := h.s.Depth(user)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		if d == depth {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("depth of %s stays %d, want %d", user, d, depth)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func eq(t *testing.T, what string, got, want []string) {
+	t.Helper()
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("%s = %v, want %v", what, got, want)
+	}
+}
+
+func TestAppendAssignsSequencesPerUser(t *testing.T) {
+	h := newHarness(t, nil)
+	for i, c := range []struct{ to, data string }{{"bob", "a"}, {"carol", "b"}, {"bob", "c"}} {
+		st, _ := h.append(c.to, "alice", fmt.Sprint(i), c.data)
+		if st != queue.Stored {
+			t.Fatalf("append %d: %v", i, st)
+		}
+	}
+	eq(t, "bob", h.read("bob", 0), []string{"1=a", "2=c"})
+	eq(t, "carol", h.read("carol", 0), []string{"1=b"})
+	eq(t, "after 1", h.read("bob", 1), []string{"2=c"})
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	eq(t, "stored callbacks", h.stored, []string{"bob:1", "carol:1", "bob:2"})
+}
+
+func TestDedup(t *testing.T) {
+	cases := []struct {
+		name        string
+		sender, id  string
+		want        queue.Status
+		wantStored  int
+		description string
+	}{
+		{"first", "alice", "m1", queue.Stored, 1, ""},
+		{"same sender same id", "alice", "m1", queue.Duplicate, 1, ""},
+		{"other sender same id", "mallory", "m1", queue.Stored, 2, ""},
+		{"no id: server event", "alice", "", queue.Stored, 3, ""},
+		{"no id again", "alice", "", queue.Stored, 4, ""},
+	}
+	h := newHarness(t, nil)
+	for _, c := range cases {
+		st, _ := h.append("bob", c.sender, c.id, c.name)
+		if st != c.want {
+			t.Fatalf("%s: status %v, want %v", c.name, st, c.want)
+		}
+		if n := len(h.read("bob", 0)); n != c.wantStored {
+			t.Fatalf("%s: %d stored, want %d", c.name, n, c.wantStored)
+		}
+	}
+}
+
+func TestDedupInOneBatch(t *testing.T) {
+	h := newHarness(t, nil)
+	var wg sync.WaitGroup
+	statuses := make([]queue.Status, 2)
+	for i := range 2 {
+		wg.Add(1)
+		h.s.Append(&queue.Request{To: "bob", Sender: "alice", ID: "same", Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
+			statuses[i] = st
+			wg.Done()
+		}})
+	}
+	wg.Wait()
+	if statuses[0] != queue.Stored || statuses[1] != queue.Duplicate {
+		t.Fatalf("statuses %v", statuses)
+	}
+}
+
+func TestCap(t *testing.T) {
+	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 3 })
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if st, _ := h.append("bob", "alice", fmt.Sprint(i), "x"); st != queue.Stored {
+			t.Fatalf("append %d: %v", i, st)
+		}
+	}
+	if st, _ := h.append("bob", "alice", "over", "x"); st != queue.Full {
+		t.Fatalf("append over cap: %v, want queue.Full", st)
+	}
+	// An acknowledged message stops counting at once, before its deletion.
+	h.s.Ack("bob", "phone", 1)
+	if st, _ := h.append("bob", "alice", "after-ack", "x"); st != queue.Stored {
+		t.Fatalf("append after ack: %v, want queue.Stored", st)
+	}
+}
+
+func TestDeletedOnlyWhenEveryDeviceAcked(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, d := range []string{"phone", "laptop"} {
+		if c, _, err := h.s.Attach("bob", d, false); err != nil || c != 0 {
+			t.Fatalf("attach %s: cursor %d, %v", d, c, err)
+		}
+	}
+	for i := range 4 {
+		h.append("bob", "alice", fmt.Sprint(i), fmt.Sprint(i))
+	}
+	h.s.Ack("bob", "phone", 4)
+	h.s.Ack("bob", "laptop", 2)
+	h.flushed("bob", 2)
+	eq(t, "left", h.read("bob", 0), []string{"3=2", "4=3"})
+	h.s.Ack("bob", "laptop", 4)
+	h.flushed("bob", 0)
+	eq(t, "left", h.read("bob", 0), []string{})
+}
+
+func TestFirstDeviceGetsBacklogLaterDevicesDoNot(t *testing.T) {
+	h := newHarness(t, nil)
+	h.append("bob", "alice", "1", "queued")
+	if c, _, _ := h.s.Attach("bob", "phone", false); c != 0 {
+		t.Fatalf("first device cursor %d, want 0 (gets everything)", c)
+	}
+	if c, _, _ := h.s.Attach("bob", "laptop", false); c != 1 {
+		t.Fatalf("second device cursor %d, want 1 (from now on)", c)
+	}
+}
+
+func TestTransientDeviceIsForgotten(t *testing.T) {
+	h := newHarness(t, nil)
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.s.Attach("bob", "web", true); err != nil {
+		t.Fatal(err)
+	}
+	h.append("bob", "alice", "1", "x")
+	h.s.Ack("bob", "phone", 1)
+	h.s.Detach("bob", "web")
+	// With the transient device gone, the phone's ack alone deletes it.
+	h.flushed("bob", 0)
+}
+
+func TestRestartKeepsMessagesCursorsAndSequences(t *testing.T) {
+	h := newHarness(t, nil)
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		h.append("bob", "alice", fmt.Sprint(i), fmt.Sprint(i))
+	}
+	h.s.Ack("bob", "phone", 5)
+	h.s.SetSubscribed("bob", "phone", true)
+	h.flushed("bob", 0)
+	h.append("bob", "alice", "5", "5")
+	h.reopen(nil)
+
+	if c, sub, err := h.s.Attach("bob", "phone", false); err != nil || c != 5 || !sub {
+		t.Fatalf("after restart cursor %d, subscribed %v, %v; want 5, true", c, sub, err)
+	}
+	eq(t, "after restart", h.read("bob", 5), []string{"6=5"})
+	// Sequences continue: an emptied queue never reuses an acknowledged one.
+	st, m := h.append("bob", "alice", "6", "6")
+	if st != queue.Stored || m.Seq != 7 {
+		t.Fatalf("append after restart: %v seq %d, want seq 7", st, m.Seq)
+	}
+	// The dedup window survives the restart.
+	if st, _ := h.append("bob", "alice", "0", "again"); st != queue.Duplicate {
+		t.Fatalf("resend after restart: %v, want queue.Duplicate", st)
+	}
+}
+
+func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
+	h := newHarness(t, nil)
+	if _, _, err := h.s.Attach("bob", "old-phone", false); err != nil {
+		t.Fatal(err)
+	}
+	h.s.Detach("bob", "old-phone")
+	h.append("bob", "alice", "1", "x")
+	h.reopen(func(q *config.Queue) { q.DeviceTTL = time.Nanosecond })
+	time.Sleep(1100 * time.Millisecond) // last-seen times have one-second resolution
+	// The forgotten device no longer counts: a new device is the first again.
+	if c, _, _ := h.s.Attach("bob", "new-phone", false); c != 0 {
+		t.Fatalf("new device cursor %d, want 0", c)
+	}
+}
+
+func TestBarrierKeepsOrder(t *testing.T) {
+	h := newHarness(t, nil)
+	var mu sync.Mutex
+	var order []string
+	var wg sync.WaitGroup
+	for i, to := range []string{"bob", "", "bob"} {
+		wg.Add(1)
+		h.s.Append(&queue.Request{To: to, Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
+			mu.Lock()
+			order = append(order, fmt.Sprintf("%d:%v", i, st))
+			mu.Unlock()
+			wg.Done()
+		}})
+	}
+	wg.Wait()
+	eq(t, "order", order, []string{"0:0", "1:4", "2:0"})
+}
+
+func BenchmarkAppendAck(b *testing.B) {
+	for _, mode := range []string{config.SyncNone, config.SyncBatch, config.SyncAlways} {
+		b.Run(mode, func(b *testing.B) {
+			q := config.Default().Queue
+			q.Sync = mode
+			s, err := Open(Options{Dir: b.TempDir(), Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			const users = 200
+			for u := range users {
+				if _, _, err := s.Attach(fmt.Sprint("u", u), "", false); err != nil {
+					b.Fatal(err)
+				}
+			}
+			payload := make([]byte, 200)
+			var wg sync.WaitGroup
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				wg.Add(1)
+				to := fmt.Sprint("u", i%users)
+				s.Append(&queue.Request{To: to, Sender: "sender", ID: fmt.Sprint(i), Data: payload,
+					Done: func(st queue.Status, m queue.Message, err error) {
+						if st == queue.Stored {
+							s.Ack(to, "", m.Seq)
+						}
+						wg.Done()
+					}})
+			}
+			wg.Wait()
+		})
+	}
+}
+
+func TestOpenSurvivesEmptyMemtableLeftByCrash(t *testing.T) {
+	h := newHarness(t, nil)
+	h.badgerLeaks = true
+	h.append("bob", "alice", "1", "kept")
+	h.close()
+	// What a crash between creating a memtable file and writing it leaves.
+	if err := os.WriteFile(filepath.Join(h.dir, "00099.mem"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.open(nil)
+	eq(t, "after reopen", h.read("bob", 0), []string{"1=kept"})
+}
+
+// diskUsage is the space dir's files take on disk (sparse, preallocated
+// Badger files count only for what is written).
+func diskUsage(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.Walk(dir, func(_ string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok && !info.IsDir() {
+			n += st.Blocks * 512
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestDrainingGivesDiskSpaceBack(t *testing.T) {
+	const n = 50000
+	h := newHarness(t, nil)
+	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 1000)
+	var wg sync.WaitGroup
+	for i := range n {
+		if _, err := rand.Read(payload); err != nil { // incompressible, like ciphertext
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		h.s.Append(&queue.Request{To: "bob", Sender: "alice", ID: fmt.Sprint(i), Data: bytes.Clone(payload),
+			Done: func(queue.Status, queue.Message, error) { wg.Done() }})
+	}
+	wg.Wait()
+	full := diskUsage(t, h.dir)
+	h.s.Ack("bob", "phone", n)
+	h.flushed("bob", 0)
+	// Compaction drops deleted messages as the LSM tree is rewritten: in a
+	// running server as traffic goes on, and at the latest on a clean close.
+	h.reopen(nil)
+	after := diskUsage(t, h.dir)
+	t.Logf("%d messages of 1000 bytes: %d bytes on disk queued, %d after draining", n, full, after)
+	if after > full/10 {
+		t.Fatalf("after draining %d bytes remain of %d", after, full)
+	}
+	eq(t, "left", h.read("bob", 0), []string{})
+}
+
+func TestFanoutStoresOneCopyPerRecipientUnderOneDedupKey(t *testing.T) {
+	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 1 })
+	h.append("full", "x", "pre", "fills the queue of full")
+	req := func() (queue.Status, queue.Message) {
+		ch := make(chan queue.Status, 1)
+		var msg queue.Message
+		h.s.Append(&queue.Request{Sender: "alice", ID: "g-1", Meta: []byte("meta"),
+			Fanout: []queue.Fanout{{To: "bob", Data: []byte("to bob")}, {To: "carol", Data: []byte("to carol")}, {To: "full", Data: []byte("to full")}},
+			Done:   func(st queue.Status, m queue.Message, _ error) { msg = m; ch <- st }})
+		return <-ch, msg
+	}
+	if st, _ := req(); st != queue.Stored {
+		t.Fatalf("fan-out: %v", st)
+	}
+	eq(t, "bob", h.read("bob", 0), []string{"1=to bob"})
+	eq(t, "carol", h.read("carol", 0), []string{"1=to carol"})
+	eq(t, "full", h.read("full", 0), []string{"1=fills the queue of full"})
+	if st, _ := req(); st != queue.Duplicate {
+		t.Fatalf("resent fan-out: %v, want queue.Duplicate", st)
+	}
+	msgs, err := h.s.Read("bob", 0, 10)
+	if err != nil || string(msgs[0].Meta) != "meta" {
+		t.Fatalf("meta read back: %q, %v", msgs[0].Meta, err)
+	}
+}
+
+func TestLargeFanoutSpansTransactions(t *testing.T) {
+	h := newHarness(t, nil)
+	data := bytes.Repeat([]byte("x"), 32<<10)
+	var fan []queue.Fanout
+	for i := range 1024 {
+		fan = append(fan, queue.Fanout{To: fmt.Sprint("m", i), Data: data})
+	}
+	ch := make(chan queue.Status, 1)
+	h.s.Append(&queue.Request{Sender: "alice", ID: "big", Fanout: fan, Done: func(st queue.Status, _ queue.Message, err error) {
+		if err != nil {
+			t.Error(err)
+		}
+		ch <- st
+	}})
+	if st := <-ch; st != queue.Stored {
+		t.Fatalf("32 MiB fan-out: %v", st)
+	}
+	for _, u := range []string{"m0", "m511", "m1023"} {
+		if msgs, err := h.s.Read(u, 0, 2); err != nil || len(msgs) != 1 || len(msgs[0].Data) != len(data) {
+			t.Fatalf("%s: %d messages, %v", u, len(msgs), err)
+		}
+	}
+}
+
+func TestUnseenDevicesAreForgottenWhileRunning(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, d := range []string{"phone", "lost-phone"} {
+		if _, _, err := h.s.Attach("bob", d, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.s.Detach("bob", "lost-phone")
+	h.append("bob", "alice", "1", "x")
+	h.s.Ack("bob", "phone", 1)
+	// The lost phone holds the message back until it is forgotten; the
+	// phone, connected all along, is never forgotten however old its
+	// last-seen time.
+	h.s.forgetUnseenDevices(time.Now().Add(h.s.opts.Queue.DeviceTTL + time.Minute))
+	h.flushed("bob", 0)
+	if c, _, _ := h.s.Attach("bob", "lost-phone", false); c != 1 {
+		t.Fatalf("the forgotten phone came back with cursor %d, want 1 (a new device)", c)
+	}
+	if c, _, _ := h.s.Attach("bob", "phone", false); c != 1 {
+		t.Fatalf("the connected phone has cursor %d, want 1", c)
+	}
+}

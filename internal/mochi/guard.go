@@ -1,0 +1,112 @@
+// Package mochi holds every workaround for mochi (github.com/mochi-mqtt/server/v2): it adapts mochi's listeners to what a public server needs.
+package mochi
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// Guard wraps a mochi listener for the public internet. A peer must send
+// its CONNECT within Timeout: mochi sets no deadline before CONNECT, so a
+// silent peer would hold a connection, and its goroutines, for ever (once
+// the CONNECT is read, mochi's keepalive deadline replaces this one). And a
+// panic while serving one connection, such as mochi v2.7.9's decoder on a
+// malformed MQTT 5 SUBSCRIBE (mochi-mqtt/server#501), closes that
+// connection instead of the whole server.
+type Guard struct {
+	listeners.Listener
+	// Timeout is how long a new connection may stay silent.
+	Timeout time.Duration
+	// OnPanic, if set, cleans up after a connection whose serving panicked.
+	OnPanic func(c net.Conn, recovered any)
+	// CloseClients, if set, disconnects the listener's clients at shutdown
+	// in place of mochi's own, which takes its client map's read lock twice
+	// (Clients.GetByListener calls Len) and so deadlocks against any client
+	// removed from the map at the same moment.
+	CloseClients func(listenerID string)
+	// Ended, if set, is locked and unlocked when a connection is closed, and
+	// by the server before it shuts mochi down. mochi counts connections
+	// in a WaitGroup it adds to inside each connection's goroutine and
+	// waits on at shutdown; for a connection that never sent CONNECT
+	// nothing else orders the two, which the race detector reports.
+	Ended *sync.Mutex
+}
+
+// endedConn is a connection whose Close passes through the Ended mutex.
+type endedConn struct {
+	net.Conn
+	ended *sync.Mutex
+}
+
+// Close closes the connection after passing through the mutex.
+func (c endedConn) Close() error {
+	c.ended.Lock()
+	c.ended.Unlock() // empty on purpose: only the ordering matters
+	return c.Conn.Close()
+}
+
+// Close stops the listener and disconnects its clients.
+func (l Guard) Close(closeClients listeners.CloseFn) {
+	if l.CloseClients != nil {
+		closeClients = l.CloseClients
+	}
+	l.Listener.Close(closeClients)
+}
+
+// Serve accepts connections through the guard.
+func (l Guard) Serve(establish listeners.EstablishFn) {
+	l.Listener.Serve(func(id string, c net.Conn) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				c.Close()
+				if l.OnPanic != nil {
+					l.OnPanic(c, p)
+				}
+				err = fmt.Errorf("connection from %s closed after a panic: %v", c.RemoteAddr(), p)
+			}
+		}()
+		if err := c.SetReadDeadline(time.Now().Add(l.Timeout)); err != nil {
+			c.Close()
+			return fmt.Errorf("set connect deadline: %w", err)
+		}
+		if l.Ended != nil {
+			c = endedConn{Conn: c, ended: l.Ended}
+		}
+		return establish(id, c)
+	})
+}
+
+// QuietPackets drops the attributes mochi adds to some of its log lines
+// that hold a whole packet, and with it a password or a message: chatd
+// never logs either.
+type QuietPackets struct {
+	slog.Handler
+}
+
+// Handle drops the packet attribute before passing the record on.
+func (q QuietPackets) Handle(ctx context.Context, r slog.Record) error {
+	out := slog.NewRecord(r.Time, r.Level, r.Message, r.PC)
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key != "pk" && a.Key != "packet" {
+			out.AddAttrs(a)
+		}
+		return true
+	})
+	return q.Handler.Handle(ctx, out)
+}
+
+// WithAttrs keeps the filter on derived handlers.
+func (q QuietPackets) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return QuietPackets{q.Handler.WithAttrs(attrs)}
+}
+
+// WithGroup keeps the filter on derived handlers.
+func (q QuietPackets) WithGroup(name string) slog.Handler {
+	return QuietPackets{q.Handler.WithGroup(name)}
+}
