@@ -318,7 +318,7 @@ func TestBarrierKeepsOrder(t *testing.T) {
 		}})
 	}
 	wg.Wait()
-	eq(t, "order", order, []string{"0:0", "1:4", "2:0"})
+	eq(t, "order", order, []string{"0:stored", "1:passed", "2:stored"})
 }
 
 func BenchmarkAppendAck(b *testing.B) {
