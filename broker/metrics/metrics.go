@@ -1,6 +1,9 @@
-// Package metrics exposes the server's Prometheus metrics. Totals kept by
-// the queue and delivery are read at scrape time, so the message path pays
-// for no metric it does not need an event for.
+// Package metrics exposes the server's Prometheus metrics. New makes the
+// metrics the message path observes by event (it is built first, since
+// the store and delivery report to it); Watch then adds the totals kept
+// by the queue and delivery, read at scrape time, so the message path pays
+// for no metric it does not need an event for. In a cluster every figure
+// is this node's.
 package metrics
 
 import (
@@ -48,10 +51,12 @@ type Metrics struct {
 	commit   prometheus.Histogram
 	batch    prometheus.Histogram
 	acked    prometheus.Histogram
+	// disconnects counts ended connections by reason.
+	disconnects *prometheus.CounterVec
 }
 
-// New registers every metric, reading totals from src.
-func New(src Sources) *Metrics {
+// New registers the metrics observed by event.
+func New() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		connects: prometheus.NewCounter(prometheus.CounterOpts{
@@ -71,11 +76,25 @@ func New(src Sources) *Metrics {
 			Name: "chatd_commit_batch_messages", Help: "Requests in one group commit.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 13),
 		}),
+		disconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "chatd_disconnects_total", Help: "Connections ended, by reason (see docs/message-path.md).",
+		}, []string{"reason"}),
 		acked: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "chatd_delivery_seconds", Help: "From writing a message to a device to its PUBACK.",
 			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 16),
 		}),
 	}
+	m.registry.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.connects, m.refusals, m.delayed, m.commit, m.batch, m.acked, m.disconnects,
+	)
+	return m
+}
+
+// Watch registers the totals read from src at scrape time. It is called
+// once, when src's parts exist.
+func (m *Metrics) Watch(src Sources) {
 	counter := func(name, help string, f func() uint64) prometheus.Collector {
 		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(f()) })
 	}
@@ -83,18 +102,15 @@ func New(src Sources) *Metrics {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
 	}
 	m.registry.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.connects, m.refusals, m.delayed, m.commit, m.batch, m.acked,
-		gauge("chatd_connections", "Connected MQTT clients.", src.Connections),
-		counter("chatd_messages_stored_total", "Messages stored, one per recipient.", func() uint64 { return src.Queue.Stats().Stored }),
+		gauge("chatd_connections", "MQTT clients connected to this node.", src.Connections),
+		counter("chatd_messages_stored_total", "Messages this node stored, one per recipient.", func() uint64 { return src.Queue.Stats().Stored }),
 		counter("chatd_messages_deduplicated_total", "Publishes dropped as duplicates within the dedup window.", func() uint64 { return src.Queue.Stats().Duplicates }),
-		counter("chatd_messages_deleted_total", "Messages deleted once every device acknowledged them.", func() uint64 { return src.Queue.Stats().Deleted }),
+		counter("chatd_messages_deleted_total", "Messages this node deleted once every device acknowledged them (in a cluster, the node that saw the last acknowledgement).", func() uint64 { return src.Queue.Stats().Deleted }),
 		counter("chatd_messages_sent_total", "Messages written to devices, resends included.", func() uint64 { return src.Delivery.Stats().Sent }),
 		counter("chatd_messages_acked_total", "PUBACKs received from devices.", func() uint64 { return src.Delivery.Stats().Acked }),
-		counter("chatd_commits_total", "Group commits.", func() uint64 { return src.Queue.Stats().Commits }),
-		gauge("chatd_queue_messages", "Messages stored and not yet acknowledged by every device, all users.", func() float64 { return float64(src.Queue.Undelivered()) }),
-		gauge("chatd_disk_bytes", "Size of the queue's LSM tree and value log.", func() float64 {
+		counter("chatd_commits_total", "Group commits (batches of publishes written together).", func() uint64 { return src.Queue.Stats().Commits }),
+		gauge("chatd_queue_messages", "Messages stored and not yet acknowledged by every device: stored minus deleted as this node counted them (in a cluster, an estimate of the node's share).", func() float64 { return float64(src.Queue.Undelivered()) }),
+		gauge("chatd_disk_bytes", "Bytes the queue holds on this node's disk (Badger's LSM tree and value log; in a cluster, this node's JetStream storage).", func() float64 {
 			lsm, vlog := src.Queue.DiskSize()
 			return float64(lsm + vlog)
 		}),
@@ -106,7 +122,6 @@ func New(src Sources) *Metrics {
 			return 0
 		}),
 	)
-	return m
 }
 
 // Handler serves the metrics in the Prometheus text format.
@@ -131,3 +146,6 @@ func (m *Metrics) Committed(messages int, took time.Duration) {
 
 // Acked observes the delivery time of one message.
 func (m *Metrics) Acked(took time.Duration) { m.acked.Observe(took.Seconds()) }
+
+// Disconnected counts an ended connection by its reason.
+func (m *Metrics) Disconnected(reason string) { m.disconnects.WithLabelValues(reason).Inc() }

@@ -66,10 +66,17 @@ type state struct {
 	ts     int64
 }
 
-// New returns a Tracker storing in db and publishing with publish.
-func New(db *badger.DB, publish Publisher, log *slog.Logger) *Tracker {
+// New returns a Tracker storing in db and publishing with publish. In a
+// cluster relay carries this node's first and last connections of a user
+// to every node, and the cluster's come back through Remote and NodeGone;
+// nil counts this node's connections alone.
+func New(db *badger.DB, publish Publisher, relay Relay, log *slog.Logger) *Tracker {
 	t := &Tracker{db: db, publish: publish, log: log, now: time.Now, conns: make(map[string]int),
 		unsaved: make(map[string]state), saving: make(map[string]bool)}
+	if relay != nil {
+		t.relay = relay
+		t.where = make(map[string]map[string]struct{})
+	}
 	t.save = t.store
 	return t
 }
@@ -118,14 +125,6 @@ func (t *Tracker) Restore() error {
 		}
 	}
 	return nil
-}
-
-// Clustered makes t count connections of every node: its own first and
-// last connections of a user go to relay, and the cluster's come back
-// through Remote and NodeGone.
-func (t *Tracker) Clustered(relay Relay) {
-	t.relay = relay
-	t.where = make(map[string]map[string]struct{})
 }
 
 // Connected records a new connection of user; the first one makes it online.

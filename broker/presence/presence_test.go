@@ -59,6 +59,13 @@ func (r *recorder) of(user string) []published {
 // time of its own and their order shows.
 func newTracker(t *testing.T) (*Tracker, *recorder, *badger.DB) {
 	t.Helper()
+	return newTrackerRelay(t, nil)
+}
+
+// newTrackerRelay is newTracker in a cluster whose presence goes to relay
+// (nil: a single node).
+func newTrackerRelay(t *testing.T, relay Relay) (*Tracker, *recorder, *badger.DB) {
+	t.Helper()
 	db, err := badger.Open(badger.DefaultOptions(t.TempDir()).WithLogger(nil).WithSyncWrites(true))
 	if err != nil {
 		t.Fatal(err)
@@ -69,7 +76,7 @@ func newTracker(t *testing.T) (*Tracker, *recorder, *badger.DB) {
 		}
 	})
 	rec := &recorder{got: make(map[string][]published)}
-	tr := New(db, rec.publish, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	tr := New(db, rec.publish, relay, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	var clock atomic.Int64
 	clock.Store(time.Now().UnixMilli())
 	tr.now = func() time.Time { return time.UnixMilli(clock.Add(1)) }
@@ -221,8 +228,7 @@ func TestTransitionsOfOneUserStayInOrder(t *testing.T) {
 // cluster's presence goes through: a stalled store of one user's does
 // not hold up another's.
 func TestClusterTransitionsFlushOutsideTheLock(t *testing.T) {
-	tr, rec, _ := newTracker(t)
-	tr.Clustered(func(string, bool) {})
+	tr, rec, _ := newTrackerRelay(t, func(string, bool) {})
 	entered, release := make(chan struct{}), make(chan struct{})
 	save := tr.save
 	tr.save = func(user string, online bool, ts int64) error {

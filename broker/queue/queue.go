@@ -70,6 +70,11 @@ type Request struct {
 	// Done is called once, on the committer goroutine, in the order requests
 	// were made. It must not block.
 	Done func(Status, Message, error)
+	// OnStored, if set, is called after Done for every copy the request
+	// stored (To's and each Fanout's), on the committer goroutine, once
+	// the copy is durable; it must not block. The message path uses it to
+	// wake the recipients' devices.
+	OnStored func(user string, m Message)
 }
 
 // Fanout is one more recipient of a Request.

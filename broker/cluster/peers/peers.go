@@ -61,8 +61,12 @@ const (
 	DefaultDeadAfter = 5 * time.Second
 )
 
-// Handlers are what a node does with its peers' notices. Each is called
-// on the bus's goroutine, one notice at a time, and must not block.
+// Handlers are what a node does with its peers' notices. Each kind of
+// notice has a NATS subscription of its own, dispatched on its own
+// goroutine: one handler sees its notices one at a time, but different
+// handlers run concurrently (Stored beside Presence, say). They must not
+// block. Missed runs on the bus's loop goroutine, and NodeGone there
+// too or, for a peer that restarted, on the heartbeats' goroutine.
 type Handlers struct {
 	// Stored: a peer stored m for user.
 	Stored func(user string, m queue.Message)
@@ -104,6 +108,8 @@ type Bus struct {
 	h    Handlers
 	boot uint64
 	subs []*nats.Subscription
+	// started is set by a successful Start, before which Close has nothing to stop.
+	started bool
 	// stored is the subscription to stored notices, whose drops are losses.
 	stored *nats.Subscription
 
@@ -156,21 +162,38 @@ func (t *tally) settled() bool {
 	return t.final && t.heard >= t.sent
 }
 
-// Start subscribes to the peers' notices, asks them who is online, and
-// starts beating. Close undoes it.
+// Start is New and Bus.Start in one.
 func Start(opts Options, h Handlers) (*Bus, error) {
+	b := New(opts)
+	if err := b.Start(h); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// New returns a bus that sends this node's notices and does not listen
+// yet: the server builds it before the parts that send through it, and
+// starts it, with the handlers of its peers' notices, once those exist.
+func New(opts Options) *Bus {
 	if opts.Heartbeat <= 0 {
 		opts.Heartbeat = DefaultHeartbeat
 	}
 	if opts.DeadAfter <= 0 {
 		opts.DeadAfter = DefaultDeadAfter
 	}
-	b := &Bus{
-		opts: opts, h: h, boot: uint64(time.Now().UnixNano()),
+	return &Bus{
+		opts: opts, boot: uint64(time.Now().UnixNano()),
 		peers: make(map[string]peer), tallies: make(map[string]*tally),
 		reconnects: opts.Conn.Stats().Reconnects,
 		stop:       make(chan struct{}), done: make(chan struct{}),
 	}
+}
+
+// Start subscribes to the peers' notices, handing them to h, and starts
+// beating; it is called once. Close undoes it.
+func (b *Bus) Start(h Handlers) error {
+	b.h = h
+	opts := b.opts
 	subs := []struct {
 		subj string
 		fn   nats.MsgHandler
@@ -185,7 +208,7 @@ func Start(opts Options, h Handlers) (*Bus, error) {
 	for _, s := range subs {
 		sub, err := opts.Conn.Subscribe(opts.Prefix+s.subj, s.fn)
 		if err != nil {
-			return nil, errors.Join(fmt.Errorf("subscribe %s: %w", opts.Prefix+s.subj, err), b.unsubscribe())
+			return errors.Join(fmt.Errorf("subscribe %s: %w", opts.Prefix+s.subj, err), b.unsubscribe())
 		}
 		b.subs = append(b.subs, sub)
 		if s.subj == subjStored {
@@ -193,16 +216,20 @@ func Start(opts Options, h Handlers) (*Bus, error) {
 		}
 	}
 	if err := opts.Conn.Flush(); err != nil {
-		return nil, errors.Join(fmt.Errorf("subscribe to peers: %w", err), b.unsubscribe())
+		return errors.Join(fmt.Errorf("subscribe to peers: %w", err), b.unsubscribe())
 	}
+	b.started = true
 	b.beat(false)
 	go b.loop()
-	return b, nil
+	return nil
 }
 
 // Close stops beating and listening, and tells the peers how many stored
 // notices this node sent, so that they know whether they lost any.
 func (b *Bus) Close() error {
+	if !b.started {
+		return nil
+	}
 	close(b.stop)
 	<-b.done
 	b.beat(true)

@@ -187,8 +187,8 @@ func (s *Store) commit(batch []*queue.Request, results []outcome) []outcome {
 			r.OnFull(o.full)
 		}
 		r.Done(o.status, o.msg, o.err)
-		if o.status == queue.Stored && s.opts.OnStored != nil {
-			o.each(func(st stored) { s.opts.OnStored(st.u.name, st.msg) })
+		if o.status == queue.Stored && r.OnStored != nil {
+			o.each(func(st stored) { r.OnStored(st.u.name, st.msg) })
 		}
 	}
 	return results

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/broker/queue/queuetest"
 	"github.com/chatd/chatd/config"
@@ -20,9 +19,9 @@ func badger(t testing.TB) queuetest.Backend {
 	root := t.TempDir()
 	return queuetest.Backend{
 		Name: "badger",
-		Open: func(t testing.TB, run string, q config.Queue, now func() time.Time, onStored func(string, queue.Message)) queuetest.Store {
+		Open: func(t testing.TB, run string, q config.Queue, now func() time.Time) queuetest.Store {
 			s, err := badgerq.Open(badgerq.Options{
-				Dir: filepath.Join(root, run), Queue: q, Now: now, OnStored: onStored,
+				Dir: filepath.Join(root, run), Queue: q, Now: now,
 				Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 			})
 			if err != nil {

@@ -32,9 +32,6 @@ type Options struct {
 	Queue config.Queue
 	// Logger receives background errors.
 	Logger *slog.Logger
-	// OnStored is called on the committer goroutine for every stored
-	// message after its batch is durable and after its Done; it must not block.
-	OnStored func(user string, m queue.Message)
 	// OnCommit, if set, is told the size and duration of every group commit.
 	OnCommit func(messages int, took time.Duration)
 	// Now is the clock of device_ttl, message_ttl and last-seen times;

@@ -51,11 +51,6 @@ func (h *harness) open(mutate func(*config.Queue)) {
 	}
 	s, err := Open(Options{
 		Dir: h.dir, Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		OnStored: func(user string, m queue.Message) {
-			h.mu.Lock()
-			h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
-			h.mu.Unlock()
-		},
 	})
 	if err != nil {
 		h.t.Fatal(err)
@@ -86,7 +81,7 @@ func (h *harness) append(to, sender, id, data string) (queue.Status, queue.Messa
 		err error
 	}
 	ch := make(chan res, 1)
-	h.s.Append(&queue.Request{To: to, Sender: sender, ID: id, Data: []byte(data), Done: func(st queue.Status, m queue.Message, err error) {
+	h.appendReq(&queue.Request{To: to, Sender: sender, ID: id, Data: []byte(data), Done: func(st queue.Status, m queue.Message, err error) {
 		ch <- res{st, m, err}
 	}})
 	r := <-ch
@@ -183,7 +178,7 @@ func TestDedupInOneBatch(t *testing.T) {
 	statuses := make([]queue.Status, 2)
 	for i := range 2 {
 		wg.Add(1)
-		h.s.Append(&queue.Request{To: "bob", Sender: "alice", ID: "same", Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
+		h.appendReq(&queue.Request{To: "bob", Sender: "alice", ID: "same", Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
 			statuses[i] = st
 			wg.Done()
 		}})
@@ -310,7 +305,7 @@ func TestBarrierKeepsOrder(t *testing.T) {
 	var wg sync.WaitGroup
 	for i, to := range []string{"bob", "", "bob"} {
 		wg.Add(1)
-		h.s.Append(&queue.Request{To: to, Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
+		h.appendReq(&queue.Request{To: to, Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
 			mu.Lock()
 			order = append(order, fmt.Sprintf("%d:%v", i, st))
 			mu.Unlock()
@@ -403,7 +398,7 @@ func TestDrainingGivesDiskSpaceBack(t *testing.T) {
 			t.Fatal(err)
 		}
 		wg.Add(1)
-		h.s.Append(&queue.Request{To: "bob", Sender: "alice", ID: fmt.Sprint(i), Data: bytes.Clone(payload),
+		h.appendReq(&queue.Request{To: "bob", Sender: "alice", ID: fmt.Sprint(i), Data: bytes.Clone(payload),
 			Done: func(queue.Status, queue.Message, error) { wg.Done() }})
 	}
 	wg.Wait()
@@ -427,7 +422,7 @@ func TestFanoutStoresOneCopyPerRecipientUnderOneDedupKey(t *testing.T) {
 	req := func() (queue.Status, queue.Message) {
 		ch := make(chan queue.Status, 1)
 		var msg queue.Message
-		h.s.Append(&queue.Request{Sender: "alice", ID: "g-1", Meta: []byte("meta"),
+		h.appendReq(&queue.Request{Sender: "alice", ID: "g-1", Meta: []byte("meta"),
 			Fanout: []queue.Fanout{{To: "bob", Data: []byte("to bob")}, {To: "carol", Data: []byte("to carol")}, {To: "full", Data: []byte("to full")}},
 			Done:   func(st queue.Status, m queue.Message, _ error) { msg = m; ch <- st }})
 		return <-ch, msg
@@ -455,7 +450,7 @@ func TestLargeFanoutSpansTransactions(t *testing.T) {
 		fan = append(fan, queue.Fanout{To: fmt.Sprint("m", i), Data: data})
 	}
 	ch := make(chan queue.Status, 1)
-	h.s.Append(&queue.Request{Sender: "alice", ID: "big", Fanout: fan, Done: func(st queue.Status, _ queue.Message, err error) {
+	h.appendReq(&queue.Request{Sender: "alice", ID: "big", Fanout: fan, Done: func(st queue.Status, _ queue.Message, err error) {
 		if err != nil {
 			t.Error(err)
 		}
@@ -492,4 +487,22 @@ func TestUnseenDevicesAreForgottenWhileRunning(t *testing.T) {
 	if c, _, _ := h.s.Attach("bob", "phone", false); c != 1 {
 		t.Fatalf("the connected phone has cursor %d, want 1", c)
 	}
+}
+
+// appendReq appends r with OnStored recording each stored copy in h.stored.
+func (h *harness) appendReq(r *queue.Request) {
+	r.OnStored = h.onStored
+	h.s.Append(r)
+}
+
+// tryAppendReq is appendReq by TryAppend.
+func (h *harness) tryAppendReq(r *queue.Request) bool {
+	r.OnStored = h.onStored
+	return h.s.TryAppend(r)
+}
+
+func (h *harness) onStored(user string, m queue.Message) {
+	h.mu.Lock()
+	h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
+	h.mu.Unlock()
 }

@@ -359,13 +359,13 @@ func (s *Store) report(p *pending) {
 	r.Done(status, msg, err)
 	// Even a failed request may have stored some copies: they are
 	// delivered, so their users' feeds must hear of them.
-	if s.opts.OnStored == nil || stored == 0 {
+	if r.OnStored == nil || stored == 0 {
 		return
 	}
 	for i := range p.pubs {
 		c := &p.pubs[i]
 		if c.status == queue.Stored {
-			s.opts.OnStored(c.user, queue.Message{Seq: c.seq, Meta: c.meta, Data: c.data})
+			r.OnStored(c.user, queue.Message{Seq: c.seq, Meta: c.meta, Data: c.data})
 		}
 	}
 }

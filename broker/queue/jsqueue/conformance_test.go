@@ -32,7 +32,7 @@ func jetstreamBackend(t *testing.T) queuetest.Backend {
 	)
 	return queuetest.Backend{
 		Name: "jetstream",
-		Open: func(t testing.TB, run string, q config.Queue, now func() time.Time, onStored func(string, queue.Message)) queuetest.Store {
+		Open: func(t testing.TB, run string, q config.Queue, now func() time.Time) queuetest.Store {
 			mu.Lock()
 			prefix, ok := runs[run]
 			if !ok {
@@ -42,7 +42,6 @@ func jetstreamBackend(t *testing.T) queuetest.Backend {
 			mu.Unlock()
 			s, err := Open(context.Background(), Options{
 				Conn: node.Conn(), Queue: q, Replicas: 1, Shards: 2, Logger: quiet(), Now: now,
-				OnStored: func(user string, m queue.Message) { onStored(strings.TrimPrefix(user, prefix), m) },
 			})
 			if err != nil {
 				t.Fatalf("open jsqueue: %v", err)
@@ -90,6 +89,9 @@ func (r renamed) Append(q *queue.Request) {
 			}
 			q.OnFull(out)
 		}
+	}
+	if q.OnStored != nil {
+		c.OnStored = func(user string, m queue.Message) { q.OnStored(strings.TrimPrefix(user, r.prefix), m) }
 	}
 	r.Store.Append(&c)
 }

@@ -92,10 +92,6 @@ type Options struct {
 	RequestTimeout time.Duration
 	// Logger receives background errors.
 	Logger *slog.Logger
-	// OnStored is called on the completer goroutine for every stored
-	// message after its JetStream acknowledgement and after its request's
-	// Done; it must not block.
-	OnStored func(user string, m queue.Message)
 	// OnCommit, if set, is told the size of every batch of publishes and
 	// how long its acknowledgements took.
 	OnCommit func(messages int, took time.Duration)

@@ -63,11 +63,6 @@ func testQueue(mutate func(*config.Queue)) config.Queue {
 func (h *harness) open(mutate func(*config.Queue)) {
 	s, err := Open(context.Background(), Options{
 		Conn: h.node.Conn(), Queue: testQueue(mutate), Replicas: 1, Shards: 2, Logger: quiet(),
-		OnStored: func(user string, m queue.Message) {
-			h.mu.Lock()
-			h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
-			h.mu.Unlock()
-		},
 	})
 	if err != nil {
 		h.t.Fatal(err)
@@ -243,7 +238,7 @@ func TestDedupInOneBatch(t *testing.T) {
 	statuses := make([]queue.Status, 2)
 	for i := range 2 {
 		wg.Add(1)
-		h.s.Append(&queue.Request{To: "bob", Sender: "alice", ID: "same", Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
+		h.appendReq(&queue.Request{To: "bob", Sender: "alice", ID: "same", Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
 			statuses[i] = st
 			wg.Done()
 		}})
@@ -472,7 +467,7 @@ func TestBarrierKeepsOrder(t *testing.T) {
 	var wg sync.WaitGroup
 	for i, to := range []string{"bob", "", "bob"} {
 		wg.Add(1)
-		h.s.Append(&queue.Request{To: to, Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
+		h.appendReq(&queue.Request{To: to, Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) {
 			mu.Lock()
 			order = append(order, fmt.Sprintf("%d:%v", i, st))
 			mu.Unlock()
@@ -493,7 +488,7 @@ func TestManyInFlightCompleteInOrder(t *testing.T) {
 	for i := range n {
 		wg.Add(1)
 		to := fmt.Sprint("u", i%7)
-		h.s.Append(&queue.Request{To: to, Sender: "s", ID: fmt.Sprint(i), Data: []byte(fmt.Sprint(i)),
+		h.appendReq(&queue.Request{To: to, Sender: "s", ID: fmt.Sprint(i), Data: []byte(fmt.Sprint(i)),
 			Done: func(st queue.Status, m queue.Message, err error) {
 				mu.Lock()
 				defer mu.Unlock()
@@ -569,4 +564,22 @@ func TestOutOfStorageIsNoSpace(t *testing.T) {
 		}
 	}
 	t.Fatal("2 MiB stored in a 1 MiB JetStream")
+}
+
+// appendReq appends r with OnStored recording each stored copy in h.stored.
+func (h *harness) appendReq(r *queue.Request) {
+	r.OnStored = h.onStored
+	h.s.Append(r)
+}
+
+// tryAppendReq is appendReq by TryAppend.
+func (h *harness) tryAppendReq(r *queue.Request) bool {
+	r.OnStored = h.onStored
+	return h.s.TryAppend(r)
+}
+
+func (h *harness) onStored(user string, m queue.Message) {
+	h.mu.Lock()
+	h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
+	h.mu.Unlock()
 }

@@ -20,7 +20,7 @@ type fixture struct {
 
 func newFixture(t *testing.T, b Backend) *fixture {
 	f := &fixture{t: t, b: b, clock: NewClock(time.Now().Truncate(time.Second))}
-	f.s = b.Open(t, "ex-"+t.Name(), testQueue(), f.clock.Now, func(string, queue.Message) {})
+	f.s = b.Open(t, "ex-"+t.Name(), testQueue(), f.clock.Now)
 	t.Cleanup(func() {
 		if err := f.s.Close(); err != nil {
 			t.Errorf("close: %v", err)

@@ -293,7 +293,7 @@ func runEvents(t testing.TB, b Backend, name string, data []byte, settle time.Du
 
 // open opens the store and a delivery on it.
 func (r *runner) open() {
-	r.store = r.b.Open(r.t, r.name, r.q, r.clock.Now, r.onStored)
+	r.store = r.b.Open(r.t, r.name, r.q, r.clock.Now)
 	r.dlv = delivery.New(delivery.Options{Source: r.store, TailMessages: 4, ReadAhead: 2})
 }
 

@@ -51,9 +51,9 @@ type Backend struct {
 	// Name names the backend in test names.
 	Name string
 	// Open opens the store of run (a fresh one the first time, the same
-	// data after Crash) with q, the clock now, and onStored told of every
-	// stored message. The store is closed by the caller.
-	Open func(t testing.TB, run string, q config.Queue, now func() time.Time, onStored func(user string, m queue.Message)) Store
+	// data after Crash) with q and the clock now. The store is closed by
+	// the caller.
+	Open func(t testing.TB, run string, q config.Queue, now func() time.Time) Store
 	// Crash closes s as a crash would: acknowledgements since the last
 	// Flush are lost.
 	Crash func(s Store) error

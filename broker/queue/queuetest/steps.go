@@ -49,6 +49,7 @@ func (r *runner) publish(from string, to []string, group, resend bool) error {
 	r.mu.Lock()
 	r.notices = nil
 	r.mu.Unlock()
+	req.OnStored = r.onStored
 	r.store.Append(req)
 	res := <-done
 	// A barrier: the notifications of req all come before the next Done.
