@@ -18,6 +18,7 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
@@ -83,16 +84,6 @@ func (r *recorder) waitCount(t *testing.T, prefix string, n int) {
 		case <-r.signal:
 		case <-deadline:
 			t.Fatalf("got %d events %q, want %d", r.count(prefix), prefix, n)
-		}
-	}
-}
-
-// waitUntil polls cond until it holds.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("never %s", what)
 		}
 	}
 }
@@ -184,17 +175,12 @@ func TestSilentNodeIsGone(t *testing.T) {
 	a := startBus(t, n, "a", ra, 20*time.Millisecond)
 	defer a.Close()
 	b := startBus(t, n, "b", newRecorder(), 20*time.Millisecond)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+	testutil.Eventually(t, 10*time.Second, func() bool {
 		a.mu.Lock()
+		defer a.mu.Unlock()
 		_, heard := a.peers["b"]
-		a.mu.Unlock()
-		if heard {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a never heard b beat")
-		}
-	}
+		return heard
+	}, "a never heard b beat")
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -243,12 +229,12 @@ func TestMalformedNotices(t *testing.T) {
 	if err := n.Conn().Publish("test"+subjHeartbeat, binary.BigEndian.AppendUint64(frame(nil, "sync"), 1)); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "heard the sync heartbeat", func() bool {
+	testutil.Eventually(t, 10*time.Second, func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		_, ok := b.peers["sync"]
 		return ok
-	})
+	}, "never heard the sync heartbeat")
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if _, ok := b.peers["z"]; ok {
@@ -336,21 +322,21 @@ func TestStoredNumbering(t *testing.T) {
 				// Notices and heartbeats have a goroutine each: wait
 				// for each step to be handled to keep their order.
 				if s.beat {
-					waitUntil(t, "heard the heartbeat", func() bool {
+					testutil.Eventually(t, 10*time.Second, func() bool {
 						b.mu.Lock()
 						defer b.mu.Unlock()
 						return b.peers["z"].boot == s.boot
-					})
+					}, "never heard the heartbeat")
 					// The sync beat's handler starts after z's ended.
 					sync := uint64(i + 1)
 					if err := nn.Conn().Publish("test"+subjHeartbeat, binary.BigEndian.AppendUint64(frame(nil, "sync"), sync)); err != nil {
 						t.Fatal(err)
 					}
-					waitUntil(t, "heard the sync heartbeat", func() bool {
+					testutil.Eventually(t, 10*time.Second, func() bool {
 						b.mu.Lock()
 						defer b.mu.Unlock()
 						return b.peers["sync"].boot == sync
-					})
+					}, "never heard the sync heartbeat")
 				} else {
 					r.waitFor(t, fmt.Sprintf("stored u m step%d %c", i, rune('0'+s.n)))
 				}
@@ -386,11 +372,11 @@ func heartbeats(t *testing.T, b *Bus, node string) {
 		b.mu.Lock()
 		since := b.peers[node].seen
 		b.mu.Unlock()
-		waitUntil(t, "heard "+node+" beat", func() bool {
+		testutil.Eventually(t, 10*time.Second, func() bool {
 			b.mu.Lock()
 			defer b.mu.Unlock()
 			return b.peers[node].seen.After(since)
-		})
+		}, "never heard %s beat", node)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // fakeSource is an in-memory queue: a map of stored sequences.
@@ -268,14 +269,12 @@ func (s *fakeSource) cursor(device string) uint64 {
 // waitCursor waits until device's reported cursor is want.
 func (s *fakeSource) waitCursor(t *testing.T, device string, want uint64) {
 	t.Helper()
-	deadline := time.After(10 * time.Second)
-	for s.cursor(device) != want {
-		select {
-		case <-time.After(time.Millisecond):
-		case <-deadline:
-			t.Fatalf("cursor %d, want %d", s.cursor(device), want)
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if got := s.cursor(device); got != want {
+			return fmt.Errorf("cursor %d, want %d", got, want)
 		}
-	}
+		return nil
+	}, "cursor of %s", device)
 }
 
 func payloads(seqs []uint64) []string {

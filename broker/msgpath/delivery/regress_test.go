@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // usersSource is an in-memory queue of several users, dense sequences.
@@ -165,13 +166,12 @@ func (s *flakySource) Read(user string, after uint64, n int) ([]queue.Message, e
 // waitCalls waits until src has had at least n Reads.
 func (s *flakySource) waitCalls(t *testing.T, n int64) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for s.calls.Load() < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d reads, want %d", s.calls.Load(), n)
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if got := s.calls.Load(); got < n {
+			return fmt.Errorf("%d reads, want %d", got, n)
 		}
-		time.Sleep(time.Millisecond)
-	}
+		return nil
+	}, "waiting for reads")
 }
 
 // TestFailedReadsAreRetried: a device whose reads fail gets everything
@@ -246,17 +246,17 @@ func TestRetriesEndOnStopAndClose(t *testing.T) {
 			go func() {
 				if end == "stop" {
 					d.Stop(dev)
-					for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+					// Not the test's goroutine: Poll, not Eventually.
+					err := testutil.Poll(5*time.Second, func() error {
 						dev.f.mu.Lock()
-						reading := dev.reading
-						dev.f.mu.Unlock()
-						if !reading {
-							break
+						defer dev.f.mu.Unlock()
+						if dev.reading {
+							return errors.New("still reading")
 						}
-						if time.Now().After(deadline) {
-							t.Error("the read still waits to be retried after Stop")
-							break
-						}
+						return nil
+					})
+					if err != nil {
+						t.Errorf("the read still waits to be retried after Stop: %v", err)
 					}
 				}
 				d.Close() // waits for every read goroutine
@@ -391,21 +391,15 @@ func TestReadAheadBytesBounded(t *testing.T) {
 	// Every read it will make while its window is full is made: the first,
 	// and the one ahead of it while the first runs low.
 	var held int64
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	testutil.Eventually(t, 10*time.Second, func() bool {
 		dev.f.mu.Lock()
-		reading := dev.reading
+		defer dev.f.mu.Unlock()
 		held = 0
 		for _, m := range dev.prefetch {
 			held += msgBytes(m)
 		}
-		dev.f.mu.Unlock()
-		if !reading {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the device's read never ended")
-		}
-	}
+		return !dev.reading
+	}, "the device's read never ended")
 	if held > readBytes+size {
 		t.Fatalf("a device that does not acknowledge holds %d bytes read ahead, over %d", held, readBytes+size)
 	}

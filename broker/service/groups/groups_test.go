@@ -16,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestMain checks that closed Stores, databases and NATS nodes leave no
@@ -704,17 +705,7 @@ func storedRev(t *testing.T, s *Store, gid string) uint64 {
 // fails with f's last error then.
 func eventually(t *testing.T, f func() error) {
 	t.Helper()
-	deadline := time.Now().Add(propagation)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %v: %v", propagation, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.EventuallyNoError(t, propagation, f, "change not propagated")
 }
 
 // hasMembers is a poll condition: s's gid has exactly members.

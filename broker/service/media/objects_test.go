@@ -23,6 +23,7 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/cluster/natsnode/natstest"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // The behavioural tests of the Store guarantees run against every
@@ -1100,13 +1101,7 @@ func TestObjectsCluster(t *testing.T) {
 	nodes[0].Shutdown()
 	for j, other := range stores[1:] {
 		// The stream may need a new leader: retry until it answers.
-		var err error
-		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-			if err = readsBack(t, other, kept.ID, data); err == nil {
-				break
-			}
-		}
-		if err != nil {
+		if err := testutil.Poll(30*time.Second, func() error { return readsBack(t, other, kept.ID, data) }); err != nil {
 			t.Errorf("node %d after node 0 stopped: %v", j+1, err)
 		}
 	}

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestMain checks that a closed Notifier leaves no goroutine behind.
@@ -73,12 +75,16 @@ func newNotifier(t *testing.T, o Options) *Notifier {
 	return n
 }
 
-// waitFor polls until cond holds. It asserts nothing about time: a
-// notifier that never gets there is caught by the test binary's timeout.
-func waitFor(cond func() bool) {
-	for !cond() {
-		time.Sleep(time.Millisecond)
-	}
+// waitStats waits until cond holds of n's stats, and fails with the last
+// ones after 10 s.
+func waitStats(t *testing.T, n *Notifier, cond func(Stats) bool) {
+	t.Helper()
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if s := n.Stats(); !cond(s) {
+			return fmt.Errorf("stats %+v", s)
+		}
+		return nil
+	}, "notifier stats")
 }
 
 func pending(n *Notifier) int {
@@ -169,7 +175,7 @@ func TestRetries(t *testing.T) {
 			if !n.Notify(Notification{User: "bob", From: "alice", Kind: "msg", Queued: 1}) {
 				t.Fatal("Notify refused the first notification")
 			}
-			waitFor(func() bool { s := n.Stats(); return s.Sent+s.Failed == 1 })
+			waitStats(t, n, func(s Stats) bool { return s.Sent+s.Failed == 1 })
 			if got := n.Stats(); got != tt.want {
 				t.Errorf("Stats() = %+v, want %+v", got, tt.want)
 			}
@@ -199,7 +205,7 @@ func TestNetworkErrorIsRetried(t *testing.T) {
 	})
 	n := newNotifier(t, Options{URL: srv.URL})
 	n.Notify(Notification{User: "bob", From: "alice", Kind: "msg", Queued: 1})
-	waitFor(func() bool { s := n.Stats(); return s.Sent+s.Failed == 1 })
+	waitStats(t, n, func(s Stats) bool { return s.Sent+s.Failed == 1 })
 	if got, want := n.Stats(), (Stats{Sent: 1, Retried: 1}); got != want {
 		t.Errorf("Stats() = %+v, want %+v", got, want)
 	}
@@ -234,7 +240,7 @@ func TestOnePerIntervalPerUser(t *testing.T) {
 			t.Errorf("step %d: Notify(%s) = %v, want %v", i, s.user, got, s.want)
 		}
 	}
-	waitFor(func() bool { return n.Stats().Sent == 4 })
+	waitStats(t, n, func(s Stats) bool { return s.Sent == 4 })
 	if got, want := n.Stats(), (Stats{Sent: 4, Suppressed: 3}); got != want {
 		t.Errorf("Stats() = %+v, want %+v", got, want)
 	}
@@ -269,7 +275,7 @@ func TestPruneKeepsOnlyLiveUsers(t *testing.T) {
 	if !n.Notify(Notification{User: "old0", Kind: "msg"}) {
 		t.Error("a user past the interval was refused")
 	}
-	waitFor(func() bool { return n.Stats().Sent == 2 })
+	waitStats(t, n, func(s Stats) bool { return s.Sent == 2 })
 }
 
 func TestQueueFullDropsWithoutBlocking(t *testing.T) {
@@ -291,11 +297,11 @@ func TestQueueFullDropsWithoutBlocking(t *testing.T) {
 	}
 
 	open()
-	waitFor(func() bool { return n.Stats().Sent == 2 })
+	waitStats(t, n, func(s Stats) bool { return s.Sent == 2 })
 	if !n.Notify(note("u3")) {
 		t.Error("a dropped notification used up its user's interval")
 	}
-	waitFor(func() bool { return n.Stats().Sent == 3 })
+	waitStats(t, n, func(s Stats) bool { return s.Sent == 3 })
 	if got, want := n.Stats(), (Stats{Sent: 3, Dropped: 1}); got != want {
 		t.Errorf("Stats() = %+v, want %+v", got, want)
 	}
@@ -326,7 +332,7 @@ func TestCloseDuringBackoff(t *testing.T) {
 	})
 	n := newNotifier(t, Options{URL: srv.URL, Backoff: time.Hour, MaxBackoff: time.Hour})
 	n.Notify(Notification{User: "bob", From: "alice", Kind: "msg", Queued: 1})
-	waitFor(func() bool { return n.Stats().Retried >= 1 })
+	waitStats(t, n, func(s Stats) bool { return s.Retried >= 1 })
 	n.Close()
 	if s := n.Stats(); s.Sent != 0 || s.Failed != 0 {
 		t.Errorf("Stats() = %+v, want nothing sent or failed", s)
