@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -29,23 +28,22 @@ var (
 // clusterPrefix starts the subjects of the cluster's notices and streams.
 const clusterPrefix = "chatd"
 
-// errTakenOver ends a connection whose client connected again on another node.
-var errTakenOver = errors.New("session taken over on another node")
-
 // cluster is what cluster mode adds to a node.
 type cluster struct {
 	node *natsnode.Node
 	// local is a Badger database of the node's own: its record of the
 	// presence it published (last-seen times), which is not shared.
 	local *badger.DB
-	bus   atomic.Pointer[peers.Bus]
-	name  string
+	// bus sends this node's notices from the start, and listens to its
+	// peers' once join starts it.
+	bus  *peers.Bus
+	name string
 }
 
-// startCluster starts or joins NATS and opens the JetStream queue.
-// onStored is called for every message this node stores; join later
-// connects the node to its peers.
-func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, queue.Message), onCommit func(int, time.Duration)) (*cluster, queue.Store, error) {
+// startCluster starts or joins NATS, makes the bus to the peers (which
+// sends now and listens once join starts it), and opens the JetStream
+// queue; onCommit observes each batch of publishes.
+func startCluster(cfg config.Config, log *slog.Logger, onCommit func(int, time.Duration)) (*cluster, queue.Store, error) {
 	c := &cluster{name: cfg.Cluster.Node}
 	ncfg := natsnode.Config{
 		URL:         cfg.Cluster.URL,
@@ -82,6 +80,7 @@ func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, que
 		return nil, nil, fmt.Errorf("open local store: %w", err)
 	}
 	c.local = local
+	c.bus = peers.New(peers.Options{Conn: node.Conn(), Node: c.name, Prefix: clusterPrefix, Logger: log.With("component", "peers")})
 	q, err := jsqueue.Open(context.Background(), jsqueue.Options{
 		Conn:     node.Conn(),
 		Queue:    cfg.Queue,
@@ -89,12 +88,6 @@ func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, que
 		Replicas: cfg.Cluster.Replicas,
 		Prefix:   clusterPrefix,
 		Logger:   log.With("component", "jsqueue"),
-		OnStored: func(user string, m queue.Message) {
-			onStored(user, m)
-			if b := c.bus.Load(); b != nil {
-				b.Stored(user, m)
-			}
-		},
 		OnCommit: onCommit,
 	})
 	if err != nil {
@@ -103,18 +96,16 @@ func startCluster(cfg config.Config, log *slog.Logger, onStored func(string, que
 	return c, q, nil
 }
 
-// join connects the node to its peers' notices and learns who is online
+// join starts listening to the peers' notices and learns who is online
 // on them, before the node takes connections.
-func (c *cluster) join(log *slog.Logger, h peers.Handlers) (*peers.Bus, error) {
-	bus, err := peers.Start(peers.Options{Conn: c.node.Conn(), Node: c.name, Prefix: clusterPrefix, Logger: log.With("component", "peers")}, h)
-	if err != nil {
-		return nil, fmt.Errorf("join cluster: %w", err)
+func (c *cluster) join(log *slog.Logger, h peers.Handlers) error {
+	if err := c.bus.Start(h); err != nil {
+		return fmt.Errorf("join cluster: %w", err)
 	}
-	c.bus.Store(bus)
-	if err := bus.SyncPresence(presenceSyncWait); err != nil {
+	if err := c.bus.SyncPresence(presenceSyncWait); err != nil {
 		log.Warn("presence of the other nodes not known yet", "error", err)
 	}
-	return bus, nil
+	return nil
 }
 
 // presenceSyncWait is how long a starting node collects its peers' online users.
@@ -123,8 +114,8 @@ const presenceSyncWait = time.Second
 // close stops what startCluster and join started, after the queue is closed.
 func (c *cluster) close() error {
 	var err error
-	if b := c.bus.Load(); b != nil {
-		err = b.Close()
+	if c.bus != nil {
+		err = c.bus.Close()
 	}
 	if c.local != nil {
 		err = errors.Join(err, c.local.Close())

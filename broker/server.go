@@ -26,9 +26,8 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/peers"
 	"github.com/chatd/chatd/broker/metrics"
-	"github.com/chatd/chatd/broker/msgpath/delivery"
+	"github.com/chatd/chatd/broker/msgpath"
 	"github.com/chatd/chatd/broker/presence"
-	"github.com/chatd/chatd/broker/protocol/envelope"
 	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
@@ -58,7 +57,7 @@ type Server struct {
 	queue queue.Store
 	// cluster is set in cluster mode.
 	cluster  *cluster
-	delivery *delivery.Delivery
+	path     *msgpath.Path
 	mqtt     *mqtt.Server
 	presence *presence.Tracker
 	groups   *groups.Store
@@ -87,7 +86,11 @@ const queueDir = "queue"
 // mediaJanitorEvery is how often expired media is deleted.
 const mediaJanitorEvery = 10 * time.Minute
 
-// New opens the data dir and the queue; it does not listen yet.
+// New builds a node in dependency order, each part from the parts built
+// before it: the metrics, the store (and in a cluster NATS and the bus
+// that sends to peers), groups, push, mochi, presence, the message path,
+// the hooks, media; then it binds the MQTT listeners, so that a port in
+// use fails here. Start restores presence, joins the cluster and serves.
 func New(opts Options) (*Server, error) {
 	cfg := opts.Config
 	if err := cfg.Validate(); err != nil {
@@ -103,25 +106,13 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
-	s := &Server{cfg: cfg, log: log, verifier: token.NewVerifier(opts.Secret)}
-	onStored := func(user string, m queue.Message) {
-		online := s.delivery.Stored(user, m)
-		if !online && s.cluster != nil {
-			// The user may be online on another node, which feeds it.
-			online = s.presence.Online(user)
-		}
-		if !online && len(m.Meta) > 0 {
-			s.notifyPush(user, m.Meta)
-		}
-	}
-	onCommit := func(n int, took time.Duration) { s.metrics.Committed(n, took) }
+	s := &Server{cfg: cfg, log: log, verifier: token.NewVerifier(opts.Secret), metrics: metrics.New()}
 	var (
-		q   queue.Store
 		db  *badger.DB
 		err error
 	)
 	if cfg.Cluster.Enabled {
-		s.cluster, q, err = startCluster(cfg, log, onStored, onCommit)
+		s.cluster, s.queue, err = startCluster(cfg, log, s.metrics.Committed)
 		if err != nil {
 			return nil, err
 		}
@@ -131,44 +122,40 @@ func New(opts Options) (*Server, error) {
 			Dir:      filepath.Join(cfg.DataDir, queueDir),
 			Queue:    cfg.Queue,
 			Logger:   log,
-			OnStored: onStored,
-			OnCommit: onCommit,
+			OnCommit: s.metrics.Committed,
 		})
 		if err != nil {
 			return nil, err
 		}
-		q, db = bq, bq.DB()
+		s.queue, db = bq, bq.DB()
 	}
-	s.queue = q
-	var inbox *hooks.Inbox
-	dopts := delivery.Options{
-		Source:       q,
-		Logger:       log,
-		TailMessages: max(1024, 4*cfg.Limits.MaxInflight),
-		ReadAhead:    1024,
-		OnAcked:      func(took time.Duration) { s.metrics.Acked(took) },
+	if err := s.build(cfg, db); err != nil {
+		if s.push != nil {
+			s.push.Close()
+		}
+		if s.path != nil {
+			s.path.Close()
+		}
+		return nil, errors.Join(err, s.closeStore())
 	}
-	if cfg.Receipts.Delivered {
-		dopts.OnDelivered = func(user string, metas [][]byte) { inbox.Delivered(user, metas) }
-	}
-	s.delivery = delivery.New(dopts)
+	return s, nil
+}
+
+// build makes the parts of New above the store.
+func (s *Server) build(cfg config.Config, db *badger.DB) error {
+	var err error
+	log := s.log
 	groupOpts := []groups.Option{groups.MaxPerUser(cfg.Groups.MaxPerUser), groups.CacheMembers(cfg.Groups.CacheMembers)}
 	if s.cluster != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		s.groups, err = groups.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_groups", cfg.Cluster.Replicas, cfg.Groups.MaxMembers, groupOpts...)
 		cancel()
 		if err != nil {
-			return nil, errors.Join(fmt.Errorf("cluster groups: %w", err), s.closeStore())
+			return fmt.Errorf("cluster groups: %w", err)
 		}
 	} else {
 		s.groups = groups.New(db, cfg.Groups.MaxMembers, groupOpts...)
 	}
-	s.metrics = metrics.New(metrics.Sources{
-		// mochi updates its counters atomically; so must they be read.
-		Connections: func() float64 { return float64(atomic.LoadInt64(&s.mqtt.Info.ClientsConnected)) },
-		Queue:       q,
-		Delivery:    s.delivery,
-	})
 	s.push, err = push.New(push.Options{
 		URL:         cfg.Push.Webhook,
 		Interval:    cfg.Push.Interval,
@@ -177,12 +164,62 @@ func New(opts Options) (*Server, error) {
 		Logger:      log.With("component", "push"),
 	})
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("push.webhook: %w", err), s.closeStore())
+		return fmt.Errorf("push.webhook: %w", err)
 	}
+	s.mqtt = newMQTT(cfg, log)
+	var relay presence.Relay
+	var peers msgpath.Peers
+	if s.cluster != nil {
+		relay, peers = s.cluster.bus.Presence, s.cluster.bus
+	}
+	s.presence = presence.New(db, s.mqtt.Publish, relay, log)
+	s.path, err = msgpath.New(msgpath.Options{
+		Store:           s.queue,
+		Groups:          s.groups,
+		Presence:        s.presence,
+		Push:            s.push,
+		Peers:           peers,
+		Observe:         s.metrics,
+		Receipts:        cfg.Receipts.Delivered,
+		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
+		MaxInflight:     cfg.Limits.MaxInflight,
+		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
+		Log:             log,
+	})
+	if err != nil {
+		return err
+	}
+	users := &hooks.Users{
+		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
+		PublishRate:      cfg.Limits.PublishRate,
+		PublishBytesRate: cfg.Limits.PublishBytesRate,
+		MaxDelay:         cfg.Limits.PublishMaxDelay,
+	}
+	s.auth = &hooks.Auth{
+		Server:           s.mqtt,
+		Verifier:         s.verifier,
+		MaxKeepalive:     uint16(min(cfg.Limits.MaxKeepalive, 65535)),
+		MaxSubscriptions: cfg.Limits.MaxSubscriptions,
+		Connects:         rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
+		Users:            users,
+		MayAttach:        s.queue.MayAttach,
+		Log:              log,
+	}
+	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: users, Observe: s.metrics, Log: log}
+	for _, h := range []mqtt.Hook{s.auth, s.inbox} {
+		if err := s.mqtt.AddHook(h, nil); err != nil {
+			return fmt.Errorf("add hook %s: %w", h.ID(), err)
+		}
+	}
+	s.metrics.Watch(metrics.Sources{
+		// mochi updates its counters atomically; so must they be read.
+		Connections: func() float64 { return float64(atomic.LoadInt64(&s.mqtt.Info.ClientsConnected)) },
+		Queue:       s.queue,
+		Delivery:    s.path,
+	})
 	mediaStore, err := s.openMedia(cfg)
 	if err != nil {
-		s.push.Close()
-		return nil, errors.Join(fmt.Errorf("media: %w", err), s.closeStore())
+		return fmt.Errorf("media: %w", err)
 	}
 	s.media = &media.Handler{
 		Store:        mediaStore,
@@ -193,14 +230,18 @@ func New(opts Options) (*Server, error) {
 	}
 	if cfg.Media.Dir == "" && s.cluster == nil {
 		// Uploads share the queue's file system and its reserve.
-		s.media.DiskLow = q.LowDisk
+		s.media.DiskLow = s.queue.LowDisk
 	}
+	return s.addListeners()
+}
 
+// newMQTT makes the mochi server with chatd's capabilities.
+func newMQTT(cfg config.Config, log *slog.Logger) *mqtt.Server {
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumQos = 1
 	caps.MaximumPacketSize = uint32(cfg.Limits.MaxMessageBytes + 8192)
 	// mochi's own outbound queue only carries its rare control packets;
-	// deliveries and PUBACKs go through broker/wire.
+	// deliveries and PUBACKs go through broker/msgpath/wire.
 	caps.MaximumClientWritesPending = 64
 	if cfg.Limits.MaxConnections > 0 {
 		caps.MaximumClients = int64(cfg.Limits.MaxConnections)
@@ -211,7 +252,7 @@ func New(opts Options) (*Server, error) {
 	caps.ReceiveMaximum = 1024
 	caps.MaximumInflight = 1024
 	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
-	s.mqtt = mqtt.New(&mqtt.Options{
+	return mqtt.New(&mqtt.Options{
 		// The inline client publishes presence, retained, as the server.
 		InlineClient:             true,
 		Capabilities:             caps,
@@ -219,57 +260,12 @@ func New(opts Options) (*Server, error) {
 		ClientNetReadBufferSize:  1024,
 		Logger:                   slog.New(mochi.QuietPackets{Handler: log.Handler()}).With("component", "mqtt"),
 	})
-	users := &hooks.Users{
-		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
-		PublishRate:      cfg.Limits.PublishRate,
-		PublishBytesRate: cfg.Limits.PublishBytesRate,
-		MaxDelay:         cfg.Limits.PublishMaxDelay,
-	}
-	auth := &hooks.Auth{
-		Server:           s.mqtt,
-		Verifier:         s.verifier,
-		MaxKeepalive:     uint16(min(cfg.Limits.MaxKeepalive, 65535)),
-		MaxSubscriptions: cfg.Limits.MaxSubscriptions,
-		Connects:         rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
-		Users:            users,
-		MayAttach:        q.MayAttach,
-		Log:              log,
-	}
-	s.presence = presence.New(db, s.mqtt.Publish, log)
-	s.inbox = &hooks.Inbox{
-		Server:          s.mqtt,
-		Queue:           q,
-		Delivery:        s.delivery,
-		Presence:        s.presence,
-		Groups:          s.groups,
-		Observe:         s.metrics,
-		Users:           users,
-		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
-		MaxInflight:     cfg.Limits.MaxInflight,
-		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
-		Log:             log,
-	}
-	inbox = s.inbox
-	s.auth = auth
-	auth.Connected = inbox.Connected
-	inbox.TokenExpiry = auth.TokenExpiry
-	for _, h := range []mqtt.Hook{auth, inbox} {
-		if err := s.mqtt.AddHook(h, nil); err != nil {
-			s.push.Close()
-			return nil, errors.Join(fmt.Errorf("add hook %s: %w", h.ID(), err), s.closeStore())
-		}
-	}
-	if err := s.addListeners(); err != nil {
-		s.push.Close()
-		return nil, errors.Join(err, s.closeStore())
-	}
-	return s, nil
 }
 
 // guard wraps l with the CONNECT deadline and panic recovery, and tells
 // the Auth hook when mochi is done with each connection.
 func (s *Server) guard(l listeners.Listener) listeners.Listener {
-	return endedListener{end: s.auth.Ended, Guard: mochi.Guard{
+	return mochi.Guard{
 		Listener: l,
 		Timeout:  s.cfg.Limits.ConnectTimeout,
 		OnPanic: func(c net.Conn, p any) {
@@ -277,6 +273,7 @@ func (s *Server) guard(l listeners.Listener) listeners.Listener {
 			s.inbox.Abandon(c)
 		},
 		Ended: &s.ended,
+		OnEnd: s.auth.Ended,
 		CloseClients: func(id string) {
 			for _, cl := range s.mqtt.Clients.GetAll() {
 				if cl.Net.Listener == id && !cl.Closed() {
@@ -285,24 +282,7 @@ func (s *Server) guard(l listeners.Listener) listeners.Listener {
 				}
 			}
 		},
-	}}
-}
-
-// endedListener calls end with each connection once mochi is done with it,
-// however that came about. mochi's hooks miss two ends: a client admitted
-// by OnConnect whose CONNACK could not be written, and a connection whose
-// serving panicked (end runs before the Guard recovers the panic).
-type endedListener struct {
-	mochi.Guard
-	end func(net.Conn)
-}
-
-// Serve accepts connections through the guard and reports each one's end.
-func (l endedListener) Serve(establish listeners.EstablishFn) {
-	l.Guard.Serve(func(id string, c net.Conn) error {
-		defer l.end(c)
-		return establish(id, c)
-	})
+	}
 }
 
 // addListeners opens the MQTT listeners: TCP always, TLS and WebSocket
@@ -439,7 +419,9 @@ func (s *Server) close(ctx context.Context) error {
 		<-s.janitorDone
 	}
 	s.push.Close()
-	s.delivery.Close()
+	// Delivery stops, and the receipts it handed over are queued, before
+	// the store finishes what it accepted and closes.
+	s.path.Close()
 	if err := s.closeStore(); err != nil {
 		errs = append(errs, err)
 	}
@@ -480,27 +462,6 @@ func (s *Server) bearer(r *http.Request) (string, error) {
 	return user, nil
 }
 
-// notifyPush tells the push webhook that user, who has no device online,
-// has a message waiting.
-func (s *Server) notifyPush(user string, meta []byte) {
-	// This runs on the store's goroutine, which must not wait, and asking
-	// the queue's depth is a JetStream request in a cluster: skip it all
-	// when no webhook is set.
-	if !s.push.Enabled() {
-		return
-	}
-	from, group, _, ok := envelope.ParseMeta(meta)
-	if !ok {
-		return
-	}
-	queued, err := s.queue.Depth(user)
-	if err != nil {
-		s.log.Error("queue depth for push", "user", user, "error", err)
-		return
-	}
-	s.push.Notify(push.Notification{User: user, From: from, Kind: "msg", Group: group, Queued: queued})
-}
-
 // closeStore closes the groups and the queue and, in cluster mode, NATS after them.
 func (s *Server) closeStore() error {
 	var err error
@@ -514,37 +475,28 @@ func (s *Server) closeStore() error {
 	return err
 }
 
-// joinCluster connects the node to its peers: messages they store and
-// typing signals feed devices here, presence counts every node's
+// joinCluster starts listening to the node's peers: messages they store
+// and typing signals feed devices here, presence counts every node's
 // connections, and a client connecting elsewhere ends its session here.
 func (s *Server) joinCluster() error {
-	s.presence.Clustered(func(user string, online bool) {
-		if b := s.cluster.bus.Load(); b != nil {
-			b.Presence(user, online)
-		}
-	})
-	bus, err := s.cluster.join(s.log, peers.Handlers{
-		Stored: func(user string, m queue.Message) { s.delivery.Stored(user, m) },
-		Typing: func(user, topic string, payload []byte) {
-			s.delivery.Ephemeral(user, topic, payload)
-		},
-		Presence: s.presence.Remote,
-		NodeGone: s.presence.NodeGone,
-		SessionStarted: func(clientID string) {
-			if cl, ok := s.mqtt.Clients.Get(clientID); ok && !cl.Closed() {
-				cl.Stop(errTakenOver)
-			}
-		},
-		OnlineUsers: s.presence.Local,
+	return s.cluster.join(s.log, peers.Handlers{
+		Stored:         s.path.PeerStored,
+		Typing:         s.path.PeerTyping,
+		Presence:       s.presence.Remote,
+		NodeGone:       s.presence.NodeGone,
+		SessionStarted: s.takeOver,
+		OnlineUsers:    s.presence.Local,
 		// Stored notices of peers were lost: reread the queues of the
 		// users with a device here, whom no later notice may wake.
-		Missed: func() { s.delivery.Resync() },
+		Missed: s.path.Resync,
 	})
-	if err != nil {
-		return err
+}
+
+// takeOver ends the session of clientID here: it connected on another node.
+func (s *Server) takeOver(clientID string) {
+	if cl, ok := s.mqtt.Clients.Get(clientID); ok && !cl.Closed() {
+		cl.Stop(hooks.ErrTakenOver)
 	}
-	s.inbox.Peers = bus
-	return nil
 }
 
 // openMedia opens the media store: files in media.dir on one node, a

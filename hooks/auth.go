@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -35,9 +36,6 @@ type Auth struct {
 	Connects *rate.Limiter
 	// Users counts each user's connections.
 	Users *Users
-	// Connected reports whether a client ID has a live connection, so a
-	// session takeover is not counted against the user's cap.
-	Connected func(clientID string) bool
 	// MayAttach reports whether a device may connect under the user's cap on devices.
 	MayAttach func(user, device string) (bool, error)
 
@@ -48,7 +46,10 @@ type Auth struct {
 	// through, what its end must undo. It is keyed by the connection, not
 	// the client, so that Ended finds it: every net.Conn mochi's listeners
 	// make is a pointer, hence a valid key.
-	admitted sync.Map // net.Conn -> admission
+	admitted sync.Map // net.Conn -> *admission
+	// live holds the newest established connection of each client ID, so
+	// that a session takeover is not counted against the user's cap.
+	live sync.Map // client ID -> *mqtt.Client
 }
 
 // admission is what OnConnect holds for a client it let through.
@@ -57,6 +58,10 @@ type admission struct {
 	user string
 	// expiry is when the client's token expires.
 	expiry time.Time
+	// timer ends the session at expiry, once it is established.
+	timer atomic.Pointer[time.Timer]
+	// client is the established session, whose live entry goes with it.
+	client atomic.Pointer[mqtt.Client]
 }
 
 // ID names the hook.
@@ -64,7 +69,7 @@ func (h *Auth) ID() string { return "chatd-auth" }
 
 // Provides reports the events Auth handles.
 func (h *Auth) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablished, mqtt.OnACLCheck, mqtt.OnDisconnect}, []byte{b})
 }
 
 // OnConnect checks the username and client ID before authentication, so a
@@ -107,7 +112,8 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if cl.Properties.ProtocolVersion < 5 {
 		quota = packets.ErrServerUnavailable
 	}
-	n, ok := h.Users.reserve(user, h.Connected(cl.ID))
+	_, takeover := h.live.Load(cl.ID)
+	n, ok := h.Users.reserve(user, takeover)
 	if !ok {
 		return h.refuse(cl, quota, fmt.Errorf("user %s has %d connections, the limit", user, n))
 	}
@@ -131,7 +137,7 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		cl.State.Keepalive = h.MaxKeepalive
 		cl.State.ServerKeepalive = true
 	}
-	h.admitted.Store(cl.Net.Conn, admission{user: user, expiry: exp})
+	h.admitted.Store(cl.Net.Conn, &admission{user: user, expiry: exp})
 	admitted = true
 	return nil
 }
@@ -150,12 +156,28 @@ func (h *Auth) TokenExpiry(cl *mqtt.Client) (time.Time, bool) {
 	if !ok {
 		return time.Time{}, false
 	}
-	return v.(admission).expiry, true
+	return v.(*admission).expiry, true
+}
+
+// OnSessionEstablished records cl as the live connection of its client ID
+// and disconnects it when its token expires, to reconnect with a fresh one.
+func (h *Auth) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	h.live.Store(cl.ID, cl)
+	if v, ok := h.admitted.Load(cl.Net.Conn); ok {
+		a := v.(*admission)
+		a.client.Store(cl)
+		a.timer.Store(time.AfterFunc(time.Until(a.expiry), func() { cl.Stop(ErrTokenExpired) }))
+		if _, still := h.admitted.Load(cl.Net.Conn); !still {
+			// forget ran meanwhile and found no timer to stop.
+			a.timer.Load().Stop()
+		}
+	}
 }
 
 // OnDisconnect frees the client's connection seat and forgets its token
 // expiry.
 func (h *Auth) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	h.live.CompareAndDelete(cl.ID, cl)
 	h.forget(cl.Net.Conn)
 }
 
@@ -171,7 +193,14 @@ func (h *Auth) Ended(conn net.Conn) {
 // forget undoes OnConnect's admission of the client of conn, once.
 func (h *Auth) forget(conn net.Conn) {
 	if v, ok := h.admitted.LoadAndDelete(conn); ok {
-		h.Users.release(v.(admission).user)
+		a := v.(*admission)
+		if t := a.timer.Load(); t != nil {
+			t.Stop()
+		}
+		if c := a.client.Load(); c != nil {
+			h.live.CompareAndDelete(c.ID, c)
+		}
+		h.Users.release(a.user)
 	}
 }
 
@@ -206,4 +235,10 @@ func (h *Auth) OnACLCheck(cl *mqtt.Client, filter string, write bool) bool {
 		return false
 	}
 	return true
+}
+
+// Connected reports whether clientID has an established connection here.
+func (h *Auth) Connected(clientID string) bool {
+	_, ok := h.live.Load(clientID)
+	return ok
 }

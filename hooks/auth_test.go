@@ -39,7 +39,6 @@ func newAuthTest(t *testing.T, mutate func(*Auth)) *authTest {
 		MaxKeepalive:     60,
 		Connects:         rate.NewLimiter(rate.Inf, 1),
 		Users:            &Users{MaxConnections: 16, PublishRate: 10, PublishBytesRate: 1 << 20},
-		Connected:        func(string) bool { return false },
 		MayAttach:        func(string, string) (bool, error) { return true, nil },
 		Log:              log,
 	}
@@ -182,7 +181,8 @@ func TestConnectCapIsAtomic(t *testing.T) {
 	if accepted != limit {
 		t.Fatalf("%d of %d parallel connects accepted, want %d", accepted, tries, limit)
 	}
-	at.auth.Connected = func(id string) bool { return id == "bob/d0" }
+	// bob/d0 has a live session, which a new connection takes over.
+	at.auth.live.Store("bob/d0", &mqtt.Client{})
 	if _, _, err := at.connect("bob/d0"); err != nil {
 		t.Fatalf("takeover past the cap refused: %v", err)
 	}

@@ -153,17 +153,14 @@ func (st *userState) refilled(now time.Time) bool {
 	return st.msgs.TokensAt(now) >= float64(st.msgs.Burst()) && st.bytes.TokensAt(now) >= float64(st.bytes.Burst())
 }
 
-// spend takes one publish of n bytes from the user's budgets; see spendN.
-func (st *userState) spend(n int) (ok, waited bool) { return st.spendN(1, n) }
-
-// spendN takes msgs publishes of n bytes in all from the user's budgets.
+// Spend takes msgs publishes of n bytes in all from the user's budgets.
 // Over budget, it waits up to maxDelay for them to refill: the caller is
 // the client's reader, so a client sending too fast is read no faster than
 // its rate and its TCP window closes, which slows that client alone
 // instead of answering each excess publish. False means the wait would be
 // longer (or the request is larger than a whole burst): the publish is
 // refused. waited reports a publish that had to wait.
-func (st *userState) spendN(msgs, n int) (ok, waited bool) {
+func (st *userState) Spend(msgs, n int) (ok, waited bool) {
 	now := time.Now()
 	rm := st.msgs.ReserveN(now, msgs)
 	rb := st.bytes.ReserveN(now, n)

@@ -47,7 +47,7 @@ func TestSpentBudgetOutlivesLeave(t *testing.T) {
 		t.Fatal("reserve refused")
 	}
 	st := u.join("bob")
-	if ok, _ := st.spend(1); !ok {
+	if ok, _ := st.Spend(1, 1); !ok {
 		t.Fatal("first publish refused")
 	}
 	u.release("bob")
@@ -62,7 +62,7 @@ func TestSpentBudgetOutlivesLeave(t *testing.T) {
 	if again != st {
 		t.Fatal("a user who left with its budget spent came back with a fresh one")
 	}
-	if ok, _ := again.spend(1); ok {
+	if ok, _ := again.Spend(1, 1); ok {
 		t.Fatal("publish past the burst accepted after leaving and joining again")
 	}
 	u.leave("bob")
@@ -73,7 +73,7 @@ func TestSpentBudgetOutlivesLeave(t *testing.T) {
 	// A budget that refills in a millisecond is gone once refilled.
 	fast := &Users{MaxConnections: 4, PublishRate: 1000, PublishBytesRate: 1 << 20}
 	st = fast.join("bob")
-	if ok, _ := st.spend(1); !ok {
+	if ok, _ := st.Spend(1, 1); !ok {
 		t.Fatal("first publish refused")
 	}
 	time.Sleep(10 * time.Millisecond)

@@ -32,6 +32,12 @@ type Queue interface {
 	LowDisk() bool
 }
 
+// Delivery is what the metrics read of delivery.
+type Delivery interface {
+	// Stats returns delivery's running totals.
+	Stats() delivery.Stats
+}
+
 // Sources are the parts of the server the metrics read.
 type Sources struct {
 	// Connections returns the number of connected clients.
@@ -39,7 +45,7 @@ type Sources struct {
 	// Queue is the durable store.
 	Queue Queue
 	// Delivery feeds devices.
-	Delivery *delivery.Delivery
+	Delivery Delivery
 }
 
 // Metrics is the server's registry and the metrics it observes by event.

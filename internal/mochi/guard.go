@@ -36,6 +36,12 @@ type Guard struct {
 	// waits on at shutdown; for a connection that never sent CONNECT
 	// nothing else orders the two, which the race detector reports.
 	Ended *sync.Mutex
+	// OnEnd, if set, is called with each connection once mochi is done
+	// with it, however that came about. mochi v2.7.9's hooks miss two
+	// ends: a client admitted by OnConnect whose CONNACK could not be
+	// written, and a connection whose serving panicked (OnEnd runs before
+	// the panic is recovered).
+	OnEnd func(net.Conn)
 }
 
 // endedConn is a connection whose Close passes through the Ended mutex.
@@ -77,6 +83,9 @@ func (l Guard) Serve(establish listeners.EstablishFn) {
 		}
 		if l.Ended != nil {
 			c = endedConn{Conn: c, ended: l.Ended}
+		}
+		if l.OnEnd != nil {
+			defer l.OnEnd(c)
 		}
 		return establish(id, c)
 	})

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/mochi"
+
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -249,9 +251,9 @@ func bigBurst(w *Writer, n int) {
 // disconnected once a write takes nothing for the write timeout, its
 // socket closed rather than left open with a packet cut in the middle.
 func TestWriteTimeoutClosesConnection(t *testing.T) {
-	srv, cl, client := tcpClient(t)
+	_, cl, client := tcpClient(t)
 	const timeout = 200 * time.Millisecond
-	w := NewWriter(MochiConn{Client: cl, Server: srv, Timeout: timeout}, false, 64<<20)
+	w := NewWriter(mochi.Conn{Client: cl, Timeout: timeout}, false, 64<<20)
 	bigBurst(w, 64) // 4 MiB, far beyond both socket buffers
 	start := time.Now()
 	w.Flush(false)
@@ -285,12 +287,12 @@ func TestWriteTimeoutClosesConnection(t *testing.T) {
 // TestSlowReaderIsServed: a client that reads slowly but steadily gets
 // every byte of a write that takes many times the write timeout.
 func TestSlowReaderIsServed(t *testing.T) {
-	srv, cl, client := tcpClient(t)
+	_, cl, client := tcpClient(t)
 	const (
 		timeout = 300 * time.Millisecond
 		n       = 48 // 3 MiB
 	)
-	w := NewWriter(MochiConn{Client: cl, Server: srv, Timeout: timeout}, false, 64<<20)
+	w := NewWriter(mochi.Conn{Client: cl, Timeout: timeout}, false, 64<<20)
 	bigBurst(w, n)
 	if err := client.SetReadDeadline(time.Now().Add(20 * time.Second)); err != nil {
 		t.Fatal(err)

@@ -1,0 +1,258 @@
+// Package msgpath is chatd's message path as one unit: a publish is
+// checked and stored (publish.go), the store's OnStored of each request
+// wakes the recipients' devices (notify, below), delivery feeds them and
+// takes their PUBACKs (session.go, broker/msgpath/delivery), the store
+// deletes what every device acknowledged, and delivered receipts go back
+// to the senders (receipts.go). docs/message-path.md walks it step by
+// step.
+//
+// A Path is built in dependency order from the parts it is given: the
+// store, then (inside New) delivery on that store, then the path on both.
+// Nothing in it is set after New returns, and it points at nothing that
+// points back at it: delivery hands delivered receipts to the path
+// through a channel, not a callback into the path.
+package msgpath
+
+import (
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/chatd/chatd/broker/msgpath/delivery"
+	"github.com/chatd/chatd/broker/protocol/envelope"
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/groups"
+	"github.com/chatd/chatd/broker/service/push"
+)
+
+// Groups reads group memberships.
+type Groups interface {
+	// Get returns a group, or groups.ErrUnknown.
+	Get(id string) (*groups.Group, error)
+}
+
+// Presence counts each user's connections and tells who is online.
+type Presence interface {
+	// Connected records a new connection of user.
+	Connected(user string)
+	// Disconnected records the end of a connection of user.
+	Disconnected(user string)
+	// Online reports whether user has a connection on any node.
+	Online(user string) bool
+}
+
+// Pusher tells a push webhook of messages waiting for offline users.
+type Pusher interface {
+	// Enabled reports whether a webhook is set.
+	Enabled() bool
+	// Notify queues a notification without waiting; false means it was
+	// dropped (the push service counts and logs its drops).
+	Notify(n push.Notification) bool
+}
+
+// Peers tells the other nodes of a cluster what happens on this one.
+type Peers interface {
+	// Stored passes a message stored here to the nodes with devices of user.
+	Stored(user string, m queue.Message)
+	// Typing passes a typing signal to user's devices on the other nodes.
+	Typing(user, topic string, payload []byte)
+	// SessionStarted ends the sessions of clientID on the other nodes.
+	SessionStarted(clientID string)
+}
+
+// Observer counts what the message path does, for metrics.
+type Observer interface {
+	// Connected counts an established session.
+	Connected()
+	// Refused counts a refused publish by its protocol error code.
+	Refused(code string)
+	// Delayed counts a publish held back to its sender's rate.
+	Delayed()
+	// Acked observes how long a delivered message took to be acknowledged.
+	Acked(took time.Duration)
+}
+
+// Options are the parts and limits of a Path.
+type Options struct {
+	// Store is the durable queue; the path does not close it.
+	Store queue.Store
+	// Groups holds group memberships.
+	Groups Groups
+	// Presence counts connections; in a cluster, of every node.
+	Presence Presence
+	// Push notifies offline users; nil sends no notifications.
+	Push Pusher
+	// Peers is set in a cluster, nil on a single node.
+	Peers Peers
+	// Observe counts sessions, refusals and acknowledgements.
+	Observe Observer
+	// Receipts sends delivered receipts (PROTOCOL.md section 3).
+	Receipts bool
+	// MaxMessageBytes caps a message object.
+	MaxMessageBytes int
+	// MaxInflight caps unacknowledged deliveries per device.
+	MaxInflight int
+	// MaxPendingBytes disconnects a client that stops reading.
+	MaxPendingBytes int
+	// Now is the clock of envelope timestamps; nil means time.Now.
+	Now func() time.Time
+	// Log receives errors; never message contents.
+	Log *slog.Logger
+}
+
+// Path is the message path of one node.
+type Path struct {
+	store    queue.Store
+	delivery *delivery.Delivery
+	groups   Groups
+	presence Presence
+	push     Pusher
+	peers    Peers
+	observe  Observer
+	now      func() time.Time
+	log      *slog.Logger
+	limits   limits
+
+	// notify is p.stored as a func value, made once: every stored request
+	// carries it as its OnStored.
+	notify func(user string, m queue.Message)
+	// delivered carries delivered receipts from delivery to the receipts
+	// goroutine; stop ends that goroutine, done closes when it has.
+	delivered chan receipt
+	stop      chan struct{}
+	done      chan struct{}
+	closed    sync.Once
+}
+
+// limits are the Options' caps.
+type limits struct {
+	maxMessageBytes, maxInflight, maxPendingBytes int
+}
+
+// receiptBacklog is how many acknowledged batches may wait for their
+// delivered receipts to be queued before acknowledgements wait too.
+const receiptBacklog = 1024
+
+// New builds the path on opts.Store: delivery first, then the path; it
+// starts the goroutine that queues delivered receipts when they are on.
+func New(opts Options) (*Path, error) {
+	if opts.Store == nil || opts.Groups == nil || opts.Presence == nil || opts.Observe == nil {
+		return nil, errors.New("msgpath: Store, Groups, Presence and Observe are required")
+	}
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	delivered := make(chan receipt, receiptBacklog)
+	stop := make(chan struct{})
+	dopts := delivery.Options{
+		Source:       opts.Store,
+		Logger:       opts.Log,
+		TailMessages: max(1024, 4*opts.MaxInflight),
+		ReadAhead:    1024,
+		OnAcked:      opts.Observe.Acked,
+	}
+	if opts.Receipts {
+		dopts.OnDelivered = func(user string, metas [][]byte) {
+			// Called after an acknowledgement, outside delivery's locks:
+			// waiting here slows that device's acknowledgements alone.
+			select {
+			case delivered <- receipt{user, metas}:
+			case <-stop:
+			}
+		}
+	}
+	p := &Path{
+		store:     opts.Store,
+		delivery:  delivery.New(dopts),
+		groups:    opts.Groups,
+		presence:  opts.Presence,
+		push:      opts.Push,
+		peers:     opts.Peers,
+		observe:   opts.Observe,
+		now:       opts.Now,
+		log:       opts.Log,
+		limits:    limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
+		delivered: delivered,
+		stop:      stop,
+		done:      make(chan struct{}),
+	}
+	p.notify = p.stored
+	go p.queueReceipts()
+	return p, nil
+}
+
+// Close stops delivery and the receipts goroutine. The store stays open:
+// the server closes it after the clients' last publishes are answered.
+func (p *Path) Close() {
+	p.closed.Do(func() {
+		p.delivery.Close()
+		close(p.stop)
+		<-p.done
+	})
+}
+
+// stored is the notify step: it runs on the store's committer goroutine
+// for every copy a request of the path stored, once it is durable, and
+// must not block. It feeds the recipient's devices here, passes the
+// message to the other nodes, and asks for a push when no device of the
+// recipient is online anywhere.
+func (p *Path) stored(user string, m queue.Message) {
+	online := p.delivery.Stored(user, m)
+	if p.peers != nil {
+		p.peers.Stored(user, m)
+		if !online {
+			// The user may be online on another node, which feeds it.
+			online = p.presence.Online(user)
+		}
+	}
+	if !online && len(m.Meta) > 0 {
+		p.notifyPush(user, m.Meta)
+	}
+}
+
+// notifyPush tells the push webhook that user, who has no device online,
+// has a message waiting.
+func (p *Path) notifyPush(user string, meta []byte) {
+	// This runs on the store's goroutine, which must not wait, and asking
+	// the queue's depth is a JetStream request in a cluster: skip it all
+	// when no webhook is set.
+	if p.push == nil || !p.push.Enabled() {
+		return
+	}
+	from, group, _, ok := envelope.ParseMeta(meta)
+	if !ok {
+		return
+	}
+	queued, err := p.store.Depth(user)
+	if err != nil {
+		p.log.Error("queue depth for push", "user", user, "error", err)
+		return
+	}
+	p.push.Notify(push.Notification{User: user, From: from, Kind: "msg", Group: group, Queued: queued})
+}
+
+// PeerStored feeds user's devices here with a message another node stored.
+func (p *Path) PeerStored(user string, m queue.Message) { p.delivery.Stored(user, m) }
+
+// PeerTyping passes another node's typing signal to user's devices here.
+func (p *Path) PeerTyping(user, topic string, payload []byte) {
+	p.delivery.Ephemeral(user, topic, payload)
+}
+
+// Resync rereads the queues of the users with a device here, after
+// notices of other nodes' stored messages were lost.
+func (p *Path) Resync() { p.delivery.Resync() }
+
+// Stats returns delivery's running totals.
+func (p *Path) Stats() delivery.Stats { return p.delivery.Stats() }
+
+// Window reports how many messages are in flight unacknowledged to a
+// device of user and the next sequence it will be sent; ok is false when
+// it is not online here.
+func (p *Path) Window(user, device string) (inflight int, next uint64, ok bool) {
+	return p.delivery.Window(user, device)
+}
