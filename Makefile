@@ -1,14 +1,14 @@
 # chatd: a durable MQTT chat server. `make run` starts it, `make test` tests it.
 GO ?= go
 
-.PHONY: run test build bench test-deps vet
+.PHONY: run test build bench test-deps vet lint
 
 ## run: start the server with the embedded defaults (data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:8080)
 run:
 	$(GO) run ./cmd/chatd serve
 
-## test: vet and run every test (real broker, real clients, real Badger, a real killed process)
-test: test-deps vet
+## test: vet, lint and run every test (real broker, real clients, real Badger, a real killed process)
+test: test-deps vet lint
 	$(GO) test -race -timeout 9m ./...
 	$(GO) test -timeout 8m -run 'SIGKILL|RollingRestart' ./broker/
 
@@ -23,6 +23,12 @@ bench:
 vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l .)" || (echo "gofmt needed on:"; gofmt -l .; exit 1)
+
+## lint: staticcheck with its default checks, pinned in go.mod as a tool
+## (`go tool staticcheck`); a finding that is intended carries a
+## //lint:ignore comment that says why.
+lint:
+	$(GO) tool staticcheck ./...
 
 # The interoperability test drives the server with Debian's stock
 # mosquitto clients; install them when missing and we are allowed to.

@@ -76,8 +76,8 @@ type Server struct {
 	httpLn      net.Listener
 	closed      sync.Once
 	closeErr    error
-	// ended orders connection ends before shutdown (see mochi.Guard.Ended).
-	ended sync.Mutex
+	// ended orders connection ends before shutdown (see mochi.Ends).
+	ended mochi.Ends
 }
 
 // queueDir is the Badger directory inside the data dir.
@@ -397,8 +397,7 @@ func (s *Server) close(ctx context.Context) error {
 		}
 	}
 	s.inbox.Closing()
-	s.ended.Lock()
-	s.ended.Unlock() // empty on purpose: only the ordering matters
+	s.ended.Pass()
 	if err := s.mqtt.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("stop mqtt: %w", err))
 	}

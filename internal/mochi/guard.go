@@ -30,12 +30,9 @@ type Guard struct {
 	// (Clients.GetByListener calls Len) and so deadlocks against any client
 	// removed from the map at the same moment.
 	CloseClients func(listenerID string)
-	// Ended, if set, is locked and unlocked when a connection is closed, and
-	// by the server before it shuts mochi down. mochi counts connections
-	// in a WaitGroup it adds to inside each connection's goroutine and
-	// waits on at shutdown; for a connection that never sent CONNECT
-	// nothing else orders the two, which the race detector reports.
-	Ended *sync.Mutex
+	// Ended, if set, is passed when a connection is closed, and by the
+	// server before it shuts mochi down (see Ends).
+	Ended *Ends
 	// OnEnd, if set, is called with each connection once mochi is done
 	// with it, however that came about. mochi v2.7.9's hooks miss two
 	// ends: a client admitted by OnConnect whose CONNACK could not be
@@ -44,16 +41,33 @@ type Guard struct {
 	OnEnd func(net.Conn)
 }
 
-// endedConn is a connection whose Close passes through the Ended mutex.
-type endedConn struct {
-	net.Conn
-	ended *sync.Mutex
+// Ends orders the end of every connection against the server's shutdown.
+// mochi v2.7.9 adds to its client WaitGroup inside each connection's
+// goroutine and waits on it at shutdown; for a connection that never sent
+// CONNECT nothing else orders the two, which the race detector reports.
+// Each connection's Close and the server's shutdown Pass through one
+// mutex, so that one of them happens before the other.
+type Ends struct {
+	mu sync.Mutex
 }
 
-// Close closes the connection after passing through the mutex.
+// Pass waits for a connection closing at the moment, and orders what
+// happened before it before what the caller does next.
+func (e *Ends) Pass() {
+	e.mu.Lock()
+	//lint:ignore SA2001 the critical section is empty on purpose: only the order it imposes matters.
+	e.mu.Unlock()
+}
+
+// endedConn is a connection whose Close passes through Ends.
+type endedConn struct {
+	net.Conn
+	ends *Ends
+}
+
+// Close closes the connection after passing through Ends.
 func (c endedConn) Close() error {
-	c.ended.Lock()
-	c.ended.Unlock() // empty on purpose: only the ordering matters
+	c.ends.Pass()
 	return c.Conn.Close()
 }
 
@@ -82,7 +96,7 @@ func (l Guard) Serve(establish listeners.EstablishFn) {
 			return fmt.Errorf("set connect deadline: %w", err)
 		}
 		if l.Ended != nil {
-			c = endedConn{Conn: c, ended: l.Ended}
+			c = endedConn{Conn: c, ends: l.Ended}
 		}
 		if l.OnEnd != nil {
 			defer l.OnEnd(c)
