@@ -182,7 +182,7 @@ signal exits at once with status 1. Either way every message already
 acknowledged with a PUBACK is kept, as queue.sync promises.
 
 Settings, highest precedence first:
-  1. the --data-dir, --listen and --http flags;
+  1. the --data-dir, --listen, --http, --cluster and --node flags;
   2. environment variables: CHATD_ and the key in upper case with dots as
      underscores, e.g. CHATD_QUEUE_SYNC=always, CHATD_AUTH_SECRET=...;
   3. the YAML file given with --config;
@@ -200,6 +200,9 @@ Durations are written with a unit: 100ms, 30s, 720h. Example file:
 
 Without auth.secret the server signs and checks tokens with a development
 secret it creates in data_dir; mint tokens for it with "chatd token USER".
+
+A cluster node: chatd serve --cluster --node n1 (and the cluster.* keys
+for the NATS routes); docs/cluster.md walks a three-node cluster.
 
 Keys (default, environment variable):
 `)
