@@ -95,7 +95,8 @@ type Options struct {
 	MaxInflight int
 	// MaxPendingBytes disconnects a client that stops reading.
 	MaxPendingBytes int
-	// Now is the clock of envelope timestamps; nil means time.Now.
+	// Now is the clock of envelope timestamps and delivery times; nil
+	// means time.Now.
 	Now func() time.Time
 	// Log receives errors; never message contents.
 	Log *slog.Logger
@@ -154,6 +155,7 @@ func New(opts Options) (*Path, error) {
 		TailMessages: max(1024, 4*opts.MaxInflight),
 		ReadAhead:    1024,
 		OnAcked:      opts.Observe.Acked,
+		Now:          opts.Now,
 	}
 	if opts.Receipts {
 		dopts.OnDelivered = func(user string, metas [][]byte) {

@@ -86,6 +86,8 @@ type Options struct {
 	// OnAcked, if set, is told how long each acknowledged message took from
 	// being written to its device to its PUBACK.
 	OnAcked func(took time.Duration)
+	// Now is the clock OnAcked's durations are read on; nil means time.Now.
+	Now func() time.Time
 }
 
 // Stats are delivery's running totals.
@@ -156,6 +158,9 @@ func New(opts Options) *Delivery {
 	}
 	if opts.TailBytes <= 0 {
 		opts.TailBytes = 64 << 20
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
 	}
 	return &Delivery{
 		opts: opts, log: opts.Logger, stopping: make(chan struct{}),
@@ -656,7 +661,7 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 			found = true
 			d.acked.Add(1)
 			if d.opts.OnAcked != nil {
-				d.opts.OnAcked(time.Since(dev.inflight[i].sent))
+				d.opts.OnAcked(d.opts.Now().Sub(dev.inflight[i].sent))
 			}
 			break
 		}
@@ -732,7 +737,7 @@ func (d *Delivery) pump(dev *Device) bool {
 			break
 		}
 		pid := dev.allocPID()
-		in := inflight{seq: m.Seq, pid: pid, meta: m.Meta, sent: time.Now()}
+		in := inflight{seq: m.Seq, pid: pid, meta: m.Meta, sent: d.opts.Now()}
 		if k := len(dev.inflight); k == 0 || dev.inflight[k-1].seq < m.Seq {
 			dev.inflight = append(dev.inflight, in)
 		} else {
