@@ -43,9 +43,11 @@ const readDirBatch = 256
 // Disk is the Store that keeps uploads in a local directory. A directory
 // belongs to one Disk at a time: NewDisk removes unfinished uploads it finds.
 type Disk struct {
+	// Now is the clock that stamps Created on new uploads; nil means
+	// time.Now. Set it before the Disk is first used.
+	Now func() time.Time
+
 	dir string
-	// now stamps Created on new uploads; tests replace it to control expiry.
-	now func() time.Time
 }
 
 var _ Store = (*Disk)(nil)
@@ -74,7 +76,15 @@ func NewDisk(dir string) (*Disk, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("open media dir: %w", err)
 	}
-	return &Disk{dir: dir, now: time.Now}, nil
+	return &Disk{dir: dir}, nil
+}
+
+// now returns the current time by d.Now.
+func (d *Disk) now() time.Time {
+	if d.Now == nil {
+		return time.Now()
+	}
+	return d.Now()
 }
 
 // Put implements Store: it streams r into a temporary directory, hashing as

@@ -123,7 +123,7 @@ func TestDiskMalformedIDsTouchNothing(t *testing.T) {
 func TestDiskExpireFinishesDelete(t *testing.T) {
 	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 	d, dir := newDisk(t)
-	d.now = func() time.Time { return t0 }
+	d.Now = func() time.Time { return t0 }
 	kept := putTo(t, d, []byte("keep me"))
 	if err := os.Mkdir(filepath.Join(dir, trashPrefix+"0123456789abcdef0123456789abcdef"), 0o700); err != nil {
 		t.Fatal(err)
@@ -225,7 +225,7 @@ func BenchmarkDiskPut(b *testing.B) {
 func TestDiskCorruptMetadata(t *testing.T) {
 	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 	d, dir := newDisk(t)
-	d.now = func() time.Time { return t0 }
+	d.Now = func() time.Time { return t0 }
 	bad := putTo(t, d, []byte("bad"))
 	good := putTo(t, d, []byte("good"))
 	if err := os.WriteFile(filepath.Join(dir, bad.ID, metaFile), []byte("{not json"), 0o600); err != nil {

@@ -45,9 +45,8 @@ type Handler struct {
 	Logger *slog.Logger
 	// DiskLow reports that the disk is too full to take uploads; nil means never.
 	DiskLow func() bool
-
-	// now is the clock for expiry; nil means time.Now. Tests set it.
-	now func() time.Time
+	// Now is the clock uploads expire by; nil means time.Now.
+	Now func() time.Time
 }
 
 // uploadResponse is the body of a successful POST /v1/media.
@@ -299,12 +298,12 @@ func (h *Handler) ttl() time.Duration {
 	return h.TTL
 }
 
-// clock returns the current time.
+// clock returns the current time by h.Now.
 func (h *Handler) clock() time.Time {
-	if h.now == nil {
+	if h.Now == nil {
 		return time.Now()
 	}
-	return h.now()
+	return h.Now()
 }
 
 // log returns the logger to use.

@@ -389,7 +389,7 @@ func TestExpiredNotServed(t *testing.T) {
 	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 	f := newFixture(t, 1<<20)
 	f.h.TTL = time.Hour
-	f.disk.now = func() time.Time { return t0 }
+	f.disk.Now = func() time.Time { return t0 }
 	ur := f.mustUpload(t, []byte("short-lived"))
 	tests := []struct {
 		now        time.Time
@@ -401,7 +401,7 @@ func TestExpiredNotServed(t *testing.T) {
 		{t0.Add(48 * time.Hour), http.StatusNotFound},
 	}
 	for _, tt := range tests {
-		f.h.now = func() time.Time { return tt.now }
+		f.h.Now = func() time.Time { return tt.now }
 		resp, _ := f.do(t, http.MethodGet, "/v1/media/"+ur.ID, "tok-alice", nil, nil)
 		if resp.StatusCode != tt.wantStatus {
 			t.Errorf("at %v: status %s, want %d", tt.now, resp.Status, tt.wantStatus)
@@ -427,10 +427,10 @@ func TestRunJanitor(t *testing.T) {
 	store := &notifyStore{Store: d, swept: make(chan int, 1)}
 	f := newFixtureWith(t, store, dir, 1<<20)
 	f.h.TTL = 24 * time.Hour
-	f.h.now = func() time.Time { return t0.Add(25 * time.Hour) }
-	d.now = func() time.Time { return t0 }
+	f.h.Now = func() time.Time { return t0.Add(25 * time.Hour) }
+	d.Now = func() time.Time { return t0 }
 	old := f.mustUpload(t, []byte("old"))
-	d.now = func() time.Time { return t0.Add(2 * time.Hour) }
+	d.Now = func() time.Time { return t0.Add(2 * time.Hour) }
 	fresh := f.mustUpload(t, []byte("fresh"))
 
 	ctx, cancel := context.WithCancel(t.Context())

@@ -95,11 +95,14 @@ var bucketRE = regexp.MustCompile(`^[a-zA-Z0-9_-]+$`)
 // for deleteGrace (an hour) after the deletion, not indefinitely as with
 // Disk: the nodes of a cluster do not know each other's open files.
 type Objects struct {
+	// Now is the clock that stamps Created and the markers' times, and
+	// that deletion's grace period is measured by; nil means time.Now.
+	// Set it before the Objects is first used.
+	Now func() time.Time
+
 	js     jetstream.JetStream
 	stream jetstream.Stream
 	bucket string
-	// now stamps Created and the markers' times; tests replace it.
-	now func() time.Time
 	// grace is deleteGrace; tests shorten it.
 	grace time.Duration
 }
@@ -143,7 +146,15 @@ func NewObjects(ctx context.Context, js jetstream.JetStream, bucket string, repl
 	if err != nil {
 		return nil, fmt.Errorf("media objects: create bucket %s: %w", bucket, err)
 	}
-	return &Objects{js: js, stream: stream, bucket: bucket, now: time.Now, grace: deleteGrace}, nil
+	return &Objects{js: js, stream: stream, bucket: bucket, grace: deleteGrace}, nil
+}
+
+// now returns the current time by o.Now.
+func (o *Objects) now() time.Time {
+	if o.Now == nil {
+		return time.Now()
+	}
+	return o.Now()
 }
 
 // Put implements Store: it publishes an uploading marker, then r chunk by

@@ -85,7 +85,7 @@ var storeKinds = []struct {
 func openDiskStore(t *testing.T) *testStore {
 	d, dir := newDisk(t)
 	c := &testClock{base: time.Now}
-	d.now = c.now
+	d.Now = c.now
 	return &testStore{
 		Store:    d,
 		clock:    c,
@@ -97,7 +97,7 @@ func openDiskStore(t *testing.T) *testStore {
 func openObjectsStore(t *testing.T) *testStore {
 	o, _ := newObjects(t)
 	c := &testClock{base: time.Now}
-	o.now = c.now
+	o.Now = c.now
 	return &testStore{
 		Store:    o,
 		clock:    c,
@@ -830,7 +830,7 @@ func TestObjectsMalformedIDsNoStorageAccess(t *testing.T) {
 func TestObjectsDeleteGrace(t *testing.T) {
 	o, _ := newObjects(t)
 	c := &testClock{base: time.Now}
-	o.now = c.now
+	o.Now = c.now
 	data := randomBytes(t, 2*chunkSize+1, 14)
 	info := putTo(t, o, data)
 	f, _, err := o.Open(t.Context(), info.ID)
@@ -882,7 +882,7 @@ func tokenOf(t *testing.T, o *Objects, id string) string {
 func TestObjectsCrashedUpload(t *testing.T) {
 	o, _ := newObjects(t)
 	c := &testClock{base: time.Now}
-	o.now = c.now
+	o.Now = c.now
 	id, token := "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
 	u := &upload{o: o, id: id, token: token}
 	for range 2 {
@@ -964,7 +964,7 @@ func TestObjectsSlowUpload(t *testing.T) {
 		t.Run(fmt.Sprintf("abandoned=%v", abandoned), func(t *testing.T) {
 			o, _ := newObjects(t)
 			c := &testClock{base: func() time.Time { return time.Now().Add(-2 * o.grace) }}
-			o.now = c.now
+			o.Now = c.now
 			g := newGateReader(data, 2*chunkSize)
 			type result struct {
 				info Info
@@ -1008,7 +1008,7 @@ func TestObjectsSlowUpload(t *testing.T) {
 func TestObjectsCorruptMetadata(t *testing.T) {
 	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 	o, _ := newObjects(t)
-	o.now = func() time.Time { return t0 }
+	o.Now = func() time.Time { return t0 }
 	bad := putTo(t, o, []byte("bad"))
 	good := putTo(t, o, []byte("good"))
 	if _, err := o.js.Publish(t.Context(), o.metaSubject(bad.ID), []byte("{not json")); err != nil {
