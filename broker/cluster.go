@@ -83,7 +83,7 @@ func startCluster(cfg config.Config, log *slog.Logger, onCommit func(int, time.D
 	c.bus = peers.New(peers.Options{Conn: node.Conn(), Node: c.name, Prefix: clusterPrefix, Logger: log.With("component", "peers")})
 	q, err := jsqueue.Open(context.Background(), jsqueue.Options{
 		Conn:     node.Conn(),
-		Queue:    cfg.Queue,
+		Settings: queueSettings(cfg.Queue),
 		Shards:   cfg.Cluster.Shards,
 		Replicas: cfg.Cluster.Replicas,
 		Prefix:   clusterPrefix,

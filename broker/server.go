@@ -119,10 +119,13 @@ func New(opts Options) (*Server, error) {
 		db = s.cluster.local
 	} else {
 		bq, err := badgerq.Open(badgerq.Options{
-			Dir:      filepath.Join(cfg.DataDir, queueDir),
-			Queue:    cfg.Queue,
-			Logger:   log,
-			OnCommit: s.metrics.Committed,
+			Dir:          filepath.Join(cfg.DataDir, queueDir),
+			Settings:     queueSettings(cfg.Queue),
+			Sync:         badgerSync(cfg.Queue.Sync),
+			SyncInterval: cfg.Queue.SyncInterval,
+			MinFreeBytes: cfg.Queue.MinFreeBytes,
+			Logger:       log,
+			OnCommit:     s.metrics.Committed,
 		})
 		if err != nil {
 			return nil, err

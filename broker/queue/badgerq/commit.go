@@ -3,10 +3,12 @@ package badgerq
 import (
 	"errors"
 	"fmt"
-	"github.com/chatd/chatd/broker/queue"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/queue/devices"
 )
 
 // maxDeletesPerFlush bounds the work of one flush so that acknowledging a
@@ -28,7 +30,7 @@ type outcome struct {
 
 // stored is one message stored in one user's queue.
 type stored struct {
-	u   *userQueue
+	u   *user
 	msg queue.Message
 }
 
@@ -46,27 +48,23 @@ func (o *outcome) each(f func(stored)) {
 // into one Badger commit and persists acknowledgements between them.
 func (s *Store) commitLoop() {
 	defer s.wg.Done()
-	tick := time.NewTicker(s.opts.Queue.AckFlushInterval)
-	defer tick.Stop()
-	sweep := time.NewTicker(sweepInterval(s.opts.Queue.DeviceTTL))
-	defer sweep.Stop()
-	evict := time.NewTicker(evictEvery)
-	defer evict.Stop()
-	batch := make([]*queue.Request, 0, s.opts.Queue.MaxBatch)
-	results := make([]outcome, 0, s.opts.Queue.MaxBatch)
+	timers := s.reg.Timers(s.opts.Settings.AckFlushInterval)
+	defer timers.Stop()
+	batch := make([]*queue.Request, 0, s.opts.Settings.MaxBatch)
+	results := make([]outcome, 0, s.opts.Settings.MaxBatch)
 	for {
 		select {
 		case r := <-s.reqs:
 			batch = s.collect(append(batch[:0], r))
 			results = s.commit(batch, results[:0])
-		case <-tick.C:
+		case <-timers.Flush:
 			// Errors are logged and the users flushed again next time.
 			_ = s.flush()
-		case <-sweep.C:
-			s.forgetUnseenDevices(s.opts.Now())
-		case <-evict.C:
-			s.evictIdleUsers(false)
-		case f := <-s.ctl:
+		case <-timers.Sweep:
+			s.reg.Sweep(s.opts.Now())
+		case <-timers.Evict:
+			s.reg.Evict(false)
+		case f := <-s.reg.Control():
 			f()
 		case <-s.stop:
 			for {
@@ -88,7 +86,7 @@ func (s *Store) commitLoop() {
 // collect adds to batch whatever is already waiting, up to the batch limits.
 func (s *Store) collect(batch []*queue.Request) []*queue.Request {
 	size := len(batch[0].Data)
-	for len(batch) < s.opts.Queue.MaxBatch && size < maxBatchBytes {
+	for len(batch) < s.opts.Settings.MaxBatch && size < maxBatchBytes {
 		select {
 		case r := <-s.reqs:
 			batch = append(batch, r)
@@ -142,8 +140,8 @@ func (b *batchTxn) commit(next, upTo int) {
 // and then reports every outcome in order.
 func (s *Store) commit(batch []*queue.Request, results []outcome) []outcome {
 	start := time.Now()
-	ttl := s.opts.Queue.MessageTTL
-	dedupTTL := s.opts.Queue.DedupWindow
+	ttl := s.opts.Settings.MessageTTL
+	dedupTTL := s.opts.Settings.DedupWindow
 	b := &batchTxn{s: s, txn: s.db.NewTransaction(true)}
 	for i, r := range batch {
 		results = append(results, outcome{})
@@ -176,9 +174,9 @@ func (s *Store) commit(batch []*queue.Request, results []outcome) []outcome {
 		}
 		results[i].each(func(st stored) {
 			s.stats.Stored.Add(1)
-			st.u.mu.Lock()
-			st.u.committed = max(st.u.committed, st.msg.Seq)
-			st.u.mu.Unlock()
+			st.u.Lock()
+			st.u.Queue.committed = max(st.u.Queue.committed, st.msg.Seq)
+			st.u.Unlock()
 		})
 	}
 	for i, r := range batch {
@@ -188,7 +186,7 @@ func (s *Store) commit(batch []*queue.Request, results []outcome) []outcome {
 		}
 		r.Done(o.status, o.msg, o.err)
 		if o.status == queue.Stored && r.OnStored != nil {
-			o.each(func(st stored) { r.OnStored(st.u.name, st.msg) })
+			o.each(func(st stored) { r.OnStored(st.u.Name, st.msg) })
 		}
 	}
 	return results
@@ -252,21 +250,22 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 
 // stageOne adds one recipient's copy to txn; full reports a queue at its cap.
 func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration) (st stored, full bool, err error) {
-	u, err := s.lockUser(to)
+	u, err := s.reg.Lock(to)
 	if err != nil {
 		return stored{}, false, err
 	}
-	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
+	if undelivered(u) >= uint64(s.opts.Settings.MaxQueueMessages) {
 		s.skipExpired(u)
 	}
-	if u.undelivered() >= uint64(s.opts.Queue.MaxQueueMessages) {
-		u.mu.Unlock()
+	if undelivered(u) >= uint64(s.opts.Settings.MaxQueueMessages) {
+		u.Unlock()
 		return stored{}, true, nil
 	}
-	seq := u.head + 1
-	u.head = seq
-	u.mu.Unlock()
-	v, m, d := encodeValue(meta, data)
+	seq := u.Queue.head + 1
+	u.Queue.head = seq
+	u.Unlock()
+	v := queue.EncodeValue(meta, data)
+	m, d, _ := queue.DecodeValue(v)
 	e := badger.NewEntry(msgKey(to, seq), v)
 	// The expiry follows the store's clock (Options.Now), not Badger's,
 	// rounded up to Badger's whole seconds so that a message never
@@ -279,52 +278,42 @@ func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl
 }
 
 // skipExpired moves a full queue's tail past messages that expired
-// unread, so that they stop counting against the cap. Called with u.mu held.
-func (s *Store) skipExpired(u *userQueue) {
-	first := u.head + 1
+// unread, so that they stop counting against the cap. Called with u locked.
+func (s *Store) skipExpired(u *user) {
+	q := &u.Queue
+	first := q.head + 1
 	err := s.db.View(func(txn *badger.Txn) error {
-		if f := firstLive(txn, u.name, u.tail, uint64(s.opts.Now().Unix())); f != 0 {
+		if f := firstLive(txn, u.Name, q.tail, uint64(s.opts.Now().Unix())); f != 0 {
 			first = f
 		}
 		return nil
 	})
 	if err != nil {
-		s.log.Error("queue cap check", "user", u.name, "error", err)
+		s.log.Error("queue cap check", "user", u.Name, "error", err)
 		return
 	}
-	if first > u.tail {
-		u.tail = first
-		u.deleted = max(u.deleted, first-1)
+	if first > q.tail {
+		q.tail = first
+		q.deleted = max(q.deleted, first-1)
 	}
-}
-
-// deviceWrite is a device record written by a flush.
-type deviceWrite struct {
-	name string
-	rec  record
 }
 
 // userFlush is what a flush wrote for one user.
 type userFlush struct {
-	u         *userQueue
-	devices   []deviceWrite
-	forgotten []string
+	u         *user
+	writes    []devices.Write
+	forgotten []devices.Forget
 	upTo      uint64
 }
 
 // flush persists changed device cursors and deletes messages every device
 // has acknowledged. What fails is logged, returned, and left dirty for the
-// next flush.
+// next flush. It runs on the committer goroutine.
 func (s *Store) flush() error {
-	s.dirtyM.Lock()
-	if len(s.dirty) == 0 {
-		s.dirtyM.Unlock()
+	dirty := s.reg.TakeDirty()
+	if dirty == nil {
 		return nil
 	}
-	dirty := s.dirty
-	s.dirty = make(map[*userQueue]struct{}, len(dirty))
-	s.dirtyM.Unlock()
-
 	wb := s.db.NewWriteBatch()
 	defer wb.Cancel()
 	var done []userFlush
@@ -344,117 +333,63 @@ func (s *Store) flush() error {
 	if err != nil {
 		s.log.Error("persist acknowledgements", "error", err)
 		for u := range dirty {
-			s.markDirty(u)
+			s.reg.MarkDirty(u)
 		}
 		return fmt.Errorf("persist acknowledgements: %w", err)
 	}
 	for _, f := range done {
 		u := f.u
-		u.mu.Lock()
-		for _, w := range f.devices {
-			if d, ok := u.devices[w.name]; ok {
-				d.saved = w.rec
-			}
+		u.Lock()
+		for _, w := range f.writes {
+			u.Written(w.Name, w.Record, written)
 		}
-		rewrite := false
-		for _, name := range f.forgotten {
-			if d, ok := u.devices[name]; ok && !d.transient {
-				// Attached again while this flush deleted its old record,
-				// which may have taken the new one with it: written again.
-				d.saved = record{}
-				rewrite = true
-			}
+		rewrite := s.reg.Rewrite(u, f.forgotten)
+		if f.upTo > u.Queue.deleted {
+			s.stats.Deleted.Add(f.upTo - u.Queue.deleted)
+			u.Queue.deleted = f.upTo
+			u.Queue.tail = max(u.Queue.tail, f.upTo+1)
 		}
-		if f.upTo > u.deleted {
-			s.stats.Deleted.Add(f.upTo - u.deleted)
-			u.deleted = f.upTo
-			u.tail = max(u.tail, f.upTo+1)
-		}
-		low, ok := u.minCursor()
-		more := ok && low > u.deleted || rewrite
-		u.mu.Unlock()
+		low, ok := u.MinCursor()
+		more := ok && low > u.Queue.deleted || rewrite
+		u.Unlock()
 		if more {
-			s.markDirty(u)
+			s.reg.MarkDirty(u)
 		}
 	}
 	return nil
 }
 
-// stageFlush adds one user's cursor writes and deletions to wb.
-func (s *Store) stageFlush(wb *badger.WriteBatch, u *userQueue, budget *int) (userFlush, error) {
+// stageFlush adds one user's record writes and deletions to wb.
+func (s *Store) stageFlush(wb *badger.WriteBatch, u *user, budget *int) (userFlush, error) {
 	f := userFlush{u: u}
-	u.mu.Lock()
-	for name, d := range u.devices {
-		if !d.transient && d.record != d.saved {
-			f.devices = append(f.devices, deviceWrite{name, d.record})
-		}
-	}
-	forgotten := u.forgotten
-	f.forgotten = forgotten
-	u.forgotten = nil
-	from := max(u.deleted+1, u.tail)
-	upTo, ok := u.minCursor()
+	u.Lock()
+	f.writes, f.forgotten = s.reg.Pending(u)
+	from := max(u.Queue.deleted+1, u.Queue.tail)
+	upTo, ok := u.MinCursor()
 	if !ok || upTo < from {
 		upTo = from - 1 // nothing to delete
 	}
 	if upTo >= from && upTo-from+1 > uint64(*budget) {
 		upTo = from + uint64(*budget) - 1
 	}
-	u.mu.Unlock()
+	u.Unlock()
 
-	for _, w := range f.devices {
-		if err := wb.Set(deviceKey(u.name, w.name), w.rec.encode()); err != nil {
-			return f, fmt.Errorf("write cursor of %s/%s: %w", u.name, w.name, err)
+	for _, w := range f.writes {
+		if err := wb.Set(deviceKey(u.Name, w.Name), w.Record.Encode()); err != nil {
+			return f, fmt.Errorf("write cursor of %s/%s: %w", u.Name, w.Name, err)
 		}
 	}
-	for _, name := range forgotten {
-		if err := wb.Delete(deviceKey(u.name, name)); err != nil {
-			return f, fmt.Errorf("forget device %s/%s: %w", u.name, name, err)
+	for _, d := range f.forgotten {
+		if err := wb.Delete(deviceKey(u.Name, d.Name)); err != nil {
+			return f, fmt.Errorf("forget device %s/%s: %w", u.Name, d.Name, err)
 		}
 	}
 	for seq := from; seq <= upTo; seq++ {
-		if err := wb.Delete(msgKey(u.name, seq)); err != nil {
-			return f, fmt.Errorf("delete message %s/%d: %w", u.name, seq, err)
+		if err := wb.Delete(msgKey(u.Name, seq)); err != nil {
+			return f, fmt.Errorf("delete message %s/%d: %w", u.Name, seq, err)
 		}
 		*budget--
 	}
 	f.upTo = upTo
 	return f, nil
-}
-
-// sweepInterval is how often devices unseen for ttl are looked for: often
-// enough that a lost phone stops holding messages back soon after ttl.
-func sweepInterval(ttl time.Duration) time.Duration {
-	return min(max(ttl/10, time.Second), time.Hour)
-}
-
-// forgetUnseenDevices forgets the offline devices of loaded users unseen
-// for device_ttl, so that they stop holding their users' messages back
-// (users not loaded are checked when they are). It runs on the committer
-// goroutine, like the flush that deletes their records.
-func (s *Store) forgetUnseenDevices(now time.Time) {
-	before := now.Add(-s.opts.Queue.DeviceTTL).Unix()
-	s.users.Range(func(_, v any) bool {
-		u := v.(*userQueue)
-		u.mu.Lock()
-		changed := false
-		for name, d := range u.devices {
-			switch {
-			case d.online > 0:
-				// Seen now: its record must not look unseen after a crash
-				// of a server it stayed connected to for device_ttl.
-				d.seen = now.Unix()
-				changed = true
-			case d.online == 0 && !d.transient && d.seen < before:
-				delete(u.devices, name)
-				u.forgotten = append(u.forgotten, name)
-				changed = true
-			}
-		}
-		u.mu.Unlock()
-		if changed {
-			s.markDirty(u)
-		}
-		return true
-	})
 }

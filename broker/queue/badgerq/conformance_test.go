@@ -8,9 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/broker/queue/queuetest"
-	"github.com/chatd/chatd/config"
 )
 
 // badger is the Badger store as a conformance-suite backend: a data
@@ -19,9 +19,9 @@ func badger(t testing.TB) queuetest.Backend {
 	root := t.TempDir()
 	return queuetest.Backend{
 		Name: "badger",
-		Open: func(t testing.TB, run string, q config.Queue, now func() time.Time) queuetest.Store {
+		Open: func(t testing.TB, run string, q queue.Settings, now func() time.Time) queuetest.Store {
 			s, err := badgerq.Open(badgerq.Options{
-				Dir: filepath.Join(root, run), Queue: q, Now: now,
+				Dir: filepath.Join(root, run), Settings: q, Sync: badgerq.SyncNone, MinFreeBytes: 256 << 20, Now: now,
 				Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 			})
 			if err != nil {
@@ -46,7 +46,7 @@ func TestModel(t *testing.T) {
 
 // FuzzModel feeds the model-based test the fuzzer's event sequences:
 //
-//	go test -run '^$' -fuzz FuzzModel -fuzzminimizetime 0 -parallel 1 ./broker/queue/
+//	go test -run '^$' -fuzz FuzzModel -fuzzminimizetime 0 -parallel 1 ./broker/queue/badgerq/
 //
 // (minimizing replays each new input for a minute by default, which
 // stalls a fuzzer this slow per input).

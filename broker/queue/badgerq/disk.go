@@ -33,13 +33,13 @@ func (s *Store) checkDisk() {
 		return
 	}
 	s.free.Store(free)
-	low := free < s.opts.Queue.MinFreeBytes
+	low := free < s.opts.MinFreeBytes
 	if s.lowDisk.Swap(low) == low {
 		return
 	}
 	if low {
 		s.log.Error("disk space low: refusing new messages until space is freed",
-			"dir", s.opts.Dir, "free_bytes", free, "min_free_bytes", s.opts.Queue.MinFreeBytes)
+			"dir", s.opts.Dir, "free_bytes", free, "min_free_bytes", s.opts.MinFreeBytes)
 	} else {
 		s.log.Info("disk space recovered: accepting messages again", "dir", s.opts.Dir, "free_bytes", free)
 	}

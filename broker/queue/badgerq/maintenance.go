@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
-
-	"github.com/chatd/chatd/config"
 )
 
 // gcInterval is how often the value log is garbage collected.
@@ -17,8 +15,8 @@ const gcInterval = time.Minute
 func (s *Store) maintenanceLoop() {
 	defer s.wg.Done()
 	var syncC <-chan time.Time
-	if s.opts.Queue.Sync == config.SyncBatch {
-		t := time.NewTicker(s.opts.Queue.SyncInterval)
+	if s.opts.Sync == SyncBatch {
+		t := time.NewTicker(s.opts.SyncInterval)
 		defer t.Stop()
 		syncC = t.C
 	}

@@ -1,4 +1,5 @@
-// Package queue keeps durable per-user message queues in Badger.
+// Package badgerq keeps the durable per-user message queues of
+// broker/queue in Badger, on one node.
 //
 // Guarantees: a message passed to Append is on disk (per the sync mode)
 // before its Done callback reports Stored; messages of one user are
@@ -11,7 +12,6 @@ package badgerq
 import (
 	"errors"
 	"fmt"
-	"github.com/chatd/chatd/broker/queue"
 	"log/slog"
 	"strings"
 	"sync"
@@ -21,15 +21,39 @@ import (
 	"github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/ristretto/v2/z"
 
-	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/queue/devices"
+)
+
+// Sync says when a commit is made durable relative to its Done.
+type Sync int
+
+// Sync modes.
+const (
+	// SyncAlways fsyncs every commit before its Done: survives power loss.
+	SyncAlways Sync = iota
+	// SyncBatch writes every commit to the OS before its Done and fsyncs
+	// every SyncInterval: survives a process crash, loses at most
+	// SyncInterval on power loss.
+	SyncBatch
+	// SyncNone writes every commit to the OS before its Done and never
+	// fsyncs: survives a process crash only.
+	SyncNone
 )
 
 // Options configures a Store.
 type Options struct {
 	// Dir is the Badger directory.
 	Dir string
-	// Queue holds the sync mode, TTLs and caps.
-	Queue config.Queue
+	// Settings are the TTLs, caps, flush interval and batch size.
+	Settings queue.Settings
+	// Sync says when commits are fsynced; SyncBatch needs SyncInterval.
+	Sync Sync
+	// SyncInterval is how often SyncBatch fsyncs.
+	SyncInterval time.Duration
+	// MinFreeBytes is the free space of Dir's file system below which
+	// new messages are refused (queue.ErrNoSpace).
+	MinFreeBytes int64
 	// Logger receives background errors.
 	Logger *slog.Logger
 	// OnCommit, if set, is told the size and duration of every group commit.
@@ -41,16 +65,17 @@ type Options struct {
 
 // Store is the set of all users' queues.
 type Store struct {
+	// deviceAPI gives the Store the device methods of queue.Store
+	// (MayAttach, Attach, Cursor, SetSubscribed, Ack, Detach) and Flush,
+	// ForgetUnseen, Loaded and EvictIdle.
+	deviceAPI
+	// reg is the device registry and each user's queue index; the
+	// committer goroutine owns its flushes (reg.Control).
+	reg    *devices.Registry[userQueue]
 	db     *badger.DB
 	opts   Options
 	log    *slog.Logger
 	reqs   chan *queue.Request
-	users  sync.Map // user ID -> *userQueue
-	dirtyM sync.Mutex
-	dirty  map[*userQueue]struct{}
-	// ctl runs maintenance asked for by Flush and ForgetUnseen on the
-	// committer goroutine, which owns flushes.
-	ctl    chan func()
 	stop   chan struct{}
 	wg     sync.WaitGroup
 	closed sync.Once
@@ -90,7 +115,7 @@ func Open(opts Options) (*Store, error) {
 	}
 	bo := badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{opts.Logger}).
-		WithSyncWrites(opts.Queue.Sync == config.SyncAlways).
+		WithSyncWrites(opts.Sync == SyncAlways).
 		WithDetectConflicts(false).
 		WithNumVersionsToKeep(1).
 		WithCompactL0OnClose(true).
@@ -112,14 +137,22 @@ func Open(opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open queue %s: %w", opts.Dir, err)
 	}
 	s := &Store{
-		db:    db,
-		opts:  opts,
-		log:   opts.Logger,
-		reqs:  make(chan *queue.Request, 16384),
-		ctl:   make(chan func()),
-		dirty: make(map[*userQueue]struct{}),
-		stop:  make(chan struct{}),
+		db:   db,
+		opts: opts,
+		log:  opts.Logger,
+		reqs: make(chan *queue.Request, 16384),
+		stop: make(chan struct{}),
 	}
+	s.reg = devices.New(devices.Options[userQueue]{
+		Persister:  persister{s},
+		Flush:      s.flush,
+		DeviceTTL:  opts.Settings.DeviceTTL,
+		MaxDevices: opts.Settings.MaxDevices,
+		Now:        opts.Now,
+		Logger:     opts.Logger,
+		Stop:       s.stop,
+	})
+	s.deviceAPI = s.reg.API()
 	s.checkDisk()
 	s.wg.Add(2)
 	go s.commitLoop()
@@ -171,7 +204,7 @@ func (s *Store) Read(user string, after uint64, max int) ([]queue.Message, error
 			if err != nil {
 				return fmt.Errorf("read value: %w", err)
 			}
-			meta, data, err := decodeValue(v)
+			meta, data, err := queue.DecodeValue(v)
 			if err != nil {
 				return fmt.Errorf("message %d: %w", seqOf(item.Key()), err)
 			}
@@ -193,199 +226,24 @@ func expired(item *badger.Item, now uint64) bool {
 	return exp != 0 && exp <= now
 }
 
-// Attach registers a connection of a device of user and returns the
-// device's cursor, the last sequence it has acknowledged, and whether it
-// subscribed to its inbox on an earlier connection. A device new to the
-// store gets everything queued when the user has no persistent device
-// (so a user's first persistent device receives the whole backlog, even
-// beside transient ones), and what arrives from then on otherwise. A
-// transient device is forgotten when its last connection detaches; Attach
-// and Detach are counted, so every Attach must be matched by one Detach.
-func (s *Store) Attach(user, device string, transient bool) (cursor uint64, subscribed bool, err error) {
-	u, err := s.lockUser(user)
-	if err != nil {
-		return 0, false, err
-	}
-	defer u.mu.Unlock()
-	now := s.opts.Now().Unix()
-	if d, ok := u.devices[device]; ok {
-		if d.transient && !transient {
-			// A transient device reconnecting with a persistent session
-			// becomes persistent: its record is written now, as for a
-			// new device.
-			r := d.record
-			r.seen = now
-			if !u.hasPersistent() {
-				// The user's first persistent device: the backlog too, even
-				// what it went past as a transient device.
-				r.cursor = min(r.cursor, u.tail-1)
-			}
-			if err := s.saveDevice(user, device, r); err != nil {
-				return 0, false, err
-			}
-			d.record, d.saved = r, r
-		}
-		d.seen = now
-		d.online++
-		d.transient = d.transient && transient
-		return d.cursor, d.subscribed, nil
-	}
-	r := record{cursor: u.head, seen: now}
-	if !u.hasPersistent() {
-		r.cursor = u.tail - 1
-	}
-	d := &deviceState{record: r, transient: transient, online: 1}
-	if !transient {
-		// Persisted now, not lazily: a device that crashed before its record
-		// was written would come back as "new" and skip what it was sent.
-		if err := s.saveDevice(user, device, r); err != nil {
-			return 0, false, err
-		}
-		d.saved = r
-	}
-	u.unforget(device)
-	u.devices[device] = d
-	return r.cursor, false, nil
-}
-
-// saveDevice writes a device record at once.
-func (s *Store) saveDevice(user, device string, r record) error {
-	err := s.db.Update(func(txn *badger.Txn) error {
-		return txn.Set(deviceKey(user, device), r.encode())
-	})
-	if err != nil {
-		return fmt.Errorf("register device %s/%s: %w", user, device, err)
-	}
-	return nil
-}
-
-// MayAttach reports whether device of user may connect: it is known, or
-// the user has fewer than max_devices devices.
-func (s *Store) MayAttach(user, device string) (bool, error) {
-	u, err := s.lockUser(user)
-	if err != nil {
-		return false, err
-	}
-	defer u.mu.Unlock()
-	_, known := u.devices[device]
-	return known || len(u.devices) < s.opts.Queue.MaxDevices, nil
-}
-
-// Cursor returns the last sequence device of user has acknowledged.
-func (s *Store) Cursor(user, device string) (uint64, error) {
-	u, err := s.lockUser(user)
-	if err != nil {
-		return 0, err
-	}
-	defer u.mu.Unlock()
-	d, ok := u.devices[device]
-	if !ok {
-		return 0, fmt.Errorf("device %s/%s is not registered", user, device)
-	}
-	return d.cursor, nil
-}
-
-// SetSubscribed records whether a device of user is subscribed to its
-// inbox; it is persisted within AckFlushInterval.
-func (s *Store) SetSubscribed(user, device string, subscribed bool) {
-	s.updateDevice(user, device, func(d *deviceState) { d.subscribed = subscribed })
-}
-
-// Ack records that device of user has acknowledged every message up to and
-// including cursor. It is persisted within AckFlushInterval.
-func (s *Store) Ack(user, device string, cursor uint64) {
-	s.updateDevice(user, device, func(d *deviceState) { d.cursor = max(d.cursor, cursor) })
-}
-
-// Detach records that a connection of device of user ended; a transient
-// device is forgotten when its last connection ends.
-func (s *Store) Detach(user, device string) {
-	u, err := s.lockUser(user)
-	if err != nil {
-		s.log.Error("detach", "user", user, "error", err)
-		return
-	}
-	if d, ok := u.devices[device]; ok {
-		d.online = max(d.online-1, 0)
-		switch {
-		case d.online > 0:
-		case d.transient:
-			delete(u.devices, device)
-		default:
-			d.seen = s.opts.Now().Unix()
-		}
-	}
-	u.mu.Unlock()
-	s.markDirty(u)
-}
-
-// Flush persists acknowledgements and deletes what every device has
-// acknowledged now, instead of at the next AckFlushInterval, and returns
-// what failed. After Close it does nothing.
-func (s *Store) Flush() error {
-	var err error
-	s.onCommitter(func() { err = s.flush() })
-	return err
-}
-
-// ForgetUnseen forgets, now, the offline devices unseen for device_ttl by
-// the store's clock, as the periodic sweep does, and persists that.
-// After Close it does nothing.
-func (s *Store) ForgetUnseen() error {
-	var err error
-	s.onCommitter(func() {
-		s.forgetUnseenDevices(s.opts.Now())
-		err = s.flush()
-	})
-	return err
-}
-
-// onCommitter runs f on the committer goroutine and waits for it; after
-// Close it does nothing.
-func (s *Store) onCommitter(f func()) {
-	done := make(chan struct{})
-	select {
-	case s.ctl <- func() { f(); close(done) }:
-		<-done
-	case <-s.stop:
-	}
-}
-
-// updateDevice changes a known device's record and schedules its flush.
-func (s *Store) updateDevice(user, device string, change func(*deviceState)) {
-	u, err := s.lockUser(user)
-	if err != nil {
-		s.log.Error("update device", "user", user, "device", device, "error", err)
-		return
-	}
-	d, ok := u.devices[device]
-	if ok {
-		change(d)
-	}
-	u.mu.Unlock()
-	if ok {
-		s.markDirty(u)
-	}
-}
-
 // Depth returns how many messages of user are stored and not yet deleted.
 func (s *Store) Depth(user string) (uint64, error) {
-	u, err := s.lockUser(user)
+	u, err := s.reg.Lock(user)
 	if err != nil {
 		return 0, err
 	}
-	defer u.mu.Unlock()
-	return u.head - u.deleted, nil
+	defer u.Unlock()
+	return u.Queue.head - u.Queue.deleted, nil
 }
 
 // Head returns the last sequence of user's queue that is durable.
 func (s *Store) Head(user string) (uint64, error) {
-	u, err := s.lockUser(user)
+	u, err := s.reg.Lock(user)
 	if err != nil {
 		return 0, err
 	}
-	defer u.mu.Unlock()
-	return u.committed, nil
+	defer u.Unlock()
+	return u.Queue.committed, nil
 }
 
 // DB returns the Badger database, for the server's other small records
@@ -394,12 +252,6 @@ func (s *Store) DB() *badger.DB { return s.db }
 
 // DiskSize returns Badger's LSM and value-log sizes in bytes.
 func (s *Store) DiskSize() (lsm, vlog int64) { return s.db.Size() }
-
-func (s *Store) markDirty(u *userQueue) {
-	s.dirtyM.Lock()
-	s.dirty[u] = struct{}{}
-	s.dirtyM.Unlock()
-}
 
 // badgerLogger routes Badger's logs to slog, keeping its chatty info lines at debug.
 type badgerLogger struct{ l *slog.Logger }

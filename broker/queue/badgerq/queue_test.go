@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
-
-	"github.com/chatd/chatd/config"
 )
 
 type harness struct {
@@ -30,7 +28,7 @@ type harness struct {
 	badgerLeaks bool
 }
 
-func newHarness(t *testing.T, mutate func(*config.Queue)) *harness {
+func newHarness(t *testing.T, mutate func(*queue.Settings)) *harness {
 	h := &harness{t: t, dir: t.TempDir()}
 	before := goleak.IgnoreCurrent()
 	h.open(mutate)
@@ -43,15 +41,21 @@ func newHarness(t *testing.T, mutate func(*config.Queue)) *harness {
 	return h
 }
 
-func (h *harness) open(mutate func(*config.Queue)) {
-	q := config.Default().Queue
-	q.AckFlushInterval = time.Millisecond
-	if mutate != nil {
-		mutate(&q)
+// testOptions are the options of config.Default's queue section.
+func testOptions(dir string) Options {
+	return Options{
+		Dir: dir, Settings: queue.DefaultSettings(), Sync: SyncBatch, SyncInterval: 100 * time.Millisecond, MinFreeBytes: 256 << 20,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
-	s, err := Open(Options{
-		Dir: h.dir, Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+}
+
+func (h *harness) open(mutate func(*queue.Settings)) {
+	o := testOptions(h.dir)
+	o.Settings.AckFlushInterval = time.Millisecond
+	if mutate != nil {
+		mutate(&o.Settings)
+	}
+	s, err := Open(o)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -67,7 +71,7 @@ func (h *harness) close() {
 	}
 }
 
-func (h *harness) reopen(mutate func(*config.Queue)) {
+func (h *harness) reopen(mutate func(*queue.Settings)) {
 	h.close()
 	h.open(mutate)
 }
@@ -190,7 +194,7 @@ func TestDedupInOneBatch(t *testing.T) {
 }
 
 func TestCap(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 3 })
+	h := newHarness(t, func(q *queue.Settings) { q.MaxQueueMessages = 3 })
 	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +294,7 @@ func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
 	}
 	h.s.Detach("bob", "old-phone")
 	h.append("bob", "alice", "1", "x")
-	h.reopen(func(q *config.Queue) { q.DeviceTTL = time.Nanosecond })
+	h.reopen(func(q *queue.Settings) { q.DeviceTTL = time.Nanosecond })
 	time.Sleep(1100 * time.Millisecond) // last-seen times have one-second resolution
 	// The forgotten device no longer counts: a new device is the first again.
 	if c, _, _ := h.s.Attach("bob", "new-phone", false); c != 0 {
@@ -317,11 +321,14 @@ func TestBarrierKeepsOrder(t *testing.T) {
 }
 
 func BenchmarkAppendAck(b *testing.B) {
-	for _, mode := range []string{config.SyncNone, config.SyncBatch, config.SyncAlways} {
-		b.Run(mode, func(b *testing.B) {
-			q := config.Default().Queue
-			q.Sync = mode
-			s, err := Open(Options{Dir: b.TempDir(), Queue: q, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	for _, mode := range []struct {
+		name string
+		sync Sync
+	}{{"none", SyncNone}, {"batch", SyncBatch}, {"always", SyncAlways}} {
+		b.Run(mode.name, func(b *testing.B) {
+			o := testOptions(b.TempDir())
+			o.Sync = mode.sync
+			s, err := Open(o)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -417,7 +424,7 @@ func TestDrainingGivesDiskSpaceBack(t *testing.T) {
 }
 
 func TestFanoutStoresOneCopyPerRecipientUnderOneDedupKey(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 1 })
+	h := newHarness(t, func(q *queue.Settings) { q.MaxQueueMessages = 1 })
 	h.append("full", "x", "pre", "fills the queue of full")
 	req := func() (queue.Status, queue.Message) {
 		ch := make(chan queue.Status, 1)
@@ -479,7 +486,7 @@ func TestUnseenDevicesAreForgottenWhileRunning(t *testing.T) {
 	// The lost phone holds the message back until it is forgotten; the
 	// phone, connected all along, is never forgotten however old its
 	// last-seen time.
-	h.s.forgetUnseenDevices(time.Now().Add(h.s.opts.Queue.DeviceTTL + time.Minute))
+	h.s.reg.Sweep(time.Now().Add(h.s.opts.Settings.DeviceTTL + time.Minute))
 	h.flushed("bob", 0)
 	if c, _, _ := h.s.Attach("bob", "lost-phone", false); c != 1 {
 		t.Fatalf("the forgotten phone came back with cursor %d, want 1 (a new device)", c)

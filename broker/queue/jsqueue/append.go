@@ -71,7 +71,7 @@ func (s *Store) commitLoop() {
 // collect returns r and whatever else is already waiting, up to MaxBatch.
 func (s *Store) collect(r *queue.Request) []*queue.Request {
 	reqs := []*queue.Request{r}
-	for len(reqs) < s.opts.Queue.MaxBatch {
+	for len(reqs) < s.opts.Settings.MaxBatch {
 		select {
 		case r := <-s.reqs:
 			reqs = append(reqs, r)
@@ -106,7 +106,7 @@ func (s *Store) publish(reqs []*queue.Request) {
 
 // send publishes one recipient's copy of r.
 func (s *Store) send(r *queue.Request, to string, data []byte) pub {
-	v := encodeValue(r.Meta, data)
+	v := queue.EncodeValue(r.Meta, data)
 	subj, _ := s.names.subject(to)
 	m := &nats.Msg{Subject: subj, Data: v, Header: nats.Header{}}
 	if r.ID != "" {
@@ -114,8 +114,8 @@ func (s *Store) send(r *queue.Request, to string, data []byte) pub {
 	}
 	// The stream's MaxAge expires messages by the wall clock; the header
 	// lets Read follow Options.Now as well.
-	m.Header.Set(expiresHeader, strconv.FormatInt(s.opts.Now().Add(s.opts.Queue.MessageTTL).UnixMilli(), 10))
-	meta, body, _ := decodeValue(v)
+	m.Header.Set(expiresHeader, strconv.FormatInt(s.opts.Now().Add(s.opts.Settings.MessageTTL).UnixMilli(), 10))
+	meta, body, _ := queue.DecodeValue(v)
 	p := pub{user: to, msg: m, meta: meta, data: body}
 	// A full set of pending publishes waits for room as long as a publish
 	// may wait for its acknowledgement.
@@ -223,7 +223,7 @@ func noSpace(err error) bool {
 }
 
 // failed records p.err as a failure; lack of space is queue.ErrNoSpace,
-// as broker/queue reports it.
+// as badgerq reports it.
 func (p *pub) failed() {
 	p.status = queue.Failed
 	if noSpace(p.err) {
@@ -301,7 +301,7 @@ func (s *Store) retry(ps []*pub) {
 }
 
 // report calls Done for one request and OnStored for its stored copies.
-// The request's status follows broker/queue: Failed if any copy failed,
+// The request's status follows badgerq: Failed if any copy failed,
 // Duplicate if every copy that was not refused is a duplicate, Full if
 // every recipient is full, else Stored (after OnFull names the full
 // ones); the Message is To's copy.

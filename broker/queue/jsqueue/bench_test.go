@@ -9,7 +9,6 @@ import (
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/cluster/natsnode/natstest"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/config"
 )
 
 // BenchmarkAppend stores 200-byte messages to 200 users, all in flight
@@ -33,7 +32,7 @@ func BenchmarkAppend(b *testing.B) {
 				nodes = natstest.Cluster(b, 3)
 			}
 			s, err := Open(context.Background(), Options{
-				Conn: nodes[0].Conn(), Queue: config.Default().Queue, Replicas: bc.replicas, Logger: quiet(),
+				Conn: nodes[0].Conn(), Settings: queue.DefaultSettings(), Replicas: bc.replicas, Logger: quiet(),
 			})
 			if err != nil {
 				b.Fatal(err)

@@ -31,7 +31,7 @@ func newCluster(t *testing.T) *cluster {
 	c.nodes = natstest.Cluster(t, 3)
 	for i, n := range c.nodes {
 		s, err := Open(context.Background(), Options{
-			Conn: n.Conn(), Queue: testQueue(nil), Replicas: 3, Shards: 2, Logger: quiet(),
+			Conn: n.Conn(), Settings: testQueue(nil), Replicas: 3, Shards: 2, Logger: quiet(),
 			PublishTimeout: 2 * time.Second,
 		})
 		if err != nil {

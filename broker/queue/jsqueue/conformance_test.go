@@ -13,7 +13,6 @@ import (
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/queuetest"
-	"github.com/chatd/chatd/config"
 )
 
 // jetstreamBackend is the JetStream store as a conformance-suite backend: one
@@ -32,7 +31,7 @@ func jetstreamBackend(t *testing.T) queuetest.Backend {
 	)
 	return queuetest.Backend{
 		Name: "jetstream",
-		Open: func(t testing.TB, run string, q config.Queue, now func() time.Time) queuetest.Store {
+		Open: func(t testing.TB, run string, q queue.Settings, now func() time.Time) queuetest.Store {
 			mu.Lock()
 			prefix, ok := runs[run]
 			if !ok {
@@ -41,7 +40,7 @@ func jetstreamBackend(t *testing.T) queuetest.Backend {
 			}
 			mu.Unlock()
 			s, err := Open(context.Background(), Options{
-				Conn: node.Conn(), Queue: q, Replicas: 1, Shards: 2, Logger: quiet(), Now: now,
+				Conn: node.Conn(), Settings: q, Replicas: 1, Shards: 2, Logger: quiet(), Now: now,
 			})
 			if err != nil {
 				t.Fatalf("open jsqueue: %v", err)

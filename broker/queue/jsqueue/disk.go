@@ -16,7 +16,7 @@ const freeInterval = 5 * time.Second
 func (s *Store) FreeBytes() int64 { return s.free.Load() }
 
 // LowDisk reports whether JetStream refused the last message it refused
-// for lack of storage and has stored nothing since. Unlike broker/queue,
+// for lack of storage and has stored nothing since. Unlike badgerq,
 // which watches its disk and keeps a reserve, the JetStream servers
 // enforce their own limits; this only mirrors what they answered.
 func (s *Store) LowDisk() bool { return s.lowDisk.Load() }

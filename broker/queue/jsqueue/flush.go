@@ -10,35 +10,34 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/broker/queue/devices"
 )
 
 // purgeWorkers bounds the users purged at once by one flush.
 const purgeWorkers = 8
 
 // flushLoop persists acknowledgements every AckFlushInterval, forgets
-// unseen devices and reads the storage left; on Close it flushes once more.
+// unseen devices, evicts idle users and reads the storage left; it runs
+// what the registry's Control carries. On Close it flushes once more.
 func (s *Store) flushLoop() {
 	defer s.wg.Done()
-	tick := time.NewTicker(s.opts.Queue.AckFlushInterval)
-	defer tick.Stop()
-	sweep := time.NewTicker(sweepInterval(s.opts.Queue.DeviceTTL))
-	defer sweep.Stop()
+	timers := s.reg.Timers(s.opts.Settings.AckFlushInterval)
+	defer timers.Stop()
 	free := time.NewTicker(freeInterval)
 	defer free.Stop()
-	evict := time.NewTicker(evictEvery)
-	defer evict.Stop()
 	for {
 		select {
 		case <-free.C:
 			s.readFree()
-		case <-tick.C:
+		case <-timers.Flush:
 			// Errors are logged and the users flushed again next time.
 			_ = s.flush()
-		case <-sweep.C:
-			s.forgetUnseenDevices(s.opts.Now())
-		case <-evict.C:
-			s.evictIdleUsers(false)
-		case f := <-s.ctl:
+		case <-timers.Sweep:
+			s.reg.Sweep(s.opts.Now())
+		case <-timers.Evict:
+			s.reg.Evict(false)
+		case f := <-s.reg.Control():
 			f()
 		case <-s.stop:
 			// Done and OnStored callbacks of the last requests may still ack.
@@ -54,84 +53,38 @@ func (s *Store) flushLoop() {
 	}
 }
 
-// Flush persists acknowledgements and purges what every device has
-// acknowledged now, instead of at the next AckFlushInterval, and returns
-// what failed. After Close it does nothing.
-func (s *Store) Flush() error {
-	var err error
-	s.onFlusher(func() { err = s.flush() })
-	return err
-}
-
-// ForgetUnseen forgets, now, the offline devices unseen for device_ttl by
-// the store's clock, as the periodic sweep does, and persists that.
-// After Close it does nothing.
-func (s *Store) ForgetUnseen() error {
-	var err error
-	s.onFlusher(func() {
-		s.forgetUnseenDevices(s.opts.Now())
-		err = s.flush()
-	})
-	return err
-}
-
-// onFlusher runs f on the flusher goroutine, which owns flushes, and
-// waits for it; after Close it does nothing.
-func (s *Store) onFlusher(f func()) {
-	done := make(chan struct{})
-	select {
-	case s.ctl <- func() { f(); close(done) }:
-		<-done
-	case <-s.stop:
-	}
-}
-
-// sweepInterval is how often devices unseen for ttl are looked for.
-func sweepInterval(ttl time.Duration) time.Duration {
-	return min(max(ttl/10, time.Second), time.Hour)
-}
-
 // write is one device record a flush writes.
 type write struct {
-	u    *userState
-	name string
-	rec  record
-	rev  uint64
-	fut  jetstream.PubAckFuture
-	err  error
+	devices.Write
+	u   *user
+	fut jetstream.PubAckFuture
+	err error
 }
 
 // flush writes changed device records, deletes forgotten ones, and purges
 // what every device of a user has acknowledged. What fails is logged,
 // returned, and left dirty for the next flush.
 func (s *Store) flush() error {
-	s.dirtyM.Lock()
-	if len(s.dirty) == 0 {
-		s.dirtyM.Unlock()
+	dirty := s.reg.TakeDirty()
+	if dirty == nil {
 		return nil
 	}
-	dirty := s.dirty
-	s.dirty = make(map[*userState]struct{}, len(dirty))
-	s.dirtyM.Unlock()
-
 	var writes []*write
-	var purges []*userState
-	deletes := make(map[*userState][]forget)
+	var purges []*user
+	deletes := make(map[*user][]devices.Forget)
 	for u := range dirty {
-		u.mu.Lock()
-		for name, d := range u.devices {
-			if d.record != d.saved || d.rev == 0 {
-				writes = append(writes, &write{u: u, name: name, rec: d.record, rev: d.rev})
-			}
+		u.Lock()
+		ws, forgotten := s.reg.Pending(u)
+		for _, w := range ws {
+			writes = append(writes, &write{Write: w, u: u})
 		}
-		if len(u.forgotten) > 0 {
-			deletes[u] = u.forgotten
-			u.forgotten = nil
+		if len(forgotten) > 0 {
+			deletes[u] = forgotten
 		}
-		if low, ok := u.minCursor(); ok && low > u.purged {
+		if low, ok := u.MinCursor(); ok && low > u.Queue.purged {
 			purges = append(purges, u)
 		}
-		u.mu.Unlock()
+		u.Unlock()
 	}
 	ctx, cancel := s.reqCtx()
 	defer cancel()
@@ -148,21 +101,21 @@ func (s *Store) flush() error {
 func (s *Store) writeRecords(ctx context.Context, ws []*write) error {
 	var errs []error
 	for _, w := range ws {
-		if w.rev == 0 {
+		if w.Rev == 0 {
 			continue // created synchronously below: a deleted key has a marker to replace
 		}
 		m := &nats.Msg{
-			Subject: s.names.kvSubject(deviceKey(w.u.name, w.name)),
-			Data:    w.rec.encode(),
-			Header:  nats.Header{jetstream.ExpectedLastSubjSeqHeader: []string{strconv.FormatUint(w.rev, 10)}},
+			Subject: s.names.kvSubject(deviceKey(w.u.Name, w.Name)),
+			Data:    w.Record.Encode(),
+			Header:  nats.Header{jetstream.ExpectedLastSubjSeqHeader: []string{strconv.FormatUint(w.Rev, 10)}},
 		}
 		w.fut, w.err = s.js.PublishMsgAsync(m, jetstream.WithStallWait(s.opts.RequestTimeout))
 	}
 	for _, w := range ws {
 		var rev uint64
 		switch {
-		case w.rev == 0:
-			rev, w.err = s.kv.Create(ctx, deviceKey(w.u.name, w.name), w.rec.encode())
+		case w.Rev == 0:
+			rev, w.err = s.kv.Create(ctx, deviceKey(w.u.Name, w.Name), w.Record.Encode())
 		case w.err == nil:
 			select {
 			case ack := <-w.fut.Ok():
@@ -172,32 +125,28 @@ func (s *Store) writeRecords(ctx context.Context, ws []*write) error {
 		}
 		var apiErr *jetstream.APIError
 		if errors.Is(w.err, jetstream.ErrKeyExists) || errors.As(w.err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-			w.rec, rev, w.err = s.mergeRecord(ctx, w)
+			w.Record, rev, w.err = s.mergeRecord(ctx, w)
 		}
 		if errors.Is(w.err, errDeparted) {
 			continue
 		}
 		if w.err != nil {
-			s.log.Error("persist device cursor", "user", w.u.name, "device", w.name, "error", w.err)
-			errs = append(errs, fmt.Errorf("cursor of %s/%s: %w", w.u.name, w.name, w.err))
-			s.markDirty(w.u)
+			s.log.Error("persist device cursor", "user", w.u.Name, "device", w.Name, "error", w.err)
+			errs = append(errs, fmt.Errorf("cursor of %s/%s: %w", w.u.Name, w.Name, w.err))
+			s.reg.MarkDirty(w.u)
 			continue
 		}
-		w.u.mu.Lock()
-		d, here := w.u.devices[w.name]
-		if here {
-			d.saved, d.rev = w.rec, rev
-			d.cursor = max(d.cursor, w.rec.cursor)
-			if d.record != d.saved {
-				s.markDirty(w.u)
-			}
-		} else {
+		w.u.Lock()
+		switch here, changed := w.u.Written(w.Name, w.Record, rev); {
+		case !here:
 			// The device left (a transient one) while its record was being
 			// written, and its delete may have lost to this write: delete
 			// what was written, unless it changed since.
-			s.forgetNow(w.u, w.name, rev)
+			s.reg.ForgetNow(w.u, w.Name, rev)
+		case changed:
+			s.reg.MarkDirty(w.u)
 		}
-		w.u.mu.Unlock()
+		w.u.Unlock()
 	}
 	return errors.Join(errs...)
 }
@@ -207,32 +156,28 @@ func (s *Store) writeRecords(ctx context.Context, ws []*write) error {
 var errDeparted = errors.New("device forgotten meanwhile")
 
 // mergeRecord writes w's record merged with the bucket's newer one.
-func (s *Store) mergeRecord(ctx context.Context, w *write) (record, uint64, error) {
-	key := deviceKey(w.u.name, w.name)
-	e, err := s.kv.Get(ctx, key)
+func (s *Store) mergeRecord(ctx context.Context, w *write) (devices.Record, uint64, error) {
+	p := persister{s}
+	theirs, rev, err := p.Get(ctx, w.u.Name, w.Name)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		w.u.mu.Lock()
-		_, here := w.u.devices[w.name]
-		w.u.mu.Unlock()
+		w.u.Lock()
+		_, here := w.u.Device(w.Name)
+		w.u.Unlock()
 		if !here {
 			// Forgotten meanwhile (a transient device that left): its
 			// record stays deleted.
-			return w.rec, 0, errDeparted
+			return w.Record, 0, errDeparted
 		}
-		rev, err := s.kv.Create(ctx, key, w.rec.encode())
-		return w.rec, rev, err
+		rev, err := s.kv.Create(ctx, deviceKey(w.u.Name, w.Name), w.Record.Encode())
+		return w.Record, rev, err
 	}
 	if err != nil {
-		return w.rec, 0, fmt.Errorf("read %s to merge: %w", key, err)
+		return w.Record, 0, fmt.Errorf("read %s/%s to merge: %w", w.u.Name, w.Name, err)
 	}
-	theirs, ok := decodeRecord(e.Value())
-	if !ok {
-		return w.rec, 0, fmt.Errorf("device record %s is corrupt", key)
-	}
-	merged := w.rec
-	merged.cursor = max(merged.cursor, theirs.cursor)
-	merged.seen = max(merged.seen, theirs.seen)
-	rev, err := s.kv.Update(ctx, key, merged.encode(), e.Revision())
+	merged := w.Record
+	merged.Cursor = max(merged.Cursor, theirs.Cursor)
+	merged.Seen = max(merged.Seen, theirs.Seen)
+	rev, err = p.Update(ctx, w.u.Name, w.Name, merged, rev)
 	return merged, rev, err
 }
 
@@ -240,32 +185,27 @@ func (s *Store) mergeRecord(ctx context.Context, w *write) (record, uint64, erro
 // it is still at the revision it was forgotten by: another node that saw
 // the device since (its cursor and last-seen time newer than this node's
 // copy) keeps it, and this node takes it back at its next read.
-func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]forget) error {
+func (s *Store) deleteRecords(ctx context.Context, deletes map[*user][]devices.Forget) error {
 	var errs []error
 	for u, fs := range deletes {
-		var failed []forget
+		var failed []devices.Forget
 		for _, f := range fs {
-			var opts []jetstream.KVDeleteOpt
-			if f.rev != 0 {
-				opts = append(opts, jetstream.LastRevision(f.rev))
-			}
-			err := s.kv.Delete(ctx, deviceKey(u.name, f.name), opts...)
-			var apiErr *jetstream.APIError
+			err := persister{s}.Delete(ctx, u.Name, f.Name, f.Rev)
 			switch {
 			case err == nil:
-			case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
-				s.log.Info("device seen on another node: not forgotten", "user", u.name, "device", f.name)
+			case errors.Is(err, devices.ErrChanged):
+				s.log.Info("device seen on another node: not forgotten", "user", u.Name, "device", f.Name)
 			default:
-				s.log.Error("forget device", "user", u.name, "device", f.name, "error", err)
-				errs = append(errs, fmt.Errorf("forget %s/%s: %w", u.name, f.name, err))
+				s.log.Error("forget device", "user", u.Name, "device", f.Name, "error", err)
+				errs = append(errs, fmt.Errorf("forget %s/%s: %w", u.Name, f.Name, err))
 				failed = append(failed, f)
 			}
 		}
 		if len(failed) > 0 {
-			u.mu.Lock()
-			u.forgotten = append(u.forgotten, failed...)
-			u.mu.Unlock()
-			s.markDirty(u)
+			u.Lock()
+			u.ForgetLater(failed...)
+			u.Unlock()
+			s.reg.MarkDirty(u)
 		}
 	}
 	return errors.Join(errs...)
@@ -276,8 +216,8 @@ func (s *Store) deleteRecords(ctx context.Context, deletes map[*userState][]forg
 // before: a device added on another node since this node last looked
 // starts at the queue's head, so it needs nothing below a cursor that
 // every device read here had already reached.
-func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) error {
-	work := make(chan *userState)
+func (s *Store) purgeAcknowledged(ctx context.Context, users []*user) error {
+	work := make(chan *user)
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
@@ -287,11 +227,11 @@ func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) error
 		wg.Go(func() {
 			for u := range work {
 				if err := s.purgeUser(ctx, u); err != nil {
-					s.log.Error("delete acknowledged messages", "user", u.name, "error", err)
+					s.log.Error("delete acknowledged messages", "user", u.Name, "error", err)
 					mu.Lock()
-					errs = append(errs, fmt.Errorf("purge queue of %s: %w", u.name, err))
+					errs = append(errs, fmt.Errorf("purge queue of %s: %w", u.Name, err))
 					mu.Unlock()
-					s.markDirty(u)
+					s.reg.MarkDirty(u)
 				}
 			}
 		})
@@ -304,36 +244,36 @@ func (s *Store) purgeAcknowledged(ctx context.Context, users []*userState) error
 	return errors.Join(errs...)
 }
 
-func (s *Store) purgeUser(ctx context.Context, u *userState) error {
-	recs, err := s.readDevices(ctx, u.name)
+func (s *Store) purgeUser(ctx context.Context, u *user) error {
+	recs, err := s.readDevices(ctx, u.Name)
 	if err != nil {
 		return err
 	}
-	s.reconcile(u, recs)
-	u.mu.Lock()
-	upTo, ok := u.minCursor()
+	s.reg.Merge(u, recs)
+	u.Lock()
+	upTo, ok := u.MinCursor()
 	// Only what the bucket holds counts: a cursor not yet written would
 	// be lost with this node.
-	for name := range u.devices {
-		if st, in := recs[name]; in && !st.deleted {
-			upTo = min(upTo, st.rec.cursor)
+	for name := range u.Devices() {
+		if st, in := recs[name]; in && !st.Deleted {
+			upTo = min(upTo, st.Record.Cursor)
 		} else {
 			ok = false
 		}
 	}
-	purged := u.purged
-	u.mu.Unlock()
+	purged := u.Queue.purged
+	u.Unlock()
 	if !ok || upTo <= purged {
 		return nil
 	}
-	subj, shard := s.names.subject(u.name)
+	subj, shard := s.names.subject(u.Name)
 	n, err := purge(ctx, s.nc, s.names.stream(shard), subj, upTo+1)
 	if err != nil {
 		return err
 	}
 	s.stats.Deleted.Add(n)
-	u.mu.Lock()
-	u.purged = max(u.purged, upTo)
-	u.mu.Unlock()
+	u.Lock()
+	u.Queue.purged = max(u.Queue.purged, upTo)
+	u.Unlock()
 	return nil
 }

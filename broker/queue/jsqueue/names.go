@@ -15,8 +15,8 @@ import (
 // holds '.', '*', '>' or whitespace, and is never empty.
 //
 //	stream  <PREFIX>_Q<shard>                 subjects <prefix>.q.<shard>.*
-//	message <prefix>.q.<shard>.<user>          body: uvarint len(meta), meta, envelope
-//	bucket  <prefix>_devices (KV, history 1)   key <user>.<device> -> device record
+//	message <prefix>.q.<shard>.<user>          body: queue.EncodeValue(meta, envelope)
+//	bucket  <prefix>_devices (KV, history 1)   key <user>.<device> -> devices.Record.Encode()
 //	        meta.shards                        the shard count the streams were made with
 
 // token encodes s as one subject token.
@@ -89,68 +89,4 @@ func msgID(sender, id, to string) string {
 	}
 	var sum [sha256.Size]byte
 	return base64.RawURLEncoding.EncodeToString(h.Sum(sum[:0])[:16])
-}
-
-// encodeValue lays out a stored message as broker/queue does: the length
-// of meta as a uvarint, meta, then the envelope.
-func encodeValue(meta, data []byte) []byte {
-	v := make([]byte, 0, binary.MaxVarintLen32+len(meta)+len(data))
-	v = binary.AppendUvarint(v, uint64(len(meta)))
-	v = append(v, meta...)
-	return append(v, data...)
-}
-
-// errCorruptValue is a stored message whose layout does not decode.
-var errCorruptValue = errors.New("corrupt stored message")
-
-func decodeValue(v []byte) (meta, data []byte, err error) {
-	n, k := binary.Uvarint(v)
-	if k <= 0 || n > uint64(len(v)-k) {
-		return nil, nil, errCorruptValue
-	}
-	return v[k : k+int(n)], v[k+int(n):], nil
-}
-
-// Device record flags.
-const (
-	// subscribedFlag marks a device that subscribed to its inbox.
-	subscribedFlag = 1
-	// transientFlag marks a clean-session device. Unlike broker/queue,
-	// which keeps them in memory, transient devices are written to the
-	// bucket: another node deciding what every device has acknowledged
-	// must see them too.
-	transientFlag = 2
-)
-
-// record is what the bucket holds of one device.
-type record struct {
-	cursor     uint64
-	seen       int64
-	subscribed bool
-	transient  bool
-}
-
-func (r record) encode() []byte {
-	b := make([]byte, 17)
-	binary.BigEndian.PutUint64(b, r.cursor)
-	binary.BigEndian.PutUint64(b[8:], uint64(r.seen))
-	if r.subscribed {
-		b[16] |= subscribedFlag
-	}
-	if r.transient {
-		b[16] |= transientFlag
-	}
-	return b
-}
-
-func decodeRecord(v []byte) (record, bool) {
-	if len(v) != 17 {
-		return record{}, false
-	}
-	return record{
-		cursor:     binary.BigEndian.Uint64(v),
-		seen:       int64(binary.BigEndian.Uint64(v[8:])),
-		subscribed: v[16]&subscribedFlag != 0,
-		transient:  v[16]&transientFlag != 0,
-	}, true
 }

@@ -73,7 +73,7 @@ func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([
 			if expired(m.Header, now) {
 				continue
 			}
-			meta, data, err := decodeValue(m.Data)
+			meta, data, err := queue.DecodeValue(m.Data)
 			if err != nil {
 				return nil, fmt.Errorf("read queue of %s: message %d: %w", user, seq, err)
 			}
@@ -102,7 +102,7 @@ func (s *Store) read(ctx context.Context, user string, after uint64, max int) ([
 				continue
 			}
 		}
-		meta, data, err := decodeValue(sm.Data)
+		meta, data, err := queue.DecodeValue(sm.Data)
 		if err != nil {
 			return nil, fmt.Errorf("read queue of %s: message %d: %w", user, sm.Sequence, err)
 		}
@@ -137,15 +137,12 @@ func (s *Store) Head(user string) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("head of %s: %w", user, err)
 	}
-	u, err := s.lockUser(user)
+	u, err := s.reg.Lock(user)
 	if err != nil {
 		return 0, err
 	}
-	defer u.mu.Unlock()
-	for _, d := range u.devices {
-		last = max(last, d.cursor)
-	}
-	return max(last, u.purged), nil
+	defer u.Unlock()
+	return max(last, u.MaxCursor(), u.Queue.purged), nil
 }
 
 // Depth returns how many messages of user are stored and not yet deleted.

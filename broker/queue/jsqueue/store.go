@@ -40,7 +40,7 @@ import (
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/broker/queue/devices"
 )
 
 // Defaults of Options.
@@ -66,10 +66,11 @@ type Options struct {
 	// Conn is the NATS connection (natsnode.Node.Conn); the Store does
 	// not close it.
 	Conn *nats.Conn
-	// Queue holds the TTLs, caps, flush interval and batch size. Its sync
-	// settings do not apply: fsync is the NATS servers' (natsnode.Config),
+	// Settings are the TTLs, caps, flush interval and batch size; zero
+	// MaxBatch, AckFlushInterval and DeviceTTL take queue.DefaultSettings'.
+	// There is no sync mode: fsync is the NATS servers' (natsnode.Config),
 	// and a replicated stream's durability is its quorum.
-	Queue config.Queue
+	Settings queue.Settings
 	// Shards is how many streams the users are spread over; 0 means
 	// DefaultShards. It cannot change once the streams exist: Open refuses.
 	Shards int
@@ -117,8 +118,6 @@ type Store struct {
 	reqs    chan *queue.Request
 	batches chan *batch
 	stop    chan struct{}
-	// ctl runs Flush and ForgetUnseen on the flusher goroutine.
-	ctl chan func()
 	// crashed skips the last flush on Close, as a crash would (tests).
 	crashed atomic.Bool
 	// completed is closed when the completer has reported everything.
@@ -129,9 +128,13 @@ type Store struct {
 	// closeErr is what the last flush on Close failed to persist.
 	closeErr error
 
-	users  sync.Map // user ID -> *userState
-	dirtyM sync.Mutex
-	dirty  map[*userState]struct{}
+	// deviceAPI gives the Store the device methods of queue.Store
+	// (MayAttach, Attach, Cursor, SetSubscribed, Ack, Detach) and Flush,
+	// ForgetUnseen, Loaded and EvictIdle.
+	deviceAPI
+	// reg is the device registry, its records in the bucket; the flusher
+	// goroutine owns its flushes (reg.Control).
+	reg *devices.Registry[queueState]
 
 	stats queue.Counters
 	// retries counts publishes sent again, for tests.
@@ -175,14 +178,15 @@ func (o Options) withDefaults() (Options, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	if o.Queue.MaxBatch <= 0 {
-		o.Queue.MaxBatch = config.Default().Queue.MaxBatch
+	def := queue.DefaultSettings()
+	if o.Settings.MaxBatch <= 0 {
+		o.Settings.MaxBatch = def.MaxBatch
 	}
-	if o.Queue.AckFlushInterval <= 0 {
-		o.Queue.AckFlushInterval = config.Default().Queue.AckFlushInterval
+	if o.Settings.AckFlushInterval <= 0 {
+		o.Settings.AckFlushInterval = def.AckFlushInterval
 	}
-	if o.Queue.DeviceTTL <= 0 {
-		o.Queue.DeviceTTL = config.Default().Queue.DeviceTTL
+	if o.Settings.DeviceTTL <= 0 {
+		o.Settings.DeviceTTL = def.DeviceTTL
 	}
 	switch {
 	case o.Shards < 1:
@@ -222,10 +226,19 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		reqs:      make(chan *queue.Request, 16384),
 		batches:   make(chan *batch, 64),
 		stop:      make(chan struct{}),
-		ctl:       make(chan func()),
 		completed: make(chan struct{}),
-		dirty:     make(map[*userState]struct{}),
 	}
+	s.reg = devices.New(devices.Options[queueState]{
+		Persister:  persister{s},
+		Shared:     persister{s},
+		Flush:      s.flush,
+		DeviceTTL:  opts.Settings.DeviceTTL,
+		MaxDevices: opts.Settings.MaxDevices,
+		Now:        opts.Now,
+		Logger:     opts.Logger,
+		Stop:       s.stop,
+	})
+	s.deviceAPI = s.reg.API()
 	if err := s.setup(ctx); err != nil {
 		return nil, err
 	}
@@ -240,7 +253,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 // setup creates the bucket, checks the shard count and creates or
 // updates every shard's stream.
 func (s *Store) setup(ctx context.Context) error {
-	q := s.opts.Queue
+	q := s.opts.Settings
 	var kv jetstream.KeyValue
 	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
 		kv, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
@@ -406,7 +419,7 @@ func (s *Store) Stats() queue.Stats { return s.stats.Stats() }
 func (s *Store) Undelivered() uint64 { return s.Stats().Undelivered() }
 
 // DiskSize returns the bytes held by the message streams and by the
-// device bucket (the two figures broker/queue gives for its LSM tree and
+// device bucket (the two figures badgerq gives for its LSM tree and
 // value log). A failed lookup is logged and counts as 0.
 func (s *Store) DiskSize() (streams, devices int64) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.RequestTimeout)

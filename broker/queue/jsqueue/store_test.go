@@ -15,7 +15,6 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/config"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -30,7 +29,7 @@ type harness struct {
 	stored []string // "user:seq" in OnStored order
 }
 
-func newHarness(t *testing.T, mutate func(*config.Queue)) *harness {
+func newHarness(t *testing.T, mutate func(*queue.Settings)) *harness {
 	before := goleak.IgnoreCurrent()
 	h := &harness{t: t, dir: t.TempDir()}
 	h.startNode()
@@ -51,8 +50,8 @@ func (h *harness) startNode() {
 	h.node = n
 }
 
-func testQueue(mutate func(*config.Queue)) config.Queue {
-	q := config.Default().Queue
+func testQueue(mutate func(*queue.Settings)) queue.Settings {
+	q := queue.DefaultSettings()
 	q.AckFlushInterval = 2 * time.Millisecond
 	if mutate != nil {
 		mutate(&q)
@@ -60,9 +59,9 @@ func testQueue(mutate func(*config.Queue)) config.Queue {
 	return q
 }
 
-func (h *harness) open(mutate func(*config.Queue)) {
+func (h *harness) open(mutate func(*queue.Settings)) {
 	s, err := Open(context.Background(), Options{
-		Conn: h.node.Conn(), Queue: testQueue(mutate), Replicas: 1, Shards: 2, Logger: quiet(),
+		Conn: h.node.Conn(), Settings: testQueue(mutate), Replicas: 1, Shards: 2, Logger: quiet(),
 	})
 	if err != nil {
 		h.t.Fatal(err)
@@ -81,7 +80,7 @@ func (h *harness) close() {
 
 // restart closes the store, restarts the NATS server on the same
 // directory and opens the store again.
-func (h *harness) restart(mutate func(*config.Queue)) {
+func (h *harness) restart(mutate func(*queue.Settings)) {
 	h.close()
 	h.node.Shutdown()
 	h.startNode()
@@ -106,9 +105,11 @@ func appendMsg(t *testing.T, s *Store, r *queue.Request) (queue.Status, queue.Me
 	return got.st, got.m
 }
 
+// append stores one message and waits for its outcome; OnStored records
+// each stored copy in h.stored.
 func (h *harness) append(to, sender, id, data string) (queue.Status, queue.Message) {
 	h.t.Helper()
-	return appendMsg(h.t, h.s, &queue.Request{To: to, Sender: sender, ID: id, Data: []byte(data)})
+	return appendMsg(h.t, h.s, &queue.Request{To: to, Sender: sender, ID: id, Data: []byte(data), OnStored: h.onStored})
 }
 
 // read returns user's messages after a cursor as "data" strings.
@@ -250,7 +251,7 @@ func TestDedupInOneBatch(t *testing.T) {
 }
 
 func TestCap(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 3 })
+	h := newHarness(t, func(q *queue.Settings) { q.MaxQueueMessages = 3 })
 	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +328,7 @@ func TestFirstDeviceGetsBacklogLaterDevicesDoNot(t *testing.T) {
 }
 
 func TestMaxDevices(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) { q.MaxDevices = 1 })
+	h := newHarness(t, func(q *queue.Settings) { q.MaxDevices = 1 })
 	if _, _, err := h.s.Attach("bob", "phone", false); err != nil {
 		t.Fatal(err)
 	}
@@ -406,7 +407,7 @@ func TestRestartKeepsMessagesCursorsAndDedup(t *testing.T) {
 }
 
 func TestMessageTTL(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) {
+	h := newHarness(t, func(q *queue.Settings) {
 		q.MessageTTL = 500 * time.Millisecond
 		q.DedupWindow = 100 * time.Millisecond
 	})
@@ -428,7 +429,7 @@ func TestForgetsDevicesUnseenForDeviceTTL(t *testing.T) {
 	h.s.Ack("bob", "phone", m.Seq)
 	// The lost phone holds the message back until it is forgotten; the
 	// phone, connected all along, is never forgotten.
-	h.s.forgetUnseenDevices(time.Now().Add(h.s.opts.Queue.DeviceTTL + time.Minute))
+	h.s.reg.Sweep(time.Now().Add(h.s.opts.Settings.DeviceTTL + time.Minute))
 	h.flushed("bob", 0)
 	if c, _, _ := h.s.Attach("bob", "lost-phone", false); c != m.Seq {
 		t.Fatalf("the forgotten phone came back with cursor %d, want %d (a new device)", c, m.Seq)
@@ -439,7 +440,7 @@ func TestForgetsDevicesUnseenForDeviceTTL(t *testing.T) {
 }
 
 func TestFanoutStoresOneCopyPerRecipient(t *testing.T) {
-	h := newHarness(t, func(q *config.Queue) { q.MaxQueueMessages = 1 })
+	h := newHarness(t, func(q *queue.Settings) { q.MaxQueueMessages = 1 })
 	h.append("full", "x", "pre", "fills the queue of full")
 	req := func() (queue.Status, queue.Message) {
 		return appendMsg(t, h.s, &queue.Request{Sender: "alice", ID: "g-1", Meta: []byte("meta"),
@@ -513,7 +514,7 @@ func TestManyInFlightCompleteInOrder(t *testing.T) {
 
 func TestOpenRefusesAnotherShardCount(t *testing.T) {
 	h := newHarness(t, nil)
-	_, err := Open(context.Background(), Options{Conn: h.node.Conn(), Queue: testQueue(nil), Replicas: 1, Shards: 3, Logger: quiet()})
+	_, err := Open(context.Background(), Options{Conn: h.node.Conn(), Settings: testQueue(nil), Replicas: 1, Shards: 3, Logger: quiet()})
 	if err == nil || !strings.Contains(err.Error(), "shard count cannot change") {
 		t.Fatalf("open with 3 shards over 2: %v", err)
 	}
@@ -541,7 +542,7 @@ func TestOutOfStorageIsNoSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Shutdown()
-	s, err := Open(context.Background(), Options{Conn: n.Conn(), Queue: testQueue(nil), Replicas: 1, Shards: 1, Logger: quiet()})
+	s, err := Open(context.Background(), Options{Conn: n.Conn(), Settings: testQueue(nil), Replicas: 1, Shards: 1, Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}

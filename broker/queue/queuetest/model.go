@@ -14,7 +14,6 @@ import (
 
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/config"
 )
 
 var (
@@ -235,7 +234,7 @@ type runner struct {
 	name string
 	// settleTimeout bounds each wait for delivery.
 	settleTimeout time.Duration
-	q             config.Queue
+	q             queue.Settings
 	clock         *Clock
 	store         Store
 	dlv           *delivery.Delivery

@@ -1,5 +1,5 @@
 // Package queuetest is the conformance suite of the queue contract: the
-// tests every queue backend (broker/queue on Badger, broker/jsqueue on
+// tests every queue backend (badgerq on Badger, jsqueue on
 // JetStream) runs, and the model-based test of the message path (a store
 // and broker/delivery driven by seeded random events and checked against
 // a small reference model of docs/PROTOCOL.md after every step).
@@ -15,7 +15,6 @@ import (
 
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/queue"
-	"github.com/chatd/chatd/config"
 )
 
 // Store is the queue contract, as the message path uses it.
@@ -51,9 +50,10 @@ type Backend struct {
 	// Name names the backend in test names.
 	Name string
 	// Open opens the store of run (a fresh one the first time, the same
-	// data after Crash) with q and the clock now. The store is closed by
-	// the caller.
-	Open func(t testing.TB, run string, q config.Queue, now func() time.Time) Store
+	// data after Crash) with q and the clock now, without fsyncs: the
+	// suite's crashes are of the process, not of the machine. The store
+	// is closed by the caller.
+	Open func(t testing.TB, run string, q queue.Settings, now func() time.Time) Store
 	// Crash closes s as a crash would: acknowledgements since the last
 	// Flush are lost.
 	Crash func(s Store) error
@@ -89,9 +89,8 @@ func RunExamples(t *testing.T, b Backend) { runExamples(t, b) }
 
 // testQueue is the configuration of the suite: small caps so that they
 // are reached, long intervals so that only the test flushes and sweeps.
-func testQueue() config.Queue {
-	q := config.Default().Queue
-	q.Sync = config.SyncNone
+func testQueue() queue.Settings {
+	q := queue.DefaultSettings()
 	q.MaxQueueMessages = 6
 	q.MaxDevices = 2
 	q.MessageTTL = 3 * time.Hour
