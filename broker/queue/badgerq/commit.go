@@ -48,8 +48,8 @@ func (o *outcome) each(f func(stored)) {
 // into one Badger commit and persists acknowledgements between them.
 func (s *Store) commitLoop() {
 	defer s.wg.Done()
-	timers := s.reg.Timers(s.opts.Settings.AckFlushInterval)
-	defer timers.Stop()
+	upkeep := s.reg.Upkeep()
+	defer upkeep.Stop()
 	batch := make([]*queue.Request, 0, s.opts.Settings.MaxBatch)
 	results := make([]outcome, 0, s.opts.Settings.MaxBatch)
 	for {
@@ -57,13 +57,8 @@ func (s *Store) commitLoop() {
 		case r := <-s.reqs:
 			batch = s.collect(append(batch[:0], r))
 			results = s.commit(batch, results[:0])
-		case <-timers.Flush:
-			// Errors are logged and the users flushed again next time.
-			_ = s.flush()
-		case <-timers.Sweep:
-			s.reg.Sweep(s.opts.Now())
-		case <-timers.Evict:
-			s.reg.Evict(false)
+		case tick := <-upkeep.C:
+			upkeep.Run(tick)
 		case f := <-s.reg.Control():
 			f()
 		case <-s.stop:

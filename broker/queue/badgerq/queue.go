@@ -143,15 +143,7 @@ func Open(opts Options) (*Store, error) {
 		reqs: make(chan *queue.Request, 16384),
 		stop: make(chan struct{}),
 	}
-	s.reg = devices.New(devices.Options[userQueue]{
-		Persister:  persister{s},
-		Flush:      s.flush,
-		DeviceTTL:  opts.Settings.DeviceTTL,
-		MaxDevices: opts.Settings.MaxDevices,
-		Now:        opts.Now,
-		Logger:     opts.Logger,
-		Stop:       s.stop,
-	})
+	s.reg = devices.New(persister{s}, devices.Options{Flush: s.flush, Stop: s.stop, Settings: opts.Settings, Now: opts.Now, Logger: opts.Logger})
 	s.deviceAPI = s.reg.API()
 	s.checkDisk()
 	s.wg.Add(2)

@@ -26,7 +26,7 @@ func (a API[Q]) MayAttach(user, device string) (bool, error) {
 	}
 	defer u.mu.Unlock()
 	_, known := u.devices[device]
-	return known || len(u.devices) < a.r.opts.MaxDevices, nil
+	return known || len(u.devices) < a.r.opts.Settings.MaxDevices, nil
 }
 
 // Attach registers a connection of a device of user and returns the
@@ -142,7 +142,7 @@ func (r *Registry[Q]) registered(ctx context.Context, u *User[Q], device string,
 		return fresh, fresh, 0, err
 	}
 	switch {
-	case u.isForgotten(device) || old.Seen < fresh.Seen-int64(r.opts.DeviceTTL/time.Second):
+	case u.isForgotten(device) || old.Seen < fresh.Seen-int64(r.opts.Settings.DeviceTTL/time.Second):
 		// A record this node forgot (a transient device that left, one
 		// unseen for device_ttl) and has yet to delete: the device
 		// registers as new.

@@ -35,6 +35,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/chatd/chatd/broker/queue"
 )
 
 // Persister stores a registry's device records and reads each user's
@@ -80,19 +82,15 @@ var ErrExists = errors.New("device record exists")
 var ErrChanged = errors.New("device record changed")
 
 // Options configures a Registry.
-type Options[Q any] struct {
-	// Persister stores the records.
-	Persister Persister[Q]
+type Options struct {
 	// Shared, if set, is the persister's shared side: see Shared.
 	Shared Shared
 	// Flush is the backend's flush, run on its owner goroutine by
-	// API.Flush and API.ForgetUnseen.
+	// API.Flush, API.ForgetUnseen and the Upkeep.
 	Flush func() error
-	// DeviceTTL forgets an offline device unseen for this long.
-	DeviceTTL time.Duration
-	// MaxDevices caps one user's known devices.
-	MaxDevices int
-	// Now is the clock of last-seen times.
+	// Settings give device_ttl, max_devices and the flush interval.
+	Settings queue.Settings
+	// Now is the clock of last-seen times; nil means time.Now.
 	Now func() time.Time
 	// Logger receives errors of operations that return none.
 	Logger *slog.Logger
@@ -105,7 +103,7 @@ type Options[Q any] struct {
 type Registry[Q any] struct {
 	p      Persister[Q]
 	shared Shared
-	opts   Options[Q]
+	opts   Options
 	log    *slog.Logger
 	users  sync.Map // user ID -> *User[Q]
 	dirtyM sync.Mutex
@@ -114,8 +112,8 @@ type Registry[Q any] struct {
 	ctl chan func()
 }
 
-// New returns an empty registry.
-func New[Q any](opts Options[Q]) *Registry[Q] {
+// New returns an empty registry whose records p persists.
+func New[Q any](p Persister[Q], opts Options) *Registry[Q] {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -123,7 +121,7 @@ func New[Q any](opts Options[Q]) *Registry[Q] {
 		opts.Now = time.Now
 	}
 	return &Registry[Q]{
-		p:      opts.Persister,
+		p:      p,
 		shared: opts.Shared,
 		opts:   opts,
 		log:    opts.Logger,
@@ -257,7 +255,7 @@ func (r *Registry[Q]) Merge(u *User[Q], recs map[string]Stored) {
 // record another node deleted is dropped unless it is connected here, in
 // which case it is written again.
 func (r *Registry[Q]) merge(u *User[Q], recs map[string]Stored) {
-	expired := r.opts.Now().Add(-r.opts.DeviceTTL).Unix()
+	expired := r.opts.Now().Add(-r.opts.Settings.DeviceTTL).Unix()
 	forgot := false
 	for name, st := range recs {
 		d, ok := u.devices[name]
@@ -330,7 +328,7 @@ func (r *Registry[Q]) ForgetNow(u *User[Q], device string, rev uint64) {
 // back (users not loaded are checked when they are); a device connected
 // here is seen now. The next flush persists it. Run on the owner.
 func (r *Registry[Q]) Sweep(now time.Time) {
-	before := now.Add(-r.opts.DeviceTTL).Unix()
+	before := now.Add(-r.opts.Settings.DeviceTTL).Unix()
 	r.users.Range(func(_, v any) bool {
 		u := v.(*User[Q])
 		u.mu.Lock()
@@ -429,31 +427,55 @@ func SweepInterval(ttl time.Duration) time.Duration {
 	return min(max(ttl/10, time.Second), time.Hour)
 }
 
-// Timers are the owner goroutine's periodic work: flush every flush
-// interval, Sweep every SweepInterval, Evict(false) every EvictEvery.
-type Timers struct {
-	flush, sweep, evict *time.Ticker
-	// Flush, Sweep and Evict tick when each is due.
-	Flush, Sweep, Evict <-chan time.Time
+// Upkeep is the owner goroutine's periodic work: the backend's flush
+// every flush interval, Sweep every SweepInterval of device_ttl, and
+// Evict(false) every EvictEvery. One ticker at the shortest of the
+// three paces them all: each runs at the first tick at or after it is
+// due, and a tick the owner was too busy for is dropped, as a
+// time.Ticker drops it.
+type Upkeep[Q any] struct {
+	ticker *time.Ticker
+	// C ticks; the owner then calls Run with the tick's time.
+	C <-chan time.Time
+	// duties are flush, sweep and evict; every and next are each one's
+	// pace and when it is next due, from start.
+	duties      [3]func()
+	every, next [3]time.Duration
+	start       time.Time
 }
 
-// Timers starts the owner's timers; the owner stops them.
-func (r *Registry[Q]) Timers(flushEvery time.Duration) *Timers {
-	t := &Timers{
-		flush: time.NewTicker(flushEvery),
-		sweep: time.NewTicker(SweepInterval(r.opts.DeviceTTL)),
-		evict: time.NewTicker(EvictEvery),
+// Upkeep starts the owner's ticker; the owner stops it.
+func (r *Registry[Q]) Upkeep() *Upkeep[Q] {
+	k := &Upkeep[Q]{start: time.Now()}
+	k.duties = [3]func(){
+		// The backend logs its errors and flushes the users again next time.
+		func() { _ = r.opts.Flush() },
+		func() { r.Sweep(r.opts.Now()) },
+		func() { r.Evict(false) },
 	}
-	t.Flush, t.Sweep, t.Evict = t.flush.C, t.sweep.C, t.evict.C
-	return t
+	k.every = [3]time.Duration{r.opts.Settings.AckFlushInterval, SweepInterval(r.opts.Settings.DeviceTTL), EvictEvery}
+	k.next = k.every
+	k.ticker = time.NewTicker(min(k.every[0], k.every[1], k.every[2]))
+	k.C = k.ticker.C
+	return k
 }
 
-// Stop stops the timers.
-func (t *Timers) Stop() {
-	t.flush.Stop()
-	t.sweep.Stop()
-	t.evict.Stop()
+// Run does what is due at tick, in the order flush, sweep, evict.
+func (k *Upkeep[Q]) Run(tick time.Time) {
+	at := tick.Sub(k.start)
+	for i, duty := range k.duties {
+		if at < k.next[i] {
+			continue
+		}
+		for k.next[i] <= at {
+			k.next[i] += k.every[i]
+		}
+		duty()
+	}
 }
+
+// Stop stops the ticker.
+func (k *Upkeep[Q]) Stop() { k.ticker.Stop() }
 
 // attachErr wraps an error of Attach.
 func attachErr(user, device string, err error) error {

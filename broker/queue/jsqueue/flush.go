@@ -22,21 +22,16 @@ const purgeWorkers = 8
 // what the registry's Control carries. On Close it flushes once more.
 func (s *Store) flushLoop() {
 	defer s.wg.Done()
-	timers := s.reg.Timers(s.opts.Settings.AckFlushInterval)
-	defer timers.Stop()
+	upkeep := s.reg.Upkeep()
+	defer upkeep.Stop()
 	free := time.NewTicker(freeInterval)
 	defer free.Stop()
 	for {
 		select {
 		case <-free.C:
 			s.readFree()
-		case <-timers.Flush:
-			// Errors are logged and the users flushed again next time.
-			_ = s.flush()
-		case <-timers.Sweep:
-			s.reg.Sweep(s.opts.Now())
-		case <-timers.Evict:
-			s.reg.Evict(false)
+		case tick := <-upkeep.C:
+			upkeep.Run(tick)
 		case f := <-s.reg.Control():
 			f()
 		case <-s.stop:

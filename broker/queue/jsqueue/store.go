@@ -228,16 +228,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		stop:      make(chan struct{}),
 		completed: make(chan struct{}),
 	}
-	s.reg = devices.New(devices.Options[queueState]{
-		Persister:  persister{s},
-		Shared:     persister{s},
-		Flush:      s.flush,
-		DeviceTTL:  opts.Settings.DeviceTTL,
-		MaxDevices: opts.Settings.MaxDevices,
-		Now:        opts.Now,
-		Logger:     opts.Logger,
-		Stop:       s.stop,
-	})
+	// The bucket is shared by every node: a shared persister.
+	s.reg = devices.New(persister{s}, devices.Options{Shared: persister{s}, Flush: s.flush, Stop: s.stop,
+		Settings: opts.Settings, Now: opts.Now, Logger: opts.Logger})
 	s.deviceAPI = s.reg.API()
 	if err := s.setup(ctx); err != nil {
 		return nil, err
