@@ -608,3 +608,47 @@ func TestUnsubscribeStopsFeeding(t *testing.T) {
 		t.Fatalf("delivery after subscribing again: %s", pk.Payload)
 	}
 }
+
+// TestOnlyInboxSubscriptionFeeds: a subscription to presence topics
+// does not start the device's deliveries.
+func TestOnlyInboxSubscriptionFeeds(t *testing.T) {
+	it := newInboxTest(t, 8)
+	bob := it.connect(session{user: "bob", v5: true})
+	bob.subscribe(1, "presence/carol") // nothing retained there
+	if _, _, fed := it.path.Window("bob", ""); fed {
+		t.Fatal("bob is fed after subscribing to presence alone")
+	}
+	bob.subscribe(2, "inbox/bob")
+	if _, _, fed := it.path.Window("bob", ""); !fed {
+		t.Fatal("bob is not fed after subscribing to his inbox")
+	}
+}
+
+// TestAbandonEndsSession: a connection whose serving goroutine panicked
+// gets no disconnect hooks from mochi; Abandon ends its session instead,
+// once.
+func TestAbandonEndsSession(t *testing.T) {
+	it := newInboxTest(t, 8)
+	bob := it.connect(session{user: "bob", device: "phone", v5: true, persistent: true})
+	bob.subscribe(1, "inbox/bob")
+	cl, ok := it.srv.Clients.Get("bob/phone")
+	if !ok {
+		t.Fatal("bob/phone is not in mochi's client map")
+	}
+	it.inbox.Abandon(&net.TCPConn{}) // not a connection of the hook's: nothing happens
+	if _, _, fed := it.path.Window("bob", "phone"); !fed {
+		t.Fatal("Abandon of an unknown connection ended bob's session")
+	}
+	it.inbox.Abandon(cl.Net.Conn)
+	if _, _, fed := it.path.Window("bob", "phone"); fed {
+		t.Fatal("bob is still fed after Abandon")
+	}
+	if got := it.reasons.all(); !slices.Equal(got, []string{string(ReasonOther)}) {
+		t.Fatalf("disconnect reasons %v, want [%s]", got, ReasonOther)
+	}
+	bob.wantClosed()
+	it.waitEnded("bob/phone")
+	if got := it.reasons.all(); len(got) != 1 {
+		t.Fatalf("the session ended %d times: %v", len(got), got)
+	}
+}
