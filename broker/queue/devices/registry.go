@@ -24,8 +24,9 @@
 //   - an offline device unseen for device_ttl is forgotten, so that it
 //     stops holding messages back; one connected all along is seen now.
 //
-// Concurrency: one goroutine of the backend owns flushes (it selects on
-// Control); eviction and the sweep run there too.
+// Concurrency: one goroutine of the backend, the owner, runs its
+// flushes, the sweep and eviction: it selects on Control and on the
+// Upkeep's ticker. Everything else may be called from any goroutine.
 package devices
 
 import (
