@@ -428,50 +428,62 @@ func SweepInterval(ttl time.Duration) time.Duration {
 	return min(max(ttl/10, time.Second), time.Hour)
 }
 
+// Duty is periodic work of the owner goroutine.
+type Duty struct {
+	// Every is its pace.
+	Every time.Duration
+	// Run does it.
+	Run func()
+	// next is when it is next due, from the Upkeep's start.
+	next time.Duration
+}
+
 // Upkeep is the owner goroutine's periodic work: the backend's flush
-// every flush interval, Sweep every SweepInterval of device_ttl, and
-// Evict(false) every EvictEvery. One ticker at the shortest of the
-// three paces them all: each runs at the first tick at or after it is
-// due, and a tick the owner was too busy for is dropped, as a
-// time.Ticker drops it.
+// every flush interval, Sweep every SweepInterval of device_ttl,
+// Evict(false) every EvictEvery, then the backend's own duties. One
+// ticker at the shortest pace paces them all: each runs at the first
+// tick at or after it is due, and a tick the owner was too busy for is
+// dropped, as a time.Ticker drops it.
 type Upkeep[Q any] struct {
 	ticker *time.Ticker
 	// C ticks; the owner then calls Run with the tick's time.
-	C <-chan time.Time
-	// duties are flush, sweep and evict; every and next are each one's
-	// pace and when it is next due, from start.
-	duties      [3]func()
-	every, next [3]time.Duration
-	start       time.Time
+	C      <-chan time.Time
+	duties []Duty
+	start  time.Time
 }
 
-// Upkeep starts the owner's ticker; the owner stops it.
-func (r *Registry[Q]) Upkeep() *Upkeep[Q] {
+// Upkeep starts the owner's ticker, for the registry's duties and the
+// backend's own; the owner stops it.
+func (r *Registry[Q]) Upkeep(own ...Duty) *Upkeep[Q] {
 	k := &Upkeep[Q]{start: time.Now()}
-	k.duties = [3]func(){
+	k.duties = append([]Duty{
 		// The backend logs its errors and flushes the users again next time.
-		func() { _ = r.opts.Flush() },
-		func() { r.Sweep(r.opts.Now()) },
-		func() { r.Evict(false) },
+		{Every: r.opts.Settings.AckFlushInterval, Run: func() { _ = r.opts.Flush() }},
+		{Every: SweepInterval(r.opts.Settings.DeviceTTL), Run: func() { r.Sweep(r.opts.Now()) }},
+		{Every: EvictEvery, Run: func() { r.Evict(false) }},
+	}, own...)
+	pace := k.duties[0].Every
+	for i := range k.duties {
+		k.duties[i].next = k.duties[i].Every
+		pace = min(pace, k.duties[i].Every)
 	}
-	k.every = [3]time.Duration{r.opts.Settings.AckFlushInterval, SweepInterval(r.opts.Settings.DeviceTTL), EvictEvery}
-	k.next = k.every
-	k.ticker = time.NewTicker(min(k.every[0], k.every[1], k.every[2]))
+	k.ticker = time.NewTicker(pace)
 	k.C = k.ticker.C
 	return k
 }
 
-// Run does what is due at tick, in the order flush, sweep, evict.
+// Run does what is due at tick, in the order of the duties.
 func (k *Upkeep[Q]) Run(tick time.Time) {
 	at := tick.Sub(k.start)
-	for i, duty := range k.duties {
-		if at < k.next[i] {
+	for i := range k.duties {
+		d := &k.duties[i]
+		if at < d.next {
 			continue
 		}
-		for k.next[i] <= at {
-			k.next[i] += k.every[i]
+		for d.next <= at {
+			d.next += d.Every
 		}
-		duty()
+		d.Run()
 	}
 }
 

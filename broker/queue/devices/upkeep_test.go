@@ -4,6 +4,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/broker/queue"
 )
 
 // TestUpkeepPace checks which duties each tick runs: each at the first
@@ -33,9 +35,9 @@ func TestUpkeepPace(t *testing.T) {
 			start := time.Unix(0, 0)
 			var got []string
 			var at time.Duration
-			k := &Upkeep[struct{}]{start: start, every: c.every, next: c.every}
+			k := &Upkeep[struct{}]{start: start}
 			for i, name := range []string{"flush", "sweep", "evict"} {
-				k.duties[i] = func() { got = append(got, at.String()+":"+name) }
+				k.duties = append(k.duties, Duty{Every: c.every[i], next: c.every[i], Run: func() { got = append(got, at.String()+":"+name) }})
 			}
 			for _, at = range c.ticks {
 				k.Run(start.Add(at))
@@ -44,5 +46,26 @@ func TestUpkeepPace(t *testing.T) {
 				t.Fatalf("ran %v\nwant %v", got, c.want)
 			}
 		})
+	}
+}
+
+// TestUpkeepOwnDuty checks that a backend's own duty sets the pace when
+// it is the shortest, and runs after the registry's.
+func TestUpkeepOwnDuty(t *testing.T) {
+	r := New[struct{}](nil, Options{Settings: queue.Settings{AckFlushInterval: time.Hour, DeviceTTL: time.Hour}})
+	ran := 0
+	k := r.Upkeep(Duty{Every: 5 * time.Millisecond, Run: func() { ran++ }})
+	defer k.Stop()
+	if len(k.duties) != 4 || k.duties[3].next != 5*time.Millisecond {
+		t.Fatalf("duties %+v, want the own duty last, first due at 5ms", k.duties)
+	}
+	select {
+	case tick := <-k.C:
+		k.Run(tick)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no tick at the own duty's pace")
+	}
+	if ran != 1 {
+		t.Fatalf("own duty ran %d times on its first tick, want 1", ran)
 	}
 }

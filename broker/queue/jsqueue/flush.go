@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
-	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,14 +21,10 @@ const purgeWorkers = 8
 // what the registry's Control carries. On Close it flushes once more.
 func (s *Store) flushLoop() {
 	defer s.wg.Done()
-	upkeep := s.reg.Upkeep()
+	upkeep := s.reg.Upkeep(devices.Duty{Every: freeInterval, Run: s.readFree})
 	defer upkeep.Stop()
-	free := time.NewTicker(freeInterval)
-	defer free.Stop()
 	for {
 		select {
-		case <-free.C:
-			s.readFree()
 		case tick := <-upkeep.C:
 			upkeep.Run(tick)
 		case f := <-s.reg.Control():
