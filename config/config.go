@@ -4,6 +4,8 @@ package config
 import (
 	"fmt"
 	"time"
+
+	"github.com/chatd/chatd/broker/queue"
 )
 
 // Sync modes say when a message is made durable relative to its PUBACK.
@@ -208,6 +210,9 @@ const MinSecretBytes = 32
 
 // Default returns the embedded default configuration used by `make run`.
 func Default() Config {
+	// The queue's own defaults are the queue package's, which its
+	// backends also fall back on.
+	q := queue.DefaultSettings()
 	return Config{
 		DataDir: "data",
 		Listen:  "127.0.0.1:1883",
@@ -215,13 +220,13 @@ func Default() Config {
 		Queue: Queue{
 			Sync:             SyncBatch,
 			SyncInterval:     100 * time.Millisecond,
-			MessageTTL:       30 * 24 * time.Hour,
-			DedupWindow:      24 * time.Hour,
-			MaxQueueMessages: 1_000_000,
-			DeviceTTL:        30 * 24 * time.Hour,
-			MaxDevices:       32,
-			AckFlushInterval: 10 * time.Millisecond,
-			MaxBatch:         4096,
+			MessageTTL:       q.MessageTTL,
+			DedupWindow:      q.DedupWindow,
+			MaxQueueMessages: q.MaxQueueMessages,
+			DeviceTTL:        q.DeviceTTL,
+			MaxDevices:       q.MaxDevices,
+			AckFlushInterval: q.AckFlushInterval,
+			MaxBatch:         q.MaxBatch,
 			MinFreeBytes:     256 << 20,
 		},
 		Limits: Limits{

@@ -23,8 +23,9 @@ type Settings struct {
 	MaxBatch int
 }
 
-// DefaultSettings returns the settings of config.Default's queue section,
-// for a backend to fill in what its caller left zero, and for tests.
+// DefaultSettings returns the queue's defaults: config.Default's queue
+// section takes them, a backend fills in what its caller left zero with
+// them, and tests start from them.
 func DefaultSettings() Settings {
 	return Settings{
 		MessageTTL:       30 * 24 * time.Hour,
