@@ -203,3 +203,29 @@ func FuzzParseDelivery(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkParseDelivery measures parsing alone, for every envelope kind a
+// receiver gets; it must not allocate.
+func BenchmarkParseDelivery(b *testing.B) {
+	obj := appendMessage(nil, message{Tag: "bench", Seq: 7, SentAt: 1764145476123456789, Sender: "alice", N: 3}, 256)
+	payloads := []struct {
+		name    string
+		payload []byte
+	}{
+		{"msg", []byte(`{"kind":"msg","from":"alice","to":"bob","ts":1,"msg":` + string(obj) + `}`)},
+		{"receipt", []byte(`{"kind":"receipt","status":"read","by":"bob","ids":["bench-1","bench-2","bench-3"],"ts":5}`)},
+		{"error", []byte(`{"kind":"error","ref":"bench-7","code":"queue_full","reason":"the recipient's queue is full"}`)},
+	}
+	for _, p := range payloads {
+		b.Run(p.name, func(b *testing.B) {
+			b.SetBytes(int64(len(p.payload)))
+			b.ReportAllocs()
+			var d delivery
+			for b.Loop() {
+				if err := parseDelivery(p.payload, false, &d); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,47 @@
+package envelope
+
+import (
+	"strings"
+	"testing"
+)
+
+// benchPayloads are message objects of the shapes the publish path sees:
+// a short chat message, one whose id follows a long text, one with nested
+// app data before the id, and a 4 KiB one padded with escapes.
+var benchPayloads = []struct {
+	name    string
+	payload []byte
+}{
+	{"short", []byte(`{"id":"m-1764145476123-42","text":"see you at eight?"}`)},
+	{"id last", []byte(`{"text":"` + strings.Repeat("lorem ipsum dolor sit amet ", 20) + `","id":"m-1764145476123-42"}`)},
+	{"nested", []byte(`{"reply_to":{"id":"m-1","from":"bob"},"attachments":[{"url":"https://x.example/a.jpg","w":640,"h":480},{"url":"https://x.example/b.jpg","w":640,"h":480}],"text":"look","id":"m-2"}`)},
+	{"4KiB escaped", []byte(`{"id":"m-3","text":"` + strings.Repeat(`say \"hi\" \u00e9 `, 256) + `"}`)},
+}
+
+func BenchmarkValidate(b *testing.B) {
+	for _, bp := range benchPayloads {
+		b.Run(bp.name, func(b *testing.B) {
+			b.SetBytes(int64(len(bp.payload)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := Validate(bp.payload, 64<<10); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkRefOf(b *testing.B) {
+	for _, bp := range benchPayloads {
+		b.Run(bp.name, func(b *testing.B) {
+			b.SetBytes(int64(len(bp.payload)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if RefOf(bp.payload) == "" {
+					b.Fatal("no ref")
+				}
+			}
+		})
+	}
+}
