@@ -1,10 +1,11 @@
 package broker
 
 import (
-	"context"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestTransientDeviceBesideNewPersistentKeepsBacklog is the probe that
@@ -24,7 +25,7 @@ func TestTransientDeviceBesideNewPersistentKeepsBacklog(t *testing.T) {
 	}
 	phone := mustDial(t, s, "jack", phoneOpt{clientID: "jack/phone", noSub: true})
 	cli.client.Disconnect(100)
-	waitUntil(t, "jack/cli detached", func() bool { return !s.inbox.Connected("jack/cli") })
+	testutil.Eventually(t, 10*time.Second, func() bool { return !s.auth.Connected("jack/cli") }, "jack/cli never detached")
 	if err := s.queue.(interface{ Flush() error }).Flush(); err != nil {
 		t.Fatal(err)
 	}
@@ -37,19 +38,5 @@ func TestTransientDeviceBesideNewPersistentKeepsBacklog(t *testing.T) {
 	phone.waitFor(3)
 	if got := phone.ids(); !slices.Equal(got, []string{"m1", "m2", "m3"}) {
 		t.Fatalf("the first persistent device received %v, want the backlog m1 m2 m3", got)
-	}
-}
-
-// waitUntil polls cond until it holds or a deadline passes.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting until %s", what)
-		case <-time.After(5 * time.Millisecond):
-		}
 	}
 }

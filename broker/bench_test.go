@@ -91,7 +91,7 @@ func benchDirect(b *testing.B, mode string, receipts bool, users, window int) {
 			u := fmt.Sprintf("u%d", i)
 			h, _ := s.queue.Head(u)
 			d, _ := s.queue.Depth(u)
-			n, next, ok := s.delivery.Window(u, "")
+			n, next, ok := s.path.Window(u, "")
 			b.Logf("%s head %d depth %d inflight %d next %d online %v", u, h, d, n, next, ok)
 		}
 		b.Logf("mochi received %d publishes, %d packets", s.mqtt.Info.MessagesReceived, s.mqtt.Info.PacketsReceived)

@@ -15,6 +15,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // event is any JSON object a client receives.
@@ -91,16 +92,18 @@ func TestDeliveredReceiptsBatchAndMultiDeviceOnce(t *testing.T) {
 	waitAcked(t, s, "bob", "phone")
 	// The phone's acks come after the laptop's: they must not repeat receipts.
 	var all []string
-	deadline := time.Now().Add(10 * time.Second)
-	for len(all) < 3 && time.Now().Before(deadline) {
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
 		all = all[:0]
 		for _, e := range alice.events() {
 			if e["status"] == "delivered" {
 				all = append(all, strings.Split(ids(e), ",")...)
 			}
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		if len(all) < 3 {
+			return fmt.Errorf("delivered receipts for %v", all)
+		}
+		return nil
+	}, "waiting for three delivered receipts")
 	// Each device acks on its own connection, so which device's ack
 	// reports a message first, and so the receipts' order, is not fixed.
 	slices.Sort(all)
@@ -374,14 +377,19 @@ func TestGroupMessages(t *testing.T) {
 	}
 	// Delivered receipts from bob (two) and carol (one) reach alice.
 	var receipts []string
-	for deadline := time.Now().Add(10 * time.Second); len(receipts) < 3 && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+	// Too few receipts at the deadline are reported by the check below.
+	_ = testutil.Poll(10*time.Second, func() error {
 		receipts = receipts[:0]
 		for _, e := range alice.events() {
 			if e["status"] == "delivered" {
 				receipts = append(receipts, fmt.Sprint(e["by"], ":", ids(e)))
 			}
 		}
-	}
+		if len(receipts) < 3 {
+			return fmt.Errorf("%d receipts", len(receipts))
+		}
+		return nil
+	})
 	if len(receipts) < 3 {
 		t.Fatalf("alice got delivered receipts %v, want bob's two and carol's one", receipts)
 	}

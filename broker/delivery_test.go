@@ -182,7 +182,7 @@ func waitAcked(t *testing.T, s *Server, user, device string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if n, _, ok := s.delivery.Window(user, device); ok && n == 0 {
+		if n, _, ok := s.path.Window(user, device); ok && n == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -195,7 +195,7 @@ func waitAcked(t *testing.T, s *Server, user, device string) {
 // deviceWindow reads a device's in-flight count and next sequence from the server.
 func deviceWindow(t *testing.T, s *Server, user, device string) (inflight int, next uint64) {
 	t.Helper()
-	n, nx, ok := s.delivery.Window(user, device)
+	n, nx, ok := s.path.Window(user, device)
 	if !ok {
 		t.Fatalf("%s/%s is not being fed", user, device)
 	}
@@ -287,7 +287,7 @@ func TestUnsubscribeStopsDelivery(t *testing.T) {
 	if tk := bob.client.Unsubscribe("inbox/bob"); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
 		t.Fatalf("unsubscribe: %v", tk.Error())
 	}
-	if _, _, ok := s.delivery.Window("bob", ""); ok {
+	if _, _, ok := s.path.Window("bob", ""); ok {
 		t.Fatal("device still fed after unsubscribing")
 	}
 	alice.send("bob", "two", "")

@@ -45,7 +45,7 @@ func TestStockMosquittoClients(t *testing.T) {
 	// mosquitto_sub prints nothing until messages arrive: wait until its
 	// device is fed so the publishes below go to a subscribed inbox.
 	for {
-		if _, _, ok := s.delivery.Window("bob", "cli"); ok {
+		if _, _, ok := s.path.Window("bob", "cli"); ok {
 			break
 		}
 		select {

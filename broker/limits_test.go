@@ -143,7 +143,7 @@ func TestDevicesPerUser(t *testing.T) {
 func waitDisconnected(t *testing.T, s *Server, clientID string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for s.inbox.Connected(clientID) {
+	for s.auth.Connected(clientID) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s is still connected", clientID)
 		}

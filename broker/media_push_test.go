@@ -183,6 +183,6 @@ func srvBody(m map[string]any) string {
 
 // fed reports whether the bare device of user is being fed.
 func fed(s *Server, user string) bool {
-	_, _, ok := s.delivery.Window(user, "")
+	_, _, ok := s.path.Window(user, "")
 	return ok
 }

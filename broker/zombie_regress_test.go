@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker/msgpath/wire"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/mochi"
 )
 
 // TestWriteTimeoutDisconnects: a client that stops reading while the
@@ -25,8 +25,8 @@ func TestWriteTimeoutDisconnects(t *testing.T) {
 		timeout = 500 * time.Millisecond
 		n       = 160 // of 60 KB each: far more than both socket buffers hold
 	)
-	previous := wire.SetWriteTimeout(timeout)
-	t.Cleanup(func() { wire.SetWriteTimeout(previous) })
+	previous := mochi.SetWriteTimeout(timeout)
+	t.Cleanup(func() { mochi.SetWriteTimeout(previous) })
 	s := startServer(t, t.TempDir(), func(c *config.Config) {
 		c.Limits.MaxInflight = 2 * n
 		// The writes must time out, not overflow the pending limit.
@@ -74,7 +74,7 @@ func TestWriteTimeoutDisconnects(t *testing.T) {
 	}
 
 	waitDisconnected(t, s, "bob")
-	if _, _, online := s.delivery.Window("bob", ""); online {
+	if _, _, online := s.path.Window("bob", ""); online {
 		t.Fatal("bob's device is still being fed after his connection was dropped")
 	}
 	// The server closed bob's socket: reading drains what was sent and ends.

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // runAsMain makes the test binary behave as chatd when set, so that the
@@ -147,19 +149,19 @@ var startedRE = regexp.MustCompile(`msg="chatd started" mqtt=(\S+) http=(\S+)`)
 // waitStarted waits for the start-up log line and returns the addresses in it.
 func waitStarted(t *testing.T, logs *syncBuffer, done <-chan error) (mqttAddr, httpAddr string) {
 	t.Helper()
-	deadline := time.After(10 * time.Second)
-	for {
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
 		if m := startedRE.FindStringSubmatch(logs.String()); m != nil {
-			return m[1], m[2]
+			mqttAddr, httpAddr = m[1], m[2]
+			return nil
 		}
 		select {
 		case err := <-done:
 			t.Fatalf("serve returned before starting: %v\n%s", err, logs)
-		case <-deadline:
-			t.Fatalf("no start-up line within 10s:\n%s", logs)
-		case <-time.After(10 * time.Millisecond):
+		default:
 		}
-	}
+		return fmt.Errorf("no start-up line in:\n%s", logs)
+	}, "waiting for chatd to start")
+	return mqttAddr, httpAddr
 }
 
 func TestServe(t *testing.T) {
