@@ -55,7 +55,7 @@ func startCluster(cfg config.Config, log *slog.Logger, onCommit func(int, time.D
 	}
 	// queue.sync is the JetStream server's fsync in cluster mode: Badger
 	// holds no queued message there.
-	ncfg.SyncAlways, ncfg.SyncInterval = natsnode.QueueSync(cfg.Queue)
+	ncfg.SyncAlways, ncfg.SyncInterval = jetstreamSync(cfg.Queue)
 	if cfg.Queue.Sync == config.SyncNone && cfg.Cluster.URL == "" {
 		log.Info("queue.sync none: JetStream cannot turn fsync off, so it fsyncs on its own interval",
 			"sync_interval", natsnode.DefaultSyncInterval)

@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"time"
+
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/config"
@@ -30,5 +32,26 @@ func badgerSync(mode string) badgerq.Sync {
 		return badgerq.SyncNone
 	default:
 		return badgerq.SyncAlways
+	}
+}
+
+// jetstreamSync maps queue.sync and queue.sync_interval onto the embedded
+// NATS server's fsync settings, so that a PUBACK means in cluster mode
+// what the mode says on a single node:
+//   - always: every JetStream write is fsynced before it is acknowledged;
+//   - batch: JetStream fsyncs every q.SyncInterval, as Badger does;
+//   - none: JetStream cannot be told never to fsync, so it keeps its own
+//     natsnode.DefaultSyncInterval (interval 0), the closest to leaving
+//     flushes to the OS.
+//
+// A server chatd joins by URL keeps its own settings: it is not ours to set.
+func jetstreamSync(q config.Queue) (always bool, interval time.Duration) {
+	switch q.Sync {
+	case config.SyncAlways:
+		return true, 0
+	case config.SyncBatch:
+		return false, q.SyncInterval
+	default:
+		return false, 0
 	}
 }

@@ -19,8 +19,6 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/chatd/chatd/config"
 )
 
 // DefaultReadyTimeout bounds Start when Config.ReadyTimeout is zero.
@@ -29,26 +27,6 @@ const DefaultReadyTimeout = 30 * time.Second
 // DefaultSyncInterval is nats-server's own fsync interval, which an
 // embedded server keeps when Config.SyncInterval is zero.
 const DefaultSyncInterval = 2 * time.Minute
-
-// QueueSync maps chatd's queue.sync and queue.sync_interval onto the
-// embedded server's Config.SyncAlways and Config.SyncInterval, so that a
-// PUBACK means in cluster mode what the mode says on a single node:
-//   - always: every JetStream write is fsynced before it is acknowledged;
-//   - batch: JetStream fsyncs every q.SyncInterval, as Badger does;
-//   - none: JetStream cannot be told never to fsync, so it keeps its own
-//     DefaultSyncInterval, the closest to leaving flushes to the OS.
-//
-// A server chatd joins by URL keeps its own settings: it is not ours to set.
-func QueueSync(q config.Queue) (always bool, interval time.Duration) {
-	switch q.Sync {
-	case config.SyncAlways:
-		return true, 0
-	case config.SyncBatch:
-		return false, q.SyncInterval
-	default:
-		return false, 0
-	}
-}
 
 // Config says which NATS to run or join. With URL set, Start only
 // connects and every server field is ignored.
@@ -75,7 +53,7 @@ type Config struct {
 	// (for a replicated stream: its Raft log on each replica). Without it
 	// a replicated stream relies on its other replicas for a crash of one
 	// node, and a single node may lose the last SyncInterval of writes to
-	// a power loss. QueueSync derives it from chatd's queue settings.
+	// a power loss. broker derives it from chatd's queue.sync.
 	SyncAlways bool
 	// SyncInterval is how often JetStream fsyncs in the background; 0
 	// keeps the server default, DefaultSyncInterval.

@@ -11,8 +11,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/chatd/chatd/config"
 )
 
 // syncBuffer is a log sink safe to write from the server's goroutines
@@ -35,28 +33,26 @@ func (s *syncBuffer) String() string {
 }
 
 // TestQueueSyncReachesJetStream starts an embedded server for each
-// queue.sync mode and checks the fsync settings the running JetStream
+// fsync setting queue.sync maps to and checks the fsync settings the running JetStream
 // took and logs, and that it stores a message with them.
 func TestQueueSyncReachesJetStream(t *testing.T) {
 	verifyNoLeaks(t)
 	cases := []struct {
-		sync         string
+		always       bool
 		interval     time.Duration
 		wantAlways   bool
 		wantInterval time.Duration
 	}{
-		{config.SyncAlways, 100 * time.Millisecond, true, DefaultSyncInterval},
-		{config.SyncBatch, 100 * time.Millisecond, false, 100 * time.Millisecond},
-		{config.SyncBatch, 3 * time.Second, false, 3 * time.Second},
-		{config.SyncNone, 100 * time.Millisecond, false, DefaultSyncInterval},
+		{true, 0, true, DefaultSyncInterval},
+		{false, 100 * time.Millisecond, false, 100 * time.Millisecond},
+		{false, 3 * time.Second, false, 3 * time.Second},
+		{false, 0, false, DefaultSyncInterval},
 	}
 	for _, c := range cases {
-		t.Run(c.sync+"/"+c.interval.String(), func(t *testing.T) {
-			q := config.Default().Queue
-			q.Sync, q.SyncInterval = c.sync, c.interval
+		t.Run(fmt.Sprintf("always=%v/%v", c.always, c.interval), func(t *testing.T) {
 			var logs syncBuffer
 			cfg := Config{Name: "sync", Dir: t.TempDir(), Listen: "127.0.0.1:0", Logger: slog.New(slog.NewTextHandler(&logs, nil))}
-			cfg.SyncAlways, cfg.SyncInterval = QueueSync(q)
+			cfg.SyncAlways, cfg.SyncInterval = c.always, c.interval
 			n, err := Start(context.Background(), cfg)
 			if err != nil {
 				t.Fatal(err)
@@ -98,7 +94,7 @@ func TestJoinByURLWarnsSyncIsTheServers(t *testing.T) {
 	defer existing.Shutdown()
 	var logs syncBuffer
 	cfg := Config{URL: existing.ClientURL(), Logger: slog.New(slog.NewTextHandler(&logs, nil))}
-	cfg.SyncAlways, cfg.SyncInterval = QueueSync(config.Default().Queue)
+	cfg.SyncInterval = 100 * time.Millisecond
 	joined, err := Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -153,7 +153,8 @@ func Open(opts Options) (*Store, error) {
 }
 
 // Append queues r for the committer; r.Done reports the outcome. It blocks
-// only when the committer is saturated, which slows that publisher alone.
+// only while the committer is saturated, which slows every publisher:
+// they all wait on the same queue of requests.
 func (s *Store) Append(r *queue.Request) {
 	s.reqs <- r
 }

@@ -375,7 +375,8 @@ func (s *Store) Close() error {
 var errClosed = errors.New("jsqueue: store closed")
 
 // Append queues r for the committer; r.Done reports the outcome. It blocks
-// only when the committer is saturated, which slows that publisher alone.
+// only while the committer is saturated, which slows every publisher:
+// they all wait on the same queue of requests.
 func (s *Store) Append(r *queue.Request) {
 	s.closeMu.RLock()
 	defer s.closeMu.RUnlock()
