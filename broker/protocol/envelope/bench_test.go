@@ -45,3 +45,19 @@ func BenchmarkRefOf(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkTopLevelID measures the walk over the object alone, which
+// json.Valid's cost hides in the benchmarks above.
+func BenchmarkTopLevelID(b *testing.B) {
+	for _, bp := range benchPayloads {
+		b.Run(bp.name, func(b *testing.B) {
+			b.SetBytes(int64(len(bp.payload)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, found, err := topLevelID(bp.payload); err != nil || !found {
+					b.Fatal(found, err)
+				}
+			}
+		})
+	}
+}
