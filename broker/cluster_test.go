@@ -15,6 +15,7 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // startCluster runs n chatd nodes in this process, each embedding a NATS
@@ -142,13 +143,8 @@ func TestClusterPresenceTypingTakeover(t *testing.T) {
 	// The phone moves to node 3: its old connection on node 1 is ended,
 	// and it gets what is sent from then on, once.
 	moved := mustDial(t, nodes[2], "bob", phoneOpt{clientID: "bob/phone"})
-	deadline := time.Now().Add(10 * time.Second)
-	for handset.client.IsConnectionOpen() {
-		if time.Now().After(deadline) {
-			t.Fatal("the phone's connection on node 1 survived its takeover on node 3")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool { return !handset.client.IsConnectionOpen() },
+		"the phone's connection on node 1 survived its takeover on node 3")
 	alice.send("bob", "after-move", "")
 	if id := innerID(t, moved.waitFor(1)[0]); id != "after-move" {
 		t.Fatalf("moved phone got %s", id)
@@ -175,15 +171,12 @@ func TestClusterGroups(t *testing.T) {
 	if st, body := httpJSON(t, nodes[1], "PUT", "/v1/groups/g1/members/dave", "alice", nil); st != 200 {
 		t.Fatalf("add dave on node 2: %d %v", st, body)
 	}
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		_, g := httpJSON(t, nodes[2], "GET", "/v1/groups/g1", "alice", nil)
-		if fmt.Sprint(g["members"]) == "[alice bob carol dave]" {
-			break
+	testutil.EventuallyNoError(t, 20*time.Second, func() error {
+		if _, g := httpJSON(t, nodes[2], "GET", "/v1/groups/g1", "alice", nil); fmt.Sprint(g["members"]) != "[alice bob carol dave]" {
+			return fmt.Errorf("node 3 sees %v", g)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node 3 sees %v", g)
-		}
-	}
+		return nil
+	}, "dave's membership never reached node 3")
 	alice := mustDial(t, nodes[2], "alice", phoneOpt{})
 	bob := mustDial(t, nodes[0], "bob", phoneOpt{})
 	carol := mustDial(t, nodes[1], "carol", phoneOpt{})

@@ -15,6 +15,7 @@ import (
 	paho5 "github.com/eclipse/paho.golang/paho"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestMetricsConnectionsUnderChurn scrapes /metrics while clients connect
@@ -46,15 +47,12 @@ func TestMetricsConnectionsUnderChurn(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		_, body := scrape(t, s, "/metrics")
-		if strings.Contains(body, "\nchatd_connections 4\n") {
-			return
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if _, body := scrape(t, s, "/metrics"); !strings.Contains(body, "\nchatd_connections 4\n") {
+			return fmt.Errorf("metrics:\n%s", body)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("metrics never counted the 4 clients left connected:\n%s", body)
-		}
-	}
+		return nil
+	}, "metrics never counted the 4 clients left connected")
 }
 
 // TestFailedNewFreesItsPorts: when New fails after the plain MQTT listener
@@ -163,11 +161,12 @@ func rawConnack(s *Server, clientID, user, token string) (byte, net.Conn, error)
 // waitSeats waits until user holds n connection seats on s.
 func waitSeats(t *testing.T, s *Server, user string, n int) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); s.auth.Users.Connections(user) != n; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s holds %d connection seats, want %d", user, s.auth.Users.Connections(user), n)
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if got := s.auth.Users.Connections(user); got != n {
+			return fmt.Errorf("%s holds %d connection seats, want %d", user, got, n)
 		}
-	}
+		return nil
+	}, "connection seats of %s", user)
 }
 
 // TestConnectionCapUnderParallelConnects: 40 devices of one user connect

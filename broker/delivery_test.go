@@ -9,6 +9,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // manualPhone connects user with automatic PUBACKs off, so the test decides
@@ -96,14 +97,10 @@ func TestUnackedRedeliveredAfterReconnectAckedNot(t *testing.T) {
 		m.Ack()
 	}
 	// paho sends the PUBACKs in the background: disconnect once they are in.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if n, _ := deviceWindow(t, s, "bob", ""); n == 6 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the server never got the four PUBACKs")
-		}
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		n, _ := deviceWindow(t, s, "bob", "")
+		return n == 6
+	}, "the server never got the four PUBACKs")
 	bob.client.Disconnect(250)
 
 	bob = dialManual(t, s, "bob", "bob")
@@ -180,16 +177,10 @@ func TestFlowControlWindow(t *testing.T) {
 // not have when a test disconnects.
 func waitAcked(t *testing.T, s *Server, user, device string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if n, _, ok := s.path.Window(user, device); ok && n == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s/%s never acknowledged what it received", user, device)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		n, _, ok := s.path.Window(user, device)
+		return ok && n == 0
+	}, "%s/%s never acknowledged what it received", user, device)
 }
 
 // deviceWindow reads a device's in-flight count and next sequence from the server.
@@ -292,13 +283,12 @@ func TestUnsubscribeStopsDelivery(t *testing.T) {
 	}
 	alice.send("bob", "two", "")
 	// "one" is deleted once its ack is flushed; "two" must stay queued.
-	deadline := time.Now().Add(10 * time.Second)
-	for d, _ := s.queue.Depth("bob"); d != 1; d, _ = s.queue.Depth("bob") {
-		if time.Now().After(deadline) {
-			t.Fatalf("queue depth %d, want 1: the message must wait in the queue", d)
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if d, err := s.queue.Depth("bob"); err != nil || d != 1 {
+			return fmt.Errorf("queue depth %d (%v), want 1: the message must wait in the queue", d, err)
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil
+	}, "bob's queue")
 	if n := bob.count(); n != 1 {
 		t.Fatalf("bob received %d messages after unsubscribing, want 1", n)
 	}

@@ -14,6 +14,7 @@ import (
 	paho5 "github.com/eclipse/paho.golang/paho"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // mountTmpfs mounts a tmpfs of size bytes on a new directory and unmounts
@@ -138,12 +139,9 @@ func TestFullDisk(t *testing.T) {
 	if err := os.Remove(ballast); err != nil {
 		t.Fatal(err)
 	}
-	for publish("after") != 0 {
-		if ctx.Err() != nil {
-			t.Fatal("publishes still refused after space was freed")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	deadline, _ := ctx.Deadline()
+	testutil.Eventually(t, time.Until(deadline), func() bool { return publish("after") == 0 },
+		"publishes still refused after space was freed")
 	if e := bob.waitFor(len(accepted) + 1)[len(accepted)]; innerID(t, e) != "after" {
 		t.Fatalf("bob's message after recovery = %s, want after", innerID(t, e))
 	}

@@ -21,6 +21,8 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 var (
@@ -116,18 +118,17 @@ func (p *serverProcess) launch(extraEnv ...string) {
 
 // waitListening waits until the process accepts MQTT connections.
 func (p *serverProcess) waitListening() error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	err := testutil.Poll(60*time.Second, func() error {
 		c, err := net.DialTimeout("tcp", p.addr, time.Second)
-		if err == nil {
-			c.Close()
-			return nil
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("chatd did not listen on %s: %w", p.addr, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+		return c.Close()
+	})
+	if err != nil {
+		return fmt.Errorf("chatd did not listen on %s: %w", p.addr, err)
 	}
+	return nil
 }
 
 // kill sends SIGKILL: no shutdown code runs.
@@ -235,15 +236,17 @@ func sigkillRun(t *testing.T, total, kills int, random bool) {
 		}
 	})
 
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	err := testutil.Poll(60*time.Second, func() error {
 		rcv.mu.Lock()
-		n := rcv.n
-		rcv.mu.Unlock()
-		if n >= total || time.Now().After(deadline) {
-			break
+		defer rcv.mu.Unlock()
+		if rcv.n < total {
+			return fmt.Errorf("%d of %d messages received", rcv.n, total)
 		}
-		time.Sleep(50 * time.Millisecond)
+		return nil
+	})
+	if err != nil {
+		// Only what was PUBACKed must arrive: checked below.
+		t.Logf("waiting for every message: %v", err)
 	}
 	rcv.mu.Lock()
 	defer rcv.mu.Unlock()

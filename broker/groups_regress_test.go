@@ -10,6 +10,7 @@ import (
 
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestGroupNonMemberLearnsNothing checks that a user outside a group gets
@@ -107,16 +108,15 @@ func TestGroupDelete(t *testing.T) {
 	}
 
 	alice.publish("group/g1", []byte(`{"id":"after"}`))
-	deadline := time.Now().Add(10 * time.Second)
-	for refused := false; !refused; {
-		for _, e := range alice.events() {
-			refused = refused || (e["kind"] == "error" && e["ref"] == "after" && e["code"] == "unknown_group")
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		evs := alice.events()
+		for _, e := range evs {
+			if e["kind"] == "error" && e["ref"] == "after" && e["code"] == "unknown_group" {
+				return nil
+			}
 		}
-		if !refused && time.Now().After(deadline) {
-			t.Fatalf("no unknown_group for the publish to a deleted group: %v", alice.events())
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return fmt.Errorf("alice's events: %v", evs)
+	}, "no unknown_group for the publish to a deleted group")
 	if h, _ := s.queue.Head("bob"); h != 1 {
 		t.Fatalf("bob's queue head %d after a publish to the deleted group, want 1", h)
 	}

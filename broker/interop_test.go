@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestStockMosquittoClients drives the server with Debian's mosquitto_pub
@@ -44,16 +46,11 @@ func TestStockMosquittoClients(t *testing.T) {
 	defer subCmd.Wait()
 	// mosquitto_sub prints nothing until messages arrive: wait until its
 	// device is fed so the publishes below go to a subscribed inbox.
-	for {
-		if _, _, ok := s.path.Window("bob", "cli"); ok {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("mosquitto_sub never subscribed")
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	deadline, _ := ctx.Deadline()
+	testutil.Eventually(t, time.Until(deadline), func() bool {
+		_, _, ok := s.path.Window("bob", "cli")
+		return ok
+	}, "mosquitto_sub never subscribed")
 
 	for i := range n {
 		msg := fmt.Sprintf(`{"id":"cli-%d","text":"hello %d"}`, i, i)

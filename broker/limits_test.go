@@ -14,6 +14,7 @@ import (
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestPublishRateLimit sends 30 publishes at once against a limit of 5/s
@@ -142,13 +143,7 @@ func TestDevicesPerUser(t *testing.T) {
 // waitDisconnected waits until the server has ended clientID's connection.
 func waitDisconnected(t *testing.T, s *Server, clientID string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for s.auth.Connected(clientID) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s is still connected", clientID)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool { return !s.auth.Connected(clientID) }, "%s is still connected", clientID)
 }
 
 // TestSubscriptionsPerConnection: past limits.max_subscriptions, new

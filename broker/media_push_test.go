@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 func TestMediaThroughTheServer(t *testing.T) {
@@ -129,11 +131,7 @@ func TestPushWebhook(t *testing.T) {
 	})
 	bob := mustDial(t, s, "bob", phoneOpt{})
 	bob.client.Disconnect(100)
-	for deadline := time.Now().Add(10 * time.Second); fed(s, "bob"); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("bob's disconnect never reached the server")
-		}
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool { return !fed(s, "bob") }, "bob's disconnect never reached the server")
 	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
 	alice.send("bob", "m-1", `,"text":"secret"`)
 	got := hook.waitFor(t, 1)[0]
@@ -155,17 +153,19 @@ func TestPushWebhook(t *testing.T) {
 	// At most one per push.interval per user.
 	alice.send("bob", "m-2", "")
 	// The PUBACK goes out before the push is considered: wait for it.
-	for deadline := time.Now().Add(10 * time.Second); s.push.Stats().Suppressed != 1; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("second message within the interval: %+v", s.push.Stats())
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if st := s.push.Stats(); st.Suppressed != 1 {
+			return fmt.Errorf("push stats %+v", st)
 		}
-	}
+		return nil
+	}, "second message within the interval not suppressed")
 	// The webhook records a body before the notifier counts it as sent.
-	for deadline := time.Now().Add(10 * time.Second); s.push.Stats().Sent != 1; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("first notification never counted as sent: %+v", s.push.Stats())
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		if st := s.push.Stats(); st.Sent != 1 {
+			return fmt.Errorf("push stats %+v", st)
 		}
-	}
+		return nil
+	}, "first notification never counted as sent")
 	// An online user is not pushed.
 	bob = mustDial(t, s, "bob", phoneOpt{})
 	carol := mustDial(t, s, "carol", phoneOpt{})

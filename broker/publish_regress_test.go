@@ -22,6 +22,7 @@ import (
 
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // v5Box is an MQTT 5 client subscribed to its inbox, recording what arrives.
@@ -110,14 +111,10 @@ func msgIDs(t *testing.T, evs []envelopeMsg) []string {
 // waitDepth waits until user's queue holds no undeleted message.
 func waitDepth0(t *testing.T, s *Server, user string) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if d, err := s.queue.Depth(user); err == nil && d == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the queue of %s was never emptied", user)
-		}
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		d, err := s.queue.Depth(user)
+		return err == nil && d == 0
+	}, "the queue of %s was never emptied", user)
 }
 
 // TestGroupFullQueues: a group message reaching no member because every
@@ -213,25 +210,22 @@ func TestTakenOverDeviceForgottenAfterTTL(t *testing.T) {
 	tablet := mustDial(t, s, "bob", phoneOpt{clientID: "bob/tablet"})
 	first := mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
 	second := mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
-	for deadline := time.Now().Add(10 * time.Second); first.client.IsConnectionOpen(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the first connection of bob/phone was not taken over")
-		}
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool { return !first.client.IsConnectionOpen() },
+		"the first connection of bob/phone was not taken over")
 	second.client.Disconnect(250)
 	waitDisconnected(t, s, "bob/phone")
 	left := time.Now()
 
 	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
+	// deleted reports whether a message is deleted within wait: either
+	// answer is an outcome, so Poll's error is the answer false.
 	deleted := func(wait time.Duration) bool {
-		for deadline := time.Now().Add(wait); ; time.Sleep(10 * time.Millisecond) {
-			if s.queue.Stats().Deleted > 0 {
-				return true
+		return testutil.Poll(wait, func() error {
+			if s.queue.Stats().Deleted == 0 {
+				return errors.New("nothing deleted")
 			}
-			if time.Now().After(deadline) {
-				return false
-			}
-		}
+			return nil
+		}) == nil
 	}
 	// Within device_ttl the phone holds what the tablet acknowledged.
 	alice.send("bob", "m-0", "")
@@ -527,11 +521,12 @@ func TestReconnectRaceKeepsNewestRegistered(t *testing.T) {
 			t.Logf("round %d: DISCONNECT: %v", round, werr)
 		}
 		// Once the old connection is fully gone, its hooks have run.
-		for deadline := time.Now().Add(10 * time.Second); connected() != 1; time.Sleep(time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("round %d: %d connections, want 1", round, connected())
+		testutil.EventuallyNoError(t, 10*time.Second, func() error {
+			if n := connected(); n != 1 {
+				return fmt.Errorf("%d connections, want 1", n)
 			}
-		}
+			return nil
+		}, "round %d", round)
 		if cl, ok := s.mqtt.Clients.Get(id); !ok || cl.Closed() {
 			t.Fatalf("round %d: the live connection of %s is not in the client map", round, id)
 		}
