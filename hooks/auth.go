@@ -69,7 +69,7 @@ func (h *Auth) ID() string { return "chatd-auth" }
 
 // Provides reports the events Auth handles.
 func (h *Auth) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablished, mqtt.OnACLCheck, mqtt.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablish, mqtt.OnACLCheck, mqtt.OnDisconnect}, []byte{b})
 }
 
 // OnConnect checks the username and client ID before authentication, so a
@@ -159,9 +159,12 @@ func (h *Auth) TokenExpiry(cl *mqtt.Client) (time.Time, bool) {
 	return v.(*admission).expiry, true
 }
 
-// OnSessionEstablished records cl as the live connection of its client ID
-// and disconnects it when its token expires, to reconnect with a fresh one.
-func (h *Auth) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+// OnSessionEstablish records cl as the live connection of its client ID,
+// before mochi writes the CONNACK (a client may connect again, a takeover,
+// the moment it reads it), and disconnects it when its token expires, to
+// reconnect with a fresh one. A connection whose CONNACK cannot be written
+// is forgotten by Ended.
+func (h *Auth) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	h.live.Store(cl.ID, cl)
 	if v, ok := h.admitted.Load(cl.Net.Conn); ok {
 		a := v.(*admission)

@@ -189,6 +189,9 @@ type rawClient struct {
 	conn    net.Conn
 	r       *bufio.Reader
 	version byte
+	// held are PUBLISHes read before a SUBACK: the server may start
+	// feeding a subscription before mochi writes its SUBACK.
+	held []packets.Packet
 }
 
 // session is how a rawClient connects.
@@ -321,6 +324,11 @@ func (rc *rawClient) next() (packets.Packet, error) {
 // read reads the next packet and fails the test if there is none.
 func (rc *rawClient) read() packets.Packet {
 	rc.t.Helper()
+	if len(rc.held) > 0 {
+		pk := rc.held[0]
+		rc.held = rc.held[1:]
+		return pk
+	}
 	pk, err := rc.next()
 	if err != nil {
 		rc.t.Fatalf("read packet: %v", err)
@@ -365,7 +373,21 @@ func (rc *rawClient) subscribe(pid uint16, filter string) {
 		PacketID:    pid,
 		Filters:     packets.Subscriptions{{Filter: filter, Qos: 1}},
 	})
-	ack := rc.readType(packets.Suback)
+	var ack packets.Packet
+	for {
+		pk, err := rc.next()
+		if err != nil {
+			rc.t.Fatalf("read SUBACK: %v", err)
+		}
+		if pk.FixedHeader.Type != packets.Publish {
+			if pk.FixedHeader.Type != packets.Suback {
+				rc.t.Fatalf("read packet type %d, want a SUBACK", pk.FixedHeader.Type)
+			}
+			ack = pk
+			break
+		}
+		rc.held = append(rc.held, pk)
+	}
 	if ack.PacketID != pid || len(ack.ReasonCodes) != 1 || ack.ReasonCodes[0] >= 0x80 {
 		rc.t.Fatalf("SUBACK of %s: id %d codes %v", filter, ack.PacketID, ack.ReasonCodes)
 	}
