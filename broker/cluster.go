@@ -42,8 +42,8 @@ type cluster struct {
 
 // startCluster starts or joins NATS, makes the bus to the peers (which
 // sends now and listens once join starts it), and opens the JetStream
-// queue; onCommit observes each batch of publishes.
-func startCluster(cfg config.Config, log *slog.Logger, onCommit func(int, time.Duration)) (*cluster, queue.Store, error) {
+// queue on the clock now; onCommit observes each batch of publishes.
+func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onCommit func(int, time.Duration)) (*cluster, queue.Store, error) {
 	c := &cluster{name: cfg.Cluster.Node}
 	ncfg := natsnode.Config{
 		URL:         cfg.Cluster.URL,
@@ -89,6 +89,7 @@ func startCluster(cfg config.Config, log *slog.Logger, onCommit func(int, time.D
 		Prefix:   clusterPrefix,
 		Logger:   log.With("component", "jsqueue"),
 		OnCommit: onCommit,
+		Now:      now,
 	})
 	if err != nil {
 		return nil, nil, errors.Join(fmt.Errorf("cluster queue: %w", err), c.close())

@@ -134,13 +134,15 @@ func TestDuplicateIDDeliveredOnce(t *testing.T) {
 }
 
 func TestExpiredMessagesAreDeletedUnread(t *testing.T) {
-	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Queue.MessageTTL = time.Second })
+	var clock testClock
+	s := startServerAt(t, t.TempDir(), clock.Now, func(c *config.Config) { c.Queue.MessageTTL = time.Second })
 	bob := mustDial(t, s, "bob", phoneOpt{})
 	bob.client.Disconnect(100)
 	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
 	alice.send("bob", "old", "")
-	// Badger expiry has one-second resolution: wait until the message is past its TTL.
-	time.Sleep(2100 * time.Millisecond)
+	// Badger expiry has one-second resolution: move the server's clock
+	// past the message's TTL, rounded up.
+	clock.Advance(2100 * time.Millisecond)
 	alice.send("bob", "new", "")
 	bob = mustDial(t, s, "bob", phoneOpt{})
 	if got := innerID(t, bob.waitFor(1)[0]); got != "new" {

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,6 +25,22 @@ var testSecret = []byte("test-secret-0123456789-0123456789")
 
 // startServer runs a real server on loopback with its data in dir.
 func startServer(t testing.TB, dir string, mutate func(*config.Config)) *Server {
+	t.Helper()
+	return startServerAt(t, dir, nil, mutate)
+}
+
+// testClock is a server clock a test moves forward instead of waiting:
+// the wall clock plus what Advance added.
+type testClock struct{ ahead atomic.Int64 }
+
+// Now returns the clock's time.
+func (c *testClock) Now() time.Time { return time.Now().Add(time.Duration(c.ahead.Load())) }
+
+// Advance moves the clock forward by d.
+func (c *testClock) Advance(d time.Duration) { c.ahead.Add(int64(d)) }
+
+// startServerAt is startServer on the clock now (nil: the wall clock).
+func startServerAt(t testing.TB, dir string, now func() time.Time, mutate func(*config.Config)) *Server {
 	t.Helper()
 	cfg := config.Default()
 	cfg.DataDir = dir
@@ -39,7 +56,7 @@ func startServer(t testing.TB, dir string, mutate func(*config.Config)) *Server 
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	s, err := New(Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, err := New(Options{Config: cfg, Secret: testSecret, Now: now, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatalf("new server: %v", err)
 	}

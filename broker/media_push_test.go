@@ -17,7 +17,8 @@ import (
 )
 
 func TestMediaThroughTheServer(t *testing.T) {
-	s := startServer(t, t.TempDir(), func(c *config.Config) {
+	var clock testClock
+	s := startServerAt(t, t.TempDir(), clock.Now, func(c *config.Config) {
 		c.Media.MaxBytes = 1 << 20
 		c.Media.TTL = time.Second
 	})
@@ -63,7 +64,7 @@ func TestMediaThroughTheServer(t *testing.T) {
 	if resp := do("POST", base, "alice", make([]byte, 1<<20+1), nil); resp.StatusCode != 413 {
 		t.Fatalf("over media.max_bytes: %d", resp.StatusCode)
 	}
-	time.Sleep(1100 * time.Millisecond) // past media.ttl
+	clock.Advance(1100 * time.Millisecond) // past media.ttl
 	if resp := do("GET", base+"/"+up.ID, "bob", nil, nil); resp.StatusCode != 404 {
 		t.Fatalf("after media.ttl: %d", resp.StatusCode)
 	}

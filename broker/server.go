@@ -48,12 +48,17 @@ type Options struct {
 	Secret []byte
 	// Logger receives the server's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// Now is the clock of message_ttl, device_ttl, media.ttl and envelope
+	// timestamps; nil means time.Now. Tests move it forward instead of
+	// waiting. Timers (keepalive, flush intervals) run on the wall clock.
+	Now func() time.Time
 }
 
 // Server is one chatd node.
 type Server struct {
 	cfg   config.Config
 	log   *slog.Logger
+	now   func() time.Time
 	queue queue.Store
 	// cluster is set in cluster mode.
 	cluster  *cluster
@@ -106,13 +111,17 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
-	s := &Server{cfg: cfg, log: log, verifier: token.NewVerifier(opts.Secret), metrics: metrics.New()}
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
+	s := &Server{cfg: cfg, log: log, now: now, verifier: token.NewVerifier(opts.Secret), metrics: metrics.New()}
 	var (
 		db  *badger.DB
 		err error
 	)
 	if cfg.Cluster.Enabled {
-		s.cluster, s.queue, err = startCluster(cfg, log, s.metrics.Committed)
+		s.cluster, s.queue, err = startCluster(cfg, log, now, s.metrics.Committed)
 		if err != nil {
 			return nil, err
 		}
@@ -126,6 +135,7 @@ func New(opts Options) (*Server, error) {
 			MinFreeBytes: cfg.Queue.MinFreeBytes,
 			Logger:       log,
 			OnCommit:     s.metrics.Committed,
+			Now:          now,
 		})
 		if err != nil {
 			return nil, err
@@ -187,6 +197,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
 		MaxInflight:     cfg.Limits.MaxInflight,
 		MaxPendingBytes: cfg.Limits.MaxPendingBytes,
+		Now:             s.now,
 		Log:             log,
 	})
 	if err != nil {
@@ -229,6 +240,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Authenticate: s.bearer,
 		MaxBytes:     cfg.Media.MaxBytes,
 		TTL:          cfg.Media.TTL,
+		Now:          s.now,
 		Logger:       log.With("component", "media"),
 	}
 	if cfg.Media.Dir == "" && s.cluster == nil {
@@ -508,11 +520,21 @@ func (s *Server) openMedia(cfg config.Config) (media.Store, error) {
 	if s.cluster != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		return media.NewObjects(ctx, s.cluster.node.JetStream(), clusterPrefix+"_media", cfg.Cluster.Replicas)
+		o, err := media.NewObjects(ctx, s.cluster.node.JetStream(), clusterPrefix+"_media", cfg.Cluster.Replicas)
+		if err != nil {
+			return nil, err
+		}
+		o.Now = s.now
+		return o, nil
 	}
 	dir := cfg.Media.Dir
 	if dir == "" {
 		dir = filepath.Join(cfg.DataDir, "media")
 	}
-	return media.NewDisk(dir)
+	d, err := media.NewDisk(dir)
+	if err != nil {
+		return nil, err
+	}
+	d.Now = s.now
+	return d, nil
 }
