@@ -1,4 +1,3 @@
-// Package mochi holds every workaround for mochi (github.com/mochi-mqtt/server/v2): it adapts mochi's listeners to what a public server needs.
 package mochi
 
 import (
