@@ -21,7 +21,6 @@ import (
 	"github.com/dgraph-io/badger/v4"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
-	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
 	"github.com/chatd/chatd/broker/cluster/peers"
@@ -287,16 +286,9 @@ func (s *Server) guard(l listeners.Listener) listeners.Listener {
 			s.log.Error("connection closed after a panic; the server goes on", "remote", c.RemoteAddr().String(), "panic", fmt.Sprint(p))
 			s.inbox.Abandon(c)
 		},
-		Ended: &s.ended,
-		OnEnd: s.auth.Ended,
-		CloseClients: func(id string) {
-			for _, cl := range s.mqtt.Clients.GetAll() {
-				if cl.Net.Listener == id && !cl.Closed() {
-					// The client is going either way; a failed DISCONNECT write changes nothing.
-					_ = s.mqtt.DisconnectClient(cl, packets.ErrServerShuttingDown)
-				}
-			}
-		},
+		Ended:        &s.ended,
+		OnEnd:        s.auth.Ended,
+		CloseClients: mochi.DisconnectOnShutdown(s.mqtt),
 	}
 }
 

@@ -52,7 +52,7 @@
 //     mochi's own Clients), TestCloseWhileClientsLeave.
 //   - On upgrade: if Clients.GetByListener takes the lock once, mochi's
 //     own walk is safe and CloseClients may go. The walk chatd passes is
-//     in broker/server.go (Server.guard).
+//     DisconnectOnShutdown.
 //
 // # Connection ends ordered before shutdown: Ends, Guard.Ended
 //
@@ -156,7 +156,6 @@
 //     release of a refused client's seat: mochi runs no hook after
 //     refusing a client or failing its CONNACK. Tests: hooks'
 //     TestAuthSeatReleased.
-//   - broker/server.go, Server.guard and Server.close: the CloseClients
-//     walk over Clients.GetAll, and the shutdown order (Inbox.Closing,
+//   - broker/server.go, Server.close: the shutdown order (Inbox.Closing,
 //     Ends.Pass, then mochi's Close, then a wait on its ClientsWg).
 package mochi

@@ -8,7 +8,9 @@ import (
 	"sync"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // Guard wraps a mochi listener for the public internet. A peer must send
@@ -131,4 +133,20 @@ func (q QuietPackets) WithAttrs(attrs []slog.Attr) slog.Handler {
 // WithGroup keeps the filter on derived handlers.
 func (q QuietPackets) WithGroup(name string) slog.Handler {
 	return QuietPackets{q.Handler.WithGroup(name)}
+}
+
+// DisconnectOnShutdown returns a Guard.CloseClients for server: it tells
+// the listener's clients the server is shutting down, walking
+// Clients.GetAll, which takes the client map's lock once (see #488 in the
+// package doc).
+func DisconnectOnShutdown(server *mqtt.Server) func(listenerID string) {
+	return func(id string) {
+		for _, cl := range server.Clients.GetAll() {
+			if cl.Net.Listener == id && !cl.Closed() {
+				// The client is going either way; a failed DISCONNECT
+				// write changes nothing.
+				_ = server.DisconnectClient(cl, packets.ErrServerShuttingDown)
+			}
+		}
+	}
 }
