@@ -80,12 +80,7 @@ func NewDisk(dir string) (*Disk, error) {
 }
 
 // now returns the current time by d.Now.
-func (d *Disk) now() time.Time {
-	if d.Now == nil {
-		return time.Now()
-	}
-	return d.Now()
-}
+func (d *Disk) now() time.Time { return clock(d.Now) }
 
 // Put implements Store: it streams r into a temporary directory, hashing as
 // it writes, fsyncs, and commits by renaming the directory to the new id.
@@ -146,11 +141,8 @@ func (d *Disk) Put(ctx context.Context, owner, contentType string, r io.Reader, 
 
 // Open implements Store.
 func (d *Disk) Open(ctx context.Context, id string) (io.ReadSeekCloser, Info, error) {
-	if !validID(id) {
-		return nil, Info{}, ErrNotFound
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, Info{}, fmt.Errorf("open media %s: %w", id, err)
+	if err := precheck(ctx, "open", id); err != nil {
+		return nil, Info{}, err
 	}
 	info, err := d.readMeta(id)
 	if err != nil {
@@ -176,11 +168,8 @@ func (d *Disk) Open(ctx context.Context, id string) (io.ReadSeekCloser, Info, er
 
 // Delete implements Store.
 func (d *Disk) Delete(ctx context.Context, id string) error {
-	if !validID(id) {
-		return ErrNotFound
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("delete media %s: %w", id, err)
+	if err := precheck(ctx, "delete", id); err != nil {
+		return err
 	}
 	return d.remove(id)
 }
@@ -188,15 +177,10 @@ func (d *Disk) Delete(ctx context.Context, id string) error {
 // Expire implements Store. It also finishes deletions that failed half way.
 func (d *Disk) Expire(ctx context.Context, before time.Time) (int, error) {
 	var (
-		deleted, failed int
-		first           error
+		deleted int
+		fails   failures
 	)
-	fail := func(err error) {
-		if first == nil {
-			first = err
-		}
-		failed++
-	}
+	fail := fails.add
 	err := eachEntry(d.dir, func(name string) error {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -228,13 +212,7 @@ func (d *Disk) Expire(ctx context.Context, before time.Time) (int, error) {
 		}
 		return nil
 	})
-	if err != nil {
-		return deleted, fmt.Errorf("expire media: %w", err)
-	}
-	if failed > 0 {
-		return deleted, fmt.Errorf("expire media: %d failures, first: %w", failed, first)
-	}
-	return deleted, nil
+	return deleted, fails.result(err)
 }
 
 // remove deletes upload id, whose format the caller has checked.

@@ -299,11 +299,14 @@ func (h *Handler) ttl() time.Duration {
 }
 
 // clock returns the current time by h.Now.
-func (h *Handler) clock() time.Time {
-	if h.Now == nil {
+func (h *Handler) clock() time.Time { return clock(h.Now) }
+
+// clock returns now(), or the wall clock's time when now is nil.
+func clock(now func() time.Time) time.Time {
+	if now == nil {
 		return time.Now()
 	}
-	return h.Now()
+	return now()
 }
 
 // log returns the logger to use.

@@ -150,12 +150,7 @@ func NewObjects(ctx context.Context, js jetstream.JetStream, bucket string, repl
 }
 
 // now returns the current time by o.Now.
-func (o *Objects) now() time.Time {
-	if o.Now == nil {
-		return time.Now()
-	}
-	return o.Now()
-}
+func (o *Objects) now() time.Time { return clock(o.Now) }
 
 // Put implements Store: it publishes an uploading marker, then r chunk by
 // chunk, each acknowledged before the next is read, hashing as it goes,
@@ -352,11 +347,8 @@ func (o *Objects) retire(ctx context.Context, id, token string) (uint64, error) 
 // seeks by fetching the chunk at the new offset: no more than a chunk is
 // held in memory. Its reads are not bound to ctx, like a file's.
 func (o *Objects) Open(ctx context.Context, id string) (io.ReadSeekCloser, Info, error) {
-	if !validID(id) {
-		return nil, Info{}, ErrNotFound
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, Info{}, fmt.Errorf("open media %s: %w", id, err)
+	if err := precheck(ctx, "open", id); err != nil {
+		return nil, Info{}, err
 	}
 	_, meta, err := o.lastMeta(ctx, id)
 	if err != nil {
@@ -387,11 +379,8 @@ func (o *Objects) Open(ctx context.Context, id string) (io.ReadSeekCloser, Info,
 // Delete implements Store. The chunks stay readable for the files opened
 // before, until an Expire deleteGrace later purges them.
 func (o *Objects) Delete(ctx context.Context, id string) error {
-	if !validID(id) {
-		return ErrNotFound
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("delete media %s: %w", id, err)
+	if err := precheck(ctx, "delete", id); err != nil {
+		return err
 	}
 	m, meta, err := o.lastMeta(ctx, id)
 	if err != nil {
@@ -421,15 +410,10 @@ func (o *Objects) remove(ctx context.Context, id, token string, seq uint64) erro
 // Put stopped sending chunks that long ago.
 func (o *Objects) Expire(ctx context.Context, before time.Time) (int, error) {
 	var (
-		deleted, failed int
-		first           error
+		deleted int
+		fails   failures
 	)
-	fail := func(err error) {
-		if first == nil {
-			first = err
-		}
-		failed++
-	}
+	fail := fails.add
 	prefix := o.metaSubject("")
 	err := o.eachMeta(ctx, func(m jetstream.Msg, seq uint64) error {
 		if err := ctx.Err(); err != nil {
@@ -468,13 +452,7 @@ func (o *Objects) Expire(ctx context.Context, before time.Time) (int, error) {
 		deleted++
 		return nil
 	})
-	if err != nil {
-		return deleted, fmt.Errorf("expire media: %w", err)
-	}
-	if failed > 0 {
-		return deleted, fmt.Errorf("expire media: %d failures, first: %w", failed, first)
-	}
-	return deleted, nil
+	return deleted, fails.result(err)
 }
 
 // collect handles the marker meta of upload id at sequence seq: it purges

@@ -89,3 +89,42 @@ func validID(id string) bool {
 	}
 	return true
 }
+
+// precheck refuses a call op on id that no Store could serve: an id that
+// is not one (ErrNotFound, as for any unknown id) or a context already done.
+func precheck(ctx context.Context, op, id string) error {
+	if !validID(id) {
+		return ErrNotFound
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s media %s: %w", op, id, err)
+	}
+	return nil
+}
+
+// failures counts what an Expire sweep failed to do, which does not stop
+// it, and keeps the first error.
+type failures struct {
+	n     int
+	first error
+}
+
+// add counts one failure.
+func (f *failures) add(err error) {
+	if f.first == nil {
+		f.first = err
+	}
+	f.n++
+}
+
+// result is the sweep's error: walkErr if the walk itself stopped, else
+// the failures counted, nil when there were none.
+func (f *failures) result(walkErr error) error {
+	switch {
+	case walkErr != nil:
+		return fmt.Errorf("expire media: %w", walkErr)
+	case f.n > 0:
+		return fmt.Errorf("expire media: %d failures, first: %w", f.n, f.first)
+	}
+	return nil
+}
