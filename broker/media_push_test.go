@@ -168,7 +168,6 @@ func TestPushWebhook(t *testing.T) {
 		return nil
 	}, "first notification never counted as sent")
 	// An online user is not pushed.
-	bob = mustDial(t, s, "bob", phoneOpt{})
 	carol := mustDial(t, s, "carol", phoneOpt{})
 	alice.send("carol", "m-3", "")
 	carol.waitFor(1)

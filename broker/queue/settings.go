@@ -37,3 +37,28 @@ func DefaultSettings() Settings {
 		MaxBatch:         4096,
 	}
 }
+
+// WithDefaults returns s with every field that is zero or less set to
+// DefaultSettings': none has a meaning at zero (config refuses zero for
+// all of them), so an unset field means the default.
+func (s Settings) WithDefaults() Settings {
+	def := DefaultSettings()
+	fill := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	fillInt := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	fill(&s.MessageTTL, def.MessageTTL)
+	fill(&s.DedupWindow, def.DedupWindow)
+	fillInt(&s.MaxQueueMessages, def.MaxQueueMessages)
+	fill(&s.DeviceTTL, def.DeviceTTL)
+	fillInt(&s.MaxDevices, def.MaxDevices)
+	fill(&s.AckFlushInterval, def.AckFlushInterval)
+	fillInt(&s.MaxBatch, def.MaxBatch)
+	return s
+}

@@ -45,7 +45,8 @@ const (
 type Options struct {
 	// Dir is the Badger directory.
 	Dir string
-	// Settings are the TTLs, caps, flush interval and batch size.
+	// Settings are the TTLs, caps, flush interval and batch size; a zero
+	// field means its default.
 	Settings queue.Settings
 	// Sync says when commits are fsynced; SyncBatch needs SyncInterval.
 	Sync Sync
@@ -113,6 +114,7 @@ func Open(opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	opts.Settings = opts.Settings.WithDefaults()
 	bo := badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{opts.Logger}).
 		WithSyncWrites(opts.Sync == SyncAlways).

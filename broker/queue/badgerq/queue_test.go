@@ -502,14 +502,25 @@ func (h *harness) appendReq(r *queue.Request) {
 	h.s.Append(r)
 }
 
-// tryAppendReq is appendReq by TryAppend.
-func (h *harness) tryAppendReq(r *queue.Request) bool {
-	r.OnStored = h.onStored
-	return h.s.TryAppend(r)
-}
-
 func (h *harness) onStored(user string, m queue.Message) {
 	h.mu.Lock()
 	h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
 	h.mu.Unlock()
+}
+
+// TestZeroSettingsMeanDefaults: a store opened with no Settings runs on
+// the defaults (it once started its upkeep ticker at 0 and panicked).
+func TestZeroSettingsMeanDefaults(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan queue.Status, 1)
+	s.Append(&queue.Request{To: "bob", Data: []byte("x"), Done: func(st queue.Status, _ queue.Message, _ error) { done <- st }})
+	if st := <-done; st != queue.Stored {
+		t.Fatalf("append: %v", st)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 }

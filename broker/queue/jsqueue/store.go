@@ -66,8 +66,8 @@ type Options struct {
 	// Conn is the NATS connection (natsnode.Node.Conn); the Store does
 	// not close it.
 	Conn *nats.Conn
-	// Settings are the TTLs, caps, flush interval and batch size; zero
-	// MaxBatch, AckFlushInterval and DeviceTTL take queue.DefaultSettings'.
+	// Settings are the TTLs, caps, flush interval and batch size; a zero
+	// field means its default (queue.Settings.WithDefaults).
 	// There is no sync mode: fsync is the NATS servers' (natsnode.Config),
 	// and a replicated stream's durability is its quorum.
 	Settings queue.Settings
@@ -178,16 +178,7 @@ func (o Options) withDefaults() (Options, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	def := queue.DefaultSettings()
-	if o.Settings.MaxBatch <= 0 {
-		o.Settings.MaxBatch = def.MaxBatch
-	}
-	if o.Settings.AckFlushInterval <= 0 {
-		o.Settings.AckFlushInterval = def.AckFlushInterval
-	}
-	if o.Settings.DeviceTTL <= 0 {
-		o.Settings.DeviceTTL = def.DeviceTTL
-	}
+	o.Settings = o.Settings.WithDefaults()
 	switch {
 	case o.Shards < 1:
 		return o, fmt.Errorf("jsqueue: Shards %d: want at least 1", o.Shards)

@@ -573,12 +573,6 @@ func (h *harness) appendReq(r *queue.Request) {
 	h.s.Append(r)
 }
 
-// tryAppendReq is appendReq by TryAppend.
-func (h *harness) tryAppendReq(r *queue.Request) bool {
-	r.OnStored = h.onStored
-	return h.s.TryAppend(r)
-}
-
 func (h *harness) onStored(user string, m queue.Message) {
 	h.mu.Lock()
 	h.stored = append(h.stored, fmt.Sprintf("%s:%d", user, m.Seq))
