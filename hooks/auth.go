@@ -169,11 +169,9 @@ func (h *Auth) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if v, ok := h.admitted.Load(cl.Net.Conn); ok {
 		a := v.(*admission)
 		a.client.Store(cl)
+		// OnSessionEstablish, OnDisconnect and Ended all run on the
+		// connection's own goroutine: forget cannot run meanwhile.
 		a.timer.Store(time.AfterFunc(time.Until(a.expiry), func() { cl.Stop(ErrTokenExpired) }))
-		if _, still := h.admitted.Load(cl.Net.Conn); !still {
-			// forget ran meanwhile and found no timer to stop.
-			a.timer.Load().Stop()
-		}
 	}
 }
 

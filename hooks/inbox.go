@@ -45,8 +45,6 @@ type Inbox struct {
 	Users *Users
 	// Observe counts ended connections by reason.
 	Observe DisconnectObserver
-	// MaxPendingBytes disconnects a client that stops reading.
-	MaxPendingBytes int
 	// Log receives session errors; never message contents.
 	Log *slog.Logger
 

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/chatd/chatd/broker/msgpath/delivery"
@@ -121,9 +122,11 @@ type Path struct {
 	// delivered carries delivered receipts from delivery to the receipts
 	// goroutine; stop ends that goroutine, done closes when it has.
 	delivered chan receipt
-	stop      chan struct{}
-	done      chan struct{}
-	closed    sync.Once
+	// dropped counts batches whose receipts came after Close.
+	dropped *atomic.Uint64
+	stop    chan struct{}
+	done    chan struct{}
+	closed  sync.Once
 }
 
 // limits are the Options' caps.
@@ -136,7 +139,8 @@ type limits struct {
 const receiptBacklog = 1024
 
 // New builds the path on opts.Store: delivery first, then the path; it
-// starts the goroutine that queues delivered receipts when they are on.
+// starts the goroutine that queues delivered receipts (idle when they are
+// off), which Close stops.
 func New(opts Options) (*Path, error) {
 	if opts.Store == nil || opts.Groups == nil || opts.Presence == nil || opts.Observe == nil {
 		return nil, errors.New("msgpath: Store, Groups, Presence and Observe are required")
@@ -149,6 +153,7 @@ func New(opts Options) (*Path, error) {
 	}
 	delivered := make(chan receipt, receiptBacklog)
 	stop := make(chan struct{})
+	dropped := new(atomic.Uint64)
 	dopts := delivery.Options{
 		Source:       opts.Store,
 		Logger:       opts.Log,
@@ -164,6 +169,9 @@ func New(opts Options) (*Path, error) {
 			select {
 			case delivered <- receipt{user, metas}:
 			case <-stop:
+				// Only after Close, with connections still open because
+				// shutdown gave up waiting for them: counted and logged.
+				dropped.Add(1)
 			}
 		}
 	}
@@ -179,6 +187,7 @@ func New(opts Options) (*Path, error) {
 		log:       opts.Log,
 		limits:    limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
 		delivered: delivered,
+		dropped:   dropped,
 		stop:      stop,
 		done:      make(chan struct{}),
 	}
@@ -194,6 +203,9 @@ func (p *Path) Close() {
 		p.delivery.Close()
 		close(p.stop)
 		<-p.done
+		if n := p.dropped.Load(); n > 0 {
+			p.log.Warn("delivered receipts dropped at shutdown: acknowledged after the path closed", "batches", n)
+		}
 	})
 }
 

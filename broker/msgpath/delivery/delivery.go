@@ -19,8 +19,9 @@ import (
 )
 
 // Sequences. A user's messages have strictly increasing sequences in
-// commit order: broker/queue numbers them densely, broker/jsqueue with the
-// stream sequence, which leaves gaps where other users' messages went.
+// commit order: broker/queue/badgerq numbers them densely,
+// broker/queue/jsqueue with the stream sequence, which leaves gaps where
+// other users' messages went.
 // Delivery relies on one property of every Source:
 //
 //	once a message of a user is committed, or Head reports its Seq, every
