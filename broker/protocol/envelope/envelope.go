@@ -60,35 +60,24 @@ func RefOf(payload []byte) string {
 // JSON document. It walks the document once without building it, because
 // this runs for every message on the hot path.
 func topLevelID(b []byte) (string, bool, error) {
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return "", false, fmt.Errorf("%w: not an object", ErrBadPayload)
-	}
-	i++
+	s := ScanObject(b)
 	var id string
 	found := false
-	for {
-		i = skipSpace(b, i)
-		if i < len(b) && b[i] == '}' {
-			return id, found, nil
+	for s.Next() {
+		if !isIDKey(s.Key()) {
+			continue
 		}
-		keyEnd := skipString(b, i)
-		key := b[i:keyEnd]
-		i = skipSpace(b, keyEnd)
-		i = skipSpace(b, i+1) // past ':'
-		valEnd := skipValue(b, i)
-		if isIDKey(key) {
-			v, err := decodeString(b[i:valEnd])
-			if err != nil {
-				return "", false, err
-			}
-			id, found = v, true
+		v, err := decodeString(s.Value())
+		if err != nil {
+			return "", false, err
 		}
-		i = skipSpace(b, valEnd)
-		if i < len(b) && b[i] == ',' {
-			i++
-		}
+		id, found = v, true
 	}
+	// In a valid document, the scanner fails only where it is no object.
+	if s.Err() != nil {
+		return "", false, fmt.Errorf("%w: not an object", ErrBadPayload)
+	}
+	return id, found, nil
 }
 
 // decodeString decodes the JSON string token tok holding an id. An id
@@ -192,60 +181,6 @@ func isIDKey(quoted []byte) bool {
 		}
 	}
 	return false
-}
-
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
-		i++
-	}
-	return i
-}
-
-// skipString returns the index just past the string starting at b[i] == '"'.
-func skipString(b []byte, i int) int {
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
-			return i + 1
-		}
-	}
-	return len(b)
-}
-
-// skipValue returns the index just past the value starting at b[i].
-func skipValue(b []byte, i int) int {
-	if i >= len(b) {
-		return i
-	}
-	switch b[i] {
-	case '"':
-		return skipString(b, i)
-	case '{', '[':
-		depth := 0
-		for i < len(b) {
-			switch b[i] {
-			case '"':
-				i = skipString(b, i)
-				continue
-			case '{', '[':
-				depth++
-			case '}', ']':
-				depth--
-				if depth == 0 {
-					return i + 1
-				}
-			}
-			i++
-		}
-		return i
-	default:
-		for i < len(b) && b[i] != ',' && b[i] != '}' && b[i] != ']' && b[i] != ' ' && b[i] != '\t' && b[i] != '\n' && b[i] != '\r' {
-			i++
-		}
-		return i
-	}
 }
 
 // Message returns the envelope delivering msg from one user to another;
