@@ -92,11 +92,30 @@ func decodeString(tok []byte) (string, error) {
 	if !exactString(tok) {
 		return "", fmt.Errorf("%w: id is not valid UTF-8", ErrBadPayload)
 	}
+	if plain, ok := plainString(tok); ok {
+		return plain, nil
+	}
 	var s string
 	if err := json.Unmarshal(tok, &s); err != nil {
 		return "", fmt.Errorf("%w: id: %w", ErrBadPayload, err)
 	}
 	return s, nil
+}
+
+// plainString returns the content of the quoted token tok when it needs
+// no decoding: nothing in it is escaped, or must be. Most ids are such,
+// and json.Unmarshal would take three allocations to return the same.
+func plainString(tok []byte) (string, bool) {
+	if len(tok) < 2 || tok[len(tok)-1] != '"' {
+		return "", false
+	}
+	in := tok[1 : len(tok)-1]
+	for _, c := range in {
+		if c < 0x20 || c == '"' || c == '\\' {
+			return "", false
+		}
+	}
+	return string(in), true
 }
 
 // decodeID decodes the JSON string token tok and checks it is an id of

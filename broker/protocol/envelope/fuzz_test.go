@@ -122,3 +122,24 @@ func exactID(t *testing.T, payload []byte, id string) {
 		t.Fatalf("accepted %q with id %q: a replacement character the payload does not hold", payload, id)
 	}
 }
+
+// FuzzDecodeString checks decodeString, which skips json.Unmarshal for
+// plain tokens, against json.Unmarshal on every valid string token.
+func FuzzDecodeString(f *testing.F) {
+	for _, s := range []string{`"m-1"`, `"é😀"`, `"a\"b"`, `"\u0041"`, `"\ud83d\ude00"`, `""`, "\"\xff\"", `"`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, tok []byte) {
+		got, err := decodeString(tok)
+		var want string
+		if len(tok) == 0 || tok[0] != '"' || json.Unmarshal(tok, &want) != nil {
+			return // callers pass only string tokens of valid documents
+		}
+		switch {
+		case err == nil && got != want:
+			t.Fatalf("decodeString(%q) = %q, json.Unmarshal gives %q", tok, got, want)
+		case err != nil && exactString(tok):
+			t.Fatalf("decodeString(%q): %v; json.Unmarshal gives %q", tok, err, want)
+		}
+	})
+}
