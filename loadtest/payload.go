@@ -2,13 +2,15 @@ package loadtest
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"strconv"
+
+	"github.com/chatd/chatd/broker/protocol/envelope"
 )
 
-// errMalformed is wrapped by every payload that cannot be parsed.
-var errMalformed = errors.New("malformed JSON payload")
+// errMalformed is wrapped by every payload that cannot be parsed: by the
+// protocol's JSON scanner, and by the checks below of what it returns.
+var errMalformed = envelope.ErrSyntax
 
 // message is what a load-test sender puts in each message object.
 type message struct {
@@ -107,18 +109,7 @@ func parseDelivery(payload []byte, plain bool, d *delivery) error {
 		return parseMessage(payload, d)
 	}
 	var msg []byte
-	it := objIter{b: payload}
-	if err := it.open(); err != nil {
-		return err
-	}
-	for {
-		key, val, ok, err := it.next()
-		if err != nil {
-			return err
-		}
-		if !ok {
-			break
-		}
+	err := eachMember(payload, func(key, val []byte) error {
 		switch string(key) {
 		case "kind":
 			d.Kind = unquote(val)
@@ -137,9 +128,10 @@ func parseDelivery(payload []byte, plain bool, d *delivery) error {
 		case "status":
 			d.Status = unquote(val)
 		}
-	}
-	if !bytes.Equal(d.Kind, kindMsg) {
 		return nil
+	})
+	if err != nil || !bytes.Equal(d.Kind, kindMsg) {
+		return err
 	}
 	if msg == nil {
 		return fmt.Errorf("%w: envelope of kind msg has no msg", errMalformed)
@@ -149,122 +141,47 @@ func parseDelivery(payload []byte, plain bool, d *delivery) error {
 
 // parseMessage reads the fields a load-test sender writes into d.
 func parseMessage(b []byte, d *delivery) error {
-	it := objIter{b: b}
-	if err := it.open(); err != nil {
-		return err
-	}
-	for {
-		key, val, ok, err := it.next()
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return nil
-		}
+	return eachMember(b, func(key, val []byte) error {
+		var err error
 		switch string(key) {
 		case "id":
 			d.ID = unquote(val)
 		case "s":
 			d.Sender = unquote(val)
 		case "t":
-			v, err := strconv.ParseInt(string(val), 10, 64)
-			if err != nil {
-				return fmt.Errorf("%w: t: %w", errMalformed, err)
-			}
-			d.SentAt = v
+			d.SentAt, err = strconv.ParseInt(string(val), 10, 64)
 		case "n":
-			v, err := strconv.ParseUint(string(val), 10, 64)
-			if err != nil {
-				return fmt.Errorf("%w: n: %w", errMalformed, err)
-			}
-			d.N = v
+			d.N, err = strconv.ParseUint(string(val), 10, 64)
+		}
+		if err != nil {
+			return fmt.Errorf("%w: %s: %w", errMalformed, key, err)
+		}
+		return nil
+	})
+}
+
+// eachMember calls fn with the key, unquoted, and the raw value of every
+// top-level member of the JSON object b, until fn fails.
+func eachMember(b []byte, fn func(key, val []byte) error) error {
+	s := envelope.ScanObject(b)
+	for s.Next() {
+		if err := fn(unquote(s.Key()), s.Value()); err != nil {
+			return err
 		}
 	}
+	return s.Err()
 }
 
 // eachString calls fn with every string element of the raw JSON array arr,
 // unquoted; other elements are skipped.
 func eachString(arr []byte, fn func([]byte)) error {
-	i := skipSpace(arr, 0)
-	if i >= len(arr) || arr[i] != '[' {
-		return fmt.Errorf("%w: not an array", errMalformed)
-	}
-	i = skipSpace(arr, i+1)
-	if i < len(arr) && arr[i] == ']' {
-		return nil
-	}
-	for i < len(arr) {
-		end, err := skipValue(arr, i)
-		if err != nil {
-			return err
-		}
-		if arr[i] == '"' {
-			fn(unquote(arr[i:end]))
-		}
-		i = skipSpace(arr, end)
-		if i >= len(arr) {
-			break
-		}
-		switch arr[i] {
-		case ']':
-			return nil
-		case ',':
-			i = skipSpace(arr, i+1)
-		default:
-			return fmt.Errorf("%w: expected , or ] at %d", errMalformed, i)
+	s := envelope.ScanArray(arr)
+	for s.Next() {
+		if v := s.Value(); v[0] == '"' {
+			fn(unquote(v))
 		}
 	}
-	return fmt.Errorf("%w: unterminated array", errMalformed)
-}
-
-// objIter walks the top-level members of a JSON object without building it,
-// because it runs for every delivered message.
-type objIter struct {
-	b []byte
-	i int
-}
-
-func (it *objIter) open() error {
-	it.i = skipSpace(it.b, 0)
-	if it.i >= len(it.b) || it.b[it.i] != '{' {
-		return fmt.Errorf("%w: not an object", errMalformed)
-	}
-	it.i = skipSpace(it.b, it.i+1)
-	return nil
-}
-
-// next returns the next key (without quotes) and raw value; ok is false at
-// the closing brace.
-func (it *objIter) next() (key, val []byte, ok bool, err error) {
-	b, i := it.b, it.i
-	if i < len(b) && b[i] == ',' {
-		i = skipSpace(b, i+1)
-	} else if i < len(b) && b[i] == '}' {
-		return nil, nil, false, nil
-	}
-	if i >= len(b) || b[i] != '"' {
-		return nil, nil, false, fmt.Errorf("%w: expected a key at %d", errMalformed, i)
-	}
-	keyEnd, err := skipString(b, i)
-	if err != nil {
-		return nil, nil, false, err
-	}
-	key = b[i+1 : keyEnd-1]
-	i = skipSpace(b, keyEnd)
-	if i >= len(b) || b[i] != ':' {
-		return nil, nil, false, fmt.Errorf("%w: expected : at %d", errMalformed, i)
-	}
-	i = skipSpace(b, i+1)
-	valEnd, err := skipValue(b, i)
-	if err != nil {
-		return nil, nil, false, err
-	}
-	val = b[i:valEnd]
-	it.i = skipSpace(b, valEnd)
-	if it.i >= len(b) || (b[it.i] != ',' && b[it.i] != '}') {
-		return nil, nil, false, fmt.Errorf("%w: expected , or } at %d", errMalformed, it.i)
-	}
-	return key, val, true, nil
+	return s.Err()
 }
 
 // unquote strips the quotes of a raw JSON string. Escapes are left as they
@@ -274,66 +191,4 @@ func unquote(v []byte) []byte {
 		return v[1 : len(v)-1]
 	}
 	return v
-}
-
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
-		i++
-	}
-	return i
-}
-
-// skipString returns the index just past the string starting at b[i] == '"'.
-func skipString(b []byte, i int) (int, error) {
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
-			return i + 1, nil
-		}
-	}
-	return 0, fmt.Errorf("%w: unterminated string", errMalformed)
-}
-
-// skipValue returns the index just past the value starting at b[i].
-func skipValue(b []byte, i int) (int, error) {
-	if i >= len(b) {
-		return 0, fmt.Errorf("%w: missing value", errMalformed)
-	}
-	switch b[i] {
-	case '"':
-		return skipString(b, i)
-	case '{', '[':
-		depth := 0
-		for i < len(b) {
-			switch b[i] {
-			case '"':
-				end, err := skipString(b, i)
-				if err != nil {
-					return 0, err
-				}
-				i = end
-				continue
-			case '{', '[':
-				depth++
-			case '}', ']':
-				depth--
-				if depth == 0 {
-					return i + 1, nil
-				}
-			}
-			i++
-		}
-		return 0, fmt.Errorf("%w: unterminated container", errMalformed)
-	default:
-		start := i
-		for i < len(b) && b[i] != ',' && b[i] != '}' && b[i] != ']' && b[i] != ' ' && b[i] != '\t' && b[i] != '\n' && b[i] != '\r' {
-			i++
-		}
-		if i == start {
-			return 0, fmt.Errorf("%w: empty value at %d", errMalformed, i)
-		}
-		return i, nil
-	}
 }

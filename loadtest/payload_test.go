@@ -117,6 +117,7 @@ func TestParseDelivery(t *testing.T) {
 		{name: "bad t", payload: `{"id":"tg-1","t":"now"}`, plain: true, wantErr: true},
 		{name: "negative n", payload: `{"id":"tg-1","n":-1}`, plain: true, wantErr: true},
 		{name: "garbage after member", payload: `{"kind":"msg" x}`, wantErr: true},
+		{name: "leading comma", payload: `{,"kind":"error"}`, wantErr: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
