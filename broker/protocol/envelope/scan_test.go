@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -21,68 +22,56 @@ func members(s Scanner) ([]string, error) {
 	return got, s.Err()
 }
 
-func TestScanObject(t *testing.T) {
+func TestScan(t *testing.T) {
+	obj, arr := ScanObject, ScanArray
 	cases := []struct {
 		name    string
+		scan    func([]byte) Scanner
 		in      string
 		want    []string
 		wantErr bool
 	}{
-		{"empty", `{}`, nil, false},
-		{"spaces", " {\n\t\"a\" : 1 ,\r\"b\":\"x\" } ", []string{`"a"`, `1`, `"b"`, `"x"`}, false},
-		{"nested and escaped", `{"a\"b":{"c":["}",{"d":"\\"}]},"e":[]}`, []string{`"a\"b"`, `{"c":["}",{"d":"\\"}]}`, `"e"`, `[]`}, false},
-		{"backslashes before a quote", `{"a":"x\\\"y\\\\","b":null}`, []string{`"a"`, `"x\\\"y\\\\"`, `"b"`, `null`}, false},
-		{"literals", `{"t":true,"f":false,"n":-1.5e3}`, []string{`"t"`, `true`, `"f"`, `false`, `"n"`, `-1.5e3`}, false},
-		{"duplicate keys are all read", `{"id":"a","id":"b"}`, []string{`"id"`, `"a"`, `"id"`, `"b"`}, false},
-		{"nothing", ``, nil, true},
-		{"array", `[1]`, nil, true},
-		{"unclosed", `{"a":1`, []string{`"a"`, `1`}, true},
-		{"unterminated key", `{"a`, nil, true},
-		{"unterminated string value", `{"a":"x\"}`, nil, true},
-		{"unterminated nested value", `{"a":{"b":[1}`, nil, true},
-		{"key not a string", `{a:1}`, nil, true},
-		{"missing colon", `{"a" 1}`, nil, true},
-		{"missing value", `{"a":}`, nil, true},
-		{"value at the end", `{"a":`, nil, true},
-		{"leading comma", `{,"a":1}`, nil, true},
-		{"trailing comma", `{"a":1,}`, []string{`"a"`, `1`}, true},
-		{"missing comma", `{"a":1 "b":2}`, []string{`"a"`, `1`}, true},
+		{"empty", obj, `{}`, nil, false},
+		{"spaces", obj, " {\n\t\"a\" : 1 ,\r\"b\":\"x\" } ", []string{`"a"`, `1`, `"b"`, `"x"`}, false},
+		{"nested and escaped", obj, `{"a\"b":{"c":["}",{"d":"\\"}]},"e":[]}`, []string{`"a\"b"`, `{"c":["}",{"d":"\\"}]}`, `"e"`, `[]`}, false},
+		{"backslashes before a quote", obj, `{"a":"x\\\"y\\\\","b":null}`, []string{`"a"`, `"x\\\"y\\\\"`, `"b"`, `null`}, false},
+		{"long strings", obj, `{"a":"` + strings.Repeat("x", 100) + `","b":"` + strings.Repeat(`x\"`, 40) + `"}`,
+			[]string{`"a"`, `"` + strings.Repeat("x", 100) + `"`, `"b"`, `"` + strings.Repeat(`x\"`, 40) + `"`}, false},
+		{"an escape across the first 32 bytes", obj, `{"a":"` + strings.Repeat("x", 30) + `\"` + strings.Repeat("y", 10) + `"}`,
+			[]string{`"a"`, `"` + strings.Repeat("x", 30) + `\"` + strings.Repeat("y", 10) + `"`}, false},
+		{"a string of exactly 32 bytes", obj, `{"a":"` + strings.Repeat("x", 30) + `"}`, []string{`"a"`, `"` + strings.Repeat("x", 30) + `"`}, false},
+		{"a string of 33 bytes", obj, `{"a":"` + strings.Repeat("x", 31) + `"}`, []string{`"a"`, `"` + strings.Repeat("x", 31) + `"`}, false},
+		{"literals", obj, `{"t":true,"f":false,"n":-1.5e3}`, []string{`"t"`, `true`, `"f"`, `false`, `"n"`, `-1.5e3`}, false},
+		{"duplicate keys are all read", obj, `{"id":"a","id":"b"}`, []string{`"id"`, `"a"`, `"id"`, `"b"`}, false},
+		{"nothing", obj, ``, nil, true},
+		{"array for an object", obj, `[1]`, nil, true},
+		{"unclosed", obj, `{"a":1`, []string{`"a"`, `1`}, true},
+		{"unterminated key", obj, `{"a`, nil, true},
+		{"unterminated string value", obj, `{"a":"x\"}`, nil, true},
+		{"unterminated long string value", obj, `{"a":"` + strings.Repeat("x", 100), nil, true},
+		{"unterminated nested value", obj, `{"a":{"b":[1}`, nil, true},
+		{"key not a string", obj, `{a:1}`, nil, true},
+		{"missing colon", obj, `{"a" 1}`, nil, true},
+		{"missing value", obj, `{"a":}`, nil, true},
+		{"value at the end", obj, `{"a":`, nil, true},
+		{"leading comma", obj, `{,"a":1}`, nil, true},
+		{"trailing comma", obj, `{"a":1,}`, []string{`"a"`, `1`}, true},
+		{"missing comma", obj, `{"a":1 "b":2}`, []string{`"a"`, `1`}, true},
+		{"empty array", arr, ` [ ] `, nil, false},
+		{"mixed array", arr, `["a", 1,{"x":"]"} ,[2]]`, []string{`"a"`, `1`, `{"x":"]"}`, `[2]`}, false},
+		{"object for an array", arr, `{"a":1}`, nil, true},
+		{"unclosed array", arr, `["a"`, []string{`"a"`}, true},
+		{"trailing comma in an array", arr, `["a",]`, []string{`"a"`}, true},
+		{"missing comma in an array", arr, `["a" "b"]`, []string{`"a"`}, true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			got, err := members(ScanObject([]byte(c.in)))
+			got, err := members(c.scan([]byte(c.in)))
 			if (err != nil) != c.wantErr || (err != nil && !errors.Is(err, ErrSyntax)) {
-				t.Errorf("ScanObject(%q): err = %v, wantErr %v", c.in, err, c.wantErr)
+				t.Errorf("scanning %q: err = %v, wantErr %v", c.in, err, c.wantErr)
 			}
 			if !slices.Equal(got, c.want) {
-				t.Errorf("ScanObject(%q) read %q, want %q", c.in, got, c.want)
-			}
-		})
-	}
-}
-
-func TestScanArray(t *testing.T) {
-	cases := []struct {
-		name    string
-		in      string
-		want    []string
-		wantErr bool
-	}{
-		{"empty", ` [ ] `, nil, false},
-		{"mixed", `["a", 1,{"x":"]"} ,[2]]`, []string{`"a"`, `1`, `{"x":"]"}`, `[2]`}, false},
-		{"object", `{"a":1}`, nil, true},
-		{"unclosed", `["a"`, []string{`"a"`}, true},
-		{"trailing comma", `["a",]`, []string{`"a"`}, true},
-		{"missing comma", `["a" "b"]`, []string{`"a"`}, true},
-	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			got, err := members(ScanArray([]byte(c.in)))
-			if (err != nil) != c.wantErr || (err != nil && !errors.Is(err, ErrSyntax)) {
-				t.Errorf("ScanArray(%q): err = %v, wantErr %v", c.in, err, c.wantErr)
-			}
-			if !slices.Equal(got, c.want) {
-				t.Errorf("ScanArray(%q) read %q, want %q", c.in, got, c.want)
+				t.Errorf("scanning %q read %q, want %q", c.in, got, c.want)
 			}
 		})
 	}
