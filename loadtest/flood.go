@@ -83,11 +83,7 @@ func (r *run) startFlooders(ctx context.Context, n int) (*flooders, error) {
 func (f *flooders) run(ctx context.Context) {
 	var wg sync.WaitGroup
 	for i, c := range f.clients {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f.flood(ctx, i, c)
-		}()
+		wg.Go(func() { f.flood(ctx, i, c) })
 	}
 	wg.Wait()
 }

@@ -45,25 +45,13 @@ func (r *run) runChat(ctx context.Context, during func(context.Context)) error {
 	seed := r.seed()
 	var wg sync.WaitGroup
 	for i, c := range clients {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r.sendLoop(sendCtx, c, rand.New(rand.NewPCG(seed, uint64(i))), interval)
-		}()
+		wg.Go(func() { r.sendLoop(sendCtx, c, rand.New(rand.NewPCG(seed, uint64(i))), interval) })
 	}
 	if flood != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			flood.run(sendCtx)
-		}()
+		wg.Go(func() { flood.run(sendCtx) })
 	}
 	if during != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			during(sendCtx)
-		}()
+		wg.Go(func() { during(sendCtx) })
 	}
 	wg.Wait()
 	if flood != nil {
@@ -104,14 +92,23 @@ func (r *run) sendLoop(ctx context.Context, c *client, rng *rand.Rand, interval 
 			to++
 		}
 		n[to]++
-		if err := c.send(ctx, to, n[to]); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			r.errs.add(err)
-			if !sleep(ctx, 10*time.Millisecond) {
-				return
-			}
+		if !r.send(ctx, c, to, n[to]) {
+			return
 		}
 	}
+}
+
+// send sends message n from c to user index to. A failure is counted and
+// pauses the sender briefly, so that a broken connection is not spun on.
+// It returns false once ctx has ended.
+func (r *run) send(ctx context.Context, c *client, to int, n uint64) bool {
+	err := c.send(ctx, to, n)
+	if err == nil {
+		return true
+	}
+	if ctx.Err() != nil {
+		return false
+	}
+	r.errs.add(err)
+	return sleep(ctx, 10*time.Millisecond)
 }

@@ -64,11 +64,7 @@ func (r *run) runDrain(ctx context.Context) error {
 	queueStart := time.Now()
 	var wg sync.WaitGroup
 	for _, c := range senders {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r.queueTo(dctx, c, recv, &budget, interval)
-		}()
+		wg.Go(func() { r.queueTo(dctx, c, recv, &budget, interval) })
 	}
 	wg.Wait()
 	for {
@@ -118,14 +114,8 @@ func (r *run) queueTo(ctx context.Context, c *client, to int, budget *atomic.Int
 	var n uint64
 	for budget.Add(-1) >= 0 && p.wait(ctx) {
 		n++
-		if err := c.send(ctx, to, n); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			r.errs.add(err)
-			if !sleep(ctx, 10*time.Millisecond) {
-				return
-			}
+		if !r.send(ctx, c, to, n) {
+			return
 		}
 	}
 }
