@@ -185,42 +185,50 @@ connected again. Server CPU and memory are measured on the first node only.`,
 			return nil
 		},
 	}
+	// Every flag but --quiet defaults to what its variable holds: the
+	// defaults of Config, or the zero value.
 	f := cmd.Flags()
-	f.StringVar(&cfg.Broker, "broker", cfg.Broker, "broker URL: tcp://, ws:// or tls://host:port; for a cluster, one URL per node, comma-separated, clients spread evenly over them")
-	f.StringVar(&secret, "secret", "", "HS256 token secret (default $CHATD_AUTH_SECRET)")
-	f.BoolVar(&cfg.Plain, "plain", false, "any MQTT broker: no tokens, raw payloads, no envelope")
-	f.StringVar(&cfg.Topic, "topic", cfg.Topic, "inbox topic template, %s is the user ID")
-	f.StringVar(&cfg.UserPrefix, "user-prefix", cfg.UserPrefix, "prefix of the simulated user IDs")
-	f.IntVar(&cfg.Users, "users", cfg.Users, "simulated users (chat, flaky, crash, connect)")
-	f.DurationVar(&cfg.Duration, "duration", cfg.Duration, "sending time; bounds the drain scenario and the connect ramp")
-	f.DurationVar(&cfg.Grace, "grace", cfg.Grace, "time allowed at the end for messages still on their way")
-	f.IntVar(&cfg.Size, "size", cfg.Size, "message object size in bytes")
-	f.Float64Var(&cfg.Rate, "rate", cfg.Rate, "total messages per second, 0 = as fast as flow control allows")
-	f.IntVar(&cfg.Inflight, "inflight", cfg.Inflight, "unacknowledged publishes per sender")
-	f.IntVar(&cfg.Flooders, "flooders", 0, "chat: abusive clients publishing as fast as they can beside the users, to measure what they do to everyone else")
-	f.DurationVar(&cfg.Keepalive, "keepalive", cfg.Keepalive, "MQTT keepalive")
-	f.DurationVar(&cfg.ConnectTimeout, "connect-timeout", cfg.ConnectTimeout, "timeout of one connection attempt")
-	f.IntVar(&cfg.Messages, "messages", cfg.Messages, "drain: messages queued for the offline user")
-	f.IntVar(&cfg.Senders, "senders", cfg.Senders, "drain: users queueing them")
-	f.Float64Var(&cfg.ConnectRate, "connect-rate", cfg.ConnectRate, "connect: connections per second, 0 = as fast as possible")
-	f.DurationVar(&cfg.Hold, "hold", cfg.Hold, "connect: how long to hold the connections")
-	f.IntVar(&cfg.SourceIPs, "source-ips", 0, "spread connections over 127.0.0.1..N (0 = one per 20000 connections)")
-	f.IntVar(&cfg.ServerPID, "server-pid", 0, "PID of the server on this machine, to measure its CPU and memory (of a cluster: one node's)")
-	f.StringArrayVar(&cfg.ServerCmds, "server-cmd", nil, "command that starts the server (split on spaces, no shell); the run starts, measures and stops it. "+
+	flagVar(f.StringVar, &cfg.Broker, "broker", "broker URL: tcp://, ws:// or tls://host:port; for a cluster, one URL per node, comma-separated, clients spread evenly over them")
+	flagVar(f.StringVar, &secret, "secret", "HS256 token secret (default $CHATD_AUTH_SECRET)")
+	flagVar(f.BoolVar, &cfg.Plain, "plain", "any MQTT broker: no tokens, raw payloads, no envelope")
+	flagVar(f.StringVar, &cfg.Topic, "topic", "inbox topic template, %s is the user ID")
+	flagVar(f.StringVar, &cfg.UserPrefix, "user-prefix", "prefix of the simulated user IDs")
+	flagVar(f.IntVar, &cfg.Users, "users", "simulated users (chat, flaky, crash, connect)")
+	flagVar(f.DurationVar, &cfg.Duration, "duration", "sending time; bounds the drain scenario and the connect ramp")
+	flagVar(f.DurationVar, &cfg.Grace, "grace", "time allowed at the end for messages still on their way")
+	flagVar(f.IntVar, &cfg.Size, "size", "message object size in bytes")
+	flagVar(f.Float64Var, &cfg.Rate, "rate", "total messages per second, 0 = as fast as flow control allows")
+	flagVar(f.IntVar, &cfg.Inflight, "inflight", "unacknowledged publishes per sender")
+	flagVar(f.IntVar, &cfg.Flooders, "flooders", "chat: abusive clients publishing as fast as they can beside the users, to measure what they do to everyone else")
+	flagVar(f.DurationVar, &cfg.Keepalive, "keepalive", "MQTT keepalive")
+	flagVar(f.DurationVar, &cfg.ConnectTimeout, "connect-timeout", "timeout of one connection attempt")
+	flagVar(f.IntVar, &cfg.Messages, "messages", "drain: messages queued for the offline user")
+	flagVar(f.IntVar, &cfg.Senders, "senders", "drain: users queueing them")
+	flagVar(f.Float64Var, &cfg.ConnectRate, "connect-rate", "connect: connections per second, 0 = as fast as possible")
+	flagVar(f.DurationVar, &cfg.Hold, "hold", "connect: how long to hold the connections")
+	flagVar(f.IntVar, &cfg.SourceIPs, "source-ips", "spread connections over 127.0.0.1..N (0 = one per 20000 connections)")
+	flagVar(f.IntVar, &cfg.ServerPID, "server-pid", "PID of the server on this machine, to measure its CPU and memory (of a cluster: one node's)")
+	flagVar(f.StringArrayVar, &cfg.ServerCmds, "server-cmd", "command that starts the server (split on spaces, no shell); the run starts, measures and stops it. "+
 		"Repeat it once per --broker URL for a cluster: the nodes start side by side, and only the first one's CPU and memory are measured")
-	f.StringVar(&cfg.ServerLog, "server-log", "", "file that receives the output of --server-cmd; with several, node N writes to FILE.N")
-	f.DurationVar(&cfg.KillEvery, "kill-every", cfg.KillEvery, "crash: interval between SIGKILLs (of one node at a time, round robin, with several --server-cmd)")
-	f.DurationVar(&cfg.Latency, "latency", cfg.Latency, "flaky: added latency per direction")
-	f.DurationVar(&cfg.Jitter, "jitter", cfg.Jitter, "flaky: latency jitter")
-	f.IntVar(&cfg.Bandwidth, "bandwidth", cfg.Bandwidth, "flaky: KB/s per connection and direction, 0 = unlimited")
-	f.DurationVar(&cfg.CutEvery, "cut-every", cfg.CutEvery, "flaky: interval between connection cuts, 0 = no cuts")
-	f.DurationVar(&cfg.CutFor, "cut-for", cfg.CutFor, "flaky: length of a cut")
-	f.StringSliceVar(&cfg.Cuts, "cuts", cfg.Cuts, "flaky: kinds of cut: down (proxy off), reset (TCP RST), stall (data stops, then close)")
-	f.Int64Var(&cfg.Seed, "seed", 0, "random seed for recipients and cuts, 0 = random")
-	f.StringVar(&jsonPath, "json", "", "write the report as JSON to this file")
-	f.StringVar(&htmlPath, "html", "", "write a self-contained HTML report to this file")
+	flagVar(f.StringVar, &cfg.ServerLog, "server-log", "file that receives the output of --server-cmd; with several, node N writes to FILE.N")
+	flagVar(f.DurationVar, &cfg.KillEvery, "kill-every", "crash: interval between SIGKILLs (of one node at a time, round robin, with several --server-cmd)")
+	flagVar(f.DurationVar, &cfg.Latency, "latency", "flaky: added latency per direction")
+	flagVar(f.DurationVar, &cfg.Jitter, "jitter", "flaky: latency jitter")
+	flagVar(f.IntVar, &cfg.Bandwidth, "bandwidth", "flaky: KB/s per connection and direction, 0 = unlimited")
+	flagVar(f.DurationVar, &cfg.CutEvery, "cut-every", "flaky: interval between connection cuts, 0 = no cuts")
+	flagVar(f.DurationVar, &cfg.CutFor, "cut-for", "flaky: length of a cut")
+	flagVar(f.StringSliceVar, &cfg.Cuts, "cuts", "flaky: kinds of cut: down (proxy off), reset (TCP RST), stall (data stops, then close)")
+	flagVar(f.Int64Var, &cfg.Seed, "seed", "random seed for recipients and cuts, 0 = random")
+	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")
+	flagVar(f.StringVar, &htmlPath, "html", "write a self-contained HTML report to this file")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no live progress on stderr")
 	return cmd
+}
+
+// flagVar defines, with define (such as f.IntVar), the flag name storing
+// its value in *p, with the value *p holds as its default.
+func flagVar[T any](define func(p *T, name string, value T, usage string), p *T, name, usage string) {
+	define(p, name, *p, usage)
 }
 
 // isTerminal reports whether w is a character device, where a redrawn

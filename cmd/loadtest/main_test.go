@@ -4,8 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/chatd/chatd/loadtest"
 )
 
 func TestCommands(t *testing.T) {
@@ -45,5 +49,36 @@ func TestCommands(t *testing.T) {
 				t.Errorf("a usage error came back as exit status %d", ee.code)
 			}
 		})
+	}
+}
+
+// TestRunFlagDefaults checks that the run command's flags default to
+// loadtest.DefaultConfig, which flagVar reads from the variables it binds.
+func TestRunFlagDefaults(t *testing.T) {
+	def := loadtest.DefaultConfig()
+	tests := []struct {
+		flag string
+		want string
+	}{
+		{"broker", def.Broker},
+		{"users", strconv.Itoa(def.Users)},
+		{"duration", def.Duration.String()},
+		{"connect-rate", strconv.FormatFloat(def.ConnectRate, 'g', -1, 64)},
+		{"cuts", "[" + strings.Join(def.Cuts, ",") + "]"},
+		{"flooders", "0"},
+		{"server-cmd", "[]"},
+		{"secret", ""},
+		{"quiet", "false"},
+	}
+	flags := newRunCmd(io.Discard, io.Discard).Flags()
+	for _, tt := range tests {
+		f := flags.Lookup(tt.flag)
+		if f == nil {
+			t.Errorf("no flag --%s", tt.flag)
+			continue
+		}
+		if f.DefValue != tt.want {
+			t.Errorf("--%s defaults to %q, want %q", tt.flag, f.DefValue, tt.want)
+		}
 	}
 }
