@@ -470,3 +470,35 @@ func TestDroppedIsMissed(t *testing.T) {
 		t.Fatal("dropped notices never reported")
 	}
 }
+
+// TestSendsBeforeStart: the server builds a bus before the parts that
+// send through it and starts it later. A bus not started yet sends its
+// notices (a node takes no connections before Start, but its store may
+// already hold messages), and Close before Start has nothing to stop.
+func TestSendsBeforeStart(t *testing.T) {
+	n := startNATS(t)
+	rb := newRecorder()
+	b := startBus(t, n, "b", rb, time.Second)
+	defer b.Close()
+	a := New(Options{Conn: n.Conn(), Node: "a", Prefix: "test", Heartbeat: time.Second, DeadAfter: 4 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	a.Stored("bob", queue.Message{Seq: 1, Meta: []byte("m"), Data: []byte("d")})
+	rb.waitFor(t, "stored bob m d 1")
+	a.Typing("bob", "inbox/bob", []byte("t"))
+	rb.waitFor(t, "typing bob inbox/bob t")
+	if err := a.Close(); err != nil {
+		t.Fatalf("Close before Start: %v", err)
+	}
+
+	c := New(Options{Conn: n.Conn(), Node: "c", Prefix: "test", Heartbeat: time.Second, DeadAfter: 4 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	rc := newRecorder()
+	if err := c.Start(rc.handlers()); err != nil {
+		t.Fatal(err)
+	}
+	b.Stored("carol", queue.Message{Seq: 2, Meta: []byte("m"), Data: []byte("d")})
+	rc.waitFor(t, "stored carol m d 2")
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
