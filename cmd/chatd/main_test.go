@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -11,7 +10,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -36,25 +34,6 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// syncBuffer is a bytes.Buffer safe for the server's logger to write while
-// the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // isolate clears CHATD_* variables and runs the test in an empty directory.
 func isolate(t *testing.T) string {
 	t.Helper()
@@ -68,7 +47,7 @@ func isolate(t *testing.T) string {
 
 // run executes chatd with args in-process and returns its stdout and stderr.
 func run(ctx context.Context, args ...string) (stdout, stderr string, err error) {
-	var out, errOut syncBuffer
+	var out, errOut testutil.SyncBuffer
 	cmd := newRootCmd()
 	cmd.SetArgs(args)
 	cmd.SetOut(&out)
@@ -147,7 +126,7 @@ func TestToken(t *testing.T) {
 var startedRE = regexp.MustCompile(`msg="chatd started" mqtt=(\S+) http=(\S+)`)
 
 // waitStarted waits for the start-up log line and returns the addresses in it.
-func waitStarted(t *testing.T, logs *syncBuffer, done <-chan error) (mqttAddr, httpAddr string) {
+func waitStarted(t *testing.T, logs *testutil.SyncBuffer, done <-chan error) (mqttAddr, httpAddr string) {
 	t.Helper()
 	testutil.EventuallyNoError(t, 10*time.Second, func() error {
 		if m := startedRE.FindStringSubmatch(logs.String()); m != nil {
@@ -168,7 +147,7 @@ func TestServe(t *testing.T) {
 	isolate(t)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	cmd := newRootCmd()
 	cmd.SetArgs([]string{"serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"})
 	cmd.SetErr(&logs)
@@ -250,7 +229,7 @@ func TestServeSignal(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 		t.Run(sig.String(), func(t *testing.T) {
 			dir := isolate(t)
-			var logs syncBuffer
+			var logs testutil.SyncBuffer
 			cmd := exec.Command(os.Args[0], "serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir", filepath.Join(dir, "data"))
 			cmd.Env = append(os.Environ(), runAsMain+"=1")
 			cmd.Stderr = &logs

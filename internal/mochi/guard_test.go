@@ -23,29 +23,11 @@ import (
 	"github.com/chatd/chatd/internal/testutil"
 )
 
-// syncBuffer is a log destination safe for the goroutines of a listener.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // served is a Guard serving on a loopback TCP listener of mochi's, with
 // an establish function of the test's.
 type served struct {
 	guard Guard
-	log   *syncBuffer
+	log   *testutil.SyncBuffer
 	// dialed and ended count the connections made and those the Guard is
 	// done with, OnEnd and OnPanic included: mochi's TCP listener serves
 	// each on a goroutine it does not wait for.
@@ -74,7 +56,7 @@ func (l countingListener) Serve(establish listeners.EstablishFn) {
 func serve(t *testing.T, g Guard, establish listeners.EstablishFn) *served {
 	t.Helper()
 	tcp := listeners.NewTCP(listeners.Config{ID: "t1", Address: "127.0.0.1:0"})
-	s := &served{log: &syncBuffer{}, ends: make(chan struct{}, 64), done: make(chan struct{})}
+	s := &served{log: &testutil.SyncBuffer{}, ends: make(chan struct{}, 64), done: make(chan struct{})}
 	if err := tcp.Init(slog.New(slog.NewTextHandler(s.log, nil))); err != nil {
 		t.Fatalf("listen: %v", err)
 	}

@@ -1,36 +1,17 @@
 package natsnode
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/testutil"
+
 	"github.com/nats-io/nats.go/jetstream"
 )
-
-// syncBuffer is a log sink safe to write from the server's goroutines
-// while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestQueueSyncReachesJetStream starts an embedded server for each
 // fsync setting queue.sync maps to and checks the fsync settings the running JetStream
@@ -50,7 +31,7 @@ func TestQueueSyncReachesJetStream(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(fmt.Sprintf("always=%v/%v", c.always, c.interval), func(t *testing.T) {
-			var logs syncBuffer
+			var logs testutil.SyncBuffer
 			cfg := Config{Name: "sync", Dir: t.TempDir(), Listen: "127.0.0.1:0", Logger: slog.New(slog.NewTextHandler(&logs, nil))}
 			cfg.SyncAlways, cfg.SyncInterval = c.always, c.interval
 			n, err := Start(context.Background(), cfg)
@@ -92,7 +73,7 @@ func TestJoinByURLWarnsSyncIsTheServers(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer existing.Shutdown()
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	cfg := Config{URL: existing.ClientURL(), Logger: slog.New(slog.NewTextHandler(&logs, nil))}
 	cfg.SyncInterval = 100 * time.Millisecond
 	joined, err := Start(context.Background(), cfg)

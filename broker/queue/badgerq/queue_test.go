@@ -4,15 +4,18 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
-	"github.com/chatd/chatd/broker/queue"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/internal/testutil"
 
 	"go.uber.org/goleak"
 )
@@ -23,6 +26,8 @@ type harness struct {
 	s      *Store
 	mu     sync.Mutex
 	stored []string // "user:seq" in OnStored order
+	// ahead moves the store's clock forward of the wall clock, for TTLs.
+	ahead atomic.Int64
 	// badgerLeaks is set by tests that make badger.Open fail, which leaks
 	// Badger's goroutines upstream.
 	badgerLeaks bool
@@ -52,6 +57,7 @@ func testOptions(dir string) Options {
 func (h *harness) open(mutate func(*queue.Settings)) {
 	o := testOptions(h.dir)
 	o.Settings.AckFlushInterval = time.Millisecond
+	o.Now = func() time.Time { return time.Now().Add(time.Duration(h.ahead.Load())) }
 	if mutate != nil {
 		mutate(&o.Settings)
 	}
@@ -111,20 +117,13 @@ func (h *harness) read(user string, after uint64) []string {
 // flushed waits until the lazy ack flush has deleted everything up to seq.
 func (h *harness) flushed(user string, depth uint64) {
 	h.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testutil.EventuallyNoError(h.t, 10*time.Second, func() error {
 		d, err := h.s.Depth(user)
-		if err != nil {
-			h.t.Fatal(err)
+		if err == nil && d != depth {
+			err = fmt.Errorf("depth %d", d)
 		}
-		if d == depth {
-			return
-		}
-		if time.Now().After(deadline) {
-			h.t.Fatalf("depth of %s stays %d, want %d", user, d, depth)
-		}
-		time.Sleep(time.Millisecond)
-	}
+		return err
+	}, "depth of %s never reached %d", user, depth)
 }
 
 func eq(t *testing.T, what string, got, want []string) {
@@ -295,7 +294,8 @@ func TestForgetsDevicesAfterDeviceTTL(t *testing.T) {
 	h.s.Detach("bob", "old-phone")
 	h.append("bob", "alice", "1", "x")
 	h.reopen(func(q *queue.Settings) { q.DeviceTTL = time.Nanosecond })
-	time.Sleep(1100 * time.Millisecond) // last-seen times have one-second resolution
+	// Last-seen times have one-second resolution: move the clock past it.
+	h.ahead.Add(int64(1100 * time.Millisecond))
 	// The forgotten device no longer counts: a new device is the first again.
 	if c, _, _ := h.s.Attach("bob", "new-phone", false); c != 0 {
 		t.Fatalf("new device cursor %d, want 0", c)

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/testutil"
+
 	"go.uber.org/goleak"
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
@@ -137,20 +139,13 @@ func readData(t *testing.T, s *Store, user string, after uint64) []string {
 // flushed waits until the lazy ack flush has brought user's depth to depth.
 func (h *harness) flushed(user string, depth uint64) {
 	h.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testutil.EventuallyNoError(h.t, 10*time.Second, func() error {
 		d, err := h.s.Depth(user)
-		if err != nil {
-			h.t.Fatal(err)
+		if err == nil && d != depth {
+			err = fmt.Errorf("depth %d", d)
 		}
-		if d == depth {
-			return
-		}
-		if time.Now().After(deadline) {
-			h.t.Fatalf("depth of %s stays %d, want %d", user, d, depth)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		return err
+	}, "depth of %s never reached %d", user, depth)
 }
 
 func eq(t *testing.T, what string, got, want []string) {
@@ -303,11 +298,7 @@ func TestDeletedOnlyWhenEveryDeviceAcked(t *testing.T) {
 	h.flushed("bob", 0)
 	eq(t, "left", h.read("bob", 0), []string{})
 	// The stream may show the purge before its answer reaches the counter.
-	for deadline := time.Now().Add(10 * time.Second); h.s.Stats().Deleted != 4; time.Sleep(2 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("stats %+v, want 4 deleted", h.s.Stats())
-		}
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool { return h.s.Stats().Deleted == 4 }, "want 4 deleted")
 	if n := h.s.Undelivered(); n != 0 {
 		t.Fatalf("undelivered %d after every device acked", n)
 	}
