@@ -2,7 +2,6 @@ package hooks
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -254,28 +253,11 @@ func (it *inboxTest) connect(s session) *rawClient {
 func (rc *rawClient) send(pk packets.Packet) {
 	rc.t.Helper()
 	pk.ProtocolVersion = rc.version
-	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Connect:
-		err = pk.ConnectEncode(&buf)
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Puback:
-		err = pk.PubackEncode(&buf)
-	case packets.Subscribe:
-		err = pk.SubscribeEncode(&buf)
-	case packets.Unsubscribe:
-		err = pk.UnsubscribeEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	default:
-		err = fmt.Errorf("no encoder for packet type %d", pk.FixedHeader.Type)
-	}
+	b, err := testutil.Encode(pk)
 	if err != nil {
 		rc.t.Fatal(err)
 	}
-	if _, err := rc.conn.Write(buf.Bytes()); err != nil {
+	if _, err := rc.conn.Write(b); err != nil {
 		rc.t.Fatalf("write packet type %d: %v", pk.FixedHeader.Type, err)
 	}
 }

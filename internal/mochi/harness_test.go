@@ -269,26 +269,11 @@ func (ms *mochiServer) connect(t *testing.T, s session) *rawClient {
 // encode encodes pk with mochi's codec.
 func encode(t *testing.T, pk packets.Packet) []byte {
 	t.Helper()
-	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Connect:
-		err = pk.ConnectEncode(&buf)
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Subscribe:
-		err = pk.SubscribeEncode(&buf)
-	case packets.Pingreq:
-		err = pk.PingreqEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	default:
-		err = fmt.Errorf("no encoder for packet type %d", pk.FixedHeader.Type)
-	}
+	b, err := testutil.Encode(pk)
 	if err != nil {
-		t.Fatalf("encode: %v", err)
+		t.Fatal(err)
 	}
-	return buf.Bytes()
+	return b
 }
 
 // send writes pk.
