@@ -15,7 +15,6 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
-	"golang.org/x/time/rate"
 
 	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/internal/testutil"
@@ -34,19 +33,7 @@ func startAuthServer(t *testing.T, mutate func(*Auth)) *authServer {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	srv := mqtt.New(&mqtt.Options{Logger: log})
-	a := &Auth{
-		Server:           srv,
-		Verifier:         token.NewVerifier(testSecret),
-		MaxSubscriptions: 16,
-		MaxKeepalive:     60,
-		Connects:         rate.NewLimiter(rate.Inf, 1),
-		Users:            &Users{MaxConnections: 16, PublishRate: 10, PublishBytesRate: 1 << 20},
-		MayAttach:        func(string, string) (bool, error) { return true, nil },
-		Log:              log,
-	}
-	if mutate != nil {
-		mutate(a)
-	}
+	a := testAuth(srv, log, mutate)
 	if err := srv.AddHook(a, nil); err != nil {
 		t.Fatal(err)
 	}

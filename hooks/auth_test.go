@@ -28,10 +28,9 @@ type authTest struct {
 	tok  string
 }
 
-func newAuthTest(t *testing.T, mutate func(*Auth)) *authTest {
-	t.Helper()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv := mqtt.New(&mqtt.Options{Logger: log})
+// testAuth is the Auth the hook tests run, on srv, changed by mutate:
+// every device may attach, and the limits are far above the tests' use.
+func testAuth(srv *mqtt.Server, log *slog.Logger, mutate func(*Auth)) *Auth {
 	a := &Auth{
 		Server:           srv,
 		Verifier:         token.NewVerifier(testSecret),
@@ -45,6 +44,14 @@ func newAuthTest(t *testing.T, mutate func(*Auth)) *authTest {
 	if mutate != nil {
 		mutate(a)
 	}
+	return a
+}
+
+func newAuthTest(t *testing.T, mutate func(*Auth)) *authTest {
+	t.Helper()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv := mqtt.New(&mqtt.Options{Logger: log})
+	a := testAuth(srv, log, mutate)
 	tok, err := token.Mint(testSecret, "bob", time.Hour)
 	if err != nil {
 		t.Fatal(err)
