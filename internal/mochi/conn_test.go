@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/testutil"
+
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -215,7 +217,7 @@ func TestConnServesSteadyReader(t *testing.T) {
 	got := make(chan result, 1)
 	go func() {
 		b := make([]byte, len(payload))
-		n, err := io.ReadFull(throttled{c.r, readSize, readPause}, b)
+		n, err := io.ReadFull(testutil.Throttled{R: c.r, Size: readSize, Pause: readPause}, b)
 		got <- result{b[:n], err}
 	}()
 
@@ -234,18 +236,6 @@ func TestConnServesSteadyReader(t *testing.T) {
 	// answer. Waiting is the point of this check.
 	time.Sleep(2 * timeout)
 	c.ping()
-}
-
-// throttled reads at most size bytes per call, each after a pause.
-type throttled struct {
-	r     io.Reader
-	size  int
-	pause time.Duration
-}
-
-func (t throttled) Read(p []byte) (int, error) {
-	time.Sleep(t.pause)
-	return t.r.Read(p[:min(len(p), t.size)])
 }
 
 // boundaryPayload is the payload of the i-th PUBLISH of

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/testutil"
+
 	"github.com/chatd/chatd/internal/mochi"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -300,7 +302,7 @@ func TestSlowReaderIsServed(t *testing.T) {
 	got := make(chan error, 1)
 	go func() {
 		// 16 KiB every 10 ms: about 1.6 MB/s, two seconds for the burst.
-		r := bufio.NewReaderSize(throttled{client, 16 << 10, 10 * time.Millisecond}, 64<<10)
+		r := bufio.NewReaderSize(testutil.Throttled{R: client, Size: 16 << 10, Pause: 10 * time.Millisecond}, 64<<10)
 		for i := range n {
 			pk, err := decodeErr(r, 4)
 			if err != nil {
@@ -326,18 +328,6 @@ func TestSlowReaderIsServed(t *testing.T) {
 	if took < 3*timeout {
 		t.Fatalf("the write took %v, not several write timeouts of %v: the test proves nothing", took, timeout)
 	}
-}
-
-// throttled reads at most size bytes per call, each after a pause.
-type throttled struct {
-	r     io.Reader
-	size  int
-	pause time.Duration
-}
-
-func (t throttled) Read(p []byte) (int, error) {
-	time.Sleep(t.pause)
-	return t.r.Read(p[:min(len(p), t.size)])
 }
 
 // decodeErr reads one PUBLISH from r, reporting errors instead of failing
