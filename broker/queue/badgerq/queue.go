@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
 	"github.com/dgraph-io/ristretto/v2/z"
 
 	"github.com/chatd/chatd/broker/queue"
@@ -99,8 +100,11 @@ func (s *Store) Undelivered() uint64 { return s.Stats().Undelivered() }
 
 // Badger sizes; see Open.
 const (
-	memTableSize   = 16 << 20
-	blockCacheSize = 64 << 20
+	memTableSize = 8 << 20
+	numMemtables = 3
+	// numLevelZeroTables keeps as much in level 0 as 5 tables of 16 MiB.
+	numLevelZeroTables = 10
+	blockCacheSize     = 8 << 20
 	// maxBatchBytes keeps one commit well under Badger's transaction
 	// limit, a fraction of the memtable size.
 	maxBatchBytes = 1 << 20
@@ -121,10 +125,27 @@ func Open(opts Options) (*Store, error) {
 		WithDetectConflicts(false).
 		WithNumVersionsToKeep(1).
 		WithCompactL0OnClose(true).
-		// Small memtables: a queue's entries live briefly, inserts into a
-		// smaller skiplist are cheaper, and the server's memory stays low.
+		// Small memtables, and few: a queue's entries live briefly, inserts
+		// into a smaller skiplist are cheaper, and the server's memory stays
+		// low (each memtable is an arena on the heap and a mapped log file
+		// of twice its size).
 		WithMemTableSize(memTableSize).
-		// Reads happen only when a device drains a backlog from disk.
+		WithNumMemtables(numMemtables).
+		// Many small level-0 tables rather than few big ones: most
+		// messages are deleted while still in level 0, where a compaction
+		// drops them together with their tombstones instead of pushing
+		// both down the tree.
+		WithNumLevelZeroTables(numLevelZeroTables).
+		WithNumLevelZeroTablesStall(2 * numLevelZeroTables).
+		// A queue's entries are short-lived and small: compressing each
+		// table as the memtable is flushed costs CPU and, in the table
+		// builder's buffers, most of the heap under load, to save disk
+		// that the deletes soon free anyway.
+		WithCompression(options.None).
+		// Reads happen only when a device drains a backlog from disk, and
+		// uncompressed tables are read through the page cache; the block
+		// cache only keeps tables written by older versions, compressed,
+		// readable without decompressing every read.
 		WithBlockCacheSize(blockCacheSize)
 	db, err := badger.Open(bo)
 	if err != nil && strings.Contains(err.Error(), z.NewFile.Error()) {
