@@ -17,6 +17,9 @@ import (
 // serverReadyTimeout bounds how long a started server may take to accept connections.
 const serverReadyTimeout = 30 * time.Second
 
+// readyPoll is how often a starting server's addresses are tried.
+const readyPoll = 5 * time.Millisecond
+
 // serverStopTimeout is how long a server may take to exit after SIGTERM before SIGKILL.
 const serverStopTimeout = 10 * time.Second
 
@@ -31,11 +34,17 @@ type serverProc struct {
 	nodes []int
 	log   io.Writer
 	file  *os.File // the log file, when there is one
+	// readyTimeout bounds how long a launch may take to accept
+	// connections; 0 means serverReadyTimeout.
+	readyTimeout time.Duration
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{} // closed when cmd has exited
 	werr error
+	// started is when the latest launch started the process, ready when
+	// it then accepted connections on every address (zero until it did).
+	started, ready time.Time
 }
 
 // startServers starts one server per command line and waits until each
@@ -144,10 +153,16 @@ func (s *serverProc) launch(ctx context.Context) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start server %q: %w", s.args[0], err)
 	}
+	started := time.Now()
 	done := make(chan struct{})
 	s.mu.Lock()
 	s.cmd, s.done = cmd, done
+	s.started, s.ready = started, time.Time{}
+	timeout := s.readyTimeout
 	s.mu.Unlock()
+	if timeout <= 0 {
+		timeout = serverReadyTimeout
+	}
 	go func() {
 		err := cmd.Wait()
 		s.mu.Lock()
@@ -155,7 +170,7 @@ func (s *serverProc) launch(ctx context.Context) error {
 		s.mu.Unlock()
 		close(done)
 	}()
-	deadline := time.Now().Add(serverReadyTimeout)
+	deadline := started.Add(timeout)
 	pending := s.addrs
 	for {
 		for len(pending) > 0 {
@@ -169,6 +184,9 @@ func (s *serverProc) launch(ctx context.Context) error {
 			pending = pending[1:]
 		}
 		if len(pending) == 0 {
+			s.mu.Lock()
+			s.ready = time.Now()
+			s.mu.Unlock()
 			return nil
 		}
 		select {
@@ -182,9 +200,11 @@ func (s *serverProc) launch(ctx context.Context) error {
 		if time.Now().After(deadline) {
 			s.signal(syscall.SIGKILL)
 			<-done
-			return fmt.Errorf("server %q not accepting connections on %s after %s", s.args[0], pending[0], serverReadyTimeout)
+			return fmt.Errorf("server %q not accepting connections on %s after %s", s.args[0], pending[0], timeout)
 		}
-		if !sleep(ctx, 50*time.Millisecond) {
+		// Polled often: the restart scenario reads its start-up time from
+		// when this loop sees the port open.
+		if !sleep(ctx, readyPoll) {
 			s.signal(syscall.SIGKILL)
 			<-done
 			return fmt.Errorf("start server: %w", ctx.Err())
@@ -197,6 +217,14 @@ func (s *serverProc) pid() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.cmd.Process.Pid
+}
+
+// startTimes returns when the latest launch started the process and when
+// it then accepted connections (zero if it has not).
+func (s *serverProc) startTimes() (started, ready time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.started, s.ready
 }
 
 // signal sends sig to the server's process group.
