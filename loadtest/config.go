@@ -15,15 +15,17 @@ const (
 	ScenarioConnect = "connect"
 	ScenarioFlaky   = "flaky"
 	ScenarioCrash   = "crash"
+	ScenarioRestart = "restart"
 )
 
 // Scenarios lists every scenario with a one-line description.
 var Scenarios = []struct{ Name, Doc string }{
 	{ScenarioChat, "N users send to random other users at --rate; every message must arrive once, in order"},
 	{ScenarioDrain, "--messages queued for one offline user by --senders senders, then it connects and drains"},
-	{ScenarioConnect, "ramp N idle persistent connections at --connect-rate, hold them, measure connect latency and server memory"},
+	{ScenarioConnect, "ramp N idle persistent connections at --connect-rate, hold them --hold after the last one, measure connect latency and server memory per connection"},
 	{ScenarioFlaky, "chat through a toxiproxy with latency, jitter, bandwidth limit and connection cuts"},
 	{ScenarioCrash, "chat while the server started with --server-cmd (one node at a time, round robin, when given several) is SIGKILLed and restarted every --kill-every"},
+	{ScenarioRestart, "--messages queued for --recipients offline users by --senders senders, the server started with --server-cmd SIGKILLed and restarted: time until it accepts connections and delivers, then every message drained"},
 }
 
 // Config describes one load-test run. The zero value is not usable: start
@@ -61,10 +63,14 @@ type Config struct {
 	// ConnectTimeout bounds one connection attempt.
 	ConnectTimeout time.Duration
 
-	// Messages is how many messages the drain scenario queues.
+	// Messages is how many messages the drain and restart scenarios queue.
 	Messages int
-	// Senders is how many users queue messages in the drain scenario.
+	// Senders is how many users queue messages in the drain and restart scenarios.
 	Senders int
+	// Recipients is how many offline users the restart scenario queues
+	// messages for, round robin; each one's share must fit the server's
+	// per-user queue cap (chatd: queue.max_queue_messages).
+	Recipients int
 
 	// ConnectRate is the connect scenario's ramp in connections per second; 0 is as fast as possible.
 	ConnectRate float64
@@ -98,6 +104,10 @@ type Config struct {
 	// Cuts lists the kinds of cut to draw from: down, reset, stall.
 	Cuts []string
 
+	// Label names what sets the run apart beyond its scenario and rate
+	// (say, "receipts on"); reports and comparisons show it.
+	Label string
+
 	// Seed makes recipient choice and cut order reproducible; 0 picks one.
 	Seed int64
 }
@@ -118,6 +128,7 @@ func DefaultConfig() Config {
 		ConnectTimeout: 10 * time.Second,
 		Messages:       100_000,
 		Senders:        4,
+		Recipients:     100,
 		ConnectRate:    500,
 		Hold:           10 * time.Second,
 		KillEvery:      5 * time.Second,
@@ -149,6 +160,9 @@ func (c *Config) Validate() error {
 	if !c.Plain && len(c.Secret) == 0 {
 		return errors.New("no token secret: set --secret or CHATD_AUTH_SECRET, or use --plain")
 	}
+	if strings.ContainsAny(c.Label, "|\n") {
+		return errors.New("--label: no | or newline (it goes into Markdown tables)")
+	}
 	if !validUserID(c.UserPrefix + "0") {
 		return fmt.Errorf("user prefix %q: user IDs are 1-64 characters of [A-Za-z0-9_.-]", c.UserPrefix)
 	}
@@ -172,6 +186,13 @@ func (c *Config) Validate() error {
 	switch c.Scenario {
 	case ScenarioDrain:
 		checks = append(checks, positive{"--messages", c.Messages > 0}, positive{"--senders", c.Senders > 0})
+	case ScenarioRestart:
+		checks = append(checks,
+			positive{"--messages", c.Messages > 0},
+			positive{"--senders", c.Senders > 0},
+			positive{"--recipients (1 to --messages)", c.Recipients > 0 && c.Recipients <= c.Messages},
+			positive{"--server-cmd (the restart scenario starts, kills and restarts one server)", len(c.ServerCmds) == 1},
+			positive{"--broker (the restart scenario drives one server: one URL)", len(urls) == 1})
 	default:
 		checks = append(checks, positive{"--users", c.Users > 0})
 	}

@@ -53,6 +53,37 @@ func TestConfigValidate(t *testing.T) {
 			c.Scenario, c.Broker = ScenarioFlaky, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884"
 		}, "flaky"},
 		{"short keepalive", func(c *Config) { c.Keepalive = time.Millisecond }, "--keepalive"},
+		{"label", func(c *Config) { c.Label = "receipts on" }, ""},
+		{"label with a table bar", func(c *Config) { c.Label = "a|b" }, "--label"},
+		{"restart", func(c *Config) { c.Scenario, c.ServerCmds = ScenarioRestart, []string{"chatd serve"} }, ""},
+		{"restart needs a server command", func(c *Config) { c.Scenario = ScenarioRestart }, "--server-cmd"},
+		{"restart kills one server", func(c *Config) {
+			c.Scenario, c.Broker, c.ServerCmds = ScenarioRestart, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884", []string{"a", "b"}
+		}, "--server-cmd"},
+		{"restart drives one URL", func(c *Config) {
+			c.Scenario, c.Broker, c.ServerCmds = ScenarioRestart, "tcp://127.0.0.1:1883,tcp://127.0.0.1:1884", []string{"a"}
+		}, "--broker"},
+		{"restart needs messages", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.Messages = ScenarioRestart, []string{"a"}, 0
+		}, "--messages"},
+		{"restart needs senders", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.Senders = ScenarioRestart, []string{"a"}, 0
+		}, "--senders"},
+		{"restart needs recipients", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.Recipients = ScenarioRestart, []string{"a"}, 0
+		}, "--recipients"},
+		{"restart: more recipients than messages", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.Messages, c.Recipients = ScenarioRestart, []string{"a"}, 10, 11
+		}, "--recipients"},
+		{"restart: one message each", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.Messages, c.Recipients = ScenarioRestart, []string{"a"}, 10, 10
+		}, ""},
+		{"restart with a server pid", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.ServerPID = ScenarioRestart, []string{"a"}, 1
+		}, "exclusive"},
+		{"restart needs no users", func(c *Config) {
+			c.Scenario, c.ServerCmds, c.Users = ScenarioRestart, []string{"a"}, 0
+		}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -10,7 +10,7 @@
 // rather than from publish tokens, which paho completes early when it
 // resends after a reconnection.
 //
-// The scenarios (chat, drain, connect, flaky, crash) are described by
+// The scenarios (chat, drain, connect, flaky, crash, restart) are described by
 // Scenarios; Run executes one and returns a Report, which renders as a
 // table, JSON or a self-contained HTML page.
 //

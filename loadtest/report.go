@@ -68,6 +68,8 @@ type Report struct {
 	Faults *FaultResult `json:"faults,omitempty"`
 	// Crash is the crash scenario's kills.
 	Crash *CrashResult `json:"crash,omitempty"`
+	// Restart is the restart scenario's result.
+	Restart *RestartResult `json:"restart,omitempty"`
 	// Flood is what the abusive clients of --flooders did.
 	Flood *FloodResult `json:"flood,omitempty"`
 	// ErrorCount is every error met.
@@ -90,16 +92,20 @@ type Settings struct {
 	DurationSec float64 `json:"duration_s"`
 	// GraceSec is the drain grace period.
 	GraceSec float64 `json:"grace_s"`
-	// Messages is the drain scenario's queue length.
+	// Messages is the messages the drain and restart scenarios queue.
 	Messages int `json:"messages,omitempty"`
-	// Senders is the drain scenario's senders.
+	// Senders is the drain and restart scenarios' senders.
 	Senders int `json:"senders,omitempty"`
+	// Recipients is the restart scenario's offline users.
+	Recipients int `json:"recipients,omitempty"`
 	// ConnectRate is the connect scenario's ramp rate.
 	ConnectRate float64 `json:"connect_rate,omitempty"`
 	// HoldSec is the connect scenario's hold.
 	HoldSec float64 `json:"hold_s,omitempty"`
 	// KillEverySec is the crash scenario's kill interval.
 	KillEverySec float64 `json:"kill_every_s,omitempty"`
+	// Label names what sets the run apart beyond its scenario and rate, when given.
+	Label string `json:"label,omitempty"`
 	// ServerCmd is the command that started the server, when there was one.
 	ServerCmd string `json:"server_cmd,omitempty"`
 	// ServerCmds are the commands that started the nodes, when there were several.
@@ -161,6 +167,7 @@ func (r *run) report(interrupted bool) *Report {
 		Connect:      r.connect,
 		Faults:       r.faults,
 		Crash:        r.crash,
+		Restart:      r.restart,
 		Flood:        r.flood,
 	}
 	if len(rep.RefusalCodes) == 0 {
@@ -221,6 +228,7 @@ func (r *run) settings() Settings {
 		Inflight:    c.Inflight,
 		DurationSec: c.Duration.Seconds(),
 		GraceSec:    c.Grace.Seconds(),
+		Label:       c.Label,
 	}
 	switch len(c.ServerCmds) {
 	case 0:
@@ -232,6 +240,8 @@ func (r *run) settings() Settings {
 	switch c.Scenario {
 	case ScenarioDrain:
 		s.Messages, s.Senders = c.Messages, c.Senders
+	case ScenarioRestart:
+		s.Messages, s.Senders, s.Recipients = c.Messages, c.Senders, c.Recipients
 	case ScenarioConnect:
 		s.ConnectRate, s.HoldSec = c.ConnectRate, c.Hold.Seconds()
 	case ScenarioCrash:
@@ -253,6 +263,9 @@ func (rep *Report) settingsLine() string {
 	case ScenarioDrain:
 		return fmt.Sprintf("messages %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
 			s.Messages, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
+	case ScenarioRestart:
+		return fmt.Sprintf("messages %d  recipients %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
+			s.Messages, s.Recipients, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
 	}
 	rate := "max"
 	if s.Rate > 0 {
@@ -326,6 +339,9 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	if rep.Plain {
 		mode = "plain MQTT"
 	}
+	if rep.Settings.Label != "" {
+		mode += ", " + rep.Settings.Label
+	}
 	p("%s against %s (%s), run %s, %.1f s", rep.Scenario, rep.Broker, mode, rep.RunTag, rep.ElapsedSec)
 	p("%s", rep.settingsLine())
 	p("")
@@ -381,8 +397,16 @@ func (rep *Report) WriteTable(w io.Writer) error {
 		p("connect\t%d of %d connected (%d failed) in %.2f s over %d source IPs, held %.1f s",
 			k.Connected, k.Target, k.Failed, k.RampSec, k.SourceIPs, k.HoldSec)
 		if k.RSSPerConnKB != 0 {
-			p("  server memory\t%.1f MB -> %.1f MB: %.1f KiB per connection", k.ServerRSSBeforeMB, k.ServerRSSHeldMB, k.RSSPerConnKB)
+			p("  server memory\t%.1f MB -> %.1f MB: %.1f KiB per connection, settled %.0f s",
+				k.ServerRSSBeforeMB, k.ServerRSSHeldMB, k.RSSPerConnKB, k.SettledSec)
 		}
+	}
+	if k := rep.Restart; k != nil {
+		p("restart\tqueued %d for %d offline users in %.1f s (%.0f/s), then SIGKILL",
+			k.Queued, k.Recipients, k.QueueSec, k.QueueRate)
+		p("  new process\taccepting connections after %.2f s, first CONNACK after %.2f s, first queued message after %.2f s",
+			k.ReadySec, k.ConnackSec, k.FirstDeliverySec)
+		p("  drain\t%d delivered in %.1f s (%.0f/s); complete %v", k.Delivered, k.DrainSec, k.DrainRate, k.Complete)
 	}
 	if f := rep.Faults; f != nil {
 		p("faults\tlatency %d ms ± %d ms, bandwidth %s, cuts %s",

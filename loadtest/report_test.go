@@ -94,3 +94,154 @@ func TestChartHelpers(t *testing.T) {
 		t.Errorf("empty chart: %s", svg)
 	}
 }
+
+// TestComparisonRows checks the rows each scenario adds to a comparison,
+// labels, and pairs with a missing report.
+func TestComparisonRows(t *testing.T) {
+	rate := func(label string, receipts int64) *Report {
+		return &Report{
+			Scenario: ScenarioChat,
+			Settings: Settings{Rate: 5000, Label: label},
+			Counts:   Counts{Unique: 40000},
+			Deliver:  Percentiles{Count: 40000, P99: 3},
+			Receipt:  Percentiles{Count: receipts, P99: 7.5},
+			Server:   &ProcUsage{CPUSeconds: 2},
+		}
+	}
+	connect := func(before, held float64, connected int) *Report {
+		return &Report{
+			Scenario: ScenarioConnect,
+			Settings: Settings{Users: 10000},
+			Connect: &ConnectResult{Target: 10000, Connected: connected, Failed: 10000 - connected,
+				SettledSec: 30.02, ServerRSSBeforeMB: before, ServerRSSHeldMB: held,
+				RSSPerConnKB: (held - before) * 1024 / float64(connected)},
+		}
+	}
+	restart := &Report{
+		Scenario: ScenarioRestart,
+		Settings: Settings{Messages: 1000},
+		Counts:   Counts{Acked: 1000, Unique: 1000},
+		Restart: &RestartResult{Queued: 1000, QueueRate: 25000, ReadySec: 0.25, ConnackSec: 0.3,
+			FirstDeliverySec: 0.5, Delivered: 1000, DrainSec: 2, DrainRate: 500, Complete: true},
+	}
+	noServer := rate("", 0)
+	noServer.Server = nil
+	tests := []struct {
+		name    string
+		pairs   [][2]*Report
+		want    []string
+		notWant []string
+		wantErr string
+	}{
+		{
+			name:  "CPU per delivered message",
+			pairs: [][2]*Report{{rate("", 0), noServer}},
+			want: []string{
+				"| chat @5000/s | server CPU per delivered message (µs) | 50 | – | – |",
+				"| chat @5000/s | send→deliver p99 (ms) | 3 | 3 | 1.00× |",
+			},
+			notWant: []string{"receipt"},
+		},
+		{
+			name:  "receipts on: labelled, with the receipt latency",
+			pairs: [][2]*Report{{rate("receipts on", 40000), rate("", 0)}},
+			want: []string{
+				"| chat @5000/s (receipts on) | send→delivered receipt p99 (ms) | 7.50 | – | – |",
+				"| chat @5000/s (receipts on) | send→deliver p99 (ms) | 3 | 3 | 1.00× |",
+			},
+		},
+		{
+			name:  "connect",
+			pairs: [][2]*Report{{connect(50, 100, 10000), connect(2, 12, 9990)}},
+			want: []string{
+				"| connect ×10000 | connected | 10000 | 9990 | 1.00× |",
+				"| connect ×10000 | failed | 0 | 10 | 0.00× |",
+				"| connect ×10000 | server RSS KiB per connection, settled 30 s | 5.12 | 1.03 | 5.00× |",
+				"| connect ×10000 | server RSS with the connections open (MiB) | 100 | 12 | 8.33× |",
+			},
+			notWant: []string{"lost", "per delivered message"},
+		},
+		{
+			name:    "connect without server memory",
+			pairs:   [][2]*Report{{connect(0, 0, 10), connect(0, 0, 10)}},
+			want:    []string{"| connect ×10000 | connected | 10 | 10 | 1.00× |"},
+			notWant: []string{"KiB per connection"},
+		},
+		{
+			name:  "restart against ours only",
+			pairs: [][2]*Report{{restart, nil}},
+			want: []string{
+				"| restart, 1000 queued | queued (PUBACKed) before SIGKILL | 1000 | – | – |",
+				"| restart, 1000 queued | new process start → MQTT port accepts (s) | 0.25 | – | – |",
+				"| restart, 1000 queued | new process start → first queued message delivered (s) | 0.50 | – | – |",
+				"| restart, 1000 queued | delivered after the restart | 1000 | – | – |",
+				"| restart, 1000 queued | lost (PUBACKed, never delivered) | 0 | – | – |",
+			},
+		},
+		{
+			name:  "theirs only",
+			pairs: [][2]*Report{{nil, restart}},
+			want:  []string{"| restart, 1000 queued | drain rate (msg/s) | – | 500 | – |"},
+		},
+		{name: "no report", pairs: [][2]*Report{{nil, nil}}, wantErr: "no report"},
+		{name: "different scenarios", pairs: [][2]*Report{{rate("", 0), restart}}, wantErr: "not the same scenario"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var b bytes.Buffer
+			err := WriteComparison(&b, "chatd", "mosquitto", tt.pairs)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want one mentioning %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := b.String()
+			for _, want := range tt.want {
+				if !strings.Contains(out, want) {
+					t.Errorf("comparison lacks %q:\n%s", want, out)
+				}
+			}
+			for _, no := range tt.notWant {
+				if strings.Contains(out, no) {
+					t.Errorf("comparison has %q:\n%s", no, out)
+				}
+			}
+		})
+	}
+}
+
+// TestWriteTableNewResults checks that the text report says how the
+// connect scenario's memory was settled, the restart scenario's timings,
+// and the run's label.
+func TestWriteTableNewResults(t *testing.T) {
+	tests := []struct {
+		name string
+		rep  Report
+		want []string
+	}{
+		{"connect", Report{Scenario: ScenarioConnect, Connect: &ConnectResult{Target: 10, Connected: 10,
+			SettledSec: 30.4, ServerRSSBeforeMB: 10, ServerRSSHeldMB: 11, RSSPerConnKB: 102.4}},
+			[]string{"102.4 KiB per connection, settled 30 s"}},
+		{"restart", Report{Scenario: ScenarioRestart, Settings: Settings{Label: "receipts off"},
+			Restart: &RestartResult{Queued: 20, Recipients: 2, ReadySec: 1.5, ConnackSec: 1.75, FirstDeliverySec: 2, Delivered: 20, Complete: true}},
+			[]string{"(chatd, receipts off)", "queued 20 for 2 offline users", "accepting connections after 1.50 s",
+				"first CONNACK after 1.75 s", "first queued message after 2.00 s", "20 delivered"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var b bytes.Buffer
+			if err := tt.rep.WriteTable(&b); err != nil {
+				t.Fatal(err)
+			}
+			for _, want := range tt.want {
+				if !strings.Contains(b.String(), want) {
+					t.Errorf("table lacks %q:\n%s", want, b.String())
+				}
+			}
+		})
+	}
+}

@@ -24,6 +24,7 @@ const (
 	phaseQueue   = "queue"
 	phaseDrain   = "drain"
 	phaseHold    = "hold"
+	phaseRestart = "restart"
 	phaseGrace   = "grace"
 	phaseClose   = "close"
 )
@@ -80,6 +81,7 @@ type run struct {
 	connect *ConnectResult
 	faults  *FaultResult
 	crash   *CrashResult
+	restart *RestartResult
 	flood   *FloodResult
 }
 
@@ -184,6 +186,8 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		runErr = r.runFlaky(ctx)
 	case ScenarioCrash:
 		runErr = r.runCrash(ctx)
+	case ScenarioRestart:
+		runErr = r.runRestart(ctx)
 	}
 
 	stopSampler()
@@ -230,6 +234,14 @@ func newRun(cfg Config, progress Progress) (*run, error) {
 			r.users = append(r.users, fmt.Sprintf("%s-s%d", cfg.UserPrefix, i))
 		}
 		r.users = append(r.users, cfg.UserPrefix+"-r")
+	case ScenarioRestart:
+		// Senders first, then recipients: see restartUsers.
+		for i := range cfg.Senders {
+			r.users = append(r.users, fmt.Sprintf("%s-s%d", cfg.UserPrefix, i))
+		}
+		for i := range cfg.Recipients {
+			r.users = append(r.users, fmt.Sprintf("%s-r%d", cfg.UserPrefix, i))
+		}
 	case ScenarioConnect:
 		for i := range cfg.Users {
 			r.users = append(r.users, fmt.Sprintf("%s-c%d", cfg.UserPrefix, i))

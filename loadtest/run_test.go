@@ -181,6 +181,53 @@ func TestRunConnect(t *testing.T) {
 	if k.ServerRSSHeldMB <= 0 {
 		t.Errorf("server memory not measured: %+v", k)
 	}
+	// Memory is read once the hold after the last connection is over.
+	if k.SettledSec < cfg.Hold.Seconds() || k.SettledSec > k.HoldSec+time.Second.Seconds() {
+		t.Errorf("settled %.3f s, hold %.3f s (asked %s): want the reading a hold after the last CONNACK", k.SettledSec, k.HoldSec, cfg.Hold)
+	}
+}
+
+// TestRunRestart queues messages for a few offline users on a real chatd
+// (this test binary serving), SIGKILLs it, starts it again and drains:
+// every PUBACKed message arrives once, in order, and the start-up times
+// are measured on the new process.
+func TestRunRestart(t *testing.T) {
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	t.Setenv(serveEnv, t.TempDir()+" "+addr)
+	cfg := testConfig(ScenarioRestart, "tcp://"+addr)
+	// Within chatd's default per-user publish burst: 1000 per sender.
+	cfg.Messages = 3000
+	cfg.Senders = 3
+	cfg.Recipients = 4
+	cfg.Rate = 0
+	cfg.Duration = 15 * time.Second // a bound; the run ends when the queues are drained
+	cfg.ServerCmds = []string{exe + " -test.run=^$"}
+	cfg.ServerLog = filepath.Join(t.TempDir(), "server.log")
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	k := rep.Restart
+	if k == nil || rep.Server == nil {
+		t.Fatalf("restart %+v, server %+v", k, rep.Server)
+	}
+	if k.Queued != int64(cfg.Messages) || k.Delivered != int64(cfg.Messages) || !k.Complete || k.Recipients != cfg.Recipients {
+		t.Errorf("restart %+v: want all %d messages queued and delivered", k, cfg.Messages)
+	}
+	if c := rep.Counts; c.Acked != int64(cfg.Messages) || c.Unique != c.Acked || c.Refused != 0 {
+		t.Errorf("counts %+v: want every message PUBACKed and delivered after the restart", c)
+	}
+	if k.ReadySec <= 0 || k.ConnackSec < k.ReadySec || k.FirstDeliverySec < k.ReadySec || k.FirstDeliverySec > cfg.Duration.Seconds() {
+		t.Errorf("restart timings %+v: want 0 < ready <= CONNACK, ready <= first delivery", k)
+	}
+	if k.QueueRate <= 0 || k.DrainSec <= 0 || k.DrainRate <= 0 {
+		t.Errorf("restart rates %+v", k)
+	}
+	if rep.Settings.Recipients != cfg.Recipients || rep.Settings.Messages != cfg.Messages || rep.Settings.Users != cfg.Senders+cfg.Recipients {
+		t.Errorf("settings %+v", rep.Settings)
+	}
 }
 
 func TestRunFlaky(t *testing.T) {

@@ -77,6 +77,10 @@ func newCompareCmd(stdout io.Writer) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "compare OURS.json THEIRS.json [OURS.json THEIRS.json]...",
 		Short: "Print a Markdown table comparing pairs of JSON reports of the same scenarios",
+		Long: `Print a Markdown table comparing pairs of JSON reports of the same
+scenarios, one row per metric, with the ratio ours/theirs. Either report
+of a pair may be given as "-" for a run made against one server only:
+its column then shows "–".`,
 		Args: func(_ *cobra.Command, args []string) error {
 			if len(args) == 0 || len(args)%2 != 0 {
 				return errors.New("want pairs of reports: OURS.json THEIRS.json")
@@ -86,15 +90,21 @@ func newCompareCmd(stdout io.Writer) *cobra.Command {
 		RunE: func(_ *cobra.Command, args []string) error {
 			var pairs [][2]*loadtest.Report
 			for i := 0; i < len(args); i += 2 {
-				a, err := loadtest.ReadReport(args[i])
-				if err != nil {
-					return err
+				if args[i] == noReport && args[i+1] == noReport {
+					return fmt.Errorf("pair %d: %s for both reports", i/2+1, noReport)
 				}
-				b, err := loadtest.ReadReport(args[i+1])
-				if err != nil {
-					return err
+				var pair [2]*loadtest.Report
+				for j, path := range args[i : i+2] {
+					if path == noReport {
+						continue
+					}
+					rep, err := loadtest.ReadReport(path)
+					if err != nil {
+						return err
+					}
+					pair[j] = rep
 				}
-				pairs = append(pairs, [2]*loadtest.Report{a, b})
+				pairs = append(pairs, pair)
 			}
 			return loadtest.WriteComparison(stdout, ours, theirs, pairs)
 		},
@@ -103,6 +113,9 @@ func newCompareCmd(stdout io.Writer) *cobra.Command {
 	cmd.Flags().StringVar(&theirs, "theirs", theirs, "column name of the second report of each pair")
 	return cmd
 }
+
+// noReport stands for the missing report of a compare pair.
+const noReport = "-"
 
 func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 	cfg := loadtest.DefaultConfig()
@@ -138,6 +151,8 @@ connected again. Server CPU and memory are measured on the first node only.`,
   loadtest run crash --broker tcp://127.0.0.1:18871,tcp://127.0.0.1:18872,tcp://127.0.0.1:18873 \
     --server-cmd "bin/chatd serve --config n1.yaml" --server-cmd "bin/chatd serve --config n2.yaml" \
     --server-cmd "bin/chatd serve --config n3.yaml" --kill-every 5s --server-log /tmp/node.log
+  loadtest run restart --server-cmd "bin/chatd serve --data-dir /tmp/d --listen 127.0.0.1:1883" \
+    --messages 1000000 --recipients 100 --duration 30m
   loadtest run chat --rate 5000 --users 200 --flooders 1
   loadtest run chat --plain --broker tcp://127.0.0.1:1884`,
 		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
@@ -202,10 +217,11 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.IntVar, &cfg.Flooders, "flooders", "chat: abusive clients publishing as fast as they can beside the users, to measure what they do to everyone else")
 	flagVar(f.DurationVar, &cfg.Keepalive, "keepalive", "MQTT keepalive")
 	flagVar(f.DurationVar, &cfg.ConnectTimeout, "connect-timeout", "timeout of one connection attempt")
-	flagVar(f.IntVar, &cfg.Messages, "messages", "drain: messages queued for the offline user")
-	flagVar(f.IntVar, &cfg.Senders, "senders", "drain: users queueing them")
+	flagVar(f.IntVar, &cfg.Messages, "messages", "drain, restart: messages queued for the offline users")
+	flagVar(f.IntVar, &cfg.Senders, "senders", "drain, restart: users queueing them")
+	flagVar(f.IntVar, &cfg.Recipients, "recipients", "restart: offline users the messages are spread over, round robin; each one's share must fit the server's per-user queue cap (chatd: queue.max_queue_messages)")
 	flagVar(f.Float64Var, &cfg.ConnectRate, "connect-rate", "connect: connections per second, 0 = as fast as possible")
-	flagVar(f.DurationVar, &cfg.Hold, "hold", "connect: how long to hold the connections")
+	flagVar(f.DurationVar, &cfg.Hold, "hold", "connect: how long to hold the connections once the last is up; server memory is read at its end")
 	flagVar(f.IntVar, &cfg.SourceIPs, "source-ips", "spread connections over 127.0.0.1..N (0 = one per 20000 connections)")
 	flagVar(f.IntVar, &cfg.ServerPID, "server-pid", "PID of the server on this machine, to measure its CPU and memory (of a cluster: one node's)")
 	flagVar(f.StringArrayVar, &cfg.ServerCmds, "server-cmd", "command that starts the server (split on spaces, no shell); the run starts, measures and stops it. "+
@@ -218,6 +234,7 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.DurationVar, &cfg.CutEvery, "cut-every", "flaky: interval between connection cuts, 0 = no cuts")
 	flagVar(f.DurationVar, &cfg.CutFor, "cut-for", "flaky: length of a cut")
 	flagVar(f.StringSliceVar, &cfg.Cuts, "cuts", "flaky: kinds of cut: down (proxy off), reset (TCP RST), stall (data stops, then close)")
+	flagVar(f.StringVar, &cfg.Label, "label", "what sets this run apart beyond scenario and rate (e.g. \"receipts on\"), shown in the report and by compare")
 	flagVar(f.Int64Var, &cfg.Seed, "seed", "random seed for recipients and cuts, 0 = random")
 	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")
 	flagVar(f.StringVar, &htmlPath, "html", "write a self-contained HTML report to this file")

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -28,6 +29,9 @@ func TestCommands(t *testing.T) {
 			"--server-cmd", "a --routes x,y", "--server-cmd", "b", "--server-cmd", "c"}, "", "3 times for 2"},
 		{"compare needs pairs", []string{"compare", "a.json"}, "", "pairs"},
 		{"compare missing file", []string{"compare", "nope-a.json", "nope-b.json"}, "", "read report"},
+		{"compare nothing with nothing", []string{"compare", "-", "-"}, "", "for both reports"},
+		{"restart without server", []string{"run", "restart", "--plain"}, "", "--server-cmd"},
+		{"label with a bar", []string{"run", "chat", "--plain", "--label", "a|b"}, "", "--label"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -69,6 +73,8 @@ func TestRunFlagDefaults(t *testing.T) {
 		{"server-cmd", "[]"},
 		{"secret", ""},
 		{"quiet", "false"},
+		{"recipients", strconv.Itoa(def.Recipients)},
+		{"label", ""},
 	}
 	flags := newRunCmd(io.Discard, io.Discard).Flags()
 	for _, tt := range tests {
@@ -79,6 +85,35 @@ func TestRunFlagDefaults(t *testing.T) {
 		}
 		if f.DefValue != tt.want {
 			t.Errorf("--%s defaults to %q, want %q", tt.flag, f.DefValue, tt.want)
+		}
+	}
+}
+
+// TestCompareOneSided compares a report with nothing ("-"), in either
+// column: the other column shows "–".
+func TestCompareOneSided(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "restart.json")
+	rep := &loadtest.Report{Scenario: loadtest.ScenarioRestart, Settings: loadtest.Settings{Messages: 10},
+		Restart: &loadtest.RestartResult{Queued: 10, ReadySec: 0.5}}
+	if err := rep.WriteJSON(path); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{path, "-"}, "| restart, 10 queued | new process start → MQTT port accepts (s) | 0.50 | – | – |"},
+		{[]string{"-", path}, "| restart, 10 queued | new process start → MQTT port accepts (s) | – | 0.50 | – |"},
+	}
+	for _, tt := range tests {
+		var stdout bytes.Buffer
+		cmd := newRootCmd(&stdout, io.Discard)
+		cmd.SetArgs(append([]string{"compare", "--ours", "chatd", "--theirs", "mosquitto"}, tt.args...))
+		if err := cmd.ExecuteContext(context.Background()); err != nil {
+			t.Fatalf("compare %v: %v", tt.args, err)
+		}
+		if !strings.Contains(stdout.String(), tt.want) {
+			t.Errorf("compare %v lacks %q:\n%s", tt.args, tt.want, stdout.String())
 		}
 	}
 }

@@ -1,0 +1,205 @@
+package loadtest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// RestartResult is what the restart scenario measured.
+type RestartResult struct {
+	// Messages is how many messages were to be queued.
+	Messages int `json:"messages"`
+	// Recipients is how many offline users they were queued for.
+	Recipients int `json:"recipients"`
+	// Queued is how many were PUBACKed before the server was killed.
+	Queued int64 `json:"queued"`
+	// QueueSec is the time from the first send to the last PUBACK.
+	QueueSec float64 `json:"queue_s"`
+	// QueueRate is Queued / QueueSec: the durable write rate.
+	QueueRate float64 `json:"queue_per_s"`
+	// ReadySec is the time from the new process's start until its MQTT
+	// port accepted TCP connections.
+	ReadySec float64 `json:"ready_s"`
+	// ConnackSec is the time from the new process's start until the first
+	// recipient, connecting as soon as the port accepted, had its CONNACK.
+	ConnackSec float64 `json:"connack_s"`
+	// FirstDeliverySec is the time from the new process's start until
+	// that recipient received its first queued message.
+	FirstDeliverySec float64 `json:"first_delivery_s"`
+	// Delivered is the queued messages delivered after the restart (each
+	// counted once).
+	Delivered int64 `json:"delivered"`
+	// DrainSec is the time from the first recipient's CONNECT to the last
+	// message delivered.
+	DrainSec float64 `json:"drain_s"`
+	// DrainRate is Delivered / DrainSec.
+	DrainRate float64 `json:"drain_per_s"`
+	// Complete says every queued message arrived.
+	Complete bool `json:"complete"`
+	// ServerLog is where the server's output went, if anywhere.
+	ServerLog string `json:"server_log,omitempty"`
+}
+
+// restartUsers returns the user indices of the restart scenario's senders
+// and recipients (newRun lists the senders first).
+func (r *run) restartUsers() (senders, recipients []int) {
+	for i := range r.users {
+		if i < r.cfg.Senders {
+			senders = append(senders, i)
+		} else {
+			recipients = append(recipients, i)
+		}
+	}
+	return senders, recipients
+}
+
+// runRestart queues messages for offline recipients, SIGKILLs the server
+// that --server-cmd started, as a crash would, starts it again, and
+// measures how long the new process takes to accept connections and to
+// deliver the first queued message to a recipient that reconnects at
+// once. Then every recipient drains its queue, and the ledger tells
+// whether anything PUBACKed before the kill was lost. Queueing and
+// draining together are bounded by the duration; the grace period follows.
+func (r *run) runRestart(ctx context.Context) error {
+	deadline := time.Now().Add(r.cfg.Duration)
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	sidx, ridx := r.restartUsers()
+	res := &RestartResult{Messages: r.cfg.Messages, Recipients: len(ridx), ServerLog: r.cfg.ServerLog}
+	r.restart = res
+
+	// Each recipient opens its persistent session once: a plain broker
+	// keeps messages only for sessions it knows.
+	known, _, err := r.connectAll(dctx, ridx, 0)
+	r.disconnectAll(known)
+	if err != nil {
+		return fmt.Errorf("register the recipients: %w", err)
+	}
+	if err := r.fillQueues(dctx, sidx, ridx, res); err != nil {
+		return err
+	}
+
+	r.setPhase(phaseRestart)
+	srv := r.servers[0]
+	// Read the CPU the process used up to its death, which /proc forgets
+	// with it.
+	if _, _, err := r.watch.sample(); err != nil {
+		r.errs.add(fmt.Errorf("sample server before kill: %w", err))
+	}
+	srv.kill()
+	// A store with many messages may take its time to open: the run's
+	// bound applies rather than the usual start-up timeout.
+	srv.readyTimeout = max(serverReadyTimeout, time.Until(deadline))
+	if err := srv.restart(ctx); err != nil {
+		return fmt.Errorf("restart the server after SIGKILL: %w", err)
+	}
+	r.watch.switchPID(srv.pid())
+	started, ready := srv.startTimes()
+	res.ReadySec = ready.Sub(started).Seconds()
+
+	r.setPhase(phaseDrain)
+	first, err := r.newClient(ridx[0])
+	if err != nil {
+		return err
+	}
+	connStart := time.Now()
+	connack, _, err := first.connect(dctx)
+	if err != nil {
+		first.mc.Disconnect(0)
+		return fmt.Errorf("reconnect recipient %s after the restart: %w", first.user, err)
+	}
+	defer first.disconnect()
+	res.ConnackSec = connStart.Add(connack).Sub(started).Seconds()
+	for {
+		if at, _ := r.ledger.DeliveryWindow(); at > 0 {
+			res.FirstDeliverySec = time.Unix(0, at).Sub(started).Seconds()
+			break
+		}
+		if !sleep(dctx, time.Millisecond) {
+			r.errs.add(fmt.Errorf("no queued message delivered to %s after the restart", first.user))
+			break
+		}
+	}
+
+	// The senders come back too: any error event queued for them (a
+	// refused message) counts as a refusal rather than a loss.
+	others, _, err := r.connectAll(dctx, append(append([]int(nil), ridx[1:]...), sidx...), 0)
+	defer r.disconnectAll(others)
+	if err != nil {
+		r.errs.add(fmt.Errorf("reconnect after the restart: %w", err))
+	}
+	r.setPhase(phaseDrain)
+	r.awaitDelivery(dctx, time.Until(deadline))
+	r.setPhase(phaseGrace)
+	if !r.awaitDelivery(ctx, r.cfg.Grace) {
+		r.errs.add(fmt.Errorf("restart drain incomplete: %d messages outstanding after the grace period", r.ledger.Outstanding()))
+	}
+	res.Complete = r.ledger.Outstanding() == 0
+	res.Delivered = r.ledger.Snapshot().Unique
+	if _, last := r.ledger.DeliveryWindow(); last > 0 {
+		res.DrainSec = time.Unix(0, last).Sub(connStart).Seconds()
+		if res.DrainSec > 0 {
+			res.DrainRate = float64(res.Delivered) / res.DrainSec
+		}
+	}
+	return nil
+}
+
+// fillQueues connects the senders, has them queue the configured number
+// of messages for the recipients, round robin, waits for every PUBACK,
+// and disconnects them: nothing but the server's store holds the
+// messages when it is killed.
+func (r *run) fillQueues(ctx context.Context, sidx, ridx []int, res *RestartResult) error {
+	senders, _, err := r.connectAll(ctx, sidx, 0)
+	defer r.disconnectAll(senders)
+	if err != nil {
+		return fmt.Errorf("connect senders: %w", err)
+	}
+	r.setPhase(phaseQueue)
+	var budget atomic.Int64
+	budget.Store(int64(r.cfg.Messages))
+	interval := sendInterval(r.cfg.Rate, len(senders))
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, c := range senders {
+		wg.Go(func() { r.queueRoundRobin(ctx, c, ridx, &budget, interval) })
+	}
+	wg.Wait()
+	for {
+		c := r.ledger.Snapshot()
+		if c.Acked+c.SendFailed >= c.Sent || !sleep(ctx, 5*time.Millisecond) {
+			break
+		}
+	}
+	res.Queued = r.ledger.Snapshot().Acked
+	res.QueueSec = time.Since(start).Seconds()
+	if res.QueueSec > 0 {
+		res.QueueRate = float64(res.Queued) / res.QueueSec
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("queue %d messages: %d PUBACKed before the run's bound: %w", r.cfg.Messages, res.Queued, ctx.Err())
+	}
+	return nil
+}
+
+// queueRoundRobin sends from c while the shared budget lasts, message b
+// of the budget (counting down) going to recipient b mod len(to): the
+// recipients' shares differ by at most one. Each pair is numbered from 1.
+func (r *run) queueRoundRobin(ctx context.Context, c *client, to []int, budget *atomic.Int64, interval time.Duration) {
+	p := pacer{interval: interval, next: time.Now()}
+	n := make([]uint64, len(to))
+	for {
+		b := budget.Add(-1)
+		if b < 0 || !p.wait(ctx) {
+			return
+		}
+		k := int(b % int64(len(to)))
+		n[k]++
+		if !r.send(ctx, c, to[k], n[k]) {
+			return
+		}
+	}
+}
