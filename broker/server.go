@@ -219,7 +219,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Log:              log,
 	}
 	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: users, Observe: s.metrics, Log: log}
-	for _, h := range []mqtt.Hook{s.auth, s.inbox} {
+	for _, h := range []mqtt.Hook{s.auth, s.inbox, &hooks.Presence{Retained: s.presence, Log: log}} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
 			return fmt.Errorf("add hook %s: %w", h.ID(), err)
 		}
@@ -267,7 +267,7 @@ func newMQTT(cfg config.Config, log *slog.Logger) *mqtt.Server {
 	caps.MaximumInflight = 1024
 	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
 	return mqtt.New(&mqtt.Options{
-		// The inline client publishes presence, retained, as the server.
+		// The inline client publishes presence changes as the server.
 		InlineClient:             true,
 		Capabilities:             caps,
 		ClientNetWriteBufferSize: 1024,

@@ -59,6 +59,13 @@ type inboxTest struct {
 // goroutine is left.
 func newInboxTest(t *testing.T, maxInflight int) *inboxTest {
 	t.Helper()
+	return newInboxTestWith(t, maxInflight, nil)
+}
+
+// newInboxTestWith is newInboxTest with the Presence hook reading the
+// states it sends from retained (nil: the server's presence tracker).
+func newInboxTestWith(t *testing.T, maxInflight int, retained Retained) *inboxTest {
+	t.Helper()
 	before := goleak.IgnoreCurrent()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	so := badgerq.Options{Dir: t.TempDir(), Settings: queue.DefaultSettings(), Sync: badgerq.SyncNone, Logger: log}
@@ -72,8 +79,12 @@ func newInboxTest(t *testing.T, maxInflight int) *inboxTest {
 	caps.TopicAliasMaximum = 0
 	srv := mqtt.New(&mqtt.Options{InlineClient: true, Capabilities: caps, Logger: log})
 	grp := groups.New(store.DB(), 16)
+	tracker := presence.New(store.DB(), srv.Publish, nil, log)
+	if retained == nil {
+		retained = tracker
+	}
 	path, err := msgpath.New(msgpath.Options{
-		Store: store, Groups: grp, Presence: presence.New(store.DB(), srv.Publish, nil, log),
+		Store: store, Groups: grp, Presence: tracker,
 		Observe: inboxPathObserver{}, MaxMessageBytes: 1024, MaxInflight: maxInflight,
 		MaxPendingBytes: 1 << 20, Log: log,
 	})
@@ -88,7 +99,7 @@ func newInboxTest(t *testing.T, maxInflight int) *inboxTest {
 	it := &inboxTest{t: t, srv: srv, store: store, path: path, reasons: &inboxReasons{},
 		ended: make(chan *mqtt.Client, 16)}
 	it.inbox = &Inbox{Server: srv, Path: path, Users: users, Observe: it.reasons, Log: log}
-	for _, h := range []mqtt.Hook{auth, it.inbox, &endHook{ended: it.ended}} {
+	for _, h := range []mqtt.Hook{auth, it.inbox, &Presence{Retained: retained, Log: log}, &endHook{ended: it.ended}} {
 		if err := srv.AddHook(h, nil); err != nil {
 			t.Fatal(err)
 		}

@@ -1,12 +1,15 @@
 // Package presence tracks whether each user has a device online and
-// publishes it, retained, on presence/{user}; the last state of every user
-// is kept in Badger so that it survives a restart.
+// publishes its changes on presence/{user}. The last state of every user
+// is kept in Badger, where it survives a restart and from where Retained
+// reads it for a new subscriber: not in mochi's retained messages, which
+// would hold every user's in memory and copy them all every second.
 package presence
 
 import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,7 +22,7 @@ import (
 // keyTag prefixes presence records in the shared Badger database.
 const keyTag = 'p'
 
-// Publisher publishes a retained message, as the server.
+// Publisher publishes a message, as the server.
 type Publisher func(topic string, payload []byte, retain bool, qos byte) error
 
 // Relay carries a node's own presence changes to every node of a
@@ -81,9 +84,8 @@ func New(db *badger.DB, publish Publisher, relay Relay, log *slog.Logger) *Track
 	return t
 }
 
-// Restore publishes every stored presence after a start. Users who were
-// online when the server stopped, cleanly or not, are shown offline from
-// now: their connections did not survive.
+// Restore marks the users who were online when the server stopped,
+// cleanly or not, offline from now: their connections did not survive.
 func (t *Tracker) Restore() error {
 	now := t.now().UnixMilli()
 	type rec struct {
@@ -92,20 +94,8 @@ func (t *Tracker) Restore() error {
 		ts     int64
 	}
 	var recs []rec
-	err := t.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyTag}, PrefetchValues: true, PrefetchSize: 100})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			item := it.Item()
-			v, err := item.ValueCopy(nil)
-			if err != nil {
-				return fmt.Errorf("read presence: %w", err)
-			}
-			online, ts, ok := decode(v)
-			user := string(item.Key()[1:])
-			if !ok || !topic.ValidUser(user) {
-				return fmt.Errorf("presence record of %q is corrupt", user)
-			}
+	err := t.scan(nil, func(user string, online bool, ts int64) error {
+		if online {
 			recs = append(recs, rec{user, online, ts})
 		}
 		return nil
@@ -114,17 +104,62 @@ func (t *Tracker) Restore() error {
 		return fmt.Errorf("restore presence: %w", err)
 	}
 	for _, r := range recs {
-		if r.online {
-			r.online, r.ts = false, now
-			if err := t.save(r.user, false, now); err != nil {
-				return fmt.Errorf("restore presence of %s: %w", r.user, err)
-			}
-		}
-		if err := t.publish(topic.PresencePrefix+r.user, envelope.Presence(r.user, false, r.ts), true, 0); err != nil {
-			return fmt.Errorf("publish presence of %s: %w", r.user, err)
+		if err := t.save(r.user, false, now); err != nil {
+			return fmt.Errorf("restore presence of %s: %w", r.user, err)
 		}
 	}
 	return nil
+}
+
+// Retained calls fn with the topic and message of the last stored state
+// of every user the presence filter matches: presence/{user}, or every
+// user for presence/+ and presence/#. A filter that is not a presence
+// filter matches nobody. It stops at fn's first error and returns it.
+func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) error) error {
+	rest, ok := strings.CutPrefix(filter, topic.PresencePrefix)
+	if !ok {
+		return nil
+	}
+	var only []byte
+	switch {
+	case rest == "+" || rest == "#":
+	case topic.ValidUser(rest):
+		only = []byte(rest)
+	default:
+		return nil
+	}
+	return t.scan(only, func(user string, online bool, ts int64) error {
+		return fn(topic.PresencePrefix+user, envelope.Presence(user, online, ts))
+	})
+}
+
+// scan calls fn with the stored state of user, or of every user when user
+// is nil, in one read transaction.
+func (t *Tracker) scan(user []byte, fn func(user string, online bool, ts int64) error) error {
+	key := append([]byte{keyTag}, user...)
+	return t.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: key, PrefetchValues: true, PrefetchSize: 100})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			if user != nil && len(item.Key()) != len(key) {
+				continue // a longer user ID that starts with user's
+			}
+			v, err := item.ValueCopy(nil)
+			if err != nil {
+				return fmt.Errorf("read presence: %w", err)
+			}
+			online, ts, ok := decode(v)
+			name := string(item.Key()[1:])
+			if !ok || !topic.ValidUser(name) {
+				return fmt.Errorf("presence record of %q is corrupt", name)
+			}
+			if err := fn(name, online, ts); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // Connected records a new connection of user; the first one makes it online.
@@ -263,11 +298,13 @@ func (t *Tracker) flush(user string) {
 		delete(t.unsaved, user)
 		t.mu.Unlock()
 		// Stored before it is published, so that what a subscriber saw
-		// survives a restart.
+		// survives a restart, and a subscriber that reads the stored state
+		// (Retained) after this change reaches it sees this change too.
+		// Not retained by mochi: Retained serves new subscribers.
 		if err := t.save(user, st.online, st.ts); err != nil {
 			t.log.Error("store presence", "user", user, "error", err)
 		}
-		if err := t.publish(topic.PresencePrefix+user, envelope.Presence(user, st.online, st.ts), true, 0); err != nil {
+		if err := t.publish(topic.PresencePrefix+user, envelope.Presence(user, st.online, st.ts), false, 0); err != nil {
 			t.log.Error("publish presence", "user", user, "error", err)
 		}
 	}

@@ -39,7 +39,7 @@ func (r *recorder) publish(topicName string, payload []byte, retain bool, qos by
 	if err := json.Unmarshal(payload, &p); err != nil {
 		return fmt.Errorf("payload %q: %w", payload, err)
 	}
-	if !retain || qos != 0 || topicName != topic.PresencePrefix+p.User {
+	if retain || qos != 0 || topicName != topic.PresencePrefix+p.User {
 		return fmt.Errorf("publish to %s retain %v qos %d", topicName, retain, qos)
 	}
 	r.mu.Lock()

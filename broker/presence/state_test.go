@@ -1,6 +1,9 @@
 package presence
 
 import (
+	"encoding/json"
+	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -279,10 +282,10 @@ func TestLastSeen(t *testing.T) {
 	}
 }
 
-// TestRestore: after a start every stored user is published again; one
-// stored online is offline from the start, last seen then, as its
-// connections did not survive; one stored offline keeps its last seen.
-// A corrupt record fails the restore.
+// TestRestore: after a start, a user stored online is offline from the
+// start, last seen then, as its connections did not survive; one stored
+// offline keeps its last seen. Nothing is published: new subscribers read
+// the stored states (Retained). A corrupt record fails the restore.
 func TestRestore(t *testing.T) {
 	put := func(t *testing.T, db *badger.DB, key string, value []byte) {
 		t.Helper()
@@ -308,9 +311,8 @@ func TestRestore(t *testing.T) {
 			{"alice", 9_000},
 			{"bob", 200},
 		} {
-			want := []published{{User: tt.user, Online: false, LastSeen: tt.lastSeen}}
-			if got := rec.of(tt.user); !slices.Equal(got, want) {
-				t.Errorf("%s published %+v, want %+v", tt.user, got, want)
+			if got := rec.of(tt.user); len(got) != 0 {
+				t.Errorf("%s published %+v, want nothing", tt.user, got)
 			}
 			if online, ts := stored(t, db, tt.user); online || ts != tt.lastSeen {
 				t.Errorf("%s stored online=%v at %d, want offline at %d", tt.user, online, ts, tt.lastSeen)
@@ -332,4 +334,69 @@ func TestRestore(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRetained: a new subscriber to a presence filter reads the last
+// stored state of each user it matches, as a subscriber would decode it.
+func TestRetained(t *testing.T) {
+	tr, _, db := newTracker(t)
+	set := setClock(tr)
+	set(1_000)
+	tr.Connected("alice")
+	tr.Connected("bob")
+	set(3_000)
+	tr.Disconnected("bob")
+	// A user whose ID starts with another's is a user of its own.
+	if err := db.Update(func(txn *badger.Txn) error {
+		return txn.Set(append([]byte{keyTag}, "alice2"...), encode(false, 7))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		filter string
+		want   []string // "user on|off at", in key order
+	}{
+		{"presence/alice", []string{"alice on 1000"}},
+		{"presence/bob", []string{"bob off 3000"}},
+		{"presence/carol", nil},
+		{"presence/+", []string{"alice on 1000", "alice2 off 7", "bob off 3000"}},
+		{"presence/#", []string{"alice on 1000", "alice2 off 7", "bob off 3000"}},
+		{"presence/ali", nil},
+		{"presence/not valid", nil},
+		{"inbox/alice", nil},
+		{"presence/+/x", nil},
+	} {
+		t.Run(tt.filter, func(t *testing.T) {
+			var got []string
+			err := tr.Retained(tt.filter, func(topicName string, msg []byte) error {
+				var p published
+				if err := json.Unmarshal(msg, &p); err != nil {
+					return err
+				}
+				if topicName != "presence/"+p.User {
+					t.Errorf("state of %s on topic %s", p.User, topicName)
+				}
+				state := "off"
+				if p.Online {
+					state = "on"
+				}
+				got = append(got, fmt.Sprintf("%s %s %d", p.User, state, p.at()))
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("Retained(%q) = %q, want %q", tt.filter, got, tt.want)
+			}
+		})
+	}
+	t.Run("fn error stops", func(t *testing.T) {
+		stop := errors.New("stop")
+		calls := 0
+		err := tr.Retained("presence/+", func(string, []byte) error { calls++; return stop })
+		if !errors.Is(err, stop) || calls != 1 {
+			t.Fatalf("Retained = %v after %d calls, want stop after 1", err, calls)
+		}
+	})
 }

@@ -206,11 +206,22 @@ func AppendPublish(b []byte, v5 bool, pid uint16, topic string, payload []byte, 
 
 // AppendPublishQoS0 appends the encoding of a QoS 0 PUBLISH to b.
 func AppendPublishQoS0(b []byte, v5 bool, topic string, payload []byte) []byte {
+	return appendQoS0(b, 0x30, v5, topic, payload)
+}
+
+// AppendRetained appends the encoding of a QoS 0 PUBLISH with the RETAIN
+// flag set, as a retained message is sent to a new subscriber.
+func AppendRetained(b []byte, v5 bool, topic string, payload []byte) []byte {
+	return appendQoS0(b, 0x31, v5, topic, payload)
+}
+
+// appendQoS0 appends a QoS 0 PUBLISH with the fixed header byte h.
+func appendQoS0(b []byte, h byte, v5 bool, topic string, payload []byte) []byte {
 	n := 2 + len(topic) + len(payload)
 	if v5 {
 		n++ // empty property set
 	}
-	b = append(b, 0x30)
+	b = append(b, h)
 	b = appendVarint(b, n)
 	b = append(b, byte(len(topic)>>8), byte(len(topic)))
 	b = append(b, topic...)

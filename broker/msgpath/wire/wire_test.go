@@ -84,15 +84,24 @@ func TestAppendPublishDecodes(t *testing.T) {
 }
 
 func TestAppendPublishQoS0Decodes(t *testing.T) {
-	for _, v5 := range []bool{false, true} {
-		version := byte(4)
-		if v5 {
-			version = 5
-		}
-		b := AppendPublishQoS0(nil, v5, "inbox/bob", []byte(`{"kind":"typing"}`))
-		pk := decode(t, bufio.NewReader(bytes.NewReader(b)), version)
-		if pk.TopicName != "inbox/bob" || pk.FixedHeader.Qos != 0 || string(pk.Payload) != `{"kind":"typing"}` {
-			t.Fatalf("v5=%v decoded topic %q qos %d payload %q", v5, pk.TopicName, pk.FixedHeader.Qos, pk.Payload)
+	for _, c := range []struct {
+		name   string
+		append func(b []byte, v5 bool, topic string, payload []byte) []byte
+		retain bool
+	}{
+		{"AppendPublishQoS0", AppendPublishQoS0, false},
+		{"AppendRetained", AppendRetained, true},
+	} {
+		for _, v5 := range []bool{false, true} {
+			version := byte(4)
+			if v5 {
+				version = 5
+			}
+			b := c.append(nil, v5, "inbox/bob", []byte(`{"kind":"typing"}`))
+			pk := decode(t, bufio.NewReader(bytes.NewReader(b)), version)
+			if pk.TopicName != "inbox/bob" || pk.FixedHeader.Qos != 0 || pk.FixedHeader.Retain != c.retain || string(pk.Payload) != `{"kind":"typing"}` {
+				t.Fatalf("%s v5=%v decoded topic %q qos %d retain %v payload %q", c.name, v5, pk.TopicName, pk.FixedHeader.Qos, pk.FixedHeader.Retain, pk.Payload)
+			}
 		}
 	}
 }
