@@ -49,8 +49,20 @@ type Config struct {
 	Push Push `mapstructure:"push"`
 	// Cluster configures cluster mode.
 	Cluster Cluster `mapstructure:"cluster"`
+	// Memory bounds the Go heap.
+	Memory Memory `mapstructure:"memory"`
 	// Debug holds diagnostics for operators.
 	Debug Debug `mapstructure:"debug"`
+}
+
+// Memory sets the Go runtime's soft memory limit (GOMEMLIMIT), past which
+// the garbage collector works harder instead of letting the heap grow to
+// twice what it holds.
+type Memory struct {
+	// Limit is the soft limit in bytes; 0 derives it from the machine (LimitRatio).
+	Limit int64 `mapstructure:"limit"`
+	// LimitRatio is the share of the container's memory limit, or of the machine's memory without one, that Limit 0 takes.
+	LimitRatio float64 `mapstructure:"limit_ratio"`
 }
 
 // Receipts configures the receipts the server generates.
@@ -248,6 +260,7 @@ func Default() Config {
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
 		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4},
+		Memory:   Memory{LimitRatio: 0.9},
 	}
 }
 
@@ -323,6 +336,12 @@ func (c *Config) Validate() error {
 		case c.Cluster.Replicas > 1 && c.Cluster.URL == "" && c.Cluster.Name == "":
 			return fmt.Errorf("cluster.replicas: %d copies need peers: set cluster.name and cluster.routes, or cluster.url, or replicas 1 for a node alone", c.Cluster.Replicas)
 		}
+	}
+	if c.Memory.Limit < 0 {
+		return fmt.Errorf("memory.limit: must not be negative, got %d", c.Memory.Limit)
+	}
+	if !(c.Memory.LimitRatio > 0 && c.Memory.LimitRatio <= 1) {
+		return fmt.Errorf("memory.limit_ratio: must be above 0 and at most 1, got %g", c.Memory.LimitRatio)
 	}
 	if c.Limits.PublishMaxDelay < 0 {
 		return fmt.Errorf("limits.publish_max_delay: must not be negative, got %s", c.Limits.PublishMaxDelay)

@@ -156,6 +156,21 @@ log:
 			wantErr: []string{"queue.device_ttl", "forever", "CHATD_QUEUE_DEVICE_TTL"},
 		},
 		{
+			name: "memory limit from env",
+			env:  map[string]string{"CHATD_MEMORY_LIMIT": "1073741824", "CHATD_MEMORY_LIMIT_RATIO": "0.5"},
+			want: func(c *Config) { c.Memory.Limit, c.Memory.LimitRatio = 1<<30, 0.5 },
+		},
+		{
+			name:    "negative memory limit",
+			yaml:    "memory:\n  limit: -1\n",
+			wantErr: []string{"memory.limit", "negative"},
+		},
+		{
+			name:    "memory ratio above one",
+			yaml:    "memory:\n  limit_ratio: 1.5\n",
+			wantErr: []string{"memory.limit_ratio", "at most 1"},
+		},
+		{
 			name:    "wrong type",
 			yaml:    "limits:\n  max_inflight: lots\n",
 			wantErr: []string{"limits.max_inflight"},

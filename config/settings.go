@@ -33,6 +33,8 @@ var help = map[string]string{
 	"cluster.routes":                  "the peers' route URLs, comma-separated, e.g. nats://10.0.0.2:6222,nats://10.0.0.3:6222",
 	"cluster.replicas":                "how many nodes keep each queue (3 survives the loss of one node; 1 for tests)",
 	"cluster.shards":                  "how many JetStream streams the users are spread over",
+	"memory.limit":                    "soft limit of the Go heap in bytes (GOMEMLIMIT): past it the garbage collector runs more often instead of letting the heap grow to twice its live size; 0 takes memory.limit_ratio of the container's memory limit, or of the machine's memory; a GOMEMLIMIT environment variable wins over both",
+	"memory.limit_ratio":              "share of the container's (cgroup) memory limit, or of the machine's memory without one, that memory.limit 0 takes",
 	"debug.pprof":                     "serve Go profiling at /debug/pprof on the HTTP listener; keep the HTTP listener private when on",
 	"data_dir":                        "directory holding the durable queue and the development secret",
 	"listen":                          "MQTT TCP listen address",

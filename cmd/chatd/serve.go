@@ -69,6 +69,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			"secret_file", filepath.Join(cfg.DataDir, token.DevSecretFile),
 			"get_a_token", "chatd token USER --data-dir "+shellQuote(cfg.DataDir))
 	}
+	logMemoryLimit(cfg.Memory, logger)
 	srv, err := broker.New(broker.Options{Config: cfg, Secret: secret, Logger: logger})
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
