@@ -101,18 +101,12 @@ func (r *run) runRestart(ctx context.Context) error {
 	res.ReadySec = ready.Sub(started).Seconds()
 
 	r.setPhase(phaseDrain)
-	first, err := r.newClient(ridx[0])
+	first, connStart, connacked, err := r.reconnectFirst(dctx, ridx[0])
 	if err != nil {
 		return err
 	}
-	connStart := time.Now()
-	connack, _, err := first.connect(dctx)
-	if err != nil {
-		first.mc.Disconnect(0)
-		return fmt.Errorf("reconnect recipient %s after the restart: %w", first.user, err)
-	}
 	defer first.disconnect()
-	res.ConnackSec = connStart.Add(connack).Sub(started).Seconds()
+	res.ConnackSec = connacked.Sub(started).Seconds()
 	for {
 		if at, _ := r.ledger.DeliveryWindow(); at > 0 {
 			res.FirstDeliverySec = time.Unix(0, at).Sub(started).Seconds()
@@ -146,6 +140,29 @@ func (r *run) runRestart(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// reconnectFirst connects user index idx as soon as the restarted server
+// lets it, trying again while a server that accepts TCP connections is
+// not yet answering CONNECT in time, until ctx ends. It returns the
+// client, when its first CONNECT went out and when its CONNACK came.
+func (r *run) reconnectFirst(ctx context.Context, idx int) (*client, time.Time, time.Time, error) {
+	start := time.Now()
+	for {
+		c, err := r.newClient(idx)
+		if err != nil {
+			return nil, start, start, err
+		}
+		attempt := time.Now()
+		connack, _, err := c.connect(ctx)
+		if err == nil {
+			return c, start, attempt.Add(connack), nil
+		}
+		c.mc.Disconnect(0)
+		if !sleep(ctx, 50*time.Millisecond) {
+			return nil, start, start, fmt.Errorf("reconnect recipient %s after the restart: %w", c.user, err)
+		}
+	}
 }
 
 // fillQueues connects the senders, has them queue the configured number
