@@ -343,6 +343,12 @@ if [[ "$CHATD_RECEIPTS_DELIVERED" == true ]]; then
 fi
 
 mkdir -p "$(dirname "$out")"
+# The hand-written analysis at the end of the file (from its "## Analysis"
+# heading on) outlives the regenerated numbers.
+analysis=""
+if [[ -f "$out" ]]; then
+	analysis=$(sed -n '/^## Analysis/,$p' "$out")
+fi
 {
 	echo "# Benchmarks: chatd vs Mosquitto"
 	echo
@@ -444,6 +450,10 @@ mkdir -p "$(dirname "$out")"
 		echo
 		echo "and each \`\$TMP/mosquitto-idle-N.conf\` the same but for"
 		echo "\`listener $fresh_port 127.0.0.1\` and \`persistence_location \$TMP/idle-N-mosquitto-data/\`."
+	fi
+	if [[ -n "$analysis" ]]; then
+		echo
+		printf '%s\n' "$analysis"
 	fi
 } >"$out"
 log "wrote $out"
