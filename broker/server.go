@@ -272,7 +272,10 @@ func newMQTT(cfg config.Config, log *slog.Logger) *mqtt.Server {
 		Capabilities:             caps,
 		ClientNetWriteBufferSize: 1024,
 		ClientNetReadBufferSize:  1024,
-		Logger:                   slog.New(mochi.QuietPackets{Handler: log.Handler()}).With("component", "mqtt"),
+		// Nobody may subscribe to $SYS (topic.MaySubscribe), so mochi's
+		// statistics topics are published once a day, not every second.
+		SysTopicResendInterval: 24 * 3600,
+		Logger:                 slog.New(mochi.QuietPackets{Handler: log.Handler()}).With("component", "mqtt"),
 	})
 }
 

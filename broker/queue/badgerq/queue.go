@@ -272,10 +272,21 @@ func (s *Store) DiskSize() (lsm, vlog int64) { return s.db.Size() }
 // badgerLogger routes Badger's logs to slog, keeping its chatty info lines at debug.
 type badgerLogger struct{ l *slog.Logger }
 
-func (b badgerLogger) Errorf(f string, a ...any)   { b.l.Error(fmt.Sprintf("badger: "+f, a...)) }
-func (b badgerLogger) Warningf(f string, a ...any) { b.l.Warn(fmt.Sprintf("badger: "+f, a...)) }
-func (b badgerLogger) Infof(f string, a ...any)    { b.l.Debug(fmt.Sprintf("badger: "+f, a...)) }
-func (b badgerLogger) Debugf(f string, a ...any)   { b.l.Debug(fmt.Sprintf("badger: "+f, a...)) }
+func (b badgerLogger) Errorf(f string, a ...any) { b.l.Error(fmt.Sprintf("badger: "+f, a...)) }
+
+// Warningf logs at warn, but for the block-cache statistics Badger warns
+// of every minute while reads miss its cache: a queue's reads are of
+// messages read once, which no cache size would keep, and the tables are
+// read through the page cache anyway (see Open).
+func (b badgerLogger) Warningf(f string, a ...any) {
+	if strings.HasPrefix(f, "%s might be too small") || strings.HasPrefix(f, "Cache life expectancy") {
+		b.l.Debug(fmt.Sprintf("badger: "+f, a...))
+		return
+	}
+	b.l.Warn(fmt.Sprintf("badger: "+f, a...))
+}
+func (b badgerLogger) Infof(f string, a ...any)  { b.l.Debug(fmt.Sprintf("badger: "+f, a...)) }
+func (b badgerLogger) Debugf(f string, a ...any) { b.l.Debug(fmt.Sprintf("badger: "+f, a...)) }
 
 // TryAppend queues r unless the committer is saturated; it never blocks,
 // so the committer's own callbacks may use it.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -522,5 +523,30 @@ func TestZeroSettingsMeanDefaults(t *testing.T) {
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestBadgerLoggerLevels: Badger's warnings reach the log at warn, but
+// for its block-cache statistics, which a queue's read-once messages set
+// off every minute under load; its info lines go to debug.
+func TestBadgerLoggerLevels(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		log  func(b badgerLogger)
+		want string
+	}{
+		{"warning", func(b badgerLogger) { b.Warningf("Value log GC failed: %v", "disk") }, "level=WARN msg=\"badger: Value log GC failed: disk\""},
+		{"cache too small", func(b badgerLogger) { b.Warningf("%s might be too small. Metrics: %s\n", "Block cache", "hit: 1") }, "level=DEBUG msg=\"badger: Block cache might be too small."},
+		{"cache life expectancy", func(b badgerLogger) { b.Warningf("Cache life expectancy (in seconds): %+v\n", 2) }, "level=DEBUG msg=\"badger: Cache life expectancy"},
+		{"info", func(b badgerLogger) { b.Infof("Replaying file id: %d", 1) }, "level=DEBUG msg=\"badger: Replaying file id: 1\""},
+		{"error", func(b badgerLogger) { b.Errorf("cannot open %s", "x") }, "level=ERROR msg=\"badger: cannot open x\""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf testutil.SyncBuffer
+			tt.log(badgerLogger{slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+			if got := buf.String(); !strings.Contains(got, tt.want) {
+				t.Fatalf("logged %q, want %q in it", got, tt.want)
+			}
+		})
 	}
 }
