@@ -6,6 +6,7 @@
 package presence
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"log/slog"
@@ -52,6 +53,9 @@ type Tracker struct {
 	relay   Relay
 	// save stores a user's state in db; tests slow it down.
 	save func(user string, online bool, ts int64) error
+	// page is how many states Retained reads in one transaction
+	// (retainedPage; tests make it small).
+	page int
 
 	mu    sync.Mutex
 	conns map[string]int
@@ -81,6 +85,7 @@ func New(db *badger.DB, publish Publisher, relay Relay, log *slog.Logger) *Track
 		t.where = make(map[string]map[string]struct{})
 	}
 	t.save = t.store
+	t.page = retainedPage
 	return t
 }
 
@@ -94,7 +99,7 @@ func (t *Tracker) Restore() error {
 		ts     int64
 	}
 	var recs []rec
-	err := t.scan(nil, func(user string, online bool, ts int64) error {
+	err := t.scan(nil, nil, 0, func(user string, online bool, ts int64) error {
 		if online {
 			recs = append(recs, rec{user, online, ts})
 		}
@@ -115,6 +120,9 @@ func (t *Tracker) Restore() error {
 // of every user the presence filter matches: presence/{user}, or every
 // user for presence/+ and presence/#. A filter that is not a presence
 // filter matches nobody. It stops at fn's first error and returns it.
+// fn runs outside any read transaction, so a subscriber slow to take the
+// states holds no Badger snapshot open (which would keep compactions from
+// dropping deleted messages).
 func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) error) error {
 	rest, ok := strings.CutPrefix(filter, topic.PresencePrefix)
 	if !ok {
@@ -128,19 +136,50 @@ func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) erro
 	default:
 		return nil
 	}
-	return t.scan(only, func(user string, online bool, ts int64) error {
-		return fn(topic.PresencePrefix+user, envelope.Presence(user, online, ts))
-	})
+	after := []byte(nil)
+	for {
+		var page []state
+		var users []string
+		err := t.scan(only, after, t.page, func(user string, online bool, ts int64) error {
+			users = append(users, user)
+			page = append(page, state{online: online, ts: ts})
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for i, user := range users {
+			if err := fn(topic.PresencePrefix+user, envelope.Presence(user, page[i].online, page[i].ts)); err != nil {
+				return err
+			}
+		}
+		if len(users) < t.page {
+			return nil
+		}
+		after = []byte(users[len(users)-1])
+	}
 }
 
+// retainedPage is how many states Retained reads in one transaction.
+const retainedPage = 512
+
 // scan calls fn with the stored state of user, or of every user when user
-// is nil, in one read transaction.
-func (t *Tracker) scan(user []byte, fn func(user string, online bool, ts int64) error) error {
+// is nil, in one read transaction: of the users after the one named
+// after (all when nil), at most limit (no limit when 0).
+func (t *Tracker) scan(user, after []byte, limit int, fn func(user string, online bool, ts int64) error) error {
 	key := append([]byte{keyTag}, user...)
 	return t.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: key, PrefetchValues: true, PrefetchSize: 100})
 		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
+		it.Rewind()
+		if after != nil {
+			from := append([]byte{keyTag}, after...)
+			it.Seek(from)
+			if it.Valid() && bytes.Equal(it.Item().Key(), from) {
+				it.Next()
+			}
+		}
+		for n := 0; it.Valid() && (limit == 0 || n < limit); it.Next() {
 			item := it.Item()
 			if user != nil && len(item.Key()) != len(key) {
 				continue // a longer user ID that starts with user's
@@ -157,6 +196,7 @@ func (t *Tracker) scan(user []byte, fn func(user string, online bool, ts int64) 
 			if err := fn(name, online, ts); err != nil {
 				return err
 			}
+			n++
 		}
 		return nil
 	})

@@ -400,3 +400,37 @@ func TestRetained(t *testing.T) {
 		}
 	})
 }
+
+// TestRetainedPages: a wildcard subscriber's states are read a page at a
+// time, each page in a transaction of its own, and every user comes once,
+// in order, whatever the page size.
+func TestRetainedPages(t *testing.T) {
+	tr, _, db := newTracker(t)
+	const users = 23
+	var want []string
+	for i := range users {
+		user := fmt.Sprintf("u%02d", i)
+		want = append(want, user)
+		if err := db.Update(func(txn *badger.Txn) error {
+			return txn.Set(append([]byte{keyTag}, user...), encode(i%2 == 0, int64(i)))
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, page := range []int{1, 5, 22, 23, 24, 512} {
+		t.Run(fmt.Sprint(page), func(t *testing.T) {
+			tr.page = page
+			var got []string
+			err := tr.Retained("presence/#", func(topicName string, _ []byte) error {
+				got = append(got, strings.TrimPrefix(topicName, "presence/"))
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("page %d: got %q, want %q", page, got, want)
+			}
+		})
+	}
+}
