@@ -49,6 +49,9 @@ func (h *Presence) Provides(b byte) bool { return b == mqtt.OnSubscribed }
 // the Subscription before the Server sends the SUBACK"). A failed write
 // closes the connection.
 func (h *Presence) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	if cl.Net.Inline {
+		return // the server's own client has no connection to write to
+	}
 	v5 := cl.Properties.ProtocolVersion == 5
 	out := mochi.Conn{Client: cl}
 	var buf []byte

@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"testing"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/chatd/chatd/broker/presence"
 )
 
 // presenceOf decodes a presence message as "user on|off".
@@ -37,7 +40,9 @@ func TestPresenceStatesOnSubscribe(t *testing.T) {
 	for _, v5 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("v5=%v", v5), func(t *testing.T) {
 			it := newInboxTest(t, 8)
-			it.connect(session{user: "carol"})
+			// A SUBACK comes after the session's hooks, presence included,
+			// have run: carol is online once hers is read.
+			it.connect(session{user: "carol"}).subscribe(1, "inbox/carol")
 			dave := it.connect(session{user: "dave"})
 			dave.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
 			dave.wantClosed()
@@ -77,7 +82,7 @@ func TestPresenceStatesOnSubscribe(t *testing.T) {
 // retained messages (Retain Handling 2) gets no stored states.
 func TestPresenceRetainHandling(t *testing.T) {
 	it := newInboxTest(t, 8)
-	it.connect(session{user: "carol"})
+	it.connect(session{user: "carol"}).subscribe(1, "inbox/carol")
 	bob := it.connect(session{user: "bob", v5: true})
 	bob.send(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
@@ -108,4 +113,38 @@ func TestPresenceReadErrorClosesConnection(t *testing.T) {
 		Filters:     packets.Subscriptions{{Filter: "presence/carol", Qos: 0}},
 	})
 	bob.wantClosed()
+}
+
+// TestPresenceManyStates: a SUBSCRIBE with several presence filters gets
+// the states of each, as many as fill more than one write.
+func TestPresenceManyStates(t *testing.T) {
+	it := newInboxTest(t, 8)
+	const users = 1500 // about 100 KiB of states, more than one chunk
+	tr := presence.New(it.store.DB(), func(string, []byte, bool, byte) error { return nil }, nil, slog.New(slog.DiscardHandler))
+	for i := range users {
+		tr.Connected(fmt.Sprintf("u%04d", i))
+	}
+	bob := it.connect(session{user: "bob"})
+	bob.send(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+		PacketID:    1,
+		Filters:     packets.Subscriptions{{Filter: "presence/+", Qos: 0}, {Filter: "presence/u0007", Qos: 0}},
+	})
+	seen := make(map[string]int)
+	for {
+		pk := bob.read()
+		if pk.FixedHeader.Type == packets.Suback {
+			if len(pk.ReasonCodes) != 2 || pk.ReasonCodes[0] != 0 || pk.ReasonCodes[1] != 0 {
+				t.Fatalf("SUBACK codes %v", pk.ReasonCodes)
+			}
+			break
+		}
+		if pk.FixedHeader.Type != packets.Publish || !pk.FixedHeader.Retain {
+			t.Fatalf("packet type %d retain %v before the SUBACK", pk.FixedHeader.Type, pk.FixedHeader.Retain)
+		}
+		seen[presenceOf(t, pk)]++
+	}
+	if len(seen) != users+1 || seen["u0007 on"] != 2 || seen["u1499 on"] != 1 || seen["bob on"] != 1 {
+		t.Fatalf("%d states (u0007 %d times, u1499 %d, bob %d), want %d, u0007 twice", len(seen), seen["u0007 on"], seen["u1499 on"], seen["bob on"], users+1)
+	}
 }

@@ -8,6 +8,7 @@ package presence
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -99,7 +100,7 @@ func (t *Tracker) Restore() error {
 		ts     int64
 	}
 	var recs []rec
-	err := t.scan(nil, nil, 0, func(user string, online bool, ts int64) error {
+	err := t.scan(nil, 0, func(user string, online bool, ts int64) error {
 		if online {
 			recs = append(recs, rec{user, online, ts})
 		}
@@ -128,11 +129,14 @@ func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) erro
 	if !ok {
 		return nil
 	}
-	var only []byte
 	switch {
 	case rest == "+" || rest == "#":
 	case topic.ValidUser(rest):
-		only = []byte(rest)
+		online, ts, found, err := t.load(rest)
+		if err != nil || !found {
+			return err
+		}
+		return fn(filter, envelope.Presence(rest, online, ts))
 	default:
 		return nil
 	}
@@ -140,7 +144,7 @@ func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) erro
 	for {
 		var page []state
 		var users []string
-		err := t.scan(only, after, t.page, func(user string, online bool, ts int64) error {
+		err := t.scan(after, t.page, func(user string, online bool, ts int64) error {
 			users = append(users, user)
 			page = append(page, state{online: online, ts: ts})
 			return nil
@@ -163,13 +167,37 @@ func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) erro
 // retainedPage is how many states Retained reads in one transaction.
 const retainedPage = 512
 
-// scan calls fn with the stored state of user, or of every user when user
-// is nil, in one read transaction: of the users after the one named
-// after (all when nil), at most limit (no limit when 0).
-func (t *Tracker) scan(user, after []byte, limit int, fn func(user string, online bool, ts int64) error) error {
-	key := append([]byte{keyTag}, user...)
+// load reads user's stored state; found is false when it has none.
+func (t *Tracker) load(user string) (online bool, ts int64, found bool, err error) {
+	err = t.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(append([]byte{keyTag}, user...))
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		v, err := item.ValueCopy(nil)
+		if err != nil {
+			return err
+		}
+		if online, ts, found = decode(v); !found {
+			return fmt.Errorf("presence record of %q is corrupt", user)
+		}
+		return nil
+	})
+	if err != nil {
+		return false, 0, false, fmt.Errorf("read presence of %s: %w", user, err)
+	}
+	return online, ts, found, nil
+}
+
+// scan calls fn with the stored state of every user after the one named
+// after (all when nil), at most limit of them (no limit when 0), in one
+// read transaction.
+func (t *Tracker) scan(after []byte, limit int, fn func(user string, online bool, ts int64) error) error {
 	return t.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: key, PrefetchValues: true, PrefetchSize: 100})
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyTag}, PrefetchValues: true, PrefetchSize: 100})
 		defer it.Close()
 		it.Rewind()
 		if after != nil {
@@ -181,9 +209,6 @@ func (t *Tracker) scan(user, after []byte, limit int, fn func(user string, onlin
 		}
 		for n := 0; it.Valid() && (limit == 0 || n < limit); it.Next() {
 			item := it.Item()
-			if user != nil && len(item.Key()) != len(key) {
-				continue // a longer user ID that starts with user's
-			}
 			v, err := item.ValueCopy(nil)
 			if err != nil {
 				return fmt.Errorf("read presence: %w", err)
