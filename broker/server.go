@@ -263,6 +263,9 @@ func newMQTT(cfg config.Config, log *slog.Logger) *mqtt.Server {
 	// Topic aliases would let one client hold up to 65,535 topic names in
 	// memory; chatd's topics are short.
 	caps.TopicAliasMaximum = 0
+	// chatd writes its deliveries and presence states itself, without
+	// the subscription identifiers MQTT 5 would then require in them.
+	caps.SubIDAvailable = 0
 	caps.ReceiveMaximum = 1024
 	caps.MaximumInflight = 1024
 	caps.MaximumSessionExpiryInterval = uint32(cfg.Queue.DeviceTTL / time.Second)
