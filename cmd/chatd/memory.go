@@ -14,8 +14,9 @@ import (
 // setMemoryLimit sets the Go runtime's soft memory limit from c and
 // returns it with where it came from. A GOMEMLIMIT environment variable,
 // which the runtime has already applied, wins; then memory.limit; then
-// memory.limit_ratio of the cgroup's memory limit, or of the machine's
-// memory when the process runs in none.
+// memory.limit_ratio (or automemlimit's AUTOMEMLIMIT variable) of the
+// cgroup's memory limit, or of the machine's memory when the process
+// runs in none.
 func setMemoryLimit(c config.Memory) (limit int64, source string, err error) {
 	if os.Getenv("GOMEMLIMIT") != "" {
 		return debug.SetMemoryLimit(-1), "GOMEMLIMIT", nil
@@ -23,6 +24,15 @@ func setMemoryLimit(c config.Memory) (limit int64, source string, err error) {
 	if c.Limit > 0 {
 		debug.SetMemoryLimit(c.Limit)
 		return c.Limit, "memory.limit", nil
+	}
+	// automemlimit reads AUTOMEMLIMIT too: "off", or a ratio that
+	// overrides memory.limit_ratio.
+	if v, ok := os.LookupEnv("AUTOMEMLIMIT"); ok && v == "off" {
+		return debug.SetMemoryLimit(-1), "AUTOMEMLIMIT=off (none)", nil
+	}
+	ratio := fmt.Sprint(c.LimitRatio)
+	if v, ok := os.LookupEnv("AUTOMEMLIMIT"); ok {
+		ratio = "AUTOMEMLIMIT=" + v
 	}
 	source = "cgroup memory limit"
 	if _, err := memlimit.FromCgroup(); err != nil {
@@ -35,7 +45,7 @@ func setMemoryLimit(c config.Memory) (limit int64, source string, err error) {
 	if err != nil {
 		return limit, source, fmt.Errorf("memory limit from the %s: %w", source, err)
 	}
-	return limit, fmt.Sprintf("%g of the %s", c.LimitRatio, source), nil
+	return limit, fmt.Sprintf("%s of the %s", ratio, source), nil
 }
 
 // logMemoryLimit sets the memory limit and logs it, or why it could not

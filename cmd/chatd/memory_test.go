@@ -32,13 +32,21 @@ func TestSetMemoryLimit(t *testing.T) {
 			func(l int64) bool { return l == 200<<20 }},
 		{"derived", "", config.Memory{LimitRatio: 0.5}, "0.5 of the",
 			func(l int64) bool { return l > 0 && l <= int64(system)/2+1 }},
+		{"AUTOMEMLIMIT ratio", "", config.Memory{LimitRatio: 0.5}, "AUTOMEMLIMIT=0.25 of the",
+			func(l int64) bool { return l > 0 && l <= int64(system)/4+1 }},
+		{"AUTOMEMLIMIT off", "", config.Memory{LimitRatio: 0.5}, "AUTOMEMLIMIT=off",
+			func(l int64) bool { return l == math.MaxInt64 }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Setenv("GOMEMLIMIT", tt.env)
-			t.Setenv("AUTOMEMLIMIT", "") // restored after the test, unset during it
+			t.Setenv("AUTOMEMLIMIT", "") // restored after the test, unset during it unless named
 			if err := os.Unsetenv("AUTOMEMLIMIT"); err != nil {
 				t.Fatal(err)
+			}
+			if v, ok := strings.CutPrefix(tt.wantSource, "AUTOMEMLIMIT="); ok {
+				t.Setenv("AUTOMEMLIMIT", strings.Fields(v)[0])
+				debug.SetMemoryLimit(math.MaxInt64)
 			}
 			if tt.env != "" {
 				debug.SetMemoryLimit(200 << 20) // what the runtime read at start
@@ -50,7 +58,7 @@ func TestSetMemoryLimit(t *testing.T) {
 			if !strings.HasPrefix(source, tt.wantSource) || !tt.want(limit) {
 				t.Fatalf("limit %d from %q, want from %q", limit, source, tt.wantSource)
 			}
-			if got := debug.SetMemoryLimit(-1); got != limit || got == math.MaxInt64 {
+			if got := debug.SetMemoryLimit(-1); got != limit || (got == math.MaxInt64) != (tt.wantSource == "AUTOMEMLIMIT=off") {
 				t.Fatalf("runtime limit %d, want %d", got, limit)
 			}
 		})
