@@ -125,7 +125,6 @@ func (r *run) runRestart(ctx context.Context) error {
 	if err != nil {
 		r.errs.add(fmt.Errorf("reconnect after the restart: %w", err))
 	}
-	r.setPhase(phaseDrain)
 	r.awaitDelivery(dctx, time.Until(deadline))
 	r.setPhase(phaseGrace)
 	if !r.awaitDelivery(ctx, r.cfg.Grace) {

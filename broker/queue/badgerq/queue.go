@@ -143,9 +143,10 @@ func Open(opts Options) (*Store, error) {
 		// that the deletes soon free anyway.
 		WithCompression(options.None).
 		// Reads happen only when a device drains a backlog from disk, and
-		// uncompressed tables are read through the page cache; the block
-		// cache only keeps tables written by older versions, compressed,
-		// readable without decompressing every read.
+		// uncompressed tables are read through the page cache: a small
+		// block cache saves little more than re-parsing a block, and keeps
+		// tables written compressed by older versions from being
+		// decompressed on every read.
 		WithBlockCacheSize(blockCacheSize)
 	db, err := badger.Open(bo)
 	if err != nil && strings.Contains(err.Error(), z.NewFile.Error()) {
