@@ -41,7 +41,24 @@ type Presence struct {
 func (h *Presence) ID() string { return "chatd-presence" }
 
 // Provides reports the events Presence handles.
-func (h *Presence) Provides(b byte) bool { return b == mqtt.OnSubscribed }
+func (h *Presence) Provides(b byte) bool { return b == mqtt.OnSubscribe || b == mqtt.OnSubscribed }
+
+// OnSubscribe turns MQTT 5's Retain Handling 1 ("only for a new
+// subscription") into 2 ("none") for a presence filter the client is
+// already subscribed to: mochi tells OnSubscribed only what it granted,
+// not whether the subscription existed, which it knows only before it
+// subscribes.
+func (h *Presence) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	for i, f := range pk.Filters {
+		if f.RetainHandling != 1 || !strings.HasPrefix(f.Filter, topic.PresencePrefix) {
+			continue
+		}
+		if _, existed := cl.State.Subscriptions.Get(f.Filter); existed {
+			pk.Filters[i].RetainHandling = 2
+		}
+	}
+	return pk
+}
 
 // OnSubscribed sends the stored states of the presence filters granted.
 // mochi calls it just before it writes the SUBACK, which MQTT allows

@@ -78,21 +78,48 @@ func TestPresenceStatesOnSubscribe(t *testing.T) {
 	}
 }
 
-// TestPresenceRetainHandling: an MQTT 5 subscription that asks for no
-// retained messages (Retain Handling 2) gets no stored states.
+// TestPresenceRetainHandling: MQTT 5's Retain Handling 0 sends the
+// stored states at every SUBSCRIBE, 1 only when the subscription is new,
+// 2 never.
 func TestPresenceRetainHandling(t *testing.T) {
 	it := newInboxTest(t, 8)
 	it.connect(session{user: "carol"}).subscribe(1, "inbox/carol")
 	bob := it.connect(session{user: "bob", v5: true})
-	bob.send(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
-		PacketID:    1,
-		Filters:     packets.Subscriptions{{Filter: "presence/carol", Qos: 0, RetainHandling: 2}},
-	})
-	if pk := bob.read(); pk.FixedHeader.Type != packets.Suback || len(pk.ReasonCodes) != 1 || pk.ReasonCodes[0] != 0 {
-		t.Fatalf("got packet type %d codes %v, want only a SUBACK granting QoS 0", pk.FixedHeader.Type, pk.ReasonCodes)
+	for i, tt := range []struct {
+		filter   string
+		handling byte
+		want     int // states sent
+	}{
+		{"presence/carol", 2, 0},
+		{"presence/carol", 0, 1}, // existing, sent anyway
+		{"presence/carol", 1, 0}, // existing
+		{"presence/+", 1, 2},     // new: carol and bob
+		{"presence/+", 1, 0},
+	} {
+		pid := uint16(i + 1)
+		bob.send(packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+			PacketID:    pid,
+			Filters:     packets.Subscriptions{{Filter: tt.filter, Qos: 0, RetainHandling: tt.handling}},
+		})
+		got := 0
+		for {
+			pk := bob.read()
+			if pk.FixedHeader.Type == packets.Suback {
+				if pk.PacketID != pid || len(pk.ReasonCodes) != 1 || pk.ReasonCodes[0] != 0 {
+					t.Fatalf("SUBACK id %d codes %v", pk.PacketID, pk.ReasonCodes)
+				}
+				break
+			}
+			if pk.FixedHeader.Type != packets.Publish || !pk.FixedHeader.Retain {
+				t.Fatalf("packet type %d retain %v before the SUBACK", pk.FixedHeader.Type, pk.FixedHeader.Retain)
+			}
+			got++
+		}
+		if got != tt.want {
+			t.Fatalf("%s with Retain Handling %d sent %d states, want %d", tt.filter, tt.handling, got, tt.want)
+		}
 	}
-	bob.subscribe(2, "inbox/bob") // answered next: nothing was sent in between
 }
 
 // failingStates is a presence store whose reads fail.
