@@ -12,7 +12,9 @@ package badgerq
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -110,6 +112,33 @@ const (
 	maxBatchBytes = 1 << 20
 )
 
+// memTableFor returns the memtable size to open dir with: memTableSize,
+// or more when dir holds a memtable log written with bigger memtables
+// (by an earlier version, or by this function after a crash). Badger
+// replays each log into a memtable of the configured size and stops the
+// process when one does not fit; a log file is twice its memtable's size.
+func memTableFor(dir string) (int64, error) {
+	size := int64(memTableSize)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return size, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("list memtable logs: %w", err)
+	}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".mem") {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil {
+			return 0, fmt.Errorf("memtable log %s: %w", e.Name(), err)
+		}
+		size = max(size, info.Size()/2)
+	}
+	return size, nil
+}
+
 // Open opens or creates the queue store in opts.Dir and starts its committer.
 func Open(opts Options) (*Store, error) {
 	if opts.Logger == nil {
@@ -119,6 +148,14 @@ func Open(opts Options) (*Store, error) {
 		opts.Now = time.Now
 	}
 	opts.Settings = opts.Settings.WithDefaults()
+	memTable, sizeErr := memTableFor(opts.Dir)
+	if sizeErr != nil {
+		return nil, fmt.Errorf("open queue %s: %w", opts.Dir, sizeErr)
+	}
+	if memTable > memTableSize {
+		opts.Logger.Info("queue memtables sized for the logs of an earlier run with larger ones, until they are flushed",
+			"dir", opts.Dir, "memtable_bytes", memTable)
+	}
 	bo := badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{opts.Logger}).
 		WithSyncWrites(opts.Sync == SyncAlways).
@@ -129,7 +166,7 @@ func Open(opts Options) (*Store, error) {
 		// into a smaller skiplist are cheaper, and the server's memory stays
 		// low (each memtable is an arena on the heap and a mapped log file
 		// of twice its size).
-		WithMemTableSize(memTableSize).
+		WithMemTableSize(memTable).
 		WithNumMemtables(numMemtables).
 		// Many small level-0 tables rather than few big ones: most
 		// messages are deleted while still in level 0, where a compaction

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
+
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/internal/testutil"
 
@@ -548,5 +550,83 @@ func TestBadgerLoggerLevels(t *testing.T) {
 				t.Fatalf("logged %q, want %q in it", got, tt.want)
 			}
 		})
+	}
+}
+
+// copyDir copies the regular files of src into dst, as a crash would leave
+// them: Badger's memtable logs are mapped files whose writes the copy sees.
+// Value logs, sparse files of 2 GiB that hold only values of 1 MiB or
+// more, are left out.
+func copyDir(t *testing.T, src, dst string) {
+	t.Helper()
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if !e.Type().IsRegular() || strings.HasSuffix(e.Name(), ".vlog") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestOpenReplaysBiggerMemtableLogs: a queue that crashed with a memtable
+// log written with bigger memtables than this version's (16 MiB, the
+// size of earlier versions) opens, replaying it, instead of stopping the
+// process because the log does not fit in a smaller memtable.
+func TestOpenReplaysBiggerMemtableLogs(t *testing.T) {
+	src := t.TempDir()
+	db, err := badger.Open(badger.DefaultOptions(src).WithLogger(nil).WithMemTableSize(16 << 20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	value := make([]byte, 1000)
+	const n = 13000 // about 13 MB: more than a memtable of memTableSize holds
+	for i := 0; i < n; i += 500 {
+		err := db.Update(func(txn *badger.Txn) error {
+			for k := i; k < i+500 && k < n; k++ {
+				if err := txn.Set(fmt.Appendf(nil, "zz-test-%06d", k), value); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	crashed := t.TempDir()
+	copyDir(t, src, crashed) // while db is open: its memtable is only in its log
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := memTableFor(crashed); err != nil || got <= memTableSize {
+		t.Fatalf("memTableFor = %d, %v; want more than %d for a 16 MiB memtable's log", got, err, memTableSize)
+	}
+	s, err := Open(testOptions(crashed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+	}()
+	err = s.DB().View(func(txn *badger.Txn) error {
+		_, err := txn.Get(fmt.Appendf(nil, "zz-test-%06d", n-1))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("the last entry of the replayed log: %v", err)
+	}
+	if got, err := memTableFor(t.TempDir()); err != nil || got != memTableSize {
+		t.Fatalf("memTableFor of an empty directory = %d, %v; want %d", got, err, memTableSize)
 	}
 }
