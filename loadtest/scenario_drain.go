@@ -51,34 +51,11 @@ func (r *run) runDrain(ctx context.Context) error {
 	for i := range sidx {
 		sidx[i] = i
 	}
-	senders, _, err := r.connectAll(dctx, sidx, 0)
-	defer r.disconnectAll(senders)
+	fill, err := r.fillQueues(dctx, sidx, []int{recv})
 	if err != nil {
-		return fmt.Errorf("connect senders: %w", err)
+		return err
 	}
-
-	r.setPhase(phaseQueue)
-	var budget atomic.Int64
-	budget.Store(int64(r.cfg.Messages))
-	interval := sendInterval(r.cfg.Rate, len(senders))
-	queueStart := time.Now()
-	var wg sync.WaitGroup
-	for _, c := range senders {
-		wg.Go(func() { r.queueTo(dctx, c, recv, &budget, interval) })
-	}
-	wg.Wait()
-	for {
-		c := r.ledger.Snapshot()
-		if c.Acked+c.SendFailed >= c.Sent || !sleep(dctx, 5*time.Millisecond) {
-			break
-		}
-	}
-	queued := r.ledger.Snapshot()
-	res.Queued = queued.Acked
-	res.QueueSec = time.Since(queueStart).Seconds()
-	if res.QueueSec > 0 {
-		res.QueueRate = float64(res.Queued) / res.QueueSec
-	}
+	res.Queued, res.QueueSec, res.QueueRate = fill.queued, fill.sec, fill.rate
 
 	r.setPhase(phaseDrain)
 	rc, err := r.newClient(recv)
@@ -108,13 +85,64 @@ func (r *run) runDrain(ctx context.Context) error {
 	return nil
 }
 
-// queueTo sends from c to user index to while the shared budget lasts.
-func (r *run) queueTo(ctx context.Context, c *client, to int, budget *atomic.Int64, interval time.Duration) {
+// queueFill is what fillQueues measured.
+type queueFill struct {
+	// queued is the messages PUBACKed.
+	queued int64
+	// sec is the time from the first send to the last PUBACK or failure.
+	sec float64
+	// rate is queued per second of sec.
+	rate float64
+}
+
+// fillQueues connects the senders, has them queue the configured number
+// of messages for the recipients, round robin, waits for every PUBACK,
+// and disconnects them: nothing but the server's store holds the
+// messages afterwards. Its error is only about connecting the senders;
+// ctx ending cuts the filling short.
+func (r *run) fillQueues(ctx context.Context, sidx, ridx []int) (queueFill, error) {
+	senders, _, err := r.connectAll(ctx, sidx, 0)
+	defer r.disconnectAll(senders)
+	if err != nil {
+		return queueFill{}, fmt.Errorf("connect senders: %w", err)
+	}
+	r.setPhase(phaseQueue)
+	var budget atomic.Int64
+	budget.Store(int64(r.cfg.Messages))
+	interval := sendInterval(r.cfg.Rate, len(senders))
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, c := range senders {
+		wg.Go(func() { r.queueRoundRobin(ctx, c, ridx, &budget, interval) })
+	}
+	wg.Wait()
+	for {
+		c := r.ledger.Snapshot()
+		if c.Acked+c.SendFailed >= c.Sent || !sleep(ctx, 5*time.Millisecond) {
+			break
+		}
+	}
+	fill := queueFill{queued: r.ledger.Snapshot().Acked, sec: time.Since(start).Seconds()}
+	if fill.sec > 0 {
+		fill.rate = float64(fill.queued) / fill.sec
+	}
+	return fill, nil
+}
+
+// queueRoundRobin sends from c while the shared budget lasts, message b
+// of the budget (counting down) going to recipient b mod len(to): the
+// recipients' shares differ by at most one. Each pair is numbered from 1.
+func (r *run) queueRoundRobin(ctx context.Context, c *client, to []int, budget *atomic.Int64, interval time.Duration) {
 	p := pacer{interval: interval, next: time.Now()}
-	var n uint64
-	for budget.Add(-1) >= 0 && p.wait(ctx) {
-		n++
-		if !r.send(ctx, c, to, n) {
+	n := make([]uint64, len(to))
+	for {
+		b := budget.Add(-1)
+		if b < 0 || !p.wait(ctx) {
+			return
+		}
+		k := int(b % int64(len(to)))
+		n[k]++
+		if !r.send(ctx, c, to[k], n[k]) {
 			return
 		}
 	}

@@ -3,8 +3,6 @@ package loadtest
 import (
 	"context"
 	"fmt"
-	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -78,8 +76,13 @@ func (r *run) runRestart(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("register the recipients: %w", err)
 	}
-	if err := r.fillQueues(dctx, sidx, ridx, res); err != nil {
+	fill, err := r.fillQueues(dctx, sidx, ridx)
+	if err != nil {
 		return err
+	}
+	res.Queued, res.QueueSec, res.QueueRate = fill.queued, fill.sec, fill.rate
+	if dctx.Err() != nil {
+		return fmt.Errorf("queue %d messages: %d PUBACKed before the run's bound: %w", r.cfg.Messages, res.Queued, dctx.Err())
 	}
 
 	r.setPhase(phaseRestart)
@@ -160,62 +163,6 @@ func (r *run) reconnectFirst(ctx context.Context, idx int) (*client, time.Time, 
 		c.mc.Disconnect(0)
 		if !sleep(ctx, 50*time.Millisecond) {
 			return nil, start, start, fmt.Errorf("reconnect recipient %s after the restart: %w", c.user, err)
-		}
-	}
-}
-
-// fillQueues connects the senders, has them queue the configured number
-// of messages for the recipients, round robin, waits for every PUBACK,
-// and disconnects them: nothing but the server's store holds the
-// messages when it is killed.
-func (r *run) fillQueues(ctx context.Context, sidx, ridx []int, res *RestartResult) error {
-	senders, _, err := r.connectAll(ctx, sidx, 0)
-	defer r.disconnectAll(senders)
-	if err != nil {
-		return fmt.Errorf("connect senders: %w", err)
-	}
-	r.setPhase(phaseQueue)
-	var budget atomic.Int64
-	budget.Store(int64(r.cfg.Messages))
-	interval := sendInterval(r.cfg.Rate, len(senders))
-	start := time.Now()
-	var wg sync.WaitGroup
-	for _, c := range senders {
-		wg.Go(func() { r.queueRoundRobin(ctx, c, ridx, &budget, interval) })
-	}
-	wg.Wait()
-	for {
-		c := r.ledger.Snapshot()
-		if c.Acked+c.SendFailed >= c.Sent || !sleep(ctx, 5*time.Millisecond) {
-			break
-		}
-	}
-	res.Queued = r.ledger.Snapshot().Acked
-	res.QueueSec = time.Since(start).Seconds()
-	if res.QueueSec > 0 {
-		res.QueueRate = float64(res.Queued) / res.QueueSec
-	}
-	if ctx.Err() != nil {
-		return fmt.Errorf("queue %d messages: %d PUBACKed before the run's bound: %w", r.cfg.Messages, res.Queued, ctx.Err())
-	}
-	return nil
-}
-
-// queueRoundRobin sends from c while the shared budget lasts, message b
-// of the budget (counting down) going to recipient b mod len(to): the
-// recipients' shares differ by at most one. Each pair is numbered from 1.
-func (r *run) queueRoundRobin(ctx context.Context, c *client, to []int, budget *atomic.Int64, interval time.Duration) {
-	p := pacer{interval: interval, next: time.Now()}
-	n := make([]uint64, len(to))
-	for {
-		b := budget.Add(-1)
-		if b < 0 || !p.wait(ctx) {
-			return
-		}
-		k := int(b % int64(len(to)))
-		n[k]++
-		if !r.send(ctx, c, to[k], n[k]) {
-			return
 		}
 	}
 }

@@ -141,26 +141,28 @@ func (t *Tracker) Retained(filter string, fn func(topic string, msg []byte) erro
 		return nil
 	}
 	after := []byte(nil)
+	type stored struct {
+		user string
+		state
+	}
 	for {
-		var page []state
-		var users []string
+		var page []stored
 		err := t.scan(after, t.page, func(user string, online bool, ts int64) error {
-			users = append(users, user)
-			page = append(page, state{online: online, ts: ts})
+			page = append(page, stored{user, state{online: online, ts: ts}})
 			return nil
 		})
 		if err != nil {
 			return err
 		}
-		for i, user := range users {
-			if err := fn(topic.PresencePrefix+user, envelope.Presence(user, page[i].online, page[i].ts)); err != nil {
+		for _, p := range page {
+			if err := fn(topic.PresencePrefix+p.user, envelope.Presence(p.user, p.online, p.ts)); err != nil {
 				return err
 			}
 		}
-		if len(users) < t.page {
+		if len(page) < t.page {
 			return nil
 		}
-		after = []byte(users[len(users)-1])
+		after = []byte(page[len(page)-1].user)
 	}
 }
 

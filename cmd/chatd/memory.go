@@ -27,11 +27,11 @@ func setMemoryLimit(c config.Memory) (limit int64, source string, err error) {
 	}
 	// automemlimit reads AUTOMEMLIMIT too: "off", or a ratio that
 	// overrides memory.limit_ratio.
-	if v, ok := os.LookupEnv("AUTOMEMLIMIT"); ok && v == "off" {
-		return debug.SetMemoryLimit(-1), "AUTOMEMLIMIT=off (none)", nil
-	}
 	ratio := fmt.Sprint(c.LimitRatio)
 	if v, ok := os.LookupEnv("AUTOMEMLIMIT"); ok {
+		if v == "off" {
+			return debug.SetMemoryLimit(-1), "AUTOMEMLIMIT=off (none)", nil
+		}
 		ratio = "AUTOMEMLIMIT=" + v
 	}
 	source = "cgroup memory limit"
