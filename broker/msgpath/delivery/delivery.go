@@ -89,6 +89,11 @@ type Options struct {
 	OnAcked func(took time.Duration)
 	// Now is the clock OnAcked's durations are read on; nil means time.Now.
 	Now func() time.Time
+	// Skip, if set, reports whether a message, by its Meta, is not for a
+	// device: it is passed over unsent, as if the device had acknowledged
+	// it (the sent copy of a message, for the device that sent it). It is
+	// called with a feed's lock held and must not block.
+	Skip func(device string, meta []byte) bool
 }
 
 // Stats are delivery's running totals.
@@ -278,6 +283,47 @@ type Device struct {
 	stopped bool
 	// quit is closed when the device is stopped, ending a read's retries.
 	quit chan struct{}
+	// owed is set when acked moved on and the Source is yet to hear of
+	// it; owedMetas are the Meta to report with it to OnDelivered.
+	owed      bool
+	owedMetas [][]byte
+}
+
+// owe records that advance moved dev's cursor, with metas to report;
+// called with dev.f.mu held.
+func (dev *Device) owe(metas [][]byte) {
+	dev.owed = true
+	dev.owedMetas = append(dev.owedMetas, metas...)
+}
+
+// report is a cursor of one device for the Source, and the Meta of the
+// messages it passed for OnDelivered.
+type report struct {
+	device string
+	cursor uint64
+	metas  [][]byte
+}
+
+// takeOwed returns and clears what dev owes the Source; called with
+// dev.f.mu held.
+func (dev *Device) takeOwed(rs []report) []report {
+	if !dev.owed {
+		return rs
+	}
+	rs = append(rs, report{dev.name, dev.acked, dev.owedMetas})
+	dev.owed, dev.owedMetas = false, nil
+	return rs
+}
+
+// tell passes cursors to the Source and, once the Source has them, their
+// messages to OnDelivered: a message whose acknowledgement is dropped at
+// Close is delivered, and receipted, again. Called without f.mu held.
+func (d *Delivery) tell(user string, rs []report) {
+	for _, r := range rs {
+		if d.ack(user, r.device, r.cursor) && len(r.metas) > 0 {
+			d.opts.OnDelivered(user, r.metas)
+		}
+	}
 }
 
 // stop marks dev stopped; called with dev.f.mu held.
@@ -374,8 +420,10 @@ func (d *Delivery) Start(user, device string, cursor uint64, window int, sink Si
 		}
 		f.devices[device] = dev
 		d.pump(dev)
+		owed := dev.takeOwed(nil)
 		f.mu.Unlock()
 		sink.Flush(true)
+		d.tell(user, owed)
 		return dev, nil
 	}
 }
@@ -439,14 +487,17 @@ func (d *Delivery) Stored(user string, m queue.Message) bool {
 	d.heard(f, m)
 	var buf [4]Sink
 	sinks := buf[:0]
+	var owed []report
 	for _, dev := range f.devices {
 		if d.pump(dev) {
 			sinks = append(sinks, dev.sink)
 		}
+		owed = dev.takeOwed(owed)
 	}
 	f.mu.Unlock()
 	flushInBackground(sinks)
 	d.keepBudget()
+	d.tell(user, owed)
 	return true
 }
 
@@ -480,6 +531,14 @@ func (d *Delivery) missed(f *feed, m queue.Message) {
 		d.capTail(f)
 	}
 	for _, dev := range f.devices {
+		if dev.next > m.Seq && dev.lacks(m.Seq) {
+			dev.addLate(m)
+		}
+	}
+	// A parting device is never sent m, but its late list keeps the
+	// cursor verified reports for it below m, so that the Source does not
+	// delete m before that device's next connection gets it.
+	for _, dev := range f.parting {
 		if dev.next > m.Seq && dev.lacks(m.Seq) {
 			dev.addLate(m)
 		}
@@ -671,24 +730,19 @@ func (d *Delivery) Acked(dev *Device, pid uint16) {
 		f.mu.Unlock()
 		return
 	}
-	n, metas := d.advance(dev)
-	acked := dev.acked
-	sent := d.pump(dev)
-	if n > 0 {
+	if n, metas := d.advance(dev); n > 0 {
+		dev.owe(metas)
 		d.trim(f)
 	}
+	sent := d.pump(dev)
+	owed := dev.takeOwed(nil)
 	f.mu.Unlock()
 	if sent {
 		// Acks arrive on the device's own connection goroutine, which may
 		// wait for its own client's socket.
 		dev.sink.Flush(true)
 	}
-	// Receipts go only with a cursor the Source has: a message whose
-	// acknowledgement is dropped at Close is delivered, and receipted,
-	// again.
-	if n > 0 && d.ack(f.user, dev.name, acked) && len(metas) > 0 {
-		d.opts.OnDelivered(f.user, metas)
-	}
+	d.tell(f.user, owed)
 }
 
 // advance moves dev's cursor over the acknowledged start of its inflight
@@ -728,29 +782,20 @@ func (d *Delivery) advance(dev *Device) (int, [][]byte) {
 func (d *Delivery) pump(dev *Device) bool {
 	f := dev.f
 	sent := false
-	// An acknowledgement out of order frees a slot of the window; the
-	// second bound keeps a client that never acknowledges one message from
-	// growing the list without end.
-	for !dev.stopped && dev.unacked < dev.window && len(dev.inflight) < 2*dev.window && (dev.next <= f.head || len(dev.late) > 0) {
-		m, ok := dev.take()
-		if !ok {
-			d.readAhead(dev)
+	for {
+		sentNow, skipped := d.send(dev)
+		sent = sent || sentNow
+		if !skipped {
 			break
 		}
-		pid := dev.allocPID()
-		in := inflight{seq: m.Seq, pid: pid, meta: m.Meta, sent: d.opts.Now()}
-		if k := len(dev.inflight); k == 0 || dev.inflight[k-1].seq < m.Seq {
-			dev.inflight = append(dev.inflight, in)
-		} else {
-			// A late message: the cursor must wait for it.
-			i, _ := slices.BinarySearchFunc(dev.inflight, m.Seq, inflightBySeq)
-			dev.inflight = slices.Insert(dev.inflight, i, in)
+		// Skipped messages count as acknowledged: move the cursor over
+		// them now, and send on if that freed room in the window.
+		n, metas := d.advance(dev)
+		if n == 0 {
+			break
 		}
-		d.sent.Add(1)
-		dev.unacked++
-		dev.next = max(dev.next, m.Seq+1)
-		dev.sink.Publish(pid, dev.topic, m.Data, false)
-		sent = true
+		dev.owe(metas)
+		d.trim(f)
 	}
 	if d.runningLow(dev) {
 		d.readAhead(dev)
@@ -760,6 +805,47 @@ func (d *Delivery) pump(dev *Device) bool {
 		d.verify(f)
 	}
 	return sent
+}
+
+// send queues for dev what its window allows, and reports whether it
+// queued anything and whether it passed over a message Options.Skip
+// said is not for dev; called with dev.f.mu held.
+func (d *Delivery) send(dev *Device) (sent, skipped bool) {
+	f := dev.f
+	// An acknowledgement out of order frees a slot of the window; the
+	// second bound keeps a client that never acknowledges one message from
+	// growing the list without end.
+	for !dev.stopped && dev.unacked < dev.window && len(dev.inflight) < 2*dev.window && (dev.next <= f.head || len(dev.late) > 0) {
+		m, ok := dev.take()
+		if !ok {
+			d.readAhead(dev)
+			break
+		}
+		skip := d.opts.Skip != nil && d.opts.Skip(dev.name, m.Meta)
+		// A skipped message holds its place, acknowledged, with no packet
+		// ID (0 is never allocated), so that the cursor passes it in order.
+		in := inflight{seq: m.Seq, meta: m.Meta, acked: skip}
+		if !skip {
+			in.pid, in.sent = dev.allocPID(), d.opts.Now()
+		}
+		if k := len(dev.inflight); k == 0 || dev.inflight[k-1].seq < m.Seq {
+			dev.inflight = append(dev.inflight, in)
+		} else {
+			// A late message: the cursor must wait for it.
+			i, _ := slices.BinarySearchFunc(dev.inflight, m.Seq, inflightBySeq)
+			dev.inflight = slices.Insert(dev.inflight, i, in)
+		}
+		dev.next = max(dev.next, m.Seq+1)
+		if skip {
+			skipped = true
+			continue
+		}
+		d.sent.Add(1)
+		dev.unacked++
+		dev.sink.Publish(in.pid, dev.topic, m.Data, false)
+		sent = true
+	}
+	return sent, skipped
 }
 
 // runningLow reports whether a device draining from disk should read its
@@ -914,10 +1000,12 @@ func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64, aske
 		dev.readMax = int(min(int64(d.opts.ReadAhead), max(1, readBytes*int64(len(msgs))/size)))
 	}
 	sent := d.pump(dev)
+	owed := dev.takeOwed(nil)
 	f.mu.Unlock()
 	if sent {
 		dev.sink.Flush(true)
 	}
+	d.tell(f.user, owed)
 }
 
 // verify reads f's user's messages after f.sure to move sure over the gaps
@@ -1013,38 +1101,31 @@ func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 		checked = max(checked, head)
 	}
 	f.sure = max(f.sure, checked)
-	type cursor struct {
-		device string
-		acked  uint64
-	}
 	var (
-		cursors []cursor
-		metas   [][]byte
-		sinks   []Sink
+		owed  []report
+		sinks []Sink
 	)
 	for _, dev := range f.devices {
-		n, m := d.advance(dev)
-		if n > 0 {
-			cursors = append(cursors, cursor{dev.name, dev.acked})
-			metas = append(metas, m...)
+		if n, m := d.advance(dev); n > 0 {
+			dev.owe(m)
 		}
 		if d.pump(dev) {
 			sinks = append(sinks, dev.sink)
 		}
+		owed = dev.takeOwed(owed)
 	}
 	parting := f.parting
 	f.parting = nil
 	for _, dev := range parting {
-		n, m := d.advance(dev)
-		if n > 0 {
-			cursors = append(cursors, cursor{dev.name, dev.acked})
-			metas = append(metas, m...)
+		if n, m := d.advance(dev); n > 0 {
+			dev.owe(m)
 		}
+		owed = dev.takeOwed(owed)
 		if len(dev.inflight) > 0 && dev.inflight[0].acked {
 			f.parting = append(f.parting, dev) // for the verify that reads on
 		}
 	}
-	if len(cursors) > 0 {
+	if len(owed) > 0 {
 		d.trim(f)
 	}
 	if len(msgs) == d.opts.ReadAhead || f.again {
@@ -1061,14 +1142,7 @@ func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 	for _, s := range sinks {
 		s.Flush(true)
 	}
-	reported := len(cursors) > 0
-	for _, c := range cursors {
-		reported = d.ack(f.user, c.device, c.acked) && reported
-	}
-	// As in Acked: receipts only with cursors the Source has.
-	if reported && len(metas) > 0 {
-		d.opts.OnDelivered(f.user, metas)
-	}
+	d.tell(f.user, owed)
 }
 
 // trim drops tail messages every online device has acknowledged; called

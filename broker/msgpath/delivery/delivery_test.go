@@ -16,6 +16,7 @@ import (
 type fakeSource struct {
 	mu    sync.Mutex
 	msgs  map[uint64][]byte
+	metas map[uint64][]byte
 	head  uint64
 	acked map[string]uint64
 	reads int
@@ -41,7 +42,7 @@ func (s *fakeSource) Read(user string, after uint64, n int) ([]queue.Message, er
 	var out []queue.Message
 	for seq := after + 1; seq <= s.head && len(out) < n; seq++ {
 		if d, ok := s.msgs[seq]; ok {
-			out = append(out, queue.Message{Seq: seq, Data: d})
+			out = append(out, queue.Message{Seq: seq, Meta: s.metas[seq], Data: d})
 		}
 	}
 	return out, nil
