@@ -83,6 +83,21 @@ type Fanout struct {
 	To string
 	// Data is the envelope for that recipient.
 	Data []byte
+	// Meta, if not nil, is stored with this copy instead of the Request's.
+	Meta []byte
+	// Own marks a copy for the sender's own devices (a sent copy): it is
+	// stored only when the message is stored for a recipient, in the same
+	// commit, and never counts as a recipient: a full queue skips it
+	// silently, it decides no Status and OnFull never names it.
+	Own bool
+}
+
+// MetaOf returns the Meta stored with f: its own, else the request's.
+func (f Fanout) MetaOf(r *Request) []byte {
+	if f.Meta != nil {
+		return f.Meta
+	}
+	return r.Meta
 }
 
 // Stats are the store's running totals.

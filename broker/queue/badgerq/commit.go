@@ -220,7 +220,10 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 		}
 	}
 	for _, f := range r.Fanout {
-		st, full, err := s.stageOne(b, idx, f.To, r.Meta, f.Data, ttl)
+		if f.Own {
+			continue
+		}
+		st, full, err := s.stageOne(b, idx, f.To, f.MetaOf(r), f.Data, ttl)
 		switch {
 		case err != nil:
 			return outcome{status: queue.Failed, err: err}
@@ -234,6 +237,20 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 		// Stored nowhere: no dedup key, so that the sender's resend, once
 		// there is room, is stored rather than taken for a duplicate.
 		return outcome{status: queue.Full, full: o.full}
+	}
+	// The sender's own copies follow the recipients' in the same commit;
+	// a full queue of the sender's skips them.
+	for _, f := range r.Fanout {
+		if !f.Own {
+			continue
+		}
+		st, full, err := s.stageOne(b, idx, f.To, f.MetaOf(r), f.Data, ttl)
+		switch {
+		case err != nil:
+			return outcome{status: queue.Failed, err: err}
+		case !full:
+			o.fanout = append(o.fanout, st)
+		}
 	}
 	if dk != nil {
 		if err := b.set(idx, badger.NewEntry(dk, nil).WithTTL(dedupTTL)); err != nil {

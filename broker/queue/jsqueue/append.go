@@ -31,6 +31,8 @@ type pub struct {
 	seq    uint64
 	// meta and data are what Read would return, for OnStored.
 	meta, data []byte
+	// own marks the sender's own copy (queue.Fanout.Own).
+	own bool
 }
 
 // pending is one request and its copies: To's first, then the fan-out's.
@@ -94,10 +96,12 @@ func (s *Store) publish(reqs []*queue.Request) {
 		}
 		p.pubs = make([]pub, 0, len(r.Fanout)+1)
 		if r.To != "" {
-			p.pubs = append(p.pubs, s.send(r, r.To, r.Data))
+			p.pubs = append(p.pubs, s.send(r, r.To, r.Meta, r.Data))
 		}
 		for _, f := range r.Fanout {
-			p.pubs = append(p.pubs, s.send(r, f.To, f.Data))
+			c := s.send(r, f.To, f.MetaOf(r), f.Data)
+			c.own = f.Own
+			p.pubs = append(p.pubs, c)
 		}
 		b.msgs += len(p.pubs)
 	}
@@ -105,8 +109,8 @@ func (s *Store) publish(reqs []*queue.Request) {
 }
 
 // send publishes one recipient's copy of r.
-func (s *Store) send(r *queue.Request, to string, data []byte) pub {
-	v := queue.EncodeValue(r.Meta, data)
+func (s *Store) send(r *queue.Request, to string, meta, data []byte) pub {
+	v := queue.EncodeValue(meta, data)
 	subj, _ := s.names.subject(to)
 	m := &nats.Msg{Subject: subj, Data: v, Header: nats.Header{}}
 	if r.ID != "" {
@@ -319,6 +323,18 @@ func (s *Store) report(p *pending) {
 	)
 	for i := range p.pubs {
 		c := &p.pubs[i]
+		if c.own {
+			// The sender's own copy decides nothing. It is published
+			// with the recipients' copies, not after them, so it may be
+			// stored for a message every recipient's full queue refused.
+			if c.status == queue.Failed {
+				s.log.Warn("sent copy not stored", "user", c.user, "error", c.err)
+			}
+			if c.status == queue.Stored {
+				s.stats.Stored.Add(1)
+			}
+			continue
+		}
 		switch c.status {
 		case queue.Stored:
 			stored++
@@ -359,7 +375,7 @@ func (s *Store) report(p *pending) {
 	r.Done(status, msg, err)
 	// Even a failed request may have stored some copies: they are
 	// delivered, so their users' feeds must hear of them.
-	if r.OnStored == nil || stored == 0 {
+	if r.OnStored == nil {
 		return
 	}
 	for i := range p.pubs {

@@ -78,7 +78,8 @@ func (r renamed) Append(q *queue.Request) {
 	c.Sender = r.prefix + c.Sender
 	c.Fanout = make([]queue.Fanout, len(q.Fanout))
 	for i, f := range q.Fanout {
-		c.Fanout[i] = queue.Fanout{To: r.prefix + f.To, Data: f.Data}
+		c.Fanout[i] = f
+		c.Fanout[i].To = r.prefix + f.To
 	}
 	if q.OnFull != nil {
 		c.OnFull = func(users []string) {

@@ -186,6 +186,56 @@ func runExamples(t *testing.T, b Backend) {
 			t.Fatal("transient device still registered after its last connection")
 		}
 	})
+	t.Run("SentCopiesGoWithTheMessageAndDecideNothing", func(t *testing.T) {
+		f := newFixture(t, b)
+		max := testQueue().MaxQueueMessages
+		send := func(id string, fanout ...queue.Fanout) result {
+			var res result
+			done := make(chan struct{})
+			f.s.Append(&queue.Request{
+				Sender: "alice", ID: id, Meta: []byte("msg"), Fanout: fanout,
+				OnFull: func(users []string) { res.full = slices.Clone(users) },
+				Done: func(st queue.Status, m queue.Message, err error) {
+					if err != nil {
+						t.Errorf("append %s: %v", id, err)
+					}
+					res.st, res.msg = st, m
+					close(done)
+				},
+			})
+			<-done
+			return res
+		}
+		own := queue.Fanout{To: "alice", Data: []byte("sent"), Meta: []byte("own"), Own: true}
+		r := send("g1", queue.Fanout{To: "bob", Data: []byte("to-bob")}, own)
+		if r.st != queue.Stored || r.full != nil {
+			t.Fatalf("message with a sent copy: %v, full %v; want Stored", r.st, r.full)
+		}
+		ms, err := f.s.Read("alice", 0, 10)
+		if err != nil || len(ms) != 1 || string(ms[0].Data) != "sent" || string(ms[0].Meta) != "own" {
+			t.Fatalf("alice's queue after her send: %v, %v; want the sent copy with its own meta", ms, err)
+		}
+		if ms, _ := f.s.Read("bob", 0, 10); len(ms) != 1 || string(ms[0].Meta) != "msg" {
+			t.Fatalf("bob's queue: %v; want the message with the request's meta", ms)
+		}
+		if r := send("g1", queue.Fanout{To: "bob", Data: []byte("to-bob")}, own); r.st != queue.Duplicate {
+			t.Fatalf("resend with a sent copy: %v, want Duplicate", r.st)
+		}
+		if n := f.count("alice", 0); n != 1 {
+			t.Fatalf("alice holds %d sent copies after a resend, want 1", n)
+		}
+		// A full queue of the sender's skips her copy and refuses nothing.
+		for i := range max - 1 {
+			f.append("carol", fmt.Sprint("fill", i), "alice")
+		}
+		r = send("g2", queue.Fanout{To: "bob", Data: []byte("to-bob")}, own)
+		if r.st != queue.Stored || r.full != nil {
+			t.Fatalf("message while the sender's queue is full: %v, full %v; want Stored, OnFull not called", r.st, r.full)
+		}
+		if n := f.count("bob", 0); n != 2 {
+			t.Fatalf("bob holds %d messages, want 2", n)
+		}
+	})
 	t.Run("ExpiredMessagesAreNotRead", func(t *testing.T) {
 		f := newFixture(t, b)
 		f.append("alice", "old", "bob")
