@@ -193,6 +193,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Peers:           peers,
 		Observe:         s.metrics,
 		Receipts:        cfg.Receipts.Delivered,
+		Copies:          cfg.Carbons.Enabled,
 		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
 		MaxInflight:     cfg.Limits.MaxInflight,
 		MaxPendingBytes: cfg.Limits.MaxPendingBytes,

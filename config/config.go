@@ -41,6 +41,8 @@ type Config struct {
 	Log Log `mapstructure:"log"`
 	// Receipts holds receipt settings.
 	Receipts Receipts `mapstructure:"receipts"`
+	// Carbons holds the settings of copies to a user's own devices.
+	Carbons Carbons `mapstructure:"carbons"`
 	// Groups holds group chat settings.
 	Groups Groups `mapstructure:"groups"`
 	// Media holds media upload settings.
@@ -69,6 +71,12 @@ type Memory struct {
 type Receipts struct {
 	// Delivered queues a delivered receipt to the sender when a recipient's device acknowledges a message.
 	Delivered bool `mapstructure:"delivered"`
+}
+
+// Carbons configures the copies that keep a user's devices in step.
+type Carbons struct {
+	// Enabled sends a user's other devices a copy of each message and read receipt one of them sends.
+	Enabled bool `mapstructure:"enabled"`
 }
 
 // Groups configures group chats.
@@ -256,6 +264,7 @@ func Default() Config {
 		},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
+		Carbons:  Carbons{Enabled: true},
 		Groups:   Groups{MaxMembers: 1024, MaxPerUser: 1000, CacheMembers: 1_000_000},
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},

@@ -69,6 +69,7 @@ var help = map[string]string{
 	"limits.publish_max_delay":        "a publish over its user's rate waits up to this long for budget, which slows that client alone (it is read no faster); longer than this, it is refused with rate_limited; 0 refuses at once",
 	"log.level":                       "debug, info, warn or error",
 	"log.format":                      "text or json",
+	"carbons.enabled":                 "send a user's other devices a copy of each message and read receipt one of its devices sends (PROTOCOL.md section 4)",
 	"receipts.delivered":              "queue a delivered receipt to the sender when a recipient's device acknowledges a message (the second tick)",
 	"groups.max_members":              "most members of one group",
 	"groups.max_per_user":             "most groups one user may have made and not deleted; deleting one gives its maker the slot back",

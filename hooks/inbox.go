@@ -93,6 +93,7 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		User: user, Device: device, ClientID: cl.ID, V5: v5,
 		Transient:      (v5 && cl.Properties.Props.SessionExpiryInterval == 0) || (!v5 && cl.Properties.Clean),
 		ReceiveMaximum: int(cl.Properties.Props.ReceiveMaximum),
+		NoCopies:       noCopies(cl.Properties.Props.User),
 		Out:            mochi.Conn{Client: cl},
 		Budget:         h.Users.join(user),
 		End:            cl.Stop,
@@ -106,6 +107,21 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		h.Log.Error("open session", "client", cl.ID, "error", err)
 		cl.Stop(err)
 	}
+}
+
+// CopiesProperty is the MQTT 5 CONNECT user property by which a client
+// asks, with the value "off", that what it sends make no copies for its
+// user's other devices (PROTOCOL.md section 4).
+const CopiesProperty = "carbons"
+
+// noCopies reports whether CONNECT's user properties turn copies off.
+func noCopies(props []packets.UserProperty) bool {
+	for _, p := range props {
+		if p.Key == CopiesProperty && p.Val == "off" {
+			return true
+		}
+	}
+	return false
 }
 
 // OnSubscribed starts feeding a device once it subscribes to its inbox.

@@ -90,6 +90,9 @@ type Options struct {
 	Observe Observer
 	// Receipts sends delivered receipts (PROTOCOL.md section 3).
 	Receipts bool
+	// Copies sends a user's other devices a copy of each message and read
+	// receipt one of its devices sends (PROTOCOL.md section 4).
+	Copies bool
 	// MaxMessageBytes caps a message object.
 	MaxMessageBytes int
 	// MaxInflight caps unacknowledged deliveries per device.
@@ -115,6 +118,7 @@ type Path struct {
 	now      func() time.Time
 	log      *slog.Logger
 	limits   limits
+	copies   bool
 
 	// notify is p.stored as a func value, made once: every stored request
 	// carries it as its OnStored.
@@ -161,6 +165,9 @@ func New(opts Options) (*Path, error) {
 		ReadAhead:    1024,
 		OnAcked:      opts.Observe.Acked,
 		Now:          opts.Now,
+		// Copies stored before the setting was turned off are still
+		// kept from the device they came from.
+		Skip: fromDevice,
 	}
 	if opts.Receipts {
 		dopts.OnDelivered = func(user string, metas [][]byte) {
@@ -186,6 +193,7 @@ func New(opts Options) (*Path, error) {
 		now:       opts.Now,
 		log:       opts.Log,
 		limits:    limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
+		copies:    opts.Copies,
 		delivered: delivered,
 		dropped:   dropped,
 		stop:      stop,
@@ -194,6 +202,13 @@ func New(opts Options) (*Path, error) {
 	p.notify = p.stored
 	go p.queueReceipts()
 	return p, nil
+}
+
+// fromDevice reports whether meta is that of a copy device made: it is
+// for the user's other devices only.
+func fromDevice(device string, meta []byte) bool {
+	origin, ok := envelope.CopyOrigin(meta)
+	return ok && origin == device
 }
 
 // Close stops delivery and the receipts goroutine. The store stays open:

@@ -95,12 +95,24 @@ func (p *Path) publishInbox(s *Session, pub Publish, to string) {
 	if !ok {
 		return
 	}
+	ts := p.now().UnixMilli()
 	p.store.Append(&queue.Request{
 		To: to, Sender: s.user, ID: id, Meta: envelope.Meta(s.user, "", id),
-		Data:     envelope.Message(s.user, to, "", p.now().UnixMilli(), pub.Payload),
+		Data:     envelope.Message(s.user, to, "", ts, pub.Payload),
+		Fanout:   p.sentCopy(s, to == s.user, nil, func() []byte { return envelope.Sent(s.user, to, "", ts, pub.Payload) }),
 		OnStored: p.notify,
 		Done:     p.answer(s, pub, id, fmt.Sprintf("the queue of %s is full", to)),
 	})
+}
+
+// sentCopy appends to fan the copy of what s sends, made by data, for the
+// other devices of s's user (PROTOCOL.md section 4), unless s makes no
+// copies or sends toSelf, to its own user, whose devices all get it.
+func (p *Path) sentCopy(s *Session, toSelf bool, fan []queue.Fanout, data func() []byte) []queue.Fanout {
+	if !s.copies || toSelf {
+		return fan
+	}
+	return append(fan, queue.Fanout{To: s.user, Data: data(), Meta: envelope.CopyMeta(s.device), Own: true})
 }
 
 // publishGroup stores a member's message once per other member, in one
@@ -139,12 +151,14 @@ func (p *Path) publishGroup(s *Session, pub Publish, gid string) {
 		}
 	}
 	ts := p.now().UnixMilli()
-	fan := make([]queue.Fanout, 0, len(g.Members)-1)
+	fan := make([]queue.Fanout, 0, len(g.Members))
 	for _, m := range g.Members {
 		if m != s.user {
 			fan = append(fan, queue.Fanout{To: m, Data: envelope.Message(s.user, m, gid, ts, pub.Payload)})
 		}
 	}
+	// The sent copy of a group message names the group as its "to".
+	fan = p.sentCopy(s, false, fan, func() []byte { return envelope.Sent(s.user, gid, gid, ts, pub.Payload) })
 	// When every member's queue is full the store reports Full (and keeps
 	// no dedup key, so a resend is stored); when only some are, the
 	// message is stored for the others and acknowledged, and the sender
@@ -201,9 +215,13 @@ func (p *Path) publishReceipt(s *Session, pub Publish, to string) {
 	// store lets only server-made events, which carry none, past it), and
 	// the same receipt sent again, resent after a reconnect or by the
 	// reader's other device, is queued once.
+	ts := p.now().UnixMilli()
 	p.store.Append(&queue.Request{
 		To: to, Sender: s.user, ID: receiptID(to, ids),
-		Data:     envelope.Receipt("read", s.user, ids, p.now().UnixMilli()),
+		Data: envelope.Receipt("read", s.user, ids, ts),
+		// The reader's other devices learn what was read, to clear their
+		// unread counts.
+		Fanout:   p.sentCopy(s, to == s.user, nil, func() []byte { return envelope.ReadCopy(s.user, to, ids, ts) }),
 		OnStored: p.notify,
 		Done:     p.answer(s, pub, "", fmt.Sprintf("the queue of %s is full", to)),
 	})

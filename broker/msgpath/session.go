@@ -27,6 +27,10 @@ type Conn struct {
 	// ReceiveMaximum is the client's own cap on unacknowledged
 	// deliveries; 0 means none.
 	ReceiveMaximum int
+	// NoCopies is set when the client asked that what it sends make no
+	// copies for the user's other devices (an app that encrypts for each
+	// device sends its own).
+	NoCopies bool
 	// Out writes packets to the client and closes its connection.
 	Out wire.Conn
 	// Budget is the user's publish budget.
@@ -41,10 +45,13 @@ type Conn struct {
 type Session struct {
 	user, device, clientID string
 	v5                     bool
-	window                 int
-	w                      *wire.Writer
-	budget                 Budget
-	end                    func(error)
+	// copies is set when what this connection sends is copied to the
+	// user's other devices.
+	copies bool
+	window int
+	w      *wire.Writer
+	budget Budget
+	end    func(error)
 	// dev is set while the inbox is subscribed; only the client's own
 	// goroutine touches it.
 	dev *delivery.Device
@@ -60,6 +67,7 @@ func (s *Session) User() string { return s.user }
 func (p *Path) Open(c Conn) (*Session, error) {
 	s := &Session{
 		user: c.User, device: c.Device, clientID: c.ClientID, v5: c.V5,
+		copies: p.copies && !c.NoCopies,
 		window: p.limits.maxInflight, budget: c.Budget, end: c.End,
 	}
 	if c.V5 && c.ReceiveMaximum > 0 && c.ReceiveMaximum < s.window {

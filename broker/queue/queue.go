@@ -86,9 +86,11 @@ type Fanout struct {
 	// Meta, if not nil, is stored with this copy instead of the Request's.
 	Meta []byte
 	// Own marks a copy for the sender's own devices (a sent copy): it is
-	// stored only when the message is stored for a recipient, in the same
-	// commit, and never counts as a recipient: a full queue skips it
-	// silently, it decides no Status and OnFull never names it.
+	// stored with the message, in the same commit, and never counts as a
+	// recipient: a full queue skips it silently, it decides no Status and
+	// OnFull never names it. A backend may skip it when the user has no
+	// device but the sender's (badgerq does), and may store it for a
+	// message every recipient's full queue refused (jsqueue does).
 	Own bool
 }
 

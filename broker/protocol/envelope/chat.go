@@ -36,15 +36,53 @@ func ParseMeta(b []byte) (from, group, id string, ok bool) {
 	return string(b[:i]), string(b[i+1 : i+1+j]), string(b[i+2+j:]), true
 }
 
+// CopyMeta returns the Meta of a copy for the user's own devices made
+// from what device sent: that device is not sent it. It starts with a
+// NUL byte, so ParseMeta refuses it: a copy is owed no delivered receipt
+// and announced by no push.
+func CopyMeta(device string) []byte {
+	return append([]byte{0}, device...)
+}
+
+// CopyOrigin returns the device a copy made by CopyMeta came from; ok is
+// false for any other Meta.
+func CopyOrigin(meta []byte) (device string, ok bool) {
+	// The device of client ID {user} is "": the NUL alone.
+	if len(meta) < 1 || meta[0] != 0 {
+		return "", false
+	}
+	return string(meta[1:]), true
+}
+
+// Sent returns the copy of a message from to another user (group "" for a
+// direct message) for the sender's other devices: the Message envelope
+// with kind "sent".
+func Sent(from, to, group string, tsMillis int64, msg []byte) []byte {
+	b := Message(from, to, group, tsMillis, msg)
+	// Message starts with {"kind":"msg": the same object, another kind.
+	return append([]byte(`{"kind":"sent"`), b[len(`{"kind":"msg"`):]...)
+}
+
 // Receipt returns the event telling a sender that by has received or read ids.
 func Receipt(status, by string, ids []string, tsMillis int64) []byte {
+	return receipt(status, by, "", ids, tsMillis)
+}
+
+// ReadCopy returns the read receipt by sent to peer, as by's other devices
+// receive it: Receipt's event with the peer whose messages were read.
+func ReadCopy(by, peer string, ids []string, tsMillis int64) []byte {
+	return receipt("read", by, peer, ids, tsMillis)
+}
+
+func receipt(status, by, peer string, ids []string, tsMillis int64) []byte {
 	ev := struct {
 		Kind   string   `json:"kind"`
 		Status string   `json:"status"`
 		By     string   `json:"by"`
+		Peer   string   `json:"peer,omitempty"`
 		IDs    []string `json:"ids"`
 		TS     int64    `json:"ts"`
-	}{"receipt", status, by, ids, tsMillis}
+	}{"receipt", status, by, peer, ids, tsMillis}
 	b, err := json.Marshal(ev)
 	if err != nil {
 		// Strings and an integer always marshal; keep the type honest anyway.

@@ -139,6 +139,38 @@ func TestMetaRoundTrip(t *testing.T) {
 	}
 }
 
+func TestCopies(t *testing.T) {
+	for _, device := range []string{"phone", "alice", "a.b-c_d", ""} {
+		meta := CopyMeta(device)
+		if got, ok := CopyOrigin(meta); !ok || got != device {
+			t.Errorf("CopyOrigin(CopyMeta(%q)) = %q, %v", device, got, ok)
+		}
+		if _, _, _, ok := ParseMeta(meta); ok {
+			t.Errorf("ParseMeta accepts the copy meta of %q: it would be owed receipts", device)
+		}
+	}
+	for _, m := range [][]byte{nil, {}, Meta("alice", "", "m-1")} {
+		if d, ok := CopyOrigin(m); ok {
+			t.Errorf("CopyOrigin(%q) = %q, want not a copy", m, d)
+		}
+	}
+	cases := []struct {
+		name string
+		got  []byte
+		want string
+	}{
+		{"direct", Sent("alice", "bob", "", 7, []byte(`{"id":"m-1"}`)), `{"kind":"sent","from":"alice","to":"bob","ts":7,"msg":{"id":"m-1"}}`},
+		{"group", Sent("alice", "bob", "g1", 7, []byte(`{"id":"m-1"}`)), `{"kind":"sent","from":"alice","to":"bob","group":"g1","ts":7,"msg":{"id":"m-1"}}`},
+		{"read copy", ReadCopy("bob", "alice", []string{"m-1"}, 7), `{"kind":"receipt","status":"read","by":"bob","peer":"alice","ids":["m-1"],"ts":7}`},
+		{"receipt has no peer", Receipt("read", "bob", []string{"m-1"}, 7), `{"kind":"receipt","status":"read","by":"bob","ids":["m-1"],"ts":7}`},
+	}
+	for _, c := range cases {
+		if string(c.got) != c.want {
+			t.Errorf("%s: %s\nwant %s", c.name, c.got, c.want)
+		}
+	}
+}
+
 func TestReadReceipt(t *testing.T) {
 	many := func(n int) string {
 		ids := make([]string, n)

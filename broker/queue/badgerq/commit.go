@@ -209,7 +209,7 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 	}
 	o := outcome{status: queue.Stored}
 	if r.To != "" {
-		st, full, err := s.stageOne(b, idx, r.To, r.Meta, r.Data, ttl)
+		st, full, err := s.stageOne(b, idx, r.To, r.Meta, r.Data, ttl, false)
 		switch {
 		case err != nil:
 			return outcome{status: queue.Failed, err: err}
@@ -223,7 +223,7 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 		if f.Own {
 			continue
 		}
-		st, full, err := s.stageOne(b, idx, f.To, f.MetaOf(r), f.Data, ttl)
+		st, full, err := s.stageOne(b, idx, f.To, f.MetaOf(r), f.Data, ttl, false)
 		switch {
 		case err != nil:
 			return outcome{status: queue.Failed, err: err}
@@ -239,12 +239,13 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 		return outcome{status: queue.Full, full: o.full}
 	}
 	// The sender's own copies follow the recipients' in the same commit;
-	// a full queue of the sender's skips them.
+	// a full queue of the sender's, or one with no device but the
+	// sender's, skips them.
 	for _, f := range r.Fanout {
 		if !f.Own {
 			continue
 		}
-		st, full, err := s.stageOne(b, idx, f.To, f.MetaOf(r), f.Data, ttl)
+		st, full, err := s.stageOne(b, idx, f.To, f.MetaOf(r), f.Data, ttl, true)
 		switch {
 		case err != nil:
 			return outcome{status: queue.Failed, err: err}
@@ -260,11 +261,17 @@ func (s *Store) stage(b *batchTxn, idx int, r *queue.Request, ttl, dedupTTL time
 	return o
 }
 
-// stageOne adds one recipient's copy to txn; full reports a queue at its cap.
-func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration) (st stored, full bool, err error) {
+// stageOne adds one recipient's copy to txn; full reports a queue at its
+// cap, or for an own copy (queue.Fanout.Own) a user with at most one
+// device, the sender's, which would never be sent it.
+func (s *Store) stageOne(b *batchTxn, idx int, to string, meta, data []byte, ttl time.Duration, own bool) (st stored, full bool, err error) {
 	u, err := s.reg.Lock(to)
 	if err != nil {
 		return stored{}, false, err
+	}
+	if own && u.DeviceCount() < 2 {
+		u.Unlock()
+		return stored{}, true, nil
 	}
 	if undelivered(u) >= uint64(s.opts.Settings.MaxQueueMessages) {
 		s.skipExpired(u)

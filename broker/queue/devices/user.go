@@ -85,6 +85,9 @@ func (u *User[Q]) Device(name string) (*Device, bool) {
 // Devices lists the user's devices by name; called with u locked.
 func (u *User[Q]) Devices() iter.Seq2[string, *Device] { return maps.All(u.devices) }
 
+// DeviceCount returns how many devices the user has; called with u locked.
+func (u *User[Q]) DeviceCount() int { return len(u.devices) }
+
 // HasPersistent reports whether the user has a device that is not
 // transient; called with u locked.
 func (u *User[Q]) HasPersistent() bool {

@@ -206,6 +206,9 @@ func runExamples(t *testing.T, b Backend) {
 			<-done
 			return res
 		}
+		// alice has a second device, which needs the copies.
+		f.attach("alice", "phone", false)
+		f.attach("alice", "laptop", false)
 		own := queue.Fanout{To: "alice", Data: []byte("sent"), Meta: []byte("own"), Own: true}
 		r := send("g1", queue.Fanout{To: "bob", Data: []byte("to-bob")}, own)
 		if r.st != queue.Stored || r.full != nil {
