@@ -55,6 +55,19 @@ func (s *ackStore) Put(key string, m packets.ControlPacket) {
 	s.Store.Put(key, m)
 }
 
+// Get returns a stored packet, a publish as a copy: paho v1.5.1's resume
+// sets the Dup flag of what Get returns while the writer of the lost
+// connection may still be encoding that same packet (a data race the race
+// detector reports in TestRunCrashTwoNodes).
+func (s *ackStore) Get(key string) packets.ControlPacket {
+	m := s.Store.Get(key)
+	if p, ok := m.(*packets.PublishPacket); ok {
+		c := *p
+		return &c
+	}
+	return m
+}
+
 // Del removes a packet; for an outbound publish of this run that is its PUBACK.
 func (s *ackStore) Del(key string) {
 	s.mu.Lock()
