@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -97,21 +96,10 @@ func TestEmptyClientIDAssignedTheUser(t *testing.T) {
 	s := startServer(t, t.TempDir(), nil)
 	connect := func(clientID string) *paho5.Connack {
 		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := net.Dial("tcp", s.MQTTAddr())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := paho5.NewClient(paho5.ClientConfig{Conn: conn, ClientID: clientID})
-		ca, err := c.Connect(ctx, &paho5.Connect{
+		_, ca := connectV5(t, s, &paho5.Connect{
 			KeepAlive: 30, ClientID: clientID, CleanStart: true,
 			Username: "dana", UsernameFlag: true, Password: []byte(mint(t, "dana")), PasswordFlag: true,
-		})
-		if err != nil {
-			t.Fatalf("connect with client id %q: %v", clientID, err)
-		}
-		t.Cleanup(func() { _ = c.Disconnect(&paho5.Disconnect{}) })
+		}, nil)
 		return ca
 	}
 	ca := connect("")

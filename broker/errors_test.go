@@ -93,7 +93,34 @@ func publishV5(t testing.TB, c *paho5.Client, topic, payload string) byte {
 	return resp.ReasonCode
 }
 
+// dialV5 connects user's device with client ID user over MQTT 5,
+// persistent; onMsg, if set, receives what the server publishes to it.
 func dialV5(t *testing.T, s *Server, user string, onMsg func(*paho5.Publish)) *paho5.Client {
+	t.Helper()
+	return dialV5Device(t, s, user, user, nil, onMsg)
+}
+
+// dialV5Device connects a device of user over MQTT 5 with client ID
+// clientID and CONNECT user properties props, persistent, and fails the
+// test unless the CONNACK is a success.
+func dialV5Device(t *testing.T, s *Server, user, clientID string, props []paho5.UserProperty, onMsg func(*paho5.Publish)) *paho5.Client {
+	t.Helper()
+	expiry := uint32(3600)
+	c, ca := connectV5(t, s, &paho5.Connect{
+		KeepAlive: 30, ClientID: clientID, CleanStart: true,
+		Username: user, UsernameFlag: true, Password: []byte(mint(t, user)), PasswordFlag: true,
+		Properties: &paho5.ConnectProperties{SessionExpiryInterval: &expiry, User: props},
+	}, onMsg)
+	if ca.ReasonCode != 0 {
+		t.Fatalf("v5 connect %s: reason 0x%x", clientID, ca.ReasonCode)
+	}
+	return c
+}
+
+// connectV5 dials the server and sends cp, failing the test when no
+// CONNACK comes; the caller judges the CONNACK. onMsg, if set, receives
+// what the server publishes to the client.
+func connectV5(t testing.TB, s *Server, cp *paho5.Connect, onMsg func(*paho5.Publish)) (*paho5.Client, *paho5.Connack) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -101,27 +128,19 @@ func dialV5(t *testing.T, s *Server, user string, onMsg func(*paho5.Publish)) *p
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := paho5.ClientConfig{Conn: conn, ClientID: user}
+	cfg := paho5.ClientConfig{Conn: conn, ClientID: cp.ClientID}
 	if onMsg != nil {
 		cfg.OnPublishReceived = []func(paho5.PublishReceived) (bool, error){
 			func(pr paho5.PublishReceived) (bool, error) { onMsg(pr.Packet); return true, nil },
 		}
 	}
 	c := paho5.NewClient(cfg)
-	expiry := uint32(3600)
-	ca, err := c.Connect(ctx, &paho5.Connect{
-		KeepAlive: 30, ClientID: user, CleanStart: true,
-		Username: user, UsernameFlag: true, Password: []byte(mint(t, user)), PasswordFlag: true,
-		Properties: &paho5.ConnectProperties{SessionExpiryInterval: &expiry},
-	})
+	ca, err := c.Connect(ctx, cp)
 	if err != nil {
-		t.Fatalf("v5 connect %s: %v", user, err)
-	}
-	if ca.ReasonCode != 0 {
-		t.Fatalf("v5 connect %s: reason 0x%x", user, ca.ReasonCode)
+		t.Fatalf("v5 connect %q: %v", cp.ClientID, err)
 	}
 	t.Cleanup(func() { _ = c.Disconnect(&paho5.Disconnect{}) })
-	return c
+	return c, ca
 }
 
 func TestErrorsV5(t *testing.T) {

@@ -1,10 +1,8 @@
 package broker
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"slices"
 	"testing"
 	"time"
@@ -161,7 +159,7 @@ func TestCopiesOff(t *testing.T) {
 			if c.property {
 				props = []paho5.UserProperty{{Key: hooks.CopiesProperty, Value: "off"}}
 			}
-			ph := dialV5Device(t, s, "alice", "alice/phone", props)
+			ph := dialV5Device(t, s, "alice", "alice/phone", props, nil)
 			if code := publishV5(t, ph, "inbox/bob", `{"id":"m1"}`); code != 0 {
 				t.Fatalf("publish: reason 0x%x", code)
 			}
@@ -177,28 +175,4 @@ func TestCopiesOff(t *testing.T) {
 			}
 		})
 	}
-}
-
-// dialV5Device connects a device of user over MQTT 5 with CONNECT user
-// properties props, persistent, and does not subscribe.
-func dialV5Device(t *testing.T, s *Server, user, clientID string, props []paho5.UserProperty) *paho5.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := net.Dial("tcp", s.MQTTAddr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := paho5.NewClient(paho5.ClientConfig{Conn: conn, ClientID: clientID})
-	expiry := uint32(3600)
-	ca, err := c.Connect(ctx, &paho5.Connect{
-		KeepAlive: 30, ClientID: clientID, CleanStart: true,
-		Username: user, UsernameFlag: true, Password: []byte(mint(t, user)), PasswordFlag: true,
-		Properties: &paho5.ConnectProperties{SessionExpiryInterval: &expiry, User: props},
-	})
-	if err != nil || ca.ReasonCode != 0 {
-		t.Fatalf("v5 connect %s: %v %v", clientID, err, ca)
-	}
-	t.Cleanup(func() { _ = c.Disconnect(&paho5.Disconnect{}) })
-	return c
 }

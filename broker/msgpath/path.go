@@ -167,7 +167,7 @@ func New(opts Options) (*Path, error) {
 		Now:          opts.Now,
 		// Copies stored before the setting was turned off are still
 		// kept from the device they came from.
-		Skip: fromDevice,
+		Skip: envelope.MadeBy,
 	}
 	if opts.Receipts {
 		dopts.OnDelivered = func(user string, metas [][]byte) {
@@ -202,13 +202,6 @@ func New(opts Options) (*Path, error) {
 	p.notify = p.stored
 	go p.queueReceipts()
 	return p, nil
-}
-
-// fromDevice reports whether meta is that of a copy device made: it is
-// for the user's other devices only.
-func fromDevice(device string, meta []byte) bool {
-	origin, ok := envelope.CopyOrigin(meta)
-	return ok && origin == device
 }
 
 // Close stops delivery and the receipts goroutine. The store stays open:

@@ -96,23 +96,26 @@ func (p *Path) publishInbox(s *Session, pub Publish, to string) {
 		return
 	}
 	ts := p.now().UnixMilli()
-	p.store.Append(&queue.Request{
+	r := &queue.Request{
 		To: to, Sender: s.user, ID: id, Meta: envelope.Meta(s.user, "", id),
 		Data:     envelope.Message(s.user, to, "", ts, pub.Payload),
-		Fanout:   p.sentCopy(s, to == s.user, nil, func() []byte { return envelope.Sent(s.user, to, "", ts, pub.Payload) }),
 		OnStored: p.notify,
 		Done:     p.answer(s, pub, id, fmt.Sprintf("the queue of %s is full", to)),
-	})
+	}
+	if s.copiesTo(to) {
+		r.Fanout = []queue.Fanout{s.copyOf(envelope.Sent(s.user, to, "", ts, pub.Payload))}
+	}
+	p.store.Append(r)
 }
 
-// sentCopy appends to fan the copy of what s sends, made by data, for the
-// other devices of s's user (PROTOCOL.md section 4), unless s makes no
-// copies or sends toSelf, to its own user, whose devices all get it.
-func (p *Path) sentCopy(s *Session, toSelf bool, fan []queue.Fanout, data func() []byte) []queue.Fanout {
-	if !s.copies || toSelf {
-		return fan
-	}
-	return append(fan, queue.Fanout{To: s.user, Data: data(), Meta: envelope.CopyMeta(s.device), Own: true})
+// copiesTo reports whether what s sends to user to is copied to the other
+// devices of s's user (PROTOCOL.md section 4): not when s makes no copies,
+// nor when to is that user, whose devices all get it anyway.
+func (s *Session) copiesTo(to string) bool { return s.copyMeta != nil && to != s.user }
+
+// copyOf is the copy of what s sent, data, for its user's other devices.
+func (s *Session) copyOf(data []byte) queue.Fanout {
+	return queue.Fanout{To: s.user, Data: data, Meta: s.copyMeta, Own: true}
 }
 
 // publishGroup stores a member's message once per other member, in one
@@ -157,8 +160,10 @@ func (p *Path) publishGroup(s *Session, pub Publish, gid string) {
 			fan = append(fan, queue.Fanout{To: m, Data: envelope.Message(s.user, m, gid, ts, pub.Payload)})
 		}
 	}
-	// The sent copy of a group message names the group as its "to".
-	fan = p.sentCopy(s, false, fan, func() []byte { return envelope.Sent(s.user, gid, gid, ts, pub.Payload) })
+	if s.copyMeta != nil {
+		// The sent copy of a group message names the group as its "to".
+		fan = append(fan, s.copyOf(envelope.Sent(s.user, gid, gid, ts, pub.Payload)))
+	}
 	// When every member's queue is full the store reports Full (and keeps
 	// no dedup key, so a resend is stored); when only some are, the
 	// message is stored for the others and acknowledged, and the sender
@@ -216,15 +221,18 @@ func (p *Path) publishReceipt(s *Session, pub Publish, to string) {
 	// the same receipt sent again, resent after a reconnect or by the
 	// reader's other device, is queued once.
 	ts := p.now().UnixMilli()
-	p.store.Append(&queue.Request{
+	r := &queue.Request{
 		To: to, Sender: s.user, ID: receiptID(to, ids),
-		Data: envelope.Receipt("read", s.user, ids, ts),
-		// The reader's other devices learn what was read, to clear their
-		// unread counts.
-		Fanout:   p.sentCopy(s, to == s.user, nil, func() []byte { return envelope.ReadCopy(s.user, to, ids, ts) }),
+		Data:     envelope.Receipt("read", s.user, ids, ts),
 		OnStored: p.notify,
 		Done:     p.answer(s, pub, "", fmt.Sprintf("the queue of %s is full", to)),
-	})
+	}
+	if s.copiesTo(to) {
+		// The reader's other devices learn what was read, to clear their
+		// unread counts.
+		r.Fanout = []queue.Fanout{s.copyOf(envelope.ReadCopy(s.user, to, ids, ts))}
+	}
+	p.store.Append(r)
 }
 
 // receiptID is the dedup id of a read receipt of ids sent to to. Longer

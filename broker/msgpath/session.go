@@ -5,6 +5,7 @@ import (
 
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/msgpath/wire"
+	"github.com/chatd/chatd/broker/protocol/envelope"
 )
 
 // Budget is a user's publish budget, shared by its connections.
@@ -45,13 +46,13 @@ type Conn struct {
 type Session struct {
 	user, device, clientID string
 	v5                     bool
-	// copies is set when what this connection sends is copied to the
-	// user's other devices.
-	copies bool
-	window int
-	w      *wire.Writer
-	budget Budget
-	end    func(error)
+	// copyMeta is the Meta of the copies of what this connection sends
+	// for the user's other devices, nil when it makes none.
+	copyMeta []byte
+	window   int
+	w        *wire.Writer
+	budget   Budget
+	end      func(error)
 	// dev is set while the inbox is subscribed; only the client's own
 	// goroutine touches it.
 	dev *delivery.Device
@@ -67,8 +68,10 @@ func (s *Session) User() string { return s.user }
 func (p *Path) Open(c Conn) (*Session, error) {
 	s := &Session{
 		user: c.User, device: c.Device, clientID: c.ClientID, v5: c.V5,
-		copies: p.copies && !c.NoCopies,
 		window: p.limits.maxInflight, budget: c.Budget, end: c.End,
+	}
+	if p.copies && !c.NoCopies {
+		s.copyMeta = envelope.CopyMeta(c.Device)
 	}
 	if c.V5 && c.ReceiveMaximum > 0 && c.ReceiveMaximum < s.window {
 		s.window = c.ReceiveMaximum

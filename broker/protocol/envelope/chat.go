@@ -44,23 +44,10 @@ func CopyMeta(device string) []byte {
 	return append([]byte{0}, device...)
 }
 
-// CopyOrigin returns the device a copy made by CopyMeta came from; ok is
-// false for any other Meta.
-func CopyOrigin(meta []byte) (device string, ok bool) {
-	// The device of client ID {user} is "": the NUL alone.
-	if len(meta) < 1 || meta[0] != 0 {
-		return "", false
-	}
-	return string(meta[1:]), true
-}
-
-// Sent returns the copy of a message from to another user (group "" for a
-// direct message) for the sender's other devices: the Message envelope
-// with kind "sent".
-func Sent(from, to, group string, tsMillis int64, msg []byte) []byte {
-	b := Message(from, to, group, tsMillis, msg)
-	// Message starts with {"kind":"msg": the same object, another kind.
-	return append([]byte(`{"kind":"sent"`), b[len(`{"kind":"msg"`):]...)
+// MadeBy reports whether meta is CopyMeta(device): a copy device must not
+// be sent. The device of client ID {user} is "", the NUL alone.
+func MadeBy(device string, meta []byte) bool {
+	return len(meta) == 1+len(device) && meta[0] == 0 && string(meta[1:]) == device
 }
 
 // Receipt returns the event telling a sender that by has received or read ids.

@@ -206,8 +206,21 @@ func isIDKey(quoted []byte) bool {
 // group is "" for a direct message. User and group IDs need no escaping:
 // they are validated to [A-Za-z0-9_.-].
 func Message(from, to, group string, tsMillis int64, msg []byte) []byte {
+	return message("msg", from, to, group, tsMillis, msg)
+}
+
+// Sent returns the copy of a message from to another user (group "" for a
+// direct message) for the sender's other devices: Message's envelope with
+// kind "sent".
+func Sent(from, to, group string, tsMillis int64, msg []byte) []byte {
+	return message("sent", from, to, group, tsMillis, msg)
+}
+
+func message(kind, from, to, group string, tsMillis int64, msg []byte) []byte {
 	b := make([]byte, 0, len(msg)+len(from)+len(to)+len(group)+64)
-	b = append(b, `{"kind":"msg","from":"`...)
+	b = append(b, `{"kind":"`...)
+	b = append(b, kind...)
+	b = append(b, `","from":"`...)
 	b = append(b, from...)
 	b = append(b, `","to":"`...)
 	b = append(b, to...)

@@ -142,16 +142,19 @@ func TestMetaRoundTrip(t *testing.T) {
 func TestCopies(t *testing.T) {
 	for _, device := range []string{"phone", "alice", "a.b-c_d", ""} {
 		meta := CopyMeta(device)
-		if got, ok := CopyOrigin(meta); !ok || got != device {
-			t.Errorf("CopyOrigin(CopyMeta(%q)) = %q, %v", device, got, ok)
+		if !MadeBy(device, meta) {
+			t.Errorf("MadeBy(%q, CopyMeta(%q)) is false", device, device)
+		}
+		if MadeBy(device+"x", meta) || MadeBy("x"+device, meta) {
+			t.Errorf("CopyMeta(%q) is taken for another device's", device)
 		}
 		if _, _, _, ok := ParseMeta(meta); ok {
 			t.Errorf("ParseMeta accepts the copy meta of %q: it would be owed receipts", device)
 		}
 	}
 	for _, m := range [][]byte{nil, {}, Meta("alice", "", "m-1")} {
-		if d, ok := CopyOrigin(m); ok {
-			t.Errorf("CopyOrigin(%q) = %q, want not a copy", m, d)
+		if MadeBy("", m) || MadeBy("alice", m) {
+			t.Errorf("MadeBy takes %q for a copy", m)
 		}
 	}
 	cases := []struct {
