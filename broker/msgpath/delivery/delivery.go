@@ -335,7 +335,8 @@ func (dev *Device) stop() {
 	close(dev.quit)
 	clear(dev.prefetch)
 	dev.prefetch = nil
-	dev.late = nil
+	// late stays: never sent now, it still bounds the cursor that a
+	// verify in flight reports for a parting device (see missed).
 }
 
 type inflight struct {
