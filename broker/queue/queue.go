@@ -13,11 +13,31 @@ import (
 	"errors"
 	"strconv"
 	"sync/atomic"
+	"time"
 )
 
 // ErrNoSpace is the error of a publish refused because data_dir's file
 // system has less than queue.min_free_bytes free.
 var ErrNoSpace = errors.New("the server's disk is full")
+
+// ErrUnknownDevice is the error of an operation on a device its user
+// does not have.
+var ErrUnknownDevice = errors.New("no such device")
+
+// Device is what a store knows of one device of a user.
+type Device struct {
+	// Name is the device's name: "" for the bare {user} client ID.
+	Name string
+	// Cursor is the last sequence the device acknowledged.
+	Cursor uint64
+	// Seen is when the device was last seen connecting or leaving; a
+	// device connected for long is seen again at each unseen-device sweep.
+	Seen time.Time
+	// Transient marks a clean-session device.
+	Transient bool
+	// Connected reports whether the device has a connection to this node.
+	Connected bool
+}
 
 // Message is one queued envelope and its position in its user's queue.
 type Message struct {
@@ -168,6 +188,13 @@ type Store interface {
 	Ack(user, device string, cursor uint64)
 	// Detach records that a connection of a device ended.
 	Detach(user, device string)
+	// Devices lists the devices of user, by name.
+	Devices(user string) ([]Device, error)
+	// Remove forgets a device of user at once, connected or not, and
+	// deletes what the user's other devices have all acknowledged; it
+	// returns ErrUnknownDevice if the user has no such device. The
+	// caller closes the device's connections.
+	Remove(user, device string) error
 	// Stats returns the store's running totals.
 	Stats() Stats
 	// Undelivered returns how many stored messages are not deleted yet.

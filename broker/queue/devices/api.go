@@ -1,10 +1,14 @@
 package devices
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
+
+	"github.com/chatd/chatd/broker/queue"
 )
 
 // API is the registry as a store offers it: a backend's Store embeds it
@@ -231,6 +235,109 @@ func (a API[Q]) Detach(user, device string) {
 	}
 	u.mu.Unlock()
 	r.MarkDirty(u)
+}
+
+// Devices lists the devices of user, by name. With a shared persister
+// the user's records are read again first, so that devices registered
+// on other nodes are listed too, as last written there.
+func (a API[Q]) Devices(user string) ([]queue.Device, error) {
+	u, err := a.r.current(user)
+	if err != nil {
+		return nil, fmt.Errorf("devices of %s: %w", user, err)
+	}
+	defer u.mu.Unlock()
+	out := make([]queue.Device, 0, len(u.devices))
+	for name, d := range u.devices {
+		out = append(out, queue.Device{
+			Name: name, Cursor: d.Cursor, Seen: time.Unix(d.Seen, 0),
+			Transient: d.Transient, Connected: d.Online > 0,
+		})
+	}
+	slices.SortFunc(out, func(x, y queue.Device) int { return cmp.Compare(x.Name, y.Name) })
+	return out, nil
+}
+
+// Remove forgets device of user at once, connected or not: it no longer
+// holds messages back, its record is deleted, and the flush run now
+// deletes what the user's other devices have all acknowledged. Its
+// connections here are left to the caller to close; their Acks and
+// Detach then find no device. A device that connects again is new.
+func (a API[Q]) Remove(user, device string) error {
+	r := a.r
+	u, err := r.current(user)
+	if err != nil {
+		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+	}
+	if _, ok := u.devices[device]; !ok {
+		u.mu.Unlock()
+		return fmt.Errorf("remove device %s/%s: %w", user, device, queue.ErrUnknownDevice)
+	}
+	delete(u.devices, device)
+	// Revision 0: the removal wins over whatever another node wrote of
+	// the device meanwhile.
+	u.forgotten = append(u.forgotten, Forget{device, 0})
+	u.mu.Unlock()
+	r.MarkDirty(u)
+	if err := a.Flush(); err != nil {
+		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+	}
+	return nil
+}
+
+// Removed drops from this node's memory a device another node removed
+// (see Remove), if its user is loaded here. A record this node wrote of
+// it since the removal is deleted too, unless it changed again (the
+// device registered anew). Without a shared persister it does nothing.
+func (a API[Q]) Removed(user, device string) {
+	r := a.r
+	if r.shared == nil {
+		return
+	}
+	v, ok := r.users.Load(user)
+	if !ok {
+		return
+	}
+	u := v.(*User[Q])
+	select {
+	case <-u.loading:
+	default:
+		// Being loaded: the load reads the record as the removal left it.
+		return
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if d, ok := u.devices[device]; ok && !u.evicted {
+		delete(u.devices, device)
+		r.ForgetNow(u, device, d.Rev)
+	}
+}
+
+// current returns user loaded and locked, its records read again first
+// with a shared persister.
+func (r *Registry[Q]) current(user string) (*User[Q], error) {
+	if r.shared == nil {
+		return r.Lock(user)
+	}
+	for {
+		u, err := r.user(user)
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := r.p.Context()
+		recs, err := r.shared.Records(ctx, user)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		u.mu.Lock()
+		if u.evicted {
+			u.mu.Unlock()
+			continue
+		}
+		r.merge(u, recs)
+		u.used = true
+		return u, nil
+	}
 }
 
 // Loaded returns how many users are in memory: those with a device

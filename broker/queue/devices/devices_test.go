@@ -703,3 +703,46 @@ func TestFlushBookkeeping(t *testing.T) {
 		t.Fatalf("pending writes %+v, want the laptop's, over no revision", writes)
 	}
 }
+
+// TestRemove checks a removal: the device is gone from the list at once,
+// a second removal finds none, and a node that had the device connected
+// drops it when told, deleting the record it wrote since.
+func TestRemove(t *testing.T) {
+	clock := now
+	p := newFake(true)
+	here, _ := registry(t, p, &clock)
+	there, _ := registry(t, p, &clock)
+	if _, _, err := there.API().Attach("bob", "phone", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := here.API().Attach("bob", "laptop", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := here.API().Remove("bob", "phone"); err != nil {
+		t.Fatalf("remove: %v", err)
+	}
+	if err := here.API().Remove("bob", "phone"); !errors.Is(err, queue.ErrUnknownDevice) {
+		t.Fatalf("second removal: %v, want ErrUnknownDevice", err)
+	}
+	ds, err := here.API().Devices("bob")
+	if err != nil || len(ds) != 1 || ds[0].Name != "laptop" || !ds[0].Connected || ds[0].Seen.Unix() != now.Unix() {
+		t.Fatalf("devices here: %+v, %v; want the connected laptop, seen now", ds, err)
+	}
+	// The flush of the fake deletes nothing: the record there wrote is
+	// still in the persister, as if written after the removal's delete.
+	there.API().Removed("bob", "phone")
+	u := bob(t, there)
+	_, known := u.Device("phone")
+	u.Unlock()
+	if known {
+		t.Fatal("the node the phone was connected to still has it after Removed")
+	}
+	if st := p.recs["bob phone"]; !st.Deleted {
+		t.Fatalf("record after Removed: %+v, want deleted", st)
+	}
+	// Its connection's end finds no device, and writes nothing back.
+	there.API().Detach("bob", "phone")
+	if ds, _ := there.API().Devices("bob"); len(ds) != 1 || ds[0].Name != "laptop" || ds[0].Connected {
+		t.Fatalf("devices there: %+v, want the laptop, connected elsewhere", ds)
+	}
+}

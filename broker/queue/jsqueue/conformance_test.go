@@ -108,6 +108,10 @@ func (r renamed) SetSubscribed(user, device string, subscribed bool) {
 	r.Store.SetSubscribed(r.prefix+user, device, subscribed)
 }
 func (r renamed) Detach(user, device string) { r.Store.Detach(r.prefix+user, device) }
+func (r renamed) Devices(user string) ([]queue.Device, error) {
+	return r.Store.Devices(r.prefix + user)
+}
+func (r renamed) Remove(user, device string) error { return r.Store.Remove(r.prefix+user, device) }
 
 func TestConformance(t *testing.T) {
 	before := goleak.IgnoreCurrent()

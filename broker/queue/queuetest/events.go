@@ -26,10 +26,11 @@ const (
 	opCrash                     // crash the store and reopen it
 	opSettle                    // acknowledge everything until every online device has all it must get
 	opNotice                    // a%3: release late notifications, next one late, next one lost (NoticeFaults only)
+	opRemove                    // user a, device b: its user removes it (closing its connection)
 	numOps
 )
 
-var opNames = [...]string{"direct", "group", "connect", "subscribe", "unsubscribe", "ack", "disconnect", "advance", "flush", "crash", "settle", "notice"}
+var opNames = [...]string{"direct", "group", "connect", "subscribe", "unsubscribe", "ack", "disconnect", "advance", "flush", "crash", "settle", "notice", "remove"}
 
 const (
 	numUsers   = 3
@@ -91,7 +92,7 @@ func Generate(seed uint64, n int, notices bool) []byte {
 		w  int
 	}{
 		{opDirect, 20}, {opGroup, 6}, {opConnect, 12}, {opSubscribe, 8}, {opUnsubscribe, 2},
-		{opAck, 18}, {opDisconnect, 7}, {opAdvance, 3}, {opFlush, 6}, {opCrash, 2}, {opSettle, 4},
+		{opAck, 18}, {opDisconnect, 7}, {opAdvance, 3}, {opFlush, 6}, {opCrash, 2}, {opSettle, 4}, {opRemove, 2},
 	}
 	if notices {
 		weights = append(weights, struct {

@@ -1,6 +1,7 @@
 package queuetest
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -111,6 +112,40 @@ func runExamples(t *testing.T, b Backend) {
 		f.flush()
 		if n := f.count("jack", 0); n != 3 {
 			t.Fatalf("%d of 3 messages left after the transient device left; none was acknowledged", n)
+		}
+	})
+	t.Run("RemovedDeviceHoldsNothingBackAndComesBackNew", func(t *testing.T) {
+		// A lost phone, offline with two unacknowledged messages, is
+		// removed: the laptop's acknowledgements now delete them, and the
+		// phone, connecting again, starts at the head like a new device.
+		f := newFixture(t, b)
+		f.attach("jack", "phone", false)
+		f.s.Detach("jack", "phone")
+		f.attach("jack", "laptop", false)
+		f.append("alice", "m1", "jack")
+		r := f.append("alice", "m2", "jack")
+		f.s.Ack("jack", "laptop", r.msg.Seq)
+		f.flush()
+		if n := f.count("jack", 0); n != 2 {
+			t.Fatalf("%d messages left before the removal, want the 2 the phone lacks", n)
+		}
+		if err := f.s.Remove("jack", "phone"); err != nil {
+			t.Fatalf("remove: %v", err)
+		}
+		if n := f.count("jack", 0); n != 0 {
+			t.Fatalf("%d messages left after the removal; the laptop acknowledged both", n)
+		}
+		ds, err := f.s.Devices("jack")
+		if err != nil || len(ds) != 1 || ds[0].Name != "laptop" || !ds[0].Connected || ds[0].Cursor != r.msg.Seq {
+			t.Fatalf("devices after the removal: %+v, %v; want the connected laptop at %d", ds, err, r.msg.Seq)
+		}
+		if err := f.s.Remove("jack", "phone"); !errors.Is(err, queue.ErrUnknownDevice) {
+			t.Fatalf("second removal: %v, want ErrUnknownDevice", err)
+		}
+		f.append("alice", "m3", "jack")
+		cursor := f.attach("jack", "phone", false)
+		if n := f.count("jack", cursor); n != 0 {
+			t.Fatalf("the removed phone, back, starts with %d old messages, want none", n)
 		}
 	})
 	t.Run("TransientDeviceAloneReleasesNothing", func(t *testing.T) {

@@ -413,6 +413,8 @@ func (r *runner) apply(e event) error {
 		return nil
 	case opCrash:
 		return r.crash()
+	case opRemove:
+		return r.remove(user, dev)
 	case opSettle:
 		return r.settle()
 	case opNotice:

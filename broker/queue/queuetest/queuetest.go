@@ -32,6 +32,10 @@ type Store interface {
 	SetSubscribed(user, device string, subscribed bool)
 	// Detach records that a connection of a device ended.
 	Detach(user, device string)
+	// Devices lists a user's devices.
+	Devices(user string) ([]queue.Device, error)
+	// Remove forgets a device at once.
+	Remove(user, device string) error
 	// Flush persists acknowledgements and deletes what every device acknowledged.
 	Flush() error
 	// ForgetUnseen forgets the offline devices unseen for device_ttl.

@@ -1,6 +1,7 @@
 package queuetest
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -271,6 +272,48 @@ func (r *runner) end(user string, d *mdev, s *msess) {
 	if !d.persistent {
 		r.unregister(user, d)
 	}
+}
+
+// remove removes a device as its user does over HTTP: the store forgets
+// it, then its connection is closed (whose Detach finds no device), and
+// the store's list of the user's devices is the model's.
+func (r *runner) remove(user, name string) error {
+	d := r.users[user][name]
+	err := r.store.Remove(user, name)
+	if d == nil || !d.registered {
+		if !errors.Is(err, queue.ErrUnknownDevice) {
+			return fmt.Errorf("Remove(%s/%s) of an unknown device = %v, want ErrUnknownDevice", user, name, err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove %s/%s: %w", user, name, err)
+	}
+	// The removal ran a flush.
+	r.flushed()
+	if d.sess != nil {
+		r.end(user, d, d.sess)
+		d.sess = nil
+	}
+	d.online = 0
+	r.unregister(user, d)
+	listed, err := r.store.Devices(user)
+	if err != nil {
+		return fmt.Errorf("devices of %s: %w", user, err)
+	}
+	var got, want []string
+	for _, l := range listed {
+		got = append(got, l.Name)
+	}
+	for _, n := range sortedDevices(r.users[user]) {
+		if r.users[user][n].registered {
+			want = append(want, n)
+		}
+	}
+	if !slices.Equal(got, want) {
+		return fmt.Errorf("devices of %s after removing %s: %v, want %v", user, name, got, want)
+	}
+	return nil
 }
 
 // unregister forgets a device: it no longer holds anything back.
