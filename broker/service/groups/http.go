@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+
+	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
 // maxRequestBytes bounds a group API request body.
@@ -50,7 +52,7 @@ func (h *Handler) create(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, g)
+	httpjson.Write(w, http.StatusCreated, g)
 }
 
 func (h *Handler) get(w http.ResponseWriter, r *http.Request) {
@@ -69,7 +71,7 @@ func (h *Handler) get(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, unknown(g.ID))
 		return
 	}
-	writeJSON(w, http.StatusOK, g)
+	httpjson.Write(w, http.StatusOK, g)
 }
 
 // delete answers 204 with no body once the group is gone.
@@ -103,22 +105,16 @@ func (h *Handler) edit(w http.ResponseWriter, r *http.Request, op func(by, gid, 
 		h.fail(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, g)
+	httpjson.Write(w, http.StatusOK, g)
 }
 
 func (h *Handler) auth(w http.ResponseWriter, r *http.Request) (string, bool) {
 	user, err := h.Authenticate(r)
 	if err != nil {
-		writeJSON(w, http.StatusUnauthorized, apiError{"not_authorized", err.Error()})
+		httpjson.Fail(w, http.StatusUnauthorized, "not_authorized", err.Error())
 		return "", false
 	}
 	return user, true
-}
-
-// apiError is the JSON body of every refusal.
-type apiError struct {
-	Error  string `json:"error"`
-	Reason string `json:"reason"`
 }
 
 // fail answers err, logging it when it is the server's own fault.
@@ -150,13 +146,6 @@ func writeError(w http.ResponseWriter, err error) int {
 	if status == http.StatusInternalServerError {
 		reason = "internal error"
 	}
-	writeJSON(w, status, apiError{code, reason})
+	httpjson.Fail(w, status, code, reason)
 	return status
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	// The status is sent; a client gone mid-body is nothing to act on.
-	_ = json.NewEncoder(w).Encode(v)
 }

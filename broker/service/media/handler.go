@@ -2,7 +2,6 @@ package media
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +10,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
 // DefaultMaxBytes is the upload limit when Handler.MaxBytes is not set (PROTOCOL.md: 64 MiB).
@@ -54,12 +55,6 @@ type uploadResponse struct {
 	ID     string `json:"id"`
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
-}
-
-// errorResponse is the body of every error answer.
-type errorResponse struct {
-	Error  string `json:"error"`
-	Reason string `json:"reason"`
 }
 
 // Register adds the media routes to mux.
@@ -109,11 +104,11 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 	}
 	ct, err := contentType(r.Header.Get("Content-Type"))
 	if err != nil {
-		h.writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		httpjson.Fail(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
 	if h.DiskLow != nil && h.DiskLow() {
-		h.writeError(w, http.StatusInsufficientStorage, "no_space", "the server's disk is full; try again later")
+		httpjson.Fail(w, http.StatusInsufficientStorage, "no_space", "the server's disk is full; try again later")
 		return
 	}
 	limit := h.maxBytes()
@@ -135,16 +130,16 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 		// The client's side failed (connection cut, bad chunking): nothing
 		// for the operator to act on.
 		h.log().Debug("media upload aborted", "user", user, "error", err)
-		h.writeError(w, http.StatusBadRequest, "bad_request", "reading the request body failed")
+		httpjson.Fail(w, http.StatusBadRequest, "bad_request", "reading the request body failed")
 		return
 	default:
 		h.log().Error("media upload", "user", user, "error", err)
-		h.writeError(w, http.StatusInternalServerError, "internal", "the upload could not be stored")
+		httpjson.Fail(w, http.StatusInternalServerError, "internal", "the upload could not be stored")
 		return
 	}
 	h.log().Debug("media uploaded", "user", user, "id", info.ID, "size", info.Size)
 	w.Header().Set("Location", "/v1/media/"+info.ID)
-	h.writeJSON(w, http.StatusCreated, uploadResponse{ID: info.ID, Size: info.Size, SHA256: info.SHA256})
+	httpjson.Write(w, http.StatusCreated, uploadResponse{ID: info.ID, Size: info.Size, SHA256: info.SHA256})
 }
 
 // download serves GET (and HEAD) /v1/media/{id}.
@@ -163,7 +158,7 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
 		} else {
 			h.log().Error("media download", "error", err)
 		}
-		h.writeError(w, http.StatusInternalServerError, "internal", "the file could not be read")
+		httpjson.Fail(w, http.StatusInternalServerError, "internal", "the file could not be read")
 		return
 	}
 	defer func() {
@@ -192,7 +187,7 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (string, bool) {
 	if h.Authenticate == nil {
 		h.log().Error("media: Handler.Authenticate is not set")
-		h.writeError(w, http.StatusInternalServerError, "internal", "authentication is not configured")
+		httpjson.Fail(w, http.StatusInternalServerError, "internal", "authentication is not configured")
 		return "", false
 	}
 	user, err := h.Authenticate(r)
@@ -201,7 +196,7 @@ func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (string, 
 	}
 	if err != nil {
 		w.Header().Set("WWW-Authenticate", "Bearer")
-		h.writeError(w, http.StatusUnauthorized, "not_authorized", err.Error())
+		httpjson.Fail(w, http.StatusUnauthorized, "not_authorized", err.Error())
 		return "", false
 	}
 	return user, true
@@ -259,27 +254,12 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 
 // tooLarge answers 413.
 func (h *Handler) tooLarge(w http.ResponseWriter, limit int64) {
-	h.writeError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the file is larger than %d bytes", limit))
+	httpjson.Fail(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the file is larger than %d bytes", limit))
 }
 
 // notFound answers 404.
 func (h *Handler) notFound(w http.ResponseWriter) {
-	h.writeError(w, http.StatusNotFound, "not_found", "no such media")
-}
-
-// writeError answers status with the JSON error body.
-func (h *Handler) writeError(w http.ResponseWriter, status int, code, reason string) {
-	h.writeJSON(w, status, errorResponse{Error: code, Reason: reason})
-}
-
-// writeJSON answers status with v as JSON.
-func (h *Handler) writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	if err := json.NewEncoder(w).Encode(v); err != nil {
-		// The status line is out; all that can fail now is the client's connection.
-		h.log().Debug("media: write response", "error", err)
-	}
+	httpjson.Fail(w, http.StatusNotFound, "not_found", "no such media")
 }
 
 // maxBytes returns the effective upload limit.

@@ -20,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
 // tokens are the bearer tokens testAuth accepts, and their users.
@@ -132,11 +134,11 @@ func wantError(t *testing.T, resp *http.Response, body []byte, status int, code 
 	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
 		t.Errorf("error Content-Type %q, want application/json", ct)
 	}
-	var e errorResponse
+	var e httpjson.Error
 	if err := json.Unmarshal(body, &e); err != nil {
 		t.Fatalf("decode error %s: %v", body, err)
 	}
-	if e.Error != code || e.Reason == "" {
+	if e.Code != code || e.Reason == "" {
 		t.Errorf("error body %+v, want code %q with a reason", e, code)
 	}
 }
