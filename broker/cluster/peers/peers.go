@@ -35,6 +35,8 @@ const (
 	subjSession   = ".session"
 	subjHeartbeat = ".heartbeat"
 	subjSync      = ".presence.sync"
+	subjRemoved   = ".device.removed"
+	subjConnected = ".device.connected"
 )
 
 // Headers that number stored notices. They are headers, not part of the
@@ -82,6 +84,12 @@ type Handlers struct {
 	// OnlineUsers lists the users with a connection on this node, for a
 	// peer that starts and asks.
 	OnlineUsers func() []string
+	// DeviceRemoved: a peer removed device of user; its connections here
+	// end. It may be nil.
+	DeviceRemoved func(user, device string)
+	// Connected returns which of clientIDs have a connection on this
+	// node, for a peer that asks. It may be nil.
+	Connected func(clientIDs []string) []string
 	// Missed: stored notices of peers may have been lost, so messages may
 	// be stored that no device here was told of. It may be nil, and may
 	// run at the same time as the other handlers.
@@ -204,6 +212,8 @@ func (b *Bus) Start(h Handlers) error {
 		{subjSession, b.onSession},
 		{subjHeartbeat, b.onHeartbeat},
 		{subjSync, b.onSync},
+		{subjRemoved, b.onRemoved},
+		{subjConnected, b.onConnected},
 	}
 	for _, s := range subs {
 		sub, err := opts.Conn.Subscribe(opts.Prefix+s.subj, s.fn)
@@ -370,6 +380,74 @@ func (b *Bus) Presence(user string, online bool) {
 // SessionStarted tells the peers that clientID connected here.
 func (b *Bus) SessionStarted(clientID string) {
 	b.send(subjSession, frame(frame(nil, b.opts.Node), clientID))
+}
+
+// DeviceRemoved tells the peers that device of user was removed here.
+// Like every notice it may be lost: a peer that misses it keeps the
+// device's connection there open until it ends.
+func (b *Bus) DeviceRemoved(user, device string) {
+	b.send(subjRemoved, frame(frame(frame(nil, b.opts.Node), user), device))
+}
+
+// ErrSilent is the error of a question some live peers did not answer
+// in time.
+var ErrSilent = errors.New("cluster nodes did not answer")
+
+// Connected asks the live peers which of clientIDs have a connection on
+// them and returns those that do. It waits for every peer that beat
+// lately, at most wait; those silent by then are named in an error that
+// is ErrSilent, beside the answers of the others.
+func (b *Bus) Connected(clientIDs []string, wait time.Duration) (map[string]bool, error) {
+	b.mu.Lock()
+	pending := make(map[string]bool, len(b.peers))
+	for name := range b.peers {
+		pending[name] = true
+	}
+	b.mu.Unlock()
+	found := make(map[string]bool)
+	if len(pending) == 0 || len(clientIDs) == 0 {
+		return found, nil
+	}
+	inbox := b.opts.Conn.NewRespInbox()
+	sub, err := b.opts.Conn.SubscribeSync(inbox)
+	if err != nil {
+		return found, fmt.Errorf("ask peers for connections: %w", err)
+	}
+	defer sub.Unsubscribe()
+	q := frame(nil, b.opts.Node)
+	for _, id := range clientIDs {
+		q = frame(q, id)
+	}
+	if err := b.opts.Conn.PublishRequest(b.opts.Prefix+subjConnected, inbox, q); err != nil {
+		return found, fmt.Errorf("ask peers for connections: %w", err)
+	}
+	deadline := time.Now().Add(wait)
+	for len(pending) > 0 {
+		msg, err := sub.NextMsg(time.Until(deadline))
+		if errors.Is(err, nats.ErrTimeout) {
+			break
+		}
+		if err != nil {
+			return found, fmt.Errorf("ask peers for connections: %w", err)
+		}
+		node, ids, ok := unframeAll(msg.Data)
+		if !ok {
+			b.opts.Logger.Error("bad connections answer")
+			continue
+		}
+		delete(pending, node)
+		for _, id := range ids {
+			found[id] = true
+		}
+	}
+	if len(pending) > 0 {
+		silent := make([]string, 0, len(pending))
+		for name := range pending {
+			silent = append(silent, name)
+		}
+		return found, fmt.Errorf("%w within %v: %s", ErrSilent, wait, strings.Join(silent, ", "))
+	}
+	return found, nil
 }
 
 // SyncPresence asks every peer for its online users and applies the
@@ -623,6 +701,50 @@ func (b *Bus) onSync(msg *nats.Msg) {
 		}
 	}
 	flush()
+}
+
+func (b *Bus) onRemoved(msg *nats.Msg) {
+	_, rest, ok := b.fromPeer(msg, false)
+	if !ok || b.h.DeviceRemoved == nil {
+		return
+	}
+	user, rest, ok := unframe(rest)
+	device, _, ok2 := unframe(rest)
+	if !ok || !ok2 {
+		b.opts.Logger.Error("bad device removed notice")
+		return
+	}
+	b.h.DeviceRemoved(user, device)
+}
+
+func (b *Bus) onConnected(msg *nats.Msg) {
+	node, ids, ok := unframeAll(msg.Data)
+	if !ok {
+		b.opts.Logger.Error("bad connections question")
+		return
+	}
+	if node == b.opts.Node || msg.Reply == "" || b.h.Connected == nil {
+		return
+	}
+	answer := frame(nil, b.opts.Node)
+	for _, id := range b.h.Connected(ids) {
+		answer = frame(answer, id)
+	}
+	if err := msg.Respond(answer); err != nil {
+		b.opts.Logger.Warn("answer connections question", "error", err)
+	}
+}
+
+// unframeAll splits b into its first frame and the rest, all frames.
+func unframeAll(b []byte) (first string, rest []string, ok bool) {
+	first, b, ok = unframe(b)
+	for ok && len(b) > 0 {
+		var s string
+		if s, b, ok = unframe(b); ok {
+			rest = append(rest, s)
+		}
+	}
+	return first, rest, ok
 }
 
 // syncChunk is the size at which a presence sync answer is split.

@@ -1,6 +1,7 @@
 package peers
 
 import (
+	"errors"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -31,6 +32,8 @@ type recorder struct {
 	events []string
 	signal chan struct{}
 	online []string
+	// connected are the client IDs connected to the recorder's node.
+	connected []string
 }
 
 func newRecorder(online ...string) *recorder {
@@ -59,6 +62,10 @@ func (r *recorder) handlers() Handlers {
 		SessionStarted: func(clientID string) { r.add("session " + clientID) },
 		OnlineUsers:    func() []string { return r.online },
 		Missed:         func() { r.add("missed") },
+		DeviceRemoved:  func(user, device string) { r.add("removed " + user + " " + device) },
+		Connected: func(ids []string) []string {
+			return slices.DeleteFunc(ids, func(id string) bool { return !slices.Contains(r.connected, id) })
+		},
 	}
 }
 
@@ -150,6 +157,8 @@ func TestNotices(t *testing.T) {
 	rb.waitFor(t, "typing bob inbox/bob typing")
 	a.SessionStarted("bob/phone")
 	rb.waitFor(t, "session bob/phone")
+	a.DeviceRemoved("bob", "phone")
+	rb.waitFor(t, "removed bob phone")
 	a.Presence("bob", true)
 	rb.waitFor(t, "presence a bob on")
 	ra.waitFor(t, "presence a bob on")
@@ -165,6 +174,43 @@ func TestNotices(t *testing.T) {
 		if !strings.HasPrefix(e, "presence ") {
 			t.Errorf("node a was told of its own notice: %q", e)
 		}
+	}
+}
+
+// TestConnected: a node asks its live peers which client IDs they have
+// connected, and learns which peers did not answer in time.
+func TestConnected(t *testing.T) {
+	n := startNATS(t)
+	a := startBus(t, n, "a", newRecorder(), 20*time.Millisecond)
+	defer a.Close()
+	rb := newRecorder()
+	rb.connected = []string{"bob/phone", "carol"}
+	b := startBus(t, n, "b", rb, 20*time.Millisecond)
+	defer b.Close()
+	heard := func(names ...string) func() bool {
+		return func() bool {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			for _, name := range names {
+				if _, ok := a.peers[name]; !ok {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	testutil.Eventually(t, 10*time.Second, heard("b"), "a never heard b beat")
+	got, err := a.Connected([]string{"bob/phone", "bob/laptop"}, 10*time.Second)
+	if err != nil || len(got) != 1 || !got["bob/phone"] {
+		t.Fatalf("connected: %v, %v; want bob/phone", got, err)
+	}
+	// A peer that cannot answer is named after the wait.
+	c := startBusWith(t, n, "c", Handlers{NodeGone: func(string) {}, Presence: func(string, string, bool) {}}, 20*time.Millisecond, time.Minute)
+	defer c.Close()
+	testutil.Eventually(t, 10*time.Second, heard("b", "c"), "a never heard c beat")
+	got, err = a.Connected([]string{"bob/phone"}, 200*time.Millisecond)
+	if !errors.Is(err, ErrSilent) || !strings.Contains(err.Error(), "c") || !got["bob/phone"] {
+		t.Fatalf("with a silent peer: %v, %v; want bob/phone and ErrSilent naming c", got, err)
 	}
 }
 
@@ -194,7 +240,7 @@ func TestMalformedNotices(t *testing.T) {
 	b := startBus(t, n, "a", r, time.Second)
 	defer b.Close()
 	bad := [][]byte{nil, {0}, {0, 5, 'x'}, {0, 1, 'z'}, {0, 1, 'z', 0, 9}, {0, 1, 'z', 0, 2, 'u'}}
-	for _, subj := range []string{subjStored, subjTyping, subjPresence, subjSession, subjHeartbeat, subjSync} {
+	for _, subj := range []string{subjStored, subjTyping, subjPresence, subjSession, subjHeartbeat, subjSync, subjRemoved, subjConnected} {
 		for _, p := range bad {
 			if err := n.Conn().Publish("test"+subj, p); err != nil {
 				t.Fatal(err)
