@@ -56,10 +56,12 @@ type connEvent struct {
 	node int
 }
 
-// outgoing names a message being sent: recipient index and pair sequence number.
+// outgoing names a message being sent: recipient index, pair sequence
+// number and copy number (see message.C).
 type outgoing struct {
 	to int
 	n  uint64
+	c  uint64
 }
 
 // newClient builds the client of user index idx; it does not connect.
@@ -305,7 +307,7 @@ func (c *client) onReconnecting(mqtt.Client, *mqtt.ClientOptions) {
 	c.resync.Store(true)
 	if p := c.publishing.Load(); p != nil {
 		for _, seq := range c.store.held() {
-			c.r.ledger.Overtaken(seq, p.to, p.n)
+			c.r.ledger.Overtaken(seq, p.to, p.n, p.c)
 		}
 	}
 }

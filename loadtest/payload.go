@@ -22,8 +22,13 @@ type message struct {
 	SentAt int64
 	// Sender is the sending user.
 	Sender string
-	// N is the per sender->receiver pair sequence number, starting at 1.
+	// N is the per sender->receiver pair sequence number, starting at 1;
+	// with several devices per user, the sender is the sending device.
 	N uint64
+	// C numbers the sending device's messages from 1, to whatever user, so
+	// that its other devices can check the order of its sent copies; 0
+	// (and no "c" field) when users have one device.
+	C uint64
 }
 
 // appendMessage appends msg as a JSON object padded with a "pad" field to
@@ -39,6 +44,10 @@ func appendMessage(b []byte, msg message, size int) []byte {
 	b = append(b, msg.Sender...)
 	b = append(b, `","n":`...)
 	b = strconv.AppendUint(b, msg.N, 10)
+	if msg.C > 0 {
+		b = append(b, `,"c":`...)
+		b = strconv.AppendUint(b, msg.C, 10)
+	}
 	const padField = `,"pad":""}`
 	pad := size - (len(b) - start) - len(padField)
 	if pad <= 0 {
@@ -76,7 +85,7 @@ func parseID(id []byte, tag string) (uint64, bool) {
 // delivery is what a subscriber learns from one received payload. Its byte
 // slices alias the payload, so parsing allocates nothing.
 type delivery struct {
-	// Kind is the envelope kind: msg, receipt, error, typing...; "msg" in plain mode.
+	// Kind is the envelope kind: msg, sent, receipt, error, typing...; "msg" in plain mode.
 	Kind []byte
 	// From is the envelope's authenticated sender (empty in plain mode).
 	From []byte
@@ -90,6 +99,8 @@ type delivery struct {
 	SentAt int64
 	// N is the "n" field the sender wrote.
 	N uint64
+	// C is the "c" field the sender wrote, 0 when absent.
+	C uint64
 	// Code is an error event's code.
 	Code []byte
 	// IDs is the raw JSON array of a receipt's ids.
@@ -98,7 +109,10 @@ type delivery struct {
 	Status []byte
 }
 
-var kindMsg = []byte("msg")
+var (
+	kindMsg  = []byte("msg")
+	kindSent = []byte("sent")
+)
 
 // parseDelivery parses a received payload: an envelope, or in plain mode the
 // bare message object.
@@ -130,11 +144,11 @@ func parseDelivery(payload []byte, plain bool, d *delivery) error {
 		}
 		return nil
 	})
-	if err != nil || !bytes.Equal(d.Kind, kindMsg) {
+	if err != nil || !bytes.Equal(d.Kind, kindMsg) && !bytes.Equal(d.Kind, kindSent) {
 		return err
 	}
 	if msg == nil {
-		return fmt.Errorf("%w: envelope of kind msg has no msg", errMalformed)
+		return fmt.Errorf("%w: envelope of kind %s has no msg", errMalformed, d.Kind)
 	}
 	return parseMessage(msg, d)
 }
@@ -152,6 +166,8 @@ func parseMessage(b []byte, d *delivery) error {
 			d.SentAt, err = strconv.ParseInt(string(val), 10, 64)
 		case "n":
 			d.N, err = strconv.ParseUint(string(val), 10, 64)
+		case "c":
+			d.C, err = strconv.ParseUint(string(val), 10, 64)
 		}
 		if err != nil {
 			return fmt.Errorf("%w: %s: %w", errMalformed, key, err)

@@ -3,6 +3,8 @@ package loadtest
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -16,30 +18,36 @@ func TestAppendMessage(t *testing.T) {
 		{"large", 4096, 4096},
 		{"smaller than the fields", 10, 0},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			msg := message{Tag: "abc", Seq: 42, SentAt: 1764145476123456789, Sender: "lt-u1", N: 7}
-			b := appendMessage(nil, msg, tt.size)
-			if tt.wantLen != 0 && len(b) != tt.wantLen {
-				t.Errorf("len = %d, want %d", len(b), tt.wantLen)
-			}
-			var got struct {
-				ID  string `json:"id"`
-				T   int64  `json:"t"`
-				S   string `json:"s"`
-				N   uint64 `json:"n"`
-				Pad string `json:"pad"`
-			}
-			if err := json.Unmarshal(b, &got); err != nil {
-				t.Fatalf("not JSON: %v: %s", err, b)
-			}
-			if got.ID != "abc-42" || got.T != msg.SentAt || got.S != "lt-u1" || got.N != 7 {
-				t.Errorf("decoded %+v from %s", got, b)
-			}
-			if id := leadingID(b); string(id) != "abc-42" {
-				t.Errorf("leadingID = %q", id)
-			}
-		})
+	for _, c := range []uint64{0, 5} {
+		for _, tt := range tests {
+			t.Run(fmt.Sprintf("%s, copy number %d", tt.name, c), func(t *testing.T) {
+				msg := message{Tag: "abc", Seq: 42, SentAt: 1764145476123456789, Sender: "lt-u1", N: 7, C: c}
+				b := appendMessage(nil, msg, tt.size)
+				if tt.wantLen != 0 && len(b) != tt.wantLen {
+					t.Errorf("len = %d, want %d", len(b), tt.wantLen)
+				}
+				var got struct {
+					ID  string `json:"id"`
+					T   int64  `json:"t"`
+					S   string `json:"s"`
+					N   uint64 `json:"n"`
+					C   uint64 `json:"c"`
+					Pad string `json:"pad"`
+				}
+				if err := json.Unmarshal(b, &got); err != nil {
+					t.Fatalf("not JSON: %v: %s", err, b)
+				}
+				if got.ID != "abc-42" || got.T != msg.SentAt || got.S != "lt-u1" || got.N != 7 || got.C != c {
+					t.Errorf("decoded %+v from %s", got, b)
+				}
+				if c == 0 && strings.Contains(string(b), `"c"`) {
+					t.Errorf("a message of a one-device run has a copy number: %s", b)
+				}
+				if id := leadingID(b); string(id) != "abc-42" {
+					t.Errorf("leadingID = %q", id)
+				}
+			})
+		}
 	}
 }
 
@@ -93,6 +101,11 @@ func TestParseDelivery(t *testing.T) {
 			want:    delivery{Kind: []byte("msg"), ID: []byte("tg-3"), Sender: []byte("alice"), SentAt: 1000, N: 9},
 		},
 		{
+			name:    "sent copy",
+			payload: `{"kind":"sent","from":"alice","to":"bob","ts":17,"msg":{"id":"tg-3","t":1000,"s":"alice","n":9,"c":4}}`,
+			want:    delivery{Kind: []byte("sent"), From: []byte("alice"), To: []byte("bob"), ID: []byte("tg-3"), Sender: []byte("alice"), SentAt: 1000, N: 9, C: 4},
+		},
+		{
 			name:    "error event",
 			payload: `{"kind":"error","ref":"tg-3","code":"queue_full","reason":"full"}`,
 			want:    delivery{Kind: []byte("error"), ID: []byte("tg-3"), Code: []byte("queue_full")},
@@ -114,6 +127,8 @@ func TestParseDelivery(t *testing.T) {
 		{name: "missing colon", payload: `{"kind" "msg"}`, wantErr: true},
 		{name: "missing value", payload: `{"kind":}`, wantErr: true},
 		{name: "msg kind without msg", payload: `{"kind":"msg","from":"a"}`, wantErr: true},
+		{name: "sent kind without msg", payload: `{"kind":"sent","from":"a"}`, wantErr: true},
+		{name: "bad c", payload: `{"id":"tg-1","c":"x"}`, plain: true, wantErr: true},
 		{name: "bad t", payload: `{"id":"tg-1","t":"now"}`, plain: true, wantErr: true},
 		{name: "negative n", payload: `{"id":"tg-1","n":-1}`, plain: true, wantErr: true},
 		{name: "garbage after member", payload: `{"kind":"msg" x}`, wantErr: true},
@@ -142,13 +157,13 @@ func TestParseDelivery(t *testing.T) {
 func sameDelivery(a, b delivery) bool {
 	return string(a.Kind) == string(b.Kind) && string(a.From) == string(b.From) && string(a.To) == string(b.To) &&
 		string(a.ID) == string(b.ID) && string(a.Sender) == string(b.Sender) && a.SentAt == b.SentAt &&
-		a.N == b.N && string(a.Code) == string(b.Code) && string(a.IDs) == string(b.IDs)
+		a.N == b.N && a.C == b.C && string(a.Code) == string(b.Code) && string(a.IDs) == string(b.IDs)
 }
 
 func describe(d delivery) string {
 	b, err := json.Marshal(map[string]any{
 		"kind": string(d.Kind), "from": string(d.From), "to": string(d.To), "id": string(d.ID),
-		"sender": string(d.Sender), "t": d.SentAt, "n": d.N, "code": string(d.Code), "ids": string(d.IDs),
+		"sender": string(d.Sender), "t": d.SentAt, "n": d.N, "c": d.C, "code": string(d.Code), "ids": string(d.IDs),
 	})
 	if err != nil {
 		return err.Error()

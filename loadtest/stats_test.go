@@ -21,6 +21,8 @@ type sentMsg struct {
 	from, to int
 	n        uint64
 	at       int64
+	dev      int    // the sending device
+	c        uint64 // the copy number, 0 with one device per user
 }
 
 var streamUsers = []string{"a", "b", "c"}
@@ -41,7 +43,7 @@ func send(from, to int, n uint64) op {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.sent = append(s.sent, sentMsg{seq, from, to, n, at})
+		s.sent = append(s.sent, sentMsg{seq: seq, from: from, to: to, n: n, at: at})
 	}
 }
 
@@ -91,7 +93,7 @@ func reconnect(publishing int, held ...int) op {
 		}
 		if publishing >= 0 {
 			m := s.sent[publishing]
-			c.publishing.Store(&outgoing{to: m.to, n: m.n})
+			c.publishing.Store(&outgoing{to: m.to, n: m.n, c: m.c})
 		}
 		c.onReconnecting(nil, nil)
 	}
