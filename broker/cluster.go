@@ -38,6 +38,8 @@ type cluster struct {
 	// peers' once join starts it.
 	bus  *peers.Bus
 	name string
+	// queue is the node's JetStream queue, told of devices its peers remove.
+	queue *jsqueue.Store
 }
 
 // startCluster starts or joins NATS, makes the bus to the peers (which
@@ -94,6 +96,7 @@ func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onC
 	if err != nil {
 		return nil, nil, errors.Join(fmt.Errorf("cluster queue: %w", err), c.close())
 	}
+	c.queue = q
 	return c, q, nil
 }
 

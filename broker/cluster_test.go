@@ -18,9 +18,16 @@ import (
 	"github.com/chatd/chatd/internal/testutil"
 )
 
-// startCluster runs n chatd nodes in this process, each embedding a NATS
+// startTestCluster runs n chatd nodes in this process, each embedding a NATS
 // server routed to the others, with queues replicated on every node.
 func startTestCluster(t *testing.T, n int) []*Server {
+	t.Helper()
+	return startTestClusterWith(t, n, nil)
+}
+
+// startTestClusterWith is startTestCluster with mutate, if set, applied
+// to every node's configuration.
+func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*Server {
 	t.Helper()
 	routes := make([]string, n)
 	cfgs := make([]config.Config, n)
@@ -45,6 +52,9 @@ func startTestCluster(t *testing.T, n int) []*Server {
 			Routes:     strings.Join(routes, ","),
 			Replicas:   min(3, n),
 			Shards:     2,
+		}
+		if mutate != nil {
+			mutate(&cfg)
 		}
 		cfgs[i] = cfg
 	}

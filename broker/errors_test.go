@@ -122,18 +122,25 @@ func dialV5Device(t *testing.T, s *Server, user, clientID string, props []paho5.
 // what the server publishes to the client.
 func connectV5(t testing.TB, s *Server, cp *paho5.Connect, onMsg func(*paho5.Publish)) (*paho5.Client, *paho5.Connack) {
 	t.Helper()
+	var cfg paho5.ClientConfig
+	if onMsg != nil {
+		cfg.OnPublishReceived = []func(paho5.PublishReceived) (bool, error){
+			func(pr paho5.PublishReceived) (bool, error) { onMsg(pr.Packet); return true, nil },
+		}
+	}
+	return connectV5With(t, s, cp, cfg)
+}
+
+// connectV5With is connectV5 with the client's callbacks in cfg.
+func connectV5With(t testing.TB, s *Server, cp *paho5.Connect, cfg paho5.ClientConfig) (*paho5.Client, *paho5.Connack) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	conn, err := net.Dial("tcp", s.MQTTAddr())
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := paho5.ClientConfig{Conn: conn, ClientID: cp.ClientID}
-	if onMsg != nil {
-		cfg.OnPublishReceived = []func(paho5.PublishReceived) (bool, error){
-			func(pr paho5.PublishReceived) (bool, error) { onMsg(pr.Packet); return true, nil },
-		}
-	}
+	cfg.Conn, cfg.ClientID = conn, cp.ClientID
 	c := paho5.NewClient(cfg)
 	ca, err := c.Connect(ctx, cp)
 	if err != nil {

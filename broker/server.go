@@ -31,6 +31,7 @@ import (
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
+	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/media"
 	"github.com/chatd/chatd/broker/service/push"
@@ -449,6 +450,7 @@ func (s *Server) routes() http.Handler {
 	})
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
+	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /metrics", s.metrics.Handler())
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
@@ -499,6 +501,11 @@ func (s *Server) joinCluster() error {
 		NodeGone:       s.presence.NodeGone,
 		SessionStarted: s.takeOver,
 		OnlineUsers:    s.presence.Local,
+		DeviceRemoved: func(user, device string) {
+			s.cluster.queue.Removed(user, device)
+			endRemoved(s.mqtt, topic.ClientID(user, device))
+		},
+		Connected: s.conns().connectedHere,
 		// Stored notices of peers were lost: reread the queues of the
 		// users with a device here, whom no later notice may wake.
 		Missed: s.path.Resync,

@@ -31,6 +31,8 @@ const (
 	// ReasonTakenOver: the same client ID connected again, here or on
 	// another node.
 	ReasonTakenOver Reason = "taken_over"
+	// ReasonRemoved: the device's user removed it (the devices API).
+	ReasonRemoved Reason = "device_removed"
 	// ReasonShuttingDown: the server is stopping.
 	ReasonShuttingDown Reason = "shutting_down"
 	// ReasonKeepalive: the client sent nothing for 1.5 keepalives.
@@ -49,6 +51,21 @@ var ErrTokenExpired = errors.New("access token expired")
 // ErrTakenOver ends a connection whose client connected again on another node.
 var ErrTakenOver = errors.New("session taken over on another node")
 
+// ErrDeviceRemoved ends the connections of a device its user removed.
+var ErrDeviceRemoved = errors.New("device removed by its user")
+
+// EndRemoved ends cl's connection because its user removed the device:
+// an MQTT 5 client is told so (DISCONNECT 0x98, administrative action);
+// MQTT 3.1.1 has no server DISCONNECT.
+func EndRemoved(s *mqtt.Server, cl *mqtt.Client) {
+	if cl.Properties.ProtocolVersion == 5 {
+		// DisconnectClient returns the code it disconnected with.
+		_ = s.DisconnectClient(cl, packets.ErrAdministrativeAction)
+		return
+	}
+	cl.Stop(ErrDeviceRemoved)
+}
+
 // ReasonOf names why a connection ended from its stop cause (the first
 // error it was stopped with) and the error its read loop ended with.
 func ReasonOf(cause, err error) Reason {
@@ -61,6 +78,8 @@ func ReasonOf(cause, err error) Reason {
 			return ReasonTokenExpired
 		case errors.Is(e, ErrTakenOver), errors.Is(e, packets.ErrSessionTakenOver):
 			return ReasonTakenOver
+		case errors.Is(e, ErrDeviceRemoved), errors.Is(e, packets.ErrAdministrativeAction):
+			return ReasonRemoved
 		case errors.Is(e, packets.ErrServerShuttingDown):
 			return ReasonShuttingDown
 		case errors.Is(e, wire.ErrOverflow):

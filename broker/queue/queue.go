@@ -175,6 +175,8 @@ type Store interface {
 	Head(user string) (uint64, error)
 	// Depth returns how many messages wait in user's queue.
 	Depth(user string) (uint64, error)
+	// Waiting counts the messages of user with Seq > after.
+	Waiting(user string, after uint64) (uint64, error)
 	// MayAttach reports whether a device may connect under max_devices.
 	MayAttach(user, device string) (bool, error)
 	// Attach registers a connection of a device and returns its cursor and

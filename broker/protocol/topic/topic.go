@@ -59,6 +59,15 @@ func validName(s string, max int) bool {
 	return true
 }
 
+// ClientID is the client ID of device of user: the bare {user} for the
+// device "", {user}/{device} otherwise; ParseClientID undoes it.
+func ClientID(user, device string) string {
+	if device == "" {
+		return user
+	}
+	return user + "/" + device
+}
+
 // ParseClientID splits a client ID of user into its device name: "" for the
 // bare {user} form, the part after the slash for {user}/{device}.
 func ParseClientID(clientID, user string) (device string, err error) {

@@ -30,6 +30,9 @@ func TestParseClientID(t *testing.T) {
 		if err != nil && !errors.Is(err, ErrBadClientID) {
 			t.Errorf("error %v does not wrap ErrBadClientID", err)
 		}
+		if c.ok && ClientID(c.user, device) != c.clientID {
+			t.Errorf("ClientID(%q, %q) = %q, want %q", c.user, device, ClientID(c.user, device), c.clientID)
+		}
 	}
 }
 

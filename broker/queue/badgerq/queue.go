@@ -290,6 +290,30 @@ func (s *Store) Depth(user string) (uint64, error) {
 	return u.Queue.head - u.Queue.deleted, nil
 }
 
+// Waiting counts the messages of user with Seq > after that have not
+// expired, reading their keys alone.
+func (s *Store) Waiting(user string, after uint64) (uint64, error) {
+	var n uint64
+	now := uint64(s.opts.Now().Unix())
+	err := s.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.Prefix = msgPrefix(user)
+		io.PrefetchValues = false
+		it := txn.NewIterator(io)
+		defer it.Close()
+		for it.Seek(msgKey(user, after+1)); it.Valid(); it.Next() {
+			if !expired(it.Item(), now) {
+				n++
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("count waiting messages of %s after %d: %w", user, after, err)
+	}
+	return n, nil
+}
+
 // Head returns the last sequence of user's queue that is durable.
 func (s *Store) Head(user string) (uint64, error) {
 	u, err := s.reg.Lock(user)

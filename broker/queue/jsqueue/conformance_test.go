@@ -111,6 +111,9 @@ func (r renamed) Detach(user, device string) { r.Store.Detach(r.prefix+user, dev
 func (r renamed) Devices(user string) ([]queue.Device, error) {
 	return r.Store.Devices(r.prefix + user)
 }
+func (r renamed) Waiting(user string, after uint64) (uint64, error) {
+	return r.Store.Waiting(r.prefix+user, after)
+}
 func (r renamed) Remove(user, device string) error { return r.Store.Remove(r.prefix+user, device) }
 
 func TestConformance(t *testing.T) {

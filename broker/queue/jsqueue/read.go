@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -155,6 +156,35 @@ func (s *Store) Depth(user string) (uint64, error) {
 		return 0, fmt.Errorf("depth of %s: %w", user, err)
 	}
 	return info.State.Subjects[subj], nil
+}
+
+// Waiting counts the messages of user with Seq > after. User sequences
+// are the stream's, with gaps, so it asks the stream: an ephemeral
+// consumer of the user's subject from after+1 counts them as pending,
+// and is deleted at once. It costs two requests, for the devices API,
+// not the message path.
+func (s *Store) Waiting(user string, after uint64) (uint64, error) {
+	ctx, cancel := s.reqCtx()
+	defer cancel()
+	subj, shard := s.names.subject(user)
+	c, err := s.streams[shard].CreateConsumer(ctx, jetstream.ConsumerConfig{
+		FilterSubject:     subj,
+		DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:       after + 1,
+		AckPolicy:         jetstream.AckNonePolicy,
+		MemoryStorage:     true,
+		Replicas:          1,
+		InactiveThreshold: time.Minute,
+	})
+	if err != nil {
+		return 0, fmt.Errorf("count waiting messages of %s: %w", user, err)
+	}
+	n := c.CachedInfo().NumPending
+	// Left behind, it goes after InactiveThreshold anyway.
+	if err := s.streams[shard].DeleteConsumer(ctx, c.CachedInfo().Name); err != nil {
+		s.log.Warn("delete counting consumer", "user", user, "error", err)
+	}
+	return n, nil
 }
 
 // lastSeq asks the stream leader for the sequence of the last message on

@@ -129,6 +129,14 @@ func runExamples(t *testing.T, b Backend) {
 		if n := f.count("jack", 0); n != 2 {
 			t.Fatalf("%d messages left before the removal, want the 2 the phone lacks", n)
 		}
+		for _, c := range []struct {
+			after uint64
+			want  uint64
+		}{{0, 2}, {r.msg.Seq - 1, 1}, {r.msg.Seq, 0}} {
+			if n, err := f.s.Waiting("jack", c.after); err != nil || n != c.want {
+				t.Fatalf("Waiting(jack, %d) = %d, %v; want %d", c.after, n, err, c.want)
+			}
+		}
 		if err := f.s.Remove("jack", "phone"); err != nil {
 			t.Fatalf("remove: %v", err)
 		}

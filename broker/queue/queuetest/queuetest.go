@@ -32,6 +32,8 @@ type Store interface {
 	SetSubscribed(user, device string, subscribed bool)
 	// Detach records that a connection of a device ended.
 	Detach(user, device string)
+	// Waiting counts a user's messages after a sequence.
+	Waiting(user string, after uint64) (uint64, error)
 	// Devices lists a user's devices.
 	Devices(user string) ([]queue.Device, error)
 	// Remove forgets a device at once.

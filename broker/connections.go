@@ -1,0 +1,73 @@
+package broker
+
+import (
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/chatd/chatd/broker/cluster/peers"
+	"github.com/chatd/chatd/broker/protocol/topic"
+	"github.com/chatd/chatd/hooks"
+)
+
+// peerAnswerWait bounds how long a devices list waits for the other
+// nodes to say which devices are connected to them.
+const peerAnswerWait = time.Second
+
+// connections are the devices' connections on this node and, in
+// cluster mode, on its peers, as the devices API sees them.
+type connections struct {
+	mqtt *mqtt.Server
+	// bus is nil on one node.
+	bus *peers.Bus
+}
+
+// conns returns the node's connections.
+func (s *Server) conns() connections {
+	c := connections{mqtt: s.mqtt}
+	if s.cluster != nil {
+		c.bus = s.cluster.bus
+	}
+	return c
+}
+
+// Connected returns which of clientIDs have a connection here or on a
+// peer; err names the peers that did not answer.
+func (c connections) Connected(clientIDs []string) (map[string]bool, error) {
+	found := make(map[string]bool)
+	var err error
+	if c.bus != nil {
+		found, err = c.bus.Connected(clientIDs, peerAnswerWait)
+	}
+	for _, id := range c.connectedHere(clientIDs) {
+		found[id] = true
+	}
+	return found, err
+}
+
+// connectedHere returns which of clientIDs have a connection here.
+func (c connections) connectedHere(clientIDs []string) []string {
+	var out []string
+	for _, id := range clientIDs {
+		if cl, ok := c.mqtt.Clients.Get(id); ok && !cl.Closed() {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// Removed ends the connections of a device its user removed, here and
+// on the peers.
+func (c connections) Removed(user, device string) {
+	if c.bus != nil {
+		c.bus.DeviceRemoved(user, device)
+	}
+	endRemoved(c.mqtt, topic.ClientID(user, device))
+}
+
+// endRemoved ends the connection of clientID here, if it has one.
+func endRemoved(s *mqtt.Server, clientID string) {
+	if cl, ok := s.Clients.Get(clientID); ok && !cl.Closed() {
+		hooks.EndRemoved(s, cl)
+	}
+}
