@@ -16,10 +16,12 @@ import (
 )
 
 // client is one simulated phone: a paho client with a persistent session,
-// subscribed to its own inbox, that may also send.
+// subscribed to its own inbox, that may also send. It is device dev of its
+// user; with one device per user its client ID is the user ID.
 type client struct {
 	r    *run
 	idx  int
+	dev  int
 	user string
 	mc   mqtt.Client
 
@@ -66,9 +68,16 @@ type outgoing struct {
 
 // newClient builds the client of user index idx; it does not connect.
 func (r *run) newClient(idx int) (*client, error) {
+	return r.newDevice(idx, 0)
+}
+
+// newDevice builds the client of device dev of user index idx; it does
+// not connect.
+func (r *run) newDevice(idx, dev int) (*client, error) {
 	c := &client{
 		r:     r,
 		idx:   idx,
+		dev:   dev,
 		user:  r.users[idx],
 		slots: make(chan struct{}, r.cfg.Inflight),
 		ready: make(chan struct{}),
@@ -106,14 +115,27 @@ func (r *run) brokerIndex(u *url.URL) int {
 	return -1
 }
 
+// id returns the client ID: the user ID, or {user}/d{dev} when users
+// have several devices.
+func (c *client) id() string {
+	if c.r.devices <= 1 {
+		return c.user
+	}
+	return deviceClientID(c.user, c.dev)
+}
+
+// slot numbers the client among every device of every user, which
+// spreads devices over the nodes and source addresses as users are.
+func (c *client) slot() int { return c.idx*max(1, c.r.devices) + c.dev }
+
 func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 	o := mqtt.NewClientOptions()
 	// paho tries its brokers in the order given, on the first connection
 	// and on every reconnection.
-	for _, b := range rotatedBrokers(r.brokers, c.idx) {
+	for _, b := range rotatedBrokers(r.brokers, c.slot()) {
 		o.AddBroker(b)
 	}
-	o.SetClientID(c.user).
+	o.SetClientID(c.id()).
 		SetProtocolVersion(4).
 		SetCleanSession(false).
 		SetAutoReconnect(true).
@@ -135,7 +157,7 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 		o.SetUsername(c.user).SetPassword(tok)
 	}
 	if len(r.brokers) > 1 {
-		c.trying.Store(int32(c.idx % len(r.brokers)))
+		c.trying.Store(int32(c.slot() % len(r.brokers)))
 		// paho names the broker it dials just before dialling it, in the
 		// goroutine that then connects: the last one named is the node
 		// the connection is on.
@@ -147,7 +169,7 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 			}
 		})
 	}
-	dialer := &net.Dialer{Timeout: r.cfg.ConnectTimeout, LocalAddr: r.localAddr(c.idx)}
+	dialer := &net.Dialer{Timeout: r.cfg.ConnectTimeout, LocalAddr: r.localAddr(c.slot())}
 	o.SetDialer(dialer)
 	// Every URL has the scheme of the first (Config.Validate).
 	if u, err := url.Parse(r.brokers[0]); err == nil && (u.Scheme == "tcp" || u.Scheme == "mqtt") {
@@ -198,10 +220,10 @@ func (c *client) connect(ctx context.Context) (connack, suback time.Duration, er
 	select {
 	case <-tok.Done():
 	case <-ctx.Done():
-		return 0, 0, fmt.Errorf("connect %s: %w", c.user, ctx.Err())
+		return 0, 0, fmt.Errorf("connect %s: %w", c.id(), ctx.Err())
 	}
 	if err := tok.Error(); err != nil {
-		return 0, 0, fmt.Errorf("connect %s: %w", c.user, err)
+		return 0, 0, fmt.Errorf("connect %s: %w", c.id(), err)
 	}
 	connack = time.Since(start)
 	timer := time.NewTimer(c.r.cfg.ConnectTimeout)
@@ -209,9 +231,9 @@ func (c *client) connect(ctx context.Context) (connack, suback time.Duration, er
 	select {
 	case <-c.ready:
 	case <-timer.C:
-		return connack, 0, fmt.Errorf("subscribe %s: no SUBACK within %s", c.user, c.r.cfg.ConnectTimeout)
+		return connack, 0, fmt.Errorf("subscribe %s: no SUBACK within %s", c.id(), c.r.cfg.ConnectTimeout)
 	case <-ctx.Done():
-		return connack, 0, fmt.Errorf("subscribe %s: %w", c.user, ctx.Err())
+		return connack, 0, fmt.Errorf("subscribe %s: %w", c.id(), ctx.Err())
 	}
 	return connack, time.Since(start), nil
 }
@@ -272,15 +294,15 @@ func (c *client) onConnect(mc mqtt.Client) {
 		return
 	}
 	if !ok {
-		c.r.errs.add(fmt.Errorf("subscribe %s: no SUBACK within %s", c.user, c.r.cfg.ConnectTimeout))
+		c.r.errs.add(fmt.Errorf("subscribe %s: no SUBACK within %s", c.id(), c.r.cfg.ConnectTimeout))
 		return
 	}
 	if err := tok.Error(); err != nil {
-		c.r.errs.add(fmt.Errorf("subscribe %s: %w", c.user, err))
+		c.r.errs.add(fmt.Errorf("subscribe %s: %w", c.id(), err))
 		return
 	}
 	if st, ok := tok.(*mqtt.SubscribeToken); ok && st.Result()[topic] >= 0x80 {
-		c.r.errs.add(fmt.Errorf("subscribe %s: refused by the broker", c.user))
+		c.r.errs.add(fmt.Errorf("subscribe %s: refused by the broker", c.id()))
 		return
 	}
 	c.readyOnce.Do(func() { close(c.ready) })
@@ -289,7 +311,7 @@ func (c *client) onConnect(mc mqtt.Client) {
 func (c *client) onConnectionLost(_ mqtt.Client, err error) {
 	c.r.conns.connected.Add(-1)
 	c.r.conns.lost.Add(1)
-	c.r.conns.noteLoss(fmt.Errorf("%s: %w", c.user, err))
+	c.r.conns.noteLoss(fmt.Errorf("%s: %w", c.id(), err))
 }
 
 // onReconnecting holds sending until paho has resent the stored publishes,
@@ -313,7 +335,7 @@ func (c *client) onReconnecting(mqtt.Client, *mqtt.ClientOptions) {
 }
 
 func (c *client) onMessage(_ mqtt.Client, m mqtt.Message) {
-	c.r.ledger.Deliver(c.idx, m.Payload(), time.Now().UnixNano())
+	c.r.ledger.DeliverTo(c.idx, c.dev, m.Payload(), time.Now().UnixNano())
 }
 
 func (c *client) onAck(seq uint64) {
@@ -321,21 +343,22 @@ func (c *client) onAck(seq uint64) {
 	c.release()
 }
 
-// send publishes one message to user index to with pair sequence number n,
-// after waiting for room in the send window.
-func (c *client) send(ctx context.Context, to int, n uint64) error {
-	if err := c.acquire(ctx, &outgoing{to: to, n: n}); err != nil {
+// send publishes one message to user index to with pair sequence number n
+// and copy number cn (0 with one device per user), after waiting for room
+// in the send window.
+func (c *client) send(ctx context.Context, to int, n, cn uint64) error {
+	if err := c.acquire(ctx, &outgoing{to: to, n: n, c: cn}); err != nil {
 		return err
 	}
 	defer c.publishing.Store(nil)
 	now := time.Now().UnixNano()
-	seq, err := c.r.ledger.NewMessage(c.idx, to, now)
+	seq, err := c.r.ledger.NewMessageFrom(c.idx, c.dev, to, now)
 	if err != nil {
 		c.release()
 		return err
 	}
 	// paho keeps the payload until the PUBACK, so each message needs its own.
-	payload := appendMessage(make([]byte, 0, c.r.cfg.Size+8), message{Tag: c.r.tag, Seq: seq, SentAt: now, Sender: c.user, N: n}, c.r.cfg.Size)
+	payload := appendMessage(make([]byte, 0, c.r.cfg.Size+8), message{Tag: c.r.tag, Seq: seq, SentAt: now, Sender: c.user, N: n, C: cn}, c.r.cfg.Size)
 	tok := c.mc.Publish(c.r.topics[to], 1, false, payload)
 	// Every failure paho reports is decided inside Publish; one that left the
 	// message in the store (a write timeout) is resent on reconnection.
@@ -344,7 +367,7 @@ func (c *client) send(ctx context.Context, to int, n uint64) error {
 		if err := tok.Error(); err != nil && !c.store.holds(seq) {
 			c.r.ledger.SendFailed(seq)
 			c.release()
-			return fmt.Errorf("publish %s->%s: %w", c.user, c.r.users[to], err)
+			return fmt.Errorf("publish %s->%s: %w", c.id(), c.r.users[to], err)
 		}
 	default:
 	}

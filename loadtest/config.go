@@ -20,7 +20,7 @@ const (
 
 // Scenarios lists every scenario with a one-line description.
 var Scenarios = []struct{ Name, Doc string }{
-	{ScenarioChat, "N users send to random other users at --rate; every message must arrive once, in order"},
+	{ScenarioChat, "N users send to random other users at --rate; every message must arrive once, in order (with --devices, at every device of its recipient, and its sent copy at the sender's other devices)"},
 	{ScenarioDrain, "--messages queued for one offline user by --senders senders, then it connects and drains"},
 	{ScenarioConnect, "ramp N idle persistent connections at --connect-rate, hold them --hold after the last one, measure connect latency and server memory per connection"},
 	{ScenarioFlaky, "chat through a toxiproxy with latency, jitter, bandwidth limit and connection cuts"},
@@ -46,6 +46,14 @@ type Config struct {
 	UserPrefix string
 	// Users is the number of simulated users (chat, flaky, crash, connect).
 	Users int
+	// Devices is how many devices each user of the chat, flaky and crash
+	// scenarios has, each its own connection: 1 (or 0) connects every
+	// user with client ID {user}; N connects {user}/d0 ... {user}/d{N-1},
+	// each message is sent from one of them (drawn with the seed) and
+	// must reach every device of its recipient once, in order, and its
+	// sent copy every other device of its sender once, in the order that
+	// device sent them. At most MaxDevices; chatd only (not Plain).
+	Devices int
 	// Duration bounds the sending phase (and the whole drain and connect scenarios).
 	Duration time.Duration
 	// Grace is how long to wait at the end for deliveries still on their way.
@@ -120,6 +128,7 @@ func DefaultConfig() Config {
 		Topic:          "inbox/%s",
 		UserPrefix:     "lt",
 		Users:          100,
+		Devices:        1,
 		Duration:       30 * time.Second,
 		Grace:          5 * time.Second,
 		Size:           256,
@@ -182,6 +191,7 @@ func (c *Config) Validate() error {
 		{"--source-ips", c.SourceIPs >= 0 && c.SourceIPs <= 254},
 		{"--hold", c.Hold >= 0},
 		{"--flooders", c.Flooders >= 0},
+		{fmt.Sprintf("--devices (1 to %d)", MaxDevices), c.Devices >= 0 && c.Devices <= MaxDevices},
 	}
 	switch c.Scenario {
 	case ScenarioDrain:
@@ -199,6 +209,11 @@ func (c *Config) Validate() error {
 	switch c.Scenario {
 	case ScenarioChat, ScenarioFlaky, ScenarioCrash:
 		checks = append(checks, positive{"--users (at least 2 to chat)", c.Users >= 2})
+	default:
+		checks = append(checks, positive{"--devices (only the chat, flaky and crash scenarios give users several devices)", c.Devices <= 1})
+	}
+	if c.Plain {
+		checks = append(checks, positive{"--devices (sent copies are chatd's: not with --plain)", c.Devices <= 1})
 	}
 	if c.Scenario == ScenarioFlaky {
 		checks = append(checks,

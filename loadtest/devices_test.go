@@ -1,9 +1,14 @@
 package loadtest
 
 import (
+	"bytes"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 	"unsafe"
 )
 
@@ -255,6 +260,77 @@ func TestNewMessageFromBadDevice(t *testing.T) {
 	l := NewDeviceLedger(streamTag, streamUsers, 2, false)
 	if _, err := l.NewMessageFrom(0, 2, 1, 1); err == nil {
 		t.Error("device 2 of 2 accepted")
+	}
+}
+
+// TestRunChatDevices runs the chat scenario on a real chatd with one, two
+// and three devices per user: every message reaches every device of its
+// recipient once, every sent copy every other device of its sender once,
+// in order, and with one device no copy is owed.
+func TestRunChatDevices(t *testing.T) {
+	tests := []struct{ devices int }{{1}, {2}, {3}}
+	broker := startChatd(t)
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%d devices", tt.devices), func(t *testing.T) {
+			cfg := testConfig(ScenarioChat, broker)
+			cfg.Users = 4
+			cfg.Devices = tt.devices
+			cfg.Duration = time.Second
+			cfg.Rate = 300
+			// Each run's users are new to the server: its devices are
+			// all the devices they have.
+			cfg.UserPrefix = fmt.Sprintf("dev%d", tt.devices)
+			t.Logf("seed %d", cfg.Seed)
+			rep := runOK(t, cfg)
+			assertBalanced(t, rep)
+			c := rep.Counts
+			d := int64(tt.devices)
+			if c.Sent == 0 || c.Acked != c.Sent || c.InFlight != 0 || c.Unique != c.Sent*d || c.Lost != 0 {
+				t.Errorf("counts %+v: want every message PUBACKed and delivered to each of %d devices", c, d)
+			}
+			if want := c.Sent * (d - 1); c.CopiesExpected != want || c.CopiesReceived != want {
+				t.Errorf("copies expected %d, received %d; want %d (%d messages, %d other devices each)",
+					c.CopiesExpected, c.CopiesReceived, want, c.Sent, d-1)
+			}
+			if tt.devices > 1 && c.CopiesReceived == 0 {
+				t.Error("no sent copy received")
+			}
+			if c.CopyOrderViolations != 0 || c.CopiesMisrouted != 0 || c.OrderViolations != 0 || c.Misrouted != 0 {
+				t.Errorf("counts %+v: want no disorder and nothing misrouted", c)
+			}
+			if rep.Copy.Count != c.CopiesReceived || rep.Deliver.Count != c.Unique {
+				t.Errorf("latency samples: copy %d, deliver %d; counts %+v", rep.Copy.Count, rep.Deliver.Count, c)
+			}
+			if rep.Connections.Clients != cfg.Users*tt.devices {
+				t.Errorf("%d clients connected, want %d users x %d devices", rep.Connections.Clients, cfg.Users, tt.devices)
+			}
+			if rep.Settings.Devices != tt.devices || rep.Settings.Seed != cfg.Seed {
+				t.Errorf("settings %+v: want %d devices, seed %d", rep.Settings, tt.devices, cfg.Seed)
+			}
+
+			var table bytes.Buffer
+			if err := rep.WriteTable(&table); err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Contains(table.String(), "sent copies"); got != (tt.devices > 1) ||
+				!strings.Contains(table.String(), fmt.Sprintf("seed %d", cfg.Seed)) {
+				t.Errorf("table (copies shown: %v, want %v; and the seed):\n%s", got, tt.devices > 1, table.String())
+			}
+			if tt.devices == 2 {
+				t.Logf("summary:\n%s", table.String())
+			}
+			path := filepath.Join(t.TempDir(), "r.html")
+			if err := rep.WriteHTML(path); err != nil {
+				t.Fatal(err)
+			}
+			page, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := bytes.Contains(page, []byte("sent copies")); got != (tt.devices > 1) {
+				t.Errorf("HTML report shows the copies: %v, want %v", got, tt.devices > 1)
+			}
+		})
 	}
 }
 

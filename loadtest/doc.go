@@ -3,16 +3,32 @@
 // persistent sessions) and reports what their users would feel.
 //
 // Every message carries its run tag, a run-wide sequence number, its send
-// time and a per sender->receiver sequence number, so the Ledger can tell
-// for each one whether it was PUBACKed, delivered, delivered twice, out of
-// order, to the wrong user, or lost: PUBACKed and still not delivered when
-// the grace period ends. PUBACKs are read from the client's session store
-// rather than from publish tokens, which paho completes early when it
-// resends after a reconnection.
+// time and a per sender->receiver sequence number (and, with several
+// devices per user, its number among its device's sends), so the Ledger
+// can tell for each one whether it was PUBACKed, delivered, delivered
+// twice, out of order, to the wrong user, or lost: PUBACKed and still not
+// delivered when the grace period ends. PUBACKs are read from the
+// client's session store rather than from publish tokens, which paho
+// completes early when it resends after a reconnection.
 //
 // The scenarios (chat, drain, connect, flaky, crash, restart) are described by
 // Scenarios; Run executes one and returns a Report, which renders as a
 // table, JSON or a self-contained HTML page.
+//
+// In the chat, flaky and crash scenarios each user may have several
+// devices (Config.Devices, --devices N): N connections with client IDs
+// {user}/d0 ... {user}/d{N-1} (with one device, the client ID is the user
+// ID). All are connected before anything is sent; each message goes out
+// from one of its sender's devices, drawn with the run's seed (--seed,
+// shown in the report), and must then reach every device of its
+// recipient once, in the order its sending device sent them, while its
+// sent copy (PROTOCOL.md section 4, chatd only) must reach every other
+// device of its sender once, in the order that device sent them. The
+// report counts the copies expected, received, lost, duplicated,
+// misrouted and out of order, and the run fails on a copy lost, misrouted
+// or out of order as on a message. The Ledger's bookkeeping stays a fixed
+// 32 bytes per message whatever the number of devices: one bit per
+// recipient device and per device of the sender (so at most MaxDevices).
 //
 // A cluster is driven through one broker URL per node: the clients are
 // spread evenly over them, and paho's auto-reconnect moves a client whose

@@ -40,7 +40,9 @@ type Report struct {
 	LostSamples []string `json:"lost_samples,omitempty"`
 	// RefusalCodes counts error events by code.
 	RefusalCodes map[string]int64 `json:"refusal_codes,omitempty"`
-	// Throughput is first deliveries per second from the first send to the last delivery.
+	// Throughput is first deliveries per second from the first send to the
+	// last delivery; with several devices per user, first deliveries to
+	// each device (sent copies not included).
 	Throughput float64 `json:"throughput_per_s"`
 	// SendRate is messages sent per second of the sending phase.
 	SendRate float64 `json:"send_rate_per_s"`
@@ -50,6 +52,9 @@ type Report struct {
 	Ack Percentiles `json:"ack_latency"`
 	// Receipt is the send->delivered-receipt latency (chatd only).
 	Receipt Percentiles `json:"receipt_latency"`
+	// Copy is the send->sent-copy latency of first receptions by the
+	// sender's other devices, when users have several.
+	Copy Percentiles `json:"copy_latency,omitzero"`
 	// LatencyBins is the send->deliver latency histogram.
 	LatencyBins []Bin `json:"latency_bins,omitempty"`
 	// Connections summarises the clients' connections.
@@ -82,6 +87,11 @@ type Report struct {
 type Settings struct {
 	// Users is the simulated users.
 	Users int `json:"users"`
+	// Devices is each user's devices in the chat, flaky and crash scenarios.
+	Devices int `json:"devices,omitempty"`
+	// Seed is the seed of the run's random choices in the chat, flaky and
+	// crash scenarios: --seed repeats them.
+	Seed int64 `json:"seed,omitempty"`
 	// Size is the message object size in bytes.
 	Size int `json:"size"`
 	// Rate is the target send rate, 0 for as fast as flow control allows.
@@ -161,6 +171,7 @@ func (r *run) report(interrupted bool) *Report {
 		Deliver:      PercentilesOf(deliver),
 		Ack:          PercentilesOf(ack),
 		Receipt:      PercentilesOf(receipt),
+		Copy:         PercentilesOf(r.ledger.CopyHistogram()),
 		LatencyBins:  LogBins(deliver),
 		Client:       r.self.usage(),
 		Drain:        r.drain,
@@ -247,8 +258,15 @@ func (r *run) settings() Settings {
 	case ScenarioCrash:
 		s.KillEverySec = c.KillEvery.Seconds()
 	}
+	switch c.Scenario {
+	case ScenarioChat, ScenarioFlaky, ScenarioCrash:
+		s.Devices, s.Seed = r.devices, int64(r.seed())
+	}
 	return s
 }
+
+// devices returns each user's devices, 1 for a report that does not say.
+func (rep *Report) devices() int { return max(1, rep.Settings.Devices) }
 
 // settingsLine describes the settings that matter to the scenario.
 func (rep *Report) settingsLine() string {
@@ -273,8 +291,14 @@ func (rep *Report) settingsLine() string {
 	}
 	line := fmt.Sprintf("users %d  size %d B  rate %s  inflight %d  duration %.0fs  grace %.0fs",
 		s.Users, s.Size, rate, s.Inflight, s.DurationSec, s.GraceSec)
+	if s.Devices > 1 {
+		line += fmt.Sprintf("  devices %d", s.Devices)
+	}
 	if s.KillEverySec > 0 {
 		line += fmt.Sprintf("  kill every %.1fs", s.KillEverySec)
+	}
+	if s.Seed != 0 {
+		line += fmt.Sprintf("  seed %d", s.Seed)
 	}
 	return line
 }
@@ -288,9 +312,16 @@ func (rep *Report) Failures() []string {
 			f = append(f, fmt.Sprintf("%d %s", n, what))
 		}
 	}
-	add(c.Lost, "messages lost (PUBACKed, never delivered)")
+	if rep.devices() > 1 {
+		add(c.Lost, "deliveries lost (PUBACKed, never delivered to a device of the recipient)")
+	} else {
+		add(c.Lost, "messages lost (PUBACKed, never delivered)")
+	}
 	add(c.Misrouted, "deliveries misrouted")
 	add(c.OrderViolations, "order violations")
+	add(c.CopiesLost, "sent copies lost (never received by a device of the sender)")
+	add(c.CopiesMisrouted, "sent copies misrouted")
+	add(c.CopyOrderViolations, "sent copy order violations")
 	add(c.SendFailed, "publishes failed")
 	add(c.Refused, "messages refused by the broker")
 	add(c.Malformed, "malformed deliveries")
@@ -302,15 +333,16 @@ func (rep *Report) Failures() []string {
 }
 
 // ExitCode is the process exit status the report calls for: 0 when the
-// run passed, 1 when messages were lost, misrouted or reordered (the
-// broker broke its promise), 2 for any other error, and for an
-// interrupted run, whose losses are unknown.
+// run passed, 1 when messages or sent copies were lost, misrouted or
+// reordered (the broker broke its promise), 2 for any other error, and for
+// an interrupted run, whose losses are unknown.
 func (rep *Report) ExitCode() int {
 	c := rep.Counts
 	switch {
 	case rep.Interrupted:
 		return 2
-	case c.Lost > 0 || c.Misrouted > 0 || c.OrderViolations > 0:
+	case c.Lost > 0 || c.Misrouted > 0 || c.OrderViolations > 0,
+		c.CopiesLost > 0 || c.CopiesMisrouted > 0 || c.CopyOrderViolations > 0:
 		return 1
 	case len(rep.Failures()) > 0:
 		return 2
@@ -346,8 +378,13 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	p("%s", rep.settingsLine())
 	p("")
 	c := rep.Counts
+	devices := rep.devices()
 	if c.Sent > 0 || rep.Scenario != ScenarioConnect {
-		p("messages")
+		if devices > 1 {
+			p("messages\t\t(each owed once to every one of its recipient's %d devices)", devices)
+		} else {
+			p("messages")
+		}
 		p("  sent\t%d", c.Sent)
 		p("  PUBACKed\t%d", c.Acked)
 		p("  delivered\t%d\t(unique %d, duplicates %d)", c.Delivered, c.Unique, c.Duplicates)
@@ -365,11 +402,23 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	if c.Receipts+c.ErrorEvents+c.Other > 0 {
 		p("  events\treceipts %d, errors %d, other %d", c.Receipts, c.ErrorEvents, c.Other)
 	}
+	if devices > 1 || c.CopiesExpected+c.CopiesReceived+c.CopyDuplicates+c.CopiesMisrouted > 0 {
+		p("sent copies\t\t(each owed once to every other device of its sender, in the order it sent them)")
+		p("  expected\t%d", c.CopiesExpected)
+		p("  received\t%d\t(duplicates %d)", c.CopiesReceived, c.CopyDuplicates)
+		p("  lost\t%d", c.CopiesLost)
+		p("  order violations\t%d", c.CopyOrderViolations)
+		p("  misrouted\t%d", c.CopiesMisrouted)
+	}
+	perDevice := ""
+	if devices > 1 {
+		perDevice = " to devices"
+	}
 	switch {
 	case rep.Throughput > 0 && rep.SendRate > 0:
-		p("throughput\t%.0f msg/s delivered\t(sent %.0f/s)", rep.Throughput, rep.SendRate)
+		p("throughput\t%.0f msg/s delivered%s\t(sent %.0f/s)", rep.Throughput, perDevice, rep.SendRate)
 	case rep.Throughput > 0:
-		p("throughput\t%.0f msg/s delivered", rep.Throughput)
+		p("throughput\t%.0f msg/s delivered%s", rep.Throughput, perDevice)
 	}
 	p("")
 	p("latency (ms)\tp50\tp90\tp99\tp99.9\tmax\tcount")
@@ -381,6 +430,7 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	row("send->deliver", rep.Deliver)
 	row("send->PUBACK", rep.Ack)
 	row("send->receipt", rep.Receipt)
+	row("send->sent copy", rep.Copy)
 	row("CONNECT->CONNACK", rep.Connections.Connack)
 	row("CONNECT->SUBACK", rep.Connections.Suback)
 	p("")

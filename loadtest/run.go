@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	mrand "math/rand/v2"
 	"net"
 	"net/url"
 	"os"
@@ -52,6 +53,13 @@ type run struct {
 	errs  errorLog
 	conns connStats
 
+	// devices is how many devices, each a client, every user has: 1
+	// except in the chat scenarios with Config.Devices above 1.
+	devices int
+	// seedV seeds every random choice of the run: Config.Seed, or one
+	// drawn at random and reported so that the run can be repeated.
+	seedV uint64
+
 	// brokers are the URLs the clients connect to, one per node; the flaky
 	// scenario replaces its one URL by its proxy's before any client
 	// exists. brokerKeys are their normalised forms and nodes their
@@ -59,8 +67,8 @@ type run struct {
 	brokers    []string
 	brokerKeys []string
 	nodes      []nodeStats
-	// chatters are the chat scenario's connected clients, set before its
-	// sending phase starts.
+	// chatters are the chat scenario's connected clients, every device of
+	// every user, set before its sending phase starts.
 	chatters []*client
 
 	servers []*serverProc // started by ServerCmds, one per node or one for all
@@ -226,6 +234,12 @@ func newRun(cfg Config, progress Progress) (*run, error) {
 		subscribeH: newHist(),
 	}
 	r.setBrokers(brokers)
+	r.devices = max(1, cfg.Devices)
+	r.seedV = uint64(cfg.Seed)
+	for r.seedV == 0 {
+		// Positive, so that --seed can repeat it.
+		r.seedV = mrand.Uint64() >> 1
+	}
 	r.phase.Store(phaseStart)
 	r.prevAt = r.start
 	switch cfg.Scenario {
@@ -257,10 +271,10 @@ func newRun(cfg Config, progress Progress) (*run, error) {
 		}
 		r.topics = append(r.topics, fmt.Sprintf(cfg.Topic, u))
 	}
-	r.ledger = NewLedger(tag, r.users, cfg.Plain)
+	r.ledger = NewDeviceLedger(tag, r.users, r.devices, cfg.Plain)
 	r.sourceIPs = cfg.SourceIPs
 	if r.sourceIPs == 0 && r.brokerOnLoopback() {
-		r.sourceIPs = (len(r.users) + portsPerSourceIP - 1) / portsPerSourceIP
+		r.sourceIPs = (len(r.users)*r.devices + portsPerSourceIP - 1) / portsPerSourceIP
 	}
 	return r, nil
 }
@@ -339,8 +353,15 @@ func sleep(ctx context.Context, d time.Duration) bool {
 // with idxs, nil where a connection failed; failures are counted in the
 // error log and the first is returned.
 func (r *run) connectAll(ctx context.Context, idxs []int, rate float64) ([]*client, int, error) {
+	return r.connectDevices(ctx, idxs, 1, rate)
+}
+
+// connectDevices is connectAll for devices clients per user: the result
+// holds device k of idxs[i] at i*devices+k.
+func (r *run) connectDevices(ctx context.Context, idxs []int, devices int, rate float64) ([]*client, int, error) {
 	r.setPhase(phaseConnect)
-	clients := make([]*client, len(idxs))
+	n := len(idxs) * devices
+	clients := make([]*client, n)
 	jobs := make(chan int)
 	var (
 		wg       sync.WaitGroup
@@ -348,12 +369,12 @@ func (r *run) connectAll(ctx context.Context, idxs []int, rate float64) ([]*clie
 		failed   int
 		firstErr error
 	)
-	for range min(connectWorkers, len(idxs)) {
+	for range min(connectWorkers, n) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for j := range jobs {
-				c, err := r.newClient(idxs[j])
+				c, err := r.newDevice(idxs[j/devices], j%devices)
 				var connack, suback time.Duration
 				if err == nil {
 					connack, suback, err = c.connect(ctx)
@@ -387,7 +408,7 @@ func (r *run) connectAll(ctx context.Context, idxs []int, rate float64) ([]*clie
 		interval = time.Duration(float64(time.Second) / rate)
 	}
 	next := time.Now()
-	for j := range idxs {
+	for j := range n {
 		if interval > 0 {
 			if d := time.Until(next); d > 0 && !sleep(ctx, d) {
 				break

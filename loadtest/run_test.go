@@ -40,14 +40,23 @@ func runOK(t *testing.T, cfg Config) *Report {
 }
 
 // assertBalanced checks the run's accounting: every message sent is
-// exactly one of failed, delivered, refused, lost or in flight; nothing
-// was lost, misrouted or reordered, and the run met no error.
+// exactly one of failed, refused, in flight or stored, and each stored one
+// delivered or lost at every device of its recipient; every sent copy
+// owed was received or lost; nothing was lost, misrouted or reordered,
+// and the run met no error.
 func assertBalanced(t *testing.T, rep *Report) {
 	t.Helper()
 	c := rep.Counts
-	if sum := c.SendFailed + c.Unique + c.Refused + c.Lost + c.InFlight; sum != c.Sent {
-		t.Errorf("unbalanced: failed %d + unique %d + refused %d + lost %d + in flight %d != sent %d",
-			c.SendFailed, c.Unique, c.Refused, c.Lost, c.InFlight, c.Sent)
+	d := int64(rep.devices())
+	if stored := c.Sent - c.SendFailed - c.Refused - c.InFlight; c.Unique+c.Lost != stored*d {
+		t.Errorf("unbalanced: (unique %d + lost %d) / %d devices != sent %d - failed %d - refused %d - in flight %d",
+			c.Unique, c.Lost, d, c.Sent, c.SendFailed, c.Refused, c.InFlight)
+	}
+	if c.CopiesReceived+c.CopiesLost != c.CopiesExpected {
+		t.Errorf("unbalanced: copies received %d + lost %d != expected %d", c.CopiesReceived, c.CopiesLost, c.CopiesExpected)
+	}
+	if c.CopiesLost != 0 {
+		t.Errorf("%d sent copies lost: %v", c.CopiesLost, rep.LostSamples)
 	}
 	if c.Lost != 0 {
 		t.Errorf("%d messages lost: %v", c.Lost, rep.LostSamples)

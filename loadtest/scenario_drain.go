@@ -142,7 +142,7 @@ func (r *run) queueRoundRobin(ctx context.Context, c *client, to []int, budget *
 		}
 		k := int(b % int64(len(to)))
 		n[k]++
-		if !r.send(ctx, c, to[k], n[k]) {
+		if !r.send(ctx, c, to[k], n[k], 0) {
 			return
 		}
 	}

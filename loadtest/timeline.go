@@ -57,7 +57,7 @@ func (r *run) takeSample(now time.Time) {
 	}
 	c := r.ledger.Snapshot()
 	errs, _ := r.errs.snapshot()
-	errs += c.SendFailed + c.ErrorEvents + c.Malformed + c.Misrouted
+	errs += c.SendFailed + c.ErrorEvents + c.Malformed + c.Misrouted + c.CopiesMisrouted
 	p := Point{
 		T:               now.Sub(r.start).Seconds(),
 		Phase:           r.phase.Load().(string),
