@@ -209,6 +209,7 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.StringVar, &cfg.Topic, "topic", "inbox topic template, %s is the user ID")
 	flagVar(f.StringVar, &cfg.UserPrefix, "user-prefix", "prefix of the simulated user IDs")
 	flagVar(f.IntVar, &cfg.Users, "users", "simulated users (chat, flaky, crash, connect)")
+	flagVar(f.IntVar, &cfg.Devices, "devices", "chat, flaky, crash: devices per user, client IDs {user}/d0..d{N-1} (1: client ID {user}); each message goes out from one of them and must reach every device of its recipient, its sent copy every other device of its sender (chatd only)")
 	flagVar(f.DurationVar, &cfg.Duration, "duration", "sending time; bounds the drain scenario and the connect ramp")
 	flagVar(f.DurationVar, &cfg.Grace, "grace", "time allowed at the end for messages still on their way")
 	flagVar(f.IntVar, &cfg.Size, "size", "message object size in bytes")
