@@ -81,8 +81,14 @@ func (r *Registry[Q]) attach(ctx context.Context, u *User[Q], device string, tra
 	u.used = true
 	now := r.opts.Now().Unix()
 	if d, ok := u.devices[device]; ok {
-		if d.Transient && !transient {
+		switch {
+		case d.Transient && !transient:
 			if err := r.persist(ctx, u, device, d, now); err != nil {
+				return 0, false, false, err
+			}
+		case d.Transient && d.Online == 0:
+			// Known here only from its record: connected on another node.
+			if err := r.claim(ctx, u, device, d, now); err != nil {
 				return 0, false, false, err
 			}
 		}
@@ -131,6 +137,25 @@ func (r *Registry[Q]) persist(ctx context.Context, u *User[Q], device string, d 
 	rev, err := r.p.Update(ctx, u.Name, device, rec, d.Rev)
 	if err != nil {
 		return fmt.Errorf("register device %s/%s as persistent: %w", u.Name, device, err)
+	}
+	d.Record, d.Saved, d.Rev = rec, rec, rev
+	return nil
+}
+
+// claim writes now the record of transient device d, connected on
+// another node until this connection here: that node's Detach deletes
+// the record at the revision it knows, and this write, a new revision,
+// keeps it there. One deleted meanwhile is written anew. Called with u
+// locked.
+func (r *Registry[Q]) claim(ctx context.Context, u *User[Q], device string, d *Device, now int64) error {
+	rec := d.Record
+	rec.Seen = now
+	rev, err := r.p.Update(ctx, u.Name, device, rec, d.Rev)
+	if err != nil {
+		rev, err = r.p.Create(ctx, u.Name, device, rec)
+	}
+	if err != nil {
+		return fmt.Errorf("register device %s/%s here: %w", u.Name, device, err)
 	}
 	d.Record, d.Saved, d.Rev = rec, rec, rev
 	return nil

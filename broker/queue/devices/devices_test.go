@@ -746,3 +746,59 @@ func TestRemove(t *testing.T) {
 		t.Fatalf("devices there: %+v, want the laptop, connected elsewhere", ds)
 	}
 }
+
+// TestTransientMove: a clean-session device that connects to another
+// node while its old connection is still open keeps its record when the
+// old connection's end is handled after the new one's start.
+func TestTransientMove(t *testing.T) {
+	clock := now
+	p := newFake(true)
+	a, _ := registry(t, p, &clock)
+	b, _ := registry(t, p, &clock)
+	if _, _, err := a.API().Attach("bob", "cli", true); err != nil {
+		t.Fatal(err)
+	}
+	clock = clock.Add(time.Second)
+	if _, _, err := b.API().Attach("bob", "cli", true); err != nil {
+		t.Fatal(err)
+	}
+	a.API().Detach("bob", "cli")
+	if st := p.recs["bob cli"]; st.Deleted || !st.Record.Transient || st.Record.Seen != clock.Unix() {
+		t.Fatalf("record after the old node's detach: %+v, want the new node's", st)
+	}
+	if ds, err := b.API().Devices("bob"); err != nil || len(ds) != 1 || !ds[0].Connected {
+		t.Fatalf("devices on the new node: %+v, %v; want cli connected", ds, err)
+	}
+
+	// The old node's delete comes between the new node's read of the
+	// records and its claim: the record is written anew.
+	p2 := newFake(true)
+	c, _ := registryOn(t, &deletingFake{fake: p2, device: "cli"}, true, &clock)
+	p2.seed("bob", "cli", devices.Record{Seen: clock.Unix(), Transient: true})
+	if _, _, err := c.API().Attach("bob", "cli", true); err != nil {
+		t.Fatal(err)
+	}
+	if st := p2.recs["bob cli"]; st.Deleted || !st.Record.Transient {
+		t.Fatalf("record deleted under a connected device: %+v", st)
+	}
+}
+
+// deletingFake deletes one device's record just after each Records read,
+// as another node's Detach racing with this node's Attach.
+type deletingFake struct {
+	*fake
+	device string
+}
+
+func (d *deletingFake) Records(ctx context.Context, user string) (map[string]devices.Stored, error) {
+	recs, err := d.fake.Records(ctx, user)
+	if err == nil {
+		err = d.fake.Delete(ctx, user, d.device, 0)
+	}
+	return recs, err
+}
+
+func (d *deletingFake) Load(ctx context.Context, user string) (map[string]devices.Stored, queueState, error) {
+	recs, err := d.Records(ctx, user)
+	return recs, d.queue, err
+}
