@@ -54,6 +54,13 @@ func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onC
 		Listen:      cfg.Cluster.NATSListen,
 		ClusterName: cfg.Cluster.Name,
 		Logger:      log.With("component", "nats"),
+		Password:    cfg.Cluster.Password,
+		CredsFile:   cfg.Cluster.Credentials,
+	}
+	if t := cfg.Cluster.TLS; t.Enabled() {
+		ncfg.TLS = &natsnode.TLSFiles{CertFile: t.CertFile, KeyFile: t.KeyFile, CAFile: t.CAFile}
+	} else if cfg.Cluster.URL == "" && cfg.Cluster.Name != "" {
+		log.Warn("cluster.tls is not set: NATS routes between the nodes are not encrypted; set it unless they talk over a private network")
 	}
 	// queue.sync is the JetStream server's fsync in cluster mode: Badger
 	// holds no queued message there.

@@ -14,9 +14,14 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
+	"github.com/chatd/chatd/broker/cluster/natsnode/natstest"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/internal/testutil"
+	"github.com/nats-io/nats.go"
 )
+
+// testClusterPassword secures the test clusters' NATS.
+const testClusterPassword = "test-cluster-password-0123456789abcdef"
 
 // startTestCluster runs n chatd nodes in this process, each embedding a NATS
 // server routed to the others, with queues replicated on every node.
@@ -52,6 +57,8 @@ func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*S
 			Routes:     strings.Join(routes, ","),
 			Replicas:   min(3, n),
 			Shards:     2,
+			// Every test cluster asks its NATS clients and routes for it.
+			Password: testClusterPassword,
 		}
 		if mutate != nil {
 			mutate(&cfg)
@@ -84,6 +91,27 @@ func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*S
 		}
 	}
 	return servers
+}
+
+// TestClusterSecured: nodes whose NATS asks for a password and speaks
+// TLS only (mutual on routes) form a cluster that carries messages
+// between them, and a plain NATS client gets nothing from them.
+func TestClusterSecured(t *testing.T) {
+	certs := natstest.Certs(t)
+	nodes := startTestClusterWith(t, 3, func(c *config.Config) {
+		c.Cluster.TLS = config.ClusterTLS{CertFile: certs.CertFile, KeyFile: certs.KeyFile, CAFile: certs.CAFile}
+	})
+	alice := mustDial(t, nodes[0], "alice", phoneOpt{})
+	bob := mustDial(t, nodes[1], "bob", phoneOpt{})
+	alice.send("bob", "secured-1", "")
+	if id := innerID(t, bob.waitFor(1)[0]); id != "secured-1" {
+		t.Fatalf("bob got %s", id)
+	}
+	url := nodes[2].cluster.node.ClientURL()
+	if nc, err := nats.Connect(url, nats.Timeout(5*time.Second)); err == nil {
+		nc.Close()
+		t.Fatalf("a plain NATS client connected to %s", url)
+	}
 }
 
 // TestClusterCrossNode sends from alice on node 1 to bob on node 2: bob

@@ -3,6 +3,7 @@ package config
 
 import (
 	"fmt"
+	"net"
 	"time"
 
 	"github.com/chatd/chatd/broker/queue"
@@ -132,7 +133,31 @@ type Cluster struct {
 	Replicas int `mapstructure:"replicas"`
 	// Shards is how many JetStream streams the users are spread over.
 	Shards int `mapstructure:"shards"`
+	// Password is asked of every client and route of the embedded NATS
+	// server (user "chatd"), the same on every node; required when it
+	// listens beyond loopback.
+	Password string `mapstructure:"password"`
+	// Credentials is a NATS credentials file (JWT and nkey seed) to join
+	// cluster.url with.
+	Credentials string `mapstructure:"credentials"`
+	// TLS encrypts the embedded NATS server's client port and its routes
+	// (mutually authenticated), and the connection to cluster.url.
+	TLS ClusterTLS `mapstructure:"tls"`
 }
+
+// ClusterTLS holds the PEM files of cluster mode's TLS.
+type ClusterTLS struct {
+	// CertFile is this node's certificate chain, for the client port and
+	// routes (and as the client certificate towards cluster.url).
+	CertFile string `mapstructure:"cert_file"`
+	// KeyFile is its private key.
+	KeyFile string `mapstructure:"key_file"`
+	// CAFile holds the CAs that sign the nodes' certificates.
+	CAFile string `mapstructure:"ca_file"`
+}
+
+// Enabled reports whether cluster TLS is configured.
+func (t ClusterTLS) Enabled() bool { return t.CertFile != "" || t.KeyFile != "" || t.CAFile != "" }
 
 // Debug configures diagnostics.
 type Debug struct {
@@ -273,6 +298,48 @@ func Default() Config {
 	}
 }
 
+// validateSecurity refuses an embedded NATS reachable beyond loopback
+// without a password: whoever reaches its ports would own every queue.
+func (c Cluster) validateSecurity() error {
+	if n := len(c.Password); n > 0 && n < MinSecretBytes {
+		return fmt.Errorf("cluster.password: must be at least %d bytes, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, n)
+	}
+	t := c.TLS
+	if t.Enabled() && (t.CertFile == "" || t.KeyFile == "" || t.CAFile == "") && c.URL == "" {
+		return fmt.Errorf("cluster.tls: cert_file, key_file and ca_file are all needed: routes authenticate each other with certificates the CA signs")
+	}
+	if t.Enabled() && (t.CertFile == "") != (t.KeyFile == "") {
+		return fmt.Errorf("cluster.tls: cert_file and key_file go together")
+	}
+	if c.URL != "" || c.Password != "" {
+		return nil
+	}
+	listens := []struct{ key, addr string }{{"cluster.nats_listen", c.NATSListen}}
+	if c.Name != "" {
+		listens = append(listens, struct{ key, addr string }{"cluster.listen", c.Listen})
+	}
+	for _, l := range listens {
+		if !loopback(l.addr) {
+			return fmt.Errorf("%s %q is reachable beyond this machine, and anyone who reaches a NATS port owns every queue: set cluster.password (the same on every node; make one with: openssl rand -hex 32), and cluster.tls to encrypt, or listen on 127.0.0.1", l.key, l.addr)
+		}
+	}
+	return nil
+}
+
+// loopback reports whether a listen address host:port binds loopback
+// only; an empty host binds every interface.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		host = addr
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
 // Validate reports the first invalid setting, naming its key.
 func (c *Config) Validate() error {
 	switch {
@@ -344,6 +411,9 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("cluster.shards: must be positive, got %d", c.Cluster.Shards)
 		case c.Cluster.Replicas > 1 && c.Cluster.URL == "" && c.Cluster.Name == "":
 			return fmt.Errorf("cluster.replicas: %d copies need peers: set cluster.name and cluster.routes, or cluster.url, or replicas 1 for a node alone", c.Cluster.Replicas)
+		}
+		if err := c.Cluster.validateSecurity(); err != nil {
+			return err
 		}
 	}
 	if c.Memory.Limit < 0 {

@@ -186,6 +186,36 @@ log:
 			wantErr: []string{"cluster.node"},
 		},
 		{
+			name: "cluster secured beyond loopback",
+			yaml: "cluster:\n  enabled: true\n  node: n1\n  name: prod\n  nats_listen: 0.0.0.0:4222\n  listen: 0.0.0.0:6222\n  password: 0123456789abcdef0123456789abcdef\n  tls:\n    cert_file: n1.pem\n    key_file: n1-key.pem\n    ca_file: ca.pem\n",
+			want: func(c *Config) {
+				c.Cluster.Enabled, c.Cluster.Node, c.Cluster.Name = true, "n1", "prod"
+				c.Cluster.NATSListen, c.Cluster.Listen = "0.0.0.0:4222", "0.0.0.0:6222"
+				c.Cluster.Password = "0123456789abcdef0123456789abcdef"
+				c.Cluster.TLS = ClusterTLS{CertFile: "n1.pem", KeyFile: "n1-key.pem", CAFile: "ca.pem"}
+			},
+		},
+		{
+			name:    "cluster NATS beyond loopback without a password",
+			yaml:    "cluster:\n  enabled: true\n  node: n1\n  replicas: 1\n  nats_listen: 0.0.0.0:4222\n",
+			wantErr: []string{"cluster.nats_listen", "0.0.0.0:4222", "set cluster.password"},
+		},
+		{
+			name:    "cluster routes beyond loopback without a password",
+			yaml:    "cluster:\n  enabled: true\n  node: n1\n  name: prod\n  listen: 10.0.0.1:6222\n",
+			wantErr: []string{"cluster.listen", "10.0.0.1:6222", "set cluster.password"},
+		},
+		{
+			name:    "short cluster password",
+			yaml:    "cluster:\n  enabled: true\n  node: n1\n  replicas: 1\n  password: short\n",
+			wantErr: []string{"cluster.password", "at least 32 bytes"},
+		},
+		{
+			name:    "cluster TLS without a CA",
+			yaml:    "cluster:\n  enabled: true\n  node: n1\n  replicas: 1\n  tls:\n    cert_file: a.pem\n    key_file: k.pem\n",
+			wantErr: []string{"cluster.tls", "ca_file"},
+		},
+		{
 			name:    "short secret",
 			yaml:    "auth:\n  secret: s3cret\n",
 			wantErr: []string{"auth.secret", "at least 32 bytes", "got 6"},

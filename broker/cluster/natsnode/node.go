@@ -6,11 +6,14 @@ package natsnode
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -62,11 +65,33 @@ type Config struct {
 	// 0 keeps the server defaults (a share of the machine's memory and disk).
 	MaxMemory, MaxStore int64
 
+	// Password, if set, is asked of every client and route of the
+	// embedded server, as user AuthUser; the node's own connection, its
+	// routes and a joined URL use it too. Every node has the same.
+	Password string
+	// CredsFile is a NATS credentials file to join URL with.
+	CredsFile string
+	// TLS, if set, encrypts the embedded server's client port and routes,
+	// routes authenticated both ways by certificates its CA signs, and
+	// the connection to URL.
+	TLS *TLSFiles
+
 	// ReadyTimeout bounds how long Start waits for the server, the
 	// JetStream meta leader and the connection; 0 means DefaultReadyTimeout.
 	ReadyTimeout time.Duration
 	// Logger receives the server's and the connection's logs; nil means slog.Default().
 	Logger *slog.Logger
+}
+
+// AuthUser is the NATS user of Config.Password.
+const AuthUser = "chatd"
+
+// TLSFiles are the PEM files of Config.TLS.
+type TLSFiles struct {
+	// CertFile and KeyFile are this node's certificate chain and key.
+	CertFile, KeyFile string
+	// CAFile holds the CAs that sign the nodes' (and URL's) certificates.
+	CAFile string
 }
 
 // Node is a running or joined NATS with JetStream.
@@ -123,7 +148,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.ReadyTimeout)
 	defer cancel()
 	if cfg.URL != "" {
-		n, err := connect(ctx, cfg, cfg.URL)
+		n, err := connect(ctx, cfg, cfg.URL, false)
 		if err != nil {
 			return nil, err
 		}
@@ -151,7 +176,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		stop()
 		return nil, err
 	}
-	n, err := connect(ctx, cfg, srv.ClientURL())
+	n, err := connect(ctx, cfg, srv.ClientURL(), true)
 	if err != nil {
 		stop()
 		return nil, err
@@ -188,10 +213,15 @@ func waitReady(ctx context.Context, srv *server.Server, cfg Config) error {
 	return nil
 }
 
-// connect dials url and waits until the JetStream API answers.
-func connect(ctx context.Context, cfg Config, url string) (*Node, error) {
+// connect dials url (the embedded server's own, or a joined one) and
+// waits until the JetStream API answers.
+func connect(ctx context.Context, cfg Config, url string, embedded bool) (*Node, error) {
 	log := cfg.Logger.With("component", "nats-client")
-	nc, err := nats.Connect(url,
+	auth, err := clientAuth(cfg, embedded)
+	if err != nil {
+		return nil, err
+	}
+	nc, err := nats.Connect(url, append(auth,
 		nats.Name("chatd "+cfg.Name),
 		// A node of the cluster going away is routine: keep trying the others.
 		nats.MaxReconnects(-1),
@@ -210,7 +240,7 @@ func connect(ctx context.Context, cfg Config, url string) (*Node, error) {
 			}
 			log.Error("async error", "subject", subj, "error", err)
 		}),
-	)
+	)...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to nats %s: %w", url, err)
 	}
@@ -240,6 +270,66 @@ func connect(ctx context.Context, cfg Config, url string) (*Node, error) {
 	return &Node{nc: nc, js: js}, nil
 }
 
+// clientAuth returns the options that authenticate a connection: the
+// password or credentials file, and TLS. The embedded server's own
+// connection dials its listen address, which its certificate need not
+// name: it checks the certificate against the name the certificate
+// gives itself instead.
+func clientAuth(cfg Config, embedded bool) ([]nats.Option, error) {
+	var opts []nats.Option
+	if cfg.Password != "" {
+		opts = append(opts, nats.UserInfo(AuthUser, cfg.Password))
+	}
+	if cfg.CredsFile != "" {
+		opts = append(opts, nats.UserCredentials(cfg.CredsFile))
+	}
+	if cfg.TLS == nil {
+		return opts, nil
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.TLS.CAFile != "" {
+		pem, err := os.ReadFile(cfg.TLS.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("natsnode: TLS CA: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("natsnode: TLS CA: no certificate in %s", cfg.TLS.CAFile)
+		}
+	}
+	if cfg.TLS.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.CertFile, cfg.TLS.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("natsnode: TLS certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+		if embedded {
+			name, err := certName(cert)
+			if err != nil {
+				return nil, err
+			}
+			tc.ServerName = name
+		}
+	}
+	return append(opts, nats.Secure(tc)), nil
+}
+
+// certName is a name cert is valid for: its first DNS name, else its
+// first IP address.
+func certName(cert tls.Certificate) (string, error) {
+	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		return "", fmt.Errorf("natsnode: TLS certificate: %w", err)
+	}
+	switch {
+	case len(leaf.DNSNames) > 0:
+		return leaf.DNSNames[0], nil
+	case len(leaf.IPAddresses) > 0:
+		return leaf.IPAddresses[0].String(), nil
+	}
+	return "", errors.New("natsnode: TLS certificate names no DNS name or IP address")
+}
+
 // serverOptions turns cfg into nats-server options.
 func serverOptions(cfg Config) (*server.Options, error) {
 	if cfg.Dir == "" {
@@ -262,6 +352,17 @@ func serverOptions(cfg Config) (*server.Options, error) {
 		// The embedding process owns signals and its own logging.
 		NoSigs: true,
 	}
+	if cfg.Password != "" {
+		opts.Username, opts.Password = AuthUser, cfg.Password
+	}
+	if cfg.TLS != nil {
+		// Clients prove who they are by the password, not a certificate.
+		tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: cfg.TLS.CertFile, KeyFile: cfg.TLS.KeyFile, CaFile: cfg.TLS.CAFile})
+		if err != nil {
+			return nil, fmt.Errorf("natsnode: TLS: %w", err)
+		}
+		opts.TLSConfig, opts.TLS, opts.TLSTimeout = tc, true, tlsTimeout
+	}
 	if cfg.ClusterName == "" {
 		return opts, nil
 	}
@@ -273,15 +374,35 @@ func serverOptions(cfg Config) (*server.Options, error) {
 		return nil, fmt.Errorf("natsnode: ClusterListen: %w", err)
 	}
 	opts.Cluster = server.ClusterOpts{Name: cfg.ClusterName, Host: chost, Port: cport}
+	if cfg.Password != "" {
+		opts.Cluster.Username, opts.Cluster.Password = AuthUser, cfg.Password
+	}
+	if cfg.TLS != nil {
+		// Routes: each side checks the other's certificate against the CA.
+		rc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: cfg.TLS.CertFile, KeyFile: cfg.TLS.KeyFile, CaFile: cfg.TLS.CAFile, Verify: true})
+		if err != nil {
+			return nil, fmt.Errorf("natsnode: route TLS: %w", err)
+		}
+		// A node both dials and accepts routes: the CA checks both ends,
+		// as nats-server's own configuration file sets it up.
+		rc.RootCAs = rc.ClientCAs
+		opts.Cluster.TLSConfig, opts.Cluster.TLSTimeout = rc, tlsTimeout
+	}
 	for _, r := range cfg.Routes {
 		u, err := url.Parse(r)
 		if err != nil || u.Host == "" {
 			return nil, fmt.Errorf("natsnode: route %q is not a URL like nats://host:port", r)
 		}
+		if cfg.Password != "" && u.User == nil {
+			u.User = url.UserPassword(AuthUser, cfg.Password)
+		}
 		opts.Routes = append(opts.Routes, u)
 	}
 	return opts, nil
 }
+
+// tlsTimeout bounds a TLS handshake, in seconds (nats-server's unit).
+const tlsTimeout = 5
 
 // hostPort splits addr; an empty host means def and port 0 a free port
 // (nats-server itself reads 0 as its default port).

@@ -17,7 +17,7 @@ import (
 // each in its own t.TempDir, and shuts them down when t ends.
 func Cluster(t testing.TB, n int) []*natsnode.Node {
 	t.Helper()
-	ports := freePorts(t, n)
+	ports := FreePorts(t, n)
 	var routes []string
 	for _, p := range ports {
 		routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", p))
@@ -52,8 +52,8 @@ func Cluster(t testing.TB, n int) []*natsnode.Node {
 	return nodes
 }
 
-// freePorts returns n loopback ports free right now.
-func freePorts(t testing.TB, n int) []int {
+// FreePorts returns n loopback ports free right now.
+func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
 	var ls []net.Listener
 	var ports []int
