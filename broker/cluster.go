@@ -134,3 +134,32 @@ func (c *cluster) close() error {
 	c.node.Shutdown()
 	return err
 }
+
+// ClusterStatus is the answer of GET /cluster/status: this node, the
+// chatd nodes it hears, and JetStream's view of every Raft group.
+type ClusterStatus struct {
+	// Node is the answering node's name.
+	Node string `json:"node"`
+	// Peers are the other chatd nodes heard from lately.
+	Peers []peers.Peer `json:"peers"`
+	// Quorum reports whether the meta group and every stream have a
+	// leader: every queue can be written.
+	Quorum bool `json:"quorum"`
+	// Lagging lists the replicas not caught up, as "group/server".
+	Lagging []string `json:"lagging"`
+	natsnode.Status
+}
+
+// statusWait bounds how long GET /cluster/status asks JetStream.
+const statusWait = 10 * time.Second
+
+// status gathers the node's ClusterStatus.
+func (c *cluster) status(ctx context.Context) (ClusterStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, statusWait)
+	defer cancel()
+	st, err := c.node.Status(ctx)
+	if err != nil {
+		return ClusterStatus{}, err
+	}
+	return ClusterStatus{Node: c.name, Peers: c.bus.Peers(), Quorum: st.Quorum(), Lagging: st.Lagging(), Status: st}, nil
+}

@@ -8,6 +8,8 @@ package broker
 
 import (
 	"fmt"
+	"os/exec"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -177,7 +179,10 @@ func TestClusterSIGKILLOneNode(t *testing.T) {
 }
 
 // TestClusterRollingRestart restarts every node in turn, cleanly, with the
-// clients connected to the cluster throughout.
+// clients connected to the cluster throughout, as docs/cluster.md's
+// rolling upgrade does: before each restart, "chatd cluster status" on
+// the next node must say the cluster has quorum and every replica is
+// caught up.
 func TestClusterRollingRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts and restarts server processes")
@@ -187,6 +192,7 @@ func TestClusterRollingRestart(t *testing.T) {
 	faults := map[int]func(){}
 	for k, node := range []int{0, 1, 2} {
 		faults[(k+1)*total/4] = func() {
+			waitHealthy(t, procs[node])
 			procs[node].stop()
 			procs[node].launch(procs[node].env...)
 			if err := procs[node].waitListening(); err != nil {
@@ -195,4 +201,23 @@ func TestClusterRollingRestart(t *testing.T) {
 		}
 	}
 	clusterLoad(t, procs, total, faults)
+	waitHealthy(t, procs[0])
+}
+
+// waitHealthy runs "chatd cluster status" against p until it exits 0:
+// quorum, and every replica caught up.
+func waitHealthy(t *testing.T, p *serverProcess) {
+	t.Helper()
+	var out []byte
+	err := testutil.Poll(60*time.Second, func() error {
+		var err error
+		out, err = exec.Command(p.bin, "cluster", "status", "--http", p.http).CombinedOutput()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("chatd cluster status on %s: %v\n%s", p.http, err, out)
+	}
+	if !regexp.MustCompile(`(?m)^quorum\s+true$`).Match(out) {
+		t.Fatalf("chatd cluster status exited 0 without saying quorum true:\n%s", out)
+	}
 }

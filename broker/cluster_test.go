@@ -95,7 +95,8 @@ func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*S
 
 // TestClusterSecured: nodes whose NATS asks for a password and speaks
 // TLS only (mutual on routes) form a cluster that carries messages
-// between them, and a plain NATS client gets nothing from them.
+// between them and reports itself healthy on /cluster/status, and a
+// plain NATS client gets nothing from them.
 func TestClusterSecured(t *testing.T) {
 	certs := natstest.Certs(t)
 	nodes := startTestClusterWith(t, 3, func(c *config.Config) {
@@ -106,6 +107,27 @@ func TestClusterSecured(t *testing.T) {
 	alice.send("bob", "secured-1", "")
 	if id := innerID(t, bob.waitFor(1)[0]); id != "secured-1" {
 		t.Fatalf("bob got %s", id)
+	}
+	// Its status: quorum, the other nodes heard, every group led and
+	// replicated on the three nodes.
+	var st ClusterStatus
+	testutil.EventuallyNoError(t, 20*time.Second, func() error {
+		code, body := scrape(t, nodes[0], "/cluster/status")
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			return fmt.Errorf("status %d %s: %w", code, body, err)
+		}
+		switch {
+		case code != 200 || !st.Quorum || len(st.Peers) != 2 || st.Meta == nil || st.Meta.Leader == "" || len(st.Streams) == 0:
+			return fmt.Errorf("status %d: %s", code, body)
+		case len(st.Lagging) > 0:
+			return fmt.Errorf("lagging: %v", st.Lagging)
+		}
+		return nil
+	}, "node 1 never reported a healthy cluster")
+	for _, g := range st.Streams {
+		if g.Leader == "" || len(g.Replicas) != 2 {
+			t.Errorf("stream %s: leader %q, replicas %+v; want a leader and 2 replicas", g.Name, g.Leader, g.Replicas)
+		}
 	}
 	url := nodes[2].cluster.node.ClientURL()
 	if nc, err := nats.Connect(url, nats.Timeout(5*time.Second)); err == nil {

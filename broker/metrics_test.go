@@ -28,6 +28,9 @@ func TestMetricsAndHealth(t *testing.T) {
 	if code, body := scrape(t, s, "/healthz"); code != 200 || strings.TrimSpace(body) != "ok" {
 		t.Fatalf("healthz: %d %q", code, body)
 	}
+	if code, body := scrape(t, s, "/cluster/status"); code != 404 || !strings.Contains(body, "not_clustered") {
+		t.Fatalf("cluster status of a node alone: %d %q, want 404 not_clustered", code, body)
+	}
 	alice := mustDial(t, s, "alice", phoneOpt{})
 	bob := mustDial(t, s, "bob", phoneOpt{})
 	alice.send("bob", "m-1", "")

@@ -33,6 +33,7 @@ import (
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/groups"
+	"github.com/chatd/chatd/broker/service/httpjson"
 	"github.com/chatd/chatd/broker/service/media"
 	"github.com/chatd/chatd/broker/service/push"
 	"github.com/chatd/chatd/config"
@@ -452,6 +453,7 @@ func (s *Server) routes() http.Handler {
 	s.media.Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /metrics", s.metrics.Handler())
+	mux.HandleFunc("GET /cluster/status", s.clusterStatus)
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -459,6 +461,27 @@ func (s *Server) routes() http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// clusterStatus answers ClusterStatus: 200 with quorum, 503 without it,
+// so that a probe may use it; 404 on a node not in cluster mode. Like
+// /metrics it is for operators and keeps to the HTTP listener's access.
+func (s *Server) clusterStatus(w http.ResponseWriter, r *http.Request) {
+	if s.cluster == nil {
+		httpjson.Fail(w, http.StatusNotFound, "not_clustered", "this node is not in cluster mode")
+		return
+	}
+	st, err := s.cluster.status(r.Context())
+	if err != nil {
+		s.log.Error("cluster status", "error", err)
+		httpjson.Fail(w, http.StatusServiceUnavailable, "unavailable", "JetStream did not answer: "+err.Error())
+		return
+	}
+	code := http.StatusOK
+	if !st.Quorum {
+		code = http.StatusServiceUnavailable
+	}
+	httpjson.Write(w, code, st)
 }
 
 // bearer authenticates an HTTP request by its "Authorization: Bearer" token.

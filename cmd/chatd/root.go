@@ -42,6 +42,6 @@ func newRootCmd() *cobra.Command {
 		// not document or test.
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
 	}
-	root.AddCommand(newServeCmd(), newTokenCmd())
+	root.AddCommand(newServeCmd(), newTokenCmd(), newClusterCmd())
 	return root
 }

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -380,6 +381,27 @@ func (b *Bus) Presence(user string, online bool) {
 // SessionStarted tells the peers that clientID connected here.
 func (b *Bus) SessionStarted(clientID string) {
 	b.send(subjSession, frame(frame(nil, b.opts.Node), clientID))
+}
+
+// Peer is a live peer as the bus knows it.
+type Peer struct {
+	// Name is the node's name.
+	Name string `json:"name"`
+	// HeardMs is how long ago its last heartbeat came, in milliseconds.
+	HeardMs int64 `json:"heard_ms"`
+}
+
+// Peers lists the nodes heard from within DeadAfter, by name.
+func (b *Bus) Peers() []Peer {
+	now := time.Now()
+	b.mu.Lock()
+	out := make([]Peer, 0, len(b.peers))
+	for name, p := range b.peers {
+		out = append(out, Peer{Name: name, HeardMs: now.Sub(p.seen).Milliseconds()})
+	}
+	b.mu.Unlock()
+	slices.SortFunc(out, func(x, y Peer) int { return strings.Compare(x.Name, y.Name) })
+	return out
 }
 
 // DeviceRemoved tells the peers that device of user was removed here.

@@ -200,6 +200,9 @@ func TestConnected(t *testing.T) {
 		}
 	}
 	testutil.Eventually(t, 10*time.Second, heard("b"), "a never heard b beat")
+	if ps := a.Peers(); len(ps) != 1 || ps[0].Name != "b" || ps[0].HeardMs < 0 || ps[0].HeardMs > 10_000 {
+		t.Fatalf("a's peers: %+v, want b, heard lately", ps)
+	}
 	got, err := a.Connected([]string{"bob/phone", "bob/laptop"}, 10*time.Second)
 	if err != nil || len(got) != 1 || !got["bob/phone"] {
 		t.Fatalf("connected: %v, %v; want bob/phone", got, err)
