@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
-	"github.com/chatd/chatd/broker/cluster/natsnode/natstest"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/internal/testutil"
 	"github.com/nats-io/nats.go"
@@ -98,7 +97,7 @@ func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*S
 // between them and reports itself healthy on /cluster/status, and a
 // plain NATS client gets nothing from them.
 func TestClusterSecured(t *testing.T) {
-	certs := natstest.Certs(t)
+	certs := testutil.Certs(t)
 	nodes := startTestClusterWith(t, 3, func(c *config.Config) {
 		c.Cluster.TLS = config.ClusterTLS{CertFile: certs.CertFile, KeyFile: certs.KeyFile, CAFile: certs.CAFile}
 	})

@@ -59,7 +59,8 @@ func TestMetricsConnectionsUnderChurn(t *testing.T) {
 // started in the same process (or a supervisor's retry does not find it
 // taken).
 func TestFailedNewFreesItsPorts(t *testing.T) {
-	certFile, keyFile, _ := selfSigned(t, t.TempDir())
+	certs := testutil.Certs(t)
+	certFile, keyFile := certs.CertFile, certs.KeyFile
 	taken, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -3,10 +3,8 @@ package natsnode_test
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/cluster/natsnode/natstest"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 const (
@@ -24,27 +23,15 @@ const (
 	wrong    = "0123456789abcdef0123456789abcdef-bad!"
 )
 
-func tlsFiles(f natstest.TLSFiles) *natsnode.TLSFiles {
+func tlsFiles(f testutil.TLSFiles) *natsnode.TLSFiles {
 	return &natsnode.TLSFiles{CertFile: f.CertFile, KeyFile: f.KeyFile, CAFile: f.CAFile}
-}
-
-// caPool returns the CA of f as a pool, for a plain client.
-func caPool(t *testing.T, f natstest.TLSFiles) *x509.CertPool {
-	t.Helper()
-	pem, err := os.ReadFile(f.CAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := x509.NewCertPool()
-	p.AppendCertsFromPEM(pem)
-	return p
 }
 
 // TestSecuredNode: with a password and TLS, a client needs both to
 // connect, and one that cannot connect cannot read a stream; the node's
 // own connection, and a node joining by URL with both, work.
 func TestSecuredNode(t *testing.T) {
-	certs := natstest.Certs(t)
+	certs := testutil.Certs(t)
 	n, err := natsnode.Start(context.Background(), natsnode.Config{
 		Name: "secure", Dir: t.TempDir(), Listen: "127.0.0.1:0",
 		Password: password, TLS: tlsFiles(certs), Logger: slog.New(slog.DiscardHandler),
@@ -61,7 +48,7 @@ func TestSecuredNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := n.ClientURL()
-	secure := nats.Secure(&tls.Config{RootCAs: caPool(t, certs), ServerName: "localhost", MinVersion: tls.VersionTLS12})
+	secure := nats.Secure(&tls.Config{RootCAs: certs.CAPool(t), ServerName: "localhost", MinVersion: tls.VersionTLS12})
 	for _, c := range []struct {
 		name string
 		opts []nats.Option
@@ -108,13 +95,13 @@ func TestSecuredNode(t *testing.T) {
 // password and mutual TLS: it never becomes ready, and no member routes
 // to it.
 func TestWrongCredentialsCannotJoin(t *testing.T) {
-	certs := natstest.Certs(t)
+	certs := testutil.Certs(t)
 	ports := natstest.FreePorts(t, 4)
 	var routes []string
 	for _, p := range ports {
 		routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", p))
 	}
-	start := func(i int, pw string, f natstest.TLSFiles, routes []string, ready time.Duration) (*natsnode.Node, error) {
+	start := func(i int, pw string, f testutil.TLSFiles, routes []string, ready time.Duration) (*natsnode.Node, error) {
 		return natsnode.Start(context.Background(), natsnode.Config{
 			Name: fmt.Sprintf("n%d", i+1), Dir: t.TempDir(), Listen: "127.0.0.1:0",
 			ClusterName: "secured", ClusterListen: fmt.Sprintf("127.0.0.1:%d", ports[i]), Routes: routes,
@@ -141,10 +128,10 @@ func TestWrongCredentialsCannotJoin(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		pw   string
-		tls  natstest.TLSFiles
+		tls  testutil.TLSFiles
 	}{
 		{"wrong password", wrong, certs},
-		{"certificate of another CA", password, natstest.Certs(t)},
+		{"certificate of another CA", password, testutil.Certs(t)},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			n, err := start(3, c.pw, c.tls, routes, 5*time.Second)

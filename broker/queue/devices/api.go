@@ -323,9 +323,7 @@ func (a API[Q]) Removed(user, device string) {
 		return
 	}
 	u := v.(*User[Q])
-	select {
-	case <-u.loading:
-	default:
+	if !u.loaded() {
 		// Being loaded: the load reads the record as the removal left it.
 		return
 	}

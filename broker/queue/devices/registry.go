@@ -376,9 +376,7 @@ func (r *Registry[Q]) Evict(all bool) {
 // persister's Idle) and, unless all, it was not used since the last
 // pass. Loading it again gives the same user.
 func (r *Registry[Q]) evict(u *User[Q], all bool) {
-	select {
-	case <-u.loading:
-	default:
+	if !u.loaded() {
 		return
 	}
 	u.mu.Lock()

@@ -70,6 +70,16 @@ type Stored struct {
 	Deleted bool
 }
 
+// loaded reports whether u has been read from the persister.
+func (u *User[Q]) loaded() bool {
+	select {
+	case <-u.loading:
+		return true
+	default:
+		return false
+	}
+}
+
 // Lock locks the user.
 func (u *User[Q]) Lock() { u.mu.Lock() }
 

@@ -142,12 +142,7 @@ func (h *Handler) remove(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) auth(w http.ResponseWriter, r *http.Request) (string, bool) {
-	user, err := h.Authenticate(r)
-	if err != nil {
-		httpjson.Fail(w, http.StatusUnauthorized, "not_authorized", err.Error())
-		return "", false
-	}
-	return user, true
+	return httpjson.Authenticated(w, r, h.Authenticate)
 }
 
 // internal answers 500 and logs err, the server's own fault.

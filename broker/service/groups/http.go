@@ -109,12 +109,7 @@ func (h *Handler) edit(w http.ResponseWriter, r *http.Request, op func(by, gid, 
 }
 
 func (h *Handler) auth(w http.ResponseWriter, r *http.Request) (string, bool) {
-	user, err := h.Authenticate(r)
-	if err != nil {
-		httpjson.Fail(w, http.StatusUnauthorized, "not_authorized", err.Error())
-		return "", false
-	}
-	return user, true
+	return httpjson.Authenticated(w, r, h.Authenticate)
 }
 
 // fail answers err, logging it when it is the server's own fault.

@@ -27,3 +27,14 @@ func Write(w http.ResponseWriter, status int, v any) {
 func Fail(w http.ResponseWriter, status int, code, reason string) {
 	Write(w, status, Error{Code: code, Reason: reason})
 }
+
+// Authenticated returns the user authenticate finds for r. When it finds
+// none it answers 401 not_authorized, saying why, and ok is false.
+func Authenticated(w http.ResponseWriter, r *http.Request, authenticate func(*http.Request) (string, error)) (user string, ok bool) {
+	user, err := authenticate(r)
+	if err != nil {
+		Fail(w, http.StatusUnauthorized, "not_authorized", err.Error())
+		return "", false
+	}
+	return user, true
+}

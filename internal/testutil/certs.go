@@ -1,4 +1,4 @@
-package natstest
+package testutil
 
 import (
 	"crypto/ecdsa"
@@ -21,8 +21,8 @@ type TLSFiles struct {
 	CAFile, CertFile, KeyFile string
 }
 
-// Certs makes a fresh CA and a node certificate signed by it in
-// t.TempDir. Two calls make two CAs that do not trust each other.
+// Certs makes a fresh CA and a certificate it signed in t.TempDir. Two
+// calls make two CAs that do not trust each other.
 func Certs(t testing.TB) TLSFiles {
 	t.Helper()
 	dir := t.TempDir()
@@ -73,4 +73,18 @@ func Certs(t testing.TB) TLSFiles {
 		}
 	}
 	return f
+}
+
+// CAPool reads f's CA into a pool, for a client that must trust it.
+func (f TLSFiles) CAPool(t testing.TB) *x509.CertPool {
+	t.Helper()
+	b, err := os.ReadFile(f.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := x509.NewCertPool()
+	if !p.AppendCertsFromPEM(b) {
+		t.Fatalf("no certificate in %s", f.CAFile)
+	}
+	return p
 }
