@@ -92,7 +92,7 @@ func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onC
 	c.bus = peers.New(peers.Options{Conn: node.Conn(), Node: c.name, Prefix: clusterPrefix, Logger: log.With("component", "peers")})
 	q, err := jsqueue.Open(context.Background(), jsqueue.Options{
 		Conn:     node.Conn(),
-		Settings: queueSettings(cfg.Queue),
+		Settings: clusterQueueSettings(cfg),
 		Shards:   cfg.Cluster.Shards,
 		Replicas: cfg.Cluster.Replicas,
 		Prefix:   clusterPrefix,

@@ -22,6 +22,14 @@ func queueSettings(q config.Queue) queue.Settings {
 	}
 }
 
+// clusterQueueSettings is queueSettings for JetStream: acknowledgements
+// are flushed every cluster.ack_flush_interval.
+func clusterQueueSettings(cfg config.Config) queue.Settings {
+	s := queueSettings(cfg.Queue)
+	s.AckFlushInterval = cfg.Cluster.AckFlushInterval
+	return s
+}
+
 // badgerSync is Badger's sync mode for queue.sync. Config.Validate
 // admits only the three modes; anything else fsyncs every commit.
 func badgerSync(mode string) badgerq.Sync {

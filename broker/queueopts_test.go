@@ -30,3 +30,15 @@ func TestJetStreamSync(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterAckFlush: in cluster mode acknowledgements are flushed at
+// cluster.ack_flush_interval, not at Badger's queue.ack_flush_interval.
+func TestClusterAckFlush(t *testing.T) {
+	cfg := config.Default()
+	if got := queueSettings(cfg.Queue).AckFlushInterval; got != cfg.Queue.AckFlushInterval {
+		t.Errorf("one node: %v, want queue.ack_flush_interval %v", got, cfg.Queue.AckFlushInterval)
+	}
+	if got := clusterQueueSettings(cfg).AckFlushInterval; got != 500*time.Millisecond {
+		t.Errorf("cluster: %v, want cluster.ack_flush_interval's default 500ms", got)
+	}
+}

@@ -133,6 +133,10 @@ type Cluster struct {
 	Replicas int `mapstructure:"replicas"`
 	// Shards is how many JetStream streams the users are spread over.
 	Shards int `mapstructure:"shards"`
+	// AckFlushInterval replaces queue.ack_flush_interval in cluster mode:
+	// each flush of a user's acknowledgements is a replicated cursor write
+	// and a replicated purge, too dear to run every few milliseconds.
+	AckFlushInterval time.Duration `mapstructure:"ack_flush_interval"`
 	// Password is asked of every client and route of the embedded NATS
 	// server (user "chatd"), the same on every node; required when it
 	// listens beyond loopback.
@@ -293,7 +297,7 @@ func Default() Config {
 		Groups:   Groups{MaxMembers: 1024, MaxPerUser: 1000, CacheMembers: 1_000_000},
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
-		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4},
+		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4, AckFlushInterval: 500 * time.Millisecond},
 		Memory:   Memory{LimitRatio: 0.9},
 	}
 }
@@ -370,6 +374,7 @@ func (c *Config) Validate() error {
 		{"queue.device_ttl", int64(c.Queue.DeviceTTL)},
 		{"queue.max_devices", int64(c.Queue.MaxDevices)},
 		{"queue.ack_flush_interval", int64(c.Queue.AckFlushInterval)},
+		{"cluster.ack_flush_interval", int64(c.Cluster.AckFlushInterval)},
 		{"queue.max_batch", int64(c.Queue.MaxBatch)},
 		{"queue.min_free_bytes", c.Queue.MinFreeBytes},
 		{"limits.max_message_bytes", int64(c.Limits.MaxMessageBytes)},

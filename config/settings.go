@@ -33,6 +33,7 @@ var help = map[string]string{
 	"cluster.routes":                  "the peers' route URLs, comma-separated, e.g. nats://10.0.0.2:6222,nats://10.0.0.3:6222",
 	"cluster.replicas":                "how many nodes keep each queue (3 survives the loss of one node; 1 for tests)",
 	"cluster.shards":                  "how many JetStream streams the users are spread over",
+	"cluster.ack_flush_interval":      "how often acknowledgements are persisted and delivered messages deleted in cluster mode, instead of queue.ack_flush_interval: each flush is a replicated write; a crash re-delivers at most this much",
 	"cluster.password":                "password (user chatd) of the embedded NATS server's clients and routes, the same on every node; required when NATS listens beyond loopback",
 	"cluster.credentials":             "NATS credentials file (JWT and nkey seed) to join cluster.url with",
 	"cluster.tls.cert_file":           "PEM certificate of this node for NATS: its client port, its routes (mutual TLS) and its connection to cluster.url",

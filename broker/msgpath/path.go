@@ -138,6 +138,12 @@ type limits struct {
 	maxMessageBytes, maxInflight, maxPendingBytes int
 }
 
+// verifyEvery paces the reads that move a device's cursor over the gaps
+// of a sparse queue (JetStream's, in a cluster): a cursor behind what its
+// device acknowledged only delays the deletion of those messages, and
+// one read per user per verifyEvery replaces one read per acknowledgement.
+const verifyEvery = 500 * time.Millisecond
+
 // receiptBacklog is how many acknowledged batches may wait for their
 // delivered receipts to be queued before acknowledgements wait too.
 const receiptBacklog = 1024
@@ -165,6 +171,7 @@ func New(opts Options) (*Path, error) {
 		ReadAhead:    1024,
 		OnAcked:      opts.Observe.Acked,
 		Now:          opts.Now,
+		VerifyEvery:  verifyEvery,
 		// Copies stored before the setting was turned off are still
 		// kept from the device they came from.
 		Skip: envelope.MadeBy,

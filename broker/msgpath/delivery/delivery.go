@@ -87,8 +87,13 @@ type Options struct {
 	// OnAcked, if set, is told how long each acknowledged message took from
 	// being written to its device to its PUBACK.
 	OnAcked func(took time.Duration)
-	// Now is the clock OnAcked's durations are read on; nil means time.Now.
+	// Now is the clock of OnAcked's durations and of VerifyEvery; nil means time.Now.
 	Now func() time.Time
+	// VerifyEvery, if set, paces the reads that move a cursor over the
+	// gaps of a sparse queue: one per user at most every VerifyEvery,
+	// unless a device's in-flight list fills up (see verifySoon). Zero
+	// reads at every acknowledgement that waits at a gap.
+	VerifyEvery time.Duration
 	// Skip, if set, reports whether a message, by its Meta, is not for a
 	// device: it is passed over unsent, as if the device had acknowledged
 	// it (the sent copy of a message, for the device that sent it). It is
@@ -367,6 +372,10 @@ type feed struct {
 	// again asks for one more verify once the one in flight ends: it may
 	// have read before the message it was asked to find was committed.
 	again bool
+	// verified is when the last verify Read began, for VerifyEvery.
+	verified time.Time
+	// hurry, signalled by verifySoon, ends a paced verify's wait.
+	hurry chan struct{}
 	// receipted is the last sequence reported to OnDelivered, so that a
 	// user's second device acknowledging a message reports nothing.
 	receipted uint64
@@ -803,7 +812,7 @@ func (d *Delivery) pump(dev *Device) bool {
 	}
 	if len(dev.inflight) > 0 && dev.inflight[0].acked && dev.inflight[0].seq > f.sure && f.sure < f.head {
 		// The cursor waits at a gap the tail was trusted across.
-		d.verify(f)
+		d.verifySoon(f, len(dev.inflight) >= dev.window)
 	}
 	return sent
 }
@@ -1020,6 +1029,47 @@ func (d *Delivery) verify(f *feed) {
 	f.verifying = d.spawn(func() { d.verifyLoop(f) })
 }
 
+// verifySoon verifies f, paced by VerifyEvery: a cursor held at a gap
+// costs nothing but the deletion of what is acknowledged, so the reads
+// of a user's many acknowledgements are one read. An urgent one, for a
+// device whose in-flight list is full and so cannot be sent more, does
+// not wait. Called with f.mu held.
+func (d *Delivery) verifySoon(f *feed, urgent bool) {
+	if d.opts.VerifyEvery <= 0 {
+		d.verify(f)
+		return
+	}
+	if f.hurry == nil {
+		f.hurry = make(chan struct{}, 1)
+	}
+	if urgent {
+		select {
+		case f.hurry <- struct{}{}:
+		default:
+		}
+	}
+	d.verify(f)
+}
+
+// pace waits, before a verify Read of f, until VerifyEvery has passed
+// since the last one began, or verifySoon hurries it, or d stops.
+func (d *Delivery) pace(f *feed) {
+	f.mu.Lock()
+	wait := d.opts.VerifyEvery - d.opts.Now().Sub(f.verified)
+	hurry := f.hurry
+	f.mu.Unlock()
+	if wait <= 0 || hurry == nil {
+		return
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-hurry:
+	case <-d.stopping:
+	}
+}
+
 // Resync reads the queue of every user with a device being fed after what
 // delivery has heard of, to find messages whose notification never came:
 // the peers bus calls it when it learns that notices were lost.
@@ -1039,6 +1089,7 @@ func (d *Delivery) Resync() {
 // devices left or d is closed: a message whose notification was lost is
 // found only by reading. It clears f.verifying when it ends.
 func (d *Delivery) verifyLoop(f *feed) {
+	d.pace(f)
 	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
 		if len(f.devices) == 0 && len(f.parting) == 0 {
@@ -1062,6 +1113,7 @@ func (d *Delivery) verifyLoop(f *feed) {
 		// Read what is known now: a wait for a slot may have been long.
 		f.mu.Lock()
 		after, head := f.sure, f.head
+		f.verified = d.opts.Now()
 		f.mu.Unlock()
 		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
 		d.exit()

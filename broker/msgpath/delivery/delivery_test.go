@@ -532,3 +532,48 @@ func TestLateMessageTwoDevices(t *testing.T) {
 	}
 	src.waitCursor(t, "tablet", 8)
 }
+
+// TestVerifyPaced: with VerifyEvery, the acknowledgements that wait at
+// gaps of a sparse queue share one read per VerifyEvery, and a device
+// whose in-flight list fills up has its read at once.
+func TestVerifyPaced(t *testing.T) {
+	src := newSource()
+	d := New(Options{Source: src, Logger: slog.New(slog.DiscardHandler), TailMessages: 8, ReadAhead: 16, VerifyEvery: time.Hour})
+	defer d.Close()
+	sink := newSink()
+	dev, err := d.Start("bob", "phone", 0, 4, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reads := func() int {
+		src.mu.Lock()
+		defer src.mu.Unlock()
+		return src.reads
+	}
+	// The first verify reads at once.
+	d.Stored("bob", src.store(3))
+	sink.waitFor(t, 1)
+	before := reads()
+	d.Acked(dev, sink.pid(0))
+	src.waitCursor(t, "phone", 3)
+	if n := reads() - before; n != 1 {
+		t.Fatalf("%d reads for the first verify, want 1", n)
+	}
+	// The next acknowledgements wait for the paced read: the cursor stays.
+	for i, seq := range []uint64{7, 8, 20} {
+		d.Stored("bob", src.store(seq))
+		sink.waitFor(t, i+2)
+		d.Acked(dev, sink.pid(i+1))
+	}
+	if n, c := reads()-before, src.cursor("phone"); n != 1 || c != 3 {
+		t.Fatalf("after 3 more acknowledgements: %d reads, cursor %d; want 1 read, cursor 3", n, c)
+	}
+	// A fourth fills the in-flight list (window 4): read now.
+	d.Stored("bob", src.store(41))
+	sink.waitFor(t, 5)
+	d.Acked(dev, sink.pid(4))
+	src.waitCursor(t, "phone", 41)
+	if n := reads() - before; n != 2 {
+		t.Fatalf("%d reads in all, want 2", n)
+	}
+}
