@@ -320,7 +320,12 @@ func (c Cluster) validateSecurity() error {
 	}
 	listens := []struct{ key, addr string }{{"cluster.nats_listen", c.NATSListen}}
 	if c.Name != "" {
-		listens = append(listens, struct{ key, addr string }{"cluster.listen", c.Listen})
+		routes := c.Listen
+		if routes == "" {
+			// The route port binds the client port's host then.
+			routes = c.NATSListen
+		}
+		listens = append(listens, struct{ key, addr string }{"cluster.listen", routes})
 	}
 	for _, l := range listens {
 		if !loopback(l.addr) {
@@ -330,14 +335,15 @@ func (c Cluster) validateSecurity() error {
 	return nil
 }
 
-// loopback reports whether a listen address host:port binds loopback
-// only; an empty host binds every interface.
+// loopback reports whether a NATS listen address host:port binds
+// loopback only. An empty host (or address) binds 127.0.0.1, as the
+// embedded server is started (natsnode), not every interface.
 func loopback(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		host = addr
 	}
-	if host == "localhost" {
+	if host == "" || host == "localhost" {
 		return true
 	}
 	ip := net.ParseIP(host)

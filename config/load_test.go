@@ -206,6 +206,11 @@ log:
 			wantErr: []string{"cluster.listen", "10.0.0.1:6222", "set cluster.password"},
 		},
 		{
+			name: "cluster routes on the client port's loopback host",
+			yaml: "cluster:\n  enabled: true\n  node: n1\n  name: local\n",
+			want: func(c *Config) { c.Cluster.Enabled, c.Cluster.Node, c.Cluster.Name = true, "n1", "local" },
+		},
+		{
 			name:    "short cluster password",
 			yaml:    "cluster:\n  enabled: true\n  node: n1\n  replicas: 1\n  password: short\n",
 			wantErr: []string{"cluster.password", "at least 32 bytes"},
