@@ -47,18 +47,12 @@ func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*S
 		cfg.Limits.PublishBytesRate = 1 << 30
 		cfg.Limits.ConnectRate = 1e6
 		cfg.Queue.MinFreeBytes = 1 << 20
-		cfg.Cluster = config.Cluster{
-			Enabled:    true,
-			Node:       fmt.Sprintf("n%d", i+1),
-			NATSListen: freeAddr(t),
-			Name:       "chatd-test",
-			Listen:     strings.TrimPrefix(routes[i], "nats://"),
-			Routes:     strings.Join(routes, ","),
-			Replicas:   min(3, n),
-			Shards:     2,
-			// Every test cluster asks its NATS clients and routes for it.
-			Password: testClusterPassword,
-		}
+		cl := &cfg.Cluster
+		cl.Enabled, cl.Node, cl.Name = true, fmt.Sprintf("n%d", i+1), "chatd-test"
+		cl.NATSListen, cl.Listen = freeAddr(t), strings.TrimPrefix(routes[i], "nats://")
+		cl.Routes, cl.Replicas, cl.Shards = strings.Join(routes, ","), min(3, n), 2
+		// Every test cluster asks its NATS clients and routes for it.
+		cl.Password = testClusterPassword
 		if mutate != nil {
 			mutate(&cfg)
 		}
@@ -304,7 +298,8 @@ func TestClusterJoinByURL(t *testing.T) {
 	var nodes []*Server
 	for i := range 2 {
 		s := startServer(t, t.TempDir(), func(c *config.Config) {
-			c.Cluster = config.Cluster{Enabled: true, Node: fmt.Sprintf("n%d", i+1), URL: existing.ClientURL(), Replicas: 1, Shards: 2}
+			cl := &c.Cluster
+			cl.Enabled, cl.Node, cl.URL, cl.Replicas, cl.Shards = true, fmt.Sprintf("n%d", i+1), existing.ClientURL(), 1, 2
 		})
 		nodes = append(nodes, s)
 	}

@@ -125,8 +125,6 @@ type Store struct {
 	wg        sync.WaitGroup
 	closed    sync.Once
 
-	// closeErr is what the last flush on Close failed to persist.
-	closeErr error
 
 	// deviceAPI gives the Store the device methods of queue.Store
 	// (MayAttach, Attach, Cursor, SetSubscribed, Ack, Detach) and Flush,
@@ -347,8 +345,8 @@ func (s *Store) checkShards(ctx context.Context) error {
 }
 
 // Close stores what was already appended (retrying for at most
-// RetryFor), persists acknowledgements and stops the Store's goroutines;
-// its error says what acknowledgements could not be persisted.
+// RetryFor), persists acknowledgements (what it cannot, it logs: those
+// messages are delivered again) and stops the Store's goroutines.
 // It leaves the connection open. Append must not be called after Close;
 // if it is, its Done reports Failed.
 func (s *Store) Close() error {
@@ -359,7 +357,7 @@ func (s *Store) Close() error {
 		close(s.stop)
 		s.wg.Wait()
 	})
-	return s.closeErr
+	return nil
 }
 
 // errClosed fails a request made after Close.
