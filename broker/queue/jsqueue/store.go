@@ -125,7 +125,6 @@ type Store struct {
 	wg        sync.WaitGroup
 	closed    sync.Once
 
-
 	// deviceAPI gives the Store the device methods of queue.Store
 	// (MayAttach, Attach, Cursor, SetSubscribed, Ack, Detach) and Flush,
 	// ForgetUnseen, Loaded and EvictIdle.
