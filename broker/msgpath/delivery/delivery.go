@@ -370,11 +370,14 @@ type feed struct {
 	// verifying is set while a verify Read is in flight.
 	verifying bool
 	// again asks for one more verify once the one in flight ends: it may
-	// have read before the message it was asked to find was committed.
-	again bool
+	// have read before the message it was asked to find was committed;
+	// againNow, for one that must not wait for VerifyEvery.
+	again, againNow bool
 	// verified is when the last verify Read began, for VerifyEvery.
 	verified time.Time
-	// hurry, signalled by verifySoon, ends a paced verify's wait.
+	// paced is set while the verify in flight waits for VerifyEvery
+	// before it reads; hurry, signalled by verify, ends the wait.
+	paced bool
 	hurry chan struct{}
 	// receipted is the last sequence reported to OnDelivered, so that a
 	// user's second device acknowledging a message reports nothing.
@@ -1021,44 +1024,53 @@ func (d *Delivery) readDone(dev *Device, msgs []queue.Message, head uint64, aske
 // verify reads f's user's messages after f.sure to move sure over the gaps
 // the tail was trusted across, handles any message heard of only now as
 // missed, and moves on the cursors that waited; called with f.mu held.
+// It reads at once: a paced verify still waiting is hurried.
 func (d *Delivery) verify(f *feed) {
-	if f.verifying {
-		f.again = true
-		return
+	switch {
+	case f.verifying && f.paced:
+		// Still waiting to read: reading now serves this request too.
+		f.paced = false
+		select {
+		case f.hurry <- struct{}{}:
+		default:
+		}
+	case f.verifying:
+		f.again, f.againNow = true, true
+	default:
+		f.paced = false
+		f.verifying = d.spawn(func() { d.verifyLoop(f) })
 	}
-	f.verifying = d.spawn(func() { d.verifyLoop(f) })
 }
 
-// verifySoon verifies f, paced by VerifyEvery: a cursor held at a gap
-// costs nothing but the deletion of what is acknowledged, so the reads
-// of a user's many acknowledgements are one read. An urgent one, for a
-// device whose in-flight list is full and so cannot be sent more, does
-// not wait. Called with f.mu held.
+// verifySoon is verify for a cursor waiting at a gap, paced by
+// VerifyEvery: such a cursor costs nothing but the deletion of what is
+// acknowledged, so a user's many acknowledgements share one read. An
+// urgent one, for a device whose in-flight list is full and so cannot be
+// sent more, reads at once. Called with f.mu held.
 func (d *Delivery) verifySoon(f *feed, urgent bool) {
-	if d.opts.VerifyEvery <= 0 {
+	if d.opts.VerifyEvery <= 0 || urgent {
 		d.verify(f)
+		return
+	}
+	if f.verifying {
+		f.again = true
 		return
 	}
 	if f.hurry == nil {
 		f.hurry = make(chan struct{}, 1)
 	}
-	if urgent {
-		select {
-		case f.hurry <- struct{}{}:
-		default:
-		}
-	}
-	d.verify(f)
+	f.paced = true
+	f.verifying = d.spawn(func() { d.verifyLoop(f) })
 }
 
-// pace waits, before a verify Read of f, until VerifyEvery has passed
-// since the last one began, or verifySoon hurries it, or d stops.
+// pace waits, before a paced verify Read of f, until VerifyEvery has
+// passed since the last one began, or verify hurries it, or d stops.
 func (d *Delivery) pace(f *feed) {
 	f.mu.Lock()
 	wait := d.opts.VerifyEvery - d.opts.Now().Sub(f.verified)
-	hurry := f.hurry
+	hurry, paced := f.hurry, f.paced
 	f.mu.Unlock()
-	if wait <= 0 || hurry == nil {
+	if !paced || wait <= 0 {
 		return
 	}
 	t := time.NewTimer(wait)
@@ -1093,7 +1105,7 @@ func (d *Delivery) verifyLoop(f *feed) {
 	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
 		if len(f.devices) == 0 && len(f.parting) == 0 {
-			f.verifying, f.again = false, false
+			f.verifying, f.again, f.againNow = false, false, false
 			f.mu.Unlock()
 			return
 		}
@@ -1113,7 +1125,15 @@ func (d *Delivery) verifyLoop(f *feed) {
 		// Read what is known now: a wait for a slot may have been long.
 		f.mu.Lock()
 		after, head := f.sure, f.head
-		f.verified = d.opts.Now()
+		f.verified, f.paced = d.opts.Now(), false
+		if f.hurry != nil {
+			// A hurry this read serves, sent before its wait began, must
+			// not cut the next one short.
+			select {
+			case <-f.hurry:
+			default:
+			}
+		}
 		f.mu.Unlock()
 		msgs, err := d.opts.Source.Read(f.user, after, d.opts.ReadAhead)
 		d.exit()
@@ -1183,9 +1203,15 @@ func (d *Delivery) verified(f *feed, msgs []queue.Message, head uint64) {
 	}
 	if len(msgs) == d.opts.ReadAhead || f.again {
 		// Read on, to the end of the queue: a message whose
-		// notification was lost is found only by reading.
-		f.again = false
-		d.verify(f)
+		// notification was lost is found only by reading. At once, but
+		// for a read only paced ones asked for meanwhile.
+		now := len(msgs) == d.opts.ReadAhead || f.againNow
+		f.again, f.againNow = false, false
+		if now {
+			d.verify(f)
+		} else {
+			d.verifySoon(f, false)
+		}
 	}
 	if !f.verifying {
 		f.parting = nil

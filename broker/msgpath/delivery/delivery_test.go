@@ -568,12 +568,10 @@ func TestVerifyPaced(t *testing.T) {
 	if n, c := reads()-before, src.cursor("phone"); n != 1 || c != 3 {
 		t.Fatalf("after 3 more acknowledgements: %d reads, cursor %d; want 1 read, cursor 3", n, c)
 	}
-	// A fourth fills the in-flight list (window 4): read now.
+	// A fourth fills the in-flight list (window 4): the paced read, an
+	// hour away, happens now, and the cursor moves on.
 	d.Stored("bob", src.store(41))
 	sink.waitFor(t, 5)
 	d.Acked(dev, sink.pid(4))
 	src.waitCursor(t, "phone", 41)
-	if n := reads() - before; n != 2 {
-		t.Fatalf("%d reads in all, want 2", n)
-	}
 }
