@@ -111,6 +111,9 @@ type Store struct {
 	streams []jetstream.Stream
 	kv      jetstream.KeyValue
 
+	// order keeps the copies to each user in request order (append.go).
+	order order
+
 	// closeMu orders Append against Close: Append holds it shared while
 	// queueing, so that nothing is queued after the committer drained.
 	closeMu sync.RWMutex
@@ -215,6 +218,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		batches:   make(chan *batch, 64),
 		stop:      make(chan struct{}),
 		completed: make(chan struct{}),
+		order:     order{users: make(map[string]*userOrder)},
 	}
 	// The bucket is shared by every node: a shared persister.
 	s.reg = devices.New(persister{s}, devices.Options{Shared: persister{s}, Flush: s.flush, Stop: s.stop,
