@@ -370,18 +370,11 @@ func (l *Ledger) DeliverTo(receiver, dev int, payload []byte, at int64) {
 		l.c.other.Add(1)
 		return
 	}
-	seq, ok := parseID(d.ID, l.tag)
-	var r *record
-	if ok {
-		r = l.lookup(seq)
-	}
+	r, from, to := l.ours(&d)
 	if r == nil {
-		l.c.foreign.Add(1)
 		return
 	}
 	l.c.delivered.Add(1)
-	route := r.route.Load()
-	from, to := int(route>>32), int(uint32(route))
 	if to != receiver || from >= len(l.users) || string(d.Sender) != l.users[from] ||
 		(!l.plain && (string(d.From) != l.users[from] || string(d.To) != l.users[to])) {
 		l.c.misrouted.Add(1)
@@ -415,23 +408,31 @@ func (l *Ledger) DeliverTo(receiver, dev int, payload []byte, at int64) {
 	rs.mu.Unlock()
 }
 
+// ours returns the record of the message d carries and its sender's and
+// recipient's user indices; nil, counted as foreign, when d is not one of
+// this run's messages.
+func (l *Ledger) ours(d *delivery) (r *record, from, to int) {
+	if seq, ok := parseID(d.ID, l.tag); ok {
+		r = l.lookup(seq)
+	}
+	if r == nil {
+		l.c.foreign.Add(1)
+		return nil, 0, 0
+	}
+	route := r.route.Load()
+	return r, int(route >> 32), int(uint32(route))
+}
+
 // sentCopy records the sent copy d of one of the receiving user's own
 // messages, received by its device dev: it must come once to every device
 // of the sender but the one that sent the message, in the order that
 // device sent its messages. A copy that reaches another user or the
 // sending device is misrouted and does not count as received.
 func (l *Ledger) sentCopy(receiver, dev int, d *delivery, at int64) {
-	seq, ok := parseID(d.ID, l.tag)
-	var r *record
-	if ok {
-		r = l.lookup(seq)
-	}
+	r, from, to := l.ours(d)
 	if r == nil {
-		l.c.foreign.Add(1)
 		return
 	}
-	route := r.route.Load()
-	from, to := int(route>>32), int(uint32(route))
 	sender := r.device()
 	if from != receiver || dev == sender || from >= len(l.users) || to >= len(l.users) ||
 		string(d.Sender) != l.users[from] || string(d.From) != l.users[from] || string(d.To) != l.users[to] {

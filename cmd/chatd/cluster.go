@@ -14,7 +14,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/chatd/chatd/broker"
-	"github.com/chatd/chatd/broker/cluster/natsnode"
 )
 
 const clusterStatusLong = `Ask a running cluster node for the cluster's health and print it: the
@@ -139,11 +138,7 @@ func printStatus(w io.Writer, st broker.ClusterStatus) error {
 	fmt.Fprintf(tw, "quorum\t%v\n", st.Quorum)
 	fmt.Fprintf(tw, "lagging\t%s\n\n", strings.Join(st.Lagging, ", "))
 	fmt.Fprintln(tw, "GROUP\tLEADER\tMESSAGES\tREPLICAS (name: current, lag, seen)")
-	groups := st.Streams
-	if st.Meta != nil {
-		groups = append([]natsnode.Group{*st.Meta}, groups...)
-	}
-	for _, g := range groups {
+	for _, g := range st.Groups() {
 		leader := g.Leader
 		if leader == "" {
 			leader = "NONE"

@@ -62,15 +62,19 @@ func (s Status) Quorum() bool {
 	return true
 }
 
+// Groups lists the meta group, if known, then the streams' groups.
+func (s Status) Groups() []Group {
+	if s.Meta == nil {
+		return s.Streams
+	}
+	return append([]Group{*s.Meta}, s.Streams...)
+}
+
 // Lagging lists the groups with a replica that is not current, as
 // "group/replica".
 func (s Status) Lagging() []string {
 	var out []string
-	groups := s.Streams
-	if s.Meta != nil {
-		groups = append([]Group{*s.Meta}, groups...)
-	}
-	for _, g := range groups {
+	for _, g := range s.Groups() {
 		for _, r := range g.Replicas {
 			if !r.Current {
 				out = append(out, g.Name+"/"+r.Name)

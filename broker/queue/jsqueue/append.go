@@ -238,11 +238,27 @@ func (o *order) done(p *pub, now time.Time) *pub {
 	return nil
 }
 
-// isHeld reports whether p still waits to be sent (see order).
-func (s *Store) isHeld(p *pub) bool {
-	s.order.mu.Lock()
-	defer s.order.mu.Unlock()
-	return p.held
+// await waits for the answer to p, sent (again, if again), and settles
+// it: stored or refused, it is answered (see order); it reports whether
+// it failed in a way worth sending it again.
+func (s *Store) await(p *pub, again bool) (retry bool) {
+	if p.err == nil {
+		select {
+		case ack := <-p.fut.Ok():
+			p.acked(ack, again)
+		case err := <-p.fut.Err():
+			p.err = err
+		}
+	}
+	switch {
+	case p.err == nil || p.full():
+	case retryable(p.err):
+		return true
+	default:
+		p.failed()
+	}
+	s.answered(p)
+	return false
 }
 
 // completeLoop is the completer: it reports each batch in request order.
@@ -261,34 +277,23 @@ func (s *Store) complete(b *batch) {
 	for i := range b.items {
 		for j := range b.items[i].pubs {
 			p := &b.items[i].pubs[j]
-			if s.isHeld(p) {
+			// held is read without the order's lock: the committer set it
+			// before handing the batch over, and only this goroutine
+			// clears it (answered).
+			if p.held {
 				// Behind a copy to the same user that failed and waits to
 				// be sent again: answer that one first, which sends this.
 				s.retry(retry)
 				retry = nil
-				if s.isHeld(p) {
+				if p.held {
 					// Its predecessor, earlier in request order, was answered
 					// or is in retry: this cannot be. Fail it, not hang.
 					p.err = fmt.Errorf("store message for %s: held behind a copy never answered", p.user)
 					s.log.Error("append pipeline out of order", "user", p.user)
 				}
 			}
-			if p.err == nil {
-				select {
-				case ack := <-p.fut.Ok():
-					p.acked(ack, false)
-				case err := <-p.fut.Err():
-					p.err = err
-				}
-			}
-			switch {
-			case p.err == nil || p.full():
-				s.answered(p)
-			case retryable(p.err):
+			if s.await(p, false) {
 				retry = append(retry, p)
-			default:
-				p.failed()
-				s.answered(p)
 			}
 		}
 	}
@@ -410,24 +415,8 @@ func (s *Store) retry(ps []*pub) {
 		}
 		var left []*pub
 		for _, p := range ps {
-			if p.err == nil {
-				select {
-				case ack := <-p.fut.Ok():
-					p.acked(ack, true)
-					s.answered(p)
-					continue
-				case err := <-p.fut.Err():
-					p.err = err
-				}
-			}
-			switch {
-			case p.full():
-				s.answered(p)
-			case retryable(p.err):
+			if s.await(p, true) {
 				left = append(left, p)
-			default:
-				p.failed()
-				s.answered(p)
 			}
 		}
 		if len(left) == len(ps) {
