@@ -306,13 +306,20 @@ func (a API[Q]) Remove(user, device string) error {
 	if err := a.Flush(); err != nil {
 		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
 	}
+	if r.shared != nil {
+		// The cursors this flush read may lag what the other devices
+		// acknowledged on other nodes, which write them at their next
+		// flush: the flush after that deletes what they then allow.
+		r.MarkDirty(u)
+	}
 	return nil
 }
 
 // Removed drops from this node's memory a device another node removed
-// (see Remove), if its user is loaded here. A record this node wrote of
-// it since the removal is deleted too, unless it changed again (the
-// device registered anew). Without a shared persister it does nothing.
+// (see Remove), if its user is loaded here, and schedules the user's
+// flush. A record this node wrote of it since the removal is deleted
+// too, unless it changed again (the device registered anew). Without a
+// shared persister it does nothing.
 func (a API[Q]) Removed(user, device string) {
 	r := a.r
 	if r.shared == nil {
@@ -328,11 +335,19 @@ func (a API[Q]) Removed(user, device string) {
 		return
 	}
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	if d, ok := u.devices[device]; ok && !u.evicted {
+	if u.evicted {
+		u.mu.Unlock()
+		return
+	}
+	if d, ok := u.devices[device]; ok {
 		delete(u.devices, device)
 		r.ForgetNow(u, device, d.Rev)
 	}
+	u.mu.Unlock()
+	// The removing node deleted what the cursors it read allowed; this
+	// node's next flush writes the cursors of the devices here and
+	// deletes what those, without the removed one, now allow.
+	r.MarkDirty(u)
 }
 
 // current returns user loaded and locked, its records read again first

@@ -77,7 +77,12 @@ func (s *Store) flush() error {
 		if len(forgotten) > 0 {
 			deletes[u] = forgotten
 		}
-		if low, ok := u.MinCursor(); ok && low > u.Queue.purged {
+		// Every dirty user is looked at, not only those whose cursors
+		// here passed what was purged: this node's copy of the other
+		// nodes' cursors is as old as its last read, and a user made dirty
+		// by a removal elsewhere may have more to delete than it shows.
+		// purgeUser reads the bucket and purges only what is new.
+		if _, ok := u.MinCursor(); ok {
 			purges = append(purges, u)
 		}
 		u.Unlock()
