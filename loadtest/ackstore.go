@@ -42,30 +42,46 @@ func newAckStore(tag string, onAck func(seq uint64)) *ackStore {
 	}
 }
 
-// Put stores a packet and remembers which message an outbound publish carries.
+// Put stores a packet, a publish as a private copy, and remembers which
+// message an outbound publish carries.
+//
+// paho v1.5.1 stores the very packet it then queues for its writer, and
+// the writer sets the packet's RemainingLength as it encodes it. Its
+// resume reads the store on a reconnection while the new connection's
+// writer may be encoding the queued packet: a data race (TestRunCrash
+// under CI load). Put runs in the publishing goroutine before the packet
+// is queued, so copying here is safe, and the copy is never written.
 func (s *ackStore) Put(key string, m packets.ControlPacket) {
-	if p, ok := m.(*packets.PublishPacket); ok && strings.HasPrefix(key, outboundPrefix) {
-		if seq, ok := parseID(leadingID(p.Payload), s.tag); ok {
-			s.mu.Lock()
-			s.keys[key] = seq
-			s.seqs[seq] = struct{}{}
-			s.mu.Unlock()
+	if p, ok := m.(*packets.PublishPacket); ok {
+		if strings.HasPrefix(key, outboundPrefix) {
+			if seq, ok := parseID(leadingID(p.Payload), s.tag); ok {
+				s.mu.Lock()
+				s.keys[key] = seq
+				s.seqs[seq] = struct{}{}
+				s.mu.Unlock()
+			}
 		}
+		m = clonePublish(p)
 	}
 	s.Store.Put(key, m)
 }
 
-// Get returns a stored packet, a publish as a copy: paho v1.5.1's resume
-// sets the Dup flag of what Get returns while the writer of the lost
-// connection may still be encoding that same packet (a data race the race
-// detector reports in TestRunCrashTwoNodes).
+// Get returns a stored packet, a publish as a copy: paho's resume sets
+// the Dup flag of what Get returns and queues it for a writer, which
+// must not share it with the next reconnection's resume.
 func (s *ackStore) Get(key string) packets.ControlPacket {
 	m := s.Store.Get(key)
 	if p, ok := m.(*packets.PublishPacket); ok {
-		c := *p
-		return &c
+		return clonePublish(p)
 	}
 	return m
+}
+
+// clonePublish returns a copy of p whose header can be written without
+// touching p's; the payload, only ever read, is shared.
+func clonePublish(p *packets.PublishPacket) *packets.PublishPacket {
+	c := *p
+	return &c
 }
 
 // Del removes a packet; for an outbound publish of this run that is its PUBACK.
