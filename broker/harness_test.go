@@ -94,6 +94,8 @@ type envelopeMsg struct {
 	Ref    string          `json:"ref"`
 	Code   string          `json:"code"`
 	Reason string          `json:"reason"`
+	// Server marks a message a backend sent through the server API.
+	Server bool `json:"server"`
 }
 
 // phone is a paho v3 client recording what its inbox receives.

@@ -31,11 +31,13 @@ import (
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
+	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/httpjson"
 	"github.com/chatd/chatd/broker/service/media"
 	"github.com/chatd/chatd/broker/service/push"
+	"github.com/chatd/chatd/broker/service/serverapi"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/hooks"
 	"github.com/chatd/chatd/internal/mochi"
@@ -67,6 +69,7 @@ type Server struct {
 	mqtt     *mqtt.Server
 	presence *presence.Tracker
 	groups   *groups.Store
+	keys     apikeys.Store
 	push     *push.Notifier
 	metrics  *metrics.Metrics
 	inbox    *hooks.Inbox
@@ -85,6 +88,9 @@ type Server struct {
 	// ended orders connection ends before shutdown (see mochi.Ends).
 	ended mochi.Ends
 }
+
+// APIKeysBucket is the JetStream KV bucket of the API keys in cluster mode.
+const APIKeysBucket = clusterPrefix + "_apikeys"
 
 // queueDir is the Badger directory inside the data dir.
 const queueDir = "queue"
@@ -169,6 +175,16 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		}
 	} else {
 		s.groups = groups.New(db, cfg.Groups.MaxMembers, groupOpts...)
+	}
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		s.keys, err = apikeys.NewKV(ctx, s.cluster.node.JetStream(), APIKeysBucket, cfg.Cluster.Replicas)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("cluster API keys: %w", err)
+		}
+	} else {
+		s.keys = apikeys.NewFile(filepath.Join(cfg.DataDir, apikeys.FileName))
 	}
 	s.push, err = push.New(push.Options{
 		URL:         cfg.Push.Webhook,
@@ -451,6 +467,7 @@ func (s *Server) routes() http.Handler {
 	})
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
+	(&serverapi.Handler{Keys: s.keys, Sender: s.path, MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /metrics", s.metrics.Handler())
 	mux.HandleFunc("GET /cluster/status", s.clusterStatus)

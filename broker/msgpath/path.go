@@ -256,6 +256,9 @@ func (p *Path) notifyPush(user string, meta []byte) {
 	if !ok {
 		return
 	}
+	if name, server := envelope.ServerSender(from); server {
+		from = name
+	}
 	queued, err := p.store.Depth(user)
 	if err != nil {
 		p.log.Error("queue depth for push", "user", user, "error", err)

@@ -48,6 +48,10 @@ func (p *Path) sendDelivered(user string, metas [][]byte) {
 		if !ok {
 			continue
 		}
+		if _, server := envelope.ServerSender(from); server {
+			// A backend's message: its sender has no inbox.
+			continue
+		}
 		if _, seen := ids[from]; !seen {
 			senders = append(senders, from)
 		}

@@ -42,6 +42,6 @@ func newRootCmd() *cobra.Command {
 		// not document or test.
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
 	}
-	root.AddCommand(newServeCmd(), newTokenCmd(), newClusterCmd())
+	root.AddCommand(newServeCmd(), newTokenCmd(), newClusterCmd(), newAPIKeyCmd())
 	return root
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"strings"
 )
 
 // MaxReceiptIDs caps the ids of one read receipt.
@@ -21,6 +22,22 @@ func Meta(from, group, id string) []byte {
 	b = append(b, group...)
 	b = append(b, 0)
 	return append(b, id...)
+}
+
+// serverMark starts the sender in the Meta of a message a backend sent
+// through the server API: no user ID can start with it, so delivered
+// receipts, which would go to an inbox nobody reads, are never queued for
+// such a sender and no client can pass for one.
+const serverMark = "@"
+
+// ServerMeta is Meta for a message a backend sent as from.
+func ServerMeta(from, group, id string) []byte { return Meta(serverMark+from, group, id) }
+
+// ServerSender returns the sender named by ServerMeta's from, and whether
+// from names one.
+func ServerSender(from string) (string, bool) {
+	name, ok := strings.CutPrefix(from, serverMark)
+	return name, ok && name != ""
 }
 
 // ParseMeta is the inverse of Meta.

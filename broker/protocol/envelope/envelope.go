@@ -206,23 +206,34 @@ func isIDKey(quoted []byte) bool {
 // group is "" for a direct message. User and group IDs need no escaping:
 // they are validated to [A-Za-z0-9_.-].
 func Message(from, to, group string, tsMillis int64, msg []byte) []byte {
-	return message("msg", from, to, group, tsMillis, msg)
+	return message("msg", from, to, group, tsMillis, msg, false)
+}
+
+// ServerMessage returns the envelope of a message a backend sent as from
+// through the server API: Message's, with "server":true after "from",
+// which no client's message has.
+func ServerMessage(from, to, group string, tsMillis int64, msg []byte) []byte {
+	return message("msg", from, to, group, tsMillis, msg, true)
 }
 
 // Sent returns the copy of a message from to another user (group "" for a
 // direct message) for the sender's other devices: Message's envelope with
 // kind "sent".
 func Sent(from, to, group string, tsMillis int64, msg []byte) []byte {
-	return message("sent", from, to, group, tsMillis, msg)
+	return message("sent", from, to, group, tsMillis, msg, false)
 }
 
-func message(kind, from, to, group string, tsMillis int64, msg []byte) []byte {
-	b := make([]byte, 0, len(msg)+len(from)+len(to)+len(group)+64)
+func message(kind, from, to, group string, tsMillis int64, msg []byte, server bool) []byte {
+	b := make([]byte, 0, len(msg)+len(from)+len(to)+len(group)+80)
 	b = append(b, `{"kind":"`...)
 	b = append(b, kind...)
 	b = append(b, `","from":"`...)
 	b = append(b, from...)
-	b = append(b, `","to":"`...)
+	if server {
+		b = append(b, `","server":true,"to":"`...)
+	} else {
+		b = append(b, `","to":"`...)
+	}
 	b = append(b, to...)
 	if group != "" {
 		b = append(b, `","group":"`...)

@@ -1,0 +1,226 @@
+package broker
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chatd/chatd/broker/service/apikeys"
+	"github.com/chatd/chatd/config"
+)
+
+// makeKey stores a key with scopes in s's key store, as `chatd apikey
+// create` does, and returns it.
+func makeKey(t *testing.T, s *Server, scopes ...string) string {
+	t.Helper()
+	k, key, err := apikeys.New("test", scopes, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.keys.Put(k); err != nil {
+		t.Fatal(err)
+	}
+	return key
+}
+
+// serverCall makes a server API call with bearer (raw, "" for none) and
+// returns the status and the body.
+func serverCall(t *testing.T, s *Server, method, path, bearer, body string) (int, map[string]any) {
+	t.Helper()
+	req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out map[string]any
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatalf("%s %s: %d %q: %v", method, path, resp.StatusCode, b, err)
+	}
+	return resp.StatusCode, out
+}
+
+// results returns the per-recipient statuses of a send answer.
+func results(t *testing.T, ans map[string]any) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	rs, _ := ans["results"].([]any)
+	for _, r := range rs {
+		m, _ := r.(map[string]any)
+		to, _ := m["to"].(string)
+		st, _ := m["status"].(string)
+		out[to] = st
+	}
+	return out
+}
+
+// TestServerAPISend sends a system message to two users over the server
+// API: it is stored before the answer, reaches the online phone marked
+// as the server's, a retry with the same id is a duplicate, and no
+// delivered receipt is queued for the sender, who has no inbox.
+func TestServerAPISend(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	key := makeKey(t, s, apikeys.ScopeSend)
+	bob := mustDial(t, s, "bob", phoneOpt{})
+	body := `{"to":["bob","carol","bob"],"message":{"id":"otp-1","text":"Your code is 123456"}}`
+	st, ans := serverCall(t, s, http.MethodPost, "/v1/server/messages", key, body)
+	if st != http.StatusOK || ans["id"] != "otp-1" {
+		t.Fatalf("send: %d %v", st, ans)
+	}
+	if r := results(t, ans); len(r) != 2 || r["bob"] != "stored" || r["carol"] != "stored" {
+		t.Fatalf("results %v: want bob and carol stored, once each", r)
+	}
+	e := bob.waitFor(1)[0]
+	if e.Kind != "msg" || e.From != "system" || !e.Server || e.To != "bob" || innerID(t, e) != "otp-1" {
+		t.Fatalf("bob got %+v: want otp-1 from the server's system sender", e)
+	}
+	if d, err := s.queue.Depth("carol"); err != nil || d != 1 {
+		t.Fatalf("carol's queue: %d, %v: want the message waiting", d, err)
+	}
+	st, ans = serverCall(t, s, http.MethodPost, "/v1/server/messages", key, body)
+	if r := results(t, ans); st != http.StatusOK || r["bob"] != "duplicate" || r["carol"] != "duplicate" {
+		t.Fatalf("retry: %d %v: want duplicates", st, ans)
+	}
+	// A bot answering: from names it, and a group reaches every member.
+	st, _ = httpJSON(t, s, http.MethodPost, "/v1/groups", "alice", map[string]any{"id": "g1", "members": []string{"bob"}})
+	if st != http.StatusCreated && st != http.StatusOK {
+		t.Fatalf("create group: %d", st)
+	}
+	st, ans = serverCall(t, s, http.MethodPost, "/v1/server/messages", key, `{"from":"weatherbot","group":"g1","message":{"id":"w-1","text":"sunny"}}`)
+	if r := results(t, ans); st != http.StatusOK || len(r) != 2 || r["alice"] != "stored" || r["bob"] != "stored" {
+		t.Fatalf("group send: %d %v", st, ans)
+	}
+	e = bob.waitFor(2)[1]
+	if e.From != "weatherbot" || !e.Server || innerID(t, e) != "w-1" {
+		t.Fatalf("bob got %+v: want w-1 from weatherbot", e)
+	}
+	// bob acknowledged both. A barrier: alice's message to bob, whose
+	// delivered receipt reaches alice only after the receipts of bob's
+	// earlier acknowledgements were queued, if any were.
+	alice := mustDial(t, s, "alice", phoneOpt{clientID: "alice/phone"})
+	alice.send("bob", "ctl-1", "")
+	bob.waitFor(3)
+	// alice, a member of g1, has w-1 first.
+	if r := alice.waitFor(2)[1]; r.Kind != "receipt" {
+		t.Fatalf("alice got %+v: want the delivered receipt of ctl-1", r)
+	}
+	for _, u := range []string{"@system", "system", "weatherbot", "@weatherbot"} {
+		if d, err := s.queue.Depth(u); err != nil || d != 0 {
+			t.Fatalf("queue of %q: %d, %v: want no receipt for a server sender", u, d, err)
+		}
+	}
+}
+
+// TestServerAPIRefuses checks each refusal of the send call: its status
+// and stable error code, and that nothing was stored.
+func TestServerAPIRefuses(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *config.Config) { c.Limits.MaxMessageBytes = 1024 })
+	send := makeKey(t, s, apikeys.ScopeSend)
+	read := makeKey(t, s, apikeys.ScopeRead)
+	revoked := makeKey(t, s, apikeys.ScopeSend)
+	keys, err := s.keys.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if strings.Contains(revoked, k.ID) {
+			if err := s.keys.Delete(k.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	many := make([]string, 1001)
+	for i := range many {
+		many[i] = "u" + strings.Repeat("x", i%5)
+	}
+	manyJSON, _ := json.Marshal(map[string]any{"to": many, "message": map[string]string{"id": "m"}})
+	ok := `{"to":["bob"],"message":{"id":"m-1"}}`
+	for _, c := range []struct {
+		name, bearer, body string
+		status             int
+		code               string
+	}{
+		{"no key", "", ok, 401, "not_authorized"},
+		{"user token", mint(t, "alice"), ok, 401, "not_authorized"},
+		{"revoked key", revoked, ok, 401, "not_authorized"},
+		{"wrong secret", send[:len(send)-2] + "xx", ok, 401, "not_authorized"},
+		{"no send scope", read, ok, 403, "forbidden"},
+		{"not JSON", send, `{"to":`, 400, "bad_payload"},
+		{"unknown field", send, `{"to":["bob"],"msg":{"id":"m"}}`, 400, "bad_payload"},
+		{"no id", send, `{"to":["bob"],"message":{"text":"hi"}}`, 400, "bad_payload"},
+		{"no recipient", send, `{"message":{"id":"m"}}`, 400, "bad_payload"},
+		{"bad recipient", send, `{"to":["bob/phone"],"message":{"id":"m"}}`, 400, "bad_payload"},
+		{"bad sender", send, `{"from":"@root","to":["bob"],"message":{"id":"m"}}`, 400, "bad_payload"},
+		{"both", send, `{"to":["bob"],"group":"g","message":{"id":"m"}}`, 400, "bad_payload"},
+		{"unknown group", send, `{"group":"nope","message":{"id":"m"}}`, 404, "unknown_group"},
+		{"too many", send, string(manyJSON), 400, "bad_payload"},
+		{"too large", send, `{"to":["bob"],"message":{"id":"m","pad":"` + strings.Repeat("x", 2000) + `"}}`, 413, "too_large"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			st, ans := serverCall(t, s, http.MethodPost, "/v1/server/messages", c.bearer, c.body)
+			if st != c.status || ans["error"] != c.code || ans["reason"] == "" {
+				t.Errorf("%d %v: want %d %s with a reason", st, ans, c.status, c.code)
+			}
+		})
+	}
+	if d, err := s.queue.Depth("bob"); err != nil || d != 0 {
+		t.Errorf("bob's queue: %d, %v: want nothing stored", d, err)
+	}
+	// A key is no MQTT password.
+	if _, err := dial(t, s, "bob", phoneOpt{password: send}); err == nil {
+		t.Error("an API key connected over MQTT")
+	}
+	// The key file is in the data dir, without secrets.
+	b, err := os.ReadFile(filepath.Join(s.cfg.DataDir, apikeys.FileName))
+	if err != nil || bytes.Contains(b, []byte(send[len(send)-20:])) {
+		t.Errorf("keys file: %v; it must not hold a key's secret", err)
+	}
+}
+
+// TestClusterServerAPI sends over one node's server API to a user
+// connected to another, with a key made on a third: keys are shared, and
+// a key revoked on one node is refused on every node at once.
+func TestClusterServerAPI(t *testing.T) {
+	nodes := startTestCluster(t, 3)
+	key := makeKey(t, nodes[0], apikeys.ScopeSend)
+	bob := mustDial(t, nodes[2], "bob", phoneOpt{})
+	st, ans := serverCall(t, nodes[1], http.MethodPost, "/v1/server/messages", key, `{"to":["bob","carol"],"message":{"id":"otp-1","text":"123456"}}`)
+	if r := results(t, ans); st != http.StatusOK || r["bob"] != "stored" || r["carol"] != "stored" {
+		t.Fatalf("send on node 2: %d %v", st, ans)
+	}
+	if e := bob.waitFor(1)[0]; e.From != "system" || !e.Server || innerID(t, e) != "otp-1" {
+		t.Fatalf("bob on node 3 got %+v", e)
+	}
+	st, ans = serverCall(t, nodes[2], http.MethodPost, "/v1/server/messages", key, `{"to":["bob","carol"],"message":{"id":"otp-1","text":"123456"}}`)
+	if r := results(t, ans); st != http.StatusOK || r["bob"] != "duplicate" || r["carol"] != "duplicate" {
+		t.Fatalf("retry on node 3: %d %v: want duplicates", st, ans)
+	}
+	keys, err := nodes[1].keys.List()
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("keys on node 2: %v, %v", keys, err)
+	}
+	if err := nodes[1].keys.Delete(keys[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range nodes {
+		if st, ans := serverCall(t, n, http.MethodPost, "/v1/server/messages", key, `{"to":["bob"],"message":{"id":"otp-2"}}`); st != http.StatusUnauthorized {
+			t.Errorf("node %d after revoke: %d %v", i+1, st, ans)
+		}
+	}
+}

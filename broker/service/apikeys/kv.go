@@ -1,0 +1,120 @@
+package apikeys
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/broker/cluster/natsnode"
+)
+
+// kvTimeout bounds each request to the bucket.
+const kvTimeout = 5 * time.Second
+
+// KV is the Store of a cluster: a replicated JetStream KV bucket that
+// every node and `chatd apikey --cluster` share. Each check reads the
+// bucket, so a revocation holds on every node at once.
+type KV struct {
+	kv jetstream.KeyValue
+}
+
+// NewKV opens the bucket named bucket, creating it with replicas copies;
+// ctx bounds the setup.
+func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int) (*KV, error) {
+	var kv jetstream.KeyValue
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      bucket,
+			Description: "chatd API keys",
+			History:     1,
+			Replicas:    replicas,
+			Storage:     jetstream.FileStorage,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("API keys: bucket %s: %w", bucket, err)
+	}
+	return &KV{kv: kv}, nil
+}
+
+// Get returns the key of id.
+func (s *KV) Get(id string) (Key, error) {
+	if !validID(id) {
+		return Key{}, ErrUnknown
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	e, err := s.kv.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return Key{}, ErrUnknown
+	}
+	if err != nil {
+		return Key{}, fmt.Errorf("API key %s: %w", id, err)
+	}
+	return decode(e.Value())
+}
+
+// List returns every key, by ID.
+func (s *KV) List() ([]Key, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	l, err := s.kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("API keys: %w", err)
+	}
+	var out []Key
+	for id := range l.Keys() {
+		k, err := s.Get(id)
+		if errors.Is(err, ErrUnknown) {
+			continue // revoked meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, k)
+	}
+	slices.SortFunc(out, func(a, b Key) int { return strings.Compare(a.ID, b.ID) })
+	return out, nil
+}
+
+// Put adds or replaces k.
+func (s *KV) Put(k Key) error {
+	b, err := json.Marshal(k)
+	if err != nil {
+		return fmt.Errorf("API key %s: %w", k.ID, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	if _, err := s.kv.Put(ctx, k.ID, b); err != nil {
+		return fmt.Errorf("API key %s: %w", k.ID, err)
+	}
+	return nil
+}
+
+// Delete revokes the key of id.
+func (s *KV) Delete(id string) error {
+	if _, err := s.Get(id); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	if err := s.kv.Purge(ctx, id); err != nil {
+		return fmt.Errorf("API key %s: %w", id, err)
+	}
+	return nil
+}
+
+func decode(b []byte) (Key, error) {
+	var k Key
+	if err := json.Unmarshal(b, &k); err != nil {
+		return Key{}, fmt.Errorf("API key: %w", err)
+	}
+	return k, nil
+}
