@@ -68,6 +68,33 @@ func (c connections) Removed(user, device string) {
 // endRemoved ends the connection of clientID here, if it has one.
 func endRemoved(s *mqtt.Server, clientID string) {
 	if cl, ok := s.Clients.Get(clientID); ok && !cl.Closed() {
-		hooks.EndRemoved(s, cl)
+		hooks.EndAdministrative(s, cl, hooks.ErrDeviceRemoved)
+	}
+}
+
+// Moderated ends the connections a backend disconnected, here and on the
+// peers: device of user, or every device of user when all is set.
+func (c connections) Moderated(user, device string, all bool) {
+	if c.bus != nil {
+		c.bus.Moderated(user, device, all)
+	}
+	c.endModeratedHere(user, device, all)
+}
+
+// endModeratedHere ends, on this node, the connection of device of user,
+// or of every device of user when all is set.
+func (c connections) endModeratedHere(user, device string, all bool) {
+	if !all {
+		if cl, ok := c.mqtt.Clients.Get(topic.ClientID(user, device)); ok && !cl.Closed() {
+			hooks.EndAdministrative(c.mqtt, cl, hooks.ErrModerated)
+		}
+		return
+	}
+	// Moderation is rare: a scan of the node's clients beats an index
+	// kept up to date on every connect.
+	for _, cl := range c.mqtt.Clients.GetAll() {
+		if string(cl.Properties.Username) == user && !cl.Closed() {
+			hooks.EndAdministrative(c.mqtt, cl, hooks.ErrModerated)
+		}
 	}
 }

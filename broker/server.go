@@ -32,6 +32,7 @@ import (
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/broker/service/apikeys"
+	"github.com/chatd/chatd/broker/service/bans"
 	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/httpjson"
@@ -70,6 +71,7 @@ type Server struct {
 	presence *presence.Tracker
 	groups   *groups.Store
 	keys     apikeys.Store
+	bans     *bans.Store
 	push     *push.Notifier
 	metrics  *metrics.Metrics
 	inbox    *hooks.Inbox
@@ -186,6 +188,16 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 	} else {
 		s.keys = apikeys.NewFile(filepath.Join(cfg.DataDir, apikeys.FileName))
 	}
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		s.bans, err = bans.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_bans", cfg.Cluster.Replicas, s.now, log.With("component", "bans"))
+		cancel()
+	} else {
+		s.bans, err = bans.NewBadger(db, s.now)
+	}
+	if err != nil {
+		return fmt.Errorf("bans: %w", err)
+	}
 	s.push, err = push.New(push.Options{
 		URL:         cfg.Push.Webhook,
 		Interval:    cfg.Push.Interval,
@@ -235,7 +247,11 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Connects:         rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
 		Users:            users,
 		MayAttach:        s.queue.MayAttach,
-		Log:              log,
+		Banned: func(user string) (string, bool) {
+			b, ok := s.bans.Banned(user)
+			return b.Reason, ok
+		},
+		Log: log,
 	}
 	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: users, Observe: s.metrics, Log: log}
 	for _, h := range []mqtt.Hook{s.auth, s.inbox, &hooks.Presence{Retained: s.presence, Log: log}} {
@@ -467,7 +483,8 @@ func (s *Server) routes() http.Handler {
 	})
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
-	(&serverapi.Handler{Keys: s.keys, Sender: s.path, MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
+	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(), Now: s.now,
+		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /metrics", s.metrics.Handler())
 	mux.HandleFunc("GET /cluster/status", s.clusterStatus)
@@ -523,6 +540,9 @@ func (s *Server) closeStore() error {
 	if s.groups != nil {
 		err = s.groups.Close()
 	}
+	if s.bans != nil {
+		s.bans.Close()
+	}
 	err = errors.Join(err, s.queue.Close())
 	if s.cluster != nil {
 		err = errors.Join(err, s.cluster.close())
@@ -546,6 +566,7 @@ func (s *Server) joinCluster() error {
 			endRemoved(s.mqtt, topic.ClientID(user, device))
 		},
 		Connected: s.conns().connectedHere,
+		Moderated: func(user, device string, all bool) { s.conns().endModeratedHere(user, device, all) },
 		// Stored notices of peers were lost: reread the queues of the
 		// users with a device here, whom no later notice may wake.
 		Missed: s.path.Resync,

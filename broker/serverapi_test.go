@@ -211,16 +211,171 @@ func TestClusterServerAPI(t *testing.T) {
 	if r := results(t, ans); st != http.StatusOK || r["bob"] != "duplicate" || r["carol"] != "duplicate" {
 		t.Fatalf("retry on node 3: %d %v: want duplicates", st, ans)
 	}
+	// Moderation holds on every node: bob, on node 3, is banned on node
+	// 1, disconnected, and refused on node 2; unbanned on node 2, he
+	// connects to node 3 again.
+	mod := makeKey(t, nodes[1], apikeys.ScopeModerate)
+	if st, ans := serverCall(t, nodes[0], http.MethodPut, "/v1/server/bans/bob", mod, `{"reason":"spam"}`); st != http.StatusOK {
+		t.Fatalf("ban on node 1: %d %v", st, ans)
+	}
+	waitClosed(t, bob)
+	waitRefused := func(n *Server) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			p, err := dial(t, n, "bob", phoneOpt{clientID: "bob/phone"})
+			if err != nil {
+				return
+			}
+			p.client.Disconnect(0)
+			if time.Now().After(deadline) {
+				t.Fatal("banned bob still connects")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitRefused(nodes[1])
+	waitRefused(nodes[2])
+	if st, body := serverCallNoBody(t, nodes[1], http.MethodDelete, "/v1/server/bans/bob", mod, ""); st != http.StatusNoContent {
+		t.Fatalf("unban on node 2: %d %s", st, body)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p, err := dial(t, nodes[2], "bob", phoneOpt{clientID: "bob/phone"})
+		if err == nil {
+			p.client.Disconnect(0)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("unbanned bob refused on node 3: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
 	keys, err := nodes[1].keys.List()
-	if err != nil || len(keys) != 1 {
+	if err != nil || len(keys) != 2 {
 		t.Fatalf("keys on node 2: %v, %v", keys, err)
 	}
-	if err := nodes[1].keys.Delete(keys[0].ID); err != nil {
-		t.Fatal(err)
+	for _, k := range keys {
+		if strings.Contains(key, k.ID) {
+			if err := nodes[1].keys.Delete(k.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	for i, n := range nodes {
 		if st, ans := serverCall(t, n, http.MethodPost, "/v1/server/messages", key, `{"to":["bob"],"message":{"id":"otp-2"}}`); st != http.StatusUnauthorized {
 			t.Errorf("node %d after revoke: %d %v", i+1, st, ans)
 		}
 	}
+}
+
+// waitClosed polls until p's connection is closed.
+func waitClosed(t *testing.T, p *phone) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.client.IsConnectionOpen() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still connected", p.user)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestServerAPIModerate disconnects a device (MQTT 5: DISCONNECT 0x98),
+// bans a user, whose devices are disconnected and whose connects are
+// refused across a restart, lifts the ban, and lets a timed ban run out.
+func TestServerAPIModerate(t *testing.T) {
+	dir := t.TempDir()
+	var clk testClock
+	s := startServerAt(t, dir, clk.Now, nil)
+	mod := makeKey(t, s, apikeys.ScopeModerate)
+	sendOnly := makeKey(t, s, apikeys.ScopeSend)
+	if st, ans := serverCall(t, s, http.MethodPost, "/v1/server/disconnect", sendOnly, `{"user":"bob"}`); st != http.StatusForbidden {
+		t.Fatalf("disconnect with a send key: %d %v", st, ans)
+	}
+	got, disc := make(chan string, 4), make(chan byte, 1)
+	dialV5Watched(t, s, "bob", "bob/laptop", got, disc)
+	phone := mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
+	if st, _ := serverCallNoBody(t, s, http.MethodPost, "/v1/server/disconnect", mod, `{"client_id":"bob/laptop"}`); st != http.StatusNoContent {
+		t.Fatalf("disconnect the laptop: %d", st)
+	}
+	select {
+	case code := <-disc:
+		if code != 0x98 {
+			t.Errorf("laptop's DISCONNECT reason 0x%x, want 0x98", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("laptop not disconnected")
+	}
+	if !phone.client.IsConnectionOpen() {
+		t.Fatal("the phone was disconnected with the laptop")
+	}
+
+	st, ans := serverCall(t, s, http.MethodPut, "/v1/server/bans/bob", mod, `{"reason":"spam"}`)
+	if st != http.StatusOK || ans["user"] != "bob" || ans["reason"] != "spam" || ans["until"] != 0.0 {
+		t.Fatalf("ban: %d %v", st, ans)
+	}
+	waitClosed(t, phone)
+	if _, err := dial(t, s, "bob", phoneOpt{clientID: "bob/phone"}); err == nil {
+		t.Fatal("banned bob connected")
+	}
+	stopServer(t, s)
+	s = startServerAt(t, dir, clk.Now, nil)
+	if _, err := dial(t, s, "bob", phoneOpt{clientID: "bob/phone"}); err == nil {
+		t.Fatal("banned bob connected after a restart")
+	}
+	if st, ans := serverCall(t, s, http.MethodGet, "/v1/server/bans", mod, ""); st != http.StatusOK || len(ans["bans"].([]any)) != 1 {
+		t.Fatalf("list: %d %v", st, ans)
+	}
+	if st, _ := serverCallNoBody(t, s, http.MethodDelete, "/v1/server/bans/bob", mod, ""); st != http.StatusNoContent {
+		t.Fatalf("unban: %d", st)
+	}
+	mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
+	if st, ans := serverCall(t, s, http.MethodDelete, "/v1/server/bans/bob", mod, ""); st != http.StatusNotFound || ans["error"] != "unknown_ban" {
+		t.Fatalf("second unban: %d %v", st, ans)
+	}
+
+	// A timed ban ends by itself.
+	if st, ans := serverCall(t, s, http.MethodPut, "/v1/server/bans/carol", mod, `{"duration_s":3600}`); st != http.StatusOK {
+		t.Fatalf("timed ban: %d %v", st, ans)
+	}
+	if _, err := dial(t, s, "carol", phoneOpt{}); err == nil {
+		t.Fatal("banned carol connected")
+	}
+	clk.Advance(time.Hour)
+	mustDial(t, s, "carol", phoneOpt{})
+
+	for _, c := range []struct{ method, path, body string }{
+		{http.MethodPost, "/v1/server/disconnect", `{}`},
+		{http.MethodPost, "/v1/server/disconnect", `{"client_id":"bob//x"}`},
+		{http.MethodPost, "/v1/server/disconnect", `{"user":"bob","client_id":"bob"}`},
+		{http.MethodPut, "/v1/server/bans/bo%20b", `{}`},
+		{http.MethodPut, "/v1/server/bans/bob", `{"duration_s":-1}`},
+		{http.MethodPut, "/v1/server/bans/bob", `{"until":5}`},
+	} {
+		if st, ans := serverCall(t, s, c.method, c.path, mod, c.body); st != http.StatusBadRequest || ans["error"] != "bad_payload" {
+			t.Errorf("%s %s %s: %d %v, want 400 bad_payload", c.method, c.path, c.body, st, ans)
+		}
+	}
+}
+
+// serverCallNoBody is serverCall for an answer without a body.
+func serverCallNoBody(t *testing.T, s *Server, method, path, bearer, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+bearer)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(b)
 }

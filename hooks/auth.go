@@ -38,6 +38,8 @@ type Auth struct {
 	Users *Users
 	// MayAttach reports whether a device may connect under the user's cap on devices.
 	MayAttach func(user, device string) (bool, error)
+	// Banned, if set, returns the reason of a ban that holds for user.
+	Banned func(user string) (reason string, banned bool)
 
 	// Log receives refusals.
 	Log *slog.Logger
@@ -96,6 +98,15 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	exp, err := h.Verifier.Verify(string(pk.Connect.Password), user)
 	if err != nil {
 		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("user %s: %w", user, err))
+	}
+	if h.Banned != nil {
+		if reason, banned := h.Banned(user); banned {
+			code := packets.ErrBanned
+			if cl.Properties.ProtocolVersion < 5 {
+				code = packets.ErrBadUsernameOrPassword // 3.1.1: not authorized
+			}
+			return h.refuse(cl, code, fmt.Errorf("user %s is banned: %s", user, reason))
+		}
 	}
 	// A Will would be published by mochi as this client, past every check
 	// of the message path (spoofed envelopes, retained presence, packet IDs

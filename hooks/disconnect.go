@@ -31,8 +31,9 @@ const (
 	// ReasonTakenOver: the same client ID connected again, here or on
 	// another node.
 	ReasonTakenOver Reason = "taken_over"
-	// ReasonRemoved: the device's user removed it (the devices API).
-	ReasonRemoved Reason = "device_removed"
+	// ReasonAdministrative: the device's user removed it (the devices
+	// API), or an app backend disconnected or banned it (the server API).
+	ReasonAdministrative Reason = "administrative"
 	// ReasonShuttingDown: the server is stopping.
 	ReasonShuttingDown Reason = "shutting_down"
 	// ReasonKeepalive: the client sent nothing for 1.5 keepalives.
@@ -54,16 +55,20 @@ var ErrTakenOver = errors.New("session taken over on another node")
 // ErrDeviceRemoved ends the connections of a device its user removed.
 var ErrDeviceRemoved = errors.New("device removed by its user")
 
-// EndRemoved ends cl's connection because its user removed the device:
-// an MQTT 5 client is told so (DISCONNECT 0x98, administrative action);
-// MQTT 3.1.1 has no server DISCONNECT.
-func EndRemoved(s *mqtt.Server, cl *mqtt.Client) {
+// ErrModerated ends the connections an app backend disconnected, or of a
+// user it banned.
+var ErrModerated = errors.New("disconnected by the app's backend")
+
+// EndAdministrative ends cl's connection for cause (ErrDeviceRemoved or
+// ErrModerated): an MQTT 5 client is told so (DISCONNECT 0x98,
+// administrative action); MQTT 3.1.1 has no server DISCONNECT.
+func EndAdministrative(s *mqtt.Server, cl *mqtt.Client, cause error) {
 	if cl.Properties.ProtocolVersion == 5 {
 		// DisconnectClient returns the code it disconnected with.
 		_ = s.DisconnectClient(cl, packets.ErrAdministrativeAction)
 		return
 	}
-	cl.Stop(ErrDeviceRemoved)
+	cl.Stop(cause)
 }
 
 // ReasonOf names why a connection ended from its stop cause (the first
@@ -78,8 +83,8 @@ func ReasonOf(cause, err error) Reason {
 			return ReasonTokenExpired
 		case errors.Is(e, ErrTakenOver), errors.Is(e, packets.ErrSessionTakenOver):
 			return ReasonTakenOver
-		case errors.Is(e, ErrDeviceRemoved), errors.Is(e, packets.ErrAdministrativeAction):
-			return ReasonRemoved
+		case errors.Is(e, ErrDeviceRemoved), errors.Is(e, ErrModerated), errors.Is(e, packets.ErrAdministrativeAction):
+			return ReasonAdministrative
 		case errors.Is(e, packets.ErrServerShuttingDown):
 			return ReasonShuttingDown
 		case errors.Is(e, wire.ErrOverflow):

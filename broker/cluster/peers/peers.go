@@ -38,6 +38,7 @@ const (
 	subjSync      = ".presence.sync"
 	subjRemoved   = ".device.removed"
 	subjConnected = ".device.connected"
+	subjModerated = ".moderated"
 )
 
 // Headers that number stored notices. They are headers, not part of the
@@ -88,6 +89,10 @@ type Handlers struct {
 	// DeviceRemoved: a peer removed device of user; its connections here
 	// end. It may be nil.
 	DeviceRemoved func(user, device string)
+	// Moderated: a backend disconnected device of user, or every device
+	// of user when all is set (a ban); their connections here end. It may
+	// be nil.
+	Moderated func(user, device string, all bool)
 	// Connected returns which of clientIDs have a connection on this
 	// node, for a peer that asks. It may be nil.
 	Connected func(clientIDs []string) []string
@@ -215,6 +220,7 @@ func (b *Bus) Start(h Handlers) error {
 		{subjSync, b.onSync},
 		{subjRemoved, b.onRemoved},
 		{subjConnected, b.onConnected},
+		{subjModerated, b.onModerated},
 	}
 	for _, s := range subs {
 		sub, err := opts.Conn.Subscribe(opts.Prefix+s.subj, s.fn)
@@ -409,6 +415,17 @@ func (b *Bus) Peers() []Peer {
 // device's connection there open until it ends.
 func (b *Bus) DeviceRemoved(user, device string) {
 	b.send(subjRemoved, frame(frame(frame(nil, b.opts.Node), user), device))
+}
+
+// Moderated tells the peers that a backend disconnected device of user,
+// or every device of user when all is set. Like every notice it may be
+// lost; a ban also refuses the next CONNECT on every node.
+func (b *Bus) Moderated(user, device string, all bool) {
+	flag := byte(0)
+	if all {
+		flag = 1
+	}
+	b.send(subjModerated, append(frame(frame(frame(nil, b.opts.Node), user), device), flag))
 }
 
 // ErrSilent is the error of a question some live peers did not answer
@@ -737,6 +754,20 @@ func (b *Bus) onRemoved(msg *nats.Msg) {
 		return
 	}
 	b.h.DeviceRemoved(user, device)
+}
+
+func (b *Bus) onModerated(msg *nats.Msg) {
+	_, rest, ok := b.fromPeer(msg, false)
+	if !ok || b.h.Moderated == nil {
+		return
+	}
+	user, rest, ok := unframe(rest)
+	device, rest, ok2 := unframe(rest)
+	if !ok || !ok2 || len(rest) != 1 {
+		b.opts.Logger.Error("bad moderation notice")
+		return
+	}
+	b.h.Moderated(user, device, rest[0] == 1)
 }
 
 func (b *Bus) onConnected(msg *nats.Msg) {

@@ -9,7 +9,8 @@ import "encoding/binary"
 //	v<user>\x00<device>    -> devices.Record.Encode()
 //	d<sender>\x00<id>      -> empty (TTL dedup_window)
 //	p<user>                -> presence record (package broker/presence)
-//	g<group>               -> group record (package broker/groups)
+//	g<group>               -> group record (package broker/service/groups)
+//	b<user>                -> ban record (package broker/service/bans)
 const (
 	msgTag    = 'm'
 	deviceTag = 'v'

@@ -11,12 +11,14 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 
 	"github.com/chatd/chatd/broker/msgpath"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/service/apikeys"
+	"github.com/chatd/chatd/broker/service/bans"
 	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
@@ -40,6 +42,12 @@ type Handler struct {
 	Keys apikeys.Store
 	// Sender stores the messages sent.
 	Sender Sender
+	// Bans are the banned users.
+	Bans *bans.Store
+	// Conns ends connections on every node.
+	Conns Moderator
+	// Now is the clock of bans.
+	Now func() time.Time
 	// MaxMessageBytes caps a message object, as for a client's publish.
 	MaxMessageBytes int
 	// Rate and Burst limit each key's calls; zero means the defaults.
@@ -55,6 +63,7 @@ type Handler struct {
 // Register adds the server API routes to mux.
 func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/server/messages", h.send)
+	h.registerModeration(mux)
 }
 
 // SendRequest is the body of POST /v1/server/messages.
@@ -97,17 +106,8 @@ func (h *Handler) send(w http.ResponseWriter, r *http.Request) {
 	if _, ok := h.auth(w, r, apikeys.ScopeSend); !ok {
 		return
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, int64(h.MaxMessageBytes+msgpath.MaxSendRecipients*maxRecipientBytes+4096))
 	var req SendRequest
-	dec := json.NewDecoder(r.Body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			httpjson.Fail(w, http.StatusRequestEntityTooLarge, msgpath.CodeTooLarge, "request body too large")
-			return
-		}
-		httpjson.Fail(w, http.StatusBadRequest, msgpath.CodeBadPayload, "request body: "+err.Error())
+	if !decodeBody(w, r, &req, int64(h.MaxMessageBytes+msgpath.MaxSendRecipients*maxRecipientBytes+4096)) {
 		return
 	}
 	if req.From == "" {

@@ -1,0 +1,153 @@
+package bans
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/broker/cluster/natsnode"
+)
+
+// kvTimeout bounds each write to the bucket.
+const kvTimeout = 5 * time.Second
+
+type kvBackend struct {
+	kv     jetstream.KeyValue
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// NewKV returns the Store of a cluster node on the bucket named bucket
+// (created with replicas copies): it reads every ban, then follows the
+// other nodes' changes until Close. ctx bounds the setup.
+func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, now func() time.Time, log *slog.Logger) (*Store, error) {
+	var kv jetstream.KeyValue
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: bucket, Description: "chatd bans", History: 1, Replicas: replicas, Storage: jetstream.FileStorage,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("bans: bucket %s: %w", bucket, err)
+	}
+	// The watch lives as long as the Store, not the setup's context.
+	wctx, cancel := context.WithCancel(context.Background())
+	w, err := kv.WatchAll(wctx)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("bans: watch %s: %w", bucket, err)
+	}
+	be := &kvBackend{kv: kv, cancel: cancel, done: make(chan struct{})}
+	// The watch first replays every ban, then a nil entry, then changes.
+	var initial []Ban
+	for {
+		var e jetstream.KeyValueEntry
+		select {
+		case e = <-w.Updates():
+		case <-ctx.Done():
+			cancel()
+			return nil, fmt.Errorf("bans: read %s: %w", bucket, ctx.Err())
+		}
+		if e == nil {
+			break
+		}
+		if b, ok := decodeEntry(e, log); ok {
+			initial = append(initial, b)
+		}
+	}
+	s, err := newStore(staticAll{be, initial}, now)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	s.be = be
+	go be.follow(wctx, w, s, log)
+	return s, nil
+}
+
+// staticAll serves the bans the watch replayed as the backend's first read.
+type staticAll struct {
+	*kvBackend
+	bans []Ban
+}
+
+func (s staticAll) all() ([]Ban, error) { return s.bans, nil }
+
+// follow applies the bucket's changes, this node's own included, until
+// the watch ends.
+func (be *kvBackend) follow(ctx context.Context, w jetstream.KeyWatcher, s *Store, log *slog.Logger) {
+	defer close(be.done)
+	defer func() {
+		if err := w.Stop(); err != nil {
+			log.Debug("bans: stop watch", "error", err)
+		}
+	}()
+	for {
+		var e jetstream.KeyValueEntry
+		select {
+		case <-ctx.Done():
+			return
+		case got, ok := <-w.Updates():
+			if !ok {
+				return
+			}
+			if got == nil {
+				continue
+			}
+			e = got
+		}
+		if e.Operation() != jetstream.KeyValuePut {
+			s.unset(e.Key())
+			continue
+		}
+		if b, ok := decodeEntry(e, log); ok {
+			s.set(b)
+		}
+	}
+}
+
+func decodeEntry(e jetstream.KeyValueEntry, log *slog.Logger) (Ban, bool) {
+	if e.Operation() != jetstream.KeyValuePut {
+		return Ban{}, false
+	}
+	var b Ban
+	if err := json.Unmarshal(e.Value(), &b); err != nil {
+		log.Error("bans: bad record", "key", e.Key(), "error", err)
+		return Ban{}, false
+	}
+	return b, true
+}
+
+func (be *kvBackend) put(b Ban) error {
+	v, err := json.Marshal(b)
+	if err != nil {
+		return fmt.Errorf("ban %s: %w", b.User, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	if _, err := be.kv.Put(ctx, b.User, v); err != nil {
+		return fmt.Errorf("ban %s: %w", b.User, err)
+	}
+	return nil
+}
+
+func (be *kvBackend) delete(user string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	if err := be.kv.Purge(ctx, user); err != nil {
+		return fmt.Errorf("unban %s: %w", user, err)
+	}
+	return nil
+}
+
+func (be *kvBackend) all() ([]Ban, error) { return nil, nil }
+
+func (be *kvBackend) close() {
+	be.cancel()
+	<-be.done
+}
