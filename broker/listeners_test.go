@@ -2,6 +2,10 @@ package broker
 
 import (
 	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
 	"path/filepath"
 	"testing"
 	"time"
@@ -35,18 +39,17 @@ func dialURL(t *testing.T, broker, user string, tlsConfig *tls.Config, p *phone)
 func TestTLSAndWebSocketListeners(t *testing.T) {
 	certs := testutil.Certs(t)
 	certFile, keyFile, pool := certs.CertFile, certs.KeyFile, certs.CAPool(t)
-	wsAddr := freeAddr(t)
 	cases := []struct {
 		name   string
 		broker func(s *Server) string
 		tls    bool
 	}{
 		{"tls", func(s *Server) string { return "tls://" + s.TLSAddr() }, true},
-		{"websocket", func(*Server) string { return "ws://" + wsAddr + "/mqtt" }, false},
+		{"websocket", func(s *Server) string { return "ws://" + s.WebSocketAddr() + "/mqtt" }, false},
 	}
 	s := startServer(t, t.TempDir(), func(c *config.Config) {
 		c.TLS = config.TLS{Listen: "127.0.0.1:0", CertFile: certFile, KeyFile: keyFile}
-		c.WebSocket = config.WebSocket{Listen: wsAddr}
+		c.WebSocket = config.WebSocket{Listen: "127.0.0.1:0"}
 	})
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -84,5 +87,28 @@ func TestTLSConfigErrors(t *testing.T) {
 	cfg.TLS = config.TLS{Listen: "127.0.0.1:0", CertFile: filepath.Join(cfg.DataDir, "missing.pem"), KeyFile: filepath.Join(cfg.DataDir, "missing.key")}
 	if _, err := New(Options{Config: cfg, Secret: testSecret}); err == nil {
 		t.Fatal("a missing certificate was accepted")
+	}
+}
+
+// TestWebSocketPortInUse: a WebSocket address already taken fails the
+// server's start, as a TCP one does, instead of a log line and a server
+// without its WebSocket listener.
+func TestWebSocketPortInUse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg := config.Default()
+	cfg.DataDir = t.TempDir()
+	cfg.Listen, cfg.HTTP = "127.0.0.1:0", ""
+	cfg.WebSocket = config.WebSocket{Listen: ln.Addr().String()}
+	s, err := New(Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err == nil {
+		stopServer(t, s)
+		t.Fatal("started with its WebSocket port taken")
+	}
+	if !strings.Contains(err.Error(), "websocket") || !strings.Contains(err.Error(), ln.Addr().String()) {
+		t.Errorf("error %q: want it to name the websocket listener and its address", err)
 	}
 }

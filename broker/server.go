@@ -83,6 +83,7 @@ type Server struct {
 	janitorDone chan struct{}
 	tcp         *listeners.TCP
 	tls         *listeners.TCP
+	ws          *mochi.WebSocket
 	http        *http.Server
 	httpLn      net.Listener
 	closed      sync.Once
@@ -362,12 +363,12 @@ func (s *Server) addListeners() (err error) {
 		}
 	}
 	if cfg.WebSocket.Listen != "" {
-		wc := listeners.Config{ID: "ws", Address: cfg.WebSocket.Listen}
+		var wsTLS *tls.Config
 		if cfg.WebSocket.TLS {
-			wc.TLSConfig = tlsConfig
+			wsTLS = tlsConfig
 		}
-		// mochi's WebSocket listener answers on every path, /mqtt included.
-		if err := s.mqtt.AddListener(s.guard(listeners.NewWebsocket(wc))); err != nil {
+		s.ws = mochi.NewWebSocket("ws", cfg.WebSocket.Listen, wsTLS)
+		if err := s.mqtt.AddListener(s.guard(s.ws)); err != nil {
 			return fmt.Errorf("listen mqtt over websocket on %s: %w", cfg.WebSocket.Listen, err)
 		}
 	}
@@ -419,6 +420,14 @@ func (s *Server) TLSAddr() string {
 		return ""
 	}
 	return s.tls.Address()
+}
+
+// WebSocketAddr returns the WebSocket listener's address, "" when disabled.
+func (s *Server) WebSocketAddr() string {
+	if s.ws == nil {
+		return ""
+	}
+	return s.ws.Address()
 }
 
 // HTTPAddr returns the HTTP listener's address, "" when disabled.

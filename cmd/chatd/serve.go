@@ -81,7 +81,14 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	if httpAddr == "" {
 		httpAddr = "disabled"
 	}
-	logger.Info("chatd started", "mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync)
+	attrs := []any{"mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync}
+	if a := srv.TLSAddr(); a != "" {
+		attrs = append(attrs, "mqtt_tls", a)
+	}
+	if a := srv.WebSocketAddr(); a != "" {
+		attrs = append(attrs, "websocket", a)
+	}
+	logger.Info("chatd started", attrs...)
 
 	<-ctx.Done()
 	logger.Info("shutting down; signal again to exit immediately", "timeout", shutdownTimeout)
