@@ -5,8 +5,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"strings"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
