@@ -84,10 +84,12 @@ type Server struct {
 	tcp         *listeners.TCP
 	tls         *listeners.TCP
 	ws          *mochi.WebSocket
-	http        *http.Server
-	httpLn      net.Listener
-	closed      sync.Once
-	closeErr    error
+	// started is when Start ran.
+	started  time.Time
+	http     *http.Server
+	httpLn   net.Listener
+	closed   sync.Once
+	closeErr error
 	// ended orders connection ends before shutdown (see mochi.Ends).
 	ended mochi.Ends
 }
@@ -377,6 +379,7 @@ func (s *Server) addListeners() (err error) {
 
 // Start starts serving MQTT and HTTP.
 func (s *Server) Start() error {
+	s.started = s.now()
 	if err := s.presence.Restore(); err != nil {
 		return err
 	}
@@ -420,6 +423,17 @@ func (s *Server) TLSAddr() string {
 		return ""
 	}
 	return s.tls.Address()
+}
+
+// info describes the node for the server API.
+func (s *Server) info() serverapi.Info {
+	return serverapi.Info{
+		Version:     Version(),
+		Node:        s.cfg.Cluster.Node,
+		Cluster:     s.cluster != nil,
+		Started:     s.started.Unix(),
+		Connections: s.mqtt.Clients.Len(),
+	}
 }
 
 // WebSocketAddr returns the WebSocket listener's address, "" when disabled.
@@ -492,7 +506,8 @@ func (s *Server) routes() http.Handler {
 	})
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
-	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(), Now: s.now,
+	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(),
+		Presence: s.presence, Queues: s.queue, Devices: s.conns(), Info: s.info, Now: s.now,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /metrics", s.metrics.Handler())

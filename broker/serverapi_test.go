@@ -211,6 +211,24 @@ func TestClusterServerAPI(t *testing.T) {
 	if r := results(t, ans); st != http.StatusOK || r["bob"] != "duplicate" || r["carol"] != "duplicate" {
 		t.Fatalf("retry on node 3: %d %v: want duplicates", st, ans)
 	}
+	// Presence is the cluster's: bob, on node 3, is online for node 1.
+	read := makeKey(t, nodes[0], apikeys.ScopeRead)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, ans := serverCall(t, nodes[0], http.MethodGet, "/v1/server/users/bob", read, "")
+		devs, _ := ans["devices"].([]any)
+		if st == http.StatusOK && ans["online"] == true && len(devs) == 1 && devs[0].(map[string]any)["online"] == true {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("bob as node 1 sees him: %d %v", st, ans)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if st, ans := serverCall(t, nodes[1], http.MethodGet, "/v1/server/info", read, ""); st != http.StatusOK || ans["cluster"] != true || ans["node"] != "n2" {
+		t.Errorf("info of node 2: %d %v", st, ans)
+	}
+
 	// Moderation holds on every node: bob, on node 3, is banned on node
 	// 1, disconnected, and refused on node 2; unbanned on node 2, he
 	// connects to node 3 again.
@@ -239,7 +257,7 @@ func TestClusterServerAPI(t *testing.T) {
 	if st, body := serverCallNoBody(t, nodes[1], http.MethodDelete, "/v1/server/bans/bob", mod, ""); st != http.StatusNoContent {
 		t.Fatalf("unban on node 2: %d %s", st, body)
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	for {
 		p, err := dial(t, nodes[2], "bob", phoneOpt{clientID: "bob/phone"})
 		if err == nil {
@@ -253,7 +271,7 @@ func TestClusterServerAPI(t *testing.T) {
 	}
 
 	keys, err := nodes[1].keys.List()
-	if err != nil || len(keys) != 2 {
+	if err != nil || len(keys) != 3 {
 		t.Fatalf("keys on node 2: %v, %v", keys, err)
 	}
 	for _, k := range keys {
@@ -378,4 +396,74 @@ func serverCallNoBody(t *testing.T, s *Server, method, path, bearer, body string
 		t.Fatal(err)
 	}
 	return resp.StatusCode, string(b)
+}
+
+// TestServerAPIQuery asks for presence, a user's devices and queue, and
+// the node's info, with a key of the read scope.
+func TestServerAPIQuery(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	read := makeKey(t, s, apikeys.ScopeRead)
+	send := makeKey(t, s, apikeys.ScopeSend)
+	alice := mustDial(t, s, "alice", phoneOpt{clientID: "alice/phone"})
+	for _, id := range []string{"q-1", "q-2"} {
+		alice.send("carol", id, "")
+	}
+	if st, ans := serverCall(t, s, http.MethodPost, "/v1/server/presence", send, `{"users":["alice"]}`); st != http.StatusForbidden {
+		t.Fatalf("presence with a send key: %d %v", st, ans)
+	}
+	st, ans := serverCall(t, s, http.MethodPost, "/v1/server/presence", read, `{"users":["alice","bob"]}`)
+	users, _ := ans["users"].([]any)
+	if st != http.StatusOK || len(users) != 2 {
+		t.Fatalf("presence: %d %v", st, ans)
+	}
+	a, b := users[0].(map[string]any), users[1].(map[string]any)
+	if a["user"] != "alice" || a["online"] != true || b["user"] != "bob" || b["online"] != false || b["last_seen"] != 0.0 {
+		t.Errorf("presence %v: want alice online, bob never seen", users)
+	}
+	st, ans = serverCall(t, s, http.MethodGet, "/v1/server/users/alice", read, "")
+	devs, _ := ans["devices"].([]any)
+	if st != http.StatusOK || ans["online"] != true || len(devs) != 1 || devs[0].(map[string]any)["client_id"] != "alice/phone" {
+		t.Fatalf("alice: %d %v", st, ans)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		// carol's queue fills as the two publishes are stored.
+		st, ans = serverCall(t, s, http.MethodGet, "/v1/server/users/carol", read, "")
+		if st == http.StatusOK && ans["queued"] == 2.0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("carol: %d %v: want 2 queued", st, ans)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if d, _ := ans["devices"].([]any); ans["online"] != false || len(d) != 0 {
+		t.Errorf("carol %v: want offline, no devices", ans)
+	}
+	alice.client.Disconnect(50)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		_, ans = serverCall(t, s, http.MethodPost, "/v1/server/presence", read, `{"users":["alice"]}`)
+		u := ans["users"].([]any)[0].(map[string]any)
+		if u["online"] == false && u["last_seen"].(float64) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("alice after leaving: %v", u)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, ans = serverCall(t, s, http.MethodGet, "/v1/server/info", read, "")
+	if st != http.StatusOK || ans["cluster"] != false || ans["version"] == "" || ans["started"].(float64) <= 0 {
+		t.Errorf("info: %d %v", st, ans)
+	}
+	for _, c := range []struct{ method, path, body string }{
+		{http.MethodPost, "/v1/server/presence", `{"users":[]}`},
+		{http.MethodPost, "/v1/server/presence", `{"users":["a/b"]}`},
+		{http.MethodGet, "/v1/server/users/a%2Fb", ""},
+	} {
+		if st, ans := serverCall(t, s, c.method, c.path, read, c.body); st != http.StatusBadRequest || ans["error"] != "bad_payload" {
+			t.Errorf("%s %s %s: %d %v, want 400 bad_payload", c.method, c.path, c.body, st, ans)
+		}
+	}
 }

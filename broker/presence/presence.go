@@ -324,6 +324,26 @@ func (t *Tracker) Online(user string) bool {
 	return t.conns[user] > 0 || len(t.where[user]) > 0
 }
 
+// State returns whether user is online (on any node) and when it was
+// last seen, in Unix milliseconds: now when online, 0 when never seen.
+func (t *Tracker) State(user string) (online bool, lastSeen int64, err error) {
+	t.mu.Lock()
+	online = t.conns[user] > 0 || len(t.where[user]) > 0
+	pending, unsaved := t.unsaved[user]
+	t.mu.Unlock()
+	switch {
+	case online:
+		return true, t.now().UnixMilli(), nil
+	case unsaved:
+		return false, pending.ts, nil
+	}
+	_, ts, found, err := t.load(user)
+	if err != nil || !found {
+		return false, 0, err
+	}
+	return false, ts, nil
+}
+
 // Local returns the users with a connection on this node.
 func (t *Tracker) Local() []string {
 	t.mu.Lock()

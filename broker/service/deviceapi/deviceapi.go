@@ -77,22 +77,32 @@ func (h *Handler) list(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	ds, err := h.Store.Devices(user)
+	devs, partial, err := Describe(h.Store, h.Conns, h.Now(), user)
 	if err != nil {
 		h.internal(w, "list devices", err)
 		return
+	}
+	if partial != nil {
+		// The list is still right but for who is online on a silent node.
+		h.Log.Warn("devices API: connections not all known", "user", user, "error", partial)
+	}
+	httpjson.Write(w, http.StatusOK, List{Devices: devs})
+}
+
+// Describe returns the devices of user as the API lists them, at now.
+// partial, when set, names the nodes that did not say which devices are
+// connected to them: the list is right but for those.
+func Describe(store Store, conns Connections, now time.Time, user string) (devs []Device, partial, err error) {
+	ds, err := store.Devices(user)
+	if err != nil {
+		return nil, nil, err
 	}
 	ids := make([]string, len(ds))
 	for i, d := range ds {
 		ids[i] = topic.ClientID(user, d.Name)
 	}
-	online, err := h.Conns.Connected(ids)
-	if err != nil {
-		// The list is still right but for who is online on a silent node.
-		h.Log.Warn("devices API: connections not all known", "user", user, "error", err)
-	}
-	now := h.Now().Unix()
-	out := List{Devices: make([]Device, len(ds))}
+	online, partial := conns.Connected(ids)
+	devs = make([]Device, len(ds))
 	for i, d := range ds {
 		dev := Device{
 			ClientID:  ids[i],
@@ -101,15 +111,14 @@ func (h *Handler) list(w http.ResponseWriter, r *http.Request) {
 			Transient: d.Transient,
 		}
 		if dev.Online {
-			dev.LastSeen = now
+			dev.LastSeen = now.Unix()
 		}
-		if dev.Waiting, err = h.Store.Waiting(user, d.Cursor); err != nil {
-			h.internal(w, "list devices", err)
-			return
+		if dev.Waiting, err = store.Waiting(user, d.Cursor); err != nil {
+			return nil, nil, err
 		}
-		out.Devices[i] = dev
+		devs[i] = dev
 	}
-	httpjson.Write(w, http.StatusOK, out)
+	return devs, partial, nil
 }
 
 // remove forgets the device first and closes its connections after, so

@@ -19,6 +19,7 @@ import (
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
+	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
@@ -46,7 +47,15 @@ type Handler struct {
 	Bans *bans.Store
 	// Conns ends connections on every node.
 	Conns Moderator
-	// Now is the clock of bans.
+	// Presence tells who is online.
+	Presence Presence
+	// Queues are the users' queues and devices.
+	Queues Queues
+	// Devices finds the devices' connections on every node.
+	Devices deviceapi.Connections
+	// Info describes the node now.
+	Info func() Info
+	// Now is the clock of bans and last-seen times.
 	Now func() time.Time
 	// MaxMessageBytes caps a message object, as for a client's publish.
 	MaxMessageBytes int
@@ -64,6 +73,7 @@ type Handler struct {
 func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/server/messages", h.send)
 	h.registerModeration(mux)
+	h.registerQuery(mux)
 }
 
 // SendRequest is the body of POST /v1/server/messages.
