@@ -31,6 +31,7 @@ import (
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
+	"github.com/chatd/chatd/broker/service/apidoc"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
 	"github.com/chatd/chatd/broker/service/deviceapi"
@@ -71,6 +72,7 @@ type Server struct {
 	presence *presence.Tracker
 	groups   *groups.Store
 	keys     apikeys.Store
+	apiDoc   http.Handler
 	bans     *bans.Store
 	push     *push.Notifier
 	metrics  *metrics.Metrics
@@ -190,6 +192,9 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		}
 	} else {
 		s.keys = apikeys.NewFile(filepath.Join(cfg.DataDir, apikeys.FileName))
+	}
+	if s.apiDoc, err = apidoc.Handler(); err != nil {
+		return err
 	}
 	if s.cluster != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -510,6 +515,7 @@ func (s *Server) routes() http.Handler {
 		Presence: s.presence, Queues: s.queue, Devices: s.conns(), Info: s.info, Now: s.now,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
+	mux.Handle("GET /v1/openapi.json", s.apiDoc)
 	mux.Handle("GET /metrics", s.metrics.Handler())
 	mux.HandleFunc("GET /cluster/status", s.clusterStatus)
 	if s.cfg.Debug.Pprof {
