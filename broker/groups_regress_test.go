@@ -2,8 +2,6 @@ package broker
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -55,21 +53,8 @@ func TestGroupNonMemberLearnsNothing(t *testing.T) {
 // and the body, which may be empty.
 func httpDo(t *testing.T, s *Server, method, path, user string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+mint(t, user))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	return resp.StatusCode, string(b)
+	st, b := bearerCall(t, s, method, path, mint(t, user), "")
+	return st, string(b)
 }
 
 // TestGroupDelete deletes a group over the API: only its admins may, it

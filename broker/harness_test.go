@@ -9,7 +9,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -337,4 +339,27 @@ func connectPacket(user, token string, keepalive uint16, willTopic, willMsg stri
 		}
 	}
 	return append(pkt, body.Bytes()...)
+}
+
+// bearerCall makes an HTTP call to s with bearer in Authorization (none
+// when "") and body, and returns the status and the body.
+func bearerCall(t testing.TB, s *Server, method, path, bearer, body string) (int, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return resp.StatusCode, b
 }

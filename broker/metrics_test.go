@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -11,16 +10,8 @@ import (
 
 func scrape(t *testing.T, s *Server, path string) (int, string) {
 	t.Helper()
-	resp, err := http.Get("http://" + s.HTTPAddr() + path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, string(b)
+	st, b := bearerCall(t, s, http.MethodGet, path, "", "")
+	return st, string(b)
 }
 
 func TestMetricsAndHealth(t *testing.T) {

@@ -14,7 +14,6 @@ import (
 	"github.com/chatd/chatd/broker"
 	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/service/apikeys"
-	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestAPIKey makes, lists and revokes a key with the command while a
@@ -24,13 +23,8 @@ func TestAPIKey(t *testing.T) {
 	isolate(t)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var logs testutil.SyncBuffer
-	cmd := newRootCmd()
-	cmd.SetArgs([]string{"serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"})
-	cmd.SetErr(&logs)
-	done := make(chan error, 1)
-	go func() { done <- cmd.ExecuteContext(ctx) }()
-	_, httpAddr := waitStarted(t, &logs, done)
+	logs, done := serveBackground(ctx)
+	_, httpAddr := waitStarted(t, logs, done)
 
 	send := func(key string) int {
 		req, err := http.NewRequest(http.MethodPost, "http://"+httpAddr+"/v1/server/messages",

@@ -143,18 +143,24 @@ func waitStarted(t *testing.T, logs *testutil.SyncBuffer, done <-chan error) (mq
 	return mqttAddr, httpAddr
 }
 
+// serveBackground runs chatd serve on loopback ports chosen by the
+// system until ctx ends, with its log in logs; done receives its end.
+func serveBackground(ctx context.Context) (logs *testutil.SyncBuffer, done <-chan error) {
+	logs = new(testutil.SyncBuffer)
+	cmd := newRootCmd()
+	cmd.SetArgs([]string{"serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"})
+	cmd.SetErr(logs)
+	end := make(chan error, 1)
+	go func() { end <- cmd.ExecuteContext(ctx) }()
+	return logs, end
+}
+
 func TestServe(t *testing.T) {
 	isolate(t)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var logs testutil.SyncBuffer
-	cmd := newRootCmd()
-	cmd.SetArgs([]string{"serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"})
-	cmd.SetErr(&logs)
-	done := make(chan error, 1)
-	go func() { done <- cmd.ExecuteContext(ctx) }()
-
-	mqttAddr, httpAddr := waitStarted(t, &logs, done)
+	logs, done := serveBackground(ctx)
+	mqttAddr, httpAddr := waitStarted(t, logs, done)
 	for _, want := range []string{"level=WARN", "development secret", "chatd token USER --data-dir data", "data_dir=data", "sync=batch"} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("logs lack %q:\n%s", want, logs.String())
