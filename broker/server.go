@@ -196,16 +196,6 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 	if s.apiDoc, err = apidoc.Handler(); err != nil {
 		return err
 	}
-	if s.cluster != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		s.bans, err = bans.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_bans", cfg.Cluster.Replicas, s.now, log.With("component", "bans"))
-		cancel()
-	} else {
-		s.bans, err = bans.NewBadger(db, s.now)
-	}
-	if err != nil {
-		return fmt.Errorf("bans: %w", err)
-	}
 	s.push, err = push.New(push.Options{
 		URL:         cfg.Push.Webhook,
 		Interval:    cfg.Push.Interval,
@@ -217,6 +207,19 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		return fmt.Errorf("push.webhook: %w", err)
 	}
 	s.mqtt = newMQTT(cfg, log)
+	// A ban ends the user's connections on every node: here at once, on
+	// the peers as the ban reaches their copy of the bucket.
+	endBanned := func(user string) { connections{mqtt: s.mqtt}.endModeratedHere(user, "", true) }
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		s.bans, err = bans.NewKV(ctx, s.cluster.node.JetStream(), clusterPrefix+"_bans", cfg.Cluster.Replicas, s.now, endBanned, log.With("component", "bans"))
+		cancel()
+	} else {
+		s.bans, err = bans.NewBadger(db, s.now, endBanned)
+	}
+	if err != nil {
+		return fmt.Errorf("bans: %w", err)
+	}
 	var relay presence.Relay
 	var peers msgpath.Peers
 	if s.cluster != nil {

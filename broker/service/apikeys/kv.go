@@ -21,7 +21,9 @@ const kvTimeout = 5 * time.Second
 // every node and `chatd apikey --cluster` share. Each check reads the
 // bucket, so a revocation holds on every node at once.
 type KV struct {
-	kv jetstream.KeyValue
+	kv     jetstream.KeyValue
+	js     jetstream.JetStream
+	bucket string
 }
 
 // NewKV opens the bucket named bucket, creating it with replicas copies;
@@ -41,7 +43,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 	if err != nil {
 		return nil, fmt.Errorf("API keys: bucket %s: %w", bucket, err)
 	}
-	return &KV{kv: kv}, nil
+	return &KV{kv: kv, js: js, bucket: bucket}, nil
 }
 
 // Get returns the key of id.
@@ -51,14 +53,16 @@ func (s *KV) Get(id string) (Key, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	e, err := s.kv.Get(ctx, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return Key{}, ErrUnknown
-	}
+	// The leader's copy: a key revoked on another node must fail here
+	// at once, which a direct get from a lagging replica would not.
+	_, v, ok, err := natsnode.KVLast(ctx, s.js, s.bucket, id)
 	if err != nil {
 		return Key{}, fmt.Errorf("API key %s: %w", id, err)
 	}
-	return decode(e.Value())
+	if !ok {
+		return Key{}, ErrUnknown
+	}
+	return decode(v)
 }
 
 // List returns every key, by ID.

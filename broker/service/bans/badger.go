@@ -15,9 +15,9 @@ const keyTag = 'b'
 type badgerBackend struct{ db *badger.DB }
 
 // NewBadger returns the Store of one node, in db; now is its clock (nil
-// means time.Now).
-func NewBadger(db *badger.DB, now func() time.Time) (*Store, error) {
-	return newStore(badgerBackend{db}, now)
+// means time.Now), and onBan ends a banned user's connections (nil: none).
+func NewBadger(db *badger.DB, now func() time.Time, onBan func(user string)) (*Store, error) {
+	return newStore(badgerBackend{db}, now, onBan)
 }
 
 func key(user string) []byte { return append([]byte{keyTag}, user...) }

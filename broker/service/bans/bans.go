@@ -44,16 +44,21 @@ type backend interface {
 type Store struct {
 	be  backend
 	now func() time.Time
+	// onBan ends the banned user's connections on this node.
+	onBan func(user string)
 
 	mu   sync.RWMutex
 	bans map[string]Ban
 }
 
-func newStore(be backend, now func() time.Time) (*Store, error) {
+func newStore(be backend, now func() time.Time, onBan func(user string)) (*Store, error) {
 	if now == nil {
 		now = time.Now
 	}
-	s := &Store{be: be, now: now, bans: make(map[string]Ban)}
+	if onBan == nil {
+		onBan = func(string) {}
+	}
+	s := &Store{be: be, now: now, onBan: onBan, bans: make(map[string]Ban)}
 	all, err := be.all()
 	if err != nil {
 		return nil, err
@@ -64,7 +69,8 @@ func newStore(be backend, now func() time.Time) (*Store, error) {
 	return s, nil
 }
 
-// Ban bans b.User, replacing any ban of it.
+// Ban bans b.User, replacing any ban of it, and ends its connections
+// here; in a cluster every node ends those it has as the ban reaches it.
 func (s *Store) Ban(b Ban) error {
 	if err := s.be.put(b); err != nil {
 		return err
@@ -110,10 +116,14 @@ func (s *Store) List() []Ban {
 // Close stops following the other nodes' changes.
 func (s *Store) Close() { s.be.close() }
 
+// set records b and, when it holds, ends the user's connections here.
 func (s *Store) set(b Ban) {
 	s.mu.Lock()
 	s.bans[b.User] = b
 	s.mu.Unlock()
+	if b.Active(s.now()) {
+		s.onBan(b.User)
+	}
 }
 
 func (s *Store) unset(user string) {

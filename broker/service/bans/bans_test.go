@@ -35,7 +35,7 @@ var backends = []struct {
 		}
 		t.Cleanup(func() { db.Close() })
 		open := func() *bans.Store {
-			s, err := bans.NewBadger(db, now)
+			s, err := bans.NewBadger(db, now, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -50,7 +50,7 @@ var backends = []struct {
 			return func() *bans.Store {
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				defer cancel()
-				s, err := bans.NewKV(ctx, nodes[i].JetStream(), "test_bans", 3, now, slog.New(slog.NewTextHandler(io.Discard, nil)))
+				s, err := bans.NewKV(ctx, nodes[i].JetStream(), "test_bans", 3, now, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 				if err != nil {
 					t.Fatal(err)
 				}

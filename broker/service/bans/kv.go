@@ -23,8 +23,11 @@ type kvBackend struct {
 
 // NewKV returns the Store of a cluster node on the bucket named bucket
 // (created with replicas copies): it reads every ban, then follows the
-// other nodes' changes until Close. ctx bounds the setup.
-func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, now func() time.Time, log *slog.Logger) (*Store, error) {
+// other nodes' changes until Close, calling onBan (if set) for each ban
+// that reaches it, so that every node ends the connections it has of a
+// user banned anywhere, as reliably as the bucket itself. ctx bounds the
+// setup.
+func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, now func() time.Time, onBan func(user string), log *slog.Logger) (*Store, error) {
 	var kv jetstream.KeyValue
 	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
 		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
@@ -60,7 +63,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 			initial = append(initial, b)
 		}
 	}
-	s, err := newStore(staticAll{be, initial}, now)
+	s, err := newStore(staticAll{be, initial}, now, onBan)
 	if err != nil {
 		cancel()
 		return nil, err

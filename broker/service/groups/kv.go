@@ -20,9 +20,6 @@ import (
 // replicated bucket just created needs its leader elected.
 const setupTimeout = 30 * time.Second
 
-// kvOperationHeader marks a KV stream message as a deletion, not a value.
-const kvOperationHeader = "KV-Operation"
-
 // probeKey is read to see that a bucket answers; "/" is in no group's key.
 const probeKey = "chatd/probe"
 
@@ -53,8 +50,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 	if err != nil {
 		return nil, fmt.Errorf("groups: bucket %s: %w", bucket, err)
 	}
-	b := &kvBackend{kv: kv, nc: js.Conn(), bucket: bucket,
-		getSubject: apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + bucket}
+	b := &kvBackend{kv: kv, js: js, bucket: bucket}
 	// A bucket just created may not have elected its leader yet: make sure
 	// the first operation is answered.
 	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
@@ -138,27 +134,8 @@ func stopWatch(w jetstream.KeyWatcher) error {
 // its key's revision, the stream sequence of its last write.
 type kvBackend struct {
 	kv     jetstream.KeyValue
-	nc     *nats.Conn
+	js     jetstream.JetStream
 	bucket string
-	// getSubject asks the bucket's stream leader for a message: KV buckets
-	// allow direct gets, which jetstream.KeyValue.Get uses and any replica
-	// answers, possibly one that has not yet stored the latest write.
-	getSubject string
-}
-
-// msgGetRequest and msgGetResponse are JetStream's STREAM.MSG.GET API,
-// the fields used here.
-type msgGetRequest struct {
-	LastFor string `json:"last_by_subj"`
-}
-
-type msgGetResponse struct {
-	Error   *jetstream.APIError `json:"error,omitempty"`
-	Message *struct {
-		Sequence uint64 `json:"seq"`
-		Header   []byte `json:"hdrs,omitempty"`
-		Data     []byte `json:"data,omitempty"`
-	} `json:"message,omitempty"`
 }
 
 func (b *kvBackend) get(ctx context.Context, gid string) (*Group, uint64, error) {
@@ -176,39 +153,8 @@ func (b *kvBackend) get(ctx context.Context, gid string) (*Group, uint64, error)
 // last returns key's latest value and revision as the stream leader has
 // them: ok false for a key never written (revision 0) or deleted.
 func (b *kvBackend) last(ctx context.Context, key string) (rev uint64, v []byte, ok bool, err error) {
-	req, err := json.Marshal(msgGetRequest{LastFor: "$KV." + b.bucket + "." + key})
-	if err != nil {
-		return 0, nil, false, fmt.Errorf("encode get: %w", err)
-	}
-	m, err := b.nc.RequestWithContext(ctx, b.getSubject, req)
-	if err != nil {
-		return 0, nil, false, fmt.Errorf("bucket %s: %w", b.bucket, err)
-	}
-	var resp msgGetResponse
-	if err := json.Unmarshal(m.Data, &resp); err != nil {
-		return 0, nil, false, fmt.Errorf("bucket %s: decode answer: %w", b.bucket, err)
-	}
-	if resp.Error != nil {
-		if resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
-			return 0, nil, false, nil
-		}
-		return 0, nil, false, fmt.Errorf("bucket %s: %w", b.bucket, resp.Error)
-	}
-	msg := resp.Message
-	if msg == nil {
-		return 0, nil, false, fmt.Errorf("bucket %s: answer without a message", b.bucket)
-	}
-	if len(msg.Header) > 0 {
-		h, err := nats.DecodeHeadersMsg(msg.Header)
-		if err != nil {
-			return 0, nil, false, fmt.Errorf("bucket %s: headers: %w", b.bucket, err)
-		}
-		// A delete or purge marker, or the server's marker of a removal.
-		if h.Get(kvOperationHeader) != "" || h.Get(jetstream.MarkerReasonHeader) != "" {
-			return msg.Sequence, nil, false, nil
-		}
-	}
-	return msg.Sequence, msg.Data, true, nil
+	// The leader's, not a direct get's: see natsnode.KVLast.
+	return natsnode.KVLast(ctx, b.js, b.bucket, key)
 }
 
 func (b *kvBackend) create(ctx context.Context, g *Group, maxPerUser int) (uint64, error) {
@@ -345,15 +291,4 @@ func decode(v []byte) (*Group, error) {
 		return nil, fmt.Errorf("decode: %w", err)
 	}
 	return g, nil
-}
-
-// apiPrefix is the JetStream API subject prefix js sends requests to.
-func apiPrefix(o jetstream.JetStreamOptions) string {
-	switch {
-	case o.Domain != "":
-		return "$JS." + o.Domain + ".API."
-	case o.APIPrefix != "":
-		return strings.TrimSuffix(o.APIPrefix, ".") + "."
-	}
-	return jetstream.DefaultAPIPrefix
 }

@@ -117,8 +117,8 @@ func (h *Handler) ban(w http.ResponseWriter, r *http.Request) {
 		httpjson.Fail(w, http.StatusServiceUnavailable, "not_stored", "ban not stored; try again")
 		return
 	}
-	// Stored first: a device that reconnects at once is refused.
-	h.Conns.Moderated(user, "", true)
+	// The store ended the user's connections, here and on every node
+	// its ban reaches: stored first, so a device reconnecting is refused.
 	h.Log.Info("user banned", "user", user, "reason", req.Reason, "until", b.Until)
 	httpjson.Write(w, http.StatusOK, b)
 }
