@@ -368,3 +368,41 @@ func serverCallNoBody(t *testing.T, s *Server, method, path, bearer, body string
 	st, b := bearerCall(t, s, method, path, bearer, body)
 	return st, string(b)
 }
+
+// TestServerAPISendQueueFull: a recipient whose queue is full is named
+// queue_full in its result, the others are stored; when all are full the
+// call stores nothing and a retry with the same id, once there is room,
+// is stored, not a duplicate.
+func TestServerAPISendQueueFull(t *testing.T) {
+	s := startServer(t, t.TempDir(), errorTestConfig)
+	fillQueue(t, s) // user "full" is at its cap
+	key := makeKey(t, s, apikeys.ScopeSend)
+	st, ans := serverCall(t, s, http.MethodPost, "/v1/server/messages", key, `{"to":["bob","full"],"message":{"id":"n-1"}}`)
+	if r := results(t, ans); st != http.StatusOK || r["bob"] != "stored" || r["full"] != "queue_full" {
+		t.Fatalf("send: %d %v: want bob stored, full queue_full", st, ans)
+	}
+	st, ans = serverCall(t, s, http.MethodPost, "/v1/server/messages", key, `{"to":["full"],"message":{"id":"n-2"}}`)
+	if r := results(t, ans); st != http.StatusOK || r["full"] != "queue_full" {
+		t.Fatalf("send to the full queue alone: %d %v", st, ans)
+	}
+	if d, err := s.queue.Depth("full"); err != nil || d != 2 {
+		t.Fatalf("full's queue: %d, %v: want the 2 fillers only", d, err)
+	}
+	// Room again: full's phone takes its two messages.
+	full := mustDial(t, s, "full", phoneOpt{})
+	full.waitFor(2)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if d, err := s.queue.Depth("full"); err == nil && d == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("full's queue not emptied")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, ans = serverCall(t, s, http.MethodPost, "/v1/server/messages", key, `{"to":["full"],"message":{"id":"n-2"}}`)
+	if r := results(t, ans); st != http.StatusOK || r["full"] != "stored" {
+		t.Fatalf("retry once there is room: %d %v: want stored", st, ans)
+	}
+}

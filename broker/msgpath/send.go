@@ -3,7 +3,6 @@ package msgpath
 import (
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/chatd/chatd/broker/protocol/envelope"
 	"github.com/chatd/chatd/broker/protocol/topic"
@@ -73,20 +72,25 @@ func (p *Path) Send(m Send, done func(id string, ts int64, results []SendResult)
 	}
 	ts := p.now().UnixMilli()
 	r := &queue.Request{
-		To: to[0], Sender: "@" + m.From, ID: id, Meta: envelope.ServerMeta(m.From, m.Group, id),
+		To: to[0], Sender: envelope.ServerSenderKey(m.From), ID: id, Meta: envelope.ServerMeta(m.From, m.Group, id),
 		Data:     envelope.ServerMessage(m.From, to[0], m.Group, ts, m.Message),
 		OnStored: p.notify,
 	}
 	for _, u := range to[1:] {
 		r.Fanout = append(r.Fanout, queue.Fanout{To: u, Data: envelope.ServerMessage(m.From, u, m.Group, ts, m.Message)})
 	}
-	var full []string
-	r.OnFull = func(users []string) { full = users }
+	var full map[string]bool
+	r.OnFull = func(users []string) {
+		full = make(map[string]bool, len(users))
+		for _, u := range users {
+			full[u] = true
+		}
+	}
 	r.Done = func(st queue.Status, _ queue.Message, err error) {
 		results := make([]SendResult, len(to))
 		for i, u := range to {
 			results[i] = SendResult{To: u, Status: st, Err: err}
-			if st == queue.Stored && slices.Contains(full, u) {
+			if st == queue.Stored && full[u] {
 				results[i].Status = queue.Full
 			}
 		}

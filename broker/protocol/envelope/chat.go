@@ -30,8 +30,12 @@ func Meta(from, group, id string) []byte {
 // such a sender and no client can pass for one.
 const serverMark = "@"
 
+// ServerSenderKey is how a backend's sender from is named in the store:
+// in Meta, and in the dedup key, apart from any user of the same name.
+func ServerSenderKey(from string) string { return serverMark + from }
+
 // ServerMeta is Meta for a message a backend sent as from.
-func ServerMeta(from, group, id string) []byte { return Meta(serverMark+from, group, id) }
+func ServerMeta(from, group, id string) []byte { return Meta(ServerSenderKey(from), group, id) }
 
 // ServerSender returns the sender named by ServerMeta's from, and whether
 // from names one.
