@@ -22,10 +22,10 @@ func takeEvents(t *testing.T, got <-chan string, n int) []string {
 		case p := <-got:
 			raw = append(raw, []byte(p))
 		case <-timeout:
-			t.Fatalf("got %d events of %d: %v", len(raw), n, events(t, raw))
+			t.Fatalf("got %d events of %d: %v", len(raw), n, received(t, raw))
 		}
 	}
-	return events(t, raw)
+	return received(t, raw)
 }
 
 // TestClusterDevices: a user's devices on different nodes stay in step

@@ -70,8 +70,8 @@ func TestMediaThroughTheServer(t *testing.T) {
 	}
 }
 
-// webhook records push notifications; it fails the first failFirst requests.
-type webhook struct {
+// pushHook records push notifications; it fails the first failFirst requests.
+type pushHook struct {
 	mu        sync.Mutex
 	bodies    []map[string]any
 	attempts  int
@@ -79,7 +79,7 @@ type webhook struct {
 	signal    chan struct{}
 }
 
-func (w *webhook) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
+func (w *pushHook) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	var body map[string]any
 	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
 		http.Error(rw, err.Error(), 400)
@@ -102,7 +102,7 @@ func (w *webhook) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (w *webhook) waitFor(t *testing.T, n int) []map[string]any {
+func (w *pushHook) waitFor(t *testing.T, n int) []map[string]any {
 	t.Helper()
 	deadline := time.After(30 * time.Second)
 	for {
@@ -123,7 +123,7 @@ func (w *webhook) waitFor(t *testing.T, n int) []map[string]any {
 }
 
 func TestPushWebhook(t *testing.T) {
-	hook := &webhook{failFirst: 1, signal: make(chan struct{}, 1)}
+	hook := &pushHook{failFirst: 1, signal: make(chan struct{}, 1)}
 	srv := httptest.NewServer(hook)
 	defer srv.Close()
 	s := startServer(t, t.TempDir(), func(c *config.Config) {

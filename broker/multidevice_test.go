@@ -41,8 +41,8 @@ func (e copyEvent) String() string {
 	}
 }
 
-// events decodes what p received, in order.
-func events(t *testing.T, raw [][]byte) []string {
+// received decodes what p received, in order.
+func received(t *testing.T, raw [][]byte) []string {
 	t.Helper()
 	out := make([]string, 0, len(raw))
 	for _, b := range raw {
@@ -61,7 +61,7 @@ func waitEvents(t *testing.T, p *phone, n int) []string {
 	p.waitFor(n)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return events(t, p.raw)
+	return received(t, p.raw)
 }
 
 // TestDevicesStayInStep: what one device of a user sends, and what it

@@ -35,11 +35,13 @@ import (
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
 	"github.com/chatd/chatd/broker/service/deviceapi"
+	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/httpjson"
 	"github.com/chatd/chatd/broker/service/media"
 	"github.com/chatd/chatd/broker/service/push"
 	"github.com/chatd/chatd/broker/service/serverapi"
+	"github.com/chatd/chatd/broker/service/webhook"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/hooks"
 	"github.com/chatd/chatd/internal/mochi"
@@ -75,6 +77,7 @@ type Server struct {
 	apiDoc   http.Handler
 	bans     *bans.Store
 	push     *push.Notifier
+	events   *events.Emitter
 	metrics  *metrics.Metrics
 	inbox    *hooks.Inbox
 	auth     *hooks.Auth
@@ -160,6 +163,9 @@ func New(opts Options) (*Server, error) {
 		if s.push != nil {
 			s.push.Close()
 		}
+		if s.events != nil {
+			s.events.Close()
+		}
 		if s.path != nil {
 			s.path.Close()
 		}
@@ -206,6 +212,14 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 	if err != nil {
 		return fmt.Errorf("push.webhook: %w", err)
 	}
+	s.events, err = events.New(events.Options{
+		URL: cfg.Events.Webhook, Secret: []byte(cfg.Events.Secret), Node: cfg.Cluster.Node,
+		QueueSize: cfg.Events.QueueSize, MaxAttempts: cfg.Events.MaxAttempts,
+		Logger: log.With("component", "events"), Now: s.now,
+	})
+	if err != nil {
+		return err
+	}
 	s.mqtt = newMQTT(cfg, log)
 	// A ban ends the user's connections on every node: here at once, on
 	// the peers as the ban reaches their copy of the bucket.
@@ -231,6 +245,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Groups:          s.groups,
 		Presence:        s.presence,
 		Push:            s.push,
+		Events:          s.events,
 		Peers:           peers,
 		Observe:         s.metrics,
 		Receipts:        cfg.Receipts.Delivered,
@@ -275,6 +290,10 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Connections: func() float64 { return float64(atomic.LoadInt64(&s.mqtt.Info.ClientsConnected)) },
 		Queue:       s.queue,
 		Delivery:    s.path,
+		Webhooks: map[string]func() webhook.Stats{
+			"push":   func() webhook.Stats { return s.push.Stats().Stats },
+			"events": s.events.Stats,
+		},
 	})
 	mediaStore, err := s.openMedia(cfg)
 	if err != nil {
@@ -503,6 +522,8 @@ func (s *Server) close(ctx context.Context) error {
 	if err := s.closeStore(); err != nil {
 		errs = append(errs, err)
 	}
+	// The store's last commits emitted their events: now they may go.
+	s.events.Close()
 	return errors.Join(errs...)
 }
 

@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/broker/service/apikeys"
+	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // makeKey stores a key with scopes in s's key store, as `chatd apikey
@@ -181,15 +183,25 @@ func TestServerAPIRefuses(t *testing.T) {
 // connected to another, with a key made on a third: keys are shared, and
 // a key revoked on one node is refused on every node at once.
 func TestClusterServerAPI(t *testing.T) {
-	nodes := startTestCluster(t, 3)
+	sink := newEventSink(t)
+	nodes := startTestClusterWith(t, 3, sink.configure)
 	key := makeKey(t, nodes[0], apikeys.ScopeSend)
 	bob := mustDial(t, nodes[2], "bob", phoneOpt{})
+	if ev := sink.waitFor(events.UserConnected, map[string]any{"user": "bob"}); ev.Node != "n3" {
+		t.Errorf("bob's connect event from node %q, want n3", ev.Node)
+	}
 	st, ans := serverCall(t, nodes[1], http.MethodPost, "/v1/server/messages", key, `{"to":["bob","carol"],"message":{"id":"otp-1","text":"123456"}}`)
 	if r := results(t, ans); st != http.StatusOK || r["bob"] != "stored" || r["carol"] != "stored" {
 		t.Fatalf("send on node 2: %d %v", st, ans)
 	}
 	if e := bob.waitFor(1)[0]; e.From != "system" || !e.Server || innerID(t, e) != "otp-1" {
 		t.Fatalf("bob on node 3 got %+v", e)
+	}
+	// One stored event per recipient, from the node that stored it.
+	for _, u := range []string{"bob", "carol"} {
+		if ev := sink.waitFor(events.MessageStored, map[string]any{"to": u, "id": "otp-1"}); ev.Node != "n2" {
+			t.Errorf("stored event of otp-1 to %s from node %q, want n2", u, ev.Node)
+		}
 	}
 	st, ans = serverCall(t, nodes[2], http.MethodPost, "/v1/server/messages", key, `{"to":["bob","carol"],"message":{"id":"otp-1","text":"123456"}}`)
 	if r := results(t, ans); st != http.StatusOK || r["bob"] != "duplicate" || r["carol"] != "duplicate" {
@@ -254,6 +266,12 @@ func TestClusterServerAPI(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
+	for _, n := range nodes {
+		testutil.Eventually(t, 10*time.Second, func() bool { return n.events.Pending() == 0 }, "events sent")
+	}
+	if c := sink.count(events.MessageStored, map[string]any{"id": "otp-1"}); c != 2 {
+		t.Errorf("%d stored events of otp-1, want 2: once per recipient, in the whole cluster", c)
+	}
 	keys, err := nodes[1].keys.List()
 	if err != nil || len(keys) != 3 {
 		t.Fatalf("keys on node 2: %v, %v", keys, err)

@@ -50,6 +50,8 @@ type Config struct {
 	Media Media `mapstructure:"media"`
 	// Push holds push notification settings.
 	Push Push `mapstructure:"push"`
+	// Events holds the signed event webhook's settings.
+	Events Events `mapstructure:"events"`
 	// Cluster configures cluster mode.
 	Cluster Cluster `mapstructure:"cluster"`
 	// Memory bounds the Go heap.
@@ -109,6 +111,19 @@ type Push struct {
 	// QueueSize bounds the notifications waiting to be sent.
 	QueueSize int `mapstructure:"queue_size"`
 	// MaxAttempts is how often one notification is tried.
+	MaxAttempts int `mapstructure:"max_attempts"`
+}
+
+// Events configures the webhook that tells an app's backend what happens:
+// messages stored and read, users connected and disconnected.
+type Events struct {
+	// Webhook is the URL events are POSTed to; empty disables events.
+	Webhook string `mapstructure:"webhook"`
+	// Secret signs every event (HMAC-SHA256); required with Webhook.
+	Secret string `mapstructure:"secret"`
+	// QueueSize bounds the events waiting to be sent.
+	QueueSize int `mapstructure:"queue_size"`
+	// MaxAttempts is how often one event is tried.
 	MaxAttempts int `mapstructure:"max_attempts"`
 }
 
@@ -297,6 +312,7 @@ func Default() Config {
 		Groups:   Groups{MaxMembers: 1024, MaxPerUser: 1000, CacheMembers: 1_000_000},
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
+		Events:   Events{QueueSize: 10000, MaxAttempts: 8},
 		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4, AckFlushInterval: 500 * time.Millisecond},
 		Memory:   Memory{LimitRatio: 0.9},
 	}
@@ -400,6 +416,8 @@ func (c *Config) Validate() error {
 		{"push.interval", int64(c.Push.Interval)},
 		{"push.queue_size", int64(c.Push.QueueSize)},
 		{"push.max_attempts", int64(c.Push.MaxAttempts)},
+		{"events.queue_size", int64(c.Events.QueueSize)},
+		{"events.max_attempts", int64(c.Events.MaxAttempts)},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {
@@ -408,6 +426,9 @@ func (c *Config) Validate() error {
 	}
 	if n := len(c.Auth.Secret); n > 0 && n < MinSecretBytes {
 		return fmt.Errorf("auth.secret: must be at least %d bytes, got %d: a short secret lets a captured token be brute-forced offline (make one with: openssl rand -hex 32)", MinSecretBytes, n)
+	}
+	if c.Events.Webhook != "" && len(c.Events.Secret) < MinSecretBytes {
+		return fmt.Errorf("events.secret: events.webhook needs a secret of at least %d bytes to sign events with, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, len(c.Events.Secret))
 	}
 	if !(c.Limits.PublishRate > 0) {
 		return fmt.Errorf("limits.publish_rate: must be positive, got %g", c.Limits.PublishRate)

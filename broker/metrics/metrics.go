@@ -16,6 +16,7 @@ import (
 
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/webhook"
 )
 
 // Queue is what the metrics read of the durable store.
@@ -46,6 +47,8 @@ type Sources struct {
 	Queue Queue
 	// Delivery feeds devices.
 	Delivery Delivery
+	// Webhooks are the webhooks' counters (push, events), by name.
+	Webhooks map[string]func() webhook.Stats
 }
 
 // Metrics is the server's registry and the metrics it observes by event.
@@ -106,6 +109,21 @@ func (m *Metrics) Watch(src Sources) {
 	}
 	gauge := func(name, help string, f func() float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	for name, stats := range src.Webhooks {
+		labels := prometheus.Labels{"webhook": name}
+		for _, c := range []struct {
+			name, help string
+			f          func(webhook.Stats) uint64
+		}{
+			{"chatd_webhook_sent_total", "Requests a webhook answered with a 2xx, by webhook (push, events).", func(s webhook.Stats) uint64 { return s.Sent }},
+			{"chatd_webhook_failed_total", "Requests given up after a non-retryable answer or every attempt, by webhook.", func(s webhook.Stats) uint64 { return s.Failed }},
+			{"chatd_webhook_retried_total", "Retries scheduled, by webhook.", func(s webhook.Stats) uint64 { return s.Retried }},
+			{"chatd_webhook_dropped_total", "Requests dropped because the webhook's queue was full, by webhook.", func(s webhook.Stats) uint64 { return s.Dropped }},
+		} {
+			m.registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help, ConstLabels: labels},
+				func() float64 { return float64(c.f(stats())) }))
+		}
 	}
 	m.registry.MustRegister(
 		gauge("chatd_connections", "MQTT clients connected to this node.", src.Connections),

@@ -14,6 +14,7 @@
 package msgpath
 
 import (
+	"cmp"
 	"errors"
 	"log/slog"
 	"sync"
@@ -23,6 +24,7 @@ import (
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/protocol/envelope"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/push"
 )
@@ -51,6 +53,21 @@ type Pusher interface {
 	// dropped (the push service counts and logs its drops).
 	Notify(n push.Notification) bool
 }
+
+// Events tells an app's backend what happens (events.Emitter).
+type Events interface {
+	// Enabled reports whether events go anywhere: when not, callers need
+	// not build them.
+	Enabled() bool
+	// Emit queues an event without waiting.
+	Emit(typ string, data any)
+}
+
+// noEvents is the Events of a path given none.
+type noEvents struct{}
+
+func (noEvents) Enabled() bool    { return false }
+func (noEvents) Emit(string, any) {}
 
 // Peers tells the other nodes of a cluster what happens on this one.
 type Peers interface {
@@ -88,6 +105,8 @@ type Options struct {
 	Peers Peers
 	// Observe counts sessions, refusals and acknowledgements.
 	Observe Observer
+	// Events tells the app's backend what happens; nil tells nothing.
+	Events Events
 	// Receipts sends delivered receipts (PROTOCOL.md section 3).
 	Receipts bool
 	// Copies sends a user's other devices a copy of each message and read
@@ -115,6 +134,7 @@ type Path struct {
 	push     Pusher
 	peers    Peers
 	observe  Observer
+	events   Events
 	now      func() time.Time
 	log      *slog.Logger
 	limits   limits
@@ -197,6 +217,7 @@ func New(opts Options) (*Path, error) {
 		push:      opts.Push,
 		peers:     opts.Peers,
 		observe:   opts.Observe,
+		events:    cmp.Or[Events](opts.Events, noEvents{}),
 		now:       opts.Now,
 		log:       opts.Log,
 		limits:    limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
@@ -241,6 +262,23 @@ func (p *Path) stored(user string, m queue.Message) {
 	if !online && len(m.Meta) > 0 {
 		p.notifyPush(user, m.Meta)
 	}
+	if p.events.Enabled() {
+		p.emitStored(user, m)
+	}
+}
+
+// emitStored emits the stored event of a message (not of a receipt or a
+// sent copy, whose Meta names no sender).
+func (p *Path) emitStored(user string, m queue.Message) {
+	from, group, id, ok := envelope.ParseMeta(m.Meta)
+	if !ok {
+		return
+	}
+	name, server := envelope.ServerSender(from)
+	if server {
+		from = name
+	}
+	p.events.Emit(events.MessageStored, events.Stored{To: user, From: from, Server: server, Group: group, ID: id, Seq: m.Seq})
 }
 
 // notifyPush tells the push webhook that user, who has no device online,

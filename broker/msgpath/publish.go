@@ -11,6 +11,7 @@ import (
 	"github.com/chatd/chatd/broker/protocol/envelope"
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
 )
 
@@ -221,11 +222,21 @@ func (p *Path) publishReceipt(s *Session, pub Publish, to string) {
 	// the same receipt sent again, resent after a reconnect or by the
 	// reader's other device, is queued once.
 	ts := p.now().UnixMilli()
+	done := p.answer(s, pub, "", fmt.Sprintf("the queue of %s is full", to))
+	if p.events.Enabled() {
+		answer := done
+		done = func(st queue.Status, m queue.Message, err error) {
+			answer(st, m, err)
+			if st == queue.Stored { // not a duplicate: told once
+				p.events.Emit(events.MessageRead, events.Read{By: s.user, To: to, IDs: ids})
+			}
+		}
+	}
 	r := &queue.Request{
 		To: to, Sender: s.user, ID: receiptID(to, ids),
 		Data:     envelope.Receipt("read", s.user, ids, ts),
 		OnStored: p.notify,
-		Done:     p.answer(s, pub, "", fmt.Sprintf("the queue of %s is full", to)),
+		Done:     done,
 	}
 	if s.copiesTo(to) {
 		// The reader's other devices learn what was read, to clear their

@@ -6,6 +6,7 @@ import (
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/msgpath/wire"
 	"github.com/chatd/chatd/broker/protocol/envelope"
+	"github.com/chatd/chatd/broker/service/events"
 )
 
 // Budget is a user's publish budget, shared by its connections.
@@ -86,6 +87,9 @@ func (p *Path) Open(c Conn) (*Session, error) {
 		p.peers.SessionStarted(c.ClientID)
 	}
 	p.observe.Connected()
+	if p.events.Enabled() {
+		p.events.Emit(events.UserConnected, events.Connection{User: c.User, ClientID: c.ClientID})
+	}
 	if subscribed {
 		if err := p.startDelivery(s, cursor); err != nil {
 			// The caller ends the connection, and calls End.
@@ -146,6 +150,9 @@ func (p *Path) End(s *Session) {
 	}
 	s.w.Close()
 	p.presence.Disconnected(s.user)
+	if p.events.Enabled() {
+		p.events.Emit(events.UserDisconnected, events.Connection{User: s.user, ClientID: s.clientID})
+	}
 	// Every Attach is matched by one Detach, a taken-over connection's
 	// too: the store counts a device's connections, and only when the last
 	// is gone does it forget a transient device or start its device_ttl.

@@ -67,9 +67,10 @@ type Options struct {
 	// MaxBackoff caps retry delays, including a webhook's Retry-After
 	// (default 30s).
 	MaxBackoff time.Duration
-	// Sign, if set, adds headers to each attempt's request: a signature
-	// over body made at now, so that a retry carries a fresh timestamp.
-	Sign func(h http.Header, body []byte, now time.Time)
+	// Sign, if set, adds headers to each attempt's request for the body
+	// sent with label: a signature made at now, so that a retry carries a
+	// fresh timestamp.
+	Sign func(h http.Header, label string, body []byte, now time.Time)
 	// Now reads the clock (nil: time.Now).
 	Now func() time.Time
 }
@@ -96,7 +97,7 @@ type Sender struct {
 	transport   *http.Transport // ours to close, nil for a caller's client
 	log         *slog.Logger
 	now         func() time.Time
-	sign        func(h http.Header, body []byte, now time.Time)
+	sign        func(h http.Header, label string, body []byte, now time.Time)
 	size        int
 	maxAttempts int
 	backoff     time.Duration
@@ -295,7 +296,7 @@ func (n *Sender) attempt(j *job) {
 		return
 	}
 	j.attempts++
-	retry, retryAfter, err := n.post(j.body)
+	retry, retryAfter, err := n.post(j.label, j.body)
 	switch {
 	case err == nil:
 		n.finish(&n.sent)
@@ -343,7 +344,7 @@ func (n *Sender) later(j *job, d time.Duration) {
 // post makes one request. It returns nil on a 2xx answer; otherwise the
 // error, whether it is worth retrying (network errors, 408, 429, 5xx) and
 // the answer's Retry-After header.
-func (n *Sender) post(body []byte) (retry bool, retryAfter string, err error) {
+func (n *Sender) post(label string, body []byte) (retry bool, retryAfter string, err error) {
 	req, err := http.NewRequestWithContext(n.ctx, http.MethodPost, n.url, bytes.NewReader(body))
 	if err != nil {
 		return false, "", fmt.Errorf("build webhook request: %w", err)
@@ -351,7 +352,7 @@ func (n *Sender) post(body []byte) (retry bool, retryAfter string, err error) {
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", n.userAgent)
 	if n.sign != nil {
-		n.sign(req.Header, body, n.now())
+		n.sign(req.Header, label, body, n.now())
 	}
 	resp, err := n.client.Do(req)
 	if err != nil {

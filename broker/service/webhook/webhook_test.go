@@ -291,7 +291,7 @@ func TestSignEachAttempt(t *testing.T) {
 	})
 	key := []byte("k")
 	n := newSender(t, Options{URL: srv.URL, UserAgent: "chatd-test/1", Now: clock.Now,
-		Sign: func(h http.Header, body []byte, now time.Time) {
+		Sign: func(h http.Header, _ string, body []byte, now time.Time) {
 			ts := strconv.FormatInt(now.Unix(), 10)
 			m := hmac.New(sha256.New, key)
 			m.Write([]byte(ts + "." + string(body)))
