@@ -536,7 +536,7 @@ func (s *Server) routes() http.Handler {
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
 	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(),
-		Presence: s.presence, Queues: s.queue, Devices: s.conns(), Info: s.info, Now: s.now,
+		Presence: s.presence, Queues: s.queue, Groups: s.groups, Devices: s.conns(), Info: s.info, Now: s.now,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /v1/openapi.json", s.apiDoc)

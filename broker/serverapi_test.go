@@ -424,3 +424,78 @@ func TestServerAPISendQueueFull(t *testing.T) {
 		t.Fatalf("retry once there is room: %d %v: want stored", st, ans)
 	}
 }
+
+// TestServerAPIQuery asks for presence, a user's devices and queue, and
+// the node's info, with a key of the read scope.
+func TestServerAPIQuery(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	read := makeKey(t, s, apikeys.ScopeRead)
+	send := makeKey(t, s, apikeys.ScopeSend)
+	alice := mustDial(t, s, "alice", phoneOpt{clientID: "alice/phone"})
+	for _, id := range []string{"q-1", "q-2"} {
+		alice.send("carol", id, "")
+	}
+	if st, ans := serverCall(t, s, http.MethodPost, "/v1/server/presence", send, `{"users":["alice"]}`); st != http.StatusForbidden {
+		t.Fatalf("presence with a send key: %d %v", st, ans)
+	}
+	st, ans := serverCall(t, s, http.MethodPost, "/v1/server/presence", read, `{"users":["alice","bob"]}`)
+	users, _ := ans["users"].([]any)
+	if st != http.StatusOK || len(users) != 2 {
+		t.Fatalf("presence: %d %v", st, ans)
+	}
+	a, b := users[0].(map[string]any), users[1].(map[string]any)
+	if a["user"] != "alice" || a["online"] != true || b["user"] != "bob" || b["online"] != false || b["last_seen"] != 0.0 {
+		t.Errorf("presence %v: want alice online, bob never seen", users)
+	}
+	if st, g := httpJSON(t, s, http.MethodPost, "/v1/groups", "alice", map[string]any{"id": "family", "members": []string{"bob"}}); st != http.StatusCreated {
+		t.Fatalf("create group: %d %v", st, g)
+	}
+	st, ans = serverCall(t, s, http.MethodGet, "/v1/server/users/alice", read, "")
+	devs, _ := ans["devices"].([]any)
+	groups, _ := ans["groups"].([]any)
+	if st != http.StatusOK || ans["online"] != true || len(devs) != 1 || devs[0].(map[string]any)["client_id"] != "alice/phone" ||
+		len(groups) != 1 || groups[0] != "family" {
+		t.Fatalf("alice: %d %v", st, ans)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		// carol's queue fills as the two publishes are stored.
+		st, ans = serverCall(t, s, http.MethodGet, "/v1/server/users/carol", read, "")
+		if st == http.StatusOK && ans["queued"] == 2.0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("carol: %d %v: want 2 queued", st, ans)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if d, _ := ans["devices"].([]any); ans["online"] != false || len(d) != 0 {
+		t.Errorf("carol %v: want offline, no devices", ans)
+	}
+	alice.client.Disconnect(50)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		_, ans = serverCall(t, s, http.MethodPost, "/v1/server/presence", read, `{"users":["alice"]}`)
+		u := ans["users"].([]any)[0].(map[string]any)
+		if u["online"] == false && u["last_seen"].(float64) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("alice after leaving: %v", u)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, ans = serverCall(t, s, http.MethodGet, "/v1/server/info", read, "")
+	if st != http.StatusOK || ans["cluster"] != false || ans["version"] == "" || ans["started"].(float64) <= 0 {
+		t.Errorf("info: %d %v", st, ans)
+	}
+	for _, c := range []struct{ method, path, body string }{
+		{http.MethodPost, "/v1/server/presence", `{"users":[]}`},
+		{http.MethodPost, "/v1/server/presence", `{"users":["a/b"]}`},
+		{http.MethodGet, "/v1/server/users/a%2Fb", ""},
+	} {
+		if st, ans := serverCall(t, s, c.method, c.path, read, c.body); st != http.StatusBadRequest || ans["error"] != "bad_payload" {
+			t.Errorf("%s %s %s: %d %v, want 400 bad_payload", c.method, c.path, c.body, st, ans)
+		}
+	}
+}

@@ -208,6 +208,24 @@ func parseCount(v []byte) (int, error) {
 	return n, nil
 }
 
+func (b *badgerBackend) each(_ context.Context, fn func(*Group)) error {
+	return b.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyTag}, PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if k := it.Item().Key(); len(k) > 1 && k[1] == countTag {
+				continue // a user's count of groups made
+			}
+			g := new(Group)
+			if err := it.Item().Value(func(v []byte) error { return json.Unmarshal(v, g) }); err != nil {
+				return fmt.Errorf("group record %q: %w", it.Item().Key(), err)
+			}
+			fn(g)
+		}
+		return nil
+	})
+}
+
 func key(gid string) []byte { return append([]byte{keyTag}, gid...) }
 
 func countKey(user string) []byte { return append([]byte{keyTag, countTag}, user...) }

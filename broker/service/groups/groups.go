@@ -127,6 +127,8 @@ type backend interface {
 	// whether the group was deleted, which it can be even with an error:
 	// its creator's count not lowered.
 	remove(ctx context.Context, g *Group, rev uint64) (gone bool, err error)
+	// each calls fn with every group in storage, in no set order.
+	each(ctx context.Context, fn func(*Group)) error
 }
 
 // entry is a cached group at a revision; g nil is a group deleted at rev,
@@ -242,6 +244,25 @@ func (s *Store) Close() error {
 		s.cancel()
 	})
 	return s.closeErr
+}
+
+// MemberOf returns the IDs of the groups user belongs to, sorted. It
+// reads every group in storage, not the cache: a query for operators and
+// backends (the server API), never for the message path.
+func (s *Store) MemberOf(user string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+	defer cancel()
+	ids := []string{}
+	err := s.b.each(ctx, func(g *Group) {
+		if g.IsMember(user) {
+			ids = append(ids, g.ID)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("groups of %s: %w", user, err)
+	}
+	slices.Sort(ids)
+	return ids, nil
 }
 
 // Get returns the group gid. The result is shared: do not modify it.

@@ -144,6 +144,33 @@ var behaviours = []struct {
 	name string
 	run  func(t *testing.T, st storage)
 }{
+	{"member of", func(t *testing.T, st storage) {
+		s := st.open(t, testMax)
+		for _, c := range []struct {
+			creator, gid string
+			members      []string
+		}{
+			{"alice", "g1", []string{"bob"}},
+			{"carol", "g2", []string{"bob"}},
+			{"dave", "g.3", nil},
+		} {
+			if _, err := s.Create(c.creator, c.gid, c.members); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for user, want := range map[string][]string{"bob": {"g1", "g2"}, "dave": {"g.3"}, "zed": {}} {
+			got, err := s.MemberOf(user)
+			if err != nil || !slices.Equal(got, want) {
+				t.Errorf("MemberOf(%s) = %v, %v; want %v", user, got, err, want)
+			}
+		}
+		if err := s.Delete("alice", "g1"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := s.MemberOf("bob"); err != nil || !slices.Equal(got, []string{"g2"}) {
+			t.Errorf("MemberOf(bob) after g1 deleted = %v, %v", got, err)
+		}
+	}},
 	{"create and get", func(t *testing.T, st storage) {
 		s := st.open(t, testMax)
 		g, err := s.Create("carol", "g1", []string{"bob", "alice", "bob", "carol"})

@@ -277,6 +277,37 @@ func (b *kvBackend) count(ctx context.Context, user string, delta, limit int) er
 // kvKey is gid's key. Group IDs are [A-Za-z0-9_.-], but "." separates a
 // key's subject tokens, which must not be empty; "=" is a key character no
 // group ID has, so each "." becomes "=" and every ID maps to its own key.
+// each reads the bucket's latest values through one watch (a single
+// ordered consumer replaying them), not one request per key.
+func (b *kvBackend) each(ctx context.Context, fn func(*Group)) error {
+	w, err := b.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	if err != nil {
+		return fmt.Errorf("bucket %s: %w", b.bucket, err)
+	}
+	defer func() { _ = stopWatch(w) }()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("bucket %s: %w", b.bucket, ctx.Err())
+		case e, ok := <-w.Updates():
+			if !ok {
+				return fmt.Errorf("bucket %s: watch ended", b.bucket)
+			}
+			if e == nil {
+				return nil // every value replayed
+			}
+			if e.Key() == probeKey || strings.HasPrefix(e.Key(), countPrefix) {
+				continue
+			}
+			g, err := decode(e.Value())
+			if err != nil {
+				return fmt.Errorf("group %s: %w", e.Key(), err)
+			}
+			fn(g)
+		}
+	}
+}
+
 func kvKey(gid string) string { return strings.ReplaceAll(gid, ".", "=") }
 
 // groupID reverses kvKey; false for a key no group has.

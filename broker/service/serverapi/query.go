@@ -25,6 +25,12 @@ type Queues interface {
 	Depth(user string) (uint64, error)
 }
 
+// Groups lists the groups a user belongs to.
+type Groups interface {
+	// MemberOf returns the IDs of user's groups, sorted.
+	MemberOf(user string) ([]string, error)
+}
+
 // Info describes the node for GET /v1/server/info.
 type Info struct {
 	// Version is chatd's version.
@@ -71,6 +77,8 @@ type UserInfo struct {
 	Queued uint64 `json:"queued"`
 	// Devices are the user's devices, as GET /v1/devices lists them.
 	Devices []deviceapi.Device `json:"devices"`
+	// Groups are the IDs of the groups the user belongs to, sorted.
+	Groups []string `json:"groups"`
 }
 
 func (h *Handler) registerQuery(mux *http.ServeMux) {
@@ -140,6 +148,10 @@ func (h *Handler) user(w http.ResponseWriter, r *http.Request) {
 		h.Log.Warn("server API: connections not all known", "user", user, "error", partial)
 	}
 	info.Devices = devs
+	if info.Groups, err = h.Groups.MemberOf(user); err != nil {
+		h.internal(w, "groups", err)
+		return
+	}
 	httpjson.Write(w, http.StatusOK, info)
 }
 

@@ -51,6 +51,8 @@ type Handler struct {
 	Presence Presence
 	// Queues are the users' queues and devices.
 	Queues Queues
+	// Groups lists a user's groups.
+	Groups Groups
 	// Devices finds the devices' connections on every node.
 	Devices deviceapi.Connections
 	// Info describes the node now.
