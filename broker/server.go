@@ -34,6 +34,7 @@ import (
 	"github.com/chatd/chatd/broker/service/apidoc"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
+	"github.com/chatd/chatd/broker/service/beforesend"
 	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
@@ -212,6 +213,17 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 	if err != nil {
 		return fmt.Errorf("push.webhook: %w", err)
 	}
+	var beforeSend msgpath.BeforeSend
+	if cfg.Events.BeforeSend != "" {
+		bs, err := beforesend.New(beforesend.Options{
+			URL: cfg.Events.BeforeSend, Secret: []byte(cfg.Events.Secret), Timeout: cfg.Events.BeforeSendTimeout,
+			FailOpen: cfg.Events.BeforeSendFailOpen, Logger: log.With("component", "before-send"), Now: s.now,
+		})
+		if err != nil {
+			return fmt.Errorf("events.before_send: %w", err)
+		}
+		beforeSend = bs
+	}
 	s.events, err = events.New(events.Options{
 		URL: cfg.Events.Webhook, Secret: []byte(cfg.Events.Secret), Node: cfg.Cluster.Node,
 		QueueSize: cfg.Events.QueueSize, MaxAttempts: cfg.Events.MaxAttempts,
@@ -246,6 +258,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Presence:        s.presence,
 		Push:            s.push,
 		Events:          s.events,
+		BeforeSend:      beforeSend,
 		Peers:           peers,
 		Observe:         s.metrics,
 		Receipts:        cfg.Receipts.Delivered,

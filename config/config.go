@@ -125,6 +125,13 @@ type Events struct {
 	QueueSize int `mapstructure:"queue_size"`
 	// MaxAttempts is how often one event is tried.
 	MaxAttempts int `mapstructure:"max_attempts"`
+	// BeforeSend is a moderation service asked about every message
+	// before it is stored; empty asks nobody.
+	BeforeSend string `mapstructure:"before_send"`
+	// BeforeSendTimeout bounds one question to BeforeSend.
+	BeforeSendTimeout time.Duration `mapstructure:"before_send_timeout"`
+	// BeforeSendFailOpen lets messages go when BeforeSend does not answer.
+	BeforeSendFailOpen bool `mapstructure:"before_send_fail_open"`
 }
 
 // Cluster configures cluster mode: queues in NATS JetStream, shared by
@@ -312,7 +319,7 @@ func Default() Config {
 		Groups:   Groups{MaxMembers: 1024, MaxPerUser: 1000, CacheMembers: 1_000_000},
 		Media:    Media{MaxBytes: 64 << 20, TTL: 30 * 24 * time.Hour},
 		Push:     Push{Interval: 30 * time.Second, QueueSize: 10000, MaxAttempts: 5},
-		Events:   Events{QueueSize: 10000, MaxAttempts: 8},
+		Events:   Events{QueueSize: 10000, MaxAttempts: 8, BeforeSendTimeout: 2 * time.Second, BeforeSendFailOpen: true},
 		Cluster:  Cluster{NATSListen: "127.0.0.1:4222", Replicas: 3, Shards: 4, AckFlushInterval: 500 * time.Millisecond},
 		Memory:   Memory{LimitRatio: 0.9},
 	}
@@ -418,6 +425,7 @@ func (c *Config) Validate() error {
 		{"push.max_attempts", int64(c.Push.MaxAttempts)},
 		{"events.queue_size", int64(c.Events.QueueSize)},
 		{"events.max_attempts", int64(c.Events.MaxAttempts)},
+		{"events.before_send_timeout", int64(c.Events.BeforeSendTimeout)},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {
@@ -427,8 +435,8 @@ func (c *Config) Validate() error {
 	if n := len(c.Auth.Secret); n > 0 && n < MinSecretBytes {
 		return fmt.Errorf("auth.secret: must be at least %d bytes, got %d: a short secret lets a captured token be brute-forced offline (make one with: openssl rand -hex 32)", MinSecretBytes, n)
 	}
-	if c.Events.Webhook != "" && len(c.Events.Secret) < MinSecretBytes {
-		return fmt.Errorf("events.secret: events.webhook needs a secret of at least %d bytes to sign events with, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, len(c.Events.Secret))
+	if (c.Events.Webhook != "" || c.Events.BeforeSend != "") && len(c.Events.Secret) < MinSecretBytes {
+		return fmt.Errorf("events.secret: events.webhook and events.before_send need a secret of at least %d bytes to sign requests with, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, len(c.Events.Secret))
 	}
 	if !(c.Limits.PublishRate > 0) {
 		return fmt.Errorf("limits.publish_rate: must be positive, got %g", c.Limits.PublishRate)

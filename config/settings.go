@@ -91,6 +91,9 @@ var help = map[string]string{
 	"events.secret":                   "HMAC-SHA256 key that signs every event (Chatd-Signature); at least 32 bytes, required with events.webhook",
 	"events.queue_size":               "events waiting to be sent; beyond it new ones are dropped and counted",
 	"events.max_attempts":             "how often one event is tried before it is dropped",
+	"events.before_send":              "URL of a moderation service asked (signed POST) about every message before it is stored; it answers {\"allow\":bool,\"reason\":...}; empty asks nobody",
+	"events.before_send_timeout":      "how long one before-send question may take; it delays only its sender",
+	"events.before_send_fail_open":    "let messages go (true) or refuse them (false) when the before-send service does not answer",
 }
 
 // Settings lists every configuration key in declaration order, with its

@@ -24,6 +24,7 @@ import (
 	"github.com/chatd/chatd/broker/msgpath/delivery"
 	"github.com/chatd/chatd/broker/protocol/envelope"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/beforesend"
 	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/push"
@@ -61,6 +62,13 @@ type Events interface {
 	Enabled() bool
 	// Emit queues an event without waiting.
 	Emit(typ string, data any)
+}
+
+// BeforeSend asks an app's moderation service about a message
+// (beforesend.Checker).
+type BeforeSend interface {
+	// Check reports whether m may be stored, and why not.
+	Check(m beforesend.Message) (allow bool, reason string)
 }
 
 // noEvents is the Events of a path given none.
@@ -107,6 +115,8 @@ type Options struct {
 	Observe Observer
 	// Events tells the app's backend what happens; nil tells nothing.
 	Events Events
+	// BeforeSend, if set, is asked about every message before it is stored.
+	BeforeSend BeforeSend
 	// Receipts sends delivered receipts (PROTOCOL.md section 3).
 	Receipts bool
 	// Copies sends a user's other devices a copy of each message and read
@@ -135,10 +145,12 @@ type Path struct {
 	peers    Peers
 	observe  Observer
 	events   Events
-	now      func() time.Time
-	log      *slog.Logger
-	limits   limits
-	copies   bool
+	// beforeSend is nil when no service is asked.
+	beforeSend BeforeSend
+	now        func() time.Time
+	log        *slog.Logger
+	limits     limits
+	copies     bool
 
 	// notify is p.stored as a func value, made once: every stored request
 	// carries it as its OnStored.
@@ -210,22 +222,23 @@ func New(opts Options) (*Path, error) {
 		}
 	}
 	p := &Path{
-		store:     opts.Store,
-		delivery:  delivery.New(dopts),
-		groups:    opts.Groups,
-		presence:  opts.Presence,
-		push:      opts.Push,
-		peers:     opts.Peers,
-		observe:   opts.Observe,
-		events:    cmp.Or[Events](opts.Events, noEvents{}),
-		now:       opts.Now,
-		log:       opts.Log,
-		limits:    limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
-		copies:    opts.Copies,
-		delivered: delivered,
-		dropped:   dropped,
-		stop:      stop,
-		done:      make(chan struct{}),
+		store:      opts.Store,
+		delivery:   delivery.New(dopts),
+		groups:     opts.Groups,
+		presence:   opts.Presence,
+		push:       opts.Push,
+		peers:      opts.Peers,
+		observe:    opts.Observe,
+		events:     cmp.Or[Events](opts.Events, noEvents{}),
+		beforeSend: opts.BeforeSend,
+		now:        opts.Now,
+		log:        opts.Log,
+		limits:     limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
+		copies:     opts.Copies,
+		delivered:  delivered,
+		dropped:    dropped,
+		stop:       stop,
+		done:       make(chan struct{}),
 	}
 	p.notify = p.stored
 	go p.queueReceipts()

@@ -11,6 +11,7 @@ import (
 	"github.com/chatd/chatd/broker/protocol/envelope"
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/beforesend"
 	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
 )
@@ -24,6 +25,7 @@ const (
 	CodeQueueFull     = "queue_full"
 	CodeRateLimited   = "rate_limited"
 	CodeUnknownGroup  = "unknown_group"
+	CodeRejected      = "rejected"
 
 	// refusedNoSpace labels, in metrics only, publishes refused for lack
 	// of disk space: clients see them as any other failure to store.
@@ -39,6 +41,7 @@ var reasonCodes = map[string]byte{
 	CodeRateLimited:   0x97,
 	CodeBadPayload:    0x99,
 	CodeUnknownGroup:  0x90,
+	CodeRejected:      0x87,
 }
 
 // ErrResend ends a 3.1.1 connection whose publish could not be stored, so
@@ -93,7 +96,7 @@ func (p *Path) Publish(s *Session, pub Publish) {
 
 func (p *Path) publishInbox(s *Session, pub Publish, to string) {
 	id, ok := p.validate(s, pub, envelope.Validate)
-	if !ok {
+	if !ok || !p.allowed(s, pub, to, "") {
 		return
 	}
 	ts := p.now().UnixMilli()
@@ -139,7 +142,7 @@ func (p *Path) publishGroup(s *Session, pub Publish, gid string) {
 		return
 	}
 	id, ok := p.validate(s, pub, envelope.Validate)
-	if !ok {
+	if !ok || !p.allowed(s, pub, "", gid) {
 		return
 	}
 	// One publish is stored once per member: it costs the sender's budget
@@ -289,6 +292,20 @@ func (p *Path) validate(s *Session, pub Publish, check func([]byte, int) (string
 		return "", false
 	}
 	return v, true
+}
+
+// allowed asks the before-send service, if one is set, whether a message
+// to user to (or group gid) may be stored, and refuses it if not. It runs
+// on the sender's goroutine: a slow service delays this sender alone.
+func (p *Path) allowed(s *Session, pub Publish, to, gid string) bool {
+	if p.beforeSend == nil {
+		return true
+	}
+	ok, reason := p.beforeSend.Check(beforesend.Message{From: s.user, To: to, Group: gid, Msg: pub.Payload})
+	if !ok {
+		p.refuse(s, pub, CodeRejected, reason)
+	}
+	return ok
 }
 
 // answer returns the Done of a stored publish: the PUBACK, or the refusal.
