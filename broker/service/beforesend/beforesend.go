@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/chatd/chatd/broker/service/events"
@@ -26,6 +27,10 @@ const DefaultTimeout = 2 * time.Second
 
 // maxAnswer bounds the answer read from the service.
 const maxAnswer = 64 << 10
+
+// failLogEvery spaces out the warnings about a failing service, which
+// would otherwise be written once per message.
+const failLogEvery = 10 * time.Second
 
 // Message is what the service is asked about: the body of the POST.
 type Message struct {
@@ -70,6 +75,10 @@ type Options struct {
 // Checker asks the service.
 type Checker struct {
 	o Options
+
+	mu       sync.Mutex
+	lastLog  time.Time
+	failures int // since the last warning
 }
 
 // New returns a Checker for o.URL, which must be http(s) with a host.
@@ -100,7 +109,7 @@ func New(o Options) (*Checker, error) {
 func (c *Checker) Check(m Message) (allow bool, reason string) {
 	a, err := c.ask(m)
 	if err != nil {
-		c.o.Logger.Warn("before-send check failed", "from", m.From, "fail_open", c.o.FailOpen, "error", err)
+		c.failed(err)
 		if c.o.FailOpen {
 			return true, ""
 		}
@@ -110,6 +119,22 @@ func (c *Checker) Check(m Message) (allow bool, reason string) {
 		a.Reason = "refused by moderation"
 	}
 	return a.Allow, a.Reason
+}
+
+// failed counts a failed question and logs a warning at most once per
+// failLogEvery, with how many failed since the last one.
+func (c *Checker) failed(err error) {
+	c.mu.Lock()
+	c.failures++
+	now := c.o.Now()
+	if now.Sub(c.lastLog) < failLogEvery {
+		c.mu.Unlock()
+		return
+	}
+	n := c.failures
+	c.failures, c.lastLog = 0, now
+	c.mu.Unlock()
+	c.o.Logger.Warn("before-send service failing", "failures", n, "fail_open", c.o.FailOpen, "error", err)
 }
 
 func (c *Checker) ask(m Message) (Answer, error) {
