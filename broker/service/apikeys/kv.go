@@ -65,19 +65,26 @@ func (s *KV) Get(id string) (Key, error) {
 	return decode(v)
 }
 
-// List returns every key, by ID.
+// List returns every key, by ID. The keys are those the bucket's stream
+// leader holds subjects for (a listing through a consumer may miss a key
+// just put on another node), each read at the leader as Get does.
 func (s *KV) List() ([]Key, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	l, err := s.kv.ListKeys(ctx)
+	stream, err := s.js.Stream(ctx, "KV_"+s.bucket)
+	if err != nil {
+		return nil, fmt.Errorf("API keys: %w", err)
+	}
+	prefix := "$KV." + s.bucket + "."
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
 	if err != nil {
 		return nil, fmt.Errorf("API keys: %w", err)
 	}
 	var out []Key
-	for id := range l.Keys() {
-		k, err := s.Get(id)
+	for subject := range info.State.Subjects {
+		k, err := s.Get(strings.TrimPrefix(subject, prefix))
 		if errors.Is(err, ErrUnknown) {
-			continue // revoked meanwhile
+			continue // revoked: its purge marker is the subject's last message
 		}
 		if err != nil {
 			return nil, err
