@@ -248,24 +248,12 @@ func TestClusterMedia(t *testing.T) {
 	nodes := startTestCluster(t, 3)
 	do := func(s *Server, method, path, user string, body []byte, hdr map[string]string) (*http.Response, []byte) {
 		t.Helper()
-		req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, bytes.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		req.Header.Set("Authorization", "Bearer "+mint(t, user))
+		h := http.Header{}
+		h.Set("Authorization", "Bearer "+mint(t, user))
 		for k, v := range hdr {
-			req.Header.Set(k, v)
+			h.Set(k, v)
 		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp, b
+		return httpCall(t, nil, s, method, path, h, bytes.NewReader(body))
 	}
 	photo := bytes.Repeat([]byte("0123456789"), 50000)
 	resp, b := do(nodes[0], "POST", "/v1/media", "alice", photo, map[string]string{"Content-Type": "image/jpeg"})

@@ -62,13 +62,14 @@ func (c connections) Removed(user, device string) {
 	if c.bus != nil {
 		c.bus.DeviceRemoved(user, device)
 	}
-	endRemoved(c.mqtt, topic.ClientID(user, device))
+	endHere(c.mqtt, topic.ClientID(user, device), hooks.ErrDeviceRemoved)
 }
 
-// endRemoved ends the connection of clientID here, if it has one.
-func endRemoved(s *mqtt.Server, clientID string) {
+// endHere ends the connection of clientID here, if it has one, for cause
+// (hooks.EndAdministrative).
+func endHere(s *mqtt.Server, clientID string, cause error) {
 	if cl, ok := s.Clients.Get(clientID); ok && !cl.Closed() {
-		hooks.EndAdministrative(s, cl, hooks.ErrDeviceRemoved)
+		hooks.EndAdministrative(s, cl, cause)
 	}
 }
 
@@ -85,9 +86,7 @@ func (c connections) Moderated(user, device string, all bool) {
 // or of every device of user when all is set.
 func (c connections) endModeratedHere(user, device string, all bool) {
 	if !all {
-		if cl, ok := c.mqtt.Clients.Get(topic.ClientID(user, device)); ok && !cl.Closed() {
-			hooks.EndAdministrative(c.mqtt, cl, hooks.ErrModerated)
-		}
+		endHere(c.mqtt, topic.ClientID(user, device), hooks.ErrModerated)
 		return
 	}
 	// Moderation is rare: a scan of the node's clients beats an index

@@ -341,18 +341,21 @@ func connectPacket(user, token string, keepalive uint16, willTopic, willMsg stri
 	return append(pkt, body.Bytes()...)
 }
 
-// bearerCall makes an HTTP call to s with bearer in Authorization (none
-// when "") and body, and returns the status and the body.
-func bearerCall(t testing.TB, s *Server, method, path, bearer, body string) (int, []byte) {
+// httpCall makes an HTTP call to s with client (nil: the default one),
+// the headers hdr and body, and returns the answer, its body read.
+func httpCall(t testing.TB, client *http.Client, s *Server, method, path string, hdr http.Header, body io.Reader) (*http.Response, []byte) {
 	t.Helper()
-	req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, strings.NewReader(body))
+	req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if bearer != "" {
-		req.Header.Set("Authorization", "Bearer "+bearer)
+	for k, v := range hdr {
+		req.Header[k] = v
 	}
-	resp, err := http.DefaultClient.Do(req)
+	if client == nil {
+		client = http.DefaultClient
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,5 +364,17 @@ func bearerCall(t testing.TB, s *Server, method, path, bearer, body string) (int
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, path, err)
 	}
+	return resp, b
+}
+
+// bearerCall makes an HTTP call to s with bearer in Authorization (none
+// when "") and body, and returns the status and the body.
+func bearerCall(t testing.TB, s *Server, method, path, bearer, body string) (int, []byte) {
+	t.Helper()
+	hdr := http.Header{}
+	if bearer != "" {
+		hdr.Set("Authorization", "Bearer "+bearer)
+	}
+	resp, b := httpCall(t, nil, s, method, path, hdr, strings.NewReader(body))
 	return resp.StatusCode, b
 }

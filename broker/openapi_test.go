@@ -97,25 +97,17 @@ func TestOpenAPIConformance(t *testing.T) {
 	client := &http.Client{Transport: check}
 	call := func(method, path, bearer, contentType, body string, valid bool, want int) []byte {
 		t.Helper()
-		req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
+		hdr := http.Header{}
 		if bearer != "" {
-			req.Header.Set("Authorization", "Bearer "+bearer)
+			hdr.Set("Authorization", "Bearer "+bearer)
 		}
 		if contentType != "" {
-			req.Header.Set("Content-Type", contentType)
+			hdr.Set("Content-Type", contentType)
 		}
 		if valid {
-			req.Header.Set("X-Spec-Valid", "1")
+			hdr.Set("X-Spec-Valid", "1")
 		}
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
+		resp, b := httpCall(t, client, s, method, path, hdr, strings.NewReader(body))
 		if resp.StatusCode != want {
 			t.Errorf("%s %s: %d %s, want %d", method, path, resp.StatusCode, b, want)
 		}

@@ -549,7 +549,7 @@ func (s *Server) routes() http.Handler {
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
 	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(),
-		Presence: s.presence, Queues: s.queue, Groups: s.groups, Devices: s.conns(), Info: s.info, Now: s.now,
+		Presence: s.presence, Queues: s.queue, Groups: s.groups, Info: s.info, Now: s.now,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /v1/openapi.json", s.apiDoc)
@@ -630,7 +630,7 @@ func (s *Server) joinCluster() error {
 		OnlineUsers:    s.presence.Local,
 		DeviceRemoved: func(user, device string) {
 			s.cluster.queue.Removed(user, device)
-			endRemoved(s.mqtt, topic.ClientID(user, device))
+			endHere(s.mqtt, topic.ClientID(user, device), hooks.ErrDeviceRemoved)
 		},
 		Connected: s.conns().connectedHere,
 		Moderated: func(user, device string, all bool) { s.conns().endModeratedHere(user, device, all) },

@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -209,18 +210,14 @@ func TestClusterServerAPI(t *testing.T) {
 	}
 	// Presence is the cluster's: bob, on node 3, is online for node 1.
 	read := makeKey(t, nodes[0], apikeys.ScopeRead)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
 		st, ans := serverCall(t, nodes[0], http.MethodGet, "/v1/server/users/bob", read, "")
 		devs, _ := ans["devices"].([]any)
 		if st == http.StatusOK && ans["online"] == true && len(devs) == 1 && devs[0].(map[string]any)["online"] == true {
-			break
+			return nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("bob as node 1 sees him: %d %v", st, ans)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return fmt.Errorf("%d %v", st, ans)
+	}, "bob as node 1 sees him")
 	if st, ans := serverCall(t, nodes[1], http.MethodGet, "/v1/server/info", read, ""); st != http.StatusOK || ans["cluster"] != true || ans["node"] != "n2" {
 		t.Errorf("info of node 2: %d %v", st, ans)
 	}
@@ -233,38 +230,25 @@ func TestClusterServerAPI(t *testing.T) {
 		t.Fatalf("ban on node 1: %d %v", st, ans)
 	}
 	waitClosed(t, bob)
-	waitRefused := func(n *Server) {
-		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for {
+	for _, n := range nodes[1:] {
+		testutil.Eventually(t, 10*time.Second, func() bool {
 			p, err := dial(t, n, "bob", phoneOpt{clientID: "bob/phone"})
-			if err != nil {
-				return
+			if err == nil {
+				p.client.Disconnect(0)
 			}
-			p.client.Disconnect(0)
-			if time.Now().After(deadline) {
-				t.Fatal("banned bob still connects")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+			return err != nil
+		}, "banned bob refused on %s", n.cfg.Cluster.Node)
 	}
-	waitRefused(nodes[1])
-	waitRefused(nodes[2])
 	if st, body := serverCallNoBody(t, nodes[1], http.MethodDelete, "/v1/server/bans/bob", mod, ""); st != http.StatusNoContent {
 		t.Fatalf("unban on node 2: %d %s", st, body)
 	}
-	deadline = time.Now().Add(10 * time.Second)
-	for {
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
 		p, err := dial(t, nodes[2], "bob", phoneOpt{clientID: "bob/phone"})
 		if err == nil {
 			p.client.Disconnect(0)
-			break
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("unbanned bob refused on node 3: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err
+	}, "unbanned bob connects to node 3")
 
 	for _, n := range nodes {
 		testutil.Eventually(t, 10*time.Second, func() bool { return n.events.Pending() == 0 }, "events sent")
@@ -293,13 +277,7 @@ func TestClusterServerAPI(t *testing.T) {
 // waitClosed polls until p's connection is closed.
 func waitClosed(t *testing.T, p *phone) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for p.client.IsConnectionOpen() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still connected", p.user)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool { return !p.client.IsConnectionOpen() }, "%s disconnected", p.user)
 }
 
 // TestServerAPIModerate disconnects a device (MQTT 5: DISCONNECT 0x98),
@@ -409,16 +387,10 @@ func TestServerAPISendQueueFull(t *testing.T) {
 	// Room again: full's phone takes its two messages.
 	full := mustDial(t, s, "full", phoneOpt{})
 	full.waitFor(2)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if d, err := s.queue.Depth("full"); err == nil && d == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("full's queue not emptied")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		d, err := s.queue.Depth("full")
+		return err == nil && d == 0
+	}, "full's queue emptied")
 	st, ans = serverCall(t, s, http.MethodPost, "/v1/server/messages", key, `{"to":["full"],"message":{"id":"n-2"}}`)
 	if r := results(t, ans); st != http.StatusOK || r["full"] != "stored" {
 		t.Fatalf("retry once there is room: %d %v: want stored", st, ans)
@@ -457,34 +429,23 @@ func TestServerAPIQuery(t *testing.T) {
 		len(groups) != 1 || groups[0] != "family" {
 		t.Fatalf("alice: %d %v", st, ans)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		// carol's queue fills as the two publishes are stored.
-		st, ans = serverCall(t, s, http.MethodGet, "/v1/server/users/carol", read, "")
-		if st == http.StatusOK && ans["queued"] == 2.0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("carol: %d %v: want 2 queued", st, ans)
-		}
-		time.Sleep(10 * time.Millisecond)
+	// Both publishes were PUBACKed, so stored: carol's queue holds them.
+	st, ans = serverCall(t, s, http.MethodGet, "/v1/server/users/carol", read, "")
+	if st != http.StatusOK || ans["queued"] != 2.0 {
+		t.Fatalf("carol: %d %v: want 2 queued", st, ans)
 	}
 	if d, _ := ans["devices"].([]any); ans["online"] != false || len(d) != 0 {
 		t.Errorf("carol %v: want offline, no devices", ans)
 	}
 	alice.client.Disconnect(50)
-	deadline = time.Now().Add(10 * time.Second)
-	for {
-		_, ans = serverCall(t, s, http.MethodPost, "/v1/server/presence", read, `{"users":["alice"]}`)
+	testutil.EventuallyNoError(t, 10*time.Second, func() error {
+		_, ans := serverCall(t, s, http.MethodPost, "/v1/server/presence", read, `{"users":["alice"]}`)
 		u := ans["users"].([]any)[0].(map[string]any)
 		if u["online"] == false && u["last_seen"].(float64) > 0 {
-			break
+			return nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("alice after leaving: %v", u)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return fmt.Errorf("%v", u)
+	}, "alice offline, last seen")
 	st, ans = serverCall(t, s, http.MethodGet, "/v1/server/info", read, "")
 	if st != http.StatusOK || ans["cluster"] != false || ans["version"] == "" || ans["started"].(float64) <= 0 {
 		t.Errorf("info: %d %v", st, ans)

@@ -47,6 +47,12 @@ func TestAckStoreSharesNothingWithWriter(t *testing.T) {
 	if pub.Dup {
 		t.Error("resume's Dup reached the packet the writer holds")
 	}
+	// Without -race too: the writer's RemainingLength (set by Write) never
+	// reaches the store's copy, taken before the writer had the packet.
+	if pub.RemainingLength == 0 || s.Get(key).(*packets.PublishPacket).RemainingLength != 0 {
+		t.Errorf("RemainingLength %d written, the store's copy has %d: want the copy untouched",
+			pub.RemainingLength, s.Get(key).(*packets.PublishPacket).RemainingLength)
+	}
 	for i, p := range resent {
 		if p == pub || (i > 0 && p == resent[i-1]) {
 			t.Fatalf("Get %d returned a shared packet", i)

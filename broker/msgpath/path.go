@@ -14,7 +14,6 @@
 package msgpath
 
 import (
-	"cmp"
 	"errors"
 	"log/slog"
 	"sync"
@@ -229,7 +228,7 @@ func New(opts Options) (*Path, error) {
 		push:       opts.Push,
 		peers:      opts.Peers,
 		observe:    opts.Observe,
-		events:     cmp.Or[Events](opts.Events, noEvents{}),
+		events:     opts.Events,
 		beforeSend: opts.BeforeSend,
 		now:        opts.Now,
 		log:        opts.Log,
@@ -239,6 +238,9 @@ func New(opts Options) (*Path, error) {
 		dropped:    dropped,
 		stop:       stop,
 		done:       make(chan struct{}),
+	}
+	if p.events == nil {
+		p.events = noEvents{}
 	}
 	p.notify = p.stored
 	go p.queueReceipts()
@@ -287,10 +289,7 @@ func (p *Path) emitStored(user string, m queue.Message) {
 	if !ok {
 		return
 	}
-	name, server := envelope.ServerSender(from)
-	if server {
-		from = name
-	}
+	from, server := envelope.SenderName(from)
 	p.events.Emit(events.MessageStored, events.Stored{To: user, From: from, Server: server, Group: group, ID: id, Seq: m.Seq})
 }
 
@@ -307,9 +306,7 @@ func (p *Path) notifyPush(user string, meta []byte) {
 	if !ok {
 		return
 	}
-	if name, server := envelope.ServerSender(from); server {
-		from = name
-	}
+	from, _ = envelope.SenderName(from)
 	queued, err := p.store.Depth(user)
 	if err != nil {
 		p.log.Error("queue depth for push", "user", user, "error", err)

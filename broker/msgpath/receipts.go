@@ -48,7 +48,7 @@ func (p *Path) sendDelivered(user string, metas [][]byte) {
 		if !ok {
 			continue
 		}
-		if _, server := envelope.ServerSender(from); server {
+		if _, server := envelope.SenderName(from); server {
 			// A backend's message: its sender has no inbox.
 			continue
 		}

@@ -321,14 +321,17 @@ func (t *Tracker) NodeGone(node string) {
 func (t *Tracker) Online(user string) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.conns[user] > 0 || len(t.where[user]) > 0
+	return t.online(user)
 }
+
+// online is Online with t.mu held.
+func (t *Tracker) online(user string) bool { return t.conns[user] > 0 || len(t.where[user]) > 0 }
 
 // State returns whether user is online (on any node) and when it was
 // last seen, in Unix milliseconds: now when online, 0 when never seen.
 func (t *Tracker) State(user string) (online bool, lastSeen int64, err error) {
 	t.mu.Lock()
-	online = t.conns[user] > 0 || len(t.where[user]) > 0
+	online = t.online(user)
 	pending, unsaved := t.unsaved[user]
 	t.mu.Unlock()
 	switch {

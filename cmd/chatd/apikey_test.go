@@ -75,14 +75,7 @@ func TestAPIKey(t *testing.T) {
 	}
 
 	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("serve: %v", err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("serve did not stop within 15s of cancellation")
-	}
+	waitServeEnd(t, logs, done)
 	goleak.VerifyNone(t)
 }
 

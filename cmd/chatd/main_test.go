@@ -155,6 +155,19 @@ func serveBackground(ctx context.Context) (logs *testutil.SyncBuffer, done <-cha
 	return logs, end
 }
 
+// waitServeEnd waits for a cancelled serveBackground to end, cleanly.
+func waitServeEnd(t *testing.T, logs *testutil.SyncBuffer, done <-chan error) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("serve: %v\n%s", err, logs.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("serve did not stop within 15s of cancellation")
+	}
+}
+
 func TestServe(t *testing.T) {
 	isolate(t)
 	ctx, cancel := context.WithCancel(t.Context())
@@ -181,14 +194,7 @@ func TestServe(t *testing.T) {
 	}
 
 	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("serve: %v\n%s", err, logs.String())
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("serve did not stop within 15s of cancellation")
-	}
+	waitServeEnd(t, logs, done)
 	if !strings.Contains(logs.String(), "chatd stopped") {
 		t.Errorf("no shutdown line:\n%s", logs.String())
 	}

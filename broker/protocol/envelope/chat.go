@@ -37,11 +37,13 @@ func ServerSenderKey(from string) string { return serverMark + from }
 // ServerMeta is Meta for a message a backend sent as from.
 func ServerMeta(from, group, id string) []byte { return Meta(ServerSenderKey(from), group, id) }
 
-// ServerSender returns the sender named by ServerMeta's from, and whether
-// from names one.
-func ServerSender(from string) (string, bool) {
-	name, ok := strings.CutPrefix(from, serverMark)
-	return name, ok && name != ""
+// SenderName returns the name of the sender from of a Meta, and whether
+// it is a backend's (ServerMeta); a user's sender is its own name.
+func SenderName(from string) (name string, server bool) {
+	if name, ok := strings.CutPrefix(from, serverMark); ok && name != "" {
+		return name, true
+	}
+	return from, false
 }
 
 // ParseMeta is the inverse of Meta.

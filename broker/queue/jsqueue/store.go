@@ -239,19 +239,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 // updates every shard's stream.
 func (s *Store) setup(ctx context.Context) error {
 	q := s.opts.Settings
-	var kv jetstream.KeyValue
-	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
-		kv, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket:      s.names.bucket(),
-			Description: "chatd device cursors",
-			History:     1,
-			Replicas:    s.opts.Replicas,
-			Storage:     jetstream.FileStorage,
-		})
-		return err
-	})
+	kv, err := natsnode.OpenKV(ctx, s.js, s.names.bucket(), "chatd device cursors", s.opts.Replicas)
 	if err != nil {
-		return fmt.Errorf("jsqueue: bucket %s: %w", s.names.bucket(), err)
+		return fmt.Errorf("jsqueue: %w", err)
 	}
 	s.kv = kv
 	if err := s.checkShards(ctx); err != nil {

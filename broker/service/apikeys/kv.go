@@ -29,19 +29,9 @@ type KV struct {
 // NewKV opens the bucket named bucket, creating it with replicas copies;
 // ctx bounds the setup.
 func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int) (*KV, error) {
-	var kv jetstream.KeyValue
-	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket:      bucket,
-			Description: "chatd API keys",
-			History:     1,
-			Replicas:    replicas,
-			Storage:     jetstream.FileStorage,
-		})
-		return err
-	})
+	kv, err := natsnode.OpenKV(ctx, js, bucket, "chatd API keys", replicas)
 	if err != nil {
-		return nil, fmt.Errorf("API keys: bucket %s: %w", bucket, err)
+		return nil, fmt.Errorf("API keys: %w", err)
 	}
 	return &KV{kv: kv, js: js, bucket: bucket}, nil
 }

@@ -17,7 +17,12 @@ type badgerBackend struct{ db *badger.DB }
 // NewBadger returns the Store of one node, in db; now is its clock (nil
 // means time.Now), and onBan ends a banned user's connections (nil: none).
 func NewBadger(db *badger.DB, now func() time.Time, onBan func(user string)) (*Store, error) {
-	return newStore(badgerBackend{db}, now, onBan)
+	be := badgerBackend{db}
+	stored, err := be.all()
+	if err != nil {
+		return nil, err
+	}
+	return newStore(be, stored, now, onBan), nil
 }
 
 func key(user string) []byte { return append([]byte{keyTag}, user...) }

@@ -36,7 +36,6 @@ func (b Ban) Active(now time.Time) bool { return b.Until == 0 || now.Unix() < b.
 type backend interface {
 	put(b Ban) error
 	delete(user string) error
-	all() ([]Ban, error)
 	close()
 }
 
@@ -51,22 +50,19 @@ type Store struct {
 	bans map[string]Ban
 }
 
-func newStore(be backend, now func() time.Time, onBan func(user string)) (*Store, error) {
+// newStore keeps bans, those in storage now first, over be.
+func newStore(be backend, stored []Ban, now func() time.Time, onBan func(user string)) *Store {
 	if now == nil {
 		now = time.Now
 	}
 	if onBan == nil {
 		onBan = func(string) {}
 	}
-	s := &Store{be: be, now: now, onBan: onBan, bans: make(map[string]Ban)}
-	all, err := be.all()
-	if err != nil {
-		return nil, err
-	}
-	for _, b := range all {
+	s := &Store{be: be, now: now, onBan: onBan, bans: make(map[string]Ban, len(stored))}
+	for _, b := range stored {
 		s.bans[b.User] = b
 	}
-	return s, nil
+	return s
 }
 
 // Ban bans b.User, replacing any ban of it, and ends its connections

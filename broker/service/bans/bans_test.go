@@ -13,6 +13,7 @@ import (
 
 	"github.com/chatd/chatd/broker/cluster/natsnode/natstest"
 	"github.com/chatd/chatd/broker/service/bans"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // clock is a test clock moved by hand.
@@ -111,14 +112,8 @@ func TestStoreContract(t *testing.T) {
 // of a change through its watch.
 func waitBanned(t *testing.T, s *bans.Store, user string, want bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, ok := s.Banned(user); ok == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s banned: want %v", user, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		_, ok := s.Banned(user)
+		return ok == want
+	}, "%s banned: %v", user, want)
 }

@@ -28,15 +28,9 @@ type kvBackend struct {
 // user banned anywhere, as reliably as the bucket itself. ctx bounds the
 // setup.
 func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, now func() time.Time, onBan func(user string), log *slog.Logger) (*Store, error) {
-	var kv jetstream.KeyValue
-	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket: bucket, Description: "chatd bans", History: 1, Replicas: replicas, Storage: jetstream.FileStorage,
-		})
-		return err
-	})
+	kv, err := natsnode.OpenKV(ctx, js, bucket, "chatd bans", replicas)
 	if err != nil {
-		return nil, fmt.Errorf("bans: bucket %s: %w", bucket, err)
+		return nil, fmt.Errorf("bans: %w", err)
 	}
 	// The watch lives as long as the Store, not the setup's context.
 	wctx, cancel := context.WithCancel(context.Background())
@@ -45,41 +39,23 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 		cancel()
 		return nil, fmt.Errorf("bans: watch %s: %w", bucket, err)
 	}
-	be := &kvBackend{kv: kv, cancel: cancel, done: make(chan struct{})}
-	// The watch first replays every ban, then a nil entry, then changes.
-	var initial []Ban
-	for {
-		var e jetstream.KeyValueEntry
-		select {
-		case e = <-w.Updates():
-		case <-ctx.Done():
-			cancel()
-			return nil, fmt.Errorf("bans: read %s: %w", bucket, ctx.Err())
-		}
-		if e == nil {
-			break
-		}
+	// The watch first replays every ban, then follows the changes.
+	var stored []Ban
+	err = natsnode.KVReplay(ctx, w, func(e jetstream.KeyValueEntry) error {
 		if b, ok := decodeEntry(e, log); ok {
-			initial = append(initial, b)
+			stored = append(stored, b)
 		}
-	}
-	s, err := newStore(staticAll{be, initial}, now, onBan)
+		return nil
+	})
 	if err != nil {
 		cancel()
-		return nil, err
+		return nil, fmt.Errorf("bans: read %s: %w", bucket, err)
 	}
-	s.be = be
+	be := &kvBackend{kv: kv, cancel: cancel, done: make(chan struct{})}
+	s := newStore(be, stored, now, onBan)
 	go be.follow(wctx, w, s, log)
 	return s, nil
 }
-
-// staticAll serves the bans the watch replayed as the backend's first read.
-type staticAll struct {
-	*kvBackend
-	bans []Ban
-}
-
-func (s staticAll) all() ([]Ban, error) { return s.bans, nil }
 
 // follow applies the bucket's changes, this node's own included, until
 // the watch ends.
@@ -147,8 +123,6 @@ func (be *kvBackend) delete(user string) error {
 	}
 	return nil
 }
-
-func (be *kvBackend) all() ([]Ban, error) { return nil, nil }
 
 func (be *kvBackend) close() {
 	be.cancel()

@@ -15,11 +15,11 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"sync"
 	"time"
 
 	"github.com/chatd/chatd/broker/service/events"
+	"github.com/chatd/chatd/broker/service/webhook"
 )
 
 // DefaultTimeout bounds one check when Options.Timeout is zero.
@@ -83,9 +83,8 @@ type Checker struct {
 
 // New returns a Checker for o.URL, which must be http(s) with a host.
 func New(o Options) (*Checker, error) {
-	u, err := url.Parse(o.URL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, errors.New("before-send URL: want http:// or https:// and a host")
+	if err := webhook.CheckURL(o.URL); err != nil {
+		return nil, err
 	}
 	if len(o.Secret) == 0 {
 		return nil, errors.New("before-send: a secret to sign with is required")
@@ -153,12 +152,7 @@ func (c *Checker) ask(m Message) (Answer, error) {
 	events.Sign(req.Header, c.o.Secret, body, c.o.Now())
 	resp, err := c.o.Client.Do(req)
 	if err != nil {
-		// Keep the URL, which may hold credentials, out of the logs.
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return Answer{}, err
+		return Answer{}, webhook.WithoutURL(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {

@@ -156,8 +156,7 @@ func (h *Handler) auth(w http.ResponseWriter, r *http.Request) (string, bool) {
 
 // internal answers 500 and logs err, the server's own fault.
 func (h *Handler) internal(w http.ResponseWriter, what string, err error) {
-	h.Log.Error("devices API: "+what, "error", err)
-	httpjson.Fail(w, http.StatusInternalServerError, "internal", "internal error")
+	httpjson.Internal(w, h.Log, "devices API: "+what, err)
 }
 
 func unknown(w http.ResponseWriter, id string) {

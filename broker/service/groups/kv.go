@@ -36,19 +36,9 @@ const countPrefix = "chatd/created/"
 func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, maxMembers int, opts ...Option) (*Store, error) {
 	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
-	var kv jetstream.KeyValue
-	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket:      bucket,
-			Description: "chatd groups",
-			History:     1,
-			Replicas:    replicas,
-			Storage:     jetstream.FileStorage,
-		})
-		return err
-	})
+	kv, err := natsnode.OpenKV(ctx, js, bucket, "chatd groups", replicas)
 	if err != nil {
-		return nil, fmt.Errorf("groups: bucket %s: %w", bucket, err)
+		return nil, fmt.Errorf("groups: %w", err)
 	}
 	b := &kvBackend{kv: kv, js: js, bucket: bucket}
 	// A bucket just created may not have elected its leader yet: make sure
@@ -285,27 +275,21 @@ func (b *kvBackend) each(ctx context.Context, fn func(*Group)) error {
 		return fmt.Errorf("bucket %s: %w", b.bucket, err)
 	}
 	defer func() { _ = stopWatch(w) }()
-	for {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("bucket %s: %w", b.bucket, ctx.Err())
-		case e, ok := <-w.Updates():
-			if !ok {
-				return fmt.Errorf("bucket %s: watch ended", b.bucket)
-			}
-			if e == nil {
-				return nil // every value replayed
-			}
-			if e.Key() == probeKey || strings.HasPrefix(e.Key(), countPrefix) {
-				continue
-			}
-			g, err := decode(e.Value())
-			if err != nil {
-				return fmt.Errorf("group %s: %w", e.Key(), err)
-			}
-			fn(g)
+	err = natsnode.KVReplay(ctx, w, func(e jetstream.KeyValueEntry) error {
+		if e.Key() == probeKey || strings.HasPrefix(e.Key(), countPrefix) {
+			return nil
 		}
+		g, err := decode(e.Value())
+		if err != nil {
+			return fmt.Errorf("group %s: %w", e.Key(), err)
+		}
+		fn(g)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("bucket %s: %w", b.bucket, err)
 	}
+	return nil
 }
 
 func kvKey(gid string) string { return strings.ReplaceAll(gid, ".", "=") }

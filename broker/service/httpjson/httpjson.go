@@ -4,6 +4,7 @@ package httpjson
 
 import (
 	"encoding/json"
+	"log/slog"
 	"net/http"
 )
 
@@ -26,6 +27,13 @@ func Write(w http.ResponseWriter, status int, v any) {
 // Fail answers status with an Error of code and reason.
 func Fail(w http.ResponseWriter, status int, code, reason string) {
 	Write(w, status, Error{Code: code, Reason: reason})
+}
+
+// Internal answers 500 for what failed with err, the server's own fault,
+// and logs err: the client learns nothing of it.
+func Internal(w http.ResponseWriter, log *slog.Logger, what string, err error) {
+	log.Error(what, "error", err)
+	Fail(w, http.StatusInternalServerError, "internal", "internal error")
 }
 
 // Authenticated returns the user authenticate finds for r. When it finds

@@ -12,11 +12,13 @@ import (
 	"github.com/chatd/chatd/broker/protocol/topic"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
+	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
-// Moderator ends connections on every node.
-type Moderator interface {
+// Connections are the devices' connections on every node.
+type Connections interface {
+	deviceapi.Connections
 	// Moderated ends the connection of device of user, or of every
 	// device of user when all is set.
 	Moderated(user, device string, all bool)

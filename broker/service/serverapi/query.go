@@ -139,7 +139,7 @@ func (h *Handler) user(w http.ResponseWriter, r *http.Request) {
 		h.internal(w, "queue depth", err)
 		return
 	}
-	devs, partial, err := deviceapi.Describe(h.Queues, h.Devices, h.Now(), user)
+	devs, partial, err := deviceapi.Describe(h.Queues, h.Conns, h.Now(), user)
 	if err != nil {
 		h.internal(w, "devices", err)
 		return
@@ -164,6 +164,5 @@ func (h *Handler) info(w http.ResponseWriter, r *http.Request) {
 
 // internal answers 500 and logs err, the server's own fault.
 func (h *Handler) internal(w http.ResponseWriter, what string, err error) {
-	h.Log.Error("server API: "+what, "error", err)
-	httpjson.Fail(w, http.StatusInternalServerError, "internal", "internal error")
+	httpjson.Internal(w, h.Log, "server API: "+what, err)
 }

@@ -19,7 +19,6 @@ import (
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
-	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
@@ -45,16 +44,14 @@ type Handler struct {
 	Sender Sender
 	// Bans are the banned users.
 	Bans *bans.Store
-	// Conns ends connections on every node.
-	Conns Moderator
+	// Conns finds and ends the devices' connections on every node.
+	Conns Connections
 	// Presence tells who is online.
 	Presence Presence
 	// Queues are the users' queues and devices.
 	Queues Queues
 	// Groups lists a user's groups.
 	Groups Groups
-	// Devices finds the devices' connections on every node.
-	Devices deviceapi.Connections
 	// Info describes the node now.
 	Info func() Info
 	// Now is the clock of bans and last-seen times.

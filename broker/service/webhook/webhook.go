@@ -136,18 +136,8 @@ func New(o Options) (*Sender, error) {
 	if o.URL == "" {
 		return &Sender{}, nil
 	}
-	u, err := url.Parse(o.URL)
-	if err != nil {
-		// url.Error repeats the URL, which may hold the webhook's
-		// credentials; the cause is enough to fix it.
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return nil, fmt.Errorf("webhook URL: %w", err)
-	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("webhook URL: want http:// or https:// and a host, got scheme %q", u.Scheme)
+	if err := CheckURL(o.URL); err != nil {
+		return nil, err
 	}
 	n := &Sender{
 		url:         o.URL,
@@ -189,6 +179,29 @@ func New(o Options) (*Sender, error) {
 		go n.worker()
 	}
 	return n, nil
+}
+
+// CheckURL reports whether raw is a webhook URL: http or https, with a
+// host. Its error never repeats raw, which may hold credentials.
+func CheckURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("webhook URL: %w", WithoutURL(err))
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("webhook URL: want http:// or https:// and a host, got scheme %q", u.Scheme)
+	}
+	return nil
+}
+
+// WithoutURL returns err without the URL a *url.Error repeats, which may
+// hold a webhook's credentials: fit for logs.
+func WithoutURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
 }
 
 // Enabled reports whether a webhook is configured: when it is not,
@@ -356,12 +369,7 @@ func (n *Sender) post(label string, body []byte) (retry bool, retryAfter string,
 	}
 	resp, err := n.client.Do(req)
 	if err != nil {
-		// Keep the URL, which may hold credentials, out of the logs.
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return true, "", fmt.Errorf("post to webhook: %w", err)
+		return true, "", fmt.Errorf("post to webhook: %w", WithoutURL(err))
 	}
 	defer resp.Body.Close()
 	if _, err := io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain)); err != nil {

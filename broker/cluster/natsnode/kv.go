@@ -3,6 +3,7 @@ package natsnode
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -79,4 +80,47 @@ func apiPrefix(o jetstream.JetStreamOptions) string {
 		return strings.TrimSuffix(o.APIPrefix, ".") + "."
 	}
 	return jetstream.DefaultAPIPrefix
+}
+
+// OpenKV creates the KV bucket, or updates its configuration, keeping one
+// value per key on disk with replicas copies, and retries until JetStream
+// answers (a meta leader may still be elected) or ctx ends.
+func OpenKV(ctx context.Context, js jetstream.JetStream, bucket, description string, replicas int) (jetstream.KeyValue, error) {
+	var kv jetstream.KeyValue
+	err := UntilAnswered(ctx, func(ctx context.Context) (err error) {
+		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      bucket,
+			Description: description,
+			History:     1,
+			Replicas:    replicas,
+			Storage:     jetstream.FileStorage,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("bucket %s: %w", bucket, err)
+	}
+	return kv, nil
+}
+
+// KVReplay reads the entries a new watch replays, the bucket's current
+// values, calling fn for each, until the nil entry that ends the replay.
+// The watch stays the caller's, to follow the changes after it or stop.
+func KVReplay(ctx context.Context, w jetstream.KeyWatcher, fn func(jetstream.KeyValueEntry) error) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case e, ok := <-w.Updates():
+			if !ok {
+				return errors.New("watch ended before the replay did")
+			}
+			if e == nil {
+				return nil
+			}
+			if err := fn(e); err != nil {
+				return err
+			}
+		}
+	}
 }
