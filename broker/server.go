@@ -23,6 +23,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"golang.org/x/time/rate"
 
+	"github.com/chatd/chatd/broker/cluster/natsnode"
 	"github.com/chatd/chatd/broker/cluster/peers"
 	"github.com/chatd/chatd/broker/metrics"
 	"github.com/chatd/chatd/broker/msgpath"
@@ -35,6 +36,7 @@ import (
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/bans"
 	"github.com/chatd/chatd/broker/service/beforesend"
+	"github.com/chatd/chatd/broker/service/bots"
 	"github.com/chatd/chatd/broker/service/deviceapi"
 	"github.com/chatd/chatd/broker/service/events"
 	"github.com/chatd/chatd/broker/service/groups"
@@ -79,6 +81,8 @@ type Server struct {
 	bans     *bans.Store
 	push     *push.Notifier
 	events   *events.Emitter
+	// bots runs the bots' webhook consumers from Start, nil before.
+	bots     *bots.Runner
 	metrics  *metrics.Metrics
 	inbox    *hooks.Inbox
 	auth     *hooks.Auth
@@ -102,6 +106,13 @@ type Server struct {
 
 // APIKeysBucket is the JetStream KV bucket of the API keys in cluster mode.
 const APIKeysBucket = clusterPrefix + "_apikeys"
+
+// LeasesBucket is the JetStream KV bucket of the leases that let one
+// node at a time run a task (a bot's consumer) in cluster mode.
+const LeasesBucket = clusterPrefix + "_leases"
+
+// leaseTTL is how long a crashed node's leases outlive it.
+const leaseTTL = 10 * time.Second
 
 // queueDir is the Badger directory inside the data dir.
 const queueDir = "queue"
@@ -306,6 +317,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Webhooks: map[string]func() webhook.Stats{
 			"push":   func() webhook.Stats { return s.push.Stats().Stats },
 			"events": s.events.Stats,
+			"bots":   s.botStats,
 		},
 	})
 	mediaStore, err := s.openMedia(cfg)
@@ -428,6 +440,9 @@ func (s *Server) Start() error {
 			return err
 		}
 	}
+	if err := s.startBots(); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stopJanitor, s.janitorDone = cancel, make(chan struct{})
 	go func() {
@@ -452,6 +467,43 @@ func (s *Server) Start() error {
 		return fmt.Errorf("serve mqtt: %w", err)
 	}
 	return nil
+}
+
+// startBots starts the consumers of the bots' queues; in a cluster, one
+// node at a time consumes each bot's queue, under a lease.
+func (s *Server) startBots() error {
+	list, err := bots.Parse(s.cfg.Bots.Webhooks)
+	if err != nil || len(list) == 0 {
+		return err
+	}
+	var lease bots.Lease
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		lease, err = natsnode.OpenLeases(ctx, s.cluster.node.JetStream(), LeasesBucket, s.cfg.Cluster.Replicas,
+			s.cfg.Cluster.Node, leaseTTL, s.log.With("component", "leases"))
+		if err != nil {
+			return fmt.Errorf("bots: %w", err)
+		}
+	}
+	names := make([]string, len(list))
+	for i, b := range list {
+		names[i] = b.User
+	}
+	s.log.Info("bots served by webhooks", "bots", names)
+	s.bots, err = bots.Start(bots.Options{
+		Bots: list, Queue: s.queue, Secret: []byte(s.cfg.Events.Secret), Delivered: s.path.Delivered,
+		Node: s.cfg.Cluster.Node, Lease: lease, Now: s.now, Logger: s.log.With("component", "bots"),
+	})
+	return err
+}
+
+// botStats are the bots' webhook counters (zero before Start).
+func (s *Server) botStats() webhook.Stats {
+	if s.bots == nil {
+		return webhook.Stats{}
+	}
+	return s.bots.Stats()
 }
 
 // MQTTAddr returns the MQTT listener's address.
@@ -529,6 +581,10 @@ func (s *Server) close(ctx context.Context) error {
 		<-s.janitorDone
 	}
 	s.push.Close()
+	if s.bots != nil {
+		// Their receipts are queued before the store closes.
+		s.bots.Close()
+	}
 	// Delivery stops, and the receipts it handed over are queued, before
 	// the store finishes what it accepted and closes.
 	s.path.Close()

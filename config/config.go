@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/broker/queue"
+	"github.com/chatd/chatd/broker/service/bots"
 )
 
 // Sync modes say when a message is made durable relative to its PUBACK.
@@ -52,6 +53,8 @@ type Config struct {
 	Push Push `mapstructure:"push"`
 	// Events holds the signed event webhook's settings.
 	Events Events `mapstructure:"events"`
+	// Bots holds the bot users and their webhooks.
+	Bots Bots `mapstructure:"bots"`
 	// Cluster configures cluster mode.
 	Cluster Cluster `mapstructure:"cluster"`
 	// Memory bounds the Go heap.
@@ -132,6 +135,13 @@ type Events struct {
 	BeforeSendTimeout time.Duration `mapstructure:"before_send_timeout"`
 	// BeforeSendFailOpen lets messages go when BeforeSend does not answer.
 	BeforeSendFailOpen bool `mapstructure:"before_send_fail_open"`
+}
+
+// Bots configures bot users: user IDs whose messages go to a webhook
+// instead of a device.
+type Bots struct {
+	// Webhooks lists the bots as "user=URL" entries separated by commas.
+	Webhooks string `mapstructure:"webhooks"`
 }
 
 // Cluster configures cluster mode: queues in NATS JetStream, shared by
@@ -437,6 +447,12 @@ func (c *Config) Validate() error {
 	}
 	if (c.Events.Webhook != "" || c.Events.BeforeSend != "") && len(c.Events.Secret) < MinSecretBytes {
 		return fmt.Errorf("events.secret: events.webhook and events.before_send need a secret of at least %d bytes to sign requests with, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, len(c.Events.Secret))
+	}
+	if _, err := bots.Parse(c.Bots.Webhooks); err != nil {
+		return fmt.Errorf("bots.webhooks: %w", err)
+	}
+	if c.Bots.Webhooks != "" && len(c.Events.Secret) < MinSecretBytes {
+		return fmt.Errorf("events.secret: bots.webhooks needs a secret of at least %d bytes to sign requests with, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, len(c.Events.Secret))
 	}
 	if !(c.Limits.PublishRate > 0) {
 		return fmt.Errorf("limits.publish_rate: must be positive, got %g", c.Limits.PublishRate)

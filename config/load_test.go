@@ -247,6 +247,27 @@ log:
 			wantErr: []string{"chatd.yaml", "data_dir", "blocker/data"},
 		},
 		{
+			name: "bots from the environment",
+			env: map[string]string{
+				"CHATD_BOTS_WEBHOOKS": "echo=http://127.0.0.1:9000/,news=https://bots.example/news",
+				"CHATD_EVENTS_SECRET": "0123456789abcdef0123456789abcdef",
+			},
+			want: func(c *Config) {
+				c.Bots.Webhooks = "echo=http://127.0.0.1:9000/,news=https://bots.example/news"
+				c.Events.Secret = "0123456789abcdef0123456789abcdef"
+			},
+		},
+		{
+			name:    "bots without a secret",
+			env:     map[string]string{"CHATD_BOTS_WEBHOOKS": "echo=http://127.0.0.1:9000/"},
+			wantErr: []string{"events.secret", "bots.webhooks"},
+		},
+		{
+			name:    "bot without a URL",
+			yaml:    "bots:\n  webhooks: echo\nevents:\n  secret: 0123456789abcdef0123456789abcdef\n",
+			wantErr: []string{"chatd.yaml", "bots.webhooks", "want user=URL"},
+		},
+		{
 			name:    "empty data dir",
 			args:    []string{"--data-dir", ""},
 			wantErr: []string{"data_dir", "empty", "--data-dir"},

@@ -94,6 +94,7 @@ var help = map[string]string{
 	"events.before_send":              "URL of a moderation service asked (signed POST) about every message before it is stored; it answers {\"allow\":bool,\"reason\":...}; empty asks nobody",
 	"events.before_send_timeout":      "how long one before-send question may take; it delays only its sender",
 	"events.before_send_fail_open":    "let messages go (true) or refuse them (false) when the before-send service does not answer",
+	"bots.webhooks":                   "bot users, as user=URL entries separated by commas: each message to a bot is POSTed there (signed with events.secret) and deleted once the webhook answers 2xx",
 }
 
 // Settings lists every configuration key in declaration order, with its

@@ -150,6 +150,7 @@ type Path struct {
 	log        *slog.Logger
 	limits     limits
 	copies     bool
+	receipts   bool
 
 	// notify is p.stored as a func value, made once: every stored request
 	// carries it as its OnStored.
@@ -234,6 +235,7 @@ func New(opts Options) (*Path, error) {
 		log:        opts.Log,
 		limits:     limits{opts.MaxMessageBytes, opts.MaxInflight, opts.MaxPendingBytes},
 		copies:     opts.Copies,
+		receipts:   opts.Receipts,
 		delivered:  delivered,
 		dropped:    dropped,
 		stop:       stop,
@@ -313,6 +315,15 @@ func (p *Path) notifyPush(user string, meta []byte) {
 		return
 	}
 	p.push.Notify(push.Notification{User: user, From: from, Kind: "msg", Group: group, Queued: queued})
+}
+
+// Delivered sends delivered receipts for messages of user that a reader
+// other than a device took (a bot's webhook), by their Meta, when
+// receipts are on. It may wait for a saturated committer.
+func (p *Path) Delivered(user string, metas [][]byte) {
+	if p.receipts {
+		p.sendDelivered(user, metas)
+	}
 }
 
 // PeerStored feeds user's devices here with a message another node stored.
