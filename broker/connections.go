@@ -82,6 +82,15 @@ func (c connections) Moderated(user, device string, all bool) {
 	c.endModeratedHere(user, device, all)
 }
 
+// Erased ends every connection of an erased user, here and on the peers,
+// which also forget its last-seen time.
+func (c connections) Erased(user string) {
+	if c.bus != nil {
+		c.bus.Erased(user)
+	}
+	c.endModeratedHere(user, "", true)
+}
+
 // endModeratedHere ends, on this node, the connection of device of user,
 // or of every device of user when all is set.
 func (c connections) endModeratedHere(user, device string, all bool) {

@@ -166,8 +166,13 @@ func TestOpenAPIConformance(t *testing.T) {
 	call("POST", "/v1/server/presence", read, js, `{"users":[]}`, false, 400)
 	call("GET", "/v1/server/users/alice", read, "", "", true, 200)
 	call("GET", "/v1/server/info", read, "", "", true, 200)
+	erase := makeKey(t, s, apikeys.ScopeErase)
+	call("GET", "/v1/server/users/alice/export", erase, "", "", true, 200)
+	call("GET", "/v1/server/users/alice/export", read, "", "", true, 403)
+	call("DELETE", "/v1/server/users/bad%20user", erase, "", "", true, 400)
 
 	call("DELETE", "/v1/groups/g1", alice, "", "", true, 204)
+	call("DELETE", "/v1/server/users/alice", erase, "", "", true, 200)
 
 	var missing []string
 	for _, path := range doc.Paths.InMatchingOrder() {

@@ -605,7 +605,7 @@ func (s *Server) routes() http.Handler {
 	(&groups.Handler{Store: s.groups, Authenticate: s.bearer, Log: s.log}).Register(mux)
 	s.media.Register(mux)
 	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(),
-		Presence: s.presence, Queues: s.queue, Groups: s.groups, Info: s.info, Now: s.now,
+		Presence: s.presence, Queues: s.queue, Groups: s.groups, Media: s.media.Store, Info: s.info, Now: s.now,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /v1/openapi.json", s.apiDoc)
@@ -690,6 +690,12 @@ func (s *Server) joinCluster() error {
 		},
 		Connected: s.conns().connectedHere,
 		Moderated: func(user, device string, all bool) { s.conns().endModeratedHere(user, device, all) },
+		Erased: func(user string) {
+			if err := s.presence.Erase(user); err != nil {
+				s.log.Error("erase notice", "user", user, "error", err)
+			}
+			s.conns().endModeratedHere(user, "", true)
+		},
 		// Stored notices of peers were lost: reread the queues of the
 		// users with a device here, whom no later notice may wake.
 		Missed: s.path.Resync,

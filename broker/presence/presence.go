@@ -66,7 +66,13 @@ type Tracker struct {
 	// published; saving has the users a goroutine is storing them for.
 	unsaved map[string]state
 	saving  map[string]bool
+	// erased are the users erased in the last erasedFor, and when.
+	erased map[string]time.Time
 }
+
+// erasedFor is how long after an erase the offline transitions of the
+// user's closing connections delete its state instead of storing it.
+const erasedFor = time.Minute
 
 // state is a user's presence from a time on, Unix milliseconds.
 type state struct {
@@ -80,7 +86,7 @@ type state struct {
 // nil counts this node's connections alone.
 func New(db *badger.DB, publish Publisher, relay Relay, log *slog.Logger) *Tracker {
 	t := &Tracker{db: db, publish: publish, log: log, now: time.Now, conns: make(map[string]int),
-		unsaved: make(map[string]state), saving: make(map[string]bool)}
+		unsaved: make(map[string]state), saving: make(map[string]bool), erased: make(map[string]time.Time)}
 	if relay != nil {
 		t.relay = relay
 		t.where = make(map[string]map[string]struct{})
@@ -358,6 +364,33 @@ func (t *Tracker) Local() []string {
 	return users
 }
 
+// Erase forgets user's stored state (an account deleted). Connections
+// of the user that close in the next erasedFor, as the erase closes
+// them, go offline without storing a state again; one that comes online
+// is a new user's.
+func (t *Tracker) Erase(user string) error {
+	t.mu.Lock()
+	now := t.now()
+	for u, at := range t.erased {
+		if now.Sub(at) > erasedFor {
+			delete(t.erased, u)
+		}
+	}
+	t.erased[user] = now
+	t.mu.Unlock()
+	if err := t.forget(user); err != nil {
+		return fmt.Errorf("erase presence of %s: %w", user, err)
+	}
+	return nil
+}
+
+// forget deletes user's stored state.
+func (t *Tracker) forget(user string) error {
+	return t.db.Update(func(txn *badger.Txn) error {
+		return txn.Delete(append([]byte{keyTag}, user...))
+	})
+}
+
 // announce records a transition for flush to store and publish; called
 // with t.mu held, so that a user's transitions are recorded in the order
 // they happen. It reports whether the caller must call flush(user) once it
@@ -365,6 +398,9 @@ func (t *Tracker) Local() []string {
 // which then takes this transition too.
 func (t *Tracker) announce(user string, online bool) bool {
 	t.unsaved[user] = state{online: online, ts: t.now().UnixMilli()}
+	if online {
+		delete(t.erased, user)
+	}
 	if t.saving[user] {
 		return false
 	}
@@ -386,7 +422,20 @@ func (t *Tracker) flush(user string) {
 			return
 		}
 		delete(t.unsaved, user)
+		at, erased := t.erased[user]
+		erased = erased && !st.online && t.now().Sub(at) <= erasedFor
 		t.mu.Unlock()
+		if erased {
+			// The erased user's connections closing: its state is
+			// forgotten, not stored again.
+			if err := t.forget(user); err != nil {
+				t.log.Error("forget presence", "user", user, "error", err)
+			}
+			if err := t.publish(topic.PresencePrefix+user, envelope.Presence(user, false, st.ts), false, 0); err != nil {
+				t.log.Error("publish presence", "user", user, "error", err)
+			}
+			continue
+		}
 		// Stored before it is published, so that what a subscriber saw
 		// survives a restart, and a subscriber that reads the stored state
 		// (Retained) after this change reaches it sees this change too.

@@ -282,3 +282,33 @@ func TestStoreErrorIsLoggedAndPublished(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestErase: an erased user's state is gone; its connections closing
+// after the erase publish offline but store nothing; once it connects
+// again it is a new user, stored as usual; other users are untouched.
+func TestErase(t *testing.T) {
+	tr, rec, _ := newTracker(t)
+	tr.Connected("alice")
+	tr.Connected("alice")
+	tr.Connected("bob")
+	tr.Disconnected("bob")
+	if err := tr.Erase("alice"); err != nil {
+		t.Fatal(err)
+	}
+	tr.Disconnected("alice")
+	tr.Disconnected("alice")
+	if online, seen, err := tr.State("alice"); err != nil || online || seen != 0 {
+		t.Fatalf("alice after the erase: online %v, last seen %d, %v; want never seen", online, seen, err)
+	}
+	if got := rec.of("alice"); len(got) != 2 || got[1].Online {
+		t.Fatalf("alice's published states %+v: want online, then offline", got)
+	}
+	if _, seen, err := tr.State("bob"); err != nil || seen == 0 {
+		t.Fatalf("bob: last seen %d, %v", seen, err)
+	}
+	tr.Connected("alice")
+	tr.Disconnected("alice")
+	if _, seen, err := tr.State("alice"); err != nil || seen == 0 {
+		t.Fatalf("alice, back after the erase: last seen %d, %v; want stored", seen, err)
+	}
+}

@@ -197,6 +197,13 @@ type Store interface {
 	// returns ErrUnknownDevice if the user has no such device. The
 	// caller closes the device's connections.
 	Remove(user, device string) error
+	// Erase forgets user at once (an account deleted): every device,
+	// connected or not, every message in its queue, and the dedup keys
+	// of what it sent where the backend keeps its own (badgerq; JetStream
+	// forgets its message ids after dedup_window). It returns the devices
+	// it forgot, whose connections the caller closes; what the user is
+	// sent afterwards is queued as for a new user.
+	Erase(user string) ([]string, error)
 	// Stats returns the store's running totals.
 	Stats() Stats
 	// Undelivered returns how many stored messages are not deleted yet.

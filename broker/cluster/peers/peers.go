@@ -39,6 +39,7 @@ const (
 	subjRemoved   = ".device.removed"
 	subjConnected = ".device.connected"
 	subjModerated = ".moderated"
+	subjErased    = ".erased"
 )
 
 // Headers that number stored notices. They are headers, not part of the
@@ -93,6 +94,9 @@ type Handlers struct {
 	// of user when all is set (a ban); their connections here end. It may
 	// be nil.
 	Moderated func(user, device string, all bool)
+	// Erased: a backend erased user; its connections here end and this
+	// node forgets it. It may be nil.
+	Erased func(user string)
 	// Connected returns which of clientIDs have a connection on this
 	// node, for a peer that asks. It may be nil.
 	Connected func(clientIDs []string) []string
@@ -221,6 +225,7 @@ func (b *Bus) Start(h Handlers) error {
 		{subjRemoved, b.onRemoved},
 		{subjConnected, b.onConnected},
 		{subjModerated, b.onModerated},
+		{subjErased, b.onErased},
 	}
 	for _, s := range subs {
 		sub, err := opts.Conn.Subscribe(opts.Prefix+s.subj, s.fn)
@@ -426,6 +431,13 @@ func (b *Bus) Moderated(user, device string, all bool) {
 		flag = 1
 	}
 	b.send(subjModerated, append(frame(frame(frame(nil, b.opts.Node), user), device), flag))
+}
+
+// Erased tells the peers that a backend erased user here. Like every
+// notice it may be lost: a peer that misses it keeps the user's
+// connections there open until they end, and its last-seen time.
+func (b *Bus) Erased(user string) {
+	b.send(subjErased, frame(frame(nil, b.opts.Node), user))
 }
 
 // ErrSilent is the error of a question some live peers did not answer
@@ -768,6 +780,19 @@ func (b *Bus) onModerated(msg *nats.Msg) {
 		return
 	}
 	b.h.Moderated(user, device, rest[0] == 1)
+}
+
+func (b *Bus) onErased(msg *nats.Msg) {
+	_, rest, ok := b.fromPeer(msg, false)
+	if !ok || b.h.Erased == nil {
+		return
+	}
+	user, rest, ok := unframe(rest)
+	if !ok || len(rest) != 0 {
+		b.opts.Logger.Error("bad erase notice")
+		return
+	}
+	b.h.Erased(user)
 }
 
 func (b *Bus) onConnected(msg *nats.Msg) {

@@ -63,6 +63,7 @@ func (r *recorder) handlers() Handlers {
 		OnlineUsers:    func() []string { return r.online },
 		Missed:         func() { r.add("missed") },
 		DeviceRemoved:  func(user, device string) { r.add("removed " + user + " " + device) },
+		Erased:         func(user string) { r.add("erased " + user) },
 		Connected: func(ids []string) []string {
 			return slices.DeleteFunc(ids, func(id string) bool { return !slices.Contains(r.connected, id) })
 		},
@@ -159,6 +160,8 @@ func TestNotices(t *testing.T) {
 	rb.waitFor(t, "session bob/phone")
 	a.DeviceRemoved("bob", "phone")
 	rb.waitFor(t, "removed bob phone")
+	a.Erased("bob")
+	rb.waitFor(t, "erased bob")
 	a.Presence("bob", true)
 	rb.waitFor(t, "presence a bob on")
 	ra.waitFor(t, "presence a bob on")

@@ -284,13 +284,31 @@ func (a API[Q]) Devices(user string) ([]queue.Device, error) {
 
 // Remove forgets device of user at once, connected or not: it no longer
 // holds messages back, its record is deleted, and the flush run now
-// deletes what the user's other devices have all acknowledged. Its
-// connections here are left to the caller to close; their Acks and
-// Detach then find no device. A device that connects again is new.
+// deletes what the user's other devices have all acknowledged. A flush
+// before the removal deletes what every device, the removed one
+// included, had acknowledged: a user's last device, removed after it
+// read everything, leaves nothing for the next device to get again as a
+// backlog. Its connections here are left to the caller to close; their
+// Acks and Detach then find no device. A device that connects again is
+// new.
 func (a API[Q]) Remove(user, device string) error {
 	r := a.r
 	u, err := r.current(user)
 	if err != nil {
+		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+	}
+	if _, ok := u.devices[device]; !ok {
+		u.mu.Unlock()
+		return fmt.Errorf("remove device %s/%s: %w", user, device, queue.ErrUnknownDevice)
+	}
+	u.mu.Unlock()
+	r.MarkDirty(u)
+	if err := a.Flush(); err != nil {
+		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+	}
+	// Read again: the user may have been evicted and loaded anew, or the
+	// device removed, meanwhile.
+	if u, err = r.current(user); err != nil {
 		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
 	}
 	if _, ok := u.devices[device]; !ok {

@@ -114,7 +114,8 @@ func (r renamed) Devices(user string) ([]queue.Device, error) {
 func (r renamed) Waiting(user string, after uint64) (uint64, error) {
 	return r.Store.Waiting(r.prefix+user, after)
 }
-func (r renamed) Remove(user, device string) error { return r.Store.Remove(r.prefix+user, device) }
+func (r renamed) Remove(user, device string) error    { return r.Store.Remove(r.prefix+user, device) }
+func (r renamed) Erase(user string) ([]string, error) { return r.Store.Erase(r.prefix + user) }
 
 func TestConformance(t *testing.T) {
 	before := goleak.IgnoreCurrent()

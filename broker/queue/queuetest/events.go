@@ -27,10 +27,11 @@ const (
 	opSettle                    // acknowledge everything until every online device has all it must get
 	opNotice                    // a%3: release late notifications, next one late, next one lost (NoticeFaults only)
 	opRemove                    // user a, device b: its user removes it (closing its connection)
+	opErase                     // user a: the account is erased (devices, queue, what it sent)
 	numOps
 )
 
-var opNames = [...]string{"direct", "group", "connect", "subscribe", "unsubscribe", "ack", "disconnect", "advance", "flush", "crash", "settle", "notice", "remove"}
+var opNames = [...]string{"direct", "group", "connect", "subscribe", "unsubscribe", "ack", "disconnect", "advance", "flush", "crash", "settle", "notice", "remove", "erase"}
 
 const (
 	numUsers   = 3
@@ -71,6 +72,8 @@ func (e event) String() string {
 		return fmt.Sprintf("notice: %s", [...]string{"release late", "next late", "next lost"}[e.a%3])
 	case opFlush, opCrash, opSettle:
 		return opNames[e.op]
+	case opErase:
+		return "erase " + u
 	}
 	return fmt.Sprintf("%s %s/%s", opNames[e.op], u, d)
 }
@@ -92,7 +95,7 @@ func Generate(seed uint64, n int, notices bool) []byte {
 		w  int
 	}{
 		{opDirect, 20}, {opGroup, 6}, {opConnect, 12}, {opSubscribe, 8}, {opUnsubscribe, 2},
-		{opAck, 18}, {opDisconnect, 7}, {opAdvance, 3}, {opFlush, 6}, {opCrash, 2}, {opSettle, 4}, {opRemove, 2},
+		{opAck, 18}, {opDisconnect, 7}, {opAdvance, 3}, {opFlush, 6}, {opCrash, 2}, {opSettle, 4}, {opRemove, 2}, {opErase, 1},
 	}
 	if notices {
 		weights = append(weights, struct {

@@ -156,6 +156,44 @@ func runExamples(t *testing.T, b Backend) {
 			t.Fatalf("the removed phone, back, starts with %d old messages, want none", n)
 		}
 	})
+	t.Run("ErasedUserStartsOver", func(t *testing.T) {
+		// jack's account is erased with his phone connected, his laptop
+		// offline and two messages waiting: nothing of his is left, the
+		// message he sent jill stays hers, and he is new afterwards: his
+		// first device gets what arrived since, and nothing from before.
+		f := newFixture(t, b)
+		f.attach("jack", "phone", false)
+		f.attach("jack", "laptop", false)
+		f.s.Detach("jack", "laptop")
+		f.append("alice", "m1", "jack")
+		f.append("alice", "m2", "jack")
+		f.append("jack", "j1", "jill")
+		names, err := f.s.Erase("jack")
+		slices.Sort(names)
+		if err != nil || !slices.Equal(names, []string{"laptop", "phone"}) {
+			t.Fatalf("Erase = %v, %v; want laptop and phone forgotten", names, err)
+		}
+		if n := f.count("jack", 0); n != 0 {
+			t.Fatalf("%d messages left after the erase", n)
+		}
+		if ds, err := f.s.Devices("jack"); err != nil || len(ds) != 0 {
+			t.Fatalf("devices after the erase: %+v, %v", ds, err)
+		}
+		if n := f.count("jill", 0); n != 1 {
+			t.Fatalf("jill has %d messages, want jack's one", n)
+		}
+		// The phone's connection is closed after the erase.
+		f.s.Detach("jack", "phone")
+		f.flush()
+		if names, err := f.s.Erase("jack"); err != nil || len(names) != 0 {
+			t.Fatalf("second Erase = %v, %v; want nothing to forget", names, err)
+		}
+		f.append("alice", "m3", "jack")
+		cursor := f.attach("jack", "tablet", false)
+		if n := f.count("jack", cursor); n != 1 {
+			t.Fatalf("jack's first device after the erase gets %d messages, want m3 alone", n)
+		}
+	})
 	t.Run("TransientDeviceAloneReleasesNothing", func(t *testing.T) {
 		f := newFixture(t, b)
 		r := f.append("alice", "m1", "jack")

@@ -219,6 +219,9 @@ type sent struct {
 	to    []string
 	// copies are the recipients that got a copy.
 	copies map[string]bool
+	// erased is set once its sender was erased: its dedup key may be
+	// gone, so it is never sent again.
+	erased bool
 }
 
 // notice is a stored-message notification.
@@ -415,6 +418,8 @@ func (r *runner) apply(e event) error {
 		return r.crash()
 	case opRemove:
 		return r.remove(user, dev)
+	case opErase:
+		return r.erase(user)
 	case opSettle:
 		return r.settle()
 	case opNotice:

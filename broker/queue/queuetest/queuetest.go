@@ -38,6 +38,8 @@ type Store interface {
 	Devices(user string) ([]queue.Device, error)
 	// Remove forgets a device at once.
 	Remove(user, device string) error
+	// Erase forgets a user: devices, messages and dedup keys.
+	Erase(user string) ([]string, error)
 	// Flush persists acknowledgements and deletes what every device acknowledged.
 	Flush() error
 	// ForgetUnseen forgets the offline devices unseen for device_ttl.

@@ -17,7 +17,7 @@ import (
 // sender's earlier ids) and checks the outcome against the model.
 func (r *runner) publish(from string, to []string, group, resend bool) error {
 	var s *sent
-	if olds := r.sent[from]; resend && len(olds) > 0 {
+	if olds := r.sent[from]; resend && len(olds) > 0 && !olds[len(olds)-1].erased {
 		s = olds[len(olds)-1]
 		to = s.to
 	} else {
@@ -312,6 +312,55 @@ func (r *runner) remove(user, name string) error {
 	}
 	if !slices.Equal(got, want) {
 		return fmt.Errorf("devices of %s after removing %s: %v, want %v", user, name, got, want)
+	}
+	return nil
+}
+
+// erase erases a user as the server API does: the store forgets its
+// devices, messages and dedup keys, then the connections of the devices
+// it named are closed. Nothing of the user is left to read, and what
+// the user sent is never resent (its ids may be free again).
+func (r *runner) erase(user string) error {
+	names, err := r.store.Erase(user)
+	if err != nil {
+		return fmt.Errorf("erase %s: %w", user, err)
+	}
+	var want []string
+	for _, n := range sortedDevices(r.users[user]) {
+		if r.users[user][n].registered {
+			want = append(want, n)
+		}
+	}
+	slices.Sort(names)
+	if !slices.Equal(names, want) {
+		return fmt.Errorf("erase %s forgot devices %v, want %v", user, names, want)
+	}
+	r.flushed()
+	for _, d := range r.users[user] {
+		for _, s := range []*msess{d.old, d.sess} {
+			if s != nil {
+				r.end(user, d, s)
+			}
+		}
+		d.sess, d.old, d.online = nil, nil, 0
+		r.unregister(user, d)
+		d.cursor, d.flushed, d.subscribedOnce = 0, 0, false
+	}
+	for _, m := range r.msgs[user] {
+		delete(r.byPay, m.payload)
+	}
+	r.msgs[user] = nil
+	for _, s := range r.sent[user] {
+		s.erased = true
+	}
+	r.mu.Lock()
+	r.late = slices.DeleteFunc(r.late, func(n notice) bool { return n.user == user })
+	r.mu.Unlock()
+	if left, err := r.store.Read(user, 0, 10000); err != nil || len(left) > 0 {
+		return fmt.Errorf("after erasing %s its queue holds %d messages (%v)", user, len(left), err)
+	}
+	if devs, err := r.store.Devices(user); err != nil || len(devs) > 0 {
+		return fmt.Errorf("after erasing %s it has devices %v (%v)", user, devs, err)
 	}
 	return nil
 }

@@ -166,6 +166,14 @@ func (b *badgerBackend) commit(gid string, write func(txn *badger.Txn, cur uint6
 }
 
 // count returns how many groups user has made and not deleted.
+func (b *badgerBackend) forget(_ context.Context, user string) error {
+	err := b.db.Update(func(txn *badger.Txn) error { return txn.Delete(countKey(user)) })
+	if err != nil {
+		return fmt.Errorf("delete group count of %s: %w", user, err)
+	}
+	return nil
+}
+
 func count(txn *badger.Txn, user string) (int, error) {
 	item, err := txn.Get(countKey(user))
 	if errors.Is(err, badger.ErrKeyNotFound) {

@@ -129,6 +129,8 @@ type backend interface {
 	remove(ctx context.Context, g *Group, rev uint64) (gone bool, err error)
 	// each calls fn with every group in storage, in no set order.
 	each(ctx context.Context, fn func(*Group)) error
+	// forget deletes user's count of groups made.
+	forget(ctx context.Context, user string) error
 }
 
 // entry is a cached group at a revision; g nil is a group deleted at rev,
@@ -382,6 +384,61 @@ func (s *Store) Delete(by, gid string) error {
 		return drop, nil
 	})
 	return err
+}
+
+// Erase takes user out of every group (an account deleted): the groups
+// it alone administers are deleted, as nobody would be left to run them;
+// it leaves the others, and is no longer named as the creator of any,
+// nor counted as having made any. It returns the groups it left and
+// those it deleted. Like MemberOf, it reads every group in storage.
+func (s *Store) Erase(user string) (left, deleted []string, err error) {
+	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+	var gids []string
+	err = s.b.each(ctx, func(g *Group) {
+		if g.IsMember(user) || g.Creator == user {
+			gids = append(gids, g.ID)
+		}
+	})
+	cancel()
+	if err != nil {
+		return nil, nil, fmt.Errorf("erase %s from groups: %w", user, err)
+	}
+	slices.Sort(gids)
+	for _, gid := range gids {
+		var dropped bool
+		_, err := s.change(gid, func(g *Group) (action, error) {
+			dropped = false
+			if g.IsAdmin(user) && len(g.Admins) == 1 {
+				dropped = true
+				return drop, nil
+			}
+			if !g.IsMember(user) && g.Creator != user {
+				return keep, nil
+			}
+			g.Members = remove(g.Members, user)
+			g.Admins = remove(g.Admins, user)
+			if g.Creator == user {
+				g.Creator = ""
+			}
+			return put, nil
+		})
+		switch {
+		case errors.Is(err, ErrUnknown):
+			// Deleted meanwhile.
+		case err != nil:
+			return left, deleted, fmt.Errorf("erase %s from group %s: %w", user, gid, err)
+		case dropped:
+			deleted = append(deleted, gid)
+		default:
+			left = append(left, gid)
+		}
+	}
+	ctx, cancel = context.WithTimeout(s.ctx, opTimeout)
+	defer cancel()
+	if err := s.b.forget(ctx, user); err != nil {
+		return left, deleted, fmt.Errorf("erase %s from groups: %w", user, err)
+	}
+	return left, deleted, nil
 }
 
 // action is what an edit of change asks to be done with the group.

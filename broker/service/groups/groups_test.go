@@ -171,6 +171,59 @@ var behaviours = []struct {
 			t.Errorf("MemberOf(bob) after g1 deleted = %v, %v", got, err)
 		}
 	}},
+	{"erase", func(t *testing.T, st storage) {
+		s := st.open(t, testMax)
+		if _, err := s.Create("alice", "mine", []string{"bob"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Create("carol", "theirs", []string{"alice", "bob"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Create("carol", "other", []string{"bob"}); err != nil {
+			t.Fatal(err)
+		}
+		left, deleted, err := s.Erase("alice")
+		if err != nil || !slices.Equal(left, []string{"theirs"}) || !slices.Equal(deleted, []string{"mine"}) {
+			t.Fatalf("Erase(alice) = left %v, deleted %v, %v; want left theirs, deleted mine", left, deleted, err)
+		}
+		_, err = s.Get("mine")
+		wantErr(t, err, ErrUnknown)
+		g, err := s.Get("theirs")
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantGroup(t, g, []string{"bob", "carol"}, []string{"carol"})
+		if got, err := s.MemberOf("alice"); err != nil || len(got) != 0 {
+			t.Fatalf("MemberOf(alice) after the erase = %v, %v", got, err)
+		}
+		// Erasing carol, the creator and admin of two groups, deletes both.
+		if _, deleted, err := s.Erase("carol"); err != nil || !slices.Equal(deleted, []string{"other", "theirs"}) {
+			t.Fatalf("Erase(carol) deleted %v, %v", deleted, err)
+		}
+		if got, err := s.MemberOf("bob"); err != nil || len(got) != 0 {
+			t.Fatalf("MemberOf(bob) = %v, %v; want no group left", got, err)
+		}
+		// dave made a group and left it: erased, he is no longer named as
+		// its creator, and counts as having made none.
+		small := st.open(t, testMax, MaxPerUser(1))
+		if _, err := small.Create("dave", "left", []string{"erin"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := small.RemoveMember("dave", "left", "dave"); err != nil {
+			t.Fatal(err)
+		}
+		_, err = small.Create("dave", "second", nil)
+		wantErr(t, err, ErrTooManyGroups)
+		if left, _, err := small.Erase("dave"); err != nil || !slices.Equal(left, []string{"left"}) {
+			t.Fatalf("Erase(dave) left %v, %v", left, err)
+		}
+		if g, err := small.Get("left"); err != nil || g.Creator != "" {
+			t.Fatalf("group left: %+v, %v; want no creator named", g, err)
+		}
+		if _, err := small.Create("dave", "second", nil); err != nil {
+			t.Fatalf("dave, erased, makes a group: %v", err)
+		}
+	}},
 	{"create and get", func(t *testing.T, st storage) {
 		s := st.open(t, testMax)
 		g, err := s.Create("carol", "g1", []string{"bob", "alice", "bob", "carol"})

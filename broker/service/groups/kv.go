@@ -233,6 +233,13 @@ func (b *kvBackend) remove(ctx context.Context, g *Group, rev uint64) (bool, err
 
 // count adds delta, 1 or -1, to the number of groups user has made: up to
 // limit, failing with ErrTooManyGroups there, and down to 0.
+func (b *kvBackend) forget(ctx context.Context, user string) error {
+	if err := b.kv.Delete(ctx, countPrefix+kvKey(user)); err != nil {
+		return fmt.Errorf("delete group count of %s: %w", user, err)
+	}
+	return nil
+}
+
 func (b *kvBackend) count(ctx context.Context, user string, delta, limit int) error {
 	k := countPrefix + kvKey(user)
 	for {

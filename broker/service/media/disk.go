@@ -12,6 +12,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -213,6 +214,34 @@ func (d *Disk) Expire(ctx context.Context, before time.Time) (int, error) {
 		return nil
 	})
 	return deleted, fails.result(err)
+}
+
+// Owned implements Store.
+func (d *Disk) Owned(ctx context.Context, owner string) ([]Info, error) {
+	var out []Info
+	err := eachEntry(d.dir, func(name string) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !validID(name) {
+			return nil
+		}
+		info, err := d.readMeta(name)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			return nil // deleted meanwhile
+		case err != nil:
+			return err
+		case info.Owner == owner:
+			out = append(out, info)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list media of %s: %w", owner, err)
+	}
+	slices.SortFunc(out, byCreated)
+	return out, nil
 }
 
 // remove deletes upload id, whose format the caller has checked.

@@ -489,6 +489,7 @@ func (failingStore) Open(context.Context, string) (io.ReadSeekCloser, Info, erro
 func (failingStore) Delete(context.Context, string) error { return errDisk }
 
 func (failingStore) Expire(context.Context, time.Time) (int, error) { return 0, errDisk }
+func (failingStore) Owned(context.Context, string) ([]Info, error)  { return nil, errDisk }
 
 func TestInternalErrorsHidePaths(t *testing.T) {
 	f := newFixtureWith(t, failingStore{}, "", 1<<20)

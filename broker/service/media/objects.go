@@ -14,6 +14,7 @@ import (
 	"math"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -453,6 +454,41 @@ func (o *Objects) Expire(ctx context.Context, before time.Time) (int, error) {
 		return nil
 	})
 	return deleted, fails.result(err)
+}
+
+// Owned implements Store.
+func (o *Objects) Owned(ctx context.Context, owner string) ([]Info, error) {
+	var out []Info
+	prefix := o.metaSubject("")
+	err := o.eachMeta(ctx, func(m jetstream.Msg, _ uint64) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		name, err := base64.URLEncoding.DecodeString(strings.TrimPrefix(m.Subject(), prefix))
+		if err != nil || !validID(string(name)) {
+			return nil // not an upload of ours
+		}
+		var meta jetstream.ObjectInfo
+		if err := json.Unmarshal(m.Data(), &meta); err != nil {
+			return fmt.Errorf("read media %s metadata: %w", name, err)
+		}
+		if meta.Deleted {
+			return nil
+		}
+		info, _, _, err := infoOf(string(name), &meta)
+		if err != nil {
+			return err
+		}
+		if info.Owner == owner {
+			out = append(out, info)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list media of %s: %w", owner, err)
+	}
+	slices.SortFunc(out, byCreated)
+	return out, nil
 }
 
 // collect handles the marker meta of upload id at sequence seq: it purges

@@ -1188,3 +1188,41 @@ func BenchmarkObjectsRead(b *testing.B) {
 		f.Close()
 	}
 }
+
+// TestStoreOwned: Owned lists an owner's live uploads, oldest first, and
+// no one else's, nor a deleted one.
+func TestStoreOwned(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s *testStore) {
+		put := func(owner string) Info {
+			t.Helper()
+			info, err := s.Put(t.Context(), owner, "text/plain", strings.NewReader(owner), 100)
+			if err != nil {
+				t.Fatalf("Put: %v", err)
+			}
+			// The clock stays moved: each upload is a second younger.
+			s.clock.advance(time.Second)
+			return info
+		}
+		a1, _, a2, gone := put("alice"), put("bob"), put("alice"), put("alice")
+		if err := s.Delete(t.Context(), gone.ID); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.Owned(t.Context(), "alice")
+		if err != nil {
+			t.Fatalf("Owned: %v", err)
+		}
+		var ids []string
+		for _, i := range got {
+			ids = append(ids, i.ID)
+			if i.Owner != "alice" || i.Size != 5 || i.ContentType != "text/plain" {
+				t.Errorf("listed %+v", i)
+			}
+		}
+		if !slices.Equal(ids, []string{a1.ID, a2.ID}) {
+			t.Fatalf("Owned(alice) = %v, want %v and %v, oldest first", ids, a1.ID, a2.ID)
+		}
+		if got, err := s.Owned(t.Context(), "carol"); err != nil || len(got) != 0 {
+			t.Fatalf("Owned(carol) = %v, %v; want none", got, err)
+		}
+	})
+}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 )
 
@@ -50,6 +51,7 @@ type Info struct {
 //     opened stays readable until closed.
 //   - Expire deletes every upload created before the given time and returns
 //     how many it deleted; a failure on one upload does not stop the others.
+//   - Owned lists exactly the uploads Open finds whose Owner is the given one.
 type Store interface {
 	// Put stores the bytes of r, at most limit of them (ErrTooLarge beyond),
 	// for owner with contentType, and returns the new upload's Info.
@@ -60,6 +62,18 @@ type Store interface {
 	Delete(ctx context.Context, id string) error
 	// Expire deletes the uploads created before before and returns their number.
 	Expire(ctx context.Context, before time.Time) (int, error)
+	// Owned lists the uploads of owner, oldest first. It reads every
+	// upload's metadata: for an erase or export now and then, not a
+	// request path.
+	Owned(ctx context.Context, owner string) ([]Info, error)
+}
+
+// byCreated orders uploads oldest first, then by id.
+func byCreated(a, b Info) int {
+	if c := a.Created.Compare(b.Created); c != 0 {
+		return c
+	}
+	return strings.Compare(a.ID, b.ID)
 }
 
 // idBytes is the number of random bytes in an ID (PROTOCOL.md: 128 bits).

@@ -22,6 +22,9 @@ type Connections interface {
 	// Moderated ends the connection of device of user, or of every
 	// device of user when all is set.
 	Moderated(user, device string, all bool)
+	// Erased ends every connection of user, and has the other nodes
+	// forget its last-seen time.
+	Erased(user string)
 }
 
 // maxModerationBody bounds the body of a moderation call.

@@ -6,8 +6,10 @@ import (
 
 	"github.com/chatd/chatd/broker/msgpath"
 	"github.com/chatd/chatd/broker/protocol/topic"
+	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/broker/service/deviceapi"
+	"github.com/chatd/chatd/broker/service/groups"
 	"github.com/chatd/chatd/broker/service/httpjson"
 )
 
@@ -16,6 +18,8 @@ type Presence interface {
 	// State returns whether user is online, on any node, and when it was
 	// last seen in Unix milliseconds (0: never).
 	State(user string) (online bool, lastSeen int64, err error)
+	// Erase forgets user's last-seen time on this node.
+	Erase(user string) error
 }
 
 // Queues is what the query calls read of the queues and devices.
@@ -23,12 +27,22 @@ type Queues interface {
 	deviceapi.Store
 	// Depth returns how many messages wait in user's queue.
 	Depth(user string) (uint64, error)
+	// Read returns up to max messages of user after a sequence.
+	Read(user string, after uint64, max int) ([]queue.Message, error)
+	// Erase forgets user's devices, queue and dedup keys, and returns
+	// the devices forgotten.
+	Erase(user string) ([]string, error)
 }
 
-// Groups lists the groups a user belongs to.
+// Groups are the group memberships (groups.Store).
 type Groups interface {
 	// MemberOf returns the IDs of user's groups, sorted.
 	MemberOf(user string) ([]string, error)
+	// Get returns a group, or groups.ErrUnknown.
+	Get(id string) (*groups.Group, error)
+	// Erase takes user out of every group, deleting those it alone
+	// administers.
+	Erase(user string) (left, deleted []string, err error)
 }
 
 // Info describes the node for GET /v1/server/info.

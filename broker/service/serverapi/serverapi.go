@@ -50,8 +50,10 @@ type Handler struct {
 	Presence Presence
 	// Queues are the users' queues and devices.
 	Queues Queues
-	// Groups lists a user's groups.
+	// Groups lists a user's groups, and erases a user from them.
 	Groups Groups
+	// Media holds the uploads, for erase and export.
+	Media Media
 	// Info describes the node now.
 	Info func() Info
 	// Now is the clock of bans and last-seen times.
@@ -73,6 +75,7 @@ func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/server/messages", h.send)
 	h.registerModeration(mux)
 	h.registerQuery(mux)
+	h.registerErase(mux)
 }
 
 // SendRequest is the body of POST /v1/server/messages.
