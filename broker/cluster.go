@@ -44,8 +44,9 @@ type cluster struct {
 
 // startCluster starts or joins NATS, makes the bus to the peers (which
 // sends now and listens once join starts it), and opens the JetStream
-// queue on the clock now; onCommit observes each batch of publishes.
-func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onCommit func(int, time.Duration)) (*cluster, queue.Store, error) {
+// queue on the clock now; onCommit observes each batch of publishes,
+// onDeleted is told of the messages every device acknowledged.
+func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onCommit func(int, time.Duration), onDeleted queue.DeletedFunc) (*cluster, queue.Store, error) {
 	c := &cluster{name: cfg.Cluster.Node}
 	ncfg := natsnode.Config{
 		URL:         cfg.Cluster.URL,
@@ -91,14 +92,15 @@ func startCluster(cfg config.Config, log *slog.Logger, now func() time.Time, onC
 	c.local = local
 	c.bus = peers.New(peers.Options{Conn: node.Conn(), Node: c.name, Prefix: clusterPrefix, Logger: log.With("component", "peers")})
 	q, err := jsqueue.Open(context.Background(), jsqueue.Options{
-		Conn:     node.Conn(),
-		Settings: clusterQueueSettings(cfg),
-		Shards:   cfg.Cluster.Shards,
-		Replicas: cfg.Cluster.Replicas,
-		Prefix:   clusterPrefix,
-		Logger:   log.With("component", "jsqueue"),
-		OnCommit: onCommit,
-		Now:      now,
+		Conn:      node.Conn(),
+		Settings:  clusterQueueSettings(cfg),
+		Shards:    cfg.Cluster.Shards,
+		Replicas:  cfg.Cluster.Replicas,
+		Prefix:    clusterPrefix,
+		Logger:    log.With("component", "jsqueue"),
+		OnCommit:  onCommit,
+		OnDeleted: onDeleted,
+		Now:       now,
 	})
 	if err != nil {
 		return nil, nil, errors.Join(fmt.Errorf("cluster queue: %w", err), c.close())

@@ -152,3 +152,54 @@ func TestEvents(t *testing.T) {
 		t.Errorf("metrics lack the events webhook's sent count:\n%s", metrics)
 	}
 }
+
+// TestDeliveredEvent: a message is delivered, for the events webhook,
+// once every device of its recipient acknowledged it, and not before:
+// bob's laptop is offline while his phone takes m-1; the delivered
+// event comes when the laptop connects and takes it too, on one node
+// and in a cluster.
+func TestDeliveredEvent(t *testing.T) {
+	for _, cluster := range []bool{false, true} {
+		t.Run(map[bool]string{false: "node", true: "cluster"}[cluster], func(t *testing.T) {
+			sink := newEventSink(t)
+			var s, other *Server
+			if cluster {
+				nodes := startTestClusterWith(t, 3, sink.configure)
+				s, other = nodes[0], nodes[1]
+			} else {
+				s = startServer(t, t.TempDir(), sink.configure)
+				other = s
+			}
+			laptop := mustDial(t, s, "bob", phoneOpt{clientID: "bob/laptop"})
+			laptop.client.Disconnect(100)
+			phone := mustDial(t, s, "bob", phoneOpt{clientID: "bob/phone"})
+			alice := mustDial(t, s, "alice", phoneOpt{})
+			alice.send("bob", "m-1", "")
+			phone.waitFor(1)
+			sink.waitFor(events.MessageStored, map[string]any{"to": "bob", "id": "m-1"})
+			// carol's message, taken by her one device after bob's phone
+			// took m-1, is delivered by a flush that also saw the phone's
+			// acknowledgement: m-1 stays, for the laptop.
+			carol := mustDial(t, s, "carol", phoneOpt{})
+			alice.send("carol", "c-1", "")
+			carol.waitFor(1)
+			sink.waitFor(events.MessageDelivered, map[string]any{"to": "carol", "id": "c-1"})
+			if n := sink.count(events.MessageDelivered, map[string]any{"id": "m-1"}); n != 0 {
+				t.Fatalf("a delivered event before the laptop took m-1")
+			}
+			laptop = mustDial(t, other, "bob", phoneOpt{clientID: "bob/laptop"})
+			laptop.waitFor(1)
+			ev := sink.waitFor(events.MessageDelivered, map[string]any{"to": "bob", "from": "alice", "id": "m-1"})
+			var d events.Delivered
+			if err := json.Unmarshal(ev.Data, &d); err != nil || d.Seq == 0 {
+				t.Fatalf("delivered event %s: %v", ev.Data, err)
+			}
+			// Receipts are no messages: alice's delivered receipts, taken
+			// by her device, make no event.
+			testutil.Eventually(t, 10*time.Second, func() bool { return s.events.Pending() == 0 && other.events.Pending() == 0 }, "events sent")
+			if n := sink.count(events.MessageDelivered, nil); n != 2 {
+				t.Fatalf("%d delivered events, want c-1's and m-1's alone", n)
+			}
+		})
+	}
+}

@@ -149,9 +149,21 @@ func New(opts Options) (*Server, error) {
 		db  *badger.DB
 		err error
 	)
+	// Events come before the store, which tells them of delivered
+	// messages.
+	s.events, err = events.New(events.Options{
+		URL: cfg.Events.Webhook, Secret: []byte(cfg.Events.Secret), Node: cfg.Cluster.Node,
+		QueueSize: cfg.Events.QueueSize, MaxAttempts: cfg.Events.MaxAttempts,
+		Logger: log.With("component", "events"), Now: now,
+	})
+	if err != nil {
+		return nil, err
+	}
+	deleted := msgpath.DeliveredEvents(s.events)
 	if cfg.Cluster.Enabled {
-		s.cluster, s.queue, err = startCluster(cfg, log, now, s.metrics.Committed)
+		s.cluster, s.queue, err = startCluster(cfg, log, now, s.metrics.Committed, deleted)
 		if err != nil {
+			s.events.Close()
 			return nil, err
 		}
 		db = s.cluster.local
@@ -164,9 +176,11 @@ func New(opts Options) (*Server, error) {
 			MinFreeBytes: cfg.Queue.MinFreeBytes,
 			Logger:       log,
 			OnCommit:     s.metrics.Committed,
+			OnDeleted:    deleted,
 			Now:          now,
 		})
 		if err != nil {
+			s.events.Close()
 			return nil, err
 		}
 		s.queue, db = bq, bq.DB()
@@ -175,13 +189,12 @@ func New(opts Options) (*Server, error) {
 		if s.push != nil {
 			s.push.Close()
 		}
-		if s.events != nil {
-			s.events.Close()
-		}
 		if s.path != nil {
 			s.path.Close()
 		}
-		return nil, errors.Join(err, s.closeStore())
+		err = errors.Join(err, s.closeStore())
+		s.events.Close()
+		return nil, err
 	}
 	return s, nil
 }
@@ -234,14 +247,6 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 			return fmt.Errorf("events.before_send: %w", err)
 		}
 		beforeSend = bs
-	}
-	s.events, err = events.New(events.Options{
-		URL: cfg.Events.Webhook, Secret: []byte(cfg.Events.Secret), Node: cfg.Cluster.Node,
-		QueueSize: cfg.Events.QueueSize, MaxAttempts: cfg.Events.MaxAttempts,
-		Logger: log.With("component", "events"), Now: s.now,
-	})
-	if err != nil {
-		return err
 	}
 	s.mqtt = newMQTT(cfg, log)
 	// A ban ends the user's connections on every node: here at once, on

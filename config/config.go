@@ -118,7 +118,7 @@ type Push struct {
 }
 
 // Events configures the webhook that tells an app's backend what happens:
-// messages stored and read, users connected and disconnected.
+// messages stored, delivered and read, users connected and disconnected.
 type Events struct {
 	// Webhook is the URL events are POSTed to; empty disables events.
 	Webhook string `mapstructure:"webhook"`

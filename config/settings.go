@@ -87,7 +87,7 @@ var help = map[string]string{
 	"push.interval":                   "least time between two push notifications to one user",
 	"push.queue_size":                 "push notifications waiting to be sent; beyond it new ones are dropped and counted",
 	"push.max_attempts":               "how often one push notification is tried before it is dropped",
-	"events.webhook":                  "URL that signed events (message stored and read, user connected and disconnected) are POSTed to; empty disables events",
+	"events.webhook":                  "URL that signed events (message stored, delivered and read, user connected and disconnected) are POSTed to; empty disables events",
 	"events.secret":                   "HMAC-SHA256 key that signs every event (Chatd-Signature); at least 32 bytes, required with events.webhook",
 	"events.queue_size":               "events waiting to be sent; beyond it new ones are dropped and counted",
 	"events.max_attempts":             "how often one event is tried before it is dropped",

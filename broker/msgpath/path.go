@@ -295,6 +295,27 @@ func (p *Path) emitStored(user string, m queue.Message) {
 	p.events.Emit(events.MessageStored, events.Stored{To: user, From: from, Server: server, Group: group, ID: id, Seq: m.Seq})
 }
 
+// DeliveredEvents returns the store's OnDeleted that emits the delivered
+// event of each message every device of its recipient acknowledged (not
+// of a receipt or a sent copy), or nil when ev is not enabled, so that
+// the store does not read what it deletes for nothing. The store is
+// built before the path, so this is a function of ev alone.
+func DeliveredEvents(ev Events) queue.DeletedFunc {
+	if ev == nil || !ev.Enabled() {
+		return nil
+	}
+	return func(user string, msgs []queue.Message) {
+		for _, m := range msgs {
+			from, group, id, ok := envelope.ParseMeta(m.Meta)
+			if !ok {
+				continue
+			}
+			from, server := envelope.SenderName(from)
+			ev.Emit(events.MessageDelivered, events.Delivered{To: user, From: from, Server: server, Group: group, ID: id, Seq: m.Seq})
+		}
+	}
+}
+
 // notifyPush tells the push webhook that user, who has no device online,
 // has a message waiting.
 func (p *Path) notifyPush(user string, meta []byte) {

@@ -122,6 +122,13 @@ func (f Fanout) MetaOf(r *Request) []byte {
 	return r.Meta
 }
 
+// DeletedFunc is told of messages of user deleted because every device
+// of user acknowledged them (not of those erased or expired), with their
+// Seq and Meta (no Data), in order, after the deletion is durable. A
+// store given one reads the Meta of what it deletes, which it otherwise
+// skips; it calls it on its flushing goroutine, and it must not block.
+type DeletedFunc func(user string, msgs []Message)
+
 // Stats are the store's running totals.
 type Stats struct {
 	// Stored counts messages stored, one per recipient.

@@ -1,6 +1,7 @@
 package badgerq
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"time"
@@ -323,6 +324,9 @@ type userFlush struct {
 	writes    []devices.Write
 	forgotten []devices.Forget
 	upTo      uint64
+	// deleted are the messages deleted, with their Meta, when
+	// Options.OnDeleted is set.
+	deleted []queue.Message
 }
 
 // flush persists changed device cursors and deletes messages every device
@@ -374,6 +378,9 @@ func (s *Store) flush() error {
 		if more {
 			s.reg.MarkDirty(u)
 		}
+		if len(f.deleted) > 0 {
+			s.opts.OnDeleted(u.Name, f.deleted)
+		}
 	}
 	return nil
 }
@@ -403,6 +410,12 @@ func (s *Store) stageFlush(wb *badger.WriteBatch, u *user, budget *int) (userFlu
 			return f, fmt.Errorf("forget device %s/%s: %w", u.Name, d.Name, err)
 		}
 	}
+	if s.opts.OnDeleted != nil && upTo >= from {
+		var err error
+		if f.deleted, err = s.metas(u.Name, from, upTo); err != nil {
+			return f, err
+		}
+	}
 	for seq := from; seq <= upTo; seq++ {
 		if err := wb.Delete(msgKey(u.Name, seq)); err != nil {
 			return f, fmt.Errorf("delete message %s/%d: %w", u.Name, seq, err)
@@ -411,4 +424,40 @@ func (s *Store) stageFlush(wb *badger.WriteBatch, u *user, budget *int) (userFlu
 	}
 	f.upTo = upTo
 	return f, nil
+}
+
+// metas reads the Seq and Meta of user's messages from..upTo that are
+// still stored and not expired, for Options.OnDeleted.
+func (s *Store) metas(user string, from, upTo uint64) ([]queue.Message, error) {
+	var out []queue.Message
+	now := uint64(s.opts.Now().Unix())
+	err := s.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.Prefix = msgPrefix(user)
+		it := txn.NewIterator(io)
+		defer it.Close()
+		for it.Seek(msgKey(user, from)); it.Valid(); it.Next() {
+			item := it.Item()
+			seq := seqOf(item.Key())
+			if seq > upTo {
+				break
+			}
+			if expired(item, now) {
+				continue
+			}
+			err := item.Value(func(v []byte) error {
+				meta, _, err := queue.DecodeValue(v)
+				if err != nil {
+					return err
+				}
+				out = append(out, queue.Message{Seq: seq, Meta: bytes.Clone(meta)})
+				return nil
+			})
+			if err != nil {
+				return fmt.Errorf("read message %s/%d: %w", user, seq, err)
+			}
+		}
+		return nil
+	})
+	return out, err
 }

@@ -19,9 +19,9 @@ func badger(t testing.TB) queuetest.Backend {
 	root := t.TempDir()
 	return queuetest.Backend{
 		Name: "badger",
-		Open: func(t testing.TB, run string, q queue.Settings, now func() time.Time) queuetest.Store {
+		Open: func(t testing.TB, run string, q queue.Settings, now func() time.Time, deleted queue.DeletedFunc) queuetest.Store {
 			s, err := badgerq.Open(badgerq.Options{
-				Dir: filepath.Join(root, run), Settings: q, Sync: badgerq.SyncNone, MinFreeBytes: 256 << 20, Now: now,
+				Dir: filepath.Join(root, run), Settings: q, Sync: badgerq.SyncNone, MinFreeBytes: 256 << 20, Now: now, OnDeleted: deleted,
 				Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 			})
 			if err != nil {

@@ -5,24 +5,16 @@ import (
 	"fmt"
 
 	"github.com/dgraph-io/badger/v4"
-
-	"github.com/chatd/chatd/broker/queue"
 )
 
-// Erase implements queue.Store: it removes every device of user, then,
-// on the committer goroutine (so that no commit of user's queue runs
-// meanwhile), deletes its messages and the dedup keys of what it sent.
+// Erase implements queue.Store: it removes every device of user at once,
+// then, on the committer goroutine (so that no commit of user's queue
+// runs meanwhile), deletes its messages and the dedup keys of what it
+// sent.
 func (s *Store) Erase(user string) ([]string, error) {
-	devs, err := s.Devices(user)
+	names, err := s.RemoveAll(user)
 	if err != nil {
 		return nil, fmt.Errorf("erase %s: %w", user, err)
-	}
-	names := make([]string, 0, len(devs))
-	for _, d := range devs {
-		if err := s.Remove(user, d.Name); err != nil && !errors.Is(err, queue.ErrUnknownDevice) {
-			return names, fmt.Errorf("erase %s: %w", user, err)
-		}
-		names = append(names, d.Name)
 	}
 	err = errStoreClosed
 	s.reg.Do(func() { err = s.eraseQueue(user) })

@@ -62,6 +62,9 @@ type Options struct {
 	Logger *slog.Logger
 	// OnCommit, if set, is told the size and duration of every group commit.
 	OnCommit func(messages int, took time.Duration)
+	// OnDeleted, if set, is told of the messages every device acknowledged
+	// once they are deleted.
+	OnDeleted queue.DeletedFunc
 	// Now is the clock of device_ttl, message_ttl and last-seen times;
 	// nil means time.Now. Tests move it forward instead of waiting.
 	Now func() time.Time

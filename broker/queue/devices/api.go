@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -292,37 +293,64 @@ func (a API[Q]) Devices(user string) ([]queue.Device, error) {
 // Acks and Detach then find no device. A device that connects again is
 // new.
 func (a API[Q]) Remove(user, device string) error {
-	r := a.r
-	u, err := r.current(user)
+	_, err := a.remove(user, device, false)
 	if err != nil {
 		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
 	}
-	if _, ok := u.devices[device]; !ok {
+	return nil
+}
+
+// RemoveAll forgets every device of user at once, as Remove does one,
+// and returns their names, sorted; the flush after the removal deletes
+// nothing, as no device is left to have acknowledged anything.
+func (a API[Q]) RemoveAll(user string) ([]string, error) {
+	names, err := a.remove(user, "", true)
+	if err != nil {
+		return nil, fmt.Errorf("remove the devices of %s: %w", user, err)
+	}
+	return names, nil
+}
+
+// remove forgets device of user, or every device of user when all is
+// set ("" names the bare {user} device), after a flush, and flushes
+// again; it returns the names forgotten.
+func (a API[Q]) remove(user, device string, all bool) ([]string, error) {
+	r := a.r
+	u, err := r.current(user)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := u.devices[device]; !ok && !all {
 		u.mu.Unlock()
-		return fmt.Errorf("remove device %s/%s: %w", user, device, queue.ErrUnknownDevice)
+		return nil, queue.ErrUnknownDevice
 	}
 	u.mu.Unlock()
 	r.MarkDirty(u)
 	if err := a.Flush(); err != nil {
-		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+		return nil, err
 	}
 	// Read again: the user may have been evicted and loaded anew, or the
 	// device removed, meanwhile.
 	if u, err = r.current(user); err != nil {
-		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+		return nil, err
 	}
-	if _, ok := u.devices[device]; !ok {
+	names := []string{device}
+	if all {
+		names = slices.Sorted(maps.Keys(u.devices))
+	} else if _, ok := u.devices[device]; !ok {
 		u.mu.Unlock()
-		return fmt.Errorf("remove device %s/%s: %w", user, device, queue.ErrUnknownDevice)
+		return nil, queue.ErrUnknownDevice
 	}
-	delete(u.devices, device)
-	// Revision 0: the removal wins over whatever another node wrote of
-	// the device meanwhile.
-	u.forgotten = append(u.forgotten, Forget{device, 0})
+	for _, name := range names {
+		delete(u.devices, name)
+		// Revision 0: the removal wins over whatever another node wrote
+		// of the device meanwhile.
+		u.forgotten = append(u.forgotten, Forget{name, 0})
+	}
 	u.mu.Unlock()
 	r.MarkDirty(u)
 	if err := a.Flush(); err != nil {
-		return fmt.Errorf("remove device %s/%s: %w", user, device, err)
+		return names, err
 	}
 	if r.shared != nil {
 		// The cursors this flush read may lag what the other devices
@@ -330,7 +358,7 @@ func (a API[Q]) Remove(user, device string) error {
 		// flush: the flush after that deletes what they then allow.
 		r.MarkDirty(u)
 	}
-	return nil
+	return names, nil
 }
 
 // Removed drops from this node's memory a device another node removed

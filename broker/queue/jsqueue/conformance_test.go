@@ -31,7 +31,7 @@ func jetstreamBackend(t *testing.T) queuetest.Backend {
 	)
 	return queuetest.Backend{
 		Name: "jetstream",
-		Open: func(t testing.TB, run string, q queue.Settings, now func() time.Time) queuetest.Store {
+		Open: func(t testing.TB, run string, q queue.Settings, now func() time.Time, deleted queue.DeletedFunc) queuetest.Store {
 			mu.Lock()
 			prefix, ok := runs[run]
 			if !ok {
@@ -39,8 +39,12 @@ func jetstreamBackend(t *testing.T) queuetest.Backend {
 				runs[run] = prefix
 			}
 			mu.Unlock()
+			var told queue.DeletedFunc
+			if deleted != nil {
+				told = func(user string, msgs []queue.Message) { deleted(strings.TrimPrefix(user, prefix), msgs) }
+			}
 			s, err := Open(context.Background(), Options{
-				Conn: node.Conn(), Settings: q, Replicas: 1, Shards: 2, Logger: quiet(), Now: now,
+				Conn: node.Conn(), Settings: q, Replicas: 1, Shards: 2, Logger: quiet(), Now: now, OnDeleted: told,
 			})
 			if err != nil {
 				t.Fatalf("open jsqueue: %v", err)

@@ -1,26 +1,14 @@
 package jsqueue
 
-import (
-	"errors"
-	"fmt"
-
-	"github.com/chatd/chatd/broker/queue"
-)
+import "fmt"
 
 // Erase implements queue.Store: it removes every device of user from the
 // bucket, then purges the user's subject. The stream's message ids, which
 // name senders, are JetStream's to forget, after dedup_window.
 func (s *Store) Erase(user string) ([]string, error) {
-	devs, err := s.Devices(user)
+	names, err := s.RemoveAll(user)
 	if err != nil {
 		return nil, fmt.Errorf("erase %s: %w", user, err)
-	}
-	names := make([]string, 0, len(devs))
-	for _, d := range devs {
-		if err := s.Remove(user, d.Name); err != nil && !errors.Is(err, queue.ErrUnknownDevice) {
-			return names, fmt.Errorf("erase %s: %w", user, err)
-		}
-		names = append(names, d.Name)
 	}
 	ctx, cancel := s.reqCtx()
 	defer cancel()

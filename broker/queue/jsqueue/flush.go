@@ -10,11 +10,15 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/devices"
 )
 
 // purgeWorkers bounds the users purged at once by one flush.
 const purgeWorkers = 8
+
+// deletedPage is how many messages one read for Options.OnDeleted asks.
+const deletedPage = 256
 
 // flushLoop persists acknowledgements every AckFlushInterval, forgets
 // unseen devices, evicts idle users and reads the storage left; it runs
@@ -267,14 +271,48 @@ func (s *Store) purgeUser(ctx context.Context, u *user) error {
 	if !ok || upTo <= purged {
 		return nil
 	}
+	var gone []queue.Message
+	if s.opts.OnDeleted != nil {
+		// Read before the purge: the Meta of what it deletes.
+		var err error
+		if gone, err = s.metasUpTo(u.Name, purged, upTo); err != nil {
+			return err
+		}
+	}
 	subj, shard := s.names.subject(u.Name)
 	n, err := purge(ctx, s.nc, s.names.stream(shard), subj, upTo+1)
 	if err != nil {
 		return err
 	}
 	s.stats.Deleted.Add(n)
+	if n > 0 && len(gone) > 0 {
+		// n is 0 when another node purged them first: it told of them.
+		s.opts.OnDeleted(u.Name, gone)
+	}
 	u.Lock()
 	u.Queue.purged = max(u.Queue.purged, upTo)
 	u.Unlock()
 	return nil
+}
+
+// metasUpTo reads the Seq and Meta of user's messages after after, up to
+// upTo, for Options.OnDeleted.
+func (s *Store) metasUpTo(user string, after, upTo uint64) ([]queue.Message, error) {
+	var out []queue.Message
+	for {
+		msgs, err := s.Read(user, after, deletedPage)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range msgs {
+			if m.Seq > upTo {
+				return out, nil
+			}
+			out = append(out, queue.Message{Seq: m.Seq, Meta: m.Meta})
+			after = m.Seq
+		}
+		if len(msgs) < deletedPage {
+			return out, nil
+		}
+	}
 }

@@ -96,6 +96,9 @@ type Options struct {
 	// OnCommit, if set, is told the size of every batch of publishes and
 	// how long its acknowledgements took.
 	OnCommit func(messages int, took time.Duration)
+	// OnDeleted, if set, is told of the messages every device acknowledged
+	// once they are purged.
+	OnDeleted queue.DeletedFunc
 	// Now is the clock of device_ttl, message_ttl and last-seen times;
 	// nil means time.Now. Tests move it forward instead of waiting.
 	Now func() time.Time

@@ -21,7 +21,7 @@ type fixture struct {
 
 func newFixture(t *testing.T, b Backend) *fixture {
 	f := &fixture{t: t, b: b, clock: NewClock(time.Now().Truncate(time.Second))}
-	f.s = b.Open(t, "ex-"+t.Name(), testQueue(), f.clock.Now)
+	f.s = b.Open(t, "ex-"+t.Name(), testQueue(), f.clock.Now, nil)
 	t.Cleanup(func() {
 		if err := f.s.Close(); err != nil {
 			t.Errorf("close: %v", err)
@@ -154,6 +154,19 @@ func runExamples(t *testing.T, b Backend) {
 		cursor := f.attach("jack", "phone", false)
 		if n := f.count("jack", cursor); n != 0 {
 			t.Fatalf("the removed phone, back, starts with %d old messages, want none", n)
+		}
+	})
+	t.Run("BareDeviceRemovedAlone", func(t *testing.T) {
+		// The bare {user} client ID is the device named "": removing it
+		// removes it alone.
+		f := newFixture(t, b)
+		f.attach("jack", "", false)
+		f.attach("jack", "phone", false)
+		if err := f.s.Remove("jack", ""); err != nil {
+			t.Fatalf("remove the bare device: %v", err)
+		}
+		if ds, err := f.s.Devices("jack"); err != nil || len(ds) != 1 || ds[0].Name != "phone" {
+			t.Fatalf("devices after removing the bare one: %+v, %v; want the phone", ds, err)
 		}
 	})
 	t.Run("ErasedUserStartsOver", func(t *testing.T) {

@@ -256,6 +256,19 @@ type runner struct {
 	// lost are the "user/seq" of lost notifications not yet made up for
 	// by a Resync, which the peers bus calls when it sees a gap.
 	lost map[string]bool
+	// told are the messages the store said it deleted as acknowledged by
+	// every device, not yet checked; toldBefore those checked.
+	told       []notice
+	toldBefore map[*mmsg]bool
+}
+
+// onDeleted records what the store says it deleted (Options.OnDeleted).
+func (r *runner) onDeleted(user string, msgs []queue.Message) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, m := range msgs {
+		r.told = append(r.told, notice{user, m})
+	}
 }
 
 func runEvents(t testing.TB, b Backend, name string, data []byte, settle time.Duration) (err error) {
@@ -264,7 +277,7 @@ func runEvents(t testing.TB, b Backend, name string, data []byte, settle time.Du
 		clock: NewClock(time.Now().Truncate(time.Second)),
 		users: make(map[string]map[string]*mdev), msgs: make(map[string][]*mmsg),
 		byPay: make(map[string]*mmsg), sent: make(map[string][]*sent),
-		faulted: make(map[string]bool), lost: make(map[string]bool),
+		faulted: make(map[string]bool), lost: make(map[string]bool), toldBefore: make(map[*mmsg]bool),
 	}
 	for i := range numUsers {
 		r.users[userName(byte(i))] = make(map[string]*mdev)
@@ -295,7 +308,7 @@ func runEvents(t testing.TB, b Backend, name string, data []byte, settle time.Du
 
 // open opens the store and a delivery on it.
 func (r *runner) open() {
-	r.store = r.b.Open(r.t, r.name, r.q, r.clock.Now)
+	r.store = r.b.Open(r.t, r.name, r.q, r.clock.Now, r.onDeleted)
 	r.dlv = delivery.New(delivery.Options{Source: r.store, TailMessages: 4, ReadAhead: 2})
 }
 

@@ -58,10 +58,10 @@ type Backend struct {
 	// Name names the backend in test names.
 	Name string
 	// Open opens the store of run (a fresh one the first time, the same
-	// data after Crash) with q and the clock now, without fsyncs: the
-	// suite's crashes are of the process, not of the machine. The store
-	// is closed by the caller.
-	Open func(t testing.TB, run string, q queue.Settings, now func() time.Time) Store
+	// data after Crash) with q, the clock now and deleted as its
+	// OnDeleted (nil: none), without fsyncs: the suite's crashes are of
+	// the process, not of the machine. The store is closed by the caller.
+	Open func(t testing.TB, run string, q queue.Settings, now func() time.Time, deleted queue.DeletedFunc) Store
 	// Crash closes s as a crash would: acknowledgements since the last
 	// Flush are lost.
 	Crash func(s Store) error

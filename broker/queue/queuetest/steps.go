@@ -325,6 +325,12 @@ func (r *runner) erase(user string) error {
 	if err != nil {
 		return fmt.Errorf("erase %s: %w", user, err)
 	}
+	// What the erase's removals deleted as acknowledged is checked while
+	// the model still has the user.
+	if err := r.checkTold(); err != nil {
+		return err
+	}
+
 	var want []string
 	for _, n := range sortedDevices(r.users[user]) {
 		if r.users[user][n].registered {
@@ -634,6 +640,9 @@ func (r *runner) touched(e event) []string {
 // contents for users (all when none are given): nothing a device must
 // still get is deleted, and nothing is there that was never stored.
 func (r *runner) check(users ...string) error {
+	if err := r.checkTold(); err != nil {
+		return err
+	}
 	if len(users) == 0 {
 		users = sortedUsers(r.users)
 	}
@@ -671,6 +680,39 @@ func (r *runner) check(users ...string) error {
 			}
 			m.gone = true
 		}
+	}
+	return nil
+}
+
+// checkTold checks what the store said it deleted as acknowledged by
+// every device: only messages the model released, each once.
+func (r *runner) checkTold() error {
+	r.mu.Lock()
+	told := r.told
+	r.told = nil
+	r.mu.Unlock()
+	for _, n := range told {
+		key := fmt.Sprintf("%s/%d", n.user, n.m.Seq)
+		// Badger numbers a user's queue from 1 again once it is empty and
+		// has no device: of the messages at that sequence, the one still
+		// stored (not seen gone) and not told of before.
+		var m *mmsg
+		for _, c := range r.msgs[n.user] {
+			if c.seq == n.m.Seq && (m == nil || m.gone && !c.gone) {
+				m = c
+			}
+		}
+		if m == nil {
+			return fmt.Errorf("the store told of deleting %s, which was never stored", key)
+		}
+		r.release(n.user)
+		if !m.released {
+			return fmt.Errorf("the store told of deleting %s as acknowledged, but %s", key, r.waitingFor(m))
+		}
+		if r.toldBefore[m] {
+			return fmt.Errorf("the store told twice of deleting %s", key)
+		}
+		r.toldBefore[m] = true
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 // Package events tells an app's backend what happens on the server, as
-// signed JSON POSTs to its webhook (PROTOCOL.md section 7, "Events"):
-// messages stored and read, users' devices connected and disconnected.
+// signed JSON POSTs to its webhook (PROTOCOL.md section 8, "Events"):
+// messages stored, delivered and read, users' devices connected and
+// disconnected.
 //
 // Each event has a unique id, for the backend to drop the duplicates that
 // retries make; each request is signed with HMAC-SHA256 over its
@@ -31,6 +32,10 @@ const (
 	// MessageStored: a message was stored for a recipient (one event per
 	// recipient), data Stored.
 	MessageStored = "message.stored"
+	// MessageDelivered: every device of the recipient acknowledged a
+	// message, which was deleted (one event per recipient), data
+	// Delivered.
+	MessageDelivered = "message.delivered"
 	// MessageRead: a reader's read receipt was stored, data Read.
 	MessageRead = "message.read"
 	// UserConnected: a device of a user connected to a node, data Connection.
@@ -79,6 +84,9 @@ type Stored struct {
 	// Seq is its position in the recipient's queue.
 	Seq uint64 `json:"seq"`
 }
+
+// Delivered is the data of MessageDelivered, the fields of Stored.
+type Delivered Stored
 
 // Read is the data of MessageRead.
 type Read struct {
