@@ -144,11 +144,12 @@ func New(opts Options) (*Server, error) {
 	if now == nil {
 		now = time.Now
 	}
-	s := &Server{cfg: cfg, log: log, now: now, verifier: token.NewVerifier(opts.Secret), metrics: metrics.New()}
-	var (
-		db  *badger.DB
-		err error
-	)
+	verifier, err := token.New(opts.Secret, cfg.Auth.Issuers, token.Options{Leeway: cfg.Auth.Leeway, Logger: log.With("component", "auth")})
+	if err != nil {
+		return nil, fmt.Errorf("auth.issuers: %w", err)
+	}
+	s := &Server{cfg: cfg, log: log, now: now, verifier: verifier, metrics: metrics.New()}
+	var db *badger.DB
 	// Events come before the store, which tells them of delivered
 	// messages.
 	s.events, err = events.New(events.Options{
@@ -157,6 +158,7 @@ func New(opts Options) (*Server, error) {
 		Logger: log.With("component", "events"), Now: now,
 	})
 	if err != nil {
+		verifier.Close()
 		return nil, err
 	}
 	deleted := msgpath.DeliveredEvents(s.events)
@@ -164,6 +166,7 @@ func New(opts Options) (*Server, error) {
 		s.cluster, s.queue, err = startCluster(cfg, log, now, s.metrics.Committed, deleted)
 		if err != nil {
 			s.events.Close()
+			verifier.Close()
 			return nil, err
 		}
 		db = s.cluster.local
@@ -181,6 +184,7 @@ func New(opts Options) (*Server, error) {
 		})
 		if err != nil {
 			s.events.Close()
+			verifier.Close()
 			return nil, err
 		}
 		s.queue, db = bq, bq.DB()
@@ -194,6 +198,7 @@ func New(opts Options) (*Server, error) {
 		}
 		err = errors.Join(err, s.closeStore())
 		s.events.Close()
+		verifier.Close()
 		return nil, err
 	}
 	return s, nil
@@ -598,6 +603,7 @@ func (s *Server) close(ctx context.Context) error {
 	}
 	// The store's last commits emitted their events: now they may go.
 	s.events.Close()
+	s.verifier.Close()
 	return errors.Join(errs...)
 }
 

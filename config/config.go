@@ -6,6 +6,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/service/bots"
 )
@@ -223,6 +224,11 @@ type WebSocket struct {
 type Auth struct {
 	// Secret is the HS256 key shared with the account service; empty means the development secret in DataDir.
 	Secret string `mapstructure:"secret"`
+	// Issuers are the identity providers whose tokens are accepted too,
+	// each with its own keys.
+	Issuers []token.Issuer `mapstructure:"issuers"`
+	// Leeway is the clock skew allowed on a token's exp, nbf and iat.
+	Leeway time.Duration `mapstructure:"leeway"`
 }
 
 // Queue configures the durable per-user queues.
@@ -323,6 +329,7 @@ func Default() Config {
 			PublishBytesRate:      8 << 20,
 			PublishMaxDelay:       time.Second,
 		},
+		Auth:     Auth{Leeway: 10 * time.Second},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
 		Carbons:  Carbons{Enabled: true},
@@ -447,6 +454,19 @@ func (c *Config) Validate() error {
 	}
 	if (c.Events.Webhook != "" || c.Events.BeforeSend != "") && len(c.Events.Secret) < MinSecretBytes {
 		return fmt.Errorf("events.secret: events.webhook and events.before_send need a secret of at least %d bytes to sign requests with, got %d (make one with: openssl rand -hex 32)", MinSecretBytes, len(c.Events.Secret))
+	}
+	seen := map[string]bool{}
+	for i, is := range c.Auth.Issuers {
+		if err := is.Validate(); err != nil {
+			return fmt.Errorf("auth.issuers[%d]: %w", i, err)
+		}
+		if seen[is.Issuer] {
+			return fmt.Errorf("auth.issuers[%d]: issuer %s named twice", i, is.Issuer)
+		}
+		seen[is.Issuer] = true
+	}
+	if c.Auth.Leeway < 0 || c.Auth.Leeway > 5*time.Minute {
+		return fmt.Errorf("auth.leeway: 0 to 5m, got %v", c.Auth.Leeway)
 	}
 	if _, err := bots.Parse(c.Bots.Webhooks); err != nil {
 		return fmt.Errorf("bots.webhooks: %w", err)

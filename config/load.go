@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
@@ -93,6 +95,7 @@ func load(file string, flags *pflag.FlagSet) (Config, error) {
 	var cfg Config
 	hook := viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
 		strictNumbers,
+		issuersFromJSON,
 		mapstructure.StringToTimeDurationHookFunc(),
 	))
 	if err := v.UnmarshalExact(&cfg, hook); err != nil {
@@ -153,6 +156,25 @@ func strictNumbers(from, to reflect.Type, data any) (any, error) {
 		}
 	}
 	return data, nil
+}
+
+// issuersFromJSON decodes auth.issuers given as a string, a JSON list
+// (an environment variable), as the file's YAML list would be.
+func issuersFromJSON(from, to reflect.Type, data any) (any, error) {
+	if from.Kind() != reflect.String || to != reflect.TypeFor[[]token.Issuer]() {
+		return data, nil
+	}
+	s := strings.TrimSpace(data.(string))
+	if s == "" {
+		return []token.Issuer{}, nil
+	}
+	dec := json.NewDecoder(strings.NewReader(s))
+	dec.DisallowUnknownFields()
+	var out []token.Issuer
+	if err := dec.Decode(&out); err != nil {
+		return nil, fmt.Errorf("a JSON list of issuers: %w", err)
+	}
+	return out, nil
 }
 
 // explainDecode rewrites mapstructure's multi-line error report as one line

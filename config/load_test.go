@@ -3,10 +3,12 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/spf13/pflag"
 )
 
@@ -247,6 +249,45 @@ log:
 			wantErr: []string{"chatd.yaml", "data_dir", "blocker/data"},
 		},
 		{
+			name: "issuers from the file",
+			yaml: `
+auth:
+  leeway: 30s
+  issuers:
+    - issuer: https://login.example.com/
+      jwks_url: https://login.example.com/.well-known/jwks.json
+      audience: [chat-app]
+      user_prefix: ex.
+`,
+			want: func(c *Config) {
+				c.Auth.Leeway = 30 * time.Second
+				c.Auth.Issuers = []token.Issuer{{Issuer: "https://login.example.com/", JWKSURL: "https://login.example.com/.well-known/jwks.json",
+					Audience: []string{"chat-app"}, UserPrefix: "ex."}}
+			},
+		},
+		{
+			name: "issuers from the environment, as JSON",
+			env:  map[string]string{"CHATD_AUTH_ISSUERS": `[{"issuer":"https://a.example/","jwks_url":"https://a.example/jwks","algorithms":["RS256"]}]`},
+			want: func(c *Config) {
+				c.Auth.Issuers = []token.Issuer{{Issuer: "https://a.example/", JWKSURL: "https://a.example/jwks", Algorithms: []string{"RS256"}}}
+			},
+		},
+		{
+			name:    "issuer with an unknown field",
+			env:     map[string]string{"CHATD_AUTH_ISSUERS": `[{"issuer":"https://a.example/","jwks":"https://a.example/jwks"}]`},
+			wantErr: []string{"auth.issuers", "jwks"},
+		},
+		{
+			name:    "issuer with a misspelt key in the file",
+			yaml:    "auth:\n  issuers:\n    - issuer: a\n      jwks: https://idp.example/jwks\n",
+			wantErr: []string{"chatd.yaml", "jwks"},
+		},
+		{
+			name:    "issuer over plain http",
+			yaml:    "auth:\n  issuers:\n    - issuer: a\n      jwks_url: http://idp.example/jwks\n",
+			wantErr: []string{"chatd.yaml", "auth.issuers[0]", "https"},
+		},
+		{
 			name: "bots from the environment",
 			env: map[string]string{
 				"CHATD_BOTS_WEBHOOKS": "echo=http://127.0.0.1:9000/,news=https://bots.example/news",
@@ -321,7 +362,7 @@ log:
 			}
 			want := Default()
 			tt.want(&want)
-			if got != want {
+			if !reflect.DeepEqual(got, want) {
 				t.Errorf("Load =\n%+v\nwant\n%+v", got, want)
 			}
 			if fi, err := os.Stat(got.DataDir); err != nil || !fi.IsDir() {

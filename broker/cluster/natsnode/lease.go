@@ -85,7 +85,12 @@ func (l *Leases) Hold(ctx context.Context, name string) (context.Context, func()
 		for {
 			select {
 			case <-t.C:
-				next, err := l.kv.Update(held, name, []byte(l.holder), rev)
+				// Not cancelled by a release: an update applied but
+				// unanswered would leave rev behind the bucket's, and the
+				// release's delete refused.
+				uctx, ucancel := context.WithTimeout(context.Background(), every)
+				next, err := l.kv.Update(uctx, name, []byte(l.holder), rev)
+				ucancel()
 				if err != nil {
 					if held.Err() == nil {
 						l.log.Warn("lease lost", "lease", name, "error", err)
