@@ -58,8 +58,9 @@ type Auth struct {
 type admission struct {
 	// user holds one of its connection seats (Users.reserve).
 	user string
-	// expiry is when the client's token expires.
-	expiry time.Time
+	// expiry is when the client's token expires, Unix nanoseconds: a
+	// re-authentication moves it.
+	expiry atomic.Int64
 	// timer ends the session at expiry, once it is established.
 	timer atomic.Pointer[time.Timer]
 	// client is the established session, whose live entry goes with it.
@@ -71,7 +72,7 @@ func (h *Auth) ID() string { return "chatd-auth" }
 
 // Provides reports the events Auth handles.
 func (h *Auth) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablish, mqtt.OnACLCheck, mqtt.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablish, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnAuthPacket}, []byte{b})
 }
 
 // OnConnect checks the username and client ID before authentication, so a
@@ -148,7 +149,9 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		cl.State.Keepalive = h.MaxKeepalive
 		cl.State.ServerKeepalive = true
 	}
-	h.admitted.Store(cl.Net.Conn, &admission{user: user, expiry: exp})
+	a := &admission{user: user}
+	a.expiry.Store(exp.UnixNano())
+	h.admitted.Store(cl.Net.Conn, a)
 	admitted = true
 	return nil
 }
@@ -167,7 +170,57 @@ func (h *Auth) TokenExpiry(cl *mqtt.Client) (time.Time, bool) {
 	if !ok {
 		return time.Time{}, false
 	}
-	return v.(*admission).expiry, true
+	return time.Unix(0, v.(*admission).expiry.Load()), true
+}
+
+// AuthMethod is the MQTT 5 Authentication Method of a re-authentication
+// with a fresh token (PROTOCOL.md section 6).
+const AuthMethod = "chatd-token"
+
+// OnAuthPacket takes an MQTT 5 client's re-authentication: an AUTH packet
+// with reason 0x19, method AuthMethod and a fresh token for the same user
+// as its data. A valid one moves the session's end to the new token's
+// expiry and is answered with AUTH success; any other ends the
+// connection (DISCONNECT 0x8C bad method, 0x82 protocol error, 0x87 not
+// authorized, 0x8A banned), as a token refused at CONNECT would.
+func (h *Auth) OnAuthPacket(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if m := pk.Properties.AuthenticationMethod; m != AuthMethod {
+		h.Log.Info("re-authentication refused", "client", cl.ID, "reason", fmt.Sprintf("method %q, want %q", m, AuthMethod))
+		return pk, packets.ErrBadAuthenticationMethod
+	}
+	if pk.ReasonCode != packets.CodeReAuthenticate.Code {
+		h.Log.Info("re-authentication refused", "client", cl.ID, "reason", fmt.Sprintf("reason code 0x%02x, want 0x19", pk.ReasonCode))
+		return pk, packets.ErrProtocolViolation
+	}
+	v, ok := h.admitted.Load(cl.Net.Conn)
+	if !ok {
+		return pk, packets.ErrNotAuthorized
+	}
+	a := v.(*admission)
+	exp, err := h.Verifier.Verify(string(pk.Properties.AuthenticationData), a.user)
+	if err != nil {
+		h.Log.Info("re-authentication refused", "client", cl.ID, "reason", err.Error())
+		return pk, packets.ErrNotAuthorized
+	}
+	if h.Banned != nil {
+		if reason, banned := h.Banned(a.user); banned {
+			h.Log.Info("re-authentication refused", "client", cl.ID, "reason", "banned: "+reason)
+			return pk, packets.ErrBanned
+		}
+	}
+	a.expiry.Store(exp.UnixNano())
+	if t := a.timer.Load(); t != nil {
+		t.Reset(time.Until(exp))
+	}
+	ack := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Auth},
+		ReasonCode:  packets.CodeSuccess.Code,
+		Properties:  packets.Properties{AuthenticationMethod: AuthMethod},
+	}
+	if err := cl.WritePacket(ack); err != nil {
+		return pk, fmt.Errorf("answer re-authentication: %w", err)
+	}
+	return pk, nil
 }
 
 // OnSessionEstablish records cl as the live connection of its client ID,
@@ -182,7 +235,7 @@ func (h *Auth) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		a.client.Store(cl)
 		// OnSessionEstablish, OnDisconnect and Ended all run on the
 		// connection's own goroutine: forget cannot run meanwhile.
-		a.timer.Store(time.AfterFunc(time.Until(a.expiry), func() { cl.Stop(ErrTokenExpired) }))
+		a.timer.Store(time.AfterFunc(time.Until(time.Unix(0, a.expiry.Load())), func() { cl.Stop(ErrTokenExpired) }))
 	}
 }
 
