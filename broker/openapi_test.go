@@ -3,12 +3,14 @@ package broker
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/openapi3filter"
@@ -161,6 +163,10 @@ func TestOpenAPIConformance(t *testing.T) {
 	call("GET", "/v1/server/bans", mod, "", "", true, 200)
 	call("DELETE", "/v1/server/bans/mallory", mod, "", "", true, 204)
 	call("DELETE", "/v1/server/bans/mallory", mod, "", "", true, 404)
+	call("POST", "/v1/server/revocations", mod, js, `{"user":"mallory"}`, true, 200)
+	call("POST", "/v1/server/revocations", mod, js, `{"jti":"t-1","expires":`+fmt.Sprint(time.Now().Add(time.Hour).Unix())+`}`, true, 200)
+	call("POST", "/v1/server/revocations", mod, js, `{}`, true, 400)
+	call("GET", "/v1/server/revocations", mod, "", "", true, 200)
 
 	call("POST", "/v1/server/presence", read, js, `{"users":["alice","bob"]}`, true, 200)
 	call("POST", "/v1/server/presence", read, js, `{"users":[]}`, false, 400)

@@ -43,6 +43,7 @@ import (
 	"github.com/chatd/chatd/broker/service/httpjson"
 	"github.com/chatd/chatd/broker/service/media"
 	"github.com/chatd/chatd/broker/service/push"
+	"github.com/chatd/chatd/broker/service/revocations"
 	"github.com/chatd/chatd/broker/service/serverapi"
 	"github.com/chatd/chatd/broker/service/webhook"
 	"github.com/chatd/chatd/config"
@@ -79,8 +80,10 @@ type Server struct {
 	keys     apikeys.Store
 	apiDoc   http.Handler
 	bans     *bans.Store
-	push     *push.Notifier
-	events   *events.Emitter
+	// revocations are the revoked tokens.
+	revocations *revocations.Store
+	push        *push.Notifier
+	events      *events.Emitter
 	// bots runs the bots' webhook consumers from Start, nil before.
 	bots     *bots.Runner
 	metrics  *metrics.Metrics
@@ -106,6 +109,10 @@ type Server struct {
 
 // APIKeysBucket is the JetStream KV bucket of the API keys in cluster mode.
 const APIKeysBucket = clusterPrefix + "_apikeys"
+
+// RevocationsBucket is the JetStream KV bucket of the revoked tokens in
+// cluster mode.
+const RevocationsBucket = clusterPrefix + "_revocations"
 
 // LeasesBucket is the JetStream KV bucket of the leases that let one
 // node at a time run a task (a bot's consumer) in cluster mode.
@@ -313,6 +320,20 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		},
 		Log: log,
 	}
+	// Revocations end the sessions they revoke through the Auth hook,
+	// which asks them at every CONNECT: the hook is made first, and is
+	// given the store before the server serves.
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		s.revocations, err = revocations.NewKV(ctx, s.cluster.node.JetStream(), RevocationsBucket, cfg.Cluster.Replicas, s.now, s.endRevoked, log.With("component", "revocations"))
+		cancel()
+	} else {
+		s.revocations, err = revocations.NewBadger(db, s.now, s.endRevoked)
+	}
+	if err != nil {
+		return fmt.Errorf("revocations: %w", err)
+	}
+	s.auth.Revoked = s.revoked
 	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: users, Observe: s.metrics, Log: log}
 	for _, h := range []mqtt.Hook{s.auth, s.inbox, &hooks.Presence{Retained: s.presence, Log: log}} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
@@ -617,6 +638,7 @@ func (s *Server) routes() http.Handler {
 	s.media.Register(mux)
 	(&serverapi.Handler{Keys: s.keys, Sender: s.path, Bans: s.bans, Conns: s.conns(),
 		Presence: s.presence, Queues: s.queue, Groups: s.groups, Media: s.media.Store, Info: s.info, Now: s.now,
+		Revocations: s.revocations, Tokens: s.verifier, MaxTokenAge: s.cfg.Auth.MaxTokenAge,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
 	mux.Handle("GET /v1/openapi.json", s.apiDoc)
@@ -658,21 +680,34 @@ func (s *Server) bearer(r *http.Request) (string, error) {
 	if !ok {
 		return "", errors.New("missing Authorization: Bearer token")
 	}
-	user, err := s.verifier.Subject(strings.TrimSpace(tok))
+	c, err := s.verifier.Check(strings.TrimSpace(tok))
 	if err != nil {
 		return "", err
 	}
-	if !topic.ValidUser(user) {
-		return "", fmt.Errorf("token subject %q is not a user ID", user)
+	if s.revoked(c) {
+		return "", hooks.ErrTokenRevoked
 	}
-	return user, nil
+	return c.User, nil
 }
+
+// revoked reports whether the token of c was revoked.
+func (s *Server) revoked(c token.Claims) bool {
+	_, ok := s.revocations.Revoked(c)
+	return ok
+}
+
+// endRevoked ends the sessions on this node that r revokes, as r reaches
+// it (the Auth hook exists before the store that calls this).
+func (s *Server) endRevoked(r revocations.Revocation) { s.auth.EndRevoked(r.Matches) }
 
 // closeStore closes the groups and the queue and, in cluster mode, NATS after them.
 func (s *Server) closeStore() error {
 	var err error
 	if s.groups != nil {
 		err = s.groups.Close()
+	}
+	if s.revocations != nil {
+		s.revocations.Close()
 	}
 	if s.bans != nil {
 		s.bans.Close()

@@ -229,6 +229,9 @@ type Auth struct {
 	Issuers []token.Issuer `mapstructure:"issuers"`
 	// Leeway is the clock skew allowed on a token's exp, nbf and iat.
 	Leeway time.Duration `mapstructure:"leeway"`
+	// MaxTokenAge is the longest a token lives: a revocation of a user's
+	// tokens is kept this long.
+	MaxTokenAge time.Duration `mapstructure:"max_token_age"`
 }
 
 // Queue configures the durable per-user queues.
@@ -329,7 +332,7 @@ func Default() Config {
 			PublishBytesRate:      8 << 20,
 			PublishMaxDelay:       time.Second,
 		},
-		Auth:     Auth{Leeway: 10 * time.Second},
+		Auth:     Auth{Leeway: 10 * time.Second, MaxTokenAge: 30 * 24 * time.Hour},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
 		Carbons:  Carbons{Enabled: true},
@@ -464,6 +467,9 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("auth.issuers[%d]: issuer %s named twice", i, is.Issuer)
 		}
 		seen[is.Issuer] = true
+	}
+	if c.Auth.MaxTokenAge < time.Minute {
+		return fmt.Errorf("auth.max_token_age: at least 1m, got %v", c.Auth.MaxTokenAge)
 	}
 	if c.Auth.Leeway < 0 || c.Auth.Leeway > 5*time.Minute {
 		return fmt.Errorf("auth.leeway: 0 to 5m, got %v", c.Auth.Leeway)

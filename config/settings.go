@@ -53,6 +53,7 @@ var help = map[string]string{
 	"auth.secret":                     "HS256 secret shared with the account service, for tokens without iss; empty uses a development secret kept in data_dir",
 	"auth.issuers":                    "identity providers whose tokens are accepted, each {issuer, jwks_url | public_key_file | secret, audience, algorithms, user_claim, user_prefix} (docs/PROTOCOL.md section 6); in the environment, as a JSON list",
 	"auth.leeway":                     "clock skew allowed on a token's exp, nbf and iat",
+	"auth.max_token_age":              "the longest an access token lives: a revocation of a user's tokens (server API) is kept this long",
 	"queue.sync":                      "when a message is made durable before its PUBACK: always (fsync every batch), batch (fsync every sync_interval), none (never fsync)",
 	"queue.sync_interval":             "how often batch mode fsyncs",
 	"queue.message_ttl":               "how long an undelivered message is kept",

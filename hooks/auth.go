@@ -40,6 +40,8 @@ type Auth struct {
 	MayAttach func(user, device string) (bool, error)
 	// Banned, if set, returns the reason of a ban that holds for user.
 	Banned func(user string) (reason string, banned bool)
+	// Revoked, if set, reports whether a valid token was revoked.
+	Revoked func(c token.Claims) bool
 
 	// Log receives refusals.
 	Log *slog.Logger
@@ -61,6 +63,9 @@ type admission struct {
 	// expiry is when the client's token expires, Unix nanoseconds: a
 	// re-authentication moves it.
 	expiry atomic.Int64
+	// claims are the token's, for revocations; a re-authentication
+	// replaces them.
+	claims atomic.Pointer[token.Claims]
 	// timer ends the session at expiry, once it is established.
 	timer atomic.Pointer[time.Timer]
 	// client is the established session, whose live entry goes with it.
@@ -96,9 +101,13 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	// The token is checked here rather than in OnConnectAuthenticate so
 	// that the connect rate below is spent by authenticated clients only:
 	// a flood of bad CONNECTs must not lock everyone else out.
-	exp, err := h.Verifier.Verify(string(pk.Connect.Password), user)
+	claims, exp, err := h.verify(string(pk.Connect.Password), user)
 	if err != nil {
-		return h.refuse(cl, packets.ErrBadUsernameOrPassword, fmt.Errorf("user %s: %w", user, err))
+		code := packets.ErrBadUsernameOrPassword
+		if errors.Is(err, ErrTokenRevoked) && cl.Properties.ProtocolVersion == 5 {
+			code = packets.ErrNotAuthorized
+		}
+		return h.refuse(cl, code, fmt.Errorf("user %s: %w", user, err))
 	}
 	if h.Banned != nil {
 		if reason, banned := h.Banned(user); banned {
@@ -151,6 +160,7 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	a := &admission{user: user}
 	a.expiry.Store(exp.UnixNano())
+	a.claims.Store(&claims)
 	h.admitted.Store(cl.Net.Conn, a)
 	admitted = true
 	return nil
@@ -171,6 +181,40 @@ func (h *Auth) TokenExpiry(cl *mqtt.Client) (time.Time, bool) {
 		return time.Time{}, false
 	}
 	return time.Unix(0, v.(*admission).expiry.Load()), true
+}
+
+// verify checks tok for user, revocations included, and returns its
+// claims and until when it is accepted.
+func (h *Auth) verify(tok, user string) (token.Claims, time.Time, error) {
+	c, err := h.Verifier.Check(tok)
+	if err != nil {
+		return c, time.Time{}, err
+	}
+	if c.User != user {
+		return c, time.Time{}, fmt.Errorf("%w: it names user %q, not username %q", token.ErrInvalid, c.User, user)
+	}
+	if h.Revoked != nil && h.Revoked(c) {
+		return c, time.Time{}, ErrTokenRevoked
+	}
+	return c, h.Verifier.AcceptedUntil(c), nil
+}
+
+// EndRevoked ends the sessions on this node whose tokens match reports
+// revoked: MQTT 5 clients get DISCONNECT 0x87 (not authorized).
+func (h *Auth) EndRevoked(match func(token.Claims) bool) {
+	h.admitted.Range(func(_, v any) bool {
+		a := v.(*admission)
+		cl := a.client.Load()
+		if c := a.claims.Load(); cl != nil && c != nil && match(*c) {
+			h.Log.Info("session ended: token revoked", "client", cl.ID)
+			if cl.Properties.ProtocolVersion == 5 {
+				_ = h.Server.DisconnectClient(cl, packets.ErrNotAuthorized) // returns the code it sent
+			} else {
+				cl.Stop(ErrTokenRevoked)
+			}
+		}
+		return true
+	})
 }
 
 // AuthMethod is the MQTT 5 Authentication Method of a re-authentication
@@ -197,7 +241,7 @@ func (h *Auth) OnAuthPacket(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 		return pk, packets.ErrNotAuthorized
 	}
 	a := v.(*admission)
-	exp, err := h.Verifier.Verify(string(pk.Properties.AuthenticationData), a.user)
+	claims, exp, err := h.verify(string(pk.Properties.AuthenticationData), a.user)
 	if err != nil {
 		h.Log.Info("re-authentication refused", "client", cl.ID, "reason", err.Error())
 		return pk, packets.ErrNotAuthorized
@@ -209,6 +253,7 @@ func (h *Auth) OnAuthPacket(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 		}
 	}
 	a.expiry.Store(exp.UnixNano())
+	a.claims.Store(&claims)
 	if t := a.timer.Load(); t != nil {
 		t.Reset(time.Until(exp))
 	}

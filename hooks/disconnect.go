@@ -49,6 +49,10 @@ const (
 // ErrTokenExpired ends a session whose access token expired.
 var ErrTokenExpired = errors.New("access token expired")
 
+// ErrTokenRevoked refuses, or ends the session of, a token the app's
+// backend revoked.
+var ErrTokenRevoked = errors.New("access token revoked")
+
 // ErrTakenOver ends a connection whose client connected again on another node.
 var ErrTakenOver = errors.New("session taken over on another node")
 
@@ -83,7 +87,7 @@ func ReasonOf(cause, err error) Reason {
 			return ReasonTokenExpired
 		case errors.Is(e, ErrTakenOver), errors.Is(e, packets.ErrSessionTakenOver):
 			return ReasonTakenOver
-		case errors.Is(e, ErrDeviceRemoved), errors.Is(e, ErrModerated), errors.Is(e, packets.ErrAdministrativeAction):
+		case errors.Is(e, ErrDeviceRemoved), errors.Is(e, ErrModerated), errors.Is(e, ErrTokenRevoked), errors.Is(e, packets.ErrNotAuthorized), errors.Is(e, packets.ErrAdministrativeAction):
 			return ReasonAdministrative
 		case errors.Is(e, packets.ErrServerShuttingDown):
 			return ReasonShuttingDown

@@ -122,8 +122,12 @@ func (v *Verifier) Verify(tok, user string) (time.Time, error) {
 	if c.User != user {
 		return time.Time{}, fmt.Errorf("%w: it names user %q, not username %q", ErrInvalid, c.User, user)
 	}
-	return c.Expiry.Add(v.leeway), nil
+	return v.AcceptedUntil(c), nil
 }
+
+// AcceptedUntil returns until when a token of claims c is accepted: its
+// exp and the leeway.
+func (v *Verifier) AcceptedUntil(c Claims) time.Time { return c.Expiry.Add(v.leeway) }
 
 // Subject returns the user a valid, unexpired token was issued to, for
 // HTTP requests that carry a token but no username.

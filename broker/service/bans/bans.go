@@ -7,11 +7,13 @@ package bans
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strings"
-	"sync"
 	"time"
+
+	"github.com/chatd/chatd/broker/service/records"
 )
 
 // ErrUnknown is the error of lifting a ban that does not exist.
@@ -32,46 +34,36 @@ type Ban struct {
 // Active reports whether b holds at now.
 func (b Ban) Active(now time.Time) bool { return b.Until == 0 || now.Unix() < b.Until }
 
-// backend persists bans.
-type backend interface {
-	put(b Ban) error
-	delete(user string) error
-	close()
-}
-
-// Store is every ban, kept in memory over a backend.
+// Store is every ban, kept in memory on every node (records.Set).
 type Store struct {
-	be  backend
+	set *records.Set[Ban]
 	now func() time.Time
-	// onBan ends the banned user's connections on this node.
-	onBan func(user string)
-
-	mu   sync.RWMutex
-	bans map[string]Ban
 }
 
-// newStore keeps bans, those in storage now first, over be.
-func newStore(be backend, stored []Ban, now func() time.Time, onBan func(user string)) *Store {
+// onPut ends, when b holds, the banned user's connections on this node
+// (onBan), as each ban reaches it.
+func onPut(now func() time.Time, onBan func(user string)) func(string, Ban) {
+	return func(_ string, b Ban) {
+		if onBan != nil && b.Active(now()) {
+			onBan(b.User)
+		}
+	}
+}
+
+// clock is now, or time.Now when nil.
+func clock(now func() time.Time) func() time.Time {
 	if now == nil {
-		now = time.Now
+		return time.Now
 	}
-	if onBan == nil {
-		onBan = func(string) {}
-	}
-	s := &Store{be: be, now: now, onBan: onBan, bans: make(map[string]Ban, len(stored))}
-	for _, b := range stored {
-		s.bans[b.User] = b
-	}
-	return s
+	return now
 }
 
 // Ban bans b.User, replacing any ban of it, and ends its connections
 // here; in a cluster every node ends those it has as the ban reaches it.
 func (s *Store) Ban(b Ban) error {
-	if err := s.be.put(b); err != nil {
-		return err
+	if err := s.set.Put(b.User, b); err != nil {
+		return fmt.Errorf("ban %s: %w", b.User, err)
 	}
-	s.set(b)
 	return nil
 }
 
@@ -80,18 +72,15 @@ func (s *Store) Unban(user string) error {
 	if _, ok := s.Banned(user); !ok {
 		return ErrUnknown
 	}
-	if err := s.be.delete(user); err != nil {
-		return err
+	if err := s.set.Delete(user); err != nil {
+		return fmt.Errorf("unban %s: %w", user, err)
 	}
-	s.unset(user)
 	return nil
 }
 
 // Banned returns the ban of user if one holds now.
 func (s *Store) Banned(user string) (Ban, bool) {
-	s.mu.RLock()
-	b, ok := s.bans[user]
-	s.mu.RUnlock()
+	b, ok := s.set.Get(user)
 	if !ok || !b.Active(s.now()) {
 		return Ban{}, false
 	}
@@ -101,29 +90,10 @@ func (s *Store) Banned(user string) (Ban, bool) {
 // List returns the bans that hold now, by user.
 func (s *Store) List() []Ban {
 	now := s.now()
-	s.mu.RLock()
-	all := slices.Collect(maps.Values(s.bans))
-	s.mu.RUnlock()
-	out := slices.DeleteFunc(all, func(b Ban) bool { return !b.Active(now) })
+	out := slices.DeleteFunc(slices.Collect(maps.Values(s.set.All())), func(b Ban) bool { return !b.Active(now) })
 	slices.SortFunc(out, func(a, b Ban) int { return strings.Compare(a.User, b.User) })
 	return out
 }
 
 // Close stops following the other nodes' changes.
-func (s *Store) Close() { s.be.close() }
-
-// set records b and, when it holds, ends the user's connections here.
-func (s *Store) set(b Ban) {
-	s.mu.Lock()
-	s.bans[b.User] = b
-	s.mu.Unlock()
-	if b.Active(s.now()) {
-		s.onBan(b.User)
-	}
-}
-
-func (s *Store) unset(user string) {
-	s.mu.Lock()
-	delete(s.bans, user)
-	s.mu.Unlock()
-}
+func (s *Store) Close() { s.set.Close() }

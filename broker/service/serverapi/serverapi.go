@@ -54,6 +54,12 @@ type Handler struct {
 	Groups Groups
 	// Media holds the uploads, for erase and export.
 	Media Media
+	// Revocations keeps the revoked tokens.
+	Revocations Revocations
+	// Tokens checks the tokens a revocation names.
+	Tokens Tokens
+	// MaxTokenAge is how long a revocation of a user's tokens is kept.
+	MaxTokenAge time.Duration
 	// Info describes the node now.
 	Info func() Info
 	// Now is the clock of bans and last-seen times.
@@ -76,6 +82,7 @@ func (h *Handler) Register(mux *http.ServeMux) {
 	h.registerModeration(mux)
 	h.registerQuery(mux)
 	h.registerErase(mux)
+	h.registerRevocations(mux)
 }
 
 // SendRequest is the body of POST /v1/server/messages.

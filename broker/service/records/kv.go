@@ -1,0 +1,129 @@
+package records
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/chatd/chatd/broker/cluster/natsnode"
+)
+
+// kvTimeout bounds each write to the bucket.
+const kvTimeout = 5 * time.Second
+
+type kvBackend[T any] struct {
+	kv     jetstream.KeyValue
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// NewKV returns the Set of a cluster node on the bucket named bucket
+// (created with replicas copies): it reads every record, then follows
+// the other nodes' changes until Close, telling onPut (nil: none) of
+// each record that reaches it, as reliably as the bucket itself. Keys
+// must be valid KV keys. ctx bounds the setup.
+func NewKV[T any](ctx context.Context, js jetstream.JetStream, bucket, description string, replicas int, onPut func(key string, v T), log *slog.Logger) (*Set[T], error) {
+	kv, err := natsnode.OpenKV(ctx, js, bucket, description, replicas)
+	if err != nil {
+		return nil, err
+	}
+	// The watch lives as long as the Set, not the setup's context.
+	wctx, cancel := context.WithCancel(context.Background())
+	w, err := kv.WatchAll(wctx)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("watch %s: %w", bucket, err)
+	}
+	// The watch first replays every record, then follows the changes.
+	stored := make(map[string]T)
+	err = natsnode.KVReplay(ctx, w, func(e jetstream.KeyValueEntry) error {
+		if v, ok := decodeEntry[T](e, log); ok {
+			stored[e.Key()] = v
+		}
+		return nil
+	})
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("read %s: %w", bucket, err)
+	}
+	be := &kvBackend[T]{kv: kv, cancel: cancel, done: make(chan struct{})}
+	s := newSet[T](be, stored, onPut)
+	go be.follow(wctx, w, s, log)
+	return s, nil
+}
+
+// follow applies the bucket's changes, this node's own included, until
+// the watch ends.
+func (be *kvBackend[T]) follow(ctx context.Context, w jetstream.KeyWatcher, s *Set[T], log *slog.Logger) {
+	defer close(be.done)
+	defer func() {
+		if err := w.Stop(); err != nil {
+			log.Debug("records: stop watch", "error", err)
+		}
+	}()
+	for {
+		var e jetstream.KeyValueEntry
+		select {
+		case <-ctx.Done():
+			return
+		case got, ok := <-w.Updates():
+			if !ok {
+				return
+			}
+			if got == nil {
+				continue
+			}
+			e = got
+		}
+		if e.Operation() != jetstream.KeyValuePut {
+			s.unset(e.Key())
+			continue
+		}
+		if v, ok := decodeEntry[T](e, log); ok {
+			s.set(e.Key(), v)
+		}
+	}
+}
+
+func decodeEntry[T any](e jetstream.KeyValueEntry, log *slog.Logger) (T, bool) {
+	var v T
+	if e.Operation() != jetstream.KeyValuePut {
+		return v, false
+	}
+	if err := json.Unmarshal(e.Value(), &v); err != nil {
+		log.Error("records: bad record", "key", e.Key(), "error", err)
+		return v, false
+	}
+	return v, true
+}
+
+func (be *kvBackend[T]) put(k string, v T) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("record %s: %w", k, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	if _, err := be.kv.Put(ctx, k, b); err != nil {
+		return fmt.Errorf("record %s: %w", k, err)
+	}
+	return nil
+}
+
+func (be *kvBackend[T]) delete(k string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
+	defer cancel()
+	if err := be.kv.Purge(ctx, k); err != nil {
+		return fmt.Errorf("delete record %s: %w", k, err)
+	}
+	return nil
+}
+
+func (be *kvBackend[T]) close() {
+	be.cancel()
+	<-be.done
+}
