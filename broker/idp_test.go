@@ -15,9 +15,9 @@ import (
 
 // TestIdentityProviderTokens: with an IdP configured (its keys from a
 // JWKS served by the test), its tokens log phones in over MQTT and call
-// the HTTP API, with no shared secret, on one node and in a cluster;
-// tokens that are wrong are refused on both alike, and the shared
-// secret's tokens still work.
+// the HTTP API, with no shared secret, on one node and in a cluster,
+// through a key rotation and an outage of the IdP; tokens that are wrong
+// are refused on both alike, and the shared secret's tokens still work.
 func TestIdentityProviderTokens(t *testing.T) {
 	for _, cluster := range []bool{false, true} {
 		t.Run(map[bool]string{false: "node", true: "cluster"}[cluster], func(t *testing.T) {
@@ -43,6 +43,18 @@ func TestIdentityProviderTokens(t *testing.T) {
 			}
 			if st, b := bearerCall(t, s, http.MethodPost, "/v1/groups", good, `{"id":"idp-group","members":["bob"]}`); st != http.StatusCreated {
 				t.Fatalf("create a group with the IdP's token: %d %s", st, b)
+			}
+
+			// The IdP rotates its key: a token of the new one is taken
+			// (its kid makes the node fetch the JWKS again); then the IdP
+			// goes down, and the keys fetched keep working.
+			idp.Add("k3", "ec")
+			rotated := idp.Sign("k3", func(c jwt.MapClaims) { c["sub"] = "dave" })
+			mustDial(t, other, "dave", phoneOpt{password: rotated})
+			idp.SetDown(true)
+			mustDial(t, other, "dave", phoneOpt{clientID: "dave/second", password: rotated})
+			if st, _ := bearerCall(t, s, http.MethodGet, "/v1/devices", good, ""); st != http.StatusOK {
+				t.Fatalf("HTTP while the IdP is down: %d", st)
 			}
 
 			expired := idp.Sign("k1", func(c jwt.MapClaims) { c["exp"] = time.Now().Add(-time.Hour).Unix() })
