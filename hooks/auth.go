@@ -281,6 +281,12 @@ func (h *Auth) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// OnSessionEstablish, OnDisconnect and Ended all run on the
 		// connection's own goroutine: forget cannot run meanwhile.
 		a.timer.Store(time.AfterFunc(time.Until(time.Unix(0, a.expiry.Load())), func() { cl.Stop(ErrTokenExpired) }))
+		// A revocation made since OnConnect checked the token found no
+		// established session to end (EndRevoked looks at a.client),
+		// or finds this one: either way it ends.
+		if c := a.claims.Load(); h.Revoked != nil && c != nil && h.Revoked(*c) {
+			cl.Stop(ErrTokenRevoked)
+		}
 	}
 }
 

@@ -215,9 +215,11 @@ func jwks(ctx context.Context, is Issuer, o Options) (keyfunc.Keyfunc, error) {
 		NoErrorReturnFirstHTTPReq: &noError,
 		RefreshInterval:           refresh,
 		RefreshUnknownKID:         rate.NewLimiter(rate.Every(every), 1),
-		// A token with an unknown kid over the rate fails at once rather
-		// than holding its connection until the next fetch is allowed.
-		RateLimitWaitMax: time.Millisecond,
+		// This bounds the wait for the rate and the fetch after it alike
+		// (jwkset uses one context for both): a token over the rate,
+		// whose wait would be minutes, fails at once, and a fetch has the
+		// client's timeout.
+		RateLimitWaitMax: client.Timeout,
 		RefreshErrorHandlerFunc: func(u string) func(context.Context, error) {
 			return func(_ context.Context, err error) {
 				log.Warn("JWKS fetch failed; keeping the keys fetched before", "issuer", is.Issuer, "error", err)

@@ -33,7 +33,12 @@ func NewKV[T any](ctx context.Context, js jetstream.JetStream, bucket, descripti
 	}
 	// The watch lives as long as the Set, not the setup's context.
 	wctx, cancel := context.WithCancel(context.Background())
-	w, err := kv.WatchAll(wctx)
+	// A bucket just made may not answer yet: asked again while ctx lasts.
+	var w jetstream.KeyWatcher
+	err = natsnode.UntilAnswered(ctx, func(context.Context) (err error) {
+		w, err = kv.WatchAll(wctx)
+		return err
+	})
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("watch %s: %w", bucket, err)
@@ -108,7 +113,13 @@ func (be *kvBackend[T]) put(k string, v T) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	if _, err := be.kv.Put(ctx, k, b); err != nil {
+	// A write is asked again while the bucket elects its leader; both
+	// writes are idempotent.
+	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
+		_, err := be.kv.Put(ctx, k, b)
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("record %s: %w", k, err)
 	}
 	return nil
@@ -117,7 +128,8 @@ func (be *kvBackend[T]) put(k string, v T) error {
 func (be *kvBackend[T]) delete(k string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	if err := be.kv.Purge(ctx, k); err != nil {
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error { return be.kv.Purge(ctx, k) })
+	if err != nil {
 		return fmt.Errorf("delete record %s: %w", k, err)
 	}
 	return nil
