@@ -36,8 +36,12 @@ func revoke(t *testing.T, s *Server, key, body string) {
 	}
 }
 
+// noConnack is dialV5Code's code for a connection closed without a CONNACK.
+const noConnack = 0xFF
+
 // dialV5Code connects bob's clientID with tok over MQTT 5 and returns
-// the CONNACK's reason code and a channel of the server's DISCONNECT.
+// the CONNACK's reason code (noConnack if none came) and a channel of the
+// server's DISCONNECT.
 func dialV5Code(t *testing.T, s *Server, clientID, tok string) (byte, chan byte) {
 	t.Helper()
 	disc := make(chan byte, 1)
@@ -53,7 +57,10 @@ func dialV5Code(t *testing.T, s *Server, clientID, tok string) (byte, chan byte)
 		Username: "bob", UsernameFlag: true, Password: []byte(tok), PasswordFlag: true,
 	})
 	if ca == nil {
-		t.Fatalf("v5 connect %s: %v", clientID, err)
+		// No CONNACK: a session revoked between the token's check and its
+		// start is closed before its CONNACK is written.
+		t.Logf("v5 connect %s: %v", clientID, err)
+		return noConnack, disc
 	}
 	if ca.ReasonCode == 0 {
 		t.Cleanup(func() { _ = c.Disconnect(&paho5.Disconnect{}) })
