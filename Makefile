@@ -1,7 +1,7 @@
 # chatd: a durable MQTT chat server. `make run` starts it, `make test` tests it.
 GO ?= go
 
-.PHONY: run test build bench test-deps vet lint
+.PHONY: run test test-js build bench test-deps vet lint
 
 ## run: start the server with the embedded defaults (data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:8080)
 run:
@@ -11,6 +11,11 @@ run:
 test: test-deps vet lint
 	$(GO) test -race -timeout 9m ./...
 	$(GO) test -timeout 8m -run 'SIGKILL|RollingRestart' ./broker/
+	$(MAKE) test-js
+
+## test-js: the TypeScript SDK's tests, against a chatd built from this tree
+test-js:
+	cd sdk/js && npm ci --no-audit --no-fund && npm test
 
 ## build: build chatd and loadtest into ./bin
 build:
@@ -31,8 +36,16 @@ lint:
 	$(GO) tool staticcheck ./...
 
 # The interoperability test drives the server with Debian's stock
-# mosquitto clients; install them when missing and we are allowed to.
+# mosquitto clients, and the TypeScript SDK's tests need Node.js and npm;
+# install them when missing and we are allowed to.
 test-deps:
+	@command -v npm >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing nodejs and npm for the TypeScript SDK's tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+		else \
+			echo "npm missing: install Node.js 20 or later (apt-get install nodejs npm)"; exit 1; \
+		fi; }
 	@command -v mosquitto_pub >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing mosquitto-clients for the interoperability test"; \

@@ -1,0 +1,309 @@
+/**
+ * chatd's TypeScript client (docs/PROTOCOL.md): what each app would
+ * otherwise get wrong.
+ *
+ * - A message is kept in an Outbox until the server's PUBACK and sent
+ *   again, with the same id, after a reconnect or an app restart; the
+ *   server drops the duplicate of one it stored.
+ * - A delivery the server makes again (after a reconnect) is told once,
+ *   by (kind, sender, id).
+ * - The connection comes back on its own, asking the token provider for
+ *   a token at every connect (an expired or refused one is replaced).
+ *
+ * MQTT 5 by default (3.1.1 with protocolVersion: 4), over TCP (mqtt://,
+ * mqtts://) or WebSocket (ws://, wss://), on MQTT.js.
+ */
+import mqtt from "mqtt";
+import type { IClientOptions, MqttClient } from "mqtt";
+import { MemoryOutbox, type Outbox } from "./outbox.js";
+
+export { MemoryOutbox, KeyValueOutbox, type Outbox, type Pending } from "./outbox.js";
+
+/** How a ChatClient connects. */
+export interface ChatClientOptions {
+  /** The MQTT URL: mqtt://host:1883, mqtts://..., ws://host:8083/mqtt. */
+  url: string;
+  /** The user ID. */
+  user: string;
+  /** The device's name; "" or absent for the bare user client ID. */
+  device?: string;
+  /** Returns a valid token for user; called at every connect. */
+  token: () => Promise<string>;
+  /** Keeps unacknowledged messages; a MemoryOutbox when absent. */
+  outbox?: Outbox;
+  /** 5 (default) or 4 (MQTT 3.1.1). */
+  protocolVersion?: 4 | 5;
+  /** Wait between connection attempts, in ms; 1000 when absent. */
+  reconnectMs?: number;
+}
+
+/** A message (kind msg), or the copy of one a device of the user sent (sent). */
+export interface MessageEvent {
+  type: "message";
+  kind: "msg" | "sent";
+  from: string;
+  to: string;
+  group?: string;
+  id: string;
+  /** Set for a message the app's backend sent. */
+  server: boolean;
+  /** The server's time, Unix milliseconds. */
+  ts: number;
+  /** The message object as its sender wrote it. */
+  msg: Record<string, unknown>;
+}
+
+/** A delivered or read receipt of messages this user sent. */
+export interface ReceiptEvent {
+  type: "receipt";
+  status: "delivered" | "read";
+  by: string;
+  ids: string[];
+}
+
+/** The server stored a message sent (its PUBACK). */
+export interface StoredEvent {
+  type: "stored";
+  id: string;
+}
+
+/** The server refused a message sent; it is not sent again. */
+export interface RefusedEvent {
+  type: "refused";
+  id: string;
+  /** PROTOCOL.md section 5: not_authorized, bad_topic, too_large, ... */
+  code: string;
+}
+
+/** The connection's state changed. */
+export interface ConnectionEvent {
+  type: "online" | "offline";
+}
+
+/** Everything a ChatClient tells of. */
+export type ChatEvent = MessageEvent | ReceiptEvent | StoredEvent | RefusedEvent | ConnectionEvent;
+
+const reasonNames: Record<number, string> = {
+  0x87: "not_authorized",
+  0x90: "bad_topic",
+  0x95: "too_large",
+  0x97: "queue_full_or_rate_limited",
+  0x99: "bad_payload",
+};
+
+/** Names an MQTT 5 PUBACK reason code as PROTOCOL.md section 5 does. */
+export function reasonName(code: number): string {
+  return reasonNames[code] ?? `reason_0x${code.toString(16)}`;
+}
+
+/** One device of one user, connected (and reconnected) to chatd. */
+export class ChatClient {
+  private readonly outbox: Outbox;
+  private readonly listeners = new Set<(e: ChatEvent) => void>();
+  private readonly seen = new Seen(10000);
+  private mqtt?: MqttClient;
+  private closed = false;
+  private sending = false;
+  private again = false;
+  private timer?: ReturnType<typeof setTimeout>;
+
+  constructor(private readonly opts: ChatClientOptions) {
+    this.outbox = opts.outbox ?? new MemoryOutbox();
+  }
+
+  /** The client ID: user, or user/device. */
+  get clientId(): string {
+    return this.opts.device ? `${this.opts.user}/${this.opts.device}` : this.opts.user;
+  }
+
+  /** Calls f with every event; returns a function that stops it. */
+  on(f: (e: ChatEvent) => void): () => void {
+    this.listeners.add(f);
+    return () => this.listeners.delete(f);
+  }
+
+  /** Starts connecting; messages sent before the first connect wait. */
+  start(): void {
+    void this.connect();
+  }
+
+  /**
+   * Keeps msg in the outbox for user `to`, giving it a random id if it
+   * has none, and resolves with that id once it is kept; it goes as soon
+   * as the client is connected. A stored or refused event tells what
+   * became of it.
+   */
+  send(to: string, msg: Record<string, unknown>): Promise<string> {
+    return this.queue(`inbox/${to}`, msg);
+  }
+
+  /** send to every member of a group. */
+  sendGroup(group: string, msg: Record<string, unknown>): Promise<string> {
+    return this.queue(`group/${group}`, msg);
+  }
+
+  /** Tells the sender of messages ids that this user read them. */
+  async markRead(from: string, ids: string[]): Promise<void> {
+    await this.queue(`receipt/${from}`, { status: "read", ids }, false);
+  }
+
+  /** How many messages wait for the server's PUBACK. */
+  async pending(): Promise<number> {
+    return (await this.outbox.list()).length;
+  }
+
+  /** Disconnects and stops; what is pending stays in the outbox. */
+  async close(): Promise<void> {
+    this.closed = true;
+    clearTimeout(this.timer);
+    const c = this.mqtt;
+    this.mqtt = undefined;
+    if (c) await c.endAsync();
+  }
+
+  private async queue(topic: string, msg: Record<string, unknown>, withId = true): Promise<string> {
+    let id = typeof msg.id === "string" ? msg.id : "";
+    const body = { ...msg };
+    if (withId && !id) {
+      id = globalThis.crypto.randomUUID();
+      body.id = id;
+    }
+    await this.outbox.add({ topic, id, payload: JSON.stringify(body) });
+    void this.drain();
+    return id;
+  }
+
+  private emit(e: ChatEvent): void {
+    for (const f of this.listeners) f(e);
+  }
+
+  /** One connection attempt; a new one follows whenever it ends. */
+  private async connect(): Promise<void> {
+    if (this.closed) return;
+    let password: string;
+    try {
+      password = await this.opts.token();
+    } catch {
+      this.retry();
+      return;
+    }
+    if (this.closed) return;
+    const v5 = (this.opts.protocolVersion ?? 5) === 5;
+    const options: IClientOptions = {
+      clientId: this.clientId,
+      username: this.opts.user,
+      password,
+      protocolVersion: v5 ? 5 : 4,
+      clean: false,
+      // Reconnects are this client's own, each with a fresh token.
+      reconnectPeriod: 0,
+      connectTimeout: 10_000,
+      properties: v5 ? { sessionExpiryInterval: 30 * 24 * 3600 } : undefined,
+    };
+    const c = mqtt.connect(this.opts.url, options);
+    this.mqtt = c;
+    c.on("connect", () => {
+      this.emit({ type: "online" });
+      c.subscribe(`inbox/${this.opts.user}`, { qos: 1 });
+      void this.drain();
+    });
+    c.on("message", (_topic, payload) => this.received(payload));
+    c.on("error", () => {
+      // A refused CONNECT (an expired token) or a network error: the
+      // close that follows reconnects.
+    });
+    c.on("close", () => {
+      if (this.mqtt !== c) return;
+      this.mqtt = undefined;
+      c.removeAllListeners();
+      c.end(true);
+      this.emit({ type: "offline" });
+      this.retry();
+    });
+  }
+
+  private retry(): void {
+    if (this.closed) return;
+    this.timer = setTimeout(() => void this.connect(), this.opts.reconnectMs ?? 1000);
+  }
+
+  /** Publishes the outbox in order, one message at a time, each until answered. */
+  private async drain(): Promise<void> {
+    if (this.sending) {
+      this.again = true;
+      return;
+    }
+    this.sending = true;
+    try {
+      do {
+        this.again = false;
+        for (;;) {
+          const c = this.mqtt;
+          if (!c || !c.connected || this.closed) return;
+          const [p] = await this.outbox.list();
+          if (!p) break;
+          let code = 0;
+          try {
+            const pkt = await c.publishAsync(p.topic, p.payload, { qos: 1 });
+            code = (pkt as { reasonCode?: number } | undefined)?.reasonCode ?? 0;
+          } catch (err) {
+            const rc = (err as { code?: number }).code;
+            if (typeof rc !== "number" || rc < 0x80) {
+              return; // not answered: the connection went down; again on the next
+            }
+            code = rc;
+          }
+          await this.outbox.remove(p.seq);
+          if (p.id) {
+            this.emit(code >= 0x80 ? { type: "refused", id: p.id, code: reasonName(code) } : { type: "stored", id: p.id });
+          }
+        }
+      } while (this.again);
+    } finally {
+      this.sending = false;
+    }
+  }
+
+  private received(payload: Buffer): void {
+    let e: Record<string, unknown>;
+    try {
+      e = JSON.parse(payload.toString());
+    } catch {
+      return;
+    }
+    if (e.kind === "msg" || e.kind === "sent") {
+      const msg = (e.msg ?? {}) as Record<string, unknown>;
+      const id = typeof msg.id === "string" ? msg.id : "";
+      if (id && !this.seen.first(`${e.kind}\u0000${e.from}\u0000${id}`)) return;
+      this.emit({
+        type: "message", kind: e.kind, from: String(e.from), to: String(e.to),
+        group: typeof e.group === "string" ? e.group : undefined,
+        id, server: e.server === true, ts: Number(e.ts), msg,
+      });
+    } else if (e.kind === "receipt") {
+      this.emit({ type: "receipt", status: e.status as "delivered" | "read", by: String(e.by), ids: (e.ids ?? []) as string[] });
+    }
+  }
+}
+
+/** Remembers the last n keys told. */
+export class Seen {
+  private readonly keys = new Set<string>();
+  private readonly ring: string[];
+  private next = 0;
+
+  constructor(n: number) {
+    this.ring = new Array<string>(n).fill("");
+  }
+
+  /** Whether key is new; it is remembered. */
+  first(key: string): boolean {
+    if (this.keys.has(key)) return false;
+    const old = this.ring[this.next];
+    if (old) this.keys.delete(old);
+    this.ring[this.next] = key;
+    this.next = (this.next + 1) % this.ring.length;
+    this.keys.add(key);
+    return true;
+  }
+}
