@@ -7,6 +7,7 @@
 package broker
 
 import (
+	"context"
 	"fmt"
 	"os/exec"
 	"regexp"
@@ -17,7 +18,10 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/chatd/chatd/broker/queue/jsqueue"
 	"github.com/chatd/chatd/internal/testutil"
 )
 
@@ -129,8 +133,11 @@ func clusterLoad(t *testing.T, procs []*serverProcess, total int, faults map[int
 		return nil
 	})
 	if err != nil {
-		// Only what was PUBACKed must arrive: checked below.
+		// Only what was PUBACKed must arrive: checked below. What the
+		// cluster holds for bob tells a stalled delivery (messages
+		// waiting past his cursor) from a loss (none left).
 		t.Logf("waiting for every message: %v", err)
+		inspectBob(t, procs)
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -151,6 +158,33 @@ func clusterLoad(t *testing.T, procs []*serverProcess, total int, faults map[int
 		t.Fatalf("%d PUBACKed messages lost", lost)
 	}
 	t.Logf("%d messages, %d delivered twice, bob connected %d times, 0 lost", total, dups, len(reconnects))
+}
+
+// inspectBob logs bob's queue and cursors as each reachable node's NATS
+// sees them.
+func inspectBob(t *testing.T, procs []*serverProcess) {
+	for i, p := range procs {
+		var addr string
+		for _, e := range p.env {
+			if v, ok := strings.CutPrefix(e, "CHATD_CLUSTER_NATS_LISTEN="); ok {
+				addr = v
+			}
+		}
+		nc, err := nats.Connect("nats://"+addr, nats.Timeout(5*time.Second))
+		if err != nil {
+			t.Logf("inspect via node %d: %v", i+1, err)
+			continue
+		}
+		js, err := jetstream.New(nc)
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			var in jsqueue.Inspection
+			in, err = jsqueue.Inspect(ctx, js, clusterPrefix, 2, "bob")
+			cancel()
+			t.Logf("bob via node %d: %v (error: %v)", i+1, in, err)
+		}
+		nc.Close()
+	}
 }
 
 // TestClusterSIGKILLOneNode kills each node of three in turn with SIGKILL
