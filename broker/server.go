@@ -328,7 +328,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		s.revocations, err = revocations.NewKV(ctx, s.cluster.node.JetStream(), RevocationsBucket, cfg.Cluster.Replicas, s.now, s.endRevoked, log.With("component", "revocations"))
 		cancel()
 	} else {
-		s.revocations, err = revocations.NewBadger(db, s.now, s.endRevoked)
+		s.revocations, err = revocations.NewBadger(db, s.now, s.endRevoked, log.With("component", "revocations"))
 	}
 	if err != nil {
 		return fmt.Errorf("revocations: %w", err)

@@ -47,9 +47,10 @@ func OpenLeases(ctx context.Context, js jetstream.JetStream, bucket string, repl
 }
 
 // Hold waits until this node holds the lease on name, or ctx ends. The
-// context it returns ends when a renewal fails (another node may hold
-// the lease then) or ctx ends; release stops the renewals, gives the
-// lease up and waits for that.
+// context it returns ends when a renewal is refused, or none is answered
+// before the lease would expire (another node may hold it then), or ctx
+// ends; release stops the renewals, gives the lease up and waits for
+// that.
 func (l *Leases) Hold(ctx context.Context, name string) (context.Context, func(), error) {
 	every := l.ttl / 3
 	var rev uint64
@@ -82,6 +83,7 @@ func (l *Leases) Hold(ctx context.Context, name string) (context.Context, func()
 		defer cancel()
 		t := time.NewTicker(every)
 		defer t.Stop()
+		renewed := time.Now()
 		for {
 			select {
 			case <-t.C:
@@ -91,13 +93,18 @@ func (l *Leases) Hold(ctx context.Context, name string) (context.Context, func()
 				uctx, ucancel := context.WithTimeout(context.Background(), every)
 				next, err := l.kv.Update(uctx, name, []byte(l.holder), rev)
 				ucancel()
-				if err != nil {
+				switch {
+				case err == nil:
+					rev, renewed = next, time.Now()
+				case Unanswered(err) && time.Since(renewed) < l.ttl-every:
+					// A slow bucket (a leader election, a loaded node):
+					// tried again at the next tick, while the lease lasts.
+				default:
 					if held.Err() == nil {
 						l.log.Warn("lease lost", "lease", name, "error", err)
 					}
 					return
 				}
-				rev = next
 			case <-held.Done():
 				// Given up with a short deadline of its own: the caller
 				// is stopping, and an unanswered delete only means the

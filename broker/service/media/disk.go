@@ -12,7 +12,6 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 )
@@ -237,11 +236,7 @@ func (d *Disk) Owned(ctx context.Context, owner string) ([]Info, error) {
 		}
 		return nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("list media of %s: %w", owner, err)
-	}
-	slices.SortFunc(out, byCreated)
-	return out, nil
+	return owned(owner, out, err)
 }
 
 // remove deletes upload id, whose format the caller has checked.

@@ -14,7 +14,6 @@ import (
 	"math"
 	"os"
 	"regexp"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -484,11 +483,7 @@ func (o *Objects) Owned(ctx context.Context, owner string) ([]Info, error) {
 		}
 		return nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("list media of %s: %w", owner, err)
-	}
-	slices.SortFunc(out, byCreated)
-	return out, nil
+	return owned(owner, out, err)
 }
 
 // collect handles the marker meta of upload id at sequence seq: it purges

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 )
@@ -68,12 +69,19 @@ type Store interface {
 	Owned(ctx context.Context, owner string) ([]Info, error)
 }
 
-// byCreated orders uploads oldest first, then by id.
-func byCreated(a, b Info) int {
-	if c := a.Created.Compare(b.Created); c != 0 {
-		return c
+// owned is what Owned returns for owner's uploads out, found by a walk
+// that ended with err: oldest first, then by id.
+func owned(owner string, out []Info, err error) ([]Info, error) {
+	if err != nil {
+		return nil, fmt.Errorf("list media of %s: %w", owner, err)
 	}
-	return strings.Compare(a.ID, b.ID)
+	slices.SortFunc(out, func(a, b Info) int {
+		if c := a.Created.Compare(b.Created); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	return out, nil
 }
 
 // idBytes is the number of random bytes in an ID (PROTOCOL.md: 128 bits).

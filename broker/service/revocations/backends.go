@@ -27,7 +27,7 @@ func told(onRevoke OnRevoke) func(string, Revocation) {
 
 // NewBadger returns the Store of one node, in db; now is its clock (nil
 // means time.Now).
-func NewBadger(db *badger.DB, now func() time.Time, onRevoke OnRevoke) (*Store, error) {
+func NewBadger(db *badger.DB, now func() time.Time, onRevoke OnRevoke, log *slog.Logger) (*Store, error) {
 	if now == nil {
 		now = time.Now
 	}
@@ -35,7 +35,7 @@ func NewBadger(db *badger.DB, now func() time.Time, onRevoke OnRevoke) (*Store, 
 	if err != nil {
 		return nil, fmt.Errorf("revocations: %w", err)
 	}
-	return &Store{set: set, now: now}, nil
+	return &Store{set: set, now: now, log: log}, nil
 }
 
 // NewKV returns the Store of a cluster node on the bucket named bucket,
@@ -49,5 +49,5 @@ func NewKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas 
 	if err != nil {
 		return nil, fmt.Errorf("revocations: %w", err)
 	}
-	return &Store{set: set, now: now}, nil
+	return &Store{set: set, now: now, log: log}, nil
 }

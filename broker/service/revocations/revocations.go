@@ -9,6 +9,7 @@ package revocations
 import (
 	"encoding/base64"
 	"fmt"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
@@ -64,6 +65,7 @@ func enc(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s
 type Store struct {
 	set *records.Set[Revocation]
 	now func() time.Time
+	log *slog.Logger
 }
 
 // OnRevoke is told of each revocation as it reaches this node, to end
@@ -114,13 +116,15 @@ func (s *Store) List() []Revocation {
 	return out
 }
 
-// prune deletes the revocations past their Until; a failure is left for
-// the next Revoke.
+// prune deletes the revocations past their Until. A failure is logged
+// and left for the next Revoke: a past revocation matches nothing.
 func (s *Store) prune() {
 	now := s.now().Unix()
 	for k, r := range s.set.All() {
 		if now >= r.Until {
-			_ = s.set.Delete(k) // retried at the next Revoke; a past one matches nothing
+			if err := s.set.Delete(k); err != nil {
+				s.log.Warn("forget an expired revocation", "key", k, "error", err)
+			}
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package revocations_test
 
 import (
+	"log/slog"
 	"sync"
 	"testing"
 	"time"
@@ -48,7 +49,7 @@ func TestStore(t *testing.T) {
 	now := time.Unix(10_000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	var told []revocations.Revocation
-	s, err := revocations.NewBadger(db, clock, func(r revocations.Revocation) { told = append(told, r) })
+	s, err := revocations.NewBadger(db, clock, func(r revocations.Revocation) { told = append(told, r) }, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +74,7 @@ func TestStore(t *testing.T) {
 	if _, ok := s.Revoked(token.Claims{User: "bob", ID: "t-9", IssuedAt: time.Unix(10_000, 0)}); ok {
 		t.Fatal("bob's new token is refused")
 	}
-	again, err := revocations.NewBadger(db, clock, nil)
+	again, err := revocations.NewBadger(db, clock, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +92,7 @@ func TestStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Read at an earlier time, what is stored shows the prune.
-	third, err := revocations.NewBadger(db, func() time.Time { return time.Unix(10_000, 0) }, nil)
+	third, err := revocations.NewBadger(db, func() time.Time { return time.Unix(10_000, 0) }, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

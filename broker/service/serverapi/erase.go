@@ -2,7 +2,6 @@ package serverapi
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -59,8 +58,9 @@ type Export struct {
 	// Ban is the ban on the user, if one holds.
 	Ban *bans.Ban `json:"ban"`
 	// Queue is what waits in the user's queue, oldest first; it is
-	// written after the rest, page by page, not held whole in memory.
-	Queue []Queued `json:"queue"`
+	// written after the rest, page by page, not held whole in memory
+	// (always, even empty: omitempty leaves it out of the rest).
+	Queue []Queued `json:"queue,omitempty"`
 }
 
 // GroupRole is a user's membership of one group.
@@ -173,15 +173,10 @@ func (h *Handler) export(w http.ResponseWriter, r *http.Request) {
 		h.internal(w, "export presence", err)
 		return
 	}
-	devs, partial, err := deviceapi.Describe(h.Queues, h.Conns, h.Now(), user)
-	if err != nil {
+	if ex.Devices, err = h.devices(user); err != nil {
 		h.internal(w, "export devices", err)
 		return
 	}
-	if partial != nil {
-		h.Log.Warn("server API: connections not all known", "user", user, "error", partial)
-	}
-	ex.Devices = devs
 	gids, err := h.Groups.MemberOf(user)
 	if err != nil {
 		h.internal(w, "export groups", err)
@@ -219,9 +214,8 @@ func (h *Handler) export(w http.ResponseWriter, r *http.Request) {
 		h.internal(w, "export", err)
 		return
 	}
-	// ex.Queue is nil: head ends with "queue":null}, which the pages
-	// replace.
-	head = bytes.TrimSuffix(head, []byte(`null}`))
+	// ex.Queue is nil, so left out: the object is reopened for it.
+	head = append(head[:len(head)-1], `,"queue":`...)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Disposition", fmt.Sprintf("attachment; filename=%q", "chatd-export-"+user+".json"))
 	w.WriteHeader(http.StatusOK)

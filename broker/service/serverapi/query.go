@@ -129,6 +129,16 @@ func (h *Handler) presence(w http.ResponseWriter, r *http.Request) {
 	httpjson.Write(w, http.StatusOK, ans)
 }
 
+// devices describes user's devices; connections on nodes that did not
+// answer are logged and left out.
+func (h *Handler) devices(user string) ([]deviceapi.Device, error) {
+	devs, partial, err := deviceapi.Describe(h.Queues, h.Conns, h.Now(), user)
+	if partial != nil {
+		h.Log.Warn("server API: connections not all known", "user", user, "error", partial)
+	}
+	return devs, err
+}
+
 func (h *Handler) userPresence(user string) (UserPresence, error) {
 	online, seen, err := h.Presence.State(user)
 	return UserPresence{User: user, Online: online, LastSeen: seen}, err
@@ -138,9 +148,8 @@ func (h *Handler) user(w http.ResponseWriter, r *http.Request) {
 	if _, ok := h.auth(w, r, apikeys.ScopeRead); !ok {
 		return
 	}
-	user := r.PathValue("user")
-	if !topic.ValidUser(user) {
-		httpjson.Fail(w, http.StatusBadRequest, msgpath.CodeBadPayload, fmt.Sprintf("%q is not a user ID", user))
+	user, ok := pathUser(w, r)
+	if !ok {
 		return
 	}
 	p, err := h.userPresence(user)
@@ -153,15 +162,10 @@ func (h *Handler) user(w http.ResponseWriter, r *http.Request) {
 		h.internal(w, "queue depth", err)
 		return
 	}
-	devs, partial, err := deviceapi.Describe(h.Queues, h.Conns, h.Now(), user)
-	if err != nil {
+	if info.Devices, err = h.devices(user); err != nil {
 		h.internal(w, "devices", err)
 		return
 	}
-	if partial != nil {
-		h.Log.Warn("server API: connections not all known", "user", user, "error", partial)
-	}
-	info.Devices = devs
 	if info.Groups, err = h.Groups.MemberOf(user); err != nil {
 		h.internal(w, "groups", err)
 		return

@@ -16,6 +16,7 @@ import (
 	"github.com/chatd/chatd/broker"
 	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 	"github.com/chatd/chatd/sdk/go/chatclient"
 )
 
@@ -205,20 +206,10 @@ func TestOutboxSurvivesRestarts(t *testing.T) {
 	if strings.Join(got, ",") != "m-1,w-0,w-1,w-2" {
 		t.Fatalf("bob got %v, want m-1 then w-0..w-2 once each, in order", got)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testutil.Eventually(t, 10*time.Second, func() bool {
 		n, err := alice.Pending()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d messages still pending", n)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return err == nil && n == 0
+	}, "the outbox empties")
 }
 
 // TestTokenRenewedOnExpiry: the server ends a session whose token
@@ -235,13 +226,7 @@ func TestTokenRenewedOnExpiry(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { closeClient(t, alice) })
-	deadline := time.Now().Add(20 * time.Second)
-	for calls.Load() < 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("no new token asked for after the first expired")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testutil.Eventually(t, 20*time.Second, func() bool { return calls.Load() >= 2 }, "a new token asked for after the first expired")
 	id, err := alice.Send("bob", map[string]string{"text": "after a new token"})
 	if err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package chatclient
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -73,18 +74,8 @@ func (o *MemoryOutbox) List() ([]Pending, error) {
 	for _, p := range o.m {
 		out = append(out, p)
 	}
-	slices.SortFunc(out, func(a, b Pending) int { return cmpSeq(a.Seq, b.Seq) })
+	slices.SortFunc(out, func(a, b Pending) int { return cmp.Compare(a.Seq, b.Seq) })
 	return out, nil
-}
-
-func cmpSeq(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // FileOutbox is an Outbox in a directory, one file per message written
