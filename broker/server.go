@@ -45,6 +45,7 @@ import (
 	"github.com/chatd/chatd/broker/service/push"
 	"github.com/chatd/chatd/broker/service/revocations"
 	"github.com/chatd/chatd/broker/service/serverapi"
+	"github.com/chatd/chatd/broker/service/webapp"
 	"github.com/chatd/chatd/broker/service/webhook"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/hooks"
@@ -91,6 +92,8 @@ type Server struct {
 	auth     *hooks.Auth
 	media    *media.Handler
 	verifier *token.Verifier
+	// devSecret signs development sign-ins (web.dev); nil otherwise.
+	devSecret []byte
 	// stopJanitor ends the media janitor; janitorDone closes when it has.
 	stopJanitor context.CancelFunc
 	janitorDone chan struct{}
@@ -156,6 +159,9 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("auth.issuers: %w", err)
 	}
 	s := &Server{cfg: cfg, log: log, now: now, verifier: verifier, metrics: metrics.New()}
+	if cfg.Web.Dev {
+		s.devSecret = opts.Secret
+	}
 	var db *badger.DB
 	// Events come before the store, which tells them of delivered
 	// messages.
@@ -641,6 +647,9 @@ func (s *Server) routes() http.Handler {
 		Revocations: s.revocations, Tokens: s.verifier, MaxTokenAge: s.cfg.Auth.MaxTokenAge,
 		MaxMessageBytes: s.cfg.Limits.MaxMessageBytes, Log: s.log}).Register(mux)
 	(&deviceapi.Handler{Store: s.queue, Conns: s.conns(), Authenticate: s.bearer, Now: s.now, Log: s.log}).Register(mux)
+	if s.cfg.Web.Enabled || s.cfg.Web.Dev {
+		s.webapp().Register(mux)
+	}
 	mux.Handle("GET /v1/openapi.json", s.apiDoc)
 	mux.Handle("GET /metrics", s.metrics.Handler())
 	mux.HandleFunc("GET /cluster/status", s.clusterStatus)
@@ -651,6 +660,20 @@ func (s *Server) routes() http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// webapp is the chat page's handler: its files when web.enabled, and the
+// development sign-in when web.dev.
+func (s *Server) webapp() *webapp.Handler {
+	h := &webapp.Handler{WebSocket: s.WebSocketAddr, WebSocketTLS: s.cfg.WebSocket.TLS, Now: s.now,
+		Log: s.log.With("component", "web")}
+	if s.cfg.Web.Enabled {
+		h.Dir = s.cfg.Web.Dir
+	}
+	if s.devSecret != nil {
+		h.Mint = func(user string, ttl time.Duration) (string, error) { return token.Mint(s.devSecret, user, ttl) }
+	}
+	return h
 }
 
 // clusterStatus answers ClusterStatus: 200 with quorum, 503 without it,

@@ -62,6 +62,19 @@ type Config struct {
 	Memory Memory `mapstructure:"memory"`
 	// Debug holds diagnostics for operators.
 	Debug Debug `mapstructure:"debug"`
+	// Web holds the browser chat page and dashboard.
+	Web Web `mapstructure:"web"`
+}
+
+// Web configures the browser chat page and live dashboard (web/, built
+// with npm) that the HTTP listener can serve.
+type Web struct {
+	// Enabled serves the page at / and the dashboard at /dashboard.html.
+	Enabled bool `mapstructure:"enabled"`
+	// Dir is the built page's directory (make web writes web/dist).
+	Dir string `mapstructure:"dir"`
+	// Dev is development mode: anyone may sign in as any user (POST /v1/dev/token).
+	Dev bool `mapstructure:"dev"`
 }
 
 // Memory sets the Go runtime's soft memory limit (GOMEMLIMIT), past which
@@ -332,6 +345,7 @@ func Default() Config {
 			PublishBytesRate:      8 << 20,
 			PublishMaxDelay:       time.Second,
 		},
+		Web:      Web{Dir: "web/dist"},
 		Auth:     Auth{Leeway: 10 * time.Second, MaxTokenAge: 30 * 24 * time.Hour},
 		Log:      Log{Level: "info", Format: "text"},
 		Receipts: Receipts{Delivered: true},
@@ -403,6 +417,12 @@ func (c *Config) Validate() error {
 	}
 	if c.TLS.Listen != "" && (c.TLS.CertFile == "" || c.TLS.KeyFile == "") {
 		return fmt.Errorf("tls.listen: needs tls.cert_file and tls.key_file")
+	}
+	if (c.Web.Enabled || c.Web.Dev) && c.HTTP == "" {
+		return fmt.Errorf("web: the chat page and development sign-in need the http listener")
+	}
+	if c.Web.Enabled && c.Web.Dir == "" {
+		return fmt.Errorf("web.dir: must name the built page's directory when web.enabled")
 	}
 	if c.WebSocket.TLS && (c.TLS.CertFile == "" || c.TLS.KeyFile == "") {
 		return fmt.Errorf("websocket.tls: needs tls.cert_file and tls.key_file")

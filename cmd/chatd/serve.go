@@ -26,7 +26,10 @@ const shutdownTimeout = 10 * time.Second
 
 // newServeCmd returns `chatd serve`.
 func newServeCmd() *cobra.Command {
-	var configFile string
+	var (
+		configFile string
+		dev        bool
+	)
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the chat server",
@@ -38,6 +41,9 @@ func newServeCmd() *cobra.Command {
 			cfg, err := config.Load(configFile, cmd.Flags())
 			if err != nil {
 				return err
+			}
+			if dev {
+				cfg = devMode(cfg)
 			}
 			logger, err := newLogger(cfg.Log, cmd.ErrOrStderr())
 			if err != nil {
@@ -54,8 +60,22 @@ func newServeCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&configFile, "config", "", "YAML configuration file; optional, see the keys above")
+	cmd.Flags().BoolVar(&dev, "dev", false, "development mode, as make run uses it: the chat page at / with sign-in as any user (web.enabled, web.dev), MQTT over WebSocket on "+devWebSocket+" unless websocket.listen is set; never in production")
 	config.BindFlags(cmd.Flags())
 	return cmd
+}
+
+// devWebSocket is the WebSocket listener --dev opens for the chat page
+// when none is configured.
+const devWebSocket = "127.0.0.1:8083"
+
+// devMode returns cfg with what --dev turns on.
+func devMode(cfg config.Config) config.Config {
+	cfg.Web.Enabled, cfg.Web.Dev = true, true
+	if cfg.WebSocket.Listen == "" {
+		cfg.WebSocket.Listen = devWebSocket
+	}
+	return cfg
 }
 
 // serve runs the server until ctx is done, then shuts it down gracefully.
@@ -89,6 +109,13 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		attrs = append(attrs, "websocket", a)
 	}
 	logger.Info("chatd started", attrs...)
+	if cfg.Web.Enabled && httpAddr != "disabled" {
+		logger.Info("chat page at http://"+httpAddr+"/ and dashboard at http://"+httpAddr+"/dashboard.html", "dir", cfg.Web.Dir)
+	}
+	if cfg.Web.Dev {
+		logger.Warn("DEVELOPMENT MODE (web.dev, --dev): ANYONE WHO CAN REACH THE HTTP LISTENER CAN SIGN IN AS ANY USER " +
+			"through POST /v1/dev/token; never run it in production")
+	}
 
 	<-ctx.Done()
 	logger.Info("shutting down; signal again to exit immediately", "timeout", shutdownTimeout)
