@@ -18,6 +18,8 @@ import type { IClientOptions, MqttClient } from "mqtt";
 import { MemoryOutbox, type Outbox } from "./outbox.js";
 
 export { MemoryOutbox, KeyValueOutbox, type Outbox, type Pending } from "./outbox.js";
+export { IndexedDBOutbox } from "./idb.js";
+export { ChatApi, ApiError, type Group, type Upload, type Device } from "./api.js";
 
 /** How a ChatClient connects. */
 export interface ChatClientOptions {
@@ -35,6 +37,8 @@ export interface ChatClientOptions {
   protocolVersion?: 4 | 5;
   /** Wait between connection attempts, in ms; 1000 when absent. */
   reconnectMs?: number;
+  /** The least time between two typing signals to one peer, in ms; 3000 when absent. */
+  typingEveryMs?: number;
 }
 
 /** A message (kind msg), or the copy of one a device of the user sent (sent). */
@@ -59,6 +63,39 @@ export interface ReceiptEvent {
   status: "delivered" | "read";
   by: string;
   ids: string[];
+  /**
+   * Set on a read receipt one of this user's own devices sent: the user
+   * whose messages it read (clear that conversation's unread count).
+   */
+  peer?: string;
+}
+
+/** A user's presence: online, or when last seen. */
+export interface PresenceEvent {
+  type: "presence";
+  user: string;
+  online: boolean;
+  /** Unix seconds when last seen, for a user offline. */
+  lastSeen?: number;
+}
+
+/** A user is typing to this one (never stored; shown for a few seconds). */
+export interface TypingEvent {
+  type: "typing";
+  from: string;
+}
+
+/**
+ * The server refused a message sent over MQTT 3.1.1 or to part of a group
+ * (PROTOCOL.md section 5): the error it queued to this user's inbox.
+ */
+export interface ErrorEvent {
+  type: "error";
+  /** The id of the message refused. */
+  ref: string;
+  /** not_authorized, bad_topic, too_large, bad_payload, queue_full, rate_limited, unknown_group, rejected. */
+  code: string;
+  reason: string;
 }
 
 /** The server stored a message sent (its PUBACK). */
@@ -81,7 +118,15 @@ export interface ConnectionEvent {
 }
 
 /** Everything a ChatClient tells of. */
-export type ChatEvent = MessageEvent | ReceiptEvent | StoredEvent | RefusedEvent | ConnectionEvent;
+export type ChatEvent =
+  | MessageEvent
+  | ReceiptEvent
+  | StoredEvent
+  | RefusedEvent
+  | ConnectionEvent
+  | PresenceEvent
+  | TypingEvent
+  | ErrorEvent;
 
 const reasonNames: Record<number, string> = {
   0x87: "not_authorized",
@@ -106,6 +151,8 @@ export class ChatClient {
   private sending = false;
   private again = false;
   private timer?: ReturnType<typeof setTimeout>;
+  private readonly watched = new Set<string>();
+  private readonly typed = new Map<string, number>();
 
   constructor(private readonly opts: ChatClientOptions) {
     this.outbox = opts.outbox ?? new MemoryOutbox();
@@ -147,6 +194,39 @@ export class ChatClient {
     await this.queue(`receipt/${from}`, { status: "read", ids }, false);
   }
 
+  /**
+   * Tells the online devices of user `to` that this user is typing, at
+   * most once per typingEveryMs per peer; never stored, dropped offline.
+   */
+  typing(to: string): void {
+    const now = Date.now();
+    if (now - (this.typed.get(to) ?? -Infinity) < (this.opts.typingEveryMs ?? 3000)) return;
+    const c = this.mqtt;
+    if (!c?.connected) return;
+    this.typed.set(to, now);
+    c.publish(`typing/${to}`, "{}", { qos: 0 });
+  }
+
+  /** Tells presence events of users, now and after every reconnect. */
+  watchPresence(...users: string[]): void {
+    const fresh = users.filter((u) => !this.watched.has(u));
+    for (const u of fresh) this.watched.add(u);
+    const c = this.mqtt;
+    if (c?.connected && fresh.length) c.subscribe(fresh.map((u) => `presence/${u}`), { qos: 0 });
+  }
+
+  /** Stops telling presence events of users. */
+  unwatchPresence(...users: string[]): void {
+    for (const u of users) this.watched.delete(u);
+    const c = this.mqtt;
+    if (c?.connected && users.length) c.unsubscribe(users.map((u) => `presence/${u}`));
+  }
+
+  /** Whether the client is connected now. */
+  get connected(): boolean {
+    return this.mqtt?.connected ?? false;
+  }
+
   /** How many messages wait for the server's PUBACK. */
   async pending(): Promise<number> {
     return (await this.outbox.list()).length;
@@ -165,7 +245,7 @@ export class ChatClient {
     let id = typeof msg.id === "string" ? msg.id : "";
     const body = { ...msg };
     if (withId && !id) {
-      id = globalThis.crypto.randomUUID();
+      id = newId();
       body.id = id;
     }
     await this.outbox.add({ topic, id, payload: JSON.stringify(body) });
@@ -205,9 +285,10 @@ export class ChatClient {
     c.on("connect", () => {
       this.emit({ type: "online" });
       c.subscribe(`inbox/${this.opts.user}`, { qos: 1 });
+      if (this.watched.size) c.subscribe([...this.watched].map((u) => `presence/${u}`), { qos: 0 });
       void this.drain();
     });
-    c.on("message", (_topic, payload) => this.received(payload));
+    c.on("message", (topic, payload) => this.received(topic, payload));
     c.on("error", () => {
       // A refused CONNECT (an expired token) or a network error: the
       // close that follows reconnects.
@@ -264,26 +345,60 @@ export class ChatClient {
     }
   }
 
-  private received(payload: Buffer): void {
+  private received(topic: string, payload: Uint8Array): void {
     let e: Record<string, unknown>;
     try {
-      e = JSON.parse(payload.toString());
+      e = JSON.parse(decoder.decode(payload));
     } catch {
       return;
     }
-    if (e.kind === "msg" || e.kind === "sent") {
-      const msg = (e.msg ?? {}) as Record<string, unknown>;
-      const id = typeof msg.id === "string" ? msg.id : "";
-      if (id && !this.seen.first(`${e.kind}\u0000${e.from}\u0000${id}`)) return;
-      this.emit({
-        type: "message", kind: e.kind, from: String(e.from), to: String(e.to),
-        group: typeof e.group === "string" ? e.group : undefined,
-        id, server: e.server === true, ts: Number(e.ts), msg,
-      });
-    } else if (e.kind === "receipt") {
-      this.emit({ type: "receipt", status: e.status as "delivered" | "read", by: String(e.by), ids: (e.ids ?? []) as string[] });
+    if (typeof e !== "object" || e === null) return;
+    if (topic.startsWith("presence/")) {
+      const lastSeen = typeof e.last_seen === "number" ? e.last_seen : undefined;
+      this.emit({ type: "presence", user: String(e.user), online: e.online === true, lastSeen });
+      return;
+    }
+    switch (e.kind) {
+      case "msg":
+      case "sent": {
+        const msg = (e.msg ?? {}) as Record<string, unknown>;
+        const id = typeof msg.id === "string" ? msg.id : "";
+        if (id && !this.seen.first(`${e.kind}\u0000${e.from}\u0000${id}`)) return;
+        this.emit({
+          type: "message", kind: e.kind, from: String(e.from), to: String(e.to),
+          group: typeof e.group === "string" ? e.group : undefined,
+          id, server: e.server === true, ts: Number(e.ts), msg,
+        });
+        return;
+      }
+      case "receipt":
+        this.emit({
+          type: "receipt", status: e.status as "delivered" | "read", by: String(e.by),
+          ids: Array.isArray(e.ids) ? e.ids.map(String) : [],
+          peer: typeof e.peer === "string" ? e.peer : undefined,
+        });
+        return;
+      case "typing":
+        this.emit({ type: "typing", from: String(e.from) });
+        return;
+      case "error":
+        this.emit({ type: "error", ref: String(e.ref ?? ""), code: String(e.code ?? ""), reason: String(e.reason ?? "") });
+        return;
     }
   }
+}
+
+const decoder = new TextDecoder();
+
+/**
+ * A random message id: a UUID where the platform has randomUUID (browsers
+ * give it to secure contexts only), else 128 random bits in hex.
+ */
+export function newId(): string {
+  const c = globalThis.crypto;
+  if (typeof c.randomUUID === "function") return c.randomUUID();
+  const b = c.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 }
 
 /** Remembers the last n keys told. */

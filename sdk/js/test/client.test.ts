@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ChatClient, KeyValueOutbox, type ChatEvent } from "../src/index.js";
+import { ApiError, ChatApi, ChatClient, KeyValueOutbox, type ChatEvent } from "../src/index.js";
 
 const secret = "sdk-test-secret-sdk-test-secret-0123";
 const root = join(import.meta.dirname, "..", "..", "..", "..");
@@ -55,10 +55,10 @@ function reachable(port: number): Promise<boolean> {
 /** A chatd process on a fixed port, which a restart keeps. */
 class Server {
   private proc?: ChildProcess;
-  constructor(readonly dir: string, readonly port: number) {}
+  constructor(readonly dir: string, readonly port: number, readonly httpPort: number) {}
 
   static async create(): Promise<Server> {
-    const s = new Server(mkdtempSync(join(work, "data-")), await freePort());
+    const s = new Server(mkdtempSync(join(work, "data-")), await freePort(), await freePort());
     await s.start();
     return s;
   }
@@ -67,12 +67,16 @@ class Server {
     return `mqtt://127.0.0.1:${this.port}`;
   }
 
+  get httpUrl(): string {
+    return `http://127.0.0.1:${this.httpPort}`;
+  }
+
   async start(): Promise<void> {
-    this.proc = spawn(bin, ["serve", "--data-dir", this.dir, "--listen", `127.0.0.1:${this.port}`, "--http", ""], {
+    this.proc = spawn(bin, ["serve", "--data-dir", this.dir, "--listen", `127.0.0.1:${this.port}`, "--http", `127.0.0.1:${this.httpPort}`], {
       env: { ...process.env, CHATD_AUTH_SECRET: secret, CHATD_AUTH_LEEWAY: "0s", CHATD_QUEUE_MIN_FREE_BYTES: "1048576" },
       stdio: "ignore",
     });
-    await until("chatd listening", () => reachable(this.port));
+    await until("chatd listening", async () => (await reachable(this.port)) && (await reachable(this.httpPort)));
   }
 
   async stop(): Promise<void> {
@@ -173,6 +177,82 @@ test("a token expiring mid-session is replaced", async () => {
   } finally {
     await alice.close();
     await bob.close();
+    await s.stop();
+  }
+});
+
+test("presence, typing and a refusal told as an error event", async () => {
+  const s = await Server.create();
+  const alice = client(s, "alice", { protocolVersion: 4 });
+  const aliceGot = recorder(alice);
+  let bob = client(s, "bob");
+  try {
+    alice.watchPresence("bob");
+    await until("bob online", () => aliceGot.some((e) => e.type === "presence" && e.user === "bob" && e.online));
+    await until("bob connected", () => bob.connected);
+    bob.typing("alice");
+    bob.typing("alice"); // throttled: one signal
+    await until("typing", () => aliceGot.some((e) => e.type === "typing" && e.from === "bob"));
+    await bob.close();
+    await until("bob offline", () => aliceGot.some((e) => e.type === "presence" && e.user === "bob" && !e.online && (e.lastSeen ?? 0) > 0));
+    assert.equal(aliceGot.filter((e) => e.type === "typing").length, 1);
+
+    // MQTT 3.1.1 has no negative PUBACK: the refusal comes as an error event.
+    const id = await alice.sendGroup("no-such-group", { text: "hello?" });
+    await until("error event", () => aliceGot.some((e) => e.type === "error" && e.ref === id));
+    const err = aliceGot.find((e) => e.type === "error");
+    assert.ok(err && err.type === "error");
+    assert.equal(err.code, "unknown_group");
+
+    // Presence is watched again after a reconnect.
+    bob = client(s, "bob");
+    await until("bob online again", () => aliceGot.filter((e) => e.type === "presence" && e.online).length >= 2);
+  } finally {
+    await alice.close();
+    await bob.close();
+    await s.stop();
+  }
+});
+
+test("groups, media and devices over HTTP", async () => {
+  const s = await Server.create();
+  const api = new ChatApi(s.httpUrl, async () => mint("alice", 3600));
+  const alice = client(s, "alice");
+  const bob = client(s, "bob");
+  const carol = client(s, "carol");
+  const bobGot = recorder(bob);
+  const carolGot = recorder(carol);
+  try {
+    const g = await api.createGroup("team", ["bob", "carol"]);
+    assert.deepEqual([...g.members].sort(), ["alice", "bob", "carol"]);
+    assert.deepEqual(g.admins, ["alice"]);
+
+    const file = new TextEncoder().encode("a picture's bytes");
+    const up = await api.upload(file, "image/png");
+    assert.equal(up.size, file.length);
+    const id = await alice.sendGroup("team", { text: "look", media: up.id });
+    for (const got of [bobGot, carolGot]) {
+      await until("group message", () => got.some((e) => e.type === "message" && e.id === id));
+      const m = got.find((e) => e.type === "message");
+      assert.ok(m && m.type === "message");
+      assert.equal(m.group, "team");
+      assert.equal(m.msg.media, up.id);
+    }
+    const bobApi = new ChatApi(s.httpUrl, async () => mint("bob", 3600));
+    const blob = await bobApi.download(up.id);
+    assert.equal(blob.type, "image/png");
+    assert.equal(await blob.text(), "a picture's bytes");
+
+    const devices = await api.devices();
+    assert.deepEqual(devices.map((d) => d.client_id), ["alice/phone"]);
+    assert.equal(devices[0].online, true);
+
+    await assert.rejects(api.group("no-such-group"), (e: unknown) => e instanceof ApiError && e.status === 404);
+    await assert.rejects(new ChatApi(s.httpUrl, async () => "not-a-token").devices(), (e: unknown) => e instanceof ApiError && e.code === "not_authorized");
+  } finally {
+    await alice.close();
+    await bob.close();
+    await carol.close();
     await s.stop();
   }
 });
