@@ -1,11 +1,21 @@
 # chatd: a durable MQTT chat server. `make run` starts it, `make test` tests it.
 GO ?= go
 
-.PHONY: run test test-js build bench test-deps vet lint
+.PHONY: run web test test-js build bench test-deps vet lint
 
 ## run: start the server with the embedded defaults (data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:8080)
+## in development mode: the chat page at http://127.0.0.1:8080/ (built first when npm is present), sign-in as any user
 run:
-	$(GO) run ./cmd/chatd serve
+	@if command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory web || echo "the chat page did not build: serving without it (see above)"; \
+	else \
+		echo "npm missing: the chat page needs Node.js 20 or later and npm to build (apt-get install nodejs npm, then make web); serving without it"; \
+	fi
+	$(GO) run ./cmd/chatd serve --dev
+
+## web: build the chat page and dashboard into web/dist (Node.js 20+, npm)
+web:
+	cd web && { [ node_modules -nt package-lock.json ] || npm ci --no-audit --no-fund; } && npm run build
 
 ## test: vet, lint and run every test (real broker, real clients, real Badger, a real killed process)
 test: test-deps vet lint
@@ -13,9 +23,10 @@ test: test-deps vet lint
 	$(GO) test -timeout 8m -run 'SIGKILL|RollingRestart' ./broker/
 	$(MAKE) test-js
 
-## test-js: the TypeScript SDK's tests, against a chatd built from this tree
+## test-js: the TypeScript SDK's tests, and the chat page's and dashboard's in headless Chromium, against a chatd built from this tree
 test-js:
 	cd sdk/js && npm ci --no-audit --no-fund && npm test
+	cd web && npm ci --no-audit --no-fund && npm test
 
 ## build: build chatd and loadtest into ./bin
 build:
@@ -36,8 +47,9 @@ lint:
 	$(GO) tool staticcheck ./...
 
 # The interoperability test drives the server with Debian's stock
-# mosquitto clients, and the TypeScript SDK's tests need Node.js and npm;
-# install them when missing and we are allowed to.
+# mosquitto clients, the TypeScript SDK's tests need Node.js and npm, and
+# the chat page's tests Chromium; install them when missing and we are
+# allowed to.
 test-deps:
 	@command -v npm >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -45,6 +57,13 @@ test-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
 		else \
 			echo "npm missing: install Node.js 20 or later (apt-get install nodejs npm)"; exit 1; \
+		fi; }
+	@command -v $${CHROMIUM:-/usr/bin/chromium} >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium for the chat page's browser tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "chromium missing: install it for the browser tests (apt-get install chromium), or set CHROMIUM to its path"; exit 1; \
 		fi; }
 	@command -v mosquitto_pub >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
