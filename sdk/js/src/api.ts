@@ -5,9 +5,13 @@
 
 /** A group, as the server describes it. */
 export interface Group {
+  /** The group ID. */
   id: string;
+  /** Every member, admins included. */
   members: string[];
+  /** The members who may change the group. */
   admins: string[];
+  /** Who created it. */
   creator?: string;
   /** Unix seconds. */
   created: number;
@@ -15,14 +19,19 @@ export interface Group {
 
 /** A stored upload: its id goes into a message. */
 export interface Upload {
+  /** The media ID to put in a message. */
   id: string;
+  /** Its size in bytes. */
   size: number;
+  /** The SHA-256 of its bytes, in hex. */
   sha256: string;
 }
 
 /** One of the user's devices. */
 export interface Device {
+  /** user or user/device. */
   client_id: string;
+  /** Connected now, on any node. */
   online: boolean;
   /** Unix seconds; now when online. */
   last_seen: number;
@@ -35,7 +44,9 @@ export interface Device {
 /** A refusal of the HTTP API: its status and protocol error code. */
 export class ApiError extends Error {
   constructor(
+    /** The HTTP status. */
     readonly status: number,
+    /** The protocol error code: not_authorized, unknown_group, too_large, ... */
     readonly code: string,
     reason: string,
   ) {

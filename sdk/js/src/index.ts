@@ -43,11 +43,17 @@ export interface ChatClientOptions {
 
 /** A message (kind msg), or the copy of one a device of the user sent (sent). */
 export interface MessageEvent {
+  /** Tells a message. */
   type: "message";
+  /** msg: to this user or a group of it; sent: the copy of one another device of this user sent. */
   kind: "msg" | "sent";
+  /** The sender (for sent, this user). */
   from: string;
+  /** The recipient: a user, or the group ID. */
   to: string;
+  /** The group, for a group message. */
   group?: string;
+  /** The message's id, as its sender gave it. */
   id: string;
   /** Set for a message the app's backend sent. */
   server: boolean;
@@ -59,9 +65,13 @@ export interface MessageEvent {
 
 /** A delivered or read receipt of messages this user sent. */
 export interface ReceiptEvent {
+  /** Tells a receipt. */
   type: "receipt";
+  /** delivered: a device of the recipient took them; read: the recipient read them. */
   status: "delivered" | "read";
+  /** The user who received or read them. */
   by: string;
+  /** The ids of the messages. */
   ids: string[];
   /**
    * Set on a read receipt one of this user's own devices sent: the user
@@ -72,8 +82,11 @@ export interface ReceiptEvent {
 
 /** A user's presence: online, or when last seen. */
 export interface PresenceEvent {
+  /** Tells a presence change. */
   type: "presence";
+  /** Whose presence. */
   user: string;
+  /** Whether a device of the user is connected. */
   online: boolean;
   /** Unix seconds when last seen, for a user offline. */
   lastSeen?: number;
@@ -81,7 +94,9 @@ export interface PresenceEvent {
 
 /** A user is typing to this one (never stored; shown for a few seconds). */
 export interface TypingEvent {
+  /** Tells a typing signal. */
   type: "typing";
+  /** Who is typing. */
   from: string;
 }
 
@@ -90,23 +105,29 @@ export interface TypingEvent {
  * (PROTOCOL.md section 5): the error it queued to this user's inbox.
  */
 export interface ErrorEvent {
+  /** Tells an error the server queued. */
   type: "error";
   /** The id of the message refused. */
   ref: string;
   /** not_authorized, bad_topic, too_large, bad_payload, queue_full, rate_limited, unknown_group, rejected. */
   code: string;
+  /** Why, for people. */
   reason: string;
 }
 
 /** The server stored a message sent (its PUBACK). */
 export interface StoredEvent {
+  /** Tells a PUBACK. */
   type: "stored";
+  /** The id of the message stored. */
   id: string;
 }
 
 /** The server refused a message sent; it is not sent again. */
 export interface RefusedEvent {
+  /** Tells a negative PUBACK (MQTT 5). */
   type: "refused";
+  /** The id of the message refused. */
   id: string;
   /** PROTOCOL.md section 5: not_authorized, bad_topic, too_large, ... */
   code: string;
@@ -114,6 +135,7 @@ export interface RefusedEvent {
 
 /** The connection's state changed. */
 export interface ConnectionEvent {
+  /** online: connected and subscribed; offline: the connection is gone and being retried. */
   type: "online" | "offline";
 }
 
