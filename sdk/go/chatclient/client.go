@@ -49,7 +49,8 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Event is what the client tells of: Message, Receipt, Stored, Refused.
+// Event is what the client tells of: Message, Receipt, Stored, Refused,
+// Presence, Typing, Error.
 type Event interface{ event() }
 
 // Message is a message (kind msg) or a copy of one a device of the user
@@ -76,6 +77,33 @@ type Receipt struct {
 	// By is the reader (or recipient), IDs the messages.
 	By  string
 	IDs []string
+	// Peer is set on a read receipt one of this user's own devices sent:
+	// the user whose messages it read.
+	Peer string
+}
+
+// Presence tells that a watched user came online or went offline.
+type Presence struct {
+	// User is whose presence.
+	User string
+	// Online is whether a device of User is connected.
+	Online bool
+	// LastSeen is when User was last seen, for a user offline (zero if unknown).
+	LastSeen time.Time
+}
+
+// Typing tells that a user is typing to this one; never stored.
+type Typing struct{ From string }
+
+// Error is a refusal the server queued to the inbox (MQTT 3.1.1, or a
+// group message some members' queues refused; PROTOCOL.md section 5).
+type Error struct {
+	// Ref is the id of the message refused.
+	Ref string
+	// Code is the protocol error code: queue_full, rate_limited, unknown_group, ...
+	Code string
+	// Reason is for people.
+	Reason string
 }
 
 // Stored tells that the server stored a message sent (its PUBACK).
@@ -92,10 +120,13 @@ type Refused struct {
 	Reason byte
 }
 
-func (Message) event() {}
-func (Receipt) event() {}
-func (Stored) event()  {}
-func (Refused) event() {}
+func (Message) event()  {}
+func (Receipt) event()  {}
+func (Stored) event()   {}
+func (Refused) event()  {}
+func (Presence) event() {}
+func (Typing) event()   {}
+func (Error) event()    {}
 
 // Client is one device of one user, connected (and reconnected) to chatd.
 type Client struct {
@@ -107,7 +138,15 @@ type Client struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// mu guards watched and typed.
+	mu      sync.Mutex
+	watched map[string]bool
+	typed   map[string]time.Time
 }
+
+// TypingEvery is the least time between two typing signals to one peer.
+const TypingEvery = 3 * time.Second
 
 // sessionExpiry keeps the device's session, and its queue position,
 // while it is away (the server caps it at its device_ttl).
@@ -133,7 +172,8 @@ func Dial(o Options) (*Client, error) {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Client{o: o, events: make(chan Event, 256), wake: make(chan struct{}, 1), seen: newSeen(10000), ctx: ctx, cancel: cancel}
+	c := &Client{o: o, events: make(chan Event, 256), wake: make(chan struct{}, 1), seen: newSeen(10000), ctx: ctx, cancel: cancel,
+		watched: map[string]bool{}, typed: map[string]time.Time{}}
 	clientID := o.User
 	if o.Device != "" {
 		clientID = o.User + "/" + o.Device
@@ -157,7 +197,13 @@ func Dial(o Options) (*Client, error) {
 			c.wg.Add(1)
 			go func() {
 				defer c.wg.Done()
-				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "inbox/" + o.User, QoS: 1}}}); err != nil && ctx.Err() == nil {
+				subs := []paho.SubscribeOptions{{Topic: "inbox/" + o.User, QoS: 1}}
+				c.mu.Lock()
+				for u := range c.watched {
+					subs = append(subs, paho.SubscribeOptions{Topic: "presence/" + u})
+				}
+				c.mu.Unlock()
+				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs}); err != nil && ctx.Err() == nil {
 					o.Logger.Warn("chatclient: subscribe", "error", err)
 				}
 			}()
@@ -177,6 +223,60 @@ func Dial(o Options) (*Client, error) {
 	go c.sendLoop()
 	c.poke()
 	return c, nil
+}
+
+// AwaitConnection waits until the client is connected, or ctx is done.
+func (c *Client) AwaitConnection(ctx context.Context) error {
+	if err := c.cm.AwaitConnection(ctx); err != nil {
+		return fmt.Errorf("chatclient: %w", err)
+	}
+	return nil
+}
+
+// WatchPresence tells Presence events of users, now (the last state of
+// each first) and after every reconnect. Offline, it takes effect at the
+// next connect.
+func (c *Client) WatchPresence(users ...string) error {
+	var subs []paho.SubscribeOptions
+	c.mu.Lock()
+	for _, u := range users {
+		if !c.watched[u] {
+			c.watched[u] = true
+			subs = append(subs, paho.SubscribeOptions{Topic: "presence/" + u})
+		}
+	}
+	c.mu.Unlock()
+	if len(subs) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	defer cancel()
+	if _, err := c.cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs}); err != nil {
+		if errors.Is(err, autopaho.ConnectionDownError) {
+			return nil
+		}
+		return fmt.Errorf("chatclient: watch presence: %w", err)
+	}
+	return nil
+}
+
+// Typing tells the online devices of user to that this user is typing,
+// at most once per TypingEvery per peer; it is never stored, and dropped
+// while the client is offline.
+func (c *Client) Typing(to string) error {
+	c.mu.Lock()
+	if time.Since(c.typed[to]) < TypingEvery {
+		c.mu.Unlock()
+		return nil
+	}
+	c.typed[to] = time.Now()
+	c.mu.Unlock()
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	defer cancel()
+	if _, err := c.cm.Publish(ctx, &paho.Publish{Topic: "typing/" + to, Payload: []byte("{}")}); err != nil && !errors.Is(err, autopaho.ConnectionDownError) {
+		return fmt.Errorf("chatclient: typing: %w", err)
+	}
+	return nil
 }
 
 // Events returns what the client tells of, in order per kind; it is
@@ -326,12 +426,30 @@ type envelope struct {
 	Status string          `json:"status"`
 	By     string          `json:"by"`
 	IDs    []string        `json:"ids"`
+	Peer   string          `json:"peer"`
+	Ref    string          `json:"ref"`
+	Code   string          `json:"code"`
+	Reason string          `json:"reason"`
 }
 
 // received tells of a delivery once; the PUBACK follows when it returns.
 func (c *Client) received(pr paho.PublishReceived) (bool, error) {
+	if u, ok := strings.CutPrefix(pr.Packet.Topic, "presence/"); ok {
+		var p struct {
+			Online   bool  `json:"online"`
+			LastSeen int64 `json:"last_seen"`
+		}
+		if json.Unmarshal(pr.Packet.Payload, &p) == nil {
+			ev := Presence{User: u, Online: p.Online}
+			if p.LastSeen > 0 {
+				ev.LastSeen = time.Unix(p.LastSeen, 0)
+			}
+			c.tell(ev)
+		}
+		return true, nil
+	}
 	ev, key := decode(pr.Packet.Payload)
-	if ev == nil || !c.seen.first(key) {
+	if ev == nil || (key != "" && !c.seen.first(key)) {
 		return true, nil
 	}
 	c.tell(ev)
@@ -356,7 +474,11 @@ func decode(payload []byte) (Event, string) {
 		}
 		return Message{Kind: e.Kind, From: e.From, To: e.To, Group: e.Group, ID: m.ID, Server: e.Server, TS: e.TS, Msg: e.Msg}, key
 	case "receipt":
-		return Receipt{Status: e.Status, By: e.By, IDs: e.IDs}, ""
+		return Receipt{Status: e.Status, By: e.By, IDs: e.IDs, Peer: e.Peer}, ""
+	case "typing":
+		return Typing{From: e.From}, ""
+	case "error":
+		return Error{Ref: e.Ref, Code: e.Code, Reason: e.Reason}, ""
 	}
 	return nil, ""
 }

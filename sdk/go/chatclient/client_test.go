@@ -235,3 +235,51 @@ func TestTokenRenewedOnExpiry(t *testing.T) {
 		t.Fatalf("bob got %+v", m)
 	}
 }
+
+// TestPresenceAndTyping: alice watches bob, sees him come online, is told
+// his typing once however often he types, and sees him leave.
+func TestPresenceAndTyping(t *testing.T) {
+	sv := startServer(t)
+	alice := dial(t, sv, "alice", "phone", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := alice.AwaitConnection(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := alice.WatchPresence("bob"); err != nil {
+		t.Fatal(err)
+	}
+	bob := dial(t, sv, "bob", "phone", nil)
+	if err := bob.AwaitConnection(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for p := next[chatclient.Presence](t, alice); !p.Online; p = next[chatclient.Presence](t, alice) {
+	}
+	for range 3 {
+		if err := bob.Typing("alice"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ty := next[chatclient.Typing](t, alice); ty.From != "bob" {
+		t.Errorf("typing from %q, want bob", ty.From)
+	}
+	closeClient(t, bob)
+	// Throttled: no second typing signal comes before bob's leaving.
+	deadline := time.After(20 * time.Second)
+	for {
+		select {
+		case ev := <-alice.Events():
+			switch e := ev.(type) {
+			case chatclient.Typing:
+				t.Errorf("a second typing signal within %v", chatclient.TypingEvery)
+			case chatclient.Presence:
+				if e.User != "bob" || e.Online || e.LastSeen.IsZero() {
+					t.Fatalf("after bob left: %+v, want bob offline with a last seen time", e)
+				}
+				return
+			}
+		case <-deadline:
+			t.Fatal("bob's leaving not told in 20 s")
+		}
+	}
+}

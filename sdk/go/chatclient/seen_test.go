@@ -1,6 +1,9 @@
 package chatclient
 
-import "testing"
+import (
+	"fmt"
+	"testing"
+)
 
 // TestDedup: a delivery the server makes again (after a reconnect) is
 // told once; receipts and messages without an id are always told; the
@@ -36,5 +39,26 @@ func TestDedup(t *testing.T) {
 	}
 	if ev, _ := decode([]byte(`not json`)); ev != nil {
 		t.Fatalf("garbage told as %+v", ev)
+	}
+}
+
+// TestDecodeKinds: typing signals, queued errors and a read receipt from
+// the user's own device are told as their own events.
+func TestDecodeKinds(t *testing.T) {
+	tests := []struct {
+		payload string
+		want    Event
+	}{
+		{`{"kind":"typing","from":"bob","ts":1}`, Typing{From: "bob"}},
+		{`{"kind":"error","ref":"m-1","code":"unknown_group","reason":"no group g1"}`, Error{Ref: "m-1", Code: "unknown_group", Reason: "no group g1"}},
+		{`{"kind":"receipt","status":"read","by":"bob","peer":"alice","ids":["m-1"]}`, Receipt{Status: "read", By: "bob", Peer: "alice", IDs: []string{"m-1"}}},
+		{`not json`, nil},
+		{`{"kind":"unknown"}`, nil},
+	}
+	for _, tt := range tests {
+		got, _ := decode([]byte(tt.payload))
+		if fmt.Sprint(got) != fmt.Sprint(tt.want) {
+			t.Errorf("decode(%s) = %#v, want %#v", tt.payload, got, tt.want)
+		}
 	}
 }
