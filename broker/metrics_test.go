@@ -41,6 +41,8 @@ func TestMetricsAndHealth(t *testing.T) {
 		"chatd_delivery_seconds_count",
 		"chatd_disk_bytes",
 		"go_goroutines",
+		`chatd_build_info{commit="`,
+		`go_version="go1.`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %q", want)

@@ -159,6 +159,7 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("auth.issuers: %w", err)
 	}
 	s := &Server{cfg: cfg, log: log, now: now, verifier: verifier, metrics: metrics.New()}
+	s.metrics.Build(BuildInfo())
 	if cfg.Web.Dev {
 		s.devSecret = opts.Secret
 	}

@@ -494,6 +494,13 @@ func (c *Config) Validate() error {
 	if c.Auth.Leeway < 0 || c.Auth.Leeway > 5*time.Minute {
 		return fmt.Errorf("auth.leeway: 0 to 5m, got %v", c.Auth.Leeway)
 	}
+	for _, u := range []struct{ key, value string }{
+		{"push.webhook", c.Push.Webhook}, {"events.webhook", c.Events.Webhook}, {"events.before_send", c.Events.BeforeSend},
+	} {
+		if err := checkURL(u.key, u.value); err != nil {
+			return err
+		}
+	}
 	if _, err := bots.Parse(c.Bots.Webhooks); err != nil {
 		return fmt.Errorf("bots.webhooks: %w", err)
 	}

@@ -8,6 +8,7 @@ package metrics
 
 import (
 	"net/http"
+	"runtime"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -99,6 +100,16 @@ func New() *Metrics {
 		m.connects, m.refusals, m.delayed, m.commit, m.batch, m.acked, m.disconnects,
 	)
 	return m
+}
+
+// Build registers chatd_build_info, 1 with the build's version, commit
+// and Go version as labels, so that dashboards can show what each node
+// runs and alerts can join on it.
+func (m *Metrics) Build(version, commit string) {
+	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "chatd_build_info", Help: "1, labelled with the version, commit and Go version chatd was built with.",
+		ConstLabels: prometheus.Labels{"version": version, "commit": commit, "go_version": runtime.Version()},
+	}, func() float64 { return 1 }))
 }
 
 // Watch registers the totals read from src at scrape time. It is called

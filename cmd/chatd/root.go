@@ -42,6 +42,7 @@ func newRootCmd() *cobra.Command {
 		// not document or test.
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
 	}
-	root.AddCommand(newServeCmd(), newTokenCmd(), newClusterCmd(), newAPIKeyCmd())
+	root.AddCommand(newServeCmd(), newTokenCmd(), newClusterCmd(), newAPIKeyCmd(),
+		newVersionCmd(), newCheckConfigCmd(), newDefaultConfigCmd())
 	return root
 }

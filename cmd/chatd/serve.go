@@ -101,7 +101,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	if httpAddr == "" {
 		httpAddr = "disabled"
 	}
-	attrs := []any{"mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync}
+	attrs := []any{"version", broker.Version(), "mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync}
 	if a := srv.TLSAddr(); a != "" {
 		attrs = append(attrs, "mqtt_tls", a)
 	}

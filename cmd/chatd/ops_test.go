@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestCheckConfig: a good configuration passes with a summary, and each
+// kind of mistake fails naming its key, without starting anything.
+func TestCheckConfig(t *testing.T) {
+	dir := isolate(t)
+	cert, key := selfSigned(t, dir)
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	tests := []struct {
+		name    string
+		yaml    string
+		wantErr string // "" for success
+	}{
+		{name: "defaults", yaml: ""},
+		{name: "tls", yaml: "tls:\n  listen: 127.0.0.1:8883\n  cert_file: " + cert + "\n  key_file: " + key + "\n"},
+		{name: "missing certificate", yaml: "tls:\n  listen: 127.0.0.1:8883\n  cert_file: " + dir + "/nope.pem\n  key_file: " + key + "\n", wantErr: "tls.cert_file"},
+		{name: "key of another certificate", yaml: "tls:\n  listen: 127.0.0.1:8883\n  cert_file: " + cert + "\n  key_file: " + write("other.key", string(keyPEM(t))) + "\n", wantErr: "private key does not match"},
+		{name: "webhook not http", yaml: "push:\n  webhook: ftp://example.com/push\n", wantErr: "push.webhook"},
+		{name: "unknown key", yaml: "queue:\n  synk: always\n", wantErr: "queue.synk"},
+		{name: "bad value", yaml: "queue:\n  sync: sometimes\n", wantErr: "queue.sync"},
+		{name: "issuer key not PEM", yaml: "auth:\n  issuers:\n    - issuer: https://idp.example.com/\n      public_key_file: " + write("idp.pem", "not a key") + "\n", wantErr: "public_key_file"},
+		{name: "page not built", yaml: "web:\n  enabled: true\n  dir: " + dir + "/no-page\n", wantErr: "web.dir"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			file := write(strings.ReplaceAll(tt.name, " ", "-")+".yaml", tt.yaml)
+			out, _, err := run(context.Background(), "checkconfig", "--config", file, "--data-dir", filepath.Join(dir, "data"))
+			if tt.wantErr == "" {
+				if err != nil || !strings.Contains(out, ": ok") {
+					t.Fatalf("checkconfig: %v, out %q; want ok", err, out)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("checkconfig: %v; want an error naming %s", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestDefaultConfigAndVersion: defaultconfig's file passes checkconfig,
+// and version names the Go version.
+func TestDefaultConfigAndVersion(t *testing.T) {
+	dir := isolate(t)
+	out, _, err := run(context.Background(), "defaultconfig")
+	if err != nil || !strings.Contains(out, "queue:") || !strings.Contains(out, "CHATD_QUEUE_SYNC") {
+		t.Fatalf("defaultconfig: %v\n%s", err, out)
+	}
+	file := filepath.Join(dir, "chatd.yaml")
+	if err := os.WriteFile(file, []byte(out), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, _, err := run(context.Background(), "checkconfig", "--config", file); err != nil {
+		t.Fatalf("checkconfig of defaultconfig's file: %v\n%s", err, out)
+	}
+	out, _, err = run(context.Background(), "version")
+	if err != nil || !strings.HasPrefix(out, "chatd ") || !strings.Contains(out, "go1.") {
+		t.Errorf("version: %v, %q", err, out)
+	}
+}
+
+// keyPEM returns a new EC private key in PEM.
+func keyPEM(t *testing.T) []byte {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+// selfSigned writes a self-signed certificate and its key into dir.
+func selfSigned(t *testing.T, dir string) (certFile, keyFile string) {
+	t.Helper()
+	kp := keyPEM(t)
+	blk, _ := pem.Decode(kp)
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "chatd"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"localhost"}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, k.(*ecdsa.PrivateKey).Public(), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, kp, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
