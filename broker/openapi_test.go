@@ -123,6 +123,7 @@ func TestOpenAPIConformance(t *testing.T) {
 	mustDial(t, s, "alice", phoneOpt{clientID: "alice/phone"})
 
 	call("GET", "/healthz", "", "", "", true, 200)
+	call("GET", "/readyz", "", "", "", true, 200)
 	call("GET", "/metrics", "", "", "", true, 200)
 	call("GET", "/cluster/status", "", "", "", true, 404)
 	served := call("GET", "/v1/openapi.json", "", "", "", true, 200)

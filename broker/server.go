@@ -101,10 +101,12 @@ type Server struct {
 	tls         *listeners.TCP
 	ws          *mochi.WebSocket
 	// started is when Start ran.
-	started  time.Time
-	http     *http.Server
-	httpLn   net.Listener
-	closed   sync.Once
+	started time.Time
+	http    *http.Server
+	httpLn  net.Listener
+	closed  sync.Once
+	// stopping is set as Close begins, for /readyz.
+	stopping atomic.Bool
 	closeErr error
 	// ended orders connection ends before shutdown (see mochi.Ends).
 	ended mochi.Ends
@@ -591,6 +593,7 @@ func (s *Server) Close(ctx context.Context) error {
 }
 
 func (s *Server) close(ctx context.Context) error {
+	s.stopping.Store(true)
 	var errs []error
 	if s.http != nil {
 		if err := s.http.Shutdown(ctx); err != nil {
@@ -652,6 +655,7 @@ func (s *Server) routes() http.Handler {
 		s.webapp().Register(mux)
 	}
 	mux.Handle("GET /v1/openapi.json", s.apiDoc)
+	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.Handle("GET /metrics", s.metrics.Handler())
 	mux.HandleFunc("GET /cluster/status", s.clusterStatus)
 	if s.cfg.Debug.Pprof {
@@ -676,6 +680,50 @@ func (s *Server) webapp() *webapp.Handler {
 	}
 	return h
 }
+
+// Readiness is /readyz's answer.
+type Readiness struct {
+	// Ready says the node should be given clients.
+	Ready bool `json:"ready"`
+	// Reasons says why not, one line per cause.
+	Reasons []string `json:"reasons,omitempty"`
+}
+
+// readyz answers whether this node should be given clients: 200 when it
+// is, 503 with the reasons when it is shutting down, refusing publishes
+// for lack of disk, or (in a cluster) without a JetStream quorum or an
+// answer from it. /healthz stays a liveness probe: a node that is not
+// ready is still alive, and restarting it would not help.
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	var reasons []string
+	if s.stopping.Load() {
+		reasons = append(reasons, "shutting down")
+	}
+	if s.queue.LowDisk() {
+		reasons = append(reasons, fmt.Sprintf("disk: free space under queue.min_free_bytes (%d bytes free)", s.queue.FreeBytes()))
+	}
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), readyzClusterTimeout)
+		st, err := s.cluster.status(ctx)
+		cancel()
+		switch {
+		case err != nil:
+			reasons = append(reasons, "cluster: JetStream did not answer: "+err.Error())
+		case !st.Quorum:
+			reasons = append(reasons, "cluster: no JetStream quorum")
+		}
+	}
+	code := http.StatusOK
+	if len(reasons) > 0 {
+		code = http.StatusServiceUnavailable
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	httpjson.Write(w, code, Readiness{Ready: len(reasons) == 0, Reasons: reasons})
+}
+
+// readyzClusterTimeout bounds the JetStream question of one /readyz, well
+// under a probe's usual timeout.
+const readyzClusterTimeout = 2 * time.Second
 
 // clusterStatus answers ClusterStatus: 200 with quorum, 503 without it,
 // so that a probe may use it; 404 on a node not in cluster mode. Like
