@@ -107,6 +107,15 @@ type Server struct {
 	closed  sync.Once
 	// stopping is set as Close begins, for /readyz.
 	stopping atomic.Bool
+	// cert is the TLS listeners' certificate, which Reload replaces.
+	cert atomic.Pointer[tls.Certificate]
+	// reloading serializes Reload, and reloaded is the configuration the
+	// last one applied (cfg until the first).
+	reloading sync.Mutex
+	reloaded  config.Config
+	// users and connects are the limits Reload changes.
+	users    *hooks.Users
+	connects *rate.Limiter
 	closeErr error
 	// ended orders connection ends before shutdown (see mochi.Ends).
 	ended mochi.Ends
@@ -160,7 +169,7 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("auth.issuers: %w", err)
 	}
-	s := &Server{cfg: cfg, log: log, now: now, verifier: verifier, metrics: metrics.New()}
+	s := &Server{cfg: cfg, reloaded: cfg, log: log, now: now, verifier: verifier, metrics: metrics.New()}
 	s.metrics.Build(BuildInfo())
 	if cfg.Web.Dev {
 		s.devSecret = opts.Secret
@@ -309,7 +318,8 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 	if err != nil {
 		return err
 	}
-	users := &hooks.Users{
+	s.connects = rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate)))
+	s.users = &hooks.Users{
 		MaxConnections:   cfg.Limits.MaxConnectionsPerUser,
 		PublishRate:      cfg.Limits.PublishRate,
 		PublishBytesRate: cfg.Limits.PublishBytesRate,
@@ -320,8 +330,8 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Verifier:         s.verifier,
 		MaxKeepalive:     uint16(min(cfg.Limits.MaxKeepalive, 65535)),
 		MaxSubscriptions: cfg.Limits.MaxSubscriptions,
-		Connects:         rate.NewLimiter(rate.Limit(cfg.Limits.ConnectRate), max(1, int(2*cfg.Limits.ConnectRate))),
-		Users:            users,
+		Connects:         s.connects,
+		Users:            s.users,
 		MayAttach:        s.queue.MayAttach,
 		Banned: func(user string) (string, bool) {
 			b, ok := s.bans.Banned(user)
@@ -343,7 +353,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		return fmt.Errorf("revocations: %w", err)
 	}
 	s.auth.Revoked = s.revoked
-	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: users, Observe: s.metrics, Log: log}
+	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: s.users, Observe: s.metrics, Log: log}
 	for _, h := range []mqtt.Hook{s.auth, s.inbox, &hooks.Presence{Retained: s.presence, Log: log}} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
 			return fmt.Errorf("add hook %s: %w", h.ID(), err)
@@ -444,7 +454,11 @@ func (s *Server) addListeners() (err error) {
 		if err != nil {
 			return fmt.Errorf("tls.cert_file/tls.key_file: %w", err)
 		}
-		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		s.cert.Store(&cert)
+		// The certificate is looked up per handshake so that Reload can
+		// replace it without closing the listeners.
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return s.cert.Load(), nil }}
 	}
 	s.tcp = listeners.NewTCP(listeners.Config{ID: "tcp", Address: cfg.Listen})
 	if err := s.mqtt.AddListener(s.guard(s.tcp)); err != nil {

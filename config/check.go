@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"reflect"
 )
 
 // checkURL reports a webhook URL that is not an absolute http(s) URL;
@@ -25,6 +26,19 @@ func checkURL(key, raw string) error {
 		return fmt.Errorf("%s: %q is not an http:// or https:// URL", key, raw)
 	}
 	return nil
+}
+
+// Diff returns the keys whose values differ between a and b, in
+// declaration order.
+func Diff(a, b Config) []string {
+	la, lb := leaves(a), leaves(b)
+	var out []string
+	for i := range la {
+		if !reflect.DeepEqual(la[i].value, lb[i].value) {
+			out = append(out, la[i].key)
+		}
+	}
+	return out
 }
 
 // CheckFiles reads the files the configuration names, as the server

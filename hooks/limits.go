@@ -2,6 +2,7 @@ package hooks
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -39,8 +40,26 @@ type userState struct {
 	conns int
 	msgs  *rate.Limiter
 	bytes *rate.Limiter
-	// maxDelay is Users.MaxDelay.
-	maxDelay time.Duration
+	// maxDelay is Users.MaxDelay, in nanoseconds: SetLimits changes it
+	// while publishes read it.
+	maxDelay atomic.Int64
+}
+
+// SetLimits changes the caps and rates, for the users connected now as
+// for those to come (a configuration reload): a lower cap on connections
+// ends none, it refuses the next; budgets keep what they hold, up to
+// their new burst.
+func (u *Users) SetLimits(maxConnections int, publishRate float64, publishBytesRate int, maxDelay time.Duration) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.MaxConnections, u.PublishRate, u.PublishBytesRate, u.MaxDelay = maxConnections, publishRate, publishBytesRate, maxDelay
+	for _, st := range u.m {
+		st.msgs.SetLimit(rate.Limit(publishRate))
+		st.msgs.SetBurst(max(1, int(2*publishRate)))
+		st.bytes.SetLimit(rate.Limit(publishBytesRate))
+		st.bytes.SetBurst(max(1, 2*publishBytesRate))
+		st.maxDelay.Store(int64(maxDelay))
+	}
 }
 
 // Connections returns how many connections of user were admitted and have
@@ -123,10 +142,10 @@ func (u *Users) state(user string) *userState {
 	if !ok {
 		// Bursts of twice the rate let a phone send what it queued offline.
 		st = &userState{
-			msgs:     rate.NewLimiter(rate.Limit(u.PublishRate), max(1, int(2*u.PublishRate))),
-			bytes:    rate.NewLimiter(rate.Limit(u.PublishBytesRate), max(1, 2*u.PublishBytesRate)),
-			maxDelay: u.MaxDelay,
+			msgs:  rate.NewLimiter(rate.Limit(u.PublishRate), max(1, int(2*u.PublishRate))),
+			bytes: rate.NewLimiter(rate.Limit(u.PublishBytesRate), max(1, 2*u.PublishBytesRate)),
 		}
+		st.maxDelay.Store(int64(u.MaxDelay))
 		u.m[user] = st
 	}
 	return st
@@ -170,7 +189,7 @@ func (st *userState) Spend(msgs, n int) (ok, waited bool) {
 		return false, false
 	}
 	d := max(rm.DelayFrom(now), rb.DelayFrom(now))
-	if d > st.maxDelay {
+	if d > time.Duration(st.maxDelay.Load()) {
 		rm.CancelAt(now)
 		rb.CancelAt(now)
 		return false, false

@@ -8,12 +8,17 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestCheckConfig: a good configuration passes with a summary, and each
@@ -118,4 +123,60 @@ func selfSigned(t *testing.T, dir string) (certFile, keyFile string) {
 		t.Fatal(err)
 	}
 	return certFile, keyFile
+}
+
+// TestServeReload: SIGHUP reads the configuration file again, applies
+// what it can, names what needs a restart, and refuses a broken file
+// while running on.
+func TestServeReload(t *testing.T) {
+	dir := isolate(t)
+	file := filepath.Join(dir, "chatd.yaml")
+	writeConfig := func(body string) {
+		if err := os.WriteFile(file, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeConfig("log:\n  level: info\n")
+	var logs testutil.SyncBuffer
+	cmd := exec.Command(os.Args[0], "serve", "--config", file, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir", filepath.Join(dir, "data"))
+	cmd.Env = append(os.Environ(), runAsMain+"=1")
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-done
+	})
+	waitStarted(t, &logs, done)
+	hup := func(want string) {
+		t.Helper()
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		testutil.EventuallyNoError(t, 10*time.Second, func() error {
+			if !strings.Contains(logs.String(), want) {
+				return fmt.Errorf("no %q in:\n%s", want, logs.String())
+			}
+			return nil
+		}, "SIGHUP not answered")
+	}
+	writeConfig("log:\n  level: debug\nlimits:\n  publish_rate: 50\nqueue:\n  message_ttl: 1h\n")
+	hup("keys=[queue.message_ttl]")
+	for _, want := range []string{"applied=\"[limits.publish_rate log.level]\"", "configuration changes that need a restart"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("no %q in the log:\n%s", want, logs.String())
+		}
+	}
+	writeConfig("queue:\n  sync: sometimes\n")
+	hup("reload refused")
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("chatd exited with %v after reloads:\n%s", err, logs.String())
+	}
+	done <- nil // for the cleanup
 }

@@ -38,14 +38,19 @@ func newServeCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// From here on errors are about the run, not the command line.
 			cmd.SilenceUsage = true
-			cfg, err := config.Load(configFile, cmd.Flags())
+			load := func() (config.Config, error) {
+				cfg, err := config.Load(configFile, cmd.Flags())
+				if err == nil && dev {
+					cfg = devMode(cfg)
+				}
+				return cfg, err
+			}
+			cfg, err := load()
 			if err != nil {
 				return err
 			}
-			if dev {
-				cfg = devMode(cfg)
-			}
-			logger, err := newLogger(cfg.Log, cmd.ErrOrStderr())
+			level := new(slog.LevelVar)
+			logger, err := newLogger(cfg.Log, level, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -56,7 +61,7 @@ func newServeCmd() *cobra.Command {
 			done := make(chan struct{})
 			defer close(done)
 			go exitOnSecondSignal(ctx, stop, done, logger)
-			return serve(ctx, cfg, logger)
+			return serve(ctx, cfg, logger, reloader{load: load, level: level})
 		},
 	}
 	cmd.Flags().StringVar(&configFile, "config", "", "YAML configuration file; optional, see the keys above")
@@ -78,8 +83,39 @@ func devMode(cfg config.Config) config.Config {
 	return cfg
 }
 
-// serve runs the server until ctx is done, then shuts it down gracefully.
-func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
+// reloader reads the configuration again on SIGHUP.
+type reloader struct {
+	// load reads the configuration as at start: file, environment, flags.
+	load func() (config.Config, error)
+	// level is the logger's level, which a reload may change.
+	level *slog.LevelVar
+}
+
+// reload applies a new configuration to srv, logging what it changed and
+// what waits for a restart; a configuration that does not load changes
+// nothing.
+func (r reloader) reload(srv *broker.Server, logger *slog.Logger) {
+	cfg, err := r.load()
+	var done broker.Reloaded
+	if err == nil {
+		done, err = srv.Reload(cfg)
+	}
+	if err != nil {
+		logger.Error("reload refused: running on with the configuration as it was", "error", err)
+		return
+	}
+	if err := r.level.UnmarshalText([]byte(cfg.Log.Level)); err != nil {
+		logger.Error("reload: log.level", "error", err)
+	}
+	logger.Info("configuration reloaded", "applied", done.Applied, "tls_certificate_reread", done.Certificate)
+	if len(done.Restart) > 0 {
+		logger.Warn("configuration changes that need a restart to apply", "keys", done.Restart)
+	}
+}
+
+// serve runs the server until ctx is done, then shuts it down gracefully;
+// SIGHUP reloads the configuration meanwhile.
+func serve(ctx context.Context, cfg config.Config, logger *slog.Logger, rl reloader) error {
 	secret, dev, err := token.ResolveSecret(cfg.Auth.Secret, cfg.DataDir)
 	if err != nil {
 		return fmt.Errorf("token secret: %w", err)
@@ -101,14 +137,14 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	if httpAddr == "" {
 		httpAddr = "disabled"
 	}
-	attrs := []any{"version", broker.Version(), "mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync}
+	attrs := []any{"mqtt", srv.MQTTAddr(), "http", httpAddr, "data_dir", cfg.DataDir, "sync", cfg.Queue.Sync}
 	if a := srv.TLSAddr(); a != "" {
 		attrs = append(attrs, "mqtt_tls", a)
 	}
 	if a := srv.WebSocketAddr(); a != "" {
 		attrs = append(attrs, "websocket", a)
 	}
-	logger.Info("chatd started", attrs...)
+	logger.Info("chatd started", append(attrs, "version", broker.Version())...)
 	if cfg.Web.Enabled && httpAddr != "disabled" {
 		logger.Info("chat page at http://"+httpAddr+"/ and dashboard at http://"+httpAddr+"/dashboard.html", "dir", cfg.Web.Dir)
 	}
@@ -117,7 +153,18 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			"through POST /v1/dev/token; never run it in production")
 	}
 
-	<-ctx.Done()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			running = false
+		case <-hup:
+			logger.Info("SIGHUP: reloading the configuration")
+			rl.reload(srv, logger)
+		}
+	}
 	logger.Info("shutting down; signal again to exit immediately", "timeout", shutdownTimeout)
 	if err := shutdown(srv); err != nil {
 		return err
@@ -160,9 +207,9 @@ func exitOnSecondSignal(ctx context.Context, stop context.CancelFunc, done <-cha
 	}
 }
 
-// newLogger returns a logger writing c.Format at c.Level to w.
-func newLogger(c config.Log, w io.Writer) (*slog.Logger, error) {
-	var level slog.Level
+// newLogger returns a logger writing c.Format to w at level, which it
+// sets to c.Level.
+func newLogger(c config.Log, level *slog.LevelVar, w io.Writer) (*slog.Logger, error) {
 	if err := level.UnmarshalText([]byte(c.Level)); err != nil {
 		return nil, fmt.Errorf("log.level: %w", err)
 	}
@@ -215,6 +262,16 @@ On SIGINT or SIGTERM the server stops accepting connections, finishes the
 commits in progress and closes its storage, within 10 seconds; a second
 signal exits at once with status 1. Either way every message already
 acknowledged with a PUBACK is kept, as queue.sync promises.
+
+On SIGHUP it reads its configuration again and applies, without dropping a
+connection: the TLS certificate (read again even from the same files, as
+a renewal leaves them), log.level, limits.connect_rate,
+limits.max_connections_per_user, limits.publish_rate,
+limits.publish_bytes_rate, limits.publish_max_delay, and the URLs of
+push.webhook and events.webhook. The log says what changed and which other
+changes wait for a restart; a configuration that does not load changes
+nothing. "chatd checkconfig" checks a file first; "chatd defaultconfig"
+prints one with every key.
 
 Settings, highest precedence first:
   1. the --data-dir, --listen, --http, --cluster and --node flags;

@@ -164,6 +164,10 @@ func New(o Options) (*Emitter, error) {
 // Enabled reports whether a webhook is configured.
 func (e *Emitter) Enabled() bool { return e != nil && e.sender.Enabled() }
 
+// SetURL points the webhook at another URL (configuration reload); an
+// Emitter made without one stays off.
+func (e *Emitter) SetURL(raw string) error { return e.sender.SetURL(raw) }
+
 // Emit queues an event of typ with data and returns at once. It never
 // blocks: an event the queue has no room for is dropped and counted.
 func (e *Emitter) Emit(typ string, data any) {

@@ -125,6 +125,10 @@ func New(o Options) (*Notifier, error) {
 // callers need not gather what a notification would say.
 func (n *Notifier) Enabled() bool { return n.sender.Enabled() }
 
+// SetURL points the webhook at another URL (configuration reload); a
+// Notifier made without one stays off.
+func (n *Notifier) SetURL(raw string) error { return n.sender.SetURL(raw) }
+
 // Notify queues nf for sending and returns at once, true when it was
 // accepted. It returns false, and sends nothing, when push is disabled,
 // after Close, when a notification for nf.User was accepted less than

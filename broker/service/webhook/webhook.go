@@ -90,7 +90,9 @@ type Stats struct {
 
 // Sender sends bodies to a webhook in the background.
 type Sender struct {
-	url         string
+	// url is fixed at New when empty (the Sender is off); else SetURL may
+	// change it while requests are under way.
+	url         atomic.Pointer[string]
 	name        string
 	userAgent   string
 	client      *http.Client
@@ -140,7 +142,6 @@ func New(o Options) (*Sender, error) {
 		return nil, err
 	}
 	n := &Sender{
-		url:         o.URL,
 		name:        o.Name,
 		userAgent:   o.UserAgent,
 		client:      o.Client,
@@ -173,6 +174,7 @@ func New(o Options) (*Sender, error) {
 		n.now = time.Now
 	}
 	n.work = make(chan *job, n.size)
+	n.url.Store(&o.URL)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.wg.Add(workers)
 	for range workers {
@@ -206,14 +208,28 @@ func WithoutURL(err error) error {
 
 // Enabled reports whether a webhook is configured: when it is not,
 // callers need not build what they would send.
-func (n *Sender) Enabled() bool { return n.url != "" }
+func (n *Sender) Enabled() bool { return n.url.Load() != nil }
+
+// SetURL points a Sender that was made with a URL at another one, for the
+// requests made from now on, retries included; a Sender made without one
+// stays off (its workers were never started).
+func (n *Sender) SetURL(raw string) error {
+	if !n.Enabled() {
+		return errors.New("webhook URL: the webhook was off at start: a restart turns it on")
+	}
+	if err := CheckURL(raw); err != nil {
+		return err
+	}
+	n.url.Store(&raw)
+	return nil
+}
 
 // Send queues body for sending and returns at once, true when it was
 // accepted; label names it in logs. It returns false, and sends nothing,
 // when disabled, after Close, or when QueueSize bodies are unfinished
 // (counted as dropped). It is safe for concurrent use.
 func (n *Sender) Send(label string, body []byte) bool {
-	if n.url == "" {
+	if !n.Enabled() {
 		return false
 	}
 	n.mu.Lock()
@@ -264,7 +280,7 @@ func positive[T int | time.Duration](v, def T) T {
 // progress, and waits for them. Unfinished requests are dropped and
 // their number logged. Close is idempotent; Send returns false after it.
 func (n *Sender) Close() {
-	if n.url == "" {
+	if !n.Enabled() {
 		return
 	}
 	n.closeOnce.Do(func() {
@@ -358,7 +374,7 @@ func (n *Sender) later(j *job, d time.Duration) {
 // error, whether it is worth retrying (network errors, 408, 429, 5xx) and
 // the answer's Retry-After header.
 func (n *Sender) post(label string, body []byte) (retry bool, retryAfter string, err error) {
-	req, err := http.NewRequestWithContext(n.ctx, http.MethodPost, n.url, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(n.ctx, http.MethodPost, *n.url.Load(), bytes.NewReader(body))
 	if err != nil {
 		return false, "", fmt.Errorf("build webhook request: %w", err)
 	}

@@ -313,3 +313,38 @@ func TestSignEachAttempt(t *testing.T) {
 		t.Errorf("both attempts signed at %s: want the retry's own time", first.ts)
 	}
 }
+
+// TestSetURL: bodies sent after SetURL go to the new URL; a bad URL, or a
+// Sender made without one, is refused and changes nothing.
+func TestSetURL(t *testing.T) {
+	var hits [2]atomic.Int64
+	var urls [2]string
+	for i := range urls {
+		urls[i] = testutil.Webhook(t, func(w http.ResponseWriter, r *http.Request) { hits[i].Add(1) }).URL
+	}
+	n := newSender(t, Options{URL: urls[0]})
+	if !n.Send("a", []byte(`{}`)) {
+		t.Fatal("Send refused")
+	}
+	waitStats(t, n, func(s Stats) bool { return s.Sent == 1 })
+	if err := n.SetURL("ftp://example.com/"); err == nil {
+		t.Error("SetURL took an ftp URL")
+	}
+	if err := n.SetURL(urls[1]); err != nil {
+		t.Fatal(err)
+	}
+	if !n.Send("b", []byte(`{}`)) {
+		t.Fatal("Send refused")
+	}
+	waitStats(t, n, func(s Stats) bool { return s.Sent == 2 })
+	if hits[0].Load() != 1 || hits[1].Load() != 1 {
+		t.Errorf("hits %d and %d, want one each", hits[0].Load(), hits[1].Load())
+	}
+	off, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := off.SetURL(urls[0]); err == nil || off.Enabled() {
+		t.Error("SetURL turned on a Sender made without a URL")
+	}
+}
