@@ -61,8 +61,9 @@ func TestReadyz(t *testing.T) {
 	}
 }
 
-// TestClusterReadyz: a cluster node is ready while JetStream has a
-// quorum, and not once two of three nodes are gone.
+// TestClusterReadyz: a cluster node is ready, and chatd_cluster_quorum
+// 1, while JetStream has a quorum, and neither once two of three nodes
+// are gone.
 func TestClusterReadyz(t *testing.T) {
 	nodes := startTestCluster(t, 3)
 	testutil.EventuallyNoError(t, 20*time.Second, func() error {
@@ -71,6 +72,9 @@ func TestClusterReadyz(t *testing.T) {
 		}
 		return nil
 	}, "node 1 never ready")
+	if _, body := scrape(t, nodes[0], "/metrics"); !strings.Contains(body, "\nchatd_cluster_quorum 1\n") {
+		t.Errorf("metrics lack chatd_cluster_quorum 1 with a quorum")
+	}
 	stopServer(t, nodes[1])
 	stopServer(t, nodes[2])
 	testutil.EventuallyNoError(t, 30*time.Second, func() error {
@@ -80,4 +84,7 @@ func TestClusterReadyz(t *testing.T) {
 		}
 		return nil
 	}, "node 1 ready without a quorum")
+	if _, body := scrape(t, nodes[0], "/metrics"); !strings.Contains(body, "\nchatd_cluster_quorum 0\n") {
+		t.Errorf("metrics lack chatd_cluster_quorum 0 without a quorum")
+	}
 }

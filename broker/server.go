@@ -369,6 +369,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 			"events": s.events.Stats,
 			"bots":   s.botStats,
 		},
+		ClusterQuorum: s.quorumMetric(),
 	})
 	mediaStore, err := s.openMedia(cfg)
 	if err != nil {
@@ -733,6 +734,20 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	httpjson.Write(w, code, Readiness{Ready: len(reasons) == 0, Reasons: reasons})
+}
+
+// quorumMetric returns, in cluster mode, what chatd_cluster_quorum reads:
+// whether JetStream answers with a quorum within readyzClusterTimeout.
+func (s *Server) quorumMetric() func() bool {
+	if s.cluster == nil {
+		return nil
+	}
+	return func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), readyzClusterTimeout)
+		defer cancel()
+		st, err := s.cluster.status(ctx)
+		return err == nil && st.Quorum
+	}
 }
 
 // readyzClusterTimeout bounds the JetStream question of one /readyz, well

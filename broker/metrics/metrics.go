@@ -50,6 +50,9 @@ type Sources struct {
 	Delivery Delivery
 	// Webhooks are the webhooks' counters (push, events), by name.
 	Webhooks map[string]func() webhook.Stats
+	// ClusterQuorum, set in cluster mode, reports whether JetStream has a
+	// quorum as this node sees it; it is asked at each scrape.
+	ClusterQuorum func() bool
 }
 
 // Metrics is the server's registry and the metrics it observes by event.
@@ -120,6 +123,14 @@ func (m *Metrics) Watch(src Sources) {
 	}
 	gauge := func(name, help string, f func() float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	if src.ClusterQuorum != nil {
+		m.registry.MustRegister(gauge("chatd_cluster_quorum", "1 while this node sees a JetStream quorum (its meta group has a leader and answers), 0 without: without one no message is stored.", func() float64 {
+			if src.ClusterQuorum() {
+				return 1
+			}
+			return 0
+		}))
 	}
 	for name, stats := range src.Webhooks {
 		labels := prometheus.Labels{"webhook": name}
