@@ -3,7 +3,10 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"runtime"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -108,4 +111,49 @@ variable overrides it. Start a configuration from it:
 			return err
 		},
 	}
+}
+
+// newProbeCmd returns `chatd probe`.
+func newProbeCmd() *cobra.Command {
+	var (
+		addr    string
+		timeout time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "probe [ready|live]",
+		Short: "Ask a running node whether it is ready (or alive), for container health checks",
+		Long: `Ask a running node's HTTP listener whether it is ready to serve
+(GET /readyz, the default) or alive (GET /healthz), and exit 0 if so, 1
+if not, printing the answer. For health checks where no HTTP client is
+at hand, such as a container built from the chatd binary alone:
+
+  HEALTHCHECK: ["CMD", "/chatd", "probe", "--http", "127.0.0.1:8080"]`,
+		Args:      cobra.MatchAll(cobra.MaximumNArgs(1), cobra.OnlyValidArgs),
+		ValidArgs: []string{"ready", "live"},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cmd.SilenceUsage = true
+			path := "/readyz"
+			if len(args) == 1 && args[0] == "live" {
+				path = "/healthz"
+			}
+			client := &http.Client{Timeout: timeout}
+			resp, err := client.Get("http://" + addr + path)
+			if err != nil {
+				return fmt.Errorf("probe: %w", err)
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			if err != nil {
+				return fmt.Errorf("probe: read the answer: %w", err)
+			}
+			fmt.Fprint(cmd.OutOrStdout(), string(body))
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("probe: %s answered %s", path, resp.Status)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&addr, "http", config.Default().HTTP, "the node's HTTP listener, host:port")
+	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "how long to wait for the answer")
+	return cmd
 }

@@ -180,3 +180,26 @@ func TestServeReload(t *testing.T) {
 	}
 	done <- nil // for the cleanup
 }
+
+// TestProbe: probe exits 0 for a ready node and a live one, 1 for a node
+// that is not ready or not there.
+func TestProbe(t *testing.T) {
+	isolate(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	logs, done := serveBackground(ctx)
+	_, httpAddr := waitStarted(t, logs, done)
+	for _, args := range [][]string{{"probe", "--http", httpAddr}, {"probe", "live", "--http", httpAddr}} {
+		if out, _, err := run(context.Background(), args...); err != nil || !strings.Contains(out, "ready") && !strings.Contains(out, "ok") {
+			t.Errorf("chatd %v: %v, %q", args, err, out)
+		}
+	}
+	cancel()
+	<-done
+	if _, _, err := run(context.Background(), "probe", "--http", httpAddr, "--timeout", "1s"); err == nil {
+		t.Error("probe of a stopped node passed")
+	}
+	if _, _, err := run(context.Background(), "probe", "sideways"); err == nil {
+		t.Error("probe took an unknown argument")
+	}
+}

@@ -43,6 +43,6 @@ func newRootCmd() *cobra.Command {
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
 	}
 	root.AddCommand(newServeCmd(), newTokenCmd(), newClusterCmd(), newAPIKeyCmd(),
-		newVersionCmd(), newCheckConfigCmd(), newDefaultConfigCmd())
+		newVersionCmd(), newCheckConfigCmd(), newDefaultConfigCmd(), newProbeCmd())
 	return root
 }
