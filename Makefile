@@ -48,8 +48,8 @@ lint:
 
 # The interoperability test drives the server with Debian's stock
 # mosquitto clients, the TypeScript SDK's tests need Node.js and npm, and
-# the chat page's tests Chromium; install them when missing and we are
-# allowed to.
+# the chat page's tests Chromium, the alert rules' test promtool (Debian's
+# prometheus package); install them when missing and we are allowed to.
 test-deps:
 	@command -v npm >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -64,6 +64,13 @@ test-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else \
 			echo "chromium missing: install it for the browser tests (apt-get install chromium), or set CHROMIUM to its path"; exit 1; \
+		fi; }
+	@command -v promtool >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing prometheus for promtool, which checks deploy/prometheus/alerts.yml"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		else \
+			echo "promtool missing: install it to check the alert rules (apt-get install prometheus)"; exit 1; \
 		fi; }
 	@command -v mosquitto_pub >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
