@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -75,6 +76,8 @@ type Report struct {
 	Crash *CrashResult `json:"crash,omitempty"`
 	// Restart is the restart scenario's result.
 	Restart *RestartResult `json:"restart,omitempty"`
+	// Verdict is the --threshold conditions checked, when any were given.
+	Verdict *Verdict `json:"verdict,omitempty"`
 	// Flood is what the abusive clients of --flooders did.
 	Flood *FloodResult `json:"flood,omitempty"`
 	// ErrorCount is every error met.
@@ -305,6 +308,21 @@ func (rep *Report) settingsLine() string {
 
 // Failures lists why the run failed; it is empty when the run passed.
 func (rep *Report) Failures() []string {
+	f := rep.promiseFailures()
+	if rep.Verdict != nil {
+		for _, r := range rep.Verdict.Failed() {
+			f = append(f, fmt.Sprintf("threshold %s failed (%s was %s)", r.Expr, r.Figure, formatFigure(r.Actual)))
+		}
+	}
+	return f
+}
+
+// formatFigure writes a report figure without needless decimals.
+func formatFigure(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+
+// promiseFailures is Failures without the thresholds: what the broker
+// and the run itself did wrong.
+func (rep *Report) promiseFailures() []string {
 	var f []string
 	c := rep.Counts
 	add := func(n int64, what string) {
@@ -335,7 +353,8 @@ func (rep *Report) Failures() []string {
 // ExitCode is the process exit status the report calls for: 0 when the
 // run passed, 1 when messages or sent copies were lost, misrouted or
 // reordered (the broker broke its promise), 2 for any other error, and for
-// an interrupted run, whose losses are unknown.
+// an interrupted run, whose losses are unknown, and 3 when the run kept
+// every promise but a --threshold failed.
 func (rep *Report) ExitCode() int {
 	c := rep.Counts
 	switch {
@@ -344,8 +363,10 @@ func (rep *Report) ExitCode() int {
 	case c.Lost > 0 || c.Misrouted > 0 || c.OrderViolations > 0,
 		c.CopiesLost > 0 || c.CopiesMisrouted > 0 || c.CopyOrderViolations > 0:
 		return 1
-	case len(rep.Failures()) > 0:
+	case len(rep.promiseFailures()) > 0:
 		return 2
+	case rep.Verdict != nil && !rep.Verdict.Passed:
+		return 3
 	default:
 		return 0
 	}
@@ -488,6 +509,16 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	}
 	for _, e := range rep.Errors {
 		p("  error\t%s", e)
+	}
+	if rep.Verdict != nil {
+		p("")
+		for _, r := range rep.Verdict.Results {
+			mark := "ok"
+			if !r.Passed {
+				mark = "FAILED"
+			}
+			p("threshold	%s	%s	(%s = %s)", r.Expr, mark, r.Figure, formatFigure(r.Actual))
+		}
 	}
 	p("")
 	if f := rep.Failures(); len(f) > 0 {

@@ -122,6 +122,7 @@ func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 	var (
 		secret, jsonPath, htmlPath string
 		quiet                      bool
+		thresholds                 []string
 	)
 	names := make([]string, len(loadtest.Scenarios))
 	for i, s := range loadtest.Scenarios {
@@ -134,7 +135,19 @@ func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 duplicates, lost and out-of-order messages, throughput and latency
 percentiles. Every run stops by itself. The exit status is 0 when the run
 passed, 1 when messages were lost, misrouted or reordered, 2 on any other
-error.
+error, 3 when only a --threshold failed.
+
+--threshold gates a run in CI, as k6's thresholds do: FIGURE OP VALUE,
+repeated, each checked against the report; the table, the JSON (verdict)
+and the HTML report say which held. FIGURE is STAT(LATENCY), with STAT
+one of p50, p90, p99, p99.9, max, mean, count and LATENCY one of
+send->deliver, send->PUBACK, send->receipt, send->sent copy,
+CONNECT->CONNACK, CONNECT->SUBACK (VALUE in ms, or with a unit: us, ms,
+s, m); a short name: lost, duplicates, refused, misrouted,
+order_violations, in_flight, sent, acked, delivered, unique, throughput,
+send_rate; or any number of the JSON report by its path, such as
+connections.reconnects or server.avg_cpu_percent. OP is < <= > >= == !=.
+A FIGURE the report does not have is an error (exit 2).
 
 A cluster is driven by giving --broker one URL per node, comma-separated:
 client i connects first to URL i mod n and, when its node goes down, paho
@@ -154,7 +167,9 @@ connected again. Server CPU and memory are measured on the first node only.`,
   loadtest run restart --server-cmd "bin/chatd serve --data-dir /tmp/d --listen 127.0.0.1:1883" \
     --messages 1000000 --recipients 100 --duration 30m
   loadtest run chat --rate 5000 --users 200 --flooders 1
-  loadtest run chat --plain --broker tcp://127.0.0.1:1884`,
+  loadtest run chat --plain --broker tcp://127.0.0.1:1884
+  loadtest run chat --rate 2000 --duration 30s -q \
+    --threshold 'p99(send->deliver)<5ms' --threshold 'lost==0' --threshold 'throughput>=1900'`,
 		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
 		ValidArgs: names,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -163,6 +178,14 @@ connected again. Server CPU and memory are measured on the first node only.`,
 				secret = os.Getenv("CHATD_AUTH_SECRET")
 			}
 			cfg.Secret = []byte(secret)
+			var gates []loadtest.Threshold
+			for _, s := range thresholds {
+				t, err := loadtest.ParseThreshold(s)
+				if err != nil {
+					return err
+				}
+				gates = append(gates, t)
+			}
 			var progress loadtest.Progress
 			if !quiet {
 				// The bar tracks the sending phase; the grace period,
@@ -176,6 +199,14 @@ connected again. Server CPU and memory are measured on the first node only.`,
 			rep, err := loadtest.Run(cmd.Context(), cfg, progress)
 			if rep == nil {
 				return err
+			}
+			if len(gates) > 0 {
+				v, verr := loadtest.Evaluate(rep, gates)
+				if verr != nil {
+					fmt.Fprintln(stderr, "loadtest:", verr)
+					return exitError{2}
+				}
+				rep.Verdict = v
 			}
 			if werr := rep.WriteTable(stdout); werr != nil {
 				return werr
@@ -240,6 +271,7 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")
 	flagVar(f.StringVar, &htmlPath, "html", "write a self-contained HTML report to this file")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no live progress on stderr")
+	f.StringArrayVar(&thresholds, "threshold", nil, "pass/fail condition on a figure of the report, repeatable: 'p99(send->deliver)<5ms', 'lost==0', 'throughput>=2000' (see above)")
 	return cmd
 }
 

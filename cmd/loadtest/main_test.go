@@ -32,6 +32,7 @@ func TestCommands(t *testing.T) {
 		{"compare nothing with nothing", []string{"compare", "-", "-"}, "", "for both reports"},
 		{"restart without server", []string{"run", "restart", "--plain"}, "", "--server-cmd"},
 		{"label with a bar", []string{"run", "chat", "--plain", "--label", "a|b"}, "", "--label"},
+		{"bad threshold", []string{"run", "chat", "--plain", "--threshold", "lost = 0"}, "", "FIGURE OP VALUE"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
