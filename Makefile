@@ -1,7 +1,7 @@
 # chatd: a durable MQTT chat server. `make run` starts it, `make test` tests it.
 GO ?= go
 
-.PHONY: run web test test-js build bench test-deps vet lint
+.PHONY: run web test test-js build deb bench test-deps vet lint
 
 ## run: start the server with the embedded defaults (data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:8080)
 ## in development mode: the chat page at http://127.0.0.1:8080/ (built first when npm is present), sign-in as any user
@@ -31,6 +31,12 @@ test-js:
 ## build: build chatd and loadtest into ./bin
 build:
 	$(GO) build -o bin/ ./cmd/...
+
+## deb: build the Debian package bin/chatd_<version>_<arch>.deb (nfpm, no Debian tooling needed):
+## /usr/bin/chatd, the systemd unit, /etc/chatd/chatd.yaml, the user chatd (docs/operations.md)
+deb:
+	$(GO) build -trimpath -o bin/chatd ./cmd/chatd
+	$(GO) run ./cmd/chatd-deb --binary bin/chatd --out bin/
 
 ## bench: our server vs Mosquitto under the same load; writes docs/benchmarks.md
 bench:

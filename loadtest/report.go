@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"sort"
 	"strconv"
@@ -317,8 +318,9 @@ func (rep *Report) Failures() []string {
 	return f
 }
 
-// formatFigure writes a report figure without needless decimals.
-func formatFigure(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+// formatFigure writes a report figure to three decimals at most, without
+// needless zeros.
+func formatFigure(v float64) string { return strconv.FormatFloat(math.Round(v*1000)/1000, 'f', -1, 64) }
 
 // promiseFailures is Failures without the thresholds: what the broker
 // and the run itself did wrong.
