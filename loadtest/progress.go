@@ -29,6 +29,12 @@ type Status struct {
 	Errors int64
 	// Connected is the live client connections.
 	Connected int64
+	// Run names the run (its run tag), for exporters.
+	Run string
+	// Point is the interval that just ended, as the report's series has it.
+	Point Point
+	// Counts is the accounting so far (lost and in flight are only known at the end).
+	Counts Counts
 }
 
 // String renders the status as one line.

@@ -91,6 +91,9 @@ func (r *run) takeSample(now time.Time) {
 			P99Ms:     PercentilesOf(deliver).P99,
 			Errors:    errs,
 			Connected: p.Connected,
+			Run:       r.tag,
+			Point:     p,
+			Counts:    c,
 		})
 	}
 }

@@ -121,6 +121,7 @@ func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 	cfg := loadtest.DefaultConfig()
 	var (
 		secret, jsonPath, htmlPath string
+		csvPath, metricsAddr       string
 		quiet                      bool
 		thresholds                 []string
 	)
@@ -168,6 +169,7 @@ connected again. Server CPU and memory are measured on the first node only.`,
     --messages 1000000 --recipients 100 --duration 30m
   loadtest run chat --rate 5000 --users 200 --flooders 1
   loadtest run chat --plain --broker tcp://127.0.0.1:1884
+  loadtest run chat --rate 1000 --duration 5m --csv series.csv --metrics-listen 127.0.0.1:9464
   loadtest run chat --rate 2000 --duration 30s -q \
     --threshold 'p99(send->deliver)<5ms' --threshold 'lost==0' --threshold 'throughput>=1900'`,
 		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
@@ -196,6 +198,23 @@ connected again. Server CPU and memory are measured on the first node only.`,
 				}
 				progress = loadtest.NewProgress(stderr, isTerminal(stderr), expected)
 			}
+			watchers := []loadtest.Progress{progress}
+			if csvPath != "" {
+				c, err := loadtest.NewCSVSeries(csvPath)
+				if err != nil {
+					return err
+				}
+				watchers = append(watchers, c)
+			}
+			if metricsAddr != "" {
+				e, err := loadtest.NewExporter(metricsAddr, cfg.Scenario)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(stderr, "live figures at http://%s/metrics\n", e.Addr())
+				watchers = append(watchers, e)
+			}
+			progress = loadtest.Progresses(watchers...)
 			rep, err := loadtest.Run(cmd.Context(), cfg, progress)
 			if rep == nil {
 				return err
@@ -270,6 +289,8 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.Int64Var, &cfg.Seed, "seed", "random seed for recipients and cuts, 0 = random")
 	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")
 	flagVar(f.StringVar, &htmlPath, "html", "write a self-contained HTML report to this file")
+	flagVar(f.StringVar, &csvPath, "csv", "write the per-second series to this CSV file as the run goes")
+	flagVar(f.StringVar, &metricsAddr, "metrics-listen", "serve the live figures for Prometheus at http://ADDR/metrics while the run lasts, e.g. 127.0.0.1:9464")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no live progress on stderr")
 	f.StringArrayVar(&thresholds, "threshold", nil, "pass/fail condition on a figure of the report, repeatable: 'p99(send->deliver)<5ms', 'lost==0', 'throughput>=2000' (see above)")
 	return cmd
