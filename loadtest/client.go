@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -149,12 +150,8 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 		SetOnConnectHandler(c.onConnect).
 		SetConnectionLostHandler(c.onConnectionLost).
 		SetReconnectingHandler(c.onReconnecting)
-	if !r.cfg.Plain {
-		tok, err := token.Mint(r.cfg.Secret, c.user, r.cfg.Duration+r.cfg.Grace+r.cfg.Hold+time.Hour)
-		if err != nil {
-			return nil, fmt.Errorf("token for %s: %w", c.user, err)
-		}
-		o.SetUsername(c.user).SetPassword(tok)
+	if err := r.signIn(o, c.user); err != nil {
+		return nil, err
 	}
 	if len(r.brokers) > 1 {
 		c.trying.Store(int32(c.slot() % len(r.brokers)))
@@ -186,6 +183,29 @@ func (r *run) clientOptions(c *client) (*mqtt.ClientOptions, error) {
 		})
 	}
 	return o, nil
+}
+
+// signIn sets o's username and password for user: a token of chatd, or
+// in Plain mode the --username and --password given, if any.
+func (r *run) signIn(o *mqtt.ClientOptions, user string) error {
+	if !r.cfg.Plain {
+		tok, err := token.Mint(r.cfg.Secret, user, r.cfg.Duration+r.cfg.Grace+r.cfg.Hold+time.Hour)
+		if err != nil {
+			return fmt.Errorf("token for %s: %w", user, err)
+		}
+		o.SetUsername(user).SetPassword(tok)
+		return nil
+	}
+	if u := r.cfg.Username; u != "" {
+		if strings.Contains(u, "%s") {
+			u = fmt.Sprintf(u, user)
+		}
+		o.SetUsername(u)
+	}
+	if r.cfg.Password != "" {
+		o.SetPassword(r.cfg.Password)
+	}
+	return nil
 }
 
 // readBufferSize is each simulated phone's read buffer. paho reads every

@@ -40,6 +40,13 @@ type Config struct {
 	Secret []byte
 	// Plain drives any MQTT broker: no tokens, raw payloads, no envelope.
 	Plain bool
+	// Username is, in Plain mode, the CONNECT username, with %s replaced
+	// by the user ID if it has one ("" sends none): brokers that check
+	// passwords (EMQX, HiveMQ with an auth extension, Mosquitto with a
+	// password file) get one account per user, or one for all.
+	Username string
+	// Password is, in Plain mode, the CONNECT password ("" sends none).
+	Password string
 	// Topic is the inbox topic template; %s is replaced by the user ID.
 	Topic string
 	// UserPrefix starts every simulated user ID.
@@ -165,6 +172,12 @@ func (c *Config) Validate() error {
 	}
 	if strings.Count(c.Topic, "%s") != 1 {
 		return fmt.Errorf("topic %q: must contain %%s exactly once", c.Topic)
+	}
+	if !c.Plain && (c.Username != "" || c.Password != "") {
+		return errors.New("--username and --password are for --plain: chatd's clients sign in with tokens")
+	}
+	if strings.Count(c.Username, "%s") > 1 {
+		return fmt.Errorf("username %q: at most one %%s", c.Username)
 	}
 	if !c.Plain && len(c.Secret) == 0 {
 		return errors.New("no token secret: set --secret or CHATD_AUTH_SECRET, or use --plain")

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
-
-	"github.com/chatd/chatd/broker/protocol/token"
 )
 
 // floodWindow is each flooder's unacknowledged publishes: far more than
@@ -59,12 +57,8 @@ func (r *run) startFlooders(ctx context.Context, n int) (*flooders, error) {
 			SetConnectTimeout(r.cfg.ConnectTimeout).
 			SetKeepAlive(r.cfg.Keepalive).
 			SetDialer(&net.Dialer{Timeout: r.cfg.ConnectTimeout})
-		if !r.cfg.Plain {
-			tok, err := token.Mint(r.cfg.Secret, user, r.cfg.Duration+r.cfg.Grace+time.Hour)
-			if err != nil {
-				return f, fmt.Errorf("token for %s: %w", user, err)
-			}
-			o.SetUsername(user).SetPassword(tok)
+		if err := r.signIn(o, user); err != nil {
+			return f, err
 		}
 		c := mqtt.NewClient(o)
 		tk := c.Connect()

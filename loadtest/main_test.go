@@ -172,8 +172,15 @@ func startChatd(t *testing.T) string {
 // its host:port.
 func startMochi(t *testing.T) string {
 	t.Helper()
+	return startMochiWith(t, new(allowAll))
+}
+
+// startMochiWith runs a plain MQTT broker with hook deciding who may
+// connect and returns its host:port.
+func startMochiWith(t *testing.T, hook mochi.Hook) string {
+	t.Helper()
 	srv := mochi.New(&mochi.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err := srv.AddHook(new(allowAll), nil); err != nil {
+	if err := srv.AddHook(hook, nil); err != nil {
 		t.Fatal(err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -208,3 +215,17 @@ func (h *allowAll) Provides(b byte) bool {
 func (h *allowAll) OnConnectAuthenticate(*mochi.Client, packets.Packet) bool { return true }
 
 func (h *allowAll) OnACLCheck(*mochi.Client, string, bool) bool { return true }
+
+// passwordAuth lets in clients whose username is "acct-" and their client
+// ID, with password, as a broker with one account per user (EMQX's
+// built-in database, HiveMQ's file realm) would.
+type passwordAuth struct {
+	allowAll
+	password string
+}
+
+func (h *passwordAuth) ID() string { return "password" }
+
+func (h *passwordAuth) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
+	return string(pk.Connect.Username) == "acct-"+cl.ID && string(pk.Connect.Password) == h.password
+}

@@ -155,6 +155,32 @@ func TestRunChatPlain(t *testing.T) {
 	}
 }
 
+// TestRunChatPlainWithPasswords drives a broker that checks usernames and
+// passwords, with another topic layout, as EMQX or HiveMQ set up for a
+// chat would: the run passes with the accounts' credentials, and cannot
+// connect without them.
+func TestRunChatPlainWithPasswords(t *testing.T) {
+	broker := "tcp://" + startMochiWith(t, &passwordAuth{password: "s3cret"})
+	cfg := testConfig(ScenarioChat, broker)
+	cfg.Plain, cfg.Secret = true, nil
+	cfg.Duration = time.Second
+	cfg.Topic = "chat/%s/inbox"
+	cfg.Username, cfg.Password = "acct-%s", "s3cret"
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	if rep.Counts.Sent == 0 || rep.Counts.Unique != rep.Counts.Sent {
+		t.Errorf("counts %+v", rep.Counts)
+	}
+
+	cfg.Password = "wrong"
+	cfg.ConnectTimeout = 2 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if rep, err := Run(ctx, cfg, nil); err == nil && rep.ExitCode() == 0 {
+		t.Error("a run with the wrong password passed")
+	}
+}
+
 func TestRunDrain(t *testing.T) {
 	cfg := testConfig(ScenarioDrain, startChatd(t))
 	cfg.Messages = 2000

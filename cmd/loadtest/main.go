@@ -257,6 +257,8 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.StringVar, &secret, "secret", "HS256 token secret (default $CHATD_AUTH_SECRET)")
 	flagVar(f.BoolVar, &cfg.Plain, "plain", "any MQTT broker: no tokens, raw payloads, no envelope")
 	flagVar(f.StringVar, &cfg.Topic, "topic", "inbox topic template, %s is the user ID")
+	flagVar(f.StringVar, &cfg.Username, "username", "--plain: CONNECT username, %s is the user ID (\"\" sends none)")
+	flagVar(f.StringVar, &cfg.Password, "password", "--plain: CONNECT password (\"\" sends none)")
 	flagVar(f.StringVar, &cfg.UserPrefix, "user-prefix", "prefix of the simulated user IDs")
 	flagVar(f.IntVar, &cfg.Users, "users", "simulated users (chat, flaky, crash, connect)")
 	flagVar(f.IntVar, &cfg.Devices, "devices", "chat, flaky, crash: devices per user, client IDs {user}/d0..d{N-1} (1: client ID {user}); each message goes out from one of them and must reach every device of its recipient, its sent copy every other device of its sender (chatd only)")
