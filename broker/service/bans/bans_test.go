@@ -78,9 +78,29 @@ func TestStoreContract(t *testing.T) {
 			if err := a.Ban(bans.Ban{User: "eve", Until: 1_000_060, Created: 1_000_000}); err != nil {
 				t.Fatal(err)
 			}
+			// Valid user IDs that a KV bucket would not take as keys.
+			odd := []string{".dot", "dot.", "a..b", "b64=x"}
+			for _, u := range odd {
+				if err := a.Ban(bans.Ban{User: u, Created: 1_000_000}); err != nil {
+					t.Fatalf("ban %q: %v", u, err)
+				}
+			}
 			for _, s := range []*bans.Store{a, b, reopen()} {
 				waitBanned(t, s, "mallory", true)
 				waitBanned(t, s, "eve", true)
+				for _, u := range odd {
+					waitBanned(t, s, u, true)
+				}
+			}
+			for _, u := range odd {
+				if err := b.Unban(u); err != nil {
+					t.Fatalf("unban %q: %v", u, err)
+				}
+			}
+			for _, s := range []*bans.Store{a, b, reopen()} {
+				for _, u := range odd {
+					waitBanned(t, s, u, false)
+				}
 			}
 			if got, _ := a.Banned("mallory"); got.Reason != "spam" || got.Until != 0 {
 				t.Errorf("mallory's ban: %+v", got)

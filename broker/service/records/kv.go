@@ -2,9 +2,12 @@ package records
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"regexp"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -24,8 +27,9 @@ type kvBackend[T any] struct {
 // NewKV returns the Set of a cluster node on the bucket named bucket
 // (created with replicas copies): it reads every record, then follows
 // the other nodes' changes until Close, telling onPut (nil: none) of
-// each record that reaches it, as reliably as the bucket itself. Keys
-// must be valid KV keys. ctx bounds the setup.
+// each record that reaches it, as reliably as the bucket itself. Any
+// string is a key: one the bucket would refuse (a user ID such as
+// ".alice" or "a..b") is stored encoded (see kvKey). ctx bounds the setup.
 func NewKV[T any](ctx context.Context, js jetstream.JetStream, bucket, description string, replicas int, onPut func(key string, v T), log *slog.Logger) (*Set[T], error) {
 	kv, err := natsnode.OpenKV(ctx, js, bucket, description, replicas)
 	if err != nil {
@@ -47,7 +51,7 @@ func NewKV[T any](ctx context.Context, js jetstream.JetStream, bucket, descripti
 	stored := make(map[string]T)
 	err = natsnode.KVReplay(ctx, w, func(e jetstream.KeyValueEntry) error {
 		if v, ok := decodeEntry[T](e, log); ok {
-			stored[e.Key()] = v
+			stored[fromKVKey(e.Key())] = v
 		}
 		return nil
 	})
@@ -85,11 +89,11 @@ func (be *kvBackend[T]) follow(ctx context.Context, w jetstream.KeyWatcher, s *S
 			e = got
 		}
 		if e.Operation() != jetstream.KeyValuePut {
-			s.unset(e.Key())
+			s.unset(fromKVKey(e.Key()))
 			continue
 		}
 		if v, ok := decodeEntry[T](e, log); ok {
-			s.set(e.Key(), v)
+			s.set(fromKVKey(e.Key()), v)
 		}
 	}
 }
@@ -116,7 +120,7 @@ func (be *kvBackend[T]) put(k string, v T) error {
 	// A write is asked again while the bucket elects its leader; both
 	// writes are idempotent.
 	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
-		_, err := be.kv.Put(ctx, k, b)
+		_, err := be.kv.Put(ctx, kvKey(k), b)
 		return err
 	})
 	if err != nil {
@@ -128,7 +132,7 @@ func (be *kvBackend[T]) put(k string, v T) error {
 func (be *kvBackend[T]) delete(k string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error { return be.kv.Purge(ctx, k) })
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error { return be.kv.Purge(ctx, kvKey(k)) })
 	if err != nil {
 		return fmt.Errorf("delete record %s: %w", k, err)
 	}
@@ -138,4 +142,37 @@ func (be *kvBackend[T]) delete(k string) error {
 func (be *kvBackend[T]) close() {
 	be.cancel()
 	<-be.done
+}
+
+// encodedPrefix starts a key stored encoded: no user ID, token key or
+// other plain key has an "=".
+const encodedPrefix = "b64="
+
+// validKVKey matches what a JetStream KV bucket takes as a key (nats.go's
+// own check), which also keeps a key one subject token or more.
+var validKVKey = regexp.MustCompile(`^[-/_=.a-zA-Z0-9]+$`)
+
+// kvKey returns k as the bucket stores it: k itself when the bucket
+// takes it (every key written before keys were encoded was such, and
+// reads as before), else encodedPrefix and k in unpadded base64url.
+func kvKey(k string) string {
+	if validKVKey.MatchString(k) && !strings.HasPrefix(k, ".") && !strings.HasSuffix(k, ".") &&
+		!strings.Contains(k, "..") && !strings.HasPrefix(k, encodedPrefix) {
+		return k
+	}
+	return encodedPrefix + base64.RawURLEncoding.EncodeToString([]byte(k))
+}
+
+// fromKVKey returns the key kvKey stored as stored.
+func fromKVKey(stored string) string {
+	enc, ok := strings.CutPrefix(stored, encodedPrefix)
+	if !ok {
+		return stored
+	}
+	b, err := base64.RawURLEncoding.DecodeString(enc)
+	if err != nil {
+		// Not written by kvKey: taken as it is.
+		return stored
+	}
+	return string(b)
 }
