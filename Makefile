@@ -1,7 +1,7 @@
 # chatd: a durable MQTT chat server. `make run` starts it, `make test` tests it.
 GO ?= go
 
-.PHONY: run web test test-js build deb bench test-deps vet lint
+.PHONY: run web test test-js build deb image bench test-deps vet lint
 
 ## run: start the server with the embedded defaults (data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:8080)
 ## in development mode: the chat page at http://127.0.0.1:8080/ (built first when npm is present), sign-in as any user
@@ -38,6 +38,12 @@ deb:
 	$(GO) build -trimpath -o bin/chatd ./cmd/chatd
 	$(GO) run ./cmd/chatd-deb --binary bin/chatd --out bin/
 
+## image: build the container image bin/chatd-image.tar from a static chatd, no base image pulled
+## (go-containerregistry): docker load -i bin/chatd-image.tar gives chatd:latest (deploy/compose)
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/chatd-static ./cmd/chatd
+	$(GO) run ./cmd/chatd-image --binary bin/chatd-static --out bin/chatd-image.tar
+
 ## bench: our server vs Mosquitto under the same load; writes docs/benchmarks.md
 bench:
 	bash loadtest/bench.sh
@@ -55,7 +61,8 @@ lint:
 # The interoperability test drives the server with Debian's stock
 # mosquitto clients, the TypeScript SDK's tests need Node.js and npm, and
 # the chat page's tests Chromium, the alert rules' test promtool (Debian's
-# prometheus package); install them when missing and we are allowed to.
+# prometheus package), the image test a container engine (podman, when no
+# docker daemon runs); install them when missing and we are allowed to.
 test-deps:
 	@command -v npm >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -77,6 +84,14 @@ test-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 		else \
 			echo "promtool missing: install it to check the alert rules (apt-get install prometheus)"; exit 1; \
+		fi; }
+	@command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 || command -v podman >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing podman and runc, to start the container image in its test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc) >/dev/null || \
+				echo "could not install podman: the image test checks the image as files only"; \
+		else \
+			echo "no container engine: the image test checks the image as files only (apt-get install podman runc)"; \
 		fi; }
 	@command -v mosquitto_pub >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
