@@ -125,6 +125,10 @@ type Config struct {
 
 	// Seed makes recipient choice and cut order reproducible; 0 picks one.
 	Seed int64
+
+	// Raw makes the report carry what it was computed from (Report.Raw):
+	// the histograms MergeReports needs. Agents set it.
+	Raw bool
 }
 
 // DefaultConfig returns the defaults of the command line.

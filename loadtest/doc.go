@@ -35,4 +35,16 @@
 // node dies to the next URL of its list. With one server command per node
 // the crash scenario kills the nodes one at a time and measures how long
 // the killed node's clients take to be connected again.
+//
+// A chat run can be spread over several machines: each runs an Agent
+// (loadtest agent), an HTTP server that carries out one run at a time,
+// and RunAgents, the coordinator, gives each its own share of the users
+// and of the rate (see splitConfig), so that every message stays within
+// one agent's share. Each answers with its report and, since the
+// coordinator sets Config.Raw, the raw data it was computed from: HDR
+// histograms in HdrHistogram's compressed encoding, one per latency and
+// one per second of the series. MergeReports sums the counts and
+// recomputes every percentile from the merged histograms, never from the
+// agents' percentiles. The token secret and password never cross the
+// network: each agent has its own.
 package loadtest

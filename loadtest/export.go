@@ -103,6 +103,20 @@ func (c *CSVSeries) Done() error {
 	return c.err
 }
 
+// WriteCSV writes the report's per-second series to path, in the columns
+// of CSVSeries: for a run on agents, whose series is only known merged
+// at the end.
+func (rep *Report) WriteCSV(path string) error {
+	c, err := NewCSVSeries(path)
+	if err != nil {
+		return err
+	}
+	for _, p := range rep.Series {
+		c.Update(Status{Point: p})
+	}
+	return c.Done()
+}
+
 // Exporter serves a run's live figures in Prometheus's text format at
 // /metrics, so that a run can be watched in Grafana beside the server's
 // own metrics. Every series carries the scenario as a label. It serves

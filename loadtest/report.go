@@ -65,7 +65,8 @@ type Report struct {
 	Series []Point `json:"series"`
 	// Server is the server's resource use, when it runs on this machine.
 	Server *ProcUsage `json:"server,omitempty"`
-	// Client is the load tester's own resource use.
+	// Client is the load tester's own resource use; merged from agents,
+	// every figure summed over them (each agent's is in Agents).
 	Client ProcUsage `json:"client"`
 	// Drain is the drain scenario's result.
 	Drain *DrainResult `json:"drain,omitempty"`
@@ -85,6 +86,11 @@ type Report struct {
 	ErrorCount int64 `json:"error_count"`
 	// Errors holds the first error messages.
 	Errors []string `json:"errors,omitempty"`
+	// Agents is each agent's share, in a report merged from agents.
+	Agents []AgentSummary `json:"agents,omitempty"`
+	// Raw is what the report was computed from, when Config.Raw asked for
+	// it: what MergeReports merges.
+	Raw *RawData `json:"raw,omitempty"`
 }
 
 // Settings is the part of the configuration a reader needs to compare runs.
@@ -124,6 +130,9 @@ type Settings struct {
 	ServerCmd string `json:"server_cmd,omitempty"`
 	// ServerCmds are the commands that started the nodes, when there were several.
 	ServerCmds []string `json:"server_cmds,omitempty"`
+	// Agents are the agents that ran the users, in a report merged from
+	// agents (Users and Rate are then their totals).
+	Agents []string `json:"agents,omitempty"`
 }
 
 // Connections summarises the clients' connections.
@@ -225,6 +234,13 @@ func (r *run) report(interrupted bool) *Report {
 	r.seriesMu.Lock()
 	rep.Series = append([]Point(nil), r.series...)
 	r.seriesMu.Unlock()
+	if r.cfg.Raw {
+		raw, err := r.rawData(deliver, ack, receipt)
+		if err != nil {
+			r.errs.add(err)
+		}
+		rep.Raw = raw
+	}
 	rep.ErrorCount, rep.Errors = r.errs.snapshot()
 	return rep
 }
@@ -505,7 +521,15 @@ func (rep *Report) WriteTable(w io.Writer) error {
 		p("server\tpid %d: cpu %.1f s (%.0f%% of a core), rss %.1f -> %.1f MB (peak %.1f)",
 			s.PID, s.CPUSeconds, s.AvgCPUPercent, s.StartRSSMB, s.EndRSSMB, s.PeakRSSMB)
 	}
-	p("load tester\tcpu %.1f s (%.0f%% of a core), peak rss %.1f MB", rep.Client.CPUSeconds, rep.Client.AvgCPUPercent, rep.Client.PeakRSSMB)
+	if len(rep.Agents) > 0 {
+		p("load testers\t%d agents: cpu %.1f s (%.0f%% of a core), peak rss %.1f MB, summed", len(rep.Agents), rep.Client.CPUSeconds, rep.Client.AvgCPUPercent, rep.Client.PeakRSSMB)
+		for i, a := range rep.Agents {
+			p("  agent %d\t%s: %d users, sent %d, delivered %d, lost %d, p99 %.2f ms, errors %d; cpu %.0f%% of a core (%d CPUs), peak rss %.1f MB",
+				i+1, a.Agent, a.Users, a.Sent, a.Unique, a.Lost, a.Deliver.P99, a.ErrorCount, a.Client.AvgCPUPercent, a.Host.CPUs, a.Client.PeakRSSMB)
+		}
+	} else {
+		p("load tester\tcpu %.1f s (%.0f%% of a core), peak rss %.1f MB", rep.Client.CPUSeconds, rep.Client.AvgCPUPercent, rep.Client.PeakRSSMB)
+	}
 	for _, l := range rep.LostSamples {
 		p("  lost\t%s", l)
 	}

@@ -81,9 +81,13 @@ type run struct {
 
 	seriesMu sync.Mutex
 	series   []Point
-	prev     Counts
-	prevErrs int64
-	prevAt   time.Time
+	// seriesHists holds, with Config.Raw, the send->deliver histogram of
+	// each point of series, encoded at once: a run of hours keeps a few
+	// kilobytes a second rather than a whole histogram.
+	seriesHists []EncodedHistogram
+	prev        Counts
+	prevErrs    int64
+	prevAt      time.Time
 
 	drain   *DrainResult
 	connect *ConnectResult

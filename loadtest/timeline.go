@@ -19,7 +19,8 @@ type Point struct {
 	DeliveredPerSec float64 `json:"delivered_per_s"`
 	// Duplicates is the duplicate deliveries in the interval.
 	Duplicates int64 `json:"duplicates"`
-	// P99Ms is the send->deliver p99 of the interval's first deliveries.
+	// P99Ms is the send->deliver p99 of the interval's first deliveries;
+	// merged from agents, the p99 of their same intervals' histograms merged.
 	P99Ms float64 `json:"p99_ms"`
 	// Errors is the errors in the interval.
 	Errors int64 `json:"errors"`
@@ -58,6 +59,7 @@ func (r *run) takeSample(now time.Time) {
 	c := r.ledger.Snapshot()
 	errs, _ := r.errs.snapshot()
 	errs += c.SendFailed + c.ErrorEvents + c.Malformed + c.Misrouted + c.CopiesMisrouted
+	interval := r.ledger.TakeInterval()
 	p := Point{
 		T:               now.Sub(r.start).Seconds(),
 		Phase:           r.phase.Load().(string),
@@ -65,7 +67,7 @@ func (r *run) takeSample(now time.Time) {
 		AckedPerSec:     float64(c.Acked-r.prev.Acked) / dt,
 		DeliveredPerSec: float64(c.Unique-r.prev.Unique) / dt,
 		Duplicates:      c.Duplicates - r.prev.Duplicates,
-		P99Ms:           PercentilesOf(r.ledger.TakeInterval()).P99,
+		P99Ms:           PercentilesOf(interval).P99,
 		Errors:          errs - r.prevErrs,
 		Connected:       r.conns.connected.Load(),
 	}
@@ -78,6 +80,13 @@ func (r *run) takeSample(now time.Time) {
 		p.ClientCPU = cpu
 	}
 	r.series = append(r.series, p)
+	if r.cfg.Raw {
+		e, err := encodeHistogram(interval)
+		if err != nil {
+			r.errs.add(err)
+		}
+		r.seriesHists = append(r.seriesHists, e)
+	}
 	r.prev, r.prevErrs, r.prevAt = c, errs, now
 	if r.progress != nil {
 		deliver, _, _ := r.ledger.Histograms()

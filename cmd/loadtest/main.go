@@ -9,10 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
@@ -52,7 +56,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newRunCmd(stdout, stderr), newScenariosCmd(stdout), newCompareCmd(stdout))
+	root.AddCommand(newRunCmd(stdout, stderr), newAgentCmd(stderr), newScenariosCmd(stdout), newCompareCmd(stdout))
 	return root
 }
 
@@ -123,7 +127,7 @@ func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 		secret, jsonPath, htmlPath string
 		csvPath, metricsAddr       string
 		quiet                      bool
-		thresholds                 []string
+		thresholds, agents         []string
 	)
 	names := make([]string, len(loadtest.Scenarios))
 	for i, s := range loadtest.Scenarios {
@@ -156,7 +160,22 @@ reconnects it to the next URLs in turn; the report counts the clients per
 node. --server-cmd may then be given once per node (the Nth command serves
 the Nth URL): the crash scenario kills and restarts one node at a time,
 round robin, and reports how long the killed node's clients took to be
-connected again. Server CPU and memory are measured on the first node only.`,
+connected again. Server CPU and memory are measured on the first node only.
+
+--agents HOST:PORT,... runs the chat scenario from several machines, each
+running "loadtest agent": this command is then the coordinator. Agent k
+drives its own share of --users (user IDs PREFIX-aK-uN), of --rate and of
+--flooders, with seed --seed+k, so that every message stays within one
+agent and each agent's accounting is complete on its own; --broker must
+be reachable from the agents. The coordinator sends no secret: each agent
+has its own --secret (or CHATD_AUTH_SECRET) and --password. It prints a
+line as each agent answers, merges the reports (percentiles from the
+merged HDR histograms, each second's p99 too; counts, rates and
+connections summed; the per-second series aligned by index) and reports,
+thresholds and exit status included, as for a run of its own. --csv is
+then written at the end, from the merged series; --metrics-listen,
+--server-cmd and --server-pid are not for runs on agents. An agent that
+cannot be reached, is busy or fails is an error naming it (exit 2).`,
 		Example: `  loadtest run chat --users 200 --duration 20s
   loadtest run drain --messages 100000
   loadtest run connect --users 10000 --connect-rate 1000 --server-pid $(pgrep -n chatd)
@@ -171,7 +190,9 @@ connected again. Server CPU and memory are measured on the first node only.`,
   loadtest run chat --plain --broker tcp://127.0.0.1:1884
   loadtest run chat --rate 1000 --duration 5m --csv series.csv --metrics-listen 127.0.0.1:9464
   loadtest run chat --rate 2000 --duration 30s -q \
-    --threshold 'p99(send->deliver)<5ms' --threshold 'lost==0' --threshold 'throughput>=1900'`,
+    --threshold 'p99(send->deliver)<5ms' --threshold 'lost==0' --threshold 'throughput>=1900'
+  loadtest run chat --agents 10.0.0.11:7070,10.0.0.12:7070 --broker tcp://10.0.0.10:1883 \
+    --users 20000 --rate 40000 --duration 5m --threshold 'p99(send->deliver)<50ms'`,
 		Args:      cobra.MatchAll(cobra.ExactArgs(1), cobra.OnlyValidArgs),
 		ValidArgs: names,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -187,6 +208,25 @@ connected again. Server CPU and memory are measured on the first node only.`,
 					return err
 				}
 				gates = append(gates, t)
+			}
+			out := reportOut{stdout: stdout, stderr: stderr, gates: gates, jsonPath: jsonPath, htmlPath: htmlPath}
+			if len(agents) > 0 {
+				if metricsAddr != "" {
+					return errors.New("--metrics-listen is not for runs on agents: the coordinator sees no live figures, only the agents' reports at the end")
+				}
+				// Each agent signs its users' tokens with its own secret.
+				cfg.Secret = nil
+				var lines io.Writer
+				if !quiet {
+					lines = stderr
+				}
+				rep, err := loadtest.RunAgents(cmd.Context(), cfg, agents, lines)
+				if rep != nil && csvPath != "" {
+					if werr := rep.WriteCSV(csvPath); werr != nil {
+						return werr
+					}
+				}
+				return out.finish(rep, err)
 			}
 			var progress loadtest.Progress
 			if !quiet {
@@ -216,38 +256,7 @@ connected again. Server CPU and memory are measured on the first node only.`,
 			}
 			progress = loadtest.Progresses(watchers...)
 			rep, err := loadtest.Run(cmd.Context(), cfg, progress)
-			if rep == nil {
-				return err
-			}
-			if len(gates) > 0 {
-				v, verr := loadtest.Evaluate(rep, gates)
-				if verr != nil {
-					fmt.Fprintln(stderr, "loadtest:", verr)
-					return exitError{2}
-				}
-				rep.Verdict = v
-			}
-			if werr := rep.WriteTable(stdout); werr != nil {
-				return werr
-			}
-			if jsonPath != "" {
-				if werr := rep.WriteJSON(jsonPath); werr != nil {
-					return werr
-				}
-			}
-			if htmlPath != "" {
-				if werr := rep.WriteHTML(htmlPath); werr != nil {
-					return werr
-				}
-			}
-			if err != nil {
-				fmt.Fprintln(stderr, "loadtest:", err)
-				return exitError{2}
-			}
-			if code := rep.ExitCode(); code != 0 {
-				return exitError{code}
-			}
-			return nil
+			return out.finish(rep, err)
 		},
 	}
 	// Every flag but --quiet defaults to what its variable holds: the
@@ -293,8 +302,127 @@ connected again. Server CPU and memory are measured on the first node only.`,
 	flagVar(f.StringVar, &htmlPath, "html", "write a self-contained HTML report to this file")
 	flagVar(f.StringVar, &csvPath, "csv", "write the per-second series to this CSV file as the run goes")
 	flagVar(f.StringVar, &metricsAddr, "metrics-listen", "serve the live figures for Prometheus at http://ADDR/metrics while the run lasts, e.g. 127.0.0.1:9464")
+	f.StringSliceVar(&agents, "agents", nil, "chat: run from these agents (HOST:PORT, comma-separated, each running \"loadtest agent\"), each driving its share of the users, and merge their reports (see above)")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no live progress on stderr")
 	f.StringArrayVar(&thresholds, "threshold", nil, "pass/fail condition on a figure of the report, repeatable: 'p99(send->deliver)<5ms', 'lost==0', 'throughput>=2000' (see above)")
+	return cmd
+}
+
+// reportOut is where and how a run's report goes.
+type reportOut struct {
+	stdout, stderr     io.Writer
+	gates              []loadtest.Threshold
+	jsonPath, htmlPath string
+}
+
+// finish checks the thresholds against rep, writes it, and returns the
+// exit status it calls for; err is the run's error. A nil rep means the
+// run could not be carried out.
+func (o reportOut) finish(rep *loadtest.Report, err error) error {
+	if rep == nil {
+		return err
+	}
+	if len(o.gates) > 0 {
+		v, verr := loadtest.Evaluate(rep, o.gates)
+		if verr != nil {
+			fmt.Fprintln(o.stderr, "loadtest:", verr)
+			return exitError{2}
+		}
+		rep.Verdict = v
+	}
+	if werr := rep.WriteTable(o.stdout); werr != nil {
+		return werr
+	}
+	if o.jsonPath != "" {
+		if werr := rep.WriteJSON(o.jsonPath); werr != nil {
+			return werr
+		}
+	}
+	if o.htmlPath != "" {
+		if werr := rep.WriteHTML(o.htmlPath); werr != nil {
+			return werr
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(o.stderr, "loadtest:", err)
+		return exitError{2}
+	}
+	if code := rep.ExitCode(); code != 0 {
+		return exitError{code}
+	}
+	return nil
+}
+
+// defaultAgentAddr is where an agent listens unless told otherwise:
+// loopback, since an agent has no authentication.
+const defaultAgentAddr = "127.0.0.1:7070"
+
+func newAgentCmd(stderr io.Writer) *cobra.Command {
+	var listen, secret, password string
+	listen = defaultAgentAddr
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Serve chat runs to a coordinator (loadtest run chat --agents), one at a time",
+		Long: `Serve chat runs to a coordinator: "loadtest run chat --agents HOST:PORT,..."
+on another machine POSTs each agent its share of the run (its own users,
+their share of --rate), the agent runs it against the broker and answers
+with its report and the HDR histograms the coordinator merges. One run at
+a time (a second coordinator is refused while one runs); each run is
+logged on stderr. SIGINT or SIGTERM ends the run under way, whose
+interrupted report still goes back, and stops the agent.
+
+The token secret (--secret, default $CHATD_AUTH_SECRET) and the --plain
+password are the agent's own: the coordinator never sends secrets. The
+agent has no authentication or TLS of its own: anyone who reaches it can
+make it load a broker. It listens on loopback by default; give it an
+address on a trusted network only (a private network, a VPN, a firewall
+rule admitting the coordinator).`,
+		Example: `  # two agents on this machine, then the coordinator
+  CHATD_AUTH_SECRET=... loadtest agent --listen 127.0.0.1:7070 &
+  CHATD_AUTH_SECRET=... loadtest agent --listen 127.0.0.1:7071 &
+  loadtest run chat --agents 127.0.0.1:7070,127.0.0.1:7071 --users 200 --rate 2000 --duration 20s
+  # on a load machine of a private network
+  loadtest agent --listen 10.0.0.11:7070 --secret "$SECRET"`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !cmd.Flags().Changed("secret") {
+				secret = os.Getenv("CHATD_AUTH_SECRET")
+			}
+			log := slog.New(slog.NewTextHandler(stderr, nil))
+			agent := loadtest.NewAgent(loadtest.AgentOptions{Secret: []byte(secret), Password: password, Logger: log})
+			ln, err := net.Listen("tcp", listen)
+			if err != nil {
+				return fmt.Errorf("agent: %w", err)
+			}
+			srv := &http.Server{Handler: agent, ReadHeaderTimeout: 10 * time.Second}
+			served := make(chan error, 1)
+			go func() { served <- srv.Serve(ln) }()
+			log.Info("agent listening", "addr", ln.Addr().String())
+			if len(secret) == 0 {
+				log.Warn("no token secret (--secret, CHATD_AUTH_SECRET): only --plain runs will work")
+			}
+			select {
+			case err := <-served:
+				return fmt.Errorf("agent: %w", err)
+			case <-cmd.Context().Done():
+			}
+			log.Info("agent stopping")
+			// The run under way ends and its /run answers; Shutdown waits for that.
+			agent.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if err := srv.Shutdown(ctx); err != nil {
+				return fmt.Errorf("agent: stop: %w", errors.Join(err, srv.Close()))
+			}
+			<-served
+			log.Info("agent stopped")
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	flagVar(f.StringVar, &listen, "listen", "address to serve coordinators on, host:port; agents belong on a trusted network (no authentication)")
+	flagVar(f.StringVar, &secret, "secret", "HS256 token secret of the agent's users (default $CHATD_AUTH_SECRET); never sent by the coordinator")
+	flagVar(f.StringVar, &password, "password", "--plain runs: CONNECT password (\"\" sends none); never sent by the coordinator")
 	return cmd
 }
 

@@ -33,6 +33,13 @@ func TestCommands(t *testing.T) {
 		{"restart without server", []string{"run", "restart", "--plain"}, "", "--server-cmd"},
 		{"label with a bar", []string{"run", "chat", "--plain", "--label", "a|b"}, "", "--label"},
 		{"bad threshold", []string{"run", "chat", "--plain", "--threshold", "lost = 0"}, "", "FIGURE OP VALUE"},
+		{"agent help", []string{"agent", "--help"}, "trusted network", ""},
+		{"run help tells of agents", []string{"run", "--help"}, "--agents HOST:PORT", ""},
+		{"agents run chat only", []string{"run", "crash", "--plain", "--agents", "127.0.0.1:1"}, "", "agents run the chat scenario only, not crash"},
+		{"agents and live metrics", []string{"run", "chat", "--agents", "127.0.0.1:1", "--metrics-listen", "127.0.0.1:0"}, "", "--metrics-listen is not for runs on agents"},
+		{"agents and a password", []string{"run", "chat", "--plain", "--agents", "127.0.0.1:1", "--password", "pw"}, "", "never sent to agents"},
+		{"agent not there", []string{"run", "chat", "--plain", "--agents", "127.0.0.1:1"}, "", "agent 127.0.0.1:1: not reachable"},
+		{"agent with arguments", []string{"agent", "now"}, "", "unknown command"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
