@@ -434,6 +434,7 @@ func (s *Server) guard(l listeners.Listener) listeners.Listener {
 			s.inbox.Abandon(c)
 		},
 		Ended:        &s.ended,
+		Clients:      &s.mqtt.Listeners.ClientsWg,
 		OnEnd:        s.auth.Ended,
 		CloseClients: mochi.DisconnectOnShutdown(s.mqtt),
 	}
@@ -616,7 +617,7 @@ func (s *Server) close(ctx context.Context) error {
 		}
 	}
 	s.inbox.Closing()
-	s.ended.Pass()
+	s.ended.Shut()
 	if err := s.mqtt.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("stop mqtt: %w", err))
 	}

@@ -65,10 +65,18 @@
 //     reports another race between Close and connections being
 //     established (Listeners.Close against Listeners.Serve), which Ends
 //     does not address.
+//   - And a connection accepted just before Server.Close has its Add come
+//     while Close may already wait on ClientsWg at zero (seen once in CI,
+//     TestServe, under -race): Guard.Clients and Ends.Admit count each
+//     connection under Ends' mutex before its establish runs, and the
+//     server's Ends.Shut before mochi's Close refuses any later one, so
+//     every Add is ordered before the Wait or made while the count is
+//     above zero. Test: TestGuardAdmitsBeforeShut.
 //   - Tests: TestGuardEndsOrdersClose; the race detector on broker's tests
 //     that close a server with connections open.
 //   - On upgrade: if ClientsWg.Add happens before the connection's
-//     goroutine starts, Ends and Server.close's Ends.Pass (broker) can go.
+//     goroutine starts, Ends, Guard.Clients and Server.close's Ends.Shut
+//     (broker) can go.
 //
 // # Connection ends mochi's hooks miss: Guard.OnEnd
 //

@@ -2,6 +2,7 @@ package mochi
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -34,6 +35,10 @@ type Guard struct {
 	// Ended, if set, is passed when a connection is closed, and by the
 	// server before it shuts mochi down (see Ends).
 	Ended *Ends
+	// Clients, if set with Ended, is mochi's Listeners.ClientsWg: each
+	// connection is counted in it through Ended.Admit before mochi's own
+	// goroutine adds to it (see Ends).
+	Clients *sync.WaitGroup
 	// OnEnd, if set, is called with each connection once mochi is done
 	// with it, however that came about. mochi v2.7.9's hooks miss two
 	// ends: a client admitted by OnConnect whose CONNACK could not be
@@ -48,8 +53,37 @@ type Guard struct {
 // CONNECT nothing else orders the two, which the race detector reports.
 // Each connection's Close and the server's shutdown Pass through one
 // mutex, so that one of them happens before the other.
+//
+// The same mutex orders the start of each connection against the shutdown
+// (Admit and Shut): mochi's Add for a connection accepted just before
+// Server.Close could otherwise come while Close already waits on a
+// WaitGroup at zero, a misuse the race detector reports.
 type Ends struct {
-	mu sync.Mutex
+	mu   sync.Mutex
+	shut bool
+}
+
+// Admit counts a new connection in wg unless Shut was called, and reports
+// whether it did; the caller calls wg.Done when the connection's serving
+// ends. Counted here, before mochi's goroutine adds to wg, the connection
+// keeps wg above zero while mochi adds its own count.
+func (e *Ends) Admit(wg *sync.WaitGroup) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.shut {
+		return false
+	}
+	wg.Add(1)
+	return true
+}
+
+// Shut refuses every connection not yet admitted and, like Pass, orders
+// what happened before it before what the caller does next: the server
+// calls it before mochi's Close waits on its clients.
+func (e *Ends) Shut() {
+	e.mu.Lock()
+	e.shut = true
+	e.mu.Unlock()
 }
 
 // Pass waits for a connection closing at the moment, and orders what
@@ -71,6 +105,9 @@ func (c endedConn) Close() error {
 	c.ends.Pass()
 	return c.Conn.Close()
 }
+
+// errShuttingDown refuses a connection accepted as the server shuts down.
+var errShuttingDown = errors.New("connection refused: the server is shutting down")
 
 // Close stops the listener and disconnects its clients.
 func (l Guard) Close(closeClients listeners.CloseFn) {
@@ -97,6 +134,13 @@ func (l Guard) Serve(establish listeners.EstablishFn) {
 			return fmt.Errorf("set connect deadline: %w", err)
 		}
 		if l.Ended != nil {
+			if l.Clients != nil {
+				if !l.Ended.Admit(l.Clients) {
+					c.Close()
+					return errShuttingDown
+				}
+				defer l.Clients.Done()
+			}
 			c = endedConn{Conn: c, ends: l.Ended}
 		}
 		if l.OnEnd != nil {

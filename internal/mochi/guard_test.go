@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -452,5 +453,53 @@ func TestQuietPackets(t *testing.T) {
 				t.Errorf("logged %v, want %v", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestGuardAdmitsBeforeShut: a connection is counted in Clients before
+// its establish runs, and uncounted when it returns; once Ends is shut a
+// new connection is closed at once, never reaching establish, so that a
+// wait on Clients after Shut never races with an Add at zero.
+func TestGuardAdmitsBeforeShut(t *testing.T) {
+	ends := &Ends{}
+	var clients sync.WaitGroup
+	inside := make(chan struct{})
+	release := make(chan struct{})
+	var established atomic.Int32
+	s := serve(t, Guard{Timeout: 10 * time.Second, Ended: ends, Clients: &clients}, func(_ string, c net.Conn) error {
+		established.Add(1)
+		inside <- struct{}{}
+		<-release
+		return c.Close()
+	})
+	s.dial(t)
+	<-inside
+	ends.Shut()
+	waited := make(chan struct{})
+	go func() {
+		clients.Wait()
+		close(waited)
+	}()
+	select {
+	case <-waited:
+		t.Fatal("Clients reached zero while a connection was being served")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Clients never reached zero after the connection ended")
+	}
+	// After Shut, a connection is refused before establish.
+	c := s.dial(t)
+	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Error("a connection after Shut was kept open")
+	}
+	if n := established.Load(); n != 1 {
+		t.Errorf("establish ran %d times, want once (none after Shut)", n)
 	}
 }
