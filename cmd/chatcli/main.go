@@ -23,8 +23,12 @@ import (
 
 const usage = `Usage:
   chatcli [flags] send TO TEXT   send TEXT to user TO (or to group TO with --group);
-                                 exits 0 once the server stored it
-  chatcli [flags] listen         print what arrives, one JSON object per line
+                                 exits 0 once the server stored it. It connects as a
+                                 transient device (default cli-send) that receives
+                                 nothing and holds nothing back
+  chatcli [flags] listen         print what arrives, one JSON object per line, as a
+                                 device of the user (default cli): what it has not
+                                 printed when it stops comes again next time
 
 The token comes from --token or $CHATD_TOKEN (for development:
 chatd token USER). With --outbox DIR a message the server has not
@@ -50,7 +54,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	server := fs.String("server", "mqtt://127.0.0.1:1883", "chatd's MQTT URL: mqtt://, mqtts://, ws://")
 	user := fs.String("user", "", "your user ID (required)")
-	device := fs.String("device", "cli", "this device's name: the client ID is USER/DEVICE")
+	device := fs.String("device", "", "this device's name, the client ID being USER/DEVICE (default cli-send for send, cli for listen)")
 	tok := fs.String("token", os.Getenv("CHATD_TOKEN"), "access token (default $CHATD_TOKEN)")
 	outbox := fs.String("outbox", "", "directory keeping what is not yet stored across runs (default: memory)")
 	group := fs.Bool("group", false, "send: TO is a group")
@@ -72,7 +76,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	o := chatclient.Options{Server: *server, User: *user, Device: *device,
+	sending := rest[0] == "send"
+	if *device == "" {
+		*device = "cli"
+		if sending {
+			*device = "cli-send"
+		}
+	}
+	o := chatclient.Options{Server: *server, User: *user, Device: *device, SendOnly: sending,
 		Token: func(context.Context) (string, error) { return *tok, nil }}
 	if *outbox != "" {
 		ob, err := chatclient.NewFileOutbox(*outbox)

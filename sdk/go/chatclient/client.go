@@ -25,6 +25,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/eclipse/paho.golang/autopaho"
@@ -47,6 +48,12 @@ type Options struct {
 	Reconnect time.Duration
 	// Logger receives connection errors; nil discards them.
 	Logger *slog.Logger
+	// SendOnly connects as a transient device that never subscribes to
+	// its inbox: it sends (its outbox works as ever) and hears Stored and
+	// Refused, but receives no message and, forgotten by the server when
+	// it disconnects, holds none back from deletion. For scripts and
+	// gateways that only send (chatcli send).
+	SendOnly bool
 }
 
 // Event is what the client tells of: Message, Receipt, Stored, Refused,
@@ -139,6 +146,12 @@ type Client struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// pending holds the events not yet read from events, forward's to
+	// hand over; seen is forward's alone.
+	pending chan delivery
+	// lastAck is when forward last acknowledged a delivery, Unix nanoseconds.
+	lastAck atomic.Int64
+
 	// mu guards watched and typed.
 	mu      sync.Mutex
 	watched map[string]bool
@@ -147,6 +160,10 @@ type Client struct {
 
 // TypingEvery is the least time between two typing signals to one peer.
 const TypingEvery = 3 * time.Second
+
+// ackInterval is how often paho sends the acknowledgements of deliveries
+// read from Events; Close waits that long, twice, after the last one.
+const ackInterval = 10 * time.Millisecond
 
 // sessionExpiry keeps the device's session, and its queue position,
 // while it is away (the server caps it at its device_ttl).
@@ -172,16 +189,21 @@ func Dial(o Options) (*Client, error) {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Client{o: o, events: make(chan Event, 256), wake: make(chan struct{}, 1), seen: newSeen(10000), ctx: ctx, cancel: cancel,
+	c := &Client{o: o, events: make(chan Event), pending: make(chan delivery, 256), wake: make(chan struct{}, 1), seen: newSeen(10000), ctx: ctx, cancel: cancel,
 		watched: map[string]bool{}, typed: map[string]time.Time{}}
 	clientID := o.User
 	if o.Device != "" {
 		clientID = o.User + "/" + o.Device
 	}
+	expiry := uint32(sessionExpiry)
+	if o.SendOnly {
+		// Session expiry 0: a transient device (PROTOCOL.md section 1).
+		expiry = 0
+	}
 	cfg := autopaho.ClientConfig{
 		ServerUrls:            []*url.URL{u},
 		KeepAlive:             30,
-		SessionExpiryInterval: sessionExpiry,
+		SessionExpiryInterval: expiry,
 		ReconnectBackoff:      func(int) time.Duration { return o.Reconnect },
 		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
 			tok, err := o.Token(ctx)
@@ -197,12 +219,18 @@ func Dial(o Options) (*Client, error) {
 			c.wg.Add(1)
 			go func() {
 				defer c.wg.Done()
-				subs := []paho.SubscribeOptions{{Topic: "inbox/" + o.User, QoS: 1}}
+				var subs []paho.SubscribeOptions
+				if !o.SendOnly {
+					subs = append(subs, paho.SubscribeOptions{Topic: "inbox/" + o.User, QoS: 1})
+				}
 				c.mu.Lock()
 				for u := range c.watched {
 					subs = append(subs, paho.SubscribeOptions{Topic: "presence/" + u})
 				}
 				c.mu.Unlock()
+				if len(subs) == 0 {
+					return
+				}
 				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs}); err != nil && ctx.Err() == nil {
 					o.Logger.Warn("chatclient: subscribe", "error", err)
 				}
@@ -213,14 +241,21 @@ func Dial(o Options) (*Client, error) {
 		ClientConfig: paho.ClientConfig{
 			ClientID:          clientID,
 			OnPublishReceived: []func(paho.PublishReceived) (bool, error){c.received},
+			// A delivery is acknowledged once the application has taken it
+			// from Events (see forward): the server deletes what every
+			// device acknowledged, so a PUBACK for an event still queued
+			// here would lose it if the program stopped.
+			EnableManualAcknowledgment: true,
+			SendAcksInterval:           ackInterval,
 		},
 	}
 	if c.cm, err = autopaho.NewConnection(ctx, cfg); err != nil {
 		cancel()
 		return nil, fmt.Errorf("chatclient: %w", err)
 	}
-	c.wg.Add(1)
+	c.wg.Add(2)
 	go c.sendLoop()
+	go c.forward()
 	c.poke()
 	return c, nil
 }
@@ -280,7 +315,10 @@ func (c *Client) Typing(to string) error {
 }
 
 // Events returns what the client tells of, in order per kind; it is
-// closed by Close. A reader slower than the server slows its deliveries.
+// closed by Close. A delivery is acknowledged to the server only once it
+// has been read from Events, so a message the program never read comes
+// again after a restart. A reader slower than the server slows its
+// deliveries.
 func (c *Client) Events() <-chan Event { return c.events }
 
 // Send stores msg (any JSON object) in the outbox for user to, giving it
@@ -309,6 +347,14 @@ func (c *Client) Pending() (int, error) {
 
 // Close disconnects and stops; what is pending stays in the outbox.
 func (c *Client) Close(ctx context.Context) error {
+	// The acknowledgement of what was read last leaves with paho's next
+	// round: let it go before disconnecting, or the server sends it again.
+	if wait := 2*ackInterval - time.Since(time.Unix(0, c.lastAck.Load())); wait > 0 {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+		}
+	}
 	c.cancel()
 	err := c.cm.Disconnect(ctx)
 	<-c.cm.Done()
@@ -404,13 +450,54 @@ func (c *Client) sendLoop() {
 	}
 }
 
-// tell passes ev to Events, unless the client is closing.
-func (c *Client) tell(ev Event) bool {
+// delivery is an event waiting to be read from Events: key identifies a
+// message for deduplication ("" for none), ack acknowledges it to the
+// server (nil for an event that is not a delivery).
+type delivery struct {
+	ev  Event
+	key string
+	ack func()
+}
+
+// tell queues ev for Events, unless the client is closing.
+func (c *Client) tell(ev Event) bool { return c.enqueue(delivery{ev: ev}) }
+
+// enqueue queues d for forward, unless the client is closing.
+func (c *Client) enqueue(d delivery) bool {
 	select {
-	case c.events <- ev:
+	case c.pending <- d:
 		return true
 	case <-c.ctx.Done():
 		return false
+	}
+}
+
+// forward hands the queued events to the application, one at a time, and
+// acknowledges each delivery once it was read, or at once when it is a
+// message told before (a resend after a reconnect). A delivery not read
+// when the client closes is never acknowledged: the server sends it again.
+func (c *Client) forward() {
+	defer c.wg.Done()
+	for {
+		var d delivery
+		select {
+		case d = <-c.pending:
+		case <-c.ctx.Done():
+			return
+		}
+		if d.key != "" && !c.seen.first(d.key) {
+			d.ack()
+			continue
+		}
+		select {
+		case c.events <- d.ev:
+			if d.ack != nil {
+				d.ack()
+				c.lastAck.Store(time.Now().UnixNano())
+			}
+		case <-c.ctx.Done():
+			return
+		}
 	}
 }
 
@@ -432,27 +519,40 @@ type envelope struct {
 	Reason string          `json:"reason"`
 }
 
-// received tells of a delivery once; the PUBACK follows when it returns.
+// received queues a delivery for Events; its PUBACK is sent once the
+// application has read it (see forward).
 func (c *Client) received(pr paho.PublishReceived) (bool, error) {
+	ack := func() {
+		// Acknowledgements of a connection that has ended are dropped with
+		// it, and the message comes again on the next.
+		if err := pr.Client.Ack(pr.Packet); err != nil {
+			c.o.Logger.Debug("chatclient: ack", "error", err)
+		}
+	}
+	var d delivery
 	if u, ok := strings.CutPrefix(pr.Packet.Topic, "presence/"); ok {
 		var p struct {
 			Online   bool  `json:"online"`
 			LastSeen int64 `json:"last_seen"`
 		}
-		if json.Unmarshal(pr.Packet.Payload, &p) == nil {
-			ev := Presence{User: u, Online: p.Online}
-			if p.LastSeen > 0 {
-				ev.LastSeen = time.Unix(p.LastSeen, 0)
-			}
-			c.tell(ev)
+		if json.Unmarshal(pr.Packet.Payload, &p) != nil {
+			ack()
+			return true, nil
 		}
-		return true, nil
+		ev := Presence{User: u, Online: p.Online}
+		if p.LastSeen > 0 {
+			ev.LastSeen = time.UnixMilli(p.LastSeen)
+		}
+		d = delivery{ev: ev, ack: ack}
+	} else {
+		ev, key := decode(pr.Packet.Payload)
+		if ev == nil {
+			ack()
+			return true, nil
+		}
+		d = delivery{ev: ev, key: key, ack: ack}
 	}
-	ev, key := decode(pr.Packet.Payload)
-	if ev == nil || (key != "" && !c.seen.first(key)) {
-		return true, nil
-	}
-	c.tell(ev)
+	c.enqueue(d)
 	return true, nil
 }
 

@@ -1,6 +1,7 @@
 package chatclient_test
 
 import (
+	"fmt"
 	"context"
 	"encoding/json"
 	"io"
@@ -273,13 +274,58 @@ func TestPresenceAndTyping(t *testing.T) {
 			case chatclient.Typing:
 				t.Errorf("a second typing signal within %v", chatclient.TypingEvery)
 			case chatclient.Presence:
-				if e.User != "bob" || e.Online || e.LastSeen.IsZero() {
-					t.Fatalf("after bob left: %+v, want bob offline with a last seen time", e)
+				if e.User != "bob" || e.Online || time.Since(e.LastSeen).Abs() > time.Minute {
+					t.Fatalf("after bob left: %+v, want bob offline, last seen just now", e)
 				}
 				return
 			}
 		case <-deadline:
 			t.Fatal("bob's leaving not told in 20 s")
+		}
+	}
+}
+
+// TestUnreadComesAgain: a delivery is acknowledged only once the program
+// has read it from Events, so what a program never read before it closed
+// comes again to its next run.
+func TestUnreadComesAgain(t *testing.T) {
+	sv := startServer(t)
+	alice := dial(t, sv, "alice", "phone", nil)
+	// bob's phone is known to the server, and away while alice writes.
+	bob := dial(t, sv, "bob", "phone", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := bob.AwaitConnection(ctx); err != nil {
+		t.Fatal(err)
+	}
+	closeClient(t, bob)
+	const n = 5
+	for i := range n {
+		if _, err := alice.Send("bob", map[string]string{"id": fmt.Sprintf("m-%d", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range n {
+		next[chatclient.Stored](t, alice)
+	}
+	// All five come at once when bob connects; he reads one.
+	bob = dial(t, sv, "bob", "phone", nil)
+	if m := next[chatclient.Message](t, bob); m.ID != "m-0" {
+		t.Fatalf("first message %s, want m-0", m.ID)
+	}
+	// The others are on their way or queued inside the client, unread.
+	closeClient(t, bob)
+	bob = dial(t, sv, "bob", "phone", nil)
+	got := map[string]bool{}
+	for len(got) < n-1 {
+		m := next[chatclient.Message](t, bob)
+		if m.ID != "m-0" {
+			got[m.ID] = true
+		}
+	}
+	for i := 1; i < n; i++ {
+		if !got[fmt.Sprintf("m-%d", i)] {
+			t.Errorf("m-%d never came again", i)
 		}
 	}
 }
