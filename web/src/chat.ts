@@ -137,19 +137,64 @@ function deviceName(user: string): string {
 }
 
 function mqttUrl(): string | undefined {
-  // ?mqtt=ws://host:port/mqtt points the page at another listener (a proxy, a test).
+  // ?mqtt=ws://host:port/mqtt points the page at another listener (a proxy,
+  // a test), in development mode only: elsewhere a link could send the
+  // user's token to any server.
   const forced = new URLSearchParams(location.search).get("mqtt");
-  if (forced) return forced;
+  if (forced && settings.dev) return forced;
   if (!settings.websocket_port) return undefined;
   const scheme = settings.websocket_tls ? "wss" : "ws";
   return `${scheme}://${location.hostname}:${settings.websocket_port}${settings.websocket_path}`;
 }
 
+/**
+ * Starts the chat in this tab, if no other tab of this browser has it for
+ * the user: the tabs would share one device (its client ID, outbox and
+ * history) and take its connection from each other. A Web Lock names the
+ * tab that has it; another one offers to take it over.
+ */
 function start(): void {
   if (!session) return;
   const url = mqttUrl();
   if (!url) return fatal("This server has no MQTT-over-WebSocket listener: set websocket.listen (chatd serve --dev opens 127.0.0.1:8083).");
   const user = session.user;
+  if (!("locks" in navigator)) {
+    run(url, user);
+    return;
+  }
+  const name = `chatd:${user}`;
+  const hold = (lock: Lock | null) => {
+    if (!lock) {
+      otherTab(user);
+      return;
+    }
+    $("other-tab").hidden = true;
+    run(url, user);
+    // Held while the page lives, or until another tab takes it over.
+    return new Promise<void>(() => {});
+  };
+  const stolen = (err: unknown) => {
+    if ((err as { name?: string }).name !== "AbortError") throw err;
+    void client?.close();
+    client = undefined;
+    otherTab(user);
+  };
+  navigator.locks.request(name, { ifAvailable: true }, hold).catch(stolen);
+  $("use-here").onclick = () => {
+    navigator.locks.request(name, { steal: true }, hold).catch(stolen);
+  };
+}
+
+/** Says that another tab has the chat of user, and offers to take it. */
+function otherTab(user: string): void {
+  $("app").hidden = true;
+  $("signin").hidden = true;
+  $("other-tab-user").textContent = user;
+  $("other-tab").hidden = false;
+}
+
+/** Connects and shows the chat of user, at url. */
+function run(url: string, user: string): void {
   const device = deviceName(user);
   $("signin").hidden = true;
   $("app").hidden = false;
@@ -157,14 +202,17 @@ function start(): void {
   $("me").title = `${user}/${device}`;
   api = new ChatApi("", token);
   client = new ChatClient({ url, user, device, token, outbox: new IndexedDBOutbox(`chatd-outbox-${user}-${device}`) });
+  chats.clear();
   load();
   client.on(onEvent);
   client.watchPresence(...[...chats.values()].filter((c) => c.kind === "user").map((c) => c.name));
   client.start();
   wire();
   render();
-  setInterval(renderTyping, 1000);
+  if (!typingTimer) typingTimer = setInterval(renderTyping, 1000);
 }
+
+let typingTimer: ReturnType<typeof setInterval> | undefined;
 
 function storageKey(): string {
   return `chatd:history:${session?.user}`;
@@ -371,7 +419,7 @@ function seen(user: string): string {
   if (!p) return "";
   if (p.online) return "online";
   if (!p.lastSeen) return "offline";
-  const d = new Date(p.lastSeen * 1000);
+  const d = new Date(p.lastSeen);
   const today = d.toDateString() === new Date().toDateString();
   return `last seen ${today ? "" : d.toLocaleDateString() + " "}${d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })}`;
 }

@@ -233,6 +233,23 @@ test("a group with a picture", async () => {
   }
 });
 
+test("one tab at a time has a user's chat", async () => {
+  const first = await signIn("dan");
+  const second = await first.context().newPage();
+  try {
+    await second.goto(server.base);
+    await second.fill("#signin-user", "dan");
+    await second.click("#signin-button");
+    await second.locator("#other-tab", { hasText: "open in another tab" }).waitFor();
+    await second.click("#use-here");
+    await second.locator("#conn.on").waitFor();
+    await first.locator("#other-tab").waitFor({ state: "visible" });
+    await first.locator("#app").waitFor({ state: "hidden" });
+  } finally {
+    await first.context().close();
+  }
+});
+
 test("the dashboard's charts move under load", async () => {
   const ctx = await browser.newContext({ viewport: { width: 1400, height: 900 } });
   const page = await ctx.newPage();

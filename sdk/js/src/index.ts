@@ -88,7 +88,7 @@ export interface PresenceEvent {
   user: string;
   /** Whether a device of the user is connected. */
   online: boolean;
-  /** Unix seconds when last seen, for a user offline. */
+  /** When last seen, Unix milliseconds, for a user offline. */
   lastSeen?: number;
 }
 
