@@ -1,13 +1,17 @@
 package loadtest
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -60,6 +64,14 @@ type AgentOptions struct {
 	Secret []byte
 	// Password is the CONNECT password of --plain runs ("" sends none).
 	Password string
+	// Brokers are the brokers (host:port) coordinators may have the agent
+	// load; none means brokers on loopback only. The agent's secret and
+	// password go to these alone: a request naming another is refused.
+	Brokers []string
+	// MaxUsers and MaxDuration bound one run's users and sending time
+	// (zero: 100,000 users, one hour).
+	MaxUsers    int
+	MaxDuration time.Duration
 	// Logger receives a line as each run starts and ends; nil discards them.
 	Logger *slog.Logger
 }
@@ -129,6 +141,27 @@ func (a *Agent) end() {
 	a.run, a.cancel = "", nil
 }
 
+// mayLoad reports whether the agent may drive the broker at hostport.
+func (a *Agent) mayLoad(hostport string) bool {
+	if len(a.opts.Brokers) > 0 {
+		return slices.Contains(a.opts.Brokers, hostport)
+	}
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return host == "localhost" || (ip != nil && ip.IsLoopback())
+}
+
+// allowed describes the brokers the agent may drive.
+func (a *Agent) allowed() string {
+	if len(a.opts.Brokers) > 0 {
+		return strings.Join(a.opts.Brokers, ", ")
+	}
+	return "brokers on loopback"
+}
+
 // accept checks a coordinator's share and completes it with the agent's
 // own secrets.
 func (a *Agent) accept(cfg *Config) error {
@@ -139,6 +172,20 @@ func (a *Agent) accept(cfg *Config) error {
 		return errors.New("the request carries a secret: an agent takes its token secret and password from its own flags, never from the network")
 	case len(cfg.ServerCmds) > 0 || cfg.ServerPID != 0 || cfg.ServerLog != "":
 		return errors.New("an agent neither starts nor measures servers (--server-cmd, --server-pid, --server-log)")
+	case cfg.Users > cmp.Or(a.opts.MaxUsers, 100_000):
+		return fmt.Errorf("--users %d: this agent runs at most %d", cfg.Users, cmp.Or(a.opts.MaxUsers, 100_000))
+	case cfg.Duration > cmp.Or(a.opts.MaxDuration, time.Hour) || cfg.Grace > cmp.Or(a.opts.MaxDuration, time.Hour):
+		return fmt.Errorf("--duration %s, --grace %s: this agent runs at most %s", cfg.Duration, cfg.Grace, cmp.Or(a.opts.MaxDuration, time.Hour))
+	}
+	urls, err := cfg.brokerURLs()
+	if err != nil {
+		return fmt.Errorf("on this agent: %w", err)
+	}
+	for _, raw := range urls {
+		u, err := url.Parse(raw)
+		if err != nil || !a.mayLoad(u.Host) {
+			return fmt.Errorf("broker %s: this agent loads only %s (loadtest agent --brokers)", raw, a.allowed())
+		}
 	}
 	cfg.Secret = a.opts.Secret
 	if cfg.Plain {

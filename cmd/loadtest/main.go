@@ -358,7 +358,10 @@ func (o reportOut) finish(rep *loadtest.Report, err error) error {
 const defaultAgentAddr = "127.0.0.1:7070"
 
 func newAgentCmd(stderr io.Writer) *cobra.Command {
-	var listen, secret, password string
+	var (
+		listen, secret, password string
+		brokers                  []string
+	)
 	listen = defaultAgentAddr
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -373,8 +376,11 @@ interrupted report still goes back, and stops the agent.
 
 The token secret (--secret, default $CHATD_AUTH_SECRET) and the --plain
 password are the agent's own: the coordinator never sends secrets. The
-agent has no authentication or TLS of its own: anyone who reaches it can
-make it load a broker. It listens on loopback by default; give it an
+agent loads only the brokers --brokers names (by default, brokers on
+loopback), since its tokens and password go to the broker a run names;
+a run is at most 100,000 users and an hour. The agent has no
+authentication or TLS of its own: anyone who reaches it can make it load
+those brokers. It listens on loopback by default; give it an
 address on a trusted network only (a private network, a VPN, a firewall
 rule admitting the coordinator).`,
 		Example: `  # two agents on this machine, then the coordinator
@@ -382,14 +388,14 @@ rule admitting the coordinator).`,
   CHATD_AUTH_SECRET=... loadtest agent --listen 127.0.0.1:7071 &
   loadtest run chat --agents 127.0.0.1:7070,127.0.0.1:7071 --users 200 --rate 2000 --duration 20s
   # on a load machine of a private network
-  loadtest agent --listen 10.0.0.11:7070 --secret "$SECRET"`,
+  loadtest agent --listen 10.0.0.11:7070 --secret "$SECRET" --brokers 10.0.0.5:1883`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if !cmd.Flags().Changed("secret") {
 				secret = os.Getenv("CHATD_AUTH_SECRET")
 			}
 			log := slog.New(slog.NewTextHandler(stderr, nil))
-			agent := loadtest.NewAgent(loadtest.AgentOptions{Secret: []byte(secret), Password: password, Logger: log})
+			agent := loadtest.NewAgent(loadtest.AgentOptions{Secret: []byte(secret), Password: password, Brokers: brokers, Logger: log})
 			ln, err := net.Listen("tcp", listen)
 			if err != nil {
 				return fmt.Errorf("agent: %w", err)
@@ -423,6 +429,7 @@ rule admitting the coordinator).`,
 	flagVar(f.StringVar, &listen, "listen", "address to serve coordinators on, host:port; agents belong on a trusted network (no authentication)")
 	flagVar(f.StringVar, &secret, "secret", "HS256 token secret of the agent's users (default $CHATD_AUTH_SECRET); never sent by the coordinator")
 	flagVar(f.StringVar, &password, "password", "--plain runs: CONNECT password (\"\" sends none); never sent by the coordinator")
+	flagVar(f.StringSliceVar, &brokers, "brokers", "the brokers (host:port, comma-separated) coordinators may have this agent load, and so receive its secret and password; none: brokers on loopback only")
 	return cmd
 }
 
