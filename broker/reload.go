@@ -47,7 +47,9 @@ func (s *Server) Reload(cfg config.Config) (Reloaded, error) {
 	defer s.reloading.Unlock()
 	old := s.reloaded
 	var r Reloaded
-	tlsOn := s.cert.Load() != nil
+	// A TLS listener open, and still configured: turning it off, like on,
+	// waits for a restart.
+	tlsOn := s.cert.Load() != nil && cfg.TLS.CertFile != "" && cfg.TLS.KeyFile != ""
 	pushOn, eventsOn := s.push.Enabled() && cfg.Push.Webhook != "", s.events.Enabled() && cfg.Events.Webhook != ""
 	for _, k := range config.Diff(old, cfg) {
 		switch {

@@ -112,6 +112,13 @@ func TestReload(t *testing.T) {
 	if _, err := s.Reload(bad); err == nil || !strings.Contains(err.Error(), "queue.sync") {
 		t.Errorf("an invalid configuration: %v, want refused naming queue.sync", err)
 	}
+	// TLS turned off: it waits for a restart, and the rest is applied.
+	off := next
+	off.TLS = config.TLS{}
+	off.Limits.PublishRate = 7
+	if got, err := s.Reload(off); err != nil || !slices.Contains(got.Restart, "tls.listen") || !slices.Contains(got.Applied, "limits.publish_rate") || got.Certificate {
+		t.Errorf("reload turning TLS off: %+v %v, want TLS waiting for a restart and the rate applied", got, err)
+	}
 	missing := next
 	missing.TLS.CertFile = certs.CertFile + ".gone"
 	if _, err := s.Reload(missing); err == nil {

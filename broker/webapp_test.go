@@ -53,6 +53,9 @@ func TestWebPage(t *testing.T) {
 				}
 			}
 
+			if resp, body := httpCall(t, nil, s, "GET", "/v1/nowhere", nil, nil); resp.StatusCode != 404 || (tt.web.Enabled && !strings.Contains(string(body), `"not_found"`)) {
+				t.Errorf("GET /v1/nowhere: %d %s, want the API's 404", resp.StatusCode, body)
+			}
 			resp, body = httpCall(t, nil, s, "GET", "/web/config.json", nil, nil)
 			if tt.web.Enabled || tt.web.Dev {
 				var got struct {

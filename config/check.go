@@ -6,24 +6,22 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
+
+	"github.com/chatd/chatd/broker/service/webhook"
 )
 
 // checkURL reports a webhook URL that is not an absolute http(s) URL;
-// empty is allowed (the feature is off).
+// empty is allowed (the feature is off). The error never repeats the URL,
+// which may hold credentials and goes to logs.
 func checkURL(key, raw string) error {
 	if raw == "" {
 		return nil
 	}
-	u, err := url.Parse(raw)
-	if err != nil {
+	if err := webhook.CheckURL(raw); err != nil {
 		return fmt.Errorf("%s: %w", key, err)
-	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("%s: %q is not an http:// or https:// URL", key, raw)
 	}
 	return nil
 }

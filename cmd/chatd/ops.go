@@ -32,8 +32,9 @@ environment variables and the flags, loaded and validated exactly as
 "chatd serve" would (unknown keys, wrong types, invalid values, a data
 dir that cannot be written), and the files it names read: TLS
 certificates and keys, the cluster's CA, identity providers' public
-keys, the chat page's directory. Exits 0 when all is well, 1 naming
-every problem otherwise. The systemd unit runs it before each start.`
+keys, the chat page's directory. Exits 0 when all is well, and 1 otherwise,
+naming the first invalid setting, or every file that cannot be read.
+The systemd unit runs it before each start.`
 
 // newCheckConfigCmd returns `chatd checkconfig`.
 func newCheckConfigCmd() *cobra.Command {

@@ -56,12 +56,18 @@ func newServeCmd() *cobra.Command {
 			}
 			slog.SetDefault(logger)
 
+			// SIGHUP is caught from here on: during a start, which may be
+			// long in a cluster, its default action would end the process;
+			// it is acted on once the server runs.
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			done := make(chan struct{})
 			defer close(done)
 			go exitOnSecondSignal(ctx, stop, done, logger)
-			return serve(ctx, cfg, logger, reloader{load: load, level: level})
+			return serve(ctx, cfg, logger, reloader{load: load, level: level, hup: hup})
 		},
 	}
 	cmd.Flags().StringVar(&configFile, "config", "", "YAML configuration file; optional, see the keys above")
@@ -89,6 +95,8 @@ type reloader struct {
 	load func() (config.Config, error)
 	// level is the logger's level, which a reload may change.
 	level *slog.LevelVar
+	// hup receives SIGHUP.
+	hup <-chan os.Signal
 }
 
 // reload applies a new configuration to srv, logging what it changed and
@@ -153,14 +161,11 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger, rl reloa
 			"through POST /v1/dev/token; never run it in production")
 	}
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for running := true; running; {
 		select {
 		case <-ctx.Done():
 			running = false
-		case <-hup:
+		case <-rl.hup:
 			logger.Info("SIGHUP: reloading the configuration")
 			rl.reload(srv, logger)
 		}

@@ -228,6 +228,11 @@ cannot be reached, is busy or fails is an error naming it (exit 2).`,
 				}
 				return out.finish(rep, err)
 			}
+			// A configuration that cannot run is refused before the CSV file
+			// is created or the metrics listener opened.
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
 			var progress loadtest.Progress
 			if !quiet {
 				// The bar tracks the sending phase; the grace period,
@@ -249,13 +254,18 @@ cannot be reached, is busy or fails is an error naming it (exit 2).`,
 			if metricsAddr != "" {
 				e, err := loadtest.NewExporter(metricsAddr, cfg.Scenario)
 				if err != nil {
-					return err
+					return errors.Join(err, loadtest.Progresses(watchers...).Done())
 				}
 				fmt.Fprintf(stderr, "live figures at http://%s/metrics\n", e.Addr())
 				watchers = append(watchers, e)
 			}
 			progress = loadtest.Progresses(watchers...)
 			rep, err := loadtest.Run(cmd.Context(), cfg, progress)
+			if rep == nil {
+				// Run ended before it began, without ending its watchers:
+				// the CSV file is closed and the listener stopped here.
+				err = errors.Join(err, progress.Done())
+			}
 			return out.finish(rep, err)
 		},
 	}

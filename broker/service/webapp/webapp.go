@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/chatd/chatd/broker/protocol/topic"
@@ -116,6 +117,11 @@ const notBuilt = `<!doctype html><meta charset="utf-8"><title>chatd: the chat pa
 func (h *Handler) files() http.Handler {
 	fs := http.FileServer(http.Dir(h.Dir))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1/") {
+			// An API path no route took: the API's own error, not a page.
+			httpjson.Fail(w, http.StatusNotFound, "not_found", "no such API path")
+			return
+		}
 		if _, err := os.Stat(filepath.Join(h.Dir, "index.html")); err != nil {
 			if !errors.Is(err, os.ErrNotExist) {
 				h.Log.Error("chat page", "dir", h.Dir, "error", err)
