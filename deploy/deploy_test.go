@@ -12,8 +12,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -26,11 +24,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/chatdtest"
+
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/goleak"
 	"go.yaml.in/yaml/v3"
 
-	"github.com/chatd/chatd/broker"
 	"github.com/chatd/chatd/broker/protocol/token"
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/internal/testutil"
@@ -528,9 +527,6 @@ func scrape(addr string) (exposition, error) {
 func startChatd(t *testing.T) string {
 	t.Helper()
 	secret := []byte(strings.Repeat("s", 32))
-	cfg := config.Default()
-	cfg.DataDir, cfg.Listen, cfg.HTTP = t.TempDir(), "127.0.0.1:0", "127.0.0.1:0"
-	cfg.Queue.MinFreeBytes = 1 << 20
 	// A cluster node of one, so that the cluster's metrics are there too.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -540,21 +536,9 @@ func startChatd(t *testing.T) string {
 	if err := ln.Close(); err != nil {
 		t.Fatal(err)
 	}
-	cfg.Cluster.Enabled, cfg.Cluster.Node, cfg.Cluster.NATSListen = true, "n1", natsAddr
-	cfg.Cluster.Replicas, cfg.Cluster.Shards = 1, 1
-	s, err := broker.New(broker.Options{Config: cfg, Secret: secret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := s.Close(ctx); err != nil {
-			t.Error(err)
-		}
+	s := chatdtest.Start(t, secret, func(cfg *config.Config) {
+		cfg.Cluster.Enabled, cfg.Cluster.Node, cfg.Cluster.NATSListen = true, "n1", natsAddr
+		cfg.Cluster.Replicas, cfg.Cluster.Shards = 1, 1
 	})
 
 	tok, err := token.Mint(secret, "alice", time.Hour)

@@ -6,17 +6,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/chatd/chatd/internal/chatdtest"
+
 	"go.uber.org/goleak"
 
 	"github.com/chatd/chatd/broker"
 	"github.com/chatd/chatd/broker/protocol/token"
-	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/internal/testutil"
 )
 
@@ -54,23 +54,7 @@ func devices(t *testing.T, s *broker.Server, tok string) []string {
 // while bob listens and marks it read; the usage errors exit 2.
 func TestSendListen(t *testing.T) {
 	secret := []byte(strings.Repeat("c", 32))
-	cfg := config.Default()
-	cfg.DataDir, cfg.Listen, cfg.HTTP = t.TempDir(), "127.0.0.1:0", "127.0.0.1:0"
-	cfg.Queue.MinFreeBytes = 1 << 20
-	s, err := broker.New(broker.Options{Config: cfg, Secret: secret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := s.Close(ctx); err != nil {
-			t.Error(err)
-		}
-	})
+	s := chatdtest.Start(t, secret, nil)
 	mint := func(user string) string {
 		tok, err := token.Mint(secret, user, time.Hour)
 		if err != nil {

@@ -6,7 +6,6 @@ import (
 	"encoding/csv"
 	"errors"
 	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -15,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker"
-	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/chatdtest"
+
 	"github.com/chatd/chatd/loadtest"
 )
 
@@ -43,25 +42,7 @@ func (s *syncBuffer) String() string {
 // startChatd runs chatd in-process on a free loopback port.
 func startChatd(t *testing.T) string {
 	t.Helper()
-	cfg := config.Default()
-	cfg.DataDir = t.TempDir()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.HTTP = ""
-	cfg.Queue.MinFreeBytes = 1 << 20
-	s, err := broker.New(broker.Options{Config: cfg, Secret: []byte(testSecret), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := s.Close(ctx); err != nil {
-			t.Errorf("close chatd: %v", err)
-		}
-	})
+	s := chatdtest.Start(t, []byte(testSecret), nil)
 	return "tcp://" + s.MQTTAddr()
 }
 
