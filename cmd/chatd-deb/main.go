@@ -11,17 +11,17 @@
 package main
 
 import (
-	"debug/elf"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
 	"strings"
+
+	"github.com/chatd/chatd/internal/release"
 
 	"github.com/goreleaser/nfpm/v2"
 	_ "github.com/goreleaser/nfpm/v2/deb" // registers the "deb" packager
@@ -229,11 +229,11 @@ func checkVersion(v string) (string, error) {
 // gitVersion is the version of the work tree from git describe, as a
 // Debian version, or fallbackVersion without git or a repository.
 func gitVersion() string {
-	out, err := exec.Command("git", "describe", "--tags", "--always", "--dirty").Output()
-	if err != nil {
+	d := release.GitDescribe()
+	if d == "" {
 		return fallbackVersion
 	}
-	return describeToDebian(strings.TrimSpace(string(out)))
+	return describeToDebian(d)
 }
 
 var (
@@ -289,15 +289,6 @@ func debianArch(arch string) string {
 	return arch
 }
 
-// elfMachines maps the architectures chatd is built for, by their GOARCH
-// and Debian names, to the ELF machine of their executables.
-var elfMachines = map[string]elf.Machine{
-	"amd64": elf.EM_X86_64, "386": elf.EM_386, "i386": elf.EM_386,
-	"arm64": elf.EM_AARCH64, "arm": elf.EM_ARM, "armhf": elf.EM_ARM, "armel": elf.EM_ARM,
-	"riscv64": elf.EM_RISCV, "ppc64le": elf.EM_PPC64, "ppc64el": elf.EM_PPC64,
-	"s390x": elf.EM_S390, "loong64": elf.EM_LOONGARCH,
-}
-
 // checkBinary refuses a binary that is not a Linux executable for arch, so
 // that a package never installs a chatd that cannot run there.
 func checkBinary(path, arch string) error {
@@ -306,15 +297,9 @@ func checkBinary(path, arch string) error {
 		return fmt.Errorf("--binary: %w", err)
 	}
 	defer r.Close()
-	f, err := elf.NewFile(r)
+	f, err := release.Executable(path, r, arch)
 	if err != nil {
-		return fmt.Errorf("--binary %s is not a Linux executable: %w", path, err)
+		return err
 	}
-	if f.Type != elf.ET_EXEC && f.Type != elf.ET_DYN {
-		return fmt.Errorf("--binary %s is an ELF %s, not an executable", path, f.Type)
-	}
-	if want, ok := elfMachines[arch]; ok && f.Machine != want {
-		return fmt.Errorf("--binary %s is built for %s, not for --arch %s", path, f.Machine, arch)
-	}
-	return nil
+	return f.Close()
 }

@@ -30,6 +30,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/chatd/chatd/internal/release"
+
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -440,31 +442,17 @@ func writeLayout(dir string, img v1.Image, tag name.Tag) error {
 	return nil
 }
 
-// elfMachines maps the architectures chatd is built for to the ELF
-// machine of their executables.
-var elfMachines = map[string]elf.Machine{
-	"amd64": elf.EM_X86_64, "386": elf.EM_386, "arm64": elf.EM_AARCH64, "arm": elf.EM_ARM,
-	"riscv64": elf.EM_RISCV, "ppc64le": elf.EM_PPC64, "s390x": elf.EM_S390, "loong64": elf.EM_LOONGARCH,
-}
-
 // checkBinary refuses what cannot run in an image without a libc: anything
 // but a Linux executable for arch, statically linked.
 func checkBinary(path string, bin []byte, arch string) error {
-	f, err := elf.NewFile(bytes.NewReader(bin))
-	if err != nil {
-		return fmt.Errorf("--binary %s is not a Linux executable: %w", path, err)
-	}
-	defer f.Close()
-	if f.Type != elf.ET_EXEC && f.Type != elf.ET_DYN {
-		return fmt.Errorf("--binary %s is an ELF %s, not an executable", path, f.Type)
-	}
-	want, ok := elfMachines[arch]
-	if !ok {
+	if _, ok := release.ELFMachines[arch]; !ok {
 		return fmt.Errorf("--arch %q is not one chatd is built for (amd64, arm64, ...)", arch)
 	}
-	if f.Machine != want {
-		return fmt.Errorf("--binary %s is built for %s, not for --arch %s", path, f.Machine, arch)
+	f, err := release.Executable(path, bytes.NewReader(bin), arch)
+	if err != nil {
+		return err
 	}
+	defer f.Close()
 	if !isStatic(f) {
 		return fmt.Errorf("--binary %s is dynamically linked, and the image has no libc: build it with CGO_ENABLED=0 go build -trimpath", path)
 	}
@@ -528,8 +516,7 @@ func gitRevision() string {
 // v1.2.3-4-gabc1234, abc1234-dirty), or fallbackVersion without git or a
 // repository.
 func gitVersion() string {
-	out, err := exec.Command("git", "describe", "--tags", "--always", "--dirty").Output()
-	if v := strings.TrimSpace(string(out)); err == nil && v != "" {
+	if v := release.GitDescribe(); v != "" {
 		return v
 	}
 	return fallbackVersion
