@@ -55,7 +55,23 @@ type agentStatus struct {
 	Busy bool `json:"busy"`
 	// Run is its ID.
 	Run string `json:"run,omitempty"`
+	// Phase is what the run was doing at its last second: connect, send, grace.
+	Phase string `json:"phase,omitempty"`
 }
+
+// phaseOf is a Progress that keeps the phase of an agent's run for its
+// /status.
+type phaseOf struct{ a *Agent }
+
+// Update records s's phase.
+func (p phaseOf) Update(s Status) {
+	p.a.mu.Lock()
+	p.a.phase = s.Phase
+	p.a.mu.Unlock()
+}
+
+// Done does nothing: the phase is cleared with the run.
+func (phaseOf) Done() error { return nil }
 
 // AgentOptions configures an Agent. The secrets are the agent's own: a
 // coordinator never sends them over the network.
@@ -86,6 +102,7 @@ type Agent struct {
 
 	mu     sync.Mutex
 	run    string             // the run under way, "" when idle
+	phase  string             // its phase at its last second
 	cancel context.CancelFunc // ends it
 	closed bool
 	// cancelled are the last runs cancelled before they started: a
@@ -138,7 +155,7 @@ func (a *Agent) begin(id string, cancel context.CancelFunc) (int, error) {
 func (a *Agent) end() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.run, a.cancel = "", nil
+	a.run, a.cancel, a.phase = "", nil, ""
 }
 
 // mayLoad reports whether the agent may drive the broker at hostport.
@@ -230,7 +247,7 @@ func (a *Agent) serveRun(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	a.log.Info("run started", "run", req.ID, "coordinator", r.RemoteAddr, "broker", cfg.Broker,
 		"users", cfg.Users, "user_prefix", cfg.UserPrefix, "rate", cfg.Rate, "duration", cfg.Duration)
-	rep, err := Run(ctx, cfg, nil)
+	rep, err := Run(ctx, cfg, phaseOf{a})
 	ans := agentAnswer{Report: rep}
 	if err != nil {
 		ans.Error = err.Error()
@@ -288,7 +305,7 @@ func (a *Agent) serveCancel(w http.ResponseWriter, r *http.Request) {
 
 func (a *Agent) serveStatus(w http.ResponseWriter, _ *http.Request) {
 	a.mu.Lock()
-	st := agentStatus{Busy: a.run != "", Run: a.run}
+	st := agentStatus{Busy: a.run != "", Run: a.run, Phase: a.phase}
 	a.mu.Unlock()
 	w.Header().Set("Content-Type", "application/json")
 	// A write error means the client went away; there is no one to tell.

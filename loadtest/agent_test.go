@@ -83,11 +83,10 @@ func agentBusy(t *testing.T, addr string) bool {
 	return st.Busy
 }
 
-// isBusy is agentBusy for goroutines other than the test's: false when
-// the agent does not answer.
-func isBusy(addr string) bool {
+// isSending reports whether the agent's run is in its sending phase.
+func isSending(addr string) bool {
 	st, err := agentState(addr)
-	return err == nil && st.Busy
+	return err == nil && st.Phase == phaseSend
 }
 
 func agentState(addr string) (agentStatus, error) {
@@ -273,12 +272,12 @@ func TestRunAgentsInterrupted(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
-		// Once both run (or after 10 s), interrupt the coordinator.
-		deadline := time.Now().Add(10 * time.Second)
-		for (!isBusy(addr1) || !isBusy(addr2)) && time.Now().Before(deadline) {
+		// Once both send (or after 30 s), interrupt the coordinator: an
+		// interrupt while they connect is an error, not an interrupted run.
+		deadline := time.Now().Add(30 * time.Second)
+		for (!isSending(addr1) || !isSending(addr2)) && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond)
 		}
-		time.Sleep(500 * time.Millisecond)
 		cancel()
 	}()
 	start := time.Now()
