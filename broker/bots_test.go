@@ -125,6 +125,16 @@ func (b *echoBot) taken() (ids []string, last string) {
 	return ids, last
 }
 
+// waitTaken waits until the webhook took the message id: the answer can
+// reach a phone before the handler that sent it records the message.
+func (b *echoBot) waitTaken(t *testing.T, id string) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		ids, _ := b.taken()
+		return slices.Contains(ids, id)
+	}, "the webhook took %s", id)
+}
+
 // configure makes "echo" a bot answered by b.
 func (b *echoBot) configure(c *config.Config) {
 	c.Bots.Webhooks = "echo=" + b.URL
@@ -197,6 +207,7 @@ func TestBotAnswers(t *testing.T) {
 	bot.serve(t, s)
 	alice = mustDial(t, s, "alice", phoneOpt{})
 	waitAnswers(t, alice, "echo: later")
+	bot.waitTaken(t, "a3")
 	if ids, _ := bot.taken(); !slices.Equal(ids, []string{"a0", "a1", "a2", "a3"}) {
 		t.Fatalf("the webhook took %v", ids)
 	}
@@ -228,6 +239,7 @@ func TestClusterBot(t *testing.T) {
 	alice := mustDial(t, nodes[0], "alice", phoneOpt{})
 	alice.send("echo", "c0", `,"text":"one"`)
 	waitAnswers(t, alice, "echo: one")
+	bot.waitTaken(t, "c0")
 	_, holder := bot.taken()
 	var rest []*Server
 	for _, n := range nodes {
@@ -246,6 +258,7 @@ func TestClusterBot(t *testing.T) {
 	alice.send("echo", "c1", `,"text":"two"`)
 	// A new connection: the first answer was taken by the first.
 	waitAnswers(t, alice, "echo: two")
+	bot.waitTaken(t, "c1")
 	ids, now := bot.taken()
 	if !slices.Equal(ids, []string{"c0", "c1"}) || now == holder {
 		t.Fatalf("the webhook took %v, last from %s (first holder %s)", ids, now, holder)
