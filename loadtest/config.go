@@ -6,6 +6,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/chatd/chatd/loadtest/workload"
 )
 
 // Scenario names accepted by Run.
@@ -16,6 +18,8 @@ const (
 	ScenarioFlaky   = "flaky"
 	ScenarioCrash   = "crash"
 	ScenarioRestart = "restart"
+	// ScenarioWorkload plays a chat workload file (Config.Workload).
+	ScenarioWorkload = "workload"
 )
 
 // Scenarios lists every scenario with a one-line description.
@@ -25,6 +29,7 @@ var Scenarios = []struct{ Name, Doc string }{
 	{ScenarioConnect, "ramp N idle persistent connections at --connect-rate, hold them --hold after the last one, measure connect latency and server memory per connection"},
 	{ScenarioFlaky, "chat through a toxiproxy with latency, jitter, bandwidth limit and connection cuts"},
 	{ScenarioCrash, "chat while the server started with --server-cmd (one node at a time, round robin, when given several) is SIGKILLed and restarted every --kill-every"},
+	{ScenarioWorkload, "a chat app's day from --workload (a YAML file, or quiet-evening or new-year): users online in sessions, direct and group messages, read receipts, typing, presence, media uploads; figures per action"},
 	{ScenarioRestart, "--messages queued for --recipients offline users by --senders senders, the server started with --server-cmd SIGKILLed and restarted: time until it accepts connections and delivers, then every message drained"},
 }
 
@@ -126,6 +131,15 @@ type Config struct {
 	// Seed makes recipient choice and cut order reproducible; 0 picks one.
 	Seed int64
 
+	// Workload is the workload scenario's chat workload (workload.Load).
+	Workload *workload.Spec
+	// API is chatd's HTTP API base URL, for the workload scenario's
+	// groups and media uploads.
+	API string
+	// Speed runs the workload scenario's times (sessions, absences, think
+	// times) this many times faster than its file says.
+	Speed float64
+
 	// Raw makes the report carry what it was computed from (Report.Raw):
 	// the histograms MergeReports needs. Agents set it.
 	Raw bool
@@ -158,6 +172,8 @@ func DefaultConfig() Config {
 		CutEvery:       2 * time.Second,
 		CutFor:         500 * time.Millisecond,
 		Cuts:           []string{cutDown, cutReset, cutStall},
+		API:            "http://127.0.0.1:8080",
+		Speed:          1,
 	}
 }
 
@@ -246,6 +262,11 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
+	if c.Scenario == ScenarioWorkload {
+		if err := c.validateWorkload(); err != nil {
+			return err
+		}
+	}
 	if c.Scenario == ScenarioCrash {
 		checks = append(checks,
 			positive{"--server-cmd (the crash scenario starts and kills the server)", len(c.ServerCmds) > 0},
@@ -272,6 +293,27 @@ func (c *Config) Validate() error {
 	}
 	if c.Scenario == ScenarioFlaky && len(urls) > 1 {
 		return errors.New("--broker: the flaky scenario's fault proxy fronts a single broker URL")
+	}
+	return nil
+}
+
+// validateWorkload checks the settings of the workload scenario.
+func (c *Config) validateWorkload() error {
+	switch {
+	case c.Workload == nil:
+		return errors.New("--workload: the workload scenario needs one (a YAML file, or quiet-evening or new-year)")
+	case c.Plain:
+		return errors.New("--plain: the workload scenario speaks chatd's protocol (groups, receipts, presence)")
+	case !(c.Speed > 0):
+		return errors.New("--speed: must be above 0")
+	case c.Workload.Contacts < 1:
+		return errors.New("--workload: contacts must be at least 1")
+	}
+	if c.Workload.Uses(workload.Group) || c.Workload.Uses(workload.Media) {
+		u, err := url.Parse(c.API)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return fmt.Errorf("--api %q: chatd's HTTP API as http(s)://host:port, for the workload's groups and media", c.API)
+		}
 	}
 	return nil
 }

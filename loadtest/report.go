@@ -78,6 +78,8 @@ type Report struct {
 	Crash *CrashResult `json:"crash,omitempty"`
 	// Restart is the restart scenario's result.
 	Restart *RestartResult `json:"restart,omitempty"`
+	// Workload is the workload scenario's figures per action.
+	Workload *WorkloadResult `json:"workload,omitempty"`
 	// Verdict is the --threshold conditions checked, when any were given.
 	Verdict *Verdict `json:"verdict,omitempty"`
 	// Flood is what the abusive clients of --flooders did.
@@ -241,6 +243,9 @@ func (r *run) report(interrupted bool) *Report {
 		}
 		rep.Raw = raw
 	}
+	if r.book != nil {
+		r.workloadReport(rep)
+	}
 	rep.ErrorCount, rep.Errors = r.errs.snapshot()
 	return rep
 }
@@ -281,6 +286,8 @@ func (r *run) settings() Settings {
 	switch c.Scenario {
 	case ScenarioChat, ScenarioFlaky, ScenarioCrash:
 		s.Devices, s.Seed = r.devices, int64(r.seed())
+	case ScenarioWorkload:
+		s.Seed = int64(r.seed())
 	}
 	return s
 }
@@ -301,6 +308,8 @@ func (rep *Report) settingsLine() string {
 	case ScenarioDrain:
 		return fmt.Sprintf("messages %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
 			s.Messages, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
+	case ScenarioWorkload:
+		return fmt.Sprintf("users %d  duration %.0fs  grace %.0fs  seed %d", s.Users, s.DurationSec, s.GraceSec, s.Seed)
 	case ScenarioRestart:
 		return fmt.Sprintf("messages %d  recipients %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
 			s.Messages, s.Recipients, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
@@ -489,6 +498,11 @@ func (rep *Report) WriteTable(w io.Writer) error {
 			p("  server memory\t%.1f MB -> %.1f MB: %.1f KiB per connection, settled %.0f s",
 				k.ServerRSSBeforeMB, k.ServerRSSHeldMB, k.RSSPerConnKB, k.SettledSec)
 		}
+	}
+	if k := rep.Workload; k != nil {
+		p("")
+		writeWorkload(tw, k)
+		p("")
 	}
 	if k := rep.Restart; k != nil {
 		p("restart\tqueued %d for %d offline users in %.1f s (%.0f/s), then SIGKILL",

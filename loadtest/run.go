@@ -89,6 +89,10 @@ type run struct {
 	prevErrs    int64
 	prevAt      time.Time
 
+	// book is the workload scenario's accounting, in place of the ledger's.
+	book     *book
+	workload *WorkloadResult
+
 	drain   *DrainResult
 	connect *ConnectResult
 	faults  *FaultResult
@@ -200,6 +204,8 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		runErr = r.runCrash(ctx)
 	case ScenarioRestart:
 		runErr = r.runRestart(ctx)
+	case ScenarioWorkload:
+		runErr = r.runWorkload(ctx)
 	}
 
 	stopSampler()
@@ -276,6 +282,9 @@ func newRun(cfg Config, progress Progress) (*run, error) {
 		r.topics = append(r.topics, fmt.Sprintf(cfg.Topic, u))
 	}
 	r.ledger = NewDeviceLedger(tag, r.users, r.devices, cfg.Plain)
+	if cfg.Scenario == ScenarioWorkload {
+		r.book = newBook(tag, r.users)
+	}
 	r.sourceIPs = cfg.SourceIPs
 	if r.sourceIPs == 0 && r.brokerOnLoopback() {
 		r.sourceIPs = (len(r.users)*r.devices + portsPerSourceIP - 1) / portsPerSourceIP

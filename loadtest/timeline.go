@@ -56,10 +56,12 @@ func (r *run) takeSample(now time.Time) {
 	if dt <= 0.05 {
 		return
 	}
-	c := r.ledger.Snapshot()
+	c, interval := r.ledger.Snapshot(), r.ledger.TakeInterval()
+	if r.book != nil {
+		c, interval = r.book.Snapshot(), r.book.TakeInterval()
+	}
 	errs, _ := r.errs.snapshot()
 	errs += c.SendFailed + c.ErrorEvents + c.Malformed + c.Misrouted + c.CopiesMisrouted
-	interval := r.ledger.TakeInterval()
 	p := Point{
 		T:               now.Sub(r.start).Seconds(),
 		Phase:           r.phase.Load().(string),
@@ -90,6 +92,9 @@ func (r *run) takeSample(now time.Time) {
 	r.prev, r.prevErrs, r.prevAt = c, errs, now
 	if r.progress != nil {
 		deliver, _, _ := r.ledger.Histograms()
+		if r.book != nil {
+			deliver = r.book.deliverHistogram()
+		}
 		r.progress.Update(Status{
 			Scenario:  r.cfg.Scenario,
 			Phase:     p.Phase,

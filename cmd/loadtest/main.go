@@ -22,6 +22,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/chatd/chatd/loadtest"
+	"github.com/chatd/chatd/loadtest/workload"
 )
 
 // exitError carries the exit status a run calls for through cobra.
@@ -56,7 +57,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newRunCmd(stdout, stderr), newAgentCmd(stderr), newScenariosCmd(stdout), newCompareCmd(stdout))
+	root.AddCommand(newRunCmd(stdout, stderr), newAgentCmd(stderr), newScenariosCmd(stdout), newWorkloadsCmd(stdout), newCompareCmd(stdout))
 	return root
 }
 
@@ -69,6 +70,26 @@ func newScenariosCmd(stdout io.Writer) *cobra.Command {
 			for _, s := range loadtest.Scenarios {
 				if _, err := fmt.Fprintf(stdout, "%-8s %s\n", s.Name, s.Doc); err != nil {
 					return fmt.Errorf("list scenarios: %w", err)
+				}
+			}
+			return nil
+		},
+	}
+}
+
+func newWorkloadsCmd(stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "workloads",
+		Short: "List the chat workloads built in, for run workload --workload NAME",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			for _, name := range workload.Shipped() {
+				w, err := workload.Load(name)
+				if err != nil {
+					return err
+				}
+				if _, err := fmt.Fprintf(stdout, "%s\n  %s\n", name, w.About); err != nil {
+					return fmt.Errorf("list workloads: %w", err)
 				}
 			}
 			return nil
@@ -128,6 +149,7 @@ func newRunCmd(stdout, stderr io.Writer) *cobra.Command {
 		csvPath, metricsAddr       string
 		quiet                      bool
 		thresholds, agents         []string
+		workloadName               string
 	)
 	names := make([]string, len(loadtest.Scenarios))
 	for i, s := range loadtest.Scenarios {
@@ -187,6 +209,8 @@ cannot be reached, is busy or fails is an error naming it (exit 2).`,
   loadtest run restart --server-cmd "bin/chatd serve --data-dir /tmp/d --listen 127.0.0.1:1883" \
     --messages 1000000 --recipients 100 --duration 30m
   loadtest run chat --rate 5000 --users 200 --flooders 1
+  loadtest run workload --workload quiet-evening --users 2000 --duration 5m
+  loadtest run workload --workload new-year --users 500 --duration 2m --speed 4 --api http://127.0.0.1:8080
   loadtest run chat --plain --broker tcp://127.0.0.1:1884
   loadtest run chat --rate 1000 --duration 5m --csv series.csv --metrics-listen 127.0.0.1:9464
   loadtest run chat --rate 2000 --duration 30s -q \
@@ -201,6 +225,20 @@ cannot be reached, is busy or fails is an error naming it (exit 2).`,
 				secret = os.Getenv("CHATD_AUTH_SECRET")
 			}
 			cfg.Secret = []byte(secret)
+			if workloadName != "" {
+				spec, err := workload.Load(workloadName)
+				if err != nil {
+					return err
+				}
+				cfg.Workload = spec
+				// The workload's own size and length, unless overridden.
+				if !cmd.Flags().Changed("users") && spec.Users > 0 {
+					cfg.Users = spec.Users
+				}
+				if !cmd.Flags().Changed("duration") && spec.Duration > 0 {
+					cfg.Duration = spec.Duration
+				}
+			}
 			var gates []loadtest.Threshold
 			for _, s := range thresholds {
 				t, err := loadtest.ParseThreshold(s)
@@ -306,6 +344,9 @@ cannot be reached, is busy or fails is an error naming it (exit 2).`,
 	flagVar(f.DurationVar, &cfg.CutEvery, "cut-every", "flaky: interval between connection cuts, 0 = no cuts")
 	flagVar(f.DurationVar, &cfg.CutFor, "cut-for", "flaky: length of a cut")
 	flagVar(f.StringSliceVar, &cfg.Cuts, "cuts", "flaky: kinds of cut: down (proxy off), reset (TCP RST), stall (data stops, then close)")
+	flagVar(f.StringVar, &workloadName, "workload", "workload: a chat workload YAML file, or one built in (loadtest workloads lists them); sets --users and --duration unless given")
+	flagVar(f.StringVar, &cfg.API, "api", "workload: chatd's HTTP API base URL, for groups and media uploads")
+	flagVar(f.Float64Var, &cfg.Speed, "speed", "workload: run the workload's sessions, absences and think times this many times faster")
 	flagVar(f.StringVar, &cfg.Label, "label", "what sets this run apart beyond scenario and rate (e.g. \"receipts on\"), shown in the report and by compare")
 	flagVar(f.Int64Var, &cfg.Seed, "seed", "random seed for recipients and cuts, 0 = random")
 	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")
