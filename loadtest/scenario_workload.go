@@ -437,11 +437,13 @@ func (u *wlUser) act(ctx context.Context, p workload.Phase) {
 		if err == nil {
 			err = json.Unmarshal(b, &up)
 		}
+		if ctx.Err() != nil {
+			// The run ended during the upload: not a failure.
+			return
+		}
 		if err != nil || up.ID == "" {
 			u.w.book.failed(action)
-			if ctx.Err() == nil {
-				u.w.r.errs.add(fmt.Errorf("upload by %s: %w (answer %q)", u.id, err, b))
-			}
+			u.w.r.errs.add(fmt.Errorf("upload by %s: %w (answer %q)", u.id, err, b))
 			return
 		}
 		u.w.book.uploaded(time.Since(start).Nanoseconds())

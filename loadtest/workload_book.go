@@ -193,7 +193,9 @@ func (b *book) acked(from int, n uint64, now int64) {
 	m.acked = true
 	t := b.actions[m.action]
 	t.acked++
-	t.expected += int64(len(m.to))
+	if !m.refused {
+		t.expected += int64(len(m.to))
+	}
 	b.counts.Acked++
 	recordMicros(t.ack, now-m.sentAt)
 	recordMicros(b.ack, now-m.sentAt)
@@ -415,13 +417,16 @@ func (b *book) errorEvent(code string) {
 	b.mu.Unlock()
 }
 
-// outstanding returns the deliveries and read receipts owed and not yet arrived.
+// outstanding returns the deliveries and read receipts owed and not yet
+// arrived (typing signals are never owed: they are not stored).
 func (b *book) outstanding() int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	var n int64
-	for _, t := range b.actions {
-		n += t.expected - t.delivered
+	for name, t := range b.actions {
+		if name != workload.Typing {
+			n += t.expected - t.delivered
+		}
 	}
 	return n
 }
