@@ -11,7 +11,7 @@
 // client's session store rather than from publish tokens, which paho
 // completes early when it resends after a reconnection.
 //
-// The scenarios (chat, drain, connect, flaky, crash, restart) are described by
+// The scenarios (chat, drain, connect, flaky, crash, restart, workload) are described by
 // Scenarios; Run executes one and returns a Report, which renders as a
 // table, JSON or a self-contained HTML page.
 //
@@ -29,6 +29,13 @@
 // or out of order as on a message. The Ledger's bookkeeping stays a fixed
 // 32 bytes per message whatever the number of devices: one bit per
 // recipient device and per device of the sender (so at most MaxDevices).
+//
+// The workload scenario plays a chat app's day from a workload file
+// (package workload): users in sessions, acting from a weighted mix of
+// direct and group messages, read receipts, typing and media uploads. Its
+// accounting, the book, owes each PUBACKed message to each recipient and
+// each read receipt to its sender, and reports every figure per action
+// (WorkloadResult); docs/workloads.md describes it.
 //
 // A cluster is driven through one broker URL per node: the clients are
 // spread evenly over them, and paho's auto-reconnect moves a client whose

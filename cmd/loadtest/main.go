@@ -197,7 +197,15 @@ connections summed; the per-second series aligned by index) and reports,
 thresholds and exit status included, as for a run of its own. --csv is
 then written at the end, from the merged series; --metrics-listen,
 --server-cmd and --server-pid are not for runs on agents. An agent that
-cannot be reached, is busy or fails is an error naming it (exit 2).`,
+cannot be reached, is busy or fails is an error naming it (exit 2).
+
+The workload scenario plays a chat app's day from --workload, a YAML file
+or a built-in one (loadtest workloads lists them): users online in
+sessions, direct and group messages, read receipts, typing, presence and
+media uploads (over --api, chatd's HTTP API), with figures per action:
+thresholds take them by path, e.g. workload.actions.dm.deliver_latency.p99_ms.
+The file sets --users and --duration unless they are given; --speed N
+runs its times N times faster. docs/workloads.md describes the file.`,
 		Example: `  loadtest run chat --users 200 --duration 20s
   loadtest run drain --messages 100000
   loadtest run connect --users 10000 --connect-rate 1000 --server-pid $(pgrep -n chatd)
