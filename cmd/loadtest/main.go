@@ -20,6 +20,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/chatd/chatd/loadtest"
 	"github.com/chatd/chatd/loadtest/workload"
@@ -234,17 +235,8 @@ runs its times N times faster. docs/workloads.md describes the file.`,
 			}
 			cfg.Secret = []byte(secret)
 			if workloadName != "" {
-				spec, err := workload.Load(workloadName)
-				if err != nil {
+				if err := useWorkload(&cfg, workloadName, cmd.Flags()); err != nil {
 					return err
-				}
-				cfg.Workload = spec
-				// The workload's own size and length, unless overridden.
-				if !cmd.Flags().Changed("users") && spec.Users > 0 {
-					cfg.Users = spec.Users
-				}
-				if !cmd.Flags().Changed("duration") && spec.Duration > 0 {
-					cfg.Duration = spec.Duration
 				}
 			}
 			var gates []loadtest.Threshold
@@ -365,6 +357,23 @@ runs its times N times faster. docs/workloads.md describes the file.`,
 	f.BoolVarP(&quiet, "quiet", "q", false, "no live progress on stderr")
 	f.StringArrayVar(&thresholds, "threshold", nil, "pass/fail condition on a figure of the report, repeatable: 'p99(send->deliver)<5ms', 'lost==0', 'throughput>=2000' (see above)")
 	return cmd
+}
+
+// useWorkload loads the workload named into cfg, with its number of
+// users and duration unless flags set them.
+func useWorkload(cfg *loadtest.Config, name string, flags *pflag.FlagSet) error {
+	spec, err := workload.Load(name)
+	if err != nil {
+		return err
+	}
+	cfg.Workload = spec
+	if !flags.Changed("users") && spec.Users > 0 {
+		cfg.Users = spec.Users
+	}
+	if !flags.Changed("duration") && spec.Duration > 0 {
+		cfg.Duration = spec.Duration
+	}
+	return nil
 }
 
 // reportOut is where and how a run's report goes.

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/spf13/pflag"
+
 	"github.com/chatd/chatd/loadtest"
 )
 
@@ -40,6 +42,13 @@ func TestCommands(t *testing.T) {
 		{"agents and a password", []string{"run", "chat", "--plain", "--agents", "127.0.0.1:1", "--password", "pw"}, "", "never sent to agents"},
 		{"agent not there", []string{"run", "chat", "--plain", "--agents", "127.0.0.1:1"}, "", "agent 127.0.0.1:1: not reachable"},
 		{"agent with arguments", []string{"agent", "now"}, "", "unknown command"},
+		{"workloads", []string{"workloads"}, "new-year\n  New Year's Eve", ""},
+		{"workload needs one", []string{"run", "workload", "--secret", "s"}, "", "--workload: the workload scenario needs one"},
+		{"unknown workload", []string{"run", "workload", "--workload", "nope.yaml"}, "", "the built-in ones are new-year, quiet-evening"},
+		{"workload not plain", []string{"run", "workload", "--workload", "new-year", "--plain"}, "", "--plain: the workload scenario"},
+		{"workload API", []string{"run", "workload", "--workload", "new-year", "--secret", "s", "--api", "127.0.0.1:8080"}, "", "--api"},
+		{"workload speed", []string{"run", "workload", "--workload", "quiet-evening", "--secret", "s", "--speed", "0"}, "", "--speed"},
+		{"run help tells of workloads", []string{"run", "--help"}, "docs/workloads.md", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -122,6 +131,35 @@ func TestCompareOneSided(t *testing.T) {
 		}
 		if !strings.Contains(stdout.String(), tt.want) {
 			t.Errorf("compare %v lacks %q:\n%s", tt.args, tt.want, stdout.String())
+		}
+	}
+}
+
+// TestUseWorkload: a workload file sets the users and the duration, unless
+// the command line does.
+func TestUseWorkload(t *testing.T) {
+	tests := []struct {
+		args      []string
+		users     int
+		durationS float64
+	}{
+		{nil, 1000, 600},
+		{[]string{"--users", "50"}, 50, 600},
+		{[]string{"--duration", "30s"}, 1000, 30},
+	}
+	for _, tt := range tests {
+		cfg := loadtest.DefaultConfig()
+		flags := pflag.NewFlagSet("run", pflag.ContinueOnError)
+		flags.IntVar(&cfg.Users, "users", cfg.Users, "")
+		flags.DurationVar(&cfg.Duration, "duration", cfg.Duration, "")
+		if err := flags.Parse(tt.args); err != nil {
+			t.Fatal(err)
+		}
+		if err := useWorkload(&cfg, "new-year", flags); err != nil {
+			t.Fatal(err)
+		}
+		if cfg.Workload == nil || cfg.Users != tt.users || cfg.Duration.Seconds() != tt.durationS {
+			t.Errorf("%v: users %d, duration %s; want %d, %gs", tt.args, cfg.Users, cfg.Duration, tt.users, tt.durationS)
 		}
 	}
 }
