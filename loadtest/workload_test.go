@@ -1,17 +1,13 @@
 package loadtest
 
 import (
-	"context"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/chatd/chatd/broker"
-	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/chatdtest"
 	"github.com/chatd/chatd/loadtest/workload"
 )
 
@@ -19,25 +15,7 @@ import (
 // returns its broker URL and API base URL.
 func startChatdAPI(t *testing.T) (mqttURL, api string) {
 	t.Helper()
-	cfg := config.Default()
-	cfg.DataDir = t.TempDir()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.HTTP = "127.0.0.1:0"
-	cfg.Queue.MinFreeBytes = 1 << 20
-	s, err := broker.New(broker.Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := s.Close(ctx); err != nil {
-			t.Errorf("close chatd: %v", err)
-		}
-	})
+	s := chatdtest.Start(t, testSecret, nil)
 	return "tcp://" + s.MQTTAddr(), "http://" + s.HTTPAddr()
 }
 
