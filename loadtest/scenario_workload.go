@@ -93,27 +93,42 @@ func (r *run) runWorkload(ctx context.Context) error {
 		return err
 	}
 
+	// The run starts in the first phase's steady state, its users
+	// connected before anyone acts: a connection storm would otherwise
+	// weigh on the first messages' latency.
+	var wg sync.WaitGroup
+	for _, u := range w.users {
+		if u.rng.Float64() < spec.Phases[0].Online() {
+			wg.Go(func() { u.connect(ctx) })
+		}
+	}
+	wg.Wait()
+
 	r.setPhase(phaseSend)
 	w.start = time.Now()
 	actCtx, cancel := context.WithTimeout(ctx, r.cfg.Duration)
 	defer cancel()
-	var wg sync.WaitGroup
 	for _, u := range w.users {
 		wg.Go(func() { u.live(actCtx) })
 	}
 	wg.Wait()
 
-	// Everyone comes online to collect what it is owed.
+	// What the online users are owed arrives first, before the offline
+	// users come back for theirs, whose connections would weigh on the
+	// latency of the last messages.
 	r.setPhase(phaseGrace)
-	var settle sync.WaitGroup
+	deadline := time.Now().Add(r.cfg.Grace)
+	online := func(i int) bool { return w.users[i].online.Load() }
+	for w.book.outstandingTo(online) > 0 && time.Now().Before(deadline) && sleep(ctx, 50*time.Millisecond) {
+	}
 	for _, u := range w.users {
 		if !u.online.Load() {
-			settle.Go(func() { u.connect(ctx) })
+			wg.Go(func() { u.connect(ctx) })
 		}
 	}
-	settle.Wait()
-	deadline := time.Now().Add(r.cfg.Grace)
-	for w.book.outstanding() > 0 && time.Now().Before(deadline) && sleep(ctx, 20*time.Millisecond) {
+	wg.Wait()
+	all := func(int) bool { return true }
+	for w.book.outstandingTo(all) > 0 && time.Now().Before(deadline) && sleep(ctx, 50*time.Millisecond) {
 	}
 	for _, u := range w.users {
 		u.disconnect()
@@ -239,10 +254,6 @@ func (u *wlUser) exp(mean time.Duration) time.Duration {
 // exponential times allow (they have no memory).
 func (u *wlUser) live(ctx context.Context) {
 	w := u.w
-	// The run starts in the first phase's steady state.
-	if u.rng.Float64() < w.spec.Phases[0].Online() && !u.connect(ctx) {
-		return
-	}
 	ph := -1
 	var switchAt, actAt time.Time
 	for {

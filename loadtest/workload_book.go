@@ -24,6 +24,9 @@ type book struct {
 
 	mu      sync.Mutex
 	msgs    map[msgKey]*bookMsg
+	// owing holds the messages PUBACKed, not refused, and not yet
+	// delivered to every recipient: what the end of a run waits for.
+	owing map[msgKey]*bookMsg
 	last    map[uint64]uint64 // sender*users+recipient -> highest n first-delivered
 	reads   map[readKey]*bookRead
 	typing  map[uint64]int64 // from*users+to -> last typing signal sent at
@@ -105,6 +108,7 @@ func newBook(tag string, users []string) *book {
 		users:    len(users),
 		index:    make(map[string]int, len(users)),
 		msgs:     make(map[msgKey]*bookMsg),
+		owing:    make(map[msgKey]*bookMsg),
 		last:     make(map[uint64]uint64),
 		reads:    make(map[readKey]*bookRead),
 		typing:   make(map[uint64]int64),
@@ -195,6 +199,9 @@ func (b *book) acked(from int, n uint64, now int64) {
 	t.acked++
 	if !m.refused {
 		t.expected += int64(len(m.to))
+		if slices.Contains(m.got, 0) {
+			b.owing[msgKey{from, n}] = m
+		}
 	}
 	b.counts.Acked++
 	recordMicros(t.ack, now-m.sentAt)
@@ -223,6 +230,7 @@ func (b *book) refused(from int, id, code string) {
 	if m.acked {
 		t.expected -= int64(len(m.to))
 	}
+	delete(b.owing, msgKey{from, n})
 }
 
 // delivered records message id from sender arriving at recipient and
@@ -257,6 +265,9 @@ func (b *book) delivered(recipient int, sender, id string, now int64) (first boo
 		return false
 	}
 	m.got[i] = 1
+	if !slices.Contains(m.got, 0) {
+		delete(b.owing, msgKey{from, n})
+	}
 	t.delivered++
 	b.counts.Unique++
 	pair := uint64(from)*uint64(b.users) + uint64(recipient)
@@ -417,15 +428,24 @@ func (b *book) errorEvent(code string) {
 	b.mu.Unlock()
 }
 
-// outstanding returns the deliveries and read receipts owed and not yet
-// arrived (typing signals are never owed: they are not stored).
-func (b *book) outstanding() int64 {
+// outstandingTo returns the deliveries owed to the users for which
+// recipient is true and not yet made, and the read receipts owed to them
+// and not yet arrived (typing signals are never owed: they are not
+// stored).
+func (b *book) outstandingTo(recipient func(user int) bool) int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	var n int64
-	for name, t := range b.actions {
-		if name != workload.Typing {
-			n += t.expected - t.delivered
+	for _, m := range b.owing {
+		for i, to := range m.to {
+			if m.got[i] == 0 && recipient(int(to)) {
+				n++
+			}
+		}
+	}
+	for k, rd := range b.reads {
+		if rd.acked && recipient(k.sender) {
+			n++
 		}
 	}
 	return n

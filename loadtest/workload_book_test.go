@@ -125,6 +125,9 @@ func TestBookModel(t *testing.T) {
 			}
 			gotOwed := actions[workload.DM].Expected + actions[workload.Group].Expected
 			gotDelivered := actions[workload.DM].Delivered + actions[workload.Group].Delivered
+			if out := b.outstandingTo(func(int) bool { return true }); out != lost+readsLost {
+				t.Fatalf("round %d step %d: outstanding %d, model %d", round, step, out, lost+readsLost)
+			}
 			if gotOwed != owed {
 				t.Fatalf("round %d step %d: owed %d, model %d", round, step, gotOwed, owed)
 			}
