@@ -391,9 +391,9 @@ func TestClientDialsTheTriedURL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &client{r: r, idx: 1, user: r.users[1]}
-	c.store = newAckStore(r.tag, c.onAck)
-	o, err := r.clientOptions(c)
+	c := &v3Transport{p: &phone{r: r, idx: 1, user: r.users[1]}}
+	c.store = newAckStore(r.tag, c.p.acked)
+	o, err := c.options()
 	if err != nil {
 		t.Fatal(err)
 	}
