@@ -1,7 +1,11 @@
 package loadtest
 
 import (
+	"reflect"
 	"testing"
+	"time"
+
+	"github.com/chatd/chatd/config"
 )
 
 // TestRunChatMQTT5 runs the chat scenario with MQTT 5 phones against
@@ -17,5 +21,187 @@ func TestRunChatMQTT5(t *testing.T) {
 	}
 	if p := rep.Protocols; p.MQTT5 != int64(cfg.Users) || p.MQTT311 != 0 || p.GrantedMin == 0 {
 		t.Errorf("protocols %+v: want %d MQTT 5 clients and a granted Receive Maximum", p, cfg.Users)
+	}
+}
+
+// TestRunFlakyMQTT5 cuts the MQTT 5 phones' connections while they send:
+// the publishes the session holds are resent on the next connection
+// before any new one, so nothing is lost and no pair is reordered.
+func TestRunFlakyMQTT5(t *testing.T) {
+	cfg := testConfig(ScenarioFlaky, startChatd(t))
+	cfg.Protocol = 5
+	cfg.Duration = 3 * time.Second
+	cfg.Rate = 300
+	cfg.Latency = 10 * time.Millisecond
+	cfg.Jitter = 5 * time.Millisecond
+	cfg.Bandwidth = 512
+	cfg.CutEvery = 700 * time.Millisecond
+	cfg.CutFor = 200 * time.Millisecond
+	rep := runOK(t, cfg)
+	assertBalanced(t, rep)
+	if rep.Connections.Lost == 0 || rep.Connections.Reconnects == 0 {
+		t.Errorf("connections %+v: want lost connections and reconnections", rep.Connections)
+	}
+	if c := rep.Counts; c.Unique == 0 || c.InFlight != 0 || c.OrderViolations != 0 {
+		t.Errorf("counts %+v: want every message delivered, in order, after the faults", c)
+	}
+}
+
+// TestRunMQTT5Variants runs short chat scenarios that each change one
+// thing about the MQTT 5 phones: every one must balance.
+func TestRunMQTT5Variants(t *testing.T) {
+	tests := []struct {
+		name  string
+		tune  func(*Config)
+		check func(t *testing.T, rep *Report)
+	}{
+		{
+			name: "two devices per user",
+			tune: func(c *Config) { c.Protocol, c.Devices = 5, 2 },
+			check: func(t *testing.T, rep *Report) {
+				if c := rep.Counts; c.CopiesExpected == 0 || c.CopiesReceived != c.CopiesExpected {
+					t.Errorf("counts %+v: want every sent copy received", c)
+				}
+				if p := rep.Protocols; p.MQTT5 != 12 {
+					t.Errorf("protocols %+v: want 12 MQTT 5 clients", p)
+				}
+			},
+		},
+		{
+			name: "half MQTT 5, half MQTT 3.1.1",
+			tune: func(c *Config) { c.Protocol, c.ProtocolMix = 0, "5:50,3:50" },
+			check: func(t *testing.T, rep *Report) {
+				if p := rep.Protocols; p.MQTT5 != 3 || p.MQTT311 != 3 {
+					t.Errorf("protocols %+v: want 3 clients of each version", p)
+				}
+			},
+		},
+		{
+			name: "receive maximum 1",
+			tune: func(c *Config) { c.Protocol, c.ReceiveMaximum = 5, 1 },
+			check: func(t *testing.T, rep *Report) {
+				if p := rep.Protocols; p.ReceiveMaximum != 1 || p.MQTT5 != 6 {
+					t.Errorf("protocols %+v: want 6 MQTT 5 clients asking for Receive Maximum 1", p)
+				}
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := testConfig(ScenarioChat, startChatd(t))
+			cfg.Duration = time.Second
+			tt.tune(&cfg)
+			rep := runOK(t, cfg)
+			assertBalanced(t, rep)
+			if c := rep.Counts; c.Sent == 0 || c.InFlight != 0 || c.Acked != c.Sent {
+				t.Errorf("counts %+v: want every message PUBACKed and delivered", c)
+			}
+			tt.check(t, rep)
+		})
+	}
+}
+
+// TestRunMQTT5RefusedPublishes has chatd refuse publishes over a low
+// publish rate limit: their PUBACK carries 0x97 (quota exceeded), the
+// report counts it by code, and the refused messages count as refused,
+// not lost.
+func TestRunMQTT5RefusedPublishes(t *testing.T) {
+	broker := startChatd(t, func(c *config.Config) {
+		c.Limits.PublishRate = 20
+		c.Limits.PublishMaxDelay = time.Millisecond
+	})
+	cfg := testConfig(ScenarioChat, broker)
+	cfg.Protocol = 5
+	cfg.Duration = time.Second
+	rep := runOK(t, cfg)
+	c := rep.Counts
+	if c.Refused == 0 || c.Lost != 0 || c.OrderViolations != 0 || c.InFlight != 0 || c.SendFailed != 0 {
+		t.Fatalf("counts %+v: want refusals, nothing lost, reordered or left in flight", c)
+	}
+	if c.Unique+c.Refused != c.Sent || c.Acked+c.Refused != c.Sent {
+		t.Errorf("counts %+v: want every message either PUBACKed and delivered or refused", c)
+	}
+	var quota int64
+	for _, rc := range rep.ReasonCodes {
+		if rc.Packet == "PUBACK" && rc.Code == 0x97 {
+			quota = rc.Count
+			if rc.Name != "quota exceeded" || rc.Hex() != "0x97" {
+				t.Errorf("reason %+v (%s): want 0x97 quota exceeded", rc, rc.Hex())
+			}
+		}
+	}
+	if quota != c.Refused {
+		t.Errorf("reason codes %+v: want PUBACK 0x97 counted %d times, once per refused message", rep.ReasonCodes, c.Refused)
+	}
+	if code := rep.ExitCode(); code != 2 {
+		t.Errorf("exit code %d: want 2 (refusals are errors, not losses)", code)
+	}
+}
+
+// TestMixPattern checks that a protocol mix gives each version its share
+// of every 100 slots, interleaved so that a few clients get each version.
+func TestMixPattern(t *testing.T) {
+	tests := []struct {
+		mix       string
+		first     []int // versions of the first slots
+		v5, total int   // MQTT 5 slots of the 100
+	}{
+		{"5:50,3:50", []int{5, 3, 5, 3}, 50, 100},
+		{"5:70,3:30", []int{5, 3, 5, 5, 5, 3, 5, 5, 3, 5}, 70, 100},
+		{"3:100", []int{3, 3}, 0, 100},
+		{"3:99,5:1", []int{3, 3}, 1, 100},
+	}
+	for _, tt := range tests {
+		mix, err := parseProtocolMix(tt.mix)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := mixPattern(mix)
+		v5 := 0
+		for _, v := range p {
+			if v == 5 {
+				v5++
+			}
+		}
+		if len(p) != tt.total || v5 != tt.v5 {
+			t.Errorf("%s: %d slots, %d of MQTT 5; want %d, %d", tt.mix, len(p), v5, tt.total, tt.v5)
+		}
+		if got := p[:len(tt.first)]; !reflect.DeepEqual(got, tt.first) {
+			t.Errorf("%s: first slots %v, want %v", tt.mix, got, tt.first)
+		}
+	}
+}
+
+// TestMergeReasonCodes checks that merged reports sum the reason codes
+// by packet and code and the clients of each version, keeping the least
+// and the most Receive Maximum granted.
+func TestMergeReasonCodes(t *testing.T) {
+	a := []ReasonCount{
+		{Packet: packetPuback, Code: 0x97, Name: "quota exceeded", Count: 3},
+		{Packet: packetDisconnect, Code: 0x98, Name: "administrative action", Count: 1},
+	}
+	b := []ReasonCount{
+		{Packet: packetPuback, Code: 0x10, Name: "no matching subscribers", Count: 5},
+		{Packet: packetPuback, Code: 0x97, Name: "quota exceeded", Count: 4},
+		{Packet: packetConnack, Code: 0x86, Name: "bad user name or password", Count: 2},
+	}
+	want := []ReasonCount{
+		{Packet: packetConnack, Code: 0x86, Name: "bad user name or password", Count: 2},
+		{Packet: packetDisconnect, Code: 0x98, Name: "administrative action", Count: 1},
+		{Packet: packetPuback, Code: 0x10, Name: "no matching subscribers", Count: 5},
+		{Packet: packetPuback, Code: 0x97, Name: "quota exceeded", Count: 7},
+	}
+	if got := addReasons(addReasons(nil, a), b); !reflect.DeepEqual(got, want) {
+		t.Errorf("merged reason codes %+v, want %+v", got, want)
+	}
+	if a[0].Count != 3 {
+		t.Errorf("merging changed its input: %+v", a)
+	}
+	p := addProtocols(addProtocols(ProtocolStats{},
+		ProtocolStats{MQTT311: 2, MQTT5: 3, ReceiveMaximum: 8, GrantedMin: 100, GrantedMax: 1024}),
+		ProtocolStats{MQTT311: 1})
+	p = addProtocols(p, ProtocolStats{MQTT5: 4, ReceiveMaximum: 8, GrantedMin: 50, GrantedMax: 60})
+	if want := (ProtocolStats{MQTT311: 3, MQTT5: 7, ReceiveMaximum: 8, GrantedMin: 50, GrantedMax: 1024}); p != want {
+		t.Errorf("merged protocols %+v, want %+v", p, want)
 	}
 }
