@@ -2,6 +2,8 @@ package loadtest
 
 import (
 	"reflect"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -135,6 +137,21 @@ func TestRunMQTT5RefusedPublishes(t *testing.T) {
 	}
 	if code := rep.ExitCode(); code != 2 {
 		t.Errorf("exit code %d: want 2 (refusals are errors, not losses)", code)
+	}
+	// The table and the HTML report show the code.
+	var table strings.Builder
+	if err := rep.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`PUBACK 0x97 +\d+ +quota exceeded`).MatchString(table.String()) {
+		t.Errorf("table lacks the PUBACK 0x97 row:\n%s", table.String())
+	}
+	var html strings.Builder
+	if err := rep.renderHTML(&html); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(html.String(), "<td>PUBACK</td><td>0x97</td><td>quota exceeded</td>") {
+		t.Errorf("HTML report lacks the PUBACK 0x97 row")
 	}
 }
 

@@ -150,7 +150,9 @@ send->deliver, send->PUBACK, send->receipt, send->sent copy,
 CONNECT->CONNACK, CONNECT->SUBACK (VALUE in ms, or with a unit: us, ms,
 s, m); a short name: lost, duplicates, refused, misrouted,
 order_violations, in_flight, sent, acked, delivered, unique, throughput,
-send_rate; or any number of the JSON report by its path, such as
+send_rate; reason(PACKET:CODE), how many times the broker answered an
+MQTT 5 phone with a reason code, as reason(puback:0x97) (0 when never);
+or any number of the JSON report by its path, such as
 connections.reconnects or server.avg_cpu_percent. OP is < <= > >= == !=.
 A FIGURE the report does not have is an error (exit 2).
 

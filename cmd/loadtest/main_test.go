@@ -40,6 +40,11 @@ func TestCommands(t *testing.T) {
 		{"agents and a password", []string{"run", "chat", "--plain", "--agents", "127.0.0.1:1", "--password", "pw"}, "", "never sent to agents"},
 		{"agent not there", []string{"run", "chat", "--plain", "--agents", "127.0.0.1:1"}, "", "agent 127.0.0.1:1: not reachable"},
 		{"agent with arguments", []string{"agent", "now"}, "", "unknown command"},
+		{"run help tells of MQTT 5", []string{"run", "--help"}, "--protocol-mix 5:70,3:30", ""},
+		{"protocol and protocol mix", []string{"run", "chat", "--plain", "--protocol", "5", "--protocol-mix", "5:50,3:50"}, "", "exclusive"},
+		{"protocol mix short of 100", []string{"run", "chat", "--plain", "--protocol-mix", "5:50,3:40"}, "", "sum to 90"},
+		{"receive maximum for MQTT 3.1.1", []string{"run", "chat", "--plain", "--receive-maximum", "5"}, "", "MQTT 5 setting"},
+		{"protocol 4", []string{"run", "chat", "--plain", "--protocol", "4"}, "", "want 3 (MQTT 3.1.1) or 5"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -83,6 +88,9 @@ func TestRunFlagDefaults(t *testing.T) {
 		{"quiet", "false"},
 		{"recipients", strconv.Itoa(def.Recipients)},
 		{"label", ""},
+		{"protocol", "3"},
+		{"protocol-mix", ""},
+		{"receive-maximum", "0"},
 	}
 	flags := newRunCmd(io.Discard, io.Discard).Flags()
 	for _, tt := range tests {
