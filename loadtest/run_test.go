@@ -288,7 +288,15 @@ func TestRunFlaky(t *testing.T) {
 	}
 }
 
+// TestRunCrash SIGKILLs and restarts the server under load, with phones
+// of either protocol version: nothing PUBACKed is lost.
 func TestRunCrash(t *testing.T) {
+	for _, protocol := range []int{protocol3, protocol5} {
+		t.Run(fmt.Sprintf("MQTT %d", protocol), func(t *testing.T) { testRunCrash(t, protocol) })
+	}
+}
+
+func testRunCrash(t *testing.T, protocol int) {
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -296,6 +304,7 @@ func TestRunCrash(t *testing.T) {
 	addr := freeAddr(t)
 	t.Setenv(serveEnv, t.TempDir()+" "+addr)
 	cfg := testConfig(ScenarioCrash, "tcp://"+addr)
+	cfg.Protocol = protocol
 	cfg.Users = 4
 	cfg.Duration = 2500 * time.Millisecond
 	cfg.Rate = 200
