@@ -284,7 +284,7 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--server-cmd given %d times for %d --broker URLs: give one command, or one per URL",
 			len(c.ServerCmds), len(urls))
 	}
-	if err := c.validateProtocol(urls); err != nil {
+	if err := c.validateProtocol(); err != nil {
 		return err
 	}
 	if c.Scenario == ScenarioFlaky && len(urls) > 1 {
@@ -386,8 +386,8 @@ func parseProtocol(s string) (int, error) {
 }
 
 // validateProtocol checks Protocol, ProtocolMix and ReceiveMaximum
-// against each other and the broker URLs.
-func (c *Config) validateProtocol(urls []string) error {
+// against each other.
+func (c *Config) validateProtocol() error {
 	if c.Protocol != 0 && c.Protocol != protocol3 && c.Protocol != protocol5 {
 		return fmt.Errorf("--protocol %d: want 3 (MQTT 3.1.1) or 5", c.Protocol)
 	}
@@ -409,13 +409,6 @@ func (c *Config) validateProtocol(urls []string) error {
 	}
 	if c.ReceiveMaximum != 0 && !v5 {
 		return errors.New("--receive-maximum is an MQTT 5 setting: add --protocol 5 or a --protocol-mix with 5")
-	}
-	if v5 && len(urls) > 0 {
-		// The MQTT 5 phones dial TCP or TLS themselves; paho.golang's
-		// client takes a connection and has no WebSocket transport of its own.
-		if u, err := url.Parse(urls[0]); err == nil && (u.Scheme == "ws" || u.Scheme == "wss") {
-			return fmt.Errorf("--broker %s: MQTT 5 phones connect over tcp:// or tls:// only, not WebSocket", urls[0])
-		}
 	}
 	return nil
 }

@@ -159,6 +159,13 @@ func newChatd(dir, listen string, tune ...func(*config.Config)) (*broker.Server,
 // configuration changed by tune, and returns its broker URL.
 func startChatd(t *testing.T, tune ...func(*config.Config)) string {
 	t.Helper()
+	return "tcp://" + startChatdServer(t, tune...).MQTTAddr()
+}
+
+// startChatdServer runs our server in-process on a free loopback port, its
+// configuration changed by tune, until the test ends.
+func startChatdServer(t *testing.T, tune ...func(*config.Config)) *broker.Server {
+	t.Helper()
 	s, err := newChatd(t.TempDir(), "127.0.0.1:0", tune...)
 	if err != nil {
 		t.Fatal(err)
@@ -170,7 +177,7 @@ func startChatd(t *testing.T, tune ...func(*config.Config)) string {
 			t.Errorf("close chatd: %v", err)
 		}
 	})
-	return "tcp://" + s.MQTTAddr()
+	return s
 }
 
 // startMochi runs a plain MQTT broker that lets everyone in and returns

@@ -53,9 +53,10 @@ func TestRunFlakyMQTT5(t *testing.T) {
 // thing about the MQTT 5 phones: every one must balance.
 func TestRunMQTT5Variants(t *testing.T) {
 	tests := []struct {
-		name  string
-		tune  func(*Config)
-		check func(t *testing.T, rep *Report)
+		name   string
+		broker func(t *testing.T) string // nil: startChatd
+		tune   func(*Config)
+		check  func(t *testing.T, rep *Report)
 	}{
 		{
 			name: "two devices per user",
@@ -79,6 +80,19 @@ func TestRunMQTT5Variants(t *testing.T) {
 			},
 		},
 		{
+			name: "half and half over WebSocket",
+			broker: func(t *testing.T) string {
+				s := startChatdServer(t, func(c *config.Config) { c.WebSocket.Listen = "127.0.0.1:0" })
+				return "ws://" + s.WebSocketAddr() + "/mqtt"
+			},
+			tune: func(c *Config) { c.Protocol, c.ProtocolMix = 0, "5:50,3:50" },
+			check: func(t *testing.T, rep *Report) {
+				if p := rep.Protocols; p.MQTT5 != 3 || p.MQTT311 != 3 {
+					t.Errorf("protocols %+v: want 3 clients of each version", p)
+				}
+			},
+		},
+		{
 			name: "receive maximum 1",
 			tune: func(c *Config) { c.Protocol, c.ReceiveMaximum = 5, 1 },
 			check: func(t *testing.T, rep *Report) {
@@ -90,7 +104,13 @@ func TestRunMQTT5Variants(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg := testConfig(ScenarioChat, startChatd(t))
+			var url string
+			if tt.broker != nil {
+				url = tt.broker(t)
+			} else {
+				url = startChatd(t)
+			}
+			cfg := testConfig(ScenarioChat, url)
 			cfg.Duration = time.Second
 			tt.tune(&cfg)
 			rep := runOK(t, cfg)

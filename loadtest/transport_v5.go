@@ -222,6 +222,9 @@ func (t *v5Transport) dial(broker string) (*paho.Client, error) {
 	}()
 	var conn net.Conn
 	switch u.Scheme {
+	case "ws", "wss":
+		// dialWebSocket's connection has its own lock and framing.
+		conn, err = dialWebSocket(ctx, t.dialer, u)
 	case "tls", "ssl", "mqtts":
 		d := tls.Dialer{NetDialer: t.dialer, Config: &tls.Config{ServerName: u.Hostname()}}
 		conn, err = d.DialContext(ctx, "tcp", u.Host)
@@ -233,9 +236,11 @@ func (t *v5Transport) dial(broker string) (*paho.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	// paho.golang writes a packet in several writes, from several
-	// goroutines, and holds the connection's lock when it has one.
-	conn = packets.NewThreadSafeConn(bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)})
+	if u.Scheme != "ws" && u.Scheme != "wss" {
+		// paho.golang writes a packet in several writes, from several
+		// goroutines, and holds the connection's lock when it has one.
+		conn = packets.NewThreadSafeConn(bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)})
+	}
 	pc := paho.NewClient(paho.ClientConfig{
 		ClientID:          t.connect5.ClientID,
 		Conn:              conn,

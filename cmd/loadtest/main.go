@@ -165,7 +165,7 @@ clients of each version, the Receive Maximum the broker granted (least
 and most), and the MQTT 5 reason codes the broker answered with, by
 packet and code (PUBACK 0x97 quota exceeded, DISCONNECT 0x98
 administrative action...); a PUBACK refusal counts the message as
-refused, not lost. MQTT 5 phones connect over tcp:// or tls://.
+refused, not lost.
 
 A cluster is driven by giving --broker one URL per node, comma-separated:
 client i connects first to URL i mod n and, when its node goes down, paho
@@ -327,7 +327,7 @@ cannot be reached, is busy or fails is an error naming it (exit 2).`,
 	flagVar(f.StringSliceVar, &cfg.Cuts, "cuts", "flaky: kinds of cut: down (proxy off), reset (TCP RST), stall (data stops, then close)")
 	flagVar(f.IntVar, &cfg.Protocol, "protocol", "MQTT version of the simulated phones: 3 (3.1.1) or 5")
 	flagVar(f.StringVar, &cfg.ProtocolMix, "protocol-mix", "share of the phones per MQTT version instead of --protocol, percentages summing to 100, e.g. 5:70,3:30")
-	flagVar(f.IntVar, &cfg.ReceiveMaximum, "receive-maximum", "MQTT 5: Receive Maximum sent in CONNECT, deliveries the broker may leave unacknowledged per phone (0 = none sent: 65535)")
+	flagVar(f.IntVar, &cfg.ReceiveMaximum, "receive-maximum", "MQTT 5: Receive Maximum sent in CONNECT, deliveries the broker may leave unacknowledged per phone (0 = none sent: 65535, for which paho.golang reserves some 512 KiB per phone)")
 	flagVar(f.StringVar, &cfg.Label, "label", "what sets this run apart beyond scenario and rate (e.g. \"receipts on\"), shown in the report and by compare")
 	flagVar(f.Int64Var, &cfg.Seed, "seed", "random seed for recipients and cuts, 0 = random")
 	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")
