@@ -2,6 +2,7 @@ package loadtest
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -291,12 +292,25 @@ func (t *v5Transport) subscribe(pc *paho.Client) {
 		case <-ctx.Done():
 		}
 	}()
-	sa, err := pc.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: p.r.topics[p.idx], QoS: 1}}})
-	if sa != nil {
-		for _, code := range sa.Reasons {
-			if code >= 0x80 {
-				p.r.reasons.add(packetSuback, code)
+	var err error
+	for attempt := 1; ; attempt++ {
+		var sa *paho.Suback
+		sa, err = pc.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: p.r.topics[p.idx], QoS: 1}}})
+		inUse := false
+		if sa != nil {
+			for _, code := range sa.Reasons {
+				if code >= 0x80 {
+					p.r.reasons.add(packetSuback, code)
+					err = fmt.Errorf("SUBACK 0x%02X %s: %w", code, reasonName(packetSuback, code), err)
+				}
+				inUse = inUse || code == packets.SubackPacketIdentifierinuse
 			}
+		}
+		// A broker that keeps its own deliveries' identifiers and the
+		// client's in one space (mochi) refuses a SUBSCRIBE whose
+		// identifier one of its deliveries holds: the next one is free.
+		if !inUse || attempt == 3 {
+			break
 		}
 	}
 	select {
@@ -402,10 +416,11 @@ func (t *v5Transport) disconnect(time.Duration) {
 	}
 }
 
-// pendingPublish is a publish of this run the session holds until its PUBACK.
+// pendingPublish is a publish of this run the session holds until its
+// PUBACK. Its sequence number also orders it among the phone's publishes:
+// a phone numbers its messages in the order it sends them.
 type pendingPublish struct {
 	seq     uint64
-	order   uint64 // when the session took it, to publish again in order
 	topic   string
 	payload []byte
 }
@@ -423,7 +438,6 @@ type v5Session struct {
 
 	mu      sync.Mutex
 	pending map[uint16]pendingPublish // by packet identifier
-	next    uint64
 	// dropped are the publishes a CONNACK without a session present made
 	// the state forget, and those left for the next connection (later),
 	// oldest first: republish sends them.
@@ -446,8 +460,7 @@ func (s *v5Session) AddToSession(ctx context.Context, packet session.Packet, res
 	if pb, ok := packet.(*packets.Publish); ok {
 		if seq, ok := parseID(leadingID(pb.Payload), s.p.r.tag); ok {
 			s.mu.Lock()
-			s.next++
-			s.pending[pb.PacketID] = pendingPublish{seq: seq, order: s.next, topic: pb.Topic, payload: pb.Payload}
+			s.pending[pb.PacketID] = pendingPublish{seq: seq, topic: pb.Topic, payload: pb.Payload}
 			s.mu.Unlock()
 		}
 	}
@@ -487,7 +500,7 @@ func (s *v5Session) ConAckReceived(conn io.Writer, cp *packets.Connect, ca *pack
 			s.dropped = append(s.dropped, pp)
 		}
 		clear(s.pending)
-		slices.SortFunc(s.dropped, func(a, b pendingPublish) int { return int(a.order - b.order) })
+		slices.SortFunc(s.dropped, func(a, b pendingPublish) int { return cmp.Compare(a.seq, b.seq) })
 	}
 	s.mu.Unlock()
 	return s.State.ConAckReceived(conn, cp, ca)
@@ -520,8 +533,6 @@ func (s *v5Session) lossReason() error {
 func (s *v5Session) later(pp pendingPublish) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.next++
-	pp.order = s.next
 	s.dropped = append(s.dropped, pp)
 }
 
