@@ -183,7 +183,7 @@ func (t *v5Transport) down() {
 }
 
 // dialAll tries each broker of the rotation in turn and returns the first
-// connection the broker accepted, or the last error.
+// connection the broker accepted, or every attempt's error.
 func (t *v5Transport) dialAll() (*paho.Client, error) {
 	var errs []error
 	for i, b := range t.brokers {
