@@ -1,6 +1,7 @@
 package loadtest
 
 import (
+	"context"
 	"reflect"
 	"regexp"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/chatd/chatd/config"
+	"github.com/chatd/chatd/internal/testutil"
 )
 
 // TestRunChatMQTT5 runs the chat scenario with MQTT 5 phones against
@@ -159,16 +161,12 @@ func TestRunMQTT5RefusedPublishes(t *testing.T) {
 	if c.Unique+c.Refused != c.Sent || c.Acked+c.Refused != c.Sent {
 		t.Errorf("counts %+v: want every message either PUBACKed and delivered or refused", c)
 	}
-	var quota int64
 	for _, rc := range rep.ReasonCodes {
-		if rc.Packet == "PUBACK" && rc.Code == 0x97 {
-			quota = rc.Count
-			if rc.Name != "quota exceeded" || rc.Hex() != "0x97" {
-				t.Errorf("reason %+v (%s): want 0x97 quota exceeded", rc, rc.Hex())
-			}
+		if rc.Packet == packetPuback && rc.Code == 0x97 && (rc.Name != "quota exceeded" || rc.Hex() != "0x97") {
+			t.Errorf("reason %+v (%s): want 0x97 quota exceeded", rc, rc.Hex())
 		}
 	}
-	if quota != c.Refused {
+	if reasonCount(rep.ReasonCodes, packetPuback, 0x97) != c.Refused {
 		t.Errorf("reason codes %+v: want PUBACK 0x97 counted %d times, once per refused message", rep.ReasonCodes, c.Refused)
 	}
 	if code := rep.ExitCode(); code != 2 {
@@ -256,5 +254,77 @@ func TestMergeReasonCodes(t *testing.T) {
 	p = addProtocols(p, ProtocolStats{MQTT5: 4, ReceiveMaximum: 8, GrantedMin: 50, GrantedMax: 60})
 	if want := (ProtocolStats{MQTT311: 3, MQTT5: 7, ReceiveMaximum: 8, GrantedMin: 50, GrantedMax: 1024}); p != want {
 		t.Errorf("merged protocols %+v, want %+v", p, want)
+	}
+}
+
+// reasonCount returns how many times rcs counts code in packet.
+func reasonCount(rcs []ReasonCount, packet string, code byte) int64 {
+	for _, rc := range rcs {
+		if rc.Packet == packet && rc.Code == code {
+			return rc.Count
+		}
+	}
+	return 0
+}
+
+// TestMQTT5ConnackRefused has chatd refuse every MQTT 5 phone's token:
+// the run fails to connect, and the report counts the CONNACK's code.
+func TestMQTT5ConnackRefused(t *testing.T) {
+	cfg := testConfig(ScenarioChat, startChatd(t))
+	cfg.Protocol = 5
+	cfg.Secret = []byte("not-the-secret-of-this-server-0123456789")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rep, err := Run(ctx, cfg, nil)
+	if err == nil || !strings.Contains(err.Error(), "CONNACK 0x") {
+		t.Fatalf("run: %v; want the CONNACK refusal", err)
+	}
+	var refusals int64
+	for _, rc := range rep.ReasonCodes {
+		if rc.Packet == packetConnack && rc.Code >= 0x80 {
+			refusals += rc.Count
+		}
+	}
+	if refusals != int64(cfg.Users) {
+		t.Errorf("reason codes %+v: want %d CONNACK refusals", rep.ReasonCodes, cfg.Users)
+	}
+}
+
+// TestMQTT5SessionTakenOver connects a second phone with the first one's
+// client ID: chatd disconnects the first with DISCONNECT 0x8E, which is
+// counted and ends the connection, as the first phone reports.
+func TestMQTT5SessionTakenOver(t *testing.T) {
+	cfg := testConfig(ScenarioChat, startChatd(t))
+	cfg.Protocol = 5
+	r, err := newRun(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var clients []*client
+	defer func() {
+		for _, c := range clients {
+			c.abort()
+		}
+	}()
+	for range 2 {
+		c, err := r.newClient(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+		if _, _, err := c.connect(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		return reasonCount(r.reasons.list(), packetDisconnect, 0x8E) > 0 && r.conns.lost.Load() > 0
+	}, "DISCONNECT 0x8E counted and the connection lost")
+	r.conns.mu.Lock()
+	reasons := strings.Join(r.conns.reasons, "; ")
+	r.conns.mu.Unlock()
+	if !strings.Contains(reasons, "server DISCONNECT 0x8E session taken over") {
+		t.Errorf("loss reasons %q: want the server's DISCONNECT", reasons)
 	}
 }
