@@ -5,13 +5,10 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/chatd/chatd/broker/protocol/token"
 )
@@ -142,17 +139,6 @@ func rotatedBrokers(urls []string, idx int) []string {
 	return append(out, urls[:k]...)
 }
 
-// brokerIndex returns the index in r.brokers of a URL paho dials, or -1.
-func (r *run) brokerIndex(u *url.URL) int {
-	s := u.String()
-	for i, k := range r.brokerKeys {
-		if k == s {
-			return i
-		}
-	}
-	return -1
-}
-
 // id returns the client ID: the user ID, or {user}/d{dev} when users
 // have several devices.
 func (p *phone) id() string {
@@ -182,21 +168,6 @@ func (r *run) credentials(user string) (username, password string, err error) {
 		username = fmt.Sprintf(username, user)
 	}
 	return username, r.cfg.Password, nil
-}
-
-// signIn sets o's username and password for user (see credentials).
-func (r *run) signIn(o *mqtt.ClientOptions, user string) error {
-	u, pw, err := r.credentials(user)
-	if err != nil {
-		return err
-	}
-	if u != "" {
-		o.SetUsername(u)
-	}
-	if pw != "" {
-		o.SetPassword(pw)
-	}
-	return nil
 }
 
 // readBufferSize is each simulated phone's read buffer. paho reads every

@@ -225,3 +225,29 @@ func (t *v3Transport) waitResync(ctx context.Context) error {
 		}
 	}
 }
+
+// brokerIndex returns the index in r.brokers of a URL paho dials, or -1.
+func (r *run) brokerIndex(u *url.URL) int {
+	s := u.String()
+	for i, k := range r.brokerKeys {
+		if k == s {
+			return i
+		}
+	}
+	return -1
+}
+
+// signIn sets o's username and password for user (see credentials).
+func (r *run) signIn(o *mqtt.ClientOptions, user string) error {
+	u, pw, err := r.credentials(user)
+	if err != nil {
+		return err
+	}
+	if u != "" {
+		o.SetUsername(u)
+	}
+	if pw != "" {
+		o.SetPassword(pw)
+	}
+	return nil
+}
