@@ -2,11 +2,14 @@ package loadtest
 
 import (
 	"context"
+	"io"
 	"reflect"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/eclipse/paho.golang/packets"
 
 	"github.com/chatd/chatd/config"
 	"github.com/chatd/chatd/internal/testutil"
@@ -326,5 +329,86 @@ func TestMQTT5SessionTakenOver(t *testing.T) {
 	r.conns.mu.Unlock()
 	if !strings.Contains(reasons, "server DISCONNECT 0x8E session taken over") {
 		t.Errorf("loss reasons %q: want the server's DISCONNECT", reasons)
+	}
+}
+
+// TestV5SessionAccounting drives an MQTT 5 phone's session state by hand:
+// each PUBACK reaches the ledger by its packet identifier, a refusal as a
+// refusal, and the publishes a lost session drops are set aside in the
+// phone's send order, after any the phone left for the next connection.
+func TestV5SessionAccounting(t *testing.T) {
+	r, err := newRun(testConfig(ScenarioChat, "tcp://127.0.0.1:1"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &phone{r: r, slots: make(chan struct{}, 8), ready: make(chan struct{})}
+	s := newV5Session(p)
+	connect := &packets.Connect{}
+	if err := s.ConAckReceived(io.Discard, connect, &packets.Connack{}); err != nil {
+		t.Fatal(err)
+	}
+	var seqs []uint64
+	var ids []uint16
+	for i := range 4 {
+		seq, err := r.ledger.NewMessage(0, 1, int64(i+1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, seq)
+		if err := p.takeSlot(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		pb := &packets.Publish{QoS: 1, Topic: r.topics[1], Payload: appendMessage(nil, message{Tag: r.tag, Seq: seq, Sender: r.users[0], N: uint64(i + 1)}, 64)}
+		if err := s.AddToSession(context.Background(), pb, make(chan packets.ControlPacket, 1)); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, pb.PacketID)
+	}
+	puback := func(id uint16, code byte) {
+		cp := &packets.ControlPacket{FixedHeader: packets.FixedHeader{Type: packets.PUBACK}, Content: &packets.Puback{PacketID: id, ReasonCode: code}}
+		if err := s.PacketReceived(cp, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	puback(ids[0], 0x00)
+	puback(ids[1], 0x97)
+	if c := r.ledger.Snapshot(); c.Acked != 1 || c.Refused != 1 || len(p.slots) != 2 {
+		t.Errorf("counts %+v, %d slots taken: want one PUBACKed, one refused, two slots freed", c, len(p.slots))
+	}
+	if !s.holds(seqs[2]) || !s.holds(seqs[3]) || s.holds(seqs[0]) {
+		t.Errorf("the session should hold the last two messages only")
+	}
+	if got := reasonCount(r.reasons.list(), packetPuback, 0x97); got != 1 {
+		t.Errorf("PUBACK 0x97 counted %d times, want 1", got)
+	}
+
+	// The connection drops; a fifth message is left for the next one,
+	// which finds no session: the two held go first, then the fifth.
+	if err := s.ConnectionLost(nil); err != nil {
+		t.Fatal(err)
+	}
+	seq5, err := r.ledger.NewMessage(0, 1, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.later(pendingPublish{seq: seq5})
+	if err := s.ConAckReceived(io.Discard, connect, &packets.Connack{SessionPresent: false}); err != nil {
+		t.Fatal(err)
+	}
+	var order []uint64
+	for _, pp := range s.dropped {
+		order = append(order, pp.seq)
+	}
+	if want := []uint64{seqs[2], seqs[3], seq5}; !reflect.DeepEqual(order, want) {
+		t.Errorf("set aside %v, want %v", order, want)
+	}
+	if s.holds(seqs[2]) {
+		t.Errorf("a session the broker lost still holds a message")
+	}
+	if err := s.ConnectionLost(&packets.Disconnect{ReasonCode: 0x98}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.lossReason(); err == nil || !strings.Contains(err.Error(), "0x98 administrative action") {
+		t.Errorf("loss reason %v, want the DISCONNECT's", err)
 	}
 }
