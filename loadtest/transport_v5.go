@@ -81,7 +81,7 @@ func newV5Transport(p *phone) (*v5Transport, error) {
 	expiry := uint32(v5SessionExpiry)
 	t.connect5 = paho.Connect{
 		ClientID:     p.id(),
-		KeepAlive:    uint16(max(1, r.cfg.Keepalive/time.Second)),
+		KeepAlive:    uint16(min(65535, max(1, r.cfg.Keepalive/time.Second))),
 		CleanStart:   false,
 		Username:     user,
 		UsernameFlag: user != "",
