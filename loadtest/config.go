@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -143,6 +144,18 @@ type Config struct {
 	// Raw makes the report carry what it was computed from (Report.Raw):
 	// the histograms MergeReports needs. Agents set it.
 	Raw bool
+
+	// Protocol is the MQTT version every simulated phone speaks: 3 for
+	// 3.1.1, 5 for MQTT 5; 0 with a ProtocolMix (alone, 0 means 3).
+	Protocol int
+	// ProtocolMix, when not empty, gives each version a share of the
+	// phones instead of Protocol, as "5:70,3:30" (percentages summing to
+	// 100); phones get their version by their slot, evenly interleaved.
+	ProtocolMix string
+	// ReceiveMaximum is the Receive Maximum the MQTT 5 phones send in
+	// CONNECT: how many QoS 1 deliveries the broker may have unacknowledged
+	// at each; 0 sends none (the protocol's default, 65535).
+	ReceiveMaximum int
 }
 
 // DefaultConfig returns the defaults of the command line.
@@ -174,6 +187,7 @@ func DefaultConfig() Config {
 		Cuts:           []string{cutDown, cutReset, cutStall},
 		API:            "http://127.0.0.1:8080",
 		Speed:          1,
+		Protocol:       protocol3,
 	}
 }
 
@@ -291,6 +305,9 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--server-cmd given %d times for %d --broker URLs: give one command, or one per URL",
 			len(c.ServerCmds), len(urls))
 	}
+	if err := c.validateProtocol(); err != nil {
+		return err
+	}
 	if c.Scenario == ScenarioFlaky && len(urls) > 1 {
 		return errors.New("--broker: the flaky scenario's fault proxy fronts a single broker URL")
 	}
@@ -308,6 +325,8 @@ func (c *Config) validateWorkload() error {
 		return errors.New("--speed: must be above 0")
 	case c.Workload.Contacts < 1:
 		return errors.New("--workload: contacts must be at least 1")
+	case c.Protocol == protocol5 || c.ProtocolMix != "" || c.ReceiveMaximum != 0:
+		return errors.New("--protocol, --protocol-mix, --receive-maximum: the workload scenario's users speak MQTT 3.1.1")
 	}
 	if c.Workload.Uses(workload.Group) || c.Workload.Uses(workload.Media) {
 		u, err := url.Parse(c.API)
@@ -353,6 +372,89 @@ func (c *Config) brokerURLs() ([]string, error) {
 		urls = append(urls, raw)
 	}
 	return urls, nil
+}
+
+// Protocol versions a phone may speak.
+const (
+	protocol3 = 3 // MQTT 3.1.1
+	protocol5 = 5 // MQTT 5
+)
+
+// protocolShare is one version's share of a protocol mix.
+type protocolShare struct {
+	version int
+	percent int
+}
+
+// parseProtocolMix reads a mix such as "5:70,3:30": each version once,
+// each share 1-100, summing to 100.
+func parseProtocolMix(s string) ([]protocolShare, error) {
+	var mix []protocolShare
+	total := 0
+	for _, part := range strings.Split(s, ",") {
+		v, pct, ok := strings.Cut(strings.TrimSpace(part), ":")
+		if !ok {
+			return nil, fmt.Errorf("--protocol-mix %q: %q is not VERSION:PERCENT, e.g. 5:70", s, part)
+		}
+		version, err := parseProtocol(v)
+		if err != nil {
+			return nil, fmt.Errorf("--protocol-mix %q: %w", s, err)
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(pct))
+		if err != nil || n < 1 || n > 100 {
+			return nil, fmt.Errorf("--protocol-mix %q: share %q: want a whole percentage, 1 to 100", s, pct)
+		}
+		for _, m := range mix {
+			if m.version == version {
+				return nil, fmt.Errorf("--protocol-mix %q: version %d given twice", s, version)
+			}
+		}
+		mix = append(mix, protocolShare{version: version, percent: n})
+		total += n
+	}
+	if total != 100 {
+		return nil, fmt.Errorf("--protocol-mix %q: shares sum to %d, want 100", s, total)
+	}
+	return mix, nil
+}
+
+// parseProtocol reads a protocol version: 3 (MQTT 3.1.1) or 5.
+func parseProtocol(s string) (int, error) {
+	switch strings.TrimSpace(s) {
+	case "3", "3.1.1":
+		return protocol3, nil
+	case "5":
+		return protocol5, nil
+	}
+	return 0, fmt.Errorf("protocol %q: want 3 (MQTT 3.1.1) or 5", s)
+}
+
+// validateProtocol checks Protocol, ProtocolMix and ReceiveMaximum
+// against each other.
+func (c *Config) validateProtocol() error {
+	if c.Protocol != 0 && c.Protocol != protocol3 && c.Protocol != protocol5 {
+		return fmt.Errorf("--protocol %d: want 3 (MQTT 3.1.1) or 5", c.Protocol)
+	}
+	v5 := c.Protocol == protocol5
+	if c.ProtocolMix != "" {
+		if c.Protocol != 0 {
+			return errors.New("--protocol and --protocol-mix are exclusive (Config.Protocol must be 0 with a ProtocolMix)")
+		}
+		mix, err := parseProtocolMix(c.ProtocolMix)
+		if err != nil {
+			return err
+		}
+		for _, m := range mix {
+			v5 = v5 || m.version == protocol5
+		}
+	}
+	if c.ReceiveMaximum < 0 || c.ReceiveMaximum > 65535 {
+		return fmt.Errorf("--receive-maximum %d: want 1 to 65535, or 0 to send none", c.ReceiveMaximum)
+	}
+	if c.ReceiveMaximum != 0 && !v5 {
+		return errors.New("--receive-maximum is an MQTT 5 setting: add --protocol 5 or a --protocol-mix with 5")
+	}
+	return nil
 }
 
 // validUserID reports whether s is a user ID of PROTOCOL.md section 1.

@@ -1,6 +1,6 @@
 // Package loadtest drives a chatd server, or any MQTT broker in plain
-// mode, with many simulated phones over real MQTT connections (paho, QoS 1,
-// persistent sessions) and reports what their users would feel.
+// mode, with many simulated phones over real MQTT connections (MQTT 3.1.1
+// or 5, QoS 1, persistent sessions) and reports what their users would feel.
 //
 // Every message carries its run tag, a run-wide sequence number, its send
 // time and a per sender->receiver sequence number (and, with several
@@ -36,6 +36,18 @@
 // accounting, the book, owes each PUBACKed message to each recipient and
 // each read receipt to its sender, and reports every figure per action
 // (WorkloadResult); docs/workloads.md describes it.
+//
+// The phones speak MQTT 3.1.1 (paho.mqtt.golang) or MQTT 5 (paho.golang),
+// all one (Config.Protocol) or each version its share (Config.ProtocolMix),
+// behind one transport interface with the same guarantees: a persistent
+// session, reconnection over the broker list, the inbox subscribed on
+// every connection, the PUBACK of each message timed when it is read even
+// after a resend, and no message of a pair overtaking an earlier one
+// across a reconnection. The MQTT 5 phones' session state resends its
+// stored publishes, in order, while the next CONNACK is handled, before
+// any new publish can go out; a PUBACK refusal counts the message as
+// refused, and the report counts every reason code the broker answered
+// with other than success, by packet and code.
 //
 // A cluster is driven through one broker URL per node: the clients are
 // spread evenly over them, and paho's auto-reconnect moves a client whose

@@ -133,13 +133,18 @@ func relayForCrashTest(spec string) int {
 	return 0
 }
 
-func newChatd(dir, listen string) (*broker.Server, error) {
+// newChatd starts chatd on listen with its data in dir, its default
+// configuration changed by tune, if any.
+func newChatd(dir, listen string, tune ...func(*config.Config)) (*broker.Server, error) {
 	cfg := config.Default()
 	cfg.DataDir = dir
 	cfg.Listen = listen
 	cfg.HTTP = ""
 	// Runs must not depend on how full the machine's disk is.
 	cfg.Queue.MinFreeBytes = 1 << 20
+	for _, f := range tune {
+		f(&cfg)
+	}
 	s, err := broker.New(broker.Options{Config: cfg, Secret: testSecret, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		return nil, fmt.Errorf("new chatd: %w", err)
@@ -150,11 +155,18 @@ func newChatd(dir, listen string) (*broker.Server, error) {
 	return s, nil
 }
 
-// startChatd runs our server in-process on a free loopback port and
-// returns its broker URL.
-func startChatd(t *testing.T) string {
+// startChatd runs our server in-process on a free loopback port, its
+// configuration changed by tune, and returns its broker URL.
+func startChatd(t *testing.T, tune ...func(*config.Config)) string {
 	t.Helper()
-	s, err := newChatd(t.TempDir(), "127.0.0.1:0")
+	return "tcp://" + startChatdServer(t, tune...).MQTTAddr()
+}
+
+// startChatdServer runs our server in-process on a free loopback port, its
+// configuration changed by tune, until the test ends.
+func startChatdServer(t *testing.T, tune ...func(*config.Config)) *broker.Server {
+	t.Helper()
+	s, err := newChatd(t.TempDir(), "127.0.0.1:0", tune...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +177,7 @@ func startChatd(t *testing.T) string {
 			t.Errorf("close chatd: %v", err)
 		}
 	})
-	return "tcp://" + s.MQTTAddr()
+	return s
 }
 
 // startMochi runs a plain MQTT broker that lets everyone in and returns

@@ -184,7 +184,9 @@ func agentName(rep *Report, i int) string {
 
 // MergeReports merges the reports of runs made side by side, each with
 // Config.Raw and its own users (the agents of one run), into the report
-// of the whole: counts, refusal codes and connections summed; latency
+// of the whole: counts, refusal codes, MQTT 5 reason codes, the clients
+// of each protocol version and connections summed (the Receive Maximum
+// granted: the least and the most of any agent); latency
 // percentiles and bins recomputed from the merged HDR histograms, so
 // exact; throughput from the total of first deliveries over the span from
 // the earliest first send to the latest last delivery (the agents' clocks
@@ -262,6 +264,8 @@ func MergeReports(reps []*Report) (*Report, error) {
 		for k, v := range rep.RefusalCodes {
 			codes[k] += v
 		}
+		out.ReasonCodes = addReasons(out.ReasonCodes, rep.ReasonCodes)
+		out.Protocols = addProtocols(out.Protocols, rep.Protocols)
 		out.SendRate += rep.SendRate
 		out.Interrupted = out.Interrupted || rep.Interrupted
 		if e := rep.Started.Add(time.Duration(rep.ElapsedSec * float64(time.Second))); end.IsZero() || e.After(end) {

@@ -191,7 +191,9 @@ func TestMergeReportsSums(t *testing.T) {
 			Scenario: ScenarioChat, Broker: "tcp://b:1883", RunTag: "tag" + agent, Started: started, ElapsedSec: elapsed,
 			Settings: Settings{Users: users, Rate: rate, Size: 256, DurationSec: 10},
 			Counts:   fillCounts(base), RefusalCodes: map[string]int64{"rate": base, agent: 1},
-			SendRate: rate, ErrorCount: base, Errors: errs, LostSamples: lost,
+			ReasonCodes: []ReasonCount{{Packet: packetPuback, Code: 0x97, Name: "quota exceeded", Count: base}},
+			Protocols:   ProtocolStats{MQTT5: int64(users), GrantedMin: users, GrantedMax: users},
+			SendRate:    rate, ErrorCount: base, Errors: errs, LostSamples: lost,
 			Connections: Connections{Reconnects: base, Lost: base + 1, LossReasons: []string{"eof"}},
 			Client:      ProcUsage{PID: 42, CPUSeconds: 2, AvgCPUPercent: 20, PeakRSSMB: 50},
 			Flood:       &FloodResult{Clients: 1, Sent: base, Acked: base, Rate: 1},
@@ -211,6 +213,12 @@ func TestMergeReportsSums(t *testing.T) {
 	}
 	if want := map[string]int64{"rate": 1100, "a": 1, "b": 1}; !reflect.DeepEqual(m.RefusalCodes, want) {
 		t.Errorf("refusal codes %v, want %v", m.RefusalCodes, want)
+	}
+	if want := []ReasonCount{{Packet: packetPuback, Code: 0x97, Name: "quota exceeded", Count: 1100}}; !reflect.DeepEqual(m.ReasonCodes, want) {
+		t.Errorf("reason codes %+v, want %+v", m.ReasonCodes, want)
+	}
+	if want := (ProtocolStats{MQTT5: 10, GrantedMin: 4, GrantedMax: 6}); m.Protocols != want {
+		t.Errorf("protocols %+v, want %+v", m.Protocols, want)
 	}
 	if m.Settings.Users != 10 || m.Settings.Rate != 500 || m.SendRate != 500 || !slices.Equal(m.Settings.Agents, []string{"a", "b"}) {
 		t.Errorf("settings %+v, send rate %v", m.Settings, m.SendRate)

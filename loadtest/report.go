@@ -42,6 +42,13 @@ type Report struct {
 	LostSamples []string `json:"lost_samples,omitempty"`
 	// RefusalCodes counts error events by code.
 	RefusalCodes map[string]int64 `json:"refusal_codes,omitempty"`
+	// ReasonCodes counts the MQTT 5 reason codes the broker answered the
+	// phones with, by packet and code, sorted: every code but success in
+	// CONNACK and PUBACK (0x10 no matching subscribers included), SUBACK
+	// failures, and every server DISCONNECT.
+	ReasonCodes []ReasonCount `json:"reason_codes,omitempty"`
+	// Protocols tells how many phones spoke each MQTT version.
+	Protocols ProtocolStats `json:"protocols"`
 	// Throughput is first deliveries per second from the first send to the
 	// last delivery; with several devices per user, first deliveries to
 	// each device (sent copies not included).
@@ -199,6 +206,14 @@ func (r *run) report(interrupted bool) *Report {
 	if len(rep.RefusalCodes) == 0 {
 		rep.RefusalCodes = nil
 	}
+	rep.ReasonCodes = r.reasons.list()
+	rep.Protocols = ProtocolStats{
+		MQTT311:        r.protos.v3.Load(),
+		MQTT5:          r.protos.v5.Load(),
+		ReceiveMaximum: r.cfg.ReceiveMaximum,
+		GrantedMin:     int(r.protos.grantedMin.Load()),
+		GrantedMax:     int(r.protos.grantedMax.Load()),
+	}
 	if first, last := r.ledger.FirstSend(), r.lastDelivery(); first > 0 && last > first {
 		rep.Throughput = float64(counts.Unique) / (float64(last-first) / 1e9)
 	}
@@ -304,15 +319,15 @@ func (rep *Report) settingsLine() string {
 		if s.ConnectRate > 0 {
 			rate = fmt.Sprintf("%.0f/s", s.ConnectRate)
 		}
-		return fmt.Sprintf("users %d  connect rate %s  hold %.1fs", s.Users, rate, s.HoldSec)
+		return fmt.Sprintf("users %d  connect rate %s  hold %.1fs", s.Users, rate, s.HoldSec) + rep.protocolSettings()
 	case ScenarioDrain:
 		return fmt.Sprintf("messages %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
-			s.Messages, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
+			s.Messages, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec) + rep.protocolSettings()
 	case ScenarioWorkload:
 		return fmt.Sprintf("users %d  duration %.0fs  grace %.0fs  seed %d", s.Users, s.DurationSec, s.GraceSec, s.Seed)
 	case ScenarioRestart:
 		return fmt.Sprintf("messages %d  recipients %d  senders %d  size %d B  inflight %d  bound %.0fs  grace %.0fs",
-			s.Messages, s.Recipients, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec)
+			s.Messages, s.Recipients, s.Senders, s.Size, s.Inflight, s.DurationSec, s.GraceSec) + rep.protocolSettings()
 	}
 	rate := "max"
 	if s.Rate > 0 {
@@ -328,6 +343,29 @@ func (rep *Report) settingsLine() string {
 	}
 	if s.Seed != 0 {
 		line += fmt.Sprintf("  seed %d", s.Seed)
+	}
+	return line + rep.protocolSettings()
+}
+
+// protocolSettings describes the MQTT versions the phones spoke, when
+// any spoke MQTT 5: "" for an MQTT 3.1.1 run, as before there was a choice.
+func (rep *Report) protocolSettings() string {
+	p := rep.Protocols
+	if p.MQTT5 == 0 {
+		return ""
+	}
+	line := fmt.Sprintf("  MQTT 5: %d clients", p.MQTT5)
+	if p.MQTT311 > 0 {
+		line += fmt.Sprintf(", MQTT 3.1.1: %d", p.MQTT311)
+	}
+	if p.ReceiveMaximum > 0 {
+		line += fmt.Sprintf(", receive maximum %d", p.ReceiveMaximum)
+	}
+	switch {
+	case p.GrantedMin == p.GrantedMax:
+		line += fmt.Sprintf(", granted %d", p.GrantedMin)
+	default:
+		line += fmt.Sprintf(", granted %d-%d", p.GrantedMin, p.GrantedMax)
 	}
 	return line
 }
@@ -449,6 +487,12 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	}
 	if c.Receipts+c.ErrorEvents+c.Other > 0 {
 		p("  events\treceipts %d, errors %d, other %d", c.Receipts, c.ErrorEvents, c.Other)
+	}
+	if len(rep.ReasonCodes) > 0 {
+		p("MQTT 5 reason codes\t\t(what the broker answered other than success)")
+		for _, rc := range rep.ReasonCodes {
+			p("  %s %s\t%d\t%s", rc.Packet, rc.Hex(), rc.Count, rc.Name)
+		}
 	}
 	if devices > 1 || c.CopiesExpected+c.CopiesReceived+c.CopyDuplicates+c.CopiesMisrouted > 0 {
 		p("sent copies\t\t(each owed once to every other device of its sender, in the order it sent them)")

@@ -52,6 +52,13 @@ type run struct {
 
 	errs  errorLog
 	conns connStats
+	// protos counts the clients of each protocol version, reasons the
+	// MQTT 5 reason codes they received.
+	protos  protocolStats
+	reasons reasonCounts
+	// mix gives each slot of a protocol mix its version (see mixPattern);
+	// nil without one.
+	mix []int
 
 	// devices is how many devices, each a client, every user has: 1
 	// except in the chat scenarios with Config.Devices above 1.
@@ -244,6 +251,13 @@ func newRun(cfg Config, progress Progress) (*run, error) {
 		subscribeH: newHist(),
 	}
 	r.setBrokers(brokers)
+	if cfg.ProtocolMix != "" {
+		mix, err := parseProtocolMix(cfg.ProtocolMix)
+		if err != nil {
+			return nil, err
+		}
+		r.mix = mixPattern(mix)
+	}
 	r.devices = max(1, cfg.Devices)
 	r.seedV = uint64(cfg.Seed)
 	for r.seedV == 0 {
@@ -392,7 +406,7 @@ func (r *run) connectDevices(ctx context.Context, idxs []int, devices int, rate 
 				if err == nil {
 					connack, suback, err = c.connect(ctx)
 					if err != nil {
-						c.mc.Disconnect(0)
+						c.abort()
 					}
 				}
 				if err != nil {
@@ -485,7 +499,7 @@ func (r *run) awaitConnected(ctx context.Context, clients []*client, d time.Dura
 	for {
 		all := true
 		for _, c := range clients {
-			if c != nil && !c.mc.IsConnectionOpen() {
+			if c != nil && !c.t.isOpen() {
 				all = false
 				break
 			}

@@ -288,7 +288,15 @@ func TestRunFlaky(t *testing.T) {
 	}
 }
 
+// TestRunCrash SIGKILLs and restarts the server under load, with phones
+// of either protocol version: nothing PUBACKed is lost.
 func TestRunCrash(t *testing.T) {
+	for _, protocol := range []int{protocol3, protocol5} {
+		t.Run(fmt.Sprintf("MQTT %d", protocol), func(t *testing.T) { testRunCrash(t, protocol) })
+	}
+}
+
+func testRunCrash(t *testing.T, protocol int) {
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -296,6 +304,7 @@ func TestRunCrash(t *testing.T) {
 	addr := freeAddr(t)
 	t.Setenv(serveEnv, t.TempDir()+" "+addr)
 	cfg := testConfig(ScenarioCrash, "tcp://"+addr)
+	cfg.Protocol = protocol
 	cfg.Users = 4
 	cfg.Duration = 2500 * time.Millisecond
 	cfg.Rate = 200
@@ -391,9 +400,9 @@ func TestClientDialsTheTriedURL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &client{r: r, idx: 1, user: r.users[1]}
-	c.store = newAckStore(r.tag, c.onAck)
-	o, err := r.clientOptions(c)
+	c := &v3Transport{p: &phone{r: r, idx: 1, user: r.users[1]}}
+	c.store = newAckStore(r.tag, c.p.acked)
+	o, err := c.options()
 	if err != nil {
 		t.Fatal(err)
 	}

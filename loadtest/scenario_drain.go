@@ -64,7 +64,7 @@ func (r *run) runDrain(ctx context.Context) error {
 	}
 	drainStart := time.Now()
 	if _, _, err := rc.connect(dctx); err != nil {
-		rc.mc.Disconnect(0)
+		rc.abort()
 		return fmt.Errorf("connect the drained user: %w", err)
 	}
 	defer rc.disconnect()

@@ -160,7 +160,7 @@ func (r *run) reconnectFirst(ctx context.Context, idx int) (*client, time.Time, 
 		if err == nil {
 			return c, start, attempt.Add(connack), nil
 		}
-		c.mc.Disconnect(0)
+		c.abort()
 		if !sleep(ctx, 50*time.Millisecond) {
 			return nil, start, start, fmt.Errorf("reconnect recipient %s after the restart: %w", c.user, err)
 		}

@@ -293,6 +293,19 @@ func (l *Ledger) SendFailed(seq uint64) {
 	}
 }
 
+// RefusedByAck records that the broker refused message seq in its PUBACK
+// (an MQTT 5 reason code of 0x80 or above): it was not stored, so it is
+// refused rather than lost, and owed nowhere.
+func (l *Ledger) RefusedByAck(seq uint64) {
+	r := l.lookup(seq)
+	if r == nil {
+		return
+	}
+	if r.state.Or(flagRefused)&flagRefused == 0 {
+		l.c.refused.Add(1)
+	}
+}
+
 // Overtaken records that the message numbered n in its pair and c among
 // its device's sends (0 when the run has one device per user), from the
 // sending device of message seq to user index to, may have been accepted
@@ -535,7 +548,8 @@ type Counts struct {
 	Lost int64 `json:"lost"`
 	// InFlight is the messages neither PUBACKed nor delivered when the run stopped (final counts only).
 	InFlight int64 `json:"in_flight"`
-	// Refused is the messages the broker acknowledged and then refused with an error event.
+	// Refused is the messages the broker refused: in an MQTT 5 PUBACK's
+	// reason code, or acknowledged and then refused with an error event.
 	Refused int64 `json:"refused"`
 	// OrderViolations is first deliveries that came after a message of their sender->receiver pair
 	// numbered above them, which the broker must have accepted after them.

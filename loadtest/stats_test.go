@@ -82,7 +82,7 @@ func deliverTo(i, receiver int, from string) op {
 // for their PUBACK, while message publishing (-1: none) is being published.
 func reconnect(publishing int, held ...int) op {
 	return func(t *testing.T, s *stream) {
-		c := &client{r: &run{ledger: s.ledger}, store: newAckStore(streamTag, func(uint64) {})}
+		c := &v3Transport{p: &phone{r: &run{ledger: s.ledger}}, store: newAckStore(streamTag, func(uint64) {})}
 		c.store.Open()
 		for _, i := range held {
 			m := s.sent[i]

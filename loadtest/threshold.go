@@ -88,8 +88,10 @@ var statRE = regexp.MustCompile(`^([a-z0-9.]+)\((.+)\)$`)
 // send->deliver, send->PUBACK, send->receipt, send->sent copy,
 // CONNECT->CONNACK, CONNECT->SUBACK), a short name (lost, duplicates,
 // refused, misrouted, order_violations, in_flight, sent, acked, delivered,
-// unique, throughput, send_rate), or any number of the JSON report by its
-// path (connections.reconnects, server.cpu_percent). A latency's VALUE
+// unique, throughput, send_rate), reason(PACKET:CODE) for how many times
+// the broker answered with an MQTT 5 reason code (reason(puback:0x97),
+// 0 when it never did), or any number of the JSON report by its path
+// (connections.reconnects, server.cpu_percent). A latency's VALUE
 // may carry a unit: us, ms (the default), s, m.
 func ParseThreshold(s string) (Threshold, error) {
 	m := thresholdRE.FindStringSubmatch(s)
@@ -104,6 +106,12 @@ func ParseThreshold(s string) (Threshold, error) {
 	t := Threshold{Expr: strings.TrimSpace(s), Op: op, Value: v}
 	latency := false
 	switch sm := statRE.FindStringSubmatch(name); {
+	case sm != nil && sm[1] == "reason":
+		fig, err := reasonFigure(sm[2])
+		if err != nil {
+			return Threshold{}, fmt.Errorf("threshold %q: %w", s, err)
+		}
+		t.Figure = fig
 	case sm != nil:
 		field, ok := statFields[sm[1]]
 		if !ok {
@@ -128,6 +136,31 @@ func ParseThreshold(s string) (Threshold, error) {
 	return t, nil
 }
 
+// reasonPrefix starts the figures of the MQTT 5 reason codes.
+const reasonPrefix = "reason_codes."
+
+// reasonFigure reads the PACKET:CODE of reason(PACKET:CODE), e.g.
+// puback:0x97, and returns its figure: reason_codes.puback.0x97.
+func reasonFigure(arg string) (string, error) {
+	packet, code, ok := strings.Cut(strings.TrimSpace(arg), ":")
+	packet = strings.ToUpper(strings.TrimSpace(packet))
+	switch packet {
+	case packetConnack, packetPuback, packetSuback, packetDisconnect:
+	default:
+		ok = false
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(code), 0, 8)
+	if !ok || err != nil {
+		return "", fmt.Errorf("reason(%s): want reason(PACKET:CODE), PACKET one of connack, puback, suback, disconnect and CODE a byte such as 0x97", arg)
+	}
+	return reasonFigureOf(packet, byte(n)), nil
+}
+
+// reasonFigureOf names the figure of one reason code of one packet.
+func reasonFigureOf(packet string, code byte) string {
+	return fmt.Sprintf("%s%s.0x%02x", reasonPrefix, strings.ToLower(packet), code)
+}
+
 // Evaluate checks thresholds against rep. A threshold naming a figure the
 // report does not have is an error, so that a misspelt figure never
 // passes silently.
@@ -139,6 +172,10 @@ func Evaluate(rep *Report, thresholds []Threshold) (*Verdict, error) {
 	v := &Verdict{Passed: true}
 	for _, t := range thresholds {
 		actual, ok := figures[t.Figure]
+		if !ok && strings.HasPrefix(t.Figure, reasonPrefix) {
+			// A reason code the broker never sent was counted 0 times.
+			ok = true
+		}
 		if !ok {
 			return nil, fmt.Errorf("threshold %q: the report has no figure %s (see the JSON report for its figures)", t.Expr, t.Figure)
 		}
@@ -195,6 +232,9 @@ func reportFigures(rep *Report) (map[string]float64, error) {
 		}
 	}
 	walk("", tree)
+	for _, rc := range rep.ReasonCodes {
+		out[reasonFigureOf(rc.Packet, rc.Code)] = float64(rc.Count)
+	}
 	for _, row := range latencyNames {
 		for _, f := range statFields {
 			if _, ok := out[row+"."+f]; !ok {

@@ -28,6 +28,11 @@ func TestParseThreshold(t *testing.T) {
 		{in: "throughput>=2000", figure: "throughput_per_s", op: ">=", value: 2000},
 		{in: "connections.reconnects!=1", figure: "connections.reconnects", op: "!=", value: 1},
 		{in: "server.avg_cpu_percent < 150", figure: "server.avg_cpu_percent", op: "<", value: 150},
+		{in: "reason(puback:0x97)==0", figure: "reason_codes.puback.0x97", op: "==", value: 0},
+		{in: "reason( DISCONNECT : 152 ) < 3", figure: "reason_codes.disconnect.0x98", op: "<", value: 3},
+		{in: "reason(pubrec:0x97)==0", wantErr: "reason(PACKET:CODE)"},
+		{in: "reason(puback:0x197)==0", wantErr: "reason(PACKET:CODE)"},
+		{in: "reason(puback)==0", wantErr: "reason(PACKET:CODE)"},
 		{in: "lost = 0", wantErr: "FIGURE OP VALUE"},
 		{in: "p99(send->deliver)", wantErr: "FIGURE OP VALUE"},
 		{in: "p42(send->deliver)<5", wantErr: "statistic"},
@@ -91,6 +96,12 @@ func TestEvaluate(t *testing.T) {
 		t.Errorf("exit code %d with a message lost and a threshold failed, want 1", code)
 	}
 	rep.Counts.Lost = 0
+	rep.ReasonCodes = []ReasonCount{{Packet: packetPuback, Code: 0x97, Name: "quota exceeded", Count: 4}}
+	v, err = Evaluate(rep, parse("reason(puback:0x97)==4", "reason(puback:0x87)==0", "reason(puback:0x97)==0"))
+	if err != nil || len(v.Results) != 3 || !v.Results[0].Passed || !v.Results[1].Passed || v.Results[2].Passed {
+		t.Errorf("reason code thresholds: %+v, %v; want the count of 0x97 read as 4, of 0x87 as 0", v, err)
+	}
+	rep.ReasonCodes = nil
 	if _, err := Evaluate(rep, parse("counts.lsot==0")); err == nil || !strings.Contains(err.Error(), "no figure") {
 		t.Errorf("a misspelt figure: %v, want an error", err)
 	}

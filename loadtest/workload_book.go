@@ -22,11 +22,11 @@ type book struct {
 	// index maps user IDs to their index; read-only once built.
 	index map[string]int
 
-	mu      sync.Mutex
-	msgs    map[msgKey]*bookMsg
+	mu   sync.Mutex
+	msgs map[msgKey]*bookMsg
 	// owing holds the messages PUBACKed, not refused, and not yet
 	// delivered to every recipient: what the end of a run waits for.
-	owing map[msgKey]*bookMsg
+	owing   map[msgKey]*bookMsg
 	last    map[uint64]uint64 // sender*users+recipient -> highest n first-delivered
 	reads   map[readKey]*bookRead
 	typing  map[uint64]int64 // from*users+to -> last typing signal sent at

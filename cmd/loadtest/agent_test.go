@@ -143,3 +143,41 @@ func TestRunOnAgents(t *testing.T) {
 		}
 	}
 }
+
+// TestRunProtocolMixOnAgents runs a protocol mix from two agents: the
+// mix reaches them without --protocol, each runs both versions, and the
+// merged report counts the clients of each and the reason codes.
+func TestRunProtocolMixOnAgents(t *testing.T) {
+	broker := startChatd(t)
+	addr1, stop1 := startAgent(t)
+	addr2, stop2 := startAgent(t)
+	jsonPath := filepath.Join(t.TempDir(), "report.json")
+	var stdout, stderr syncBuffer
+	cmd := newRootCmd(&stdout, &stderr)
+	t.Setenv("CHATD_AUTH_SECRET", "")
+	cmd.SetArgs([]string{"run", "chat", "--agents", addr1 + "," + addr2, "--broker", broker,
+		"--users", "4", "--rate", "200", "--duration", "1s", "--grace", "10s", "--seed", "5",
+		"--protocol-mix", "5:50,3:50", "--receive-maximum", "4", "--json", jsonPath, "-q",
+		"--threshold", "reason(puback:0x97)==0"})
+	if err := cmd.ExecuteContext(context.Background()); err != nil {
+		t.Fatalf("run: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())
+	}
+	rep, err := loadtest.ReadReport(jsonPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := rep.Protocols; p.MQTT5 != 2 || p.MQTT311 != 2 || p.ReceiveMaximum != 4 || p.GrantedMin == 0 {
+		t.Errorf("protocols %+v: want 2 clients of each version, Receive Maximum 4 asked and one granted", p)
+	}
+	if c := rep.Counts; c.Sent == 0 || c.Lost != 0 || c.Unique != c.Sent {
+		t.Errorf("counts %+v: want every message delivered", c)
+	}
+	if !strings.Contains(stdout.String(), "MQTT 5: 2 clients, MQTT 3.1.1: 2, receive maximum 4") {
+		t.Errorf("table lacks the protocols:\n%s", stdout.String())
+	}
+	for _, stop := range []func() error{stop1, stop2} {
+		if err := stop(); err != nil {
+			t.Errorf("stop agent: %v", err)
+		}
+	}
+}

@@ -173,9 +173,22 @@ send->deliver, send->PUBACK, send->receipt, send->sent copy,
 CONNECT->CONNACK, CONNECT->SUBACK (VALUE in ms, or with a unit: us, ms,
 s, m); a short name: lost, duplicates, refused, misrouted,
 order_violations, in_flight, sent, acked, delivered, unique, throughput,
-send_rate; or any number of the JSON report by its path, such as
+send_rate; reason(PACKET:CODE), how many times the broker answered an
+MQTT 5 phone with a reason code, as reason(puback:0x97) (0 when never);
+or any number of the JSON report by its path, such as
 connections.reconnects or server.avg_cpu_percent. OP is < <= > >= == !=.
 A FIGURE the report does not have is an error (exit 2).
+
+--protocol 5 makes every simulated phone an MQTT 5 client (paho.golang)
+instead of MQTT 3.1.1, with the same persistent session, reconnection and
+accounting; --protocol-mix 5:70,3:30 gives each version its share of the
+phones instead, interleaved by client slot. --receive-maximum N sends
+Receive Maximum N in the MQTT 5 CONNECT. The report then counts the
+clients of each version, the Receive Maximum the broker granted (least
+and most), and the MQTT 5 reason codes the broker answered with, by
+packet and code (PUBACK 0x97 quota exceeded, DISCONNECT 0x98
+administrative action...); a PUBACK refusal counts the message as
+refused, not lost.
 
 A cluster is driven by giving --broker one URL per node, comma-separated:
 client i connects first to URL i mod n and, when its node goes down, paho
@@ -221,6 +234,8 @@ runs its times N times faster. docs/workloads.md describes the file.`,
   loadtest run workload --workload quiet-evening --users 2000 --duration 5m
   loadtest run workload --workload new-year --users 500 --duration 2m --speed 4 --api http://127.0.0.1:8080
   loadtest run chat --plain --broker tcp://127.0.0.1:1884
+  loadtest run chat --protocol 5 --receive-maximum 16 --users 200 --duration 20s
+  loadtest run chat --protocol-mix 5:70,3:30 --users 200 --duration 20s
   loadtest run chat --rate 1000 --duration 5m --csv series.csv --metrics-listen 127.0.0.1:9464
   loadtest run chat --rate 2000 --duration 30s -q \
     --threshold 'p99(send->deliver)<5ms' --threshold 'lost==0' --threshold 'throughput>=1900'
@@ -230,6 +245,10 @@ runs its times N times faster. docs/workloads.md describes the file.`,
 		ValidArgs: names,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg.Scenario = args[0]
+			if cmd.Flags().Changed("protocol-mix") && !cmd.Flags().Changed("protocol") {
+				// --protocol's default gives way to the mix.
+				cfg.Protocol = 0
+			}
 			if !cmd.Flags().Changed("secret") {
 				secret = os.Getenv("CHATD_AUTH_SECRET")
 			}
@@ -347,6 +366,9 @@ runs its times N times faster. docs/workloads.md describes the file.`,
 	flagVar(f.StringVar, &workloadName, "workload", "workload: a chat workload YAML file, or one built in (loadtest workloads lists them); sets --users and --duration unless given")
 	flagVar(f.StringVar, &cfg.API, "api", "workload: chatd's HTTP API base URL, for groups and media uploads")
 	flagVar(f.Float64Var, &cfg.Speed, "speed", "workload: run the workload's sessions, absences and think times this many times faster")
+	flagVar(f.IntVar, &cfg.Protocol, "protocol", "MQTT version of the simulated phones: 3 (3.1.1) or 5")
+	flagVar(f.StringVar, &cfg.ProtocolMix, "protocol-mix", "share of the phones per MQTT version instead of --protocol, percentages summing to 100, e.g. 5:70,3:30")
+	flagVar(f.IntVar, &cfg.ReceiveMaximum, "receive-maximum", "MQTT 5: Receive Maximum sent in CONNECT, deliveries the broker may leave unacknowledged per phone (0 = none sent: 65535, for which paho.golang reserves some 512 KiB per phone)")
 	flagVar(f.StringVar, &cfg.Label, "label", "what sets this run apart beyond scenario and rate (e.g. \"receipts on\"), shown in the report and by compare")
 	flagVar(f.Int64Var, &cfg.Seed, "seed", "random seed for recipients and cuts, 0 = random")
 	flagVar(f.StringVar, &jsonPath, "json", "write the report as JSON to this file")

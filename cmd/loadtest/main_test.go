@@ -47,8 +47,14 @@ func TestCommands(t *testing.T) {
 		{"unknown workload", []string{"run", "workload", "--workload", "nope.yaml"}, "", "the built-in ones are new-year, quiet-evening"},
 		{"workload not plain", []string{"run", "workload", "--workload", "new-year", "--plain"}, "", "--plain: the workload scenario"},
 		{"workload API", []string{"run", "workload", "--workload", "new-year", "--secret", "s", "--api", "127.0.0.1:8080"}, "", "--api"},
+		{"workload over MQTT 5", []string{"run", "workload", "--workload", "new-year", "--secret", "s", "--protocol", "5"}, "", "speak MQTT 3.1.1"},
 		{"workload speed", []string{"run", "workload", "--workload", "quiet-evening", "--secret", "s", "--speed", "0"}, "", "--speed"},
 		{"run help tells of workloads", []string{"run", "--help"}, "docs/workloads.md", ""},
+		{"run help tells of MQTT 5", []string{"run", "--help"}, "--protocol-mix 5:70,3:30", ""},
+		{"protocol and protocol mix", []string{"run", "chat", "--plain", "--protocol", "5", "--protocol-mix", "5:50,3:50"}, "", "exclusive"},
+		{"protocol mix short of 100", []string{"run", "chat", "--plain", "--protocol-mix", "5:50,3:40"}, "", "sum to 90"},
+		{"receive maximum for MQTT 3.1.1", []string{"run", "chat", "--plain", "--receive-maximum", "5"}, "", "MQTT 5 setting"},
+		{"protocol 4", []string{"run", "chat", "--plain", "--protocol", "4"}, "", "want 3 (MQTT 3.1.1) or 5"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -92,6 +98,9 @@ func TestRunFlagDefaults(t *testing.T) {
 		{"quiet", "false"},
 		{"recipients", strconv.Itoa(def.Recipients)},
 		{"label", ""},
+		{"protocol", "3"},
+		{"protocol-mix", ""},
+		{"receive-maximum", "0"},
 	}
 	flags := newRunCmd(io.Discard, io.Discard).Flags()
 	for _, tt := range tests {
