@@ -1,16 +1,13 @@
 package loadtest
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -380,19 +377,8 @@ func (u *wlUser) newClient() (mqtt.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	o := mqtt.NewClientOptions()
-	for _, b := range rotatedBrokers(w.r.brokers, u.idx) {
-		o.AddBroker(b)
-	}
-	o.SetClientID(u.id).
-		SetProtocolVersion(4).
-		SetCleanSession(false).
-		SetAutoReconnect(true).
-		SetMaxReconnectInterval(2 * time.Second).
-		SetConnectTimeout(w.r.cfg.ConnectTimeout).
-		SetKeepAlive(w.r.cfg.Keepalive).
-		SetResumeSubs(false).
-		SetUsername(u.id).
+	o := w.r.v3Options(u.id, u.idx)
+	o.SetUsername(u.id).
 		SetPassword(tok).
 		SetDefaultPublishHandler(u.onMessage).
 		SetOnConnectHandler(func(mc mqtt.Client) {
@@ -408,18 +394,6 @@ func (u *wlUser) newClient() (mqtt.Client, error) {
 			w.r.conns.lost.Add(1)
 			w.r.conns.noteLoss(fmt.Errorf("%s: %w", u.id, err))
 		})
-	dialer := &net.Dialer{Timeout: w.r.cfg.ConnectTimeout, LocalAddr: w.r.localAddr(u.idx)}
-	o.SetDialer(dialer)
-	if pu, err := url.Parse(w.r.brokers[0]); err == nil && (pu.Scheme == "tcp" || pu.Scheme == "mqtt") {
-		// Dial directly, as clientOptions does: never through a proxy.
-		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
-			conn, err := dialer.Dial("tcp", uri.Host)
-			if err != nil {
-				return nil, err
-			}
-			return bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
-		})
-	}
 	return mqtt.NewClient(o), nil
 }
 

@@ -40,15 +40,18 @@ func newV3Transport(p *phone) (*v3Transport, error) {
 	return t, nil
 }
 
-func (t *v3Transport) options() (*mqtt.ClientOptions, error) {
-	p, r := t.p, t.p.r
+// v3Options returns the options every MQTT 3.1.1 phone of the run shares:
+// its brokers in the rotation of slot, a persistent session under
+// clientID, paho's auto-reconnect, and the direct dial from slot's source
+// address.
+func (r *run) v3Options(clientID string, slot int) *mqtt.ClientOptions {
 	o := mqtt.NewClientOptions()
 	// paho tries its brokers in the order given, on the first connection
 	// and on every reconnection.
-	for _, b := range rotatedBrokers(r.brokers, p.slot()) {
+	for _, b := range rotatedBrokers(r.brokers, slot) {
 		o.AddBroker(b)
 	}
-	o.SetClientID(p.id()).
+	o.SetClientID(clientID).
 		SetProtocolVersion(4).
 		SetCleanSession(false).
 		SetAutoReconnect(true).
@@ -56,8 +59,30 @@ func (t *v3Transport) options() (*mqtt.ClientOptions, error) {
 		SetConnectTimeout(r.cfg.ConnectTimeout).
 		SetKeepAlive(r.cfg.Keepalive).
 		SetPingTimeout(r.cfg.Keepalive).
-		SetResumeSubs(false).
-		SetStore(t.store).
+		SetResumeSubs(false)
+	dialer := r.dialer(slot)
+	o.SetDialer(dialer)
+	// Every URL has the scheme of the first (Config.Validate).
+	if u, err := url.Parse(r.brokers[0]); err == nil && (u.Scheme == "tcp" || u.Scheme == "mqtt") {
+		// Dial directly: paho's own TCP dial honours proxy environment
+		// variables, and load must only ever reach the brokers named. uri
+		// is the broker paho is trying now, so that a reconnection moves
+		// on to the next node when one is down.
+		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
+			conn, err := dialer.Dial("tcp", uri.Host)
+			if err != nil {
+				return nil, err
+			}
+			return bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
+		})
+	}
+	return o
+}
+
+func (t *v3Transport) options() (*mqtt.ClientOptions, error) {
+	p, r := t.p, t.p.r
+	o := r.v3Options(p.id(), p.slot())
+	o.SetStore(t.store).
 		SetDefaultPublishHandler(t.onMessage).
 		SetOnConnectHandler(t.onConnect).
 		SetConnectionLostHandler(t.onConnectionLost).
@@ -75,22 +100,6 @@ func (t *v3Transport) options() (*mqtt.ClientOptions, error) {
 					p.trying.Store(int32(i))
 				}
 			}
-		})
-	}
-	dialer := r.dialer(p.slot())
-	o.SetDialer(dialer)
-	// Every URL has the scheme of the first (Config.Validate).
-	if u, err := url.Parse(r.brokers[0]); err == nil && (u.Scheme == "tcp" || u.Scheme == "mqtt") {
-		// Dial directly: paho's own TCP dial honours proxy environment
-		// variables, and load must only ever reach the brokers named. uri
-		// is the broker paho is trying now, so that a reconnection moves
-		// on to the next node when one is down.
-		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
-			conn, err := dialer.Dial("tcp", uri.Host)
-			if err != nil {
-				return nil, err
-			}
-			return bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, readBufferSize)}, nil
 		})
 	}
 	return o, nil
