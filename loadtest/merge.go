@@ -280,6 +280,7 @@ func MergeReports(reps []*Report) (*Report, error) {
 		lastDelivery = max(lastDelivery, rep.Raw.LastDelivery)
 
 		out.Connections.Reconnects += rep.Connections.Reconnects
+		out.Connections.SessionsLost += rep.Connections.SessionsLost
 		out.Connections.Lost += rep.Connections.Lost
 		out.Connections.Nodes = addNodes(out.Connections.Nodes, rep.Connections.Nodes)
 		lossReasons = append(lossReasons, prefixed(names[i], rep.Connections.LossReasons))

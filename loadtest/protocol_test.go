@@ -37,14 +37,21 @@ func TestRunChatMQTT5(t *testing.T) {
 // a reconnection with no session present, so the phones publish again
 // what the session state then drops; mochi keeps the session, and the
 // state resends its publishes itself: both paths are taken.
+//
+// mochi v2.7.9 itself may reorder what it resends to a reconnecting
+// subscriber: it sorts its inflight messages by their creation time in
+// whole seconds, cut to 16 bits, with an unstable sort, so messages of one
+// second come back in any order. Against mochi the test checks that
+// nothing is lost; the order is chatd's promise, checked against chatd.
 func TestRunFlakyMQTT5(t *testing.T) {
 	tests := []struct {
-		name   string
-		broker func(t *testing.T) string
-		plain  bool
+		name    string
+		broker  func(t *testing.T) string
+		plain   bool
+		ordered bool
 	}{
-		{"chatd", func(t *testing.T) string { return startChatd(t) }, false},
-		{"mochi", func(t *testing.T) string { return "tcp://" + startMochi(t) }, true},
+		{"chatd", func(t *testing.T) string { return startChatd(t) }, false, true},
+		{"mochi", func(t *testing.T) string { return "tcp://" + startMochi(t) }, true, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -59,6 +66,10 @@ func TestRunFlakyMQTT5(t *testing.T) {
 			cfg.CutEvery = 700 * time.Millisecond
 			cfg.CutFor = 200 * time.Millisecond
 			rep := runOK(t, cfg)
+			if !tt.ordered {
+				t.Logf("%d order violations by the broker", rep.Counts.OrderViolations)
+				rep.Counts.OrderViolations = 0
+			}
 			assertBalanced(t, rep)
 			if rep.Connections.Lost == 0 || rep.Connections.Reconnects == 0 {
 				t.Errorf("connections %+v: want lost connections and reconnections", rep.Connections)
@@ -66,6 +77,7 @@ func TestRunFlakyMQTT5(t *testing.T) {
 			if c := rep.Counts; c.Unique == 0 || c.InFlight != 0 || c.OrderViolations != 0 {
 				t.Errorf("counts %+v: want every message delivered, in order, after the faults", c)
 			}
+			t.Logf("%d reconnections, %d of them without the session", rep.Connections.Reconnects, rep.Connections.SessionsLost)
 		})
 	}
 }

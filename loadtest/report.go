@@ -152,6 +152,11 @@ type Connections struct {
 	Reconnects int64 `json:"reconnects"`
 	// Lost is the connections lost.
 	Lost int64 `json:"lost"`
+	// SessionsLost is the MQTT 5 reconnections whose CONNACK said the
+	// broker had no session for the phone (Session Present 0), which
+	// makes a client drop the publishes it has not had acknowledged; the
+	// load tester publishes those again itself.
+	SessionsLost int64 `json:"sessions_lost"`
 	// LossReasons holds the first reasons given for lost connections.
 	LossReasons []string `json:"loss_reasons,omitempty"`
 	// Connack is the CONNECT->CONNACK latency of first connections.
@@ -223,11 +228,12 @@ func (r *run) report(interrupted bool) *Report {
 	}
 	r.latMu.Lock()
 	rep.Connections = Connections{
-		Clients:    int(r.connectH.TotalCount()),
-		Reconnects: r.conns.reconnects.Load(),
-		Lost:       r.conns.lost.Load(),
-		Connack:    PercentilesOf(r.connectH),
-		Suback:     PercentilesOf(r.subscribeH),
+		Clients:      int(r.connectH.TotalCount()),
+		Reconnects:   r.conns.reconnects.Load(),
+		SessionsLost: r.conns.sessionsLost.Load(),
+		Lost:         r.conns.lost.Load(),
+		Connack:      PercentilesOf(r.connectH),
+		Suback:       PercentilesOf(r.subscribeH),
 	}
 	r.latMu.Unlock()
 	if len(r.brokers) > 1 {
@@ -528,6 +534,9 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	p("")
 	cn := rep.Connections
 	p("connections\t%d clients, %d reconnects, %d lost", cn.Clients, cn.Reconnects, cn.Lost)
+	if cn.SessionsLost > 0 {
+		p("  sessions lost\t%d MQTT 5 reconnections answered with Session Present 0: a client that follows the spec drops its unacknowledged publishes", cn.SessionsLost)
+	}
 	for i, n := range cn.Nodes {
 		p("  node %d\t%s: %d clients, %d connections, %d at close", i+1, n.URL, n.Clients, n.Connects, n.AtClose)
 	}

@@ -136,6 +136,9 @@ func (e *errorLog) snapshot() (int64, []string) {
 type connStats struct {
 	connected  atomic.Int64
 	reconnects atomic.Int64
+	// sessionsLost counts MQTT 5 reconnections the broker answered
+	// without the phone's session.
+	sessionsLost atomic.Int64
 	lost       atomic.Int64
 
 	mu      sync.Mutex

@@ -493,6 +493,9 @@ func (s *v5Session) PacketReceived(recv *packets.ControlPacket, pubs chan<- *pac
 // longer has, which the state is about to drop, then lets the state take
 // the connection and resend what it stores.
 func (s *v5Session) ConAckReceived(conn io.Writer, cp *packets.Connect, ca *packets.Connack) error {
+	if !ca.SessionPresent && s.p.connectedAt.Load() != 0 {
+		s.p.r.conns.sessionsLost.Add(1)
+	}
 	s.mu.Lock()
 	s.lastLoss = nil
 	if !ca.SessionPresent && len(s.pending) > 0 {
