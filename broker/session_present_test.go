@@ -1,0 +1,208 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	paho5 "github.com/eclipse/paho.golang/paho"
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/chatd/chatd/broker/protocol/topic"
+	"github.com/chatd/chatd/internal/testutil"
+)
+
+// spDevice is one connection of a device, over MQTT 3.1.1 (paho) or
+// MQTT 5 (paho.golang), recording the CONNACK's Session Present and the
+// ids of what its inbox receives.
+type spDevice struct {
+	t       testing.TB
+	user    string
+	present bool
+	conn    net.Conn
+	v3      paho.Client
+	v5      *paho5.Client
+
+	mu  sync.Mutex
+	ids []string
+}
+
+// spOpts configures spDial.
+type spOpts struct {
+	v5    bool
+	clean bool
+	// expiry is an MQTT 5 persistent session's Session Expiry Interval;
+	// 0 means an hour.
+	expiry uint32
+}
+
+// spDial connects clientID of user and fails the test unless the CONNACK
+// is a success.
+func spDial(t testing.TB, s *Server, user, clientID string, o spOpts) *spDevice {
+	t.Helper()
+	d := &spDevice{t: t, user: user}
+	conn, err := net.Dial("tcp", s.MQTTAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.conn = conn
+	if o.v5 {
+		expiry := o.expiry
+		if expiry == 0 {
+			expiry = 3600
+		}
+		if o.clean {
+			expiry = 0
+		}
+		c := paho5.NewClient(paho5.ClientConfig{
+			Conn: conn, ClientID: clientID,
+			OnPublishReceived: []func(paho5.PublishReceived) (bool, error){
+				func(pr paho5.PublishReceived) (bool, error) { d.record(pr.Packet.Payload); return true, nil },
+			},
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		ca, err := c.Connect(ctx, &paho5.Connect{
+			KeepAlive: 30, ClientID: clientID, CleanStart: o.clean,
+			Username: user, UsernameFlag: true, Password: []byte(mint(t, user)), PasswordFlag: true,
+			Properties: &paho5.ConnectProperties{SessionExpiryInterval: &expiry},
+		})
+		if err != nil || ca.ReasonCode != 0 {
+			t.Fatalf("v5 connect %s: %v (%+v)", clientID, err, ca)
+		}
+		t.Cleanup(func() { _ = c.Disconnect(&paho5.Disconnect{}) })
+		d.v5, d.present = c, ca.SessionPresent
+		return d
+	}
+	opts := paho.NewClientOptions().AddBroker("tcp://" + s.MQTTAddr()).
+		SetClientID(clientID).SetUsername(user).SetPassword(mint(t, user)).
+		SetCleanSession(o.clean).SetAutoReconnect(false).SetConnectRetry(false).SetOrderMatters(true).
+		SetConnectTimeout(5 * time.Second).
+		SetCustomOpenConnectionFn(func(*url.URL, paho.ClientOptions) (net.Conn, error) { return conn, nil }).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { d.record(m.Payload()) })
+	c := paho.NewClient(opts)
+	tk := c.Connect()
+	if !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		t.Fatalf("connect %s: %v", clientID, tk.Error())
+	}
+	t.Cleanup(func() { c.Disconnect(50) })
+	d.v3, d.present = c, tk.(*paho.ConnectToken).SessionPresent()
+	return d
+}
+
+func (d *spDevice) record(payload []byte) {
+	id := innerID(d.t, decodeEnvelope(d.t, payload))
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ids = append(d.ids, id)
+}
+
+// subscribe subscribes the device to its inbox.
+func (d *spDevice) subscribe() {
+	d.t.Helper()
+	inbox := topic.InboxOf(d.user)
+	if d.v5 != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := d.v5.Subscribe(ctx, &paho5.Subscribe{Subscriptions: []paho5.SubscribeOptions{{Topic: inbox, QoS: 1}}}); err != nil {
+			d.t.Fatalf("subscribe %s: %v", inbox, err)
+		}
+		return
+	}
+	tk := d.v3.Subscribe(inbox, 1, nil)
+	if !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		d.t.Fatalf("subscribe %s: %v", inbox, tk.Error())
+	}
+}
+
+// leave ends the connection: with a DISCONNECT, or by closing it.
+func (d *spDevice) leave(drop bool) {
+	switch {
+	case drop:
+		_ = d.conn.Close()
+	case d.v5 != nil:
+		_ = d.v5.Disconnect(&paho5.Disconnect{})
+	default:
+		d.v3.Disconnect(50)
+	}
+}
+
+// received returns the ids received so far.
+func (d *spDevice) received() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.ids)
+}
+
+// waitIDs waits until the device received want, and a little longer for
+// a duplicate, and fails unless it received exactly want, in order.
+func (d *spDevice) waitIDs(want []string) {
+	d.t.Helper()
+	testutil.Eventually(d.t, 30*time.Second, func() bool { return len(d.received()) >= len(want) },
+		"%s receives %d messages (has %v)", d.user, len(want), d.received())
+	time.Sleep(200 * time.Millisecond)
+	if got := d.received(); !slices.Equal(got, want) {
+		d.t.Fatalf("%s received %v, want %v", d.user, got, want)
+	}
+}
+
+// gone waits until the server has forgotten clientID's connection.
+func gone(t testing.TB, s *Server, clientID string) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() bool {
+		_, ok := s.mqtt.Clients.Get(clientID)
+		return !ok
+	}, "server forgets the connection of %s", clientID)
+}
+
+// TestSessionPresentOnResume: a persistent device that reconnects after
+// its connection ended, cleanly or dropped, gets Session Present 1, and
+// what was queued for it meanwhile arrives once, in order, whether it
+// subscribes again or not.
+func TestSessionPresentOnResume(t *testing.T) {
+	s := startServer(t, t.TempDir(), nil)
+	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
+	n := 0
+	for _, v5 := range []bool{false, true} {
+		for _, drop := range []bool{false, true} {
+			for _, again := range []bool{false, true} {
+				name := fmt.Sprintf("v5=%v/drop=%v/subscribe-again=%v", v5, drop, again)
+				t.Run(name, func(t *testing.T) {
+					n++
+					user := fmt.Sprintf("bob%d", n)
+					id := topic.ClientID(user, "phone")
+					first := spDial(t, s, user, id, spOpts{v5: v5})
+					if first.present {
+						t.Fatal("first connection: Session Present 1")
+					}
+					first.subscribe()
+					m := func(i int) string { return fmt.Sprintf("%s-m%d", user, i) }
+					alice.send(user, m(0), "")
+					first.waitIDs([]string{m(0)})
+					first.leave(drop)
+					gone(t, s, id)
+					want := []string{}
+					for i := 1; i <= 5; i++ {
+						want = append(want, m(i))
+						alice.send(user, want[len(want)-1], "")
+					}
+					again2 := spDial(t, s, user, id, spOpts{v5: v5})
+					if !again2.present {
+						t.Fatal("reconnection: Session Present 0, want 1")
+					}
+					if again {
+						again2.subscribe()
+					}
+					again2.waitIDs(want)
+					alice.send(user, m(6), "")
+					again2.waitIDs(append(want, m(6)))
+				})
+			}
+		}
+	}
+}
