@@ -206,3 +206,72 @@ func TestSessionPresentOnResume(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionPresentZero: Session Present stays 0 where the node has no
+// session to resume: a first connection, a clean or transient device, a
+// session past its expiry, and after a restart (sessions are kept in
+// memory only).
+func TestSessionPresentZero(t *testing.T) {
+	var clock testClock
+	dir := t.TempDir()
+	s := startServerAt(t, dir, clock.Now, nil)
+	for _, v5 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v5=%v", v5), func(t *testing.T) {
+			user := fmt.Sprintf("carol%v", v5)
+			cycle := func(id string, o spOpts, want bool) {
+				t.Helper()
+				d := spDial(t, s, user, id, o)
+				if d.present != want {
+					t.Fatalf("%s %+v: Session Present %v, want %v", id, o, d.present, want)
+				}
+				d.subscribe()
+				d.leave(false)
+				gone(t, s, id)
+			}
+			persistent := spOpts{v5: v5}
+			// A never-seen client ID, then its resumption.
+			id := topic.ClientID(user, "new")
+			cycle(id, persistent, false)
+			cycle(id, persistent, true)
+			// A clean start discards the session; a transient device has none.
+			cycle(id, spOpts{v5: v5, clean: true}, false)
+			cycle(id, persistent, false)
+			tid := topic.ClientID(user, "transient")
+			cycle(tid, spOpts{v5: v5, clean: true}, false)
+			cycle(tid, spOpts{v5: v5, clean: true}, false)
+			// Past its expiry: device_ttl (3.1.1), or the client's own
+			// Session Expiry Interval (5).
+			eid := topic.ClientID(user, "expiring")
+			o := persistent
+			ttl := s.cfg.Queue.DeviceTTL
+			if v5 {
+				o.expiry, ttl = 60, time.Minute
+			}
+			cycle(eid, o, false)
+			clock.Advance(ttl - 2*time.Second)
+			cycle(eid, o, true)
+			clock.Advance(ttl + time.Second)
+			cycle(eid, o, false)
+			// A removed device starts anew.
+			rid := topic.ClientID(user, "removed")
+			cycle(rid, persistent, false)
+			cycle(rid, persistent, true)
+			if code, body := bearerCall(t, s, "DELETE", "/v1/devices/"+rid, mint(t, user), ""); code != 204 {
+				t.Fatalf("remove %s: %d %s", rid, code, body)
+			}
+			cycle(rid, persistent, false)
+		})
+	}
+	t.Run("restart", func(t *testing.T) {
+		id := topic.ClientID("dave", "phone")
+		d := spDial(t, s, "dave", id, spOpts{})
+		d.subscribe()
+		d.leave(false)
+		gone(t, s, id)
+		stopServer(t, s)
+		s2 := startServerAt(t, dir, clock.Now, nil)
+		if d := spDial(t, s2, "dave", id, spOpts{}); d.present {
+			t.Fatal("after a restart: Session Present 1, want 0")
+		}
+	})
+}
