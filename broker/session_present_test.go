@@ -275,3 +275,34 @@ func TestSessionPresentZero(t *testing.T) {
 		}
 	})
 }
+
+// TestClusterSessionPresent: a node keeps the sessions that ended on it
+// only: a persistent device reconnecting to another node gets Session
+// Present 0, and so does one coming back after connecting elsewhere (its
+// session there may have changed); its inbox is fed on every node.
+func TestClusterSessionPresent(t *testing.T) {
+	nodes := startTestCluster(t, 2)
+	alice := mustDial(t, nodes[1], "alice", phoneOpt{noSub: true})
+	const id = "bob/phone"
+	steps := []struct {
+		node    int
+		present bool
+	}{{0, false}, {0, true}, {1, false}, {1, true}, {0, false}, {0, true}}
+	for i, st := range steps {
+		d := spDial(t, nodes[st.node], "bob", id, spOpts{v5: i%2 == 1})
+		if d.present != st.present {
+			t.Fatalf("step %d, node %d: Session Present %v, want %v", i, st.node, d.present, st.present)
+		}
+		if !d.present {
+			d.subscribe()
+		}
+		mid := fmt.Sprintf("c%d", i)
+		alice.send("bob", mid, "")
+		// Moving between nodes may bring back what was just acknowledged
+		// on the other (cursors are stored lazily): at least once.
+		testutil.Eventually(t, 30*time.Second, func() bool { return slices.Contains(d.received(), mid) },
+			"step %d: bob receives %s (has %v)", i, mid, d.received())
+		d.leave(i%3 == 0)
+		gone(t, nodes[st.node], id)
+	}
+}
