@@ -3,9 +3,12 @@ package broker
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/url"
+	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -304,5 +307,113 @@ func TestClusterSessionPresent(t *testing.T) {
 			"step %d: bob receives %s (has %v)", i, mid, d.received())
 		d.leave(i%3 == 0)
 		gone(t, nodes[st.node], id)
+	}
+}
+
+// TestSessionPresentModel drives one device of bob through random
+// connects (MQTT 3.1.1 or 5, clean or not), inbox subscriptions,
+// disconnects (DISCONNECT or a dropped connection) and messages sent to
+// it, and checks after every step the CONNACK's Session Present and what
+// the device received against a model: the node keeps a session when a
+// persistent connection ends, and a device is fed, once and in order,
+// what was sent while it existed, once it has subscribed. Set
+// CHATD_SP_SEED to replay a run.
+func TestSessionPresentModel(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv("CHATD_SP_SEED"); v != "" {
+		var err error
+		if seed, err = strconv.ParseUint(v, 10, 64); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("seed %d (CHATD_SP_SEED=%d to replay)", seed, seed)
+	rng := rand.New(rand.NewPCG(seed, 0))
+	s := startServer(t, t.TempDir(), nil)
+	// bob always has a persistent device, so that a new device gets what
+	// arrives from then on, not the backlog.
+	anchor := spDial(t, s, "bob", "bob/anchor", spOpts{})
+	anchor.subscribe()
+	anchor.leave(false)
+	alice := mustDial(t, s, "alice", phoneOpt{noSub: true})
+	const id = "bob/phone"
+
+	var (
+		// The model: the node keeps a session; the device exists in the
+		// store, is persistent, is subscribed to its inbox.
+		kept, exists, persistent, subscribed bool
+		expected                             []string
+		// The system: the connection, and what earlier ones received.
+		cur     *spDevice
+		curOpts spOpts
+		before  []string
+		sent    int
+	)
+	received := func() []string {
+		if cur == nil {
+			return slices.Clone(before)
+		}
+		return append(slices.Clone(before), cur.received()...)
+	}
+	check := func(step int, what string) {
+		t.Helper()
+		if cur != nil && subscribed {
+			testutil.Eventually(t, 30*time.Second, func() bool { return len(received()) >= len(expected) },
+				"step %d (%s): received %v, want %v", step, what, received(), expected)
+			time.Sleep(100 * time.Millisecond)
+			if got := received(); !slices.Equal(got, expected) {
+				t.Fatalf("step %d (%s): received %v, want %v", step, what, got, expected)
+			}
+			return
+		}
+		if got := received(); len(got) > len(expected) || !slices.Equal(got, expected[:len(got)]) {
+			t.Fatalf("step %d (%s): received %v, want a prefix of %v", step, what, got, expected)
+		}
+	}
+	for step := range 40 {
+		var what string
+		switch r := rng.IntN(10); {
+		case cur == nil && r < 6:
+			curOpts = spOpts{v5: rng.IntN(2) == 0, clean: rng.IntN(4) == 0}
+			what = fmt.Sprintf("connect %+v", curOpts)
+			if !exists {
+				exists, persistent, subscribed = true, !curOpts.clean, false
+			} else if !curOpts.clean {
+				persistent = true
+			}
+			want := kept && !curOpts.clean
+			kept = false
+			what += fmt.Sprintf(", Session Present %v", want)
+			cur = spDial(t, s, "bob", id, curOpts)
+			if cur.present != want {
+				t.Fatalf("step %d (%s): Session Present %v, want %v", step, what, cur.present, want)
+			}
+		case cur != nil && r < 3:
+			what = "subscribe"
+			cur.subscribe()
+			subscribed = true
+		case cur != nil && r < 6:
+			drop := rng.IntN(2) == 0
+			what = fmt.Sprintf("leave (drop %v)", drop)
+			cur.leave(drop)
+			gone(t, s, id)
+			before = append(before, cur.received()...)
+			cur = nil
+			kept = !curOpts.clean
+			if !persistent {
+				// A transient device is forgotten with what it did not get.
+				exists, subscribed = false, false
+				expected = slices.Clone(before)
+			}
+		default:
+			sent++
+			mid := fmt.Sprintf("s%d", sent)
+			what = "send " + mid
+			alice.send("bob", mid, "")
+			if exists {
+				expected = append(expected, mid)
+			}
+		}
+		t.Logf("step %d: %s", step, what)
+		check(step, what)
 	}
 }
