@@ -350,8 +350,5 @@ func (c *rawClient) ping() {
 func (r *Registry) held(id string) (*mqtt.Client, int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if e := r.newest[id]; e != nil {
-		return e.cl, len(r.newest)
-	}
-	return nil, len(r.newest)
+	return r.newest[id], len(r.newest)
 }

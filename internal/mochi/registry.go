@@ -38,24 +38,20 @@ import (
 type Registry struct {
 	mu sync.Mutex
 	// newest is each client ID's latest connection to pass CONNECT.
-	newest map[string]*entry
+	newest map[string]*mqtt.Client
+	// resuming holds, from Establish to Resumed, the subscriptions of the
+	// kept session a connection resumes; dropped the connections whose
+	// device was removed (Drop, DropUser), which Forget then keeps no
+	// record of. Both are rare: kept apart, they cost a connected client
+	// nothing. An entry goes with its connection's Forget, Resumed, or
+	// the next Establish of its client ID.
+	resuming map[*mqtt.Client][]Sub
+	dropped  map[*mqtt.Client]struct{}
 	// kept are the sessions Forget removed, by client ID.
 	kept map[string]kept
 	// sweepAt is the size of kept at which Forget next drops the expired
 	// records: memory stays within twice the live records.
 	sweepAt int
-}
-
-// entry is a connection that passed Establish.
-type entry struct {
-	cl *mqtt.Client
-	// drop is set when the device was removed while cl was connected:
-	// Forget then keeps no record of it.
-	drop bool
-	// resume holds the session Establish resumed until Resumed takes it;
-	// resuming stays set for the CONNACK.
-	resume   []Sub
-	resuming bool
 }
 
 // kept is the record of a session Forget removed from mochi: a few dozen
@@ -92,10 +88,13 @@ func (r *Registry) Establish(server *mqtt.Server, cl *mqtt.Client, now time.Time
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.newest == nil {
-		r.newest = make(map[string]*entry)
+		r.newest = make(map[string]*mqtt.Client)
 	}
-	e := &entry{cl: cl}
-	r.newest[cl.ID] = e
+	if old := r.newest[cl.ID]; old != nil {
+		delete(r.resuming, old)
+		delete(r.dropped, old)
+	}
+	r.newest[cl.ID] = cl
 	k, ok := r.kept[cl.ID]
 	if !ok {
 		return false
@@ -107,7 +106,10 @@ func (r *Registry) Establish(server *mqtt.Server, cl *mqtt.Client, now time.Time
 	if _, held := server.Clients.Get(cl.ID); held {
 		return false
 	}
-	e.resume, e.resuming = k.subs, true
+	if r.resuming == nil {
+		r.resuming = make(map[*mqtt.Client][]Sub)
+	}
+	r.resuming[cl] = k.subs
 	return true
 }
 
@@ -116,8 +118,8 @@ func (r *Registry) Establish(server *mqtt.Server, cl *mqtt.Client, now time.Time
 func (r *Registry) Resuming(cl *mqtt.Client) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e := r.newest[cl.ID]
-	return e != nil && e.cl == cl && e.resuming
+	_, ok := r.resuming[cl]
+	return ok && r.newest[cl.ID] == cl
 }
 
 // Resumed returns the subscriptions of the session cl resumes, once; nil
@@ -125,12 +127,11 @@ func (r *Registry) Resuming(cl *mqtt.Client) bool {
 func (r *Registry) Resumed(cl *mqtt.Client) []Sub {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e := r.newest[cl.ID]
-	if e == nil || e.cl != cl {
+	subs, ok := r.resuming[cl]
+	if !ok || r.newest[cl.ID] != cl {
 		return nil
 	}
-	subs := e.resume
-	e.resume = nil
+	delete(r.resuming, cl)
 	return subs
 }
 
@@ -145,15 +146,17 @@ func (r *Registry) Resumed(cl *mqtt.Client) []Sub {
 func (r *Registry) Forget(server *mqtt.Server, cl *mqtt.Client, expire, closing bool, now time.Time, ttl time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e := r.newest[cl.ID]
-	if e == nil || e.cl != cl {
+	if r.newest[cl.ID] != cl {
 		return
 	}
 	delete(r.newest, cl.ID)
+	delete(r.resuming, cl)
+	_, dropped := r.dropped[cl]
+	delete(r.dropped, cl)
 	if expire || cl.IsTakenOver() || closing {
 		return
 	}
-	if ttl >= time.Second && !e.drop {
+	if ttl >= time.Second && !dropped {
 		r.keep(cl, now, ttl)
 	}
 	server.UnsubscribeClient(cl)
@@ -206,8 +209,8 @@ func (r *Registry) Drop(clientID string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.kept, clientID)
-	if e := r.newest[clientID]; e != nil {
-		e.dropped()
+	if cl := r.newest[clientID]; cl != nil {
+		r.drop(cl)
 	}
 }
 
@@ -222,17 +225,21 @@ func (r *Registry) DropUser(user string) {
 			delete(r.kept, id)
 		}
 	}
-	for _, e := range r.newest {
-		if string(e.cl.Properties.Username) == user {
-			e.dropped()
+	for _, cl := range r.newest {
+		if string(cl.Properties.Username) == user {
+			r.drop(cl)
 		}
 	}
 }
 
-// dropped marks e's device dropped: it resumes nothing and leaves no
-// record.
-func (e *entry) dropped() {
-	e.drop, e.resuming, e.resume = true, false, nil
+// drop marks cl's device dropped: it resumes nothing and leaves no
+// record; r.mu is held.
+func (r *Registry) drop(cl *mqtt.Client) {
+	delete(r.resuming, cl)
+	if r.dropped == nil {
+		r.dropped = make(map[*mqtt.Client]struct{})
+	}
+	r.dropped[cl] = struct{}{}
 }
 
 // Kept returns how many sessions the registry keeps, expired ones not yet
