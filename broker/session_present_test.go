@@ -17,6 +17,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/chatd/chatd/broker/protocol/topic"
+	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/internal/testutil"
 )
 
@@ -265,6 +266,22 @@ func TestSessionPresentZero(t *testing.T) {
 			cycle(rid, persistent, false)
 		})
 	}
+	t.Run("erased", func(t *testing.T) {
+		id := topic.ClientID("erin", "phone")
+		for _, want := range []bool{false, true} {
+			d := spDial(t, s, "erin", id, spOpts{})
+			if d.present != want {
+				t.Fatalf("Session Present %v, want %v", d.present, want)
+			}
+			d.subscribe()
+			d.leave(false)
+			gone(t, s, id)
+		}
+		eraseUser(t, s, makeKey(t, s, apikeys.ScopeErase), "erin")
+		if d := spDial(t, s, "erin", id, spOpts{}); d.present {
+			t.Fatal("after the user's erasure: Session Present 1, want 0")
+		}
+	})
 	t.Run("restart", func(t *testing.T) {
 		id := topic.ClientID("dave", "phone")
 		d := spDial(t, s, "dave", id, spOpts{})
