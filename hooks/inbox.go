@@ -103,8 +103,12 @@ func (h *Inbox) now() time.Time {
 
 // sessionTTL is how long cl's session is kept once it closes: mochi's
 // MaximumSessionExpiryInterval (chatd's device_ttl), or an MQTT 5
-// client's shorter Session Expiry Interval.
+// client's shorter Session Expiry Interval; 0 for a clean session, which
+// Abandon ends with expire unset.
 func (h *Inbox) sessionTTL(cl *mqtt.Client) time.Duration {
+	if cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean {
+		return 0
+	}
 	ttl := time.Duration(h.Server.Options.Capabilities.MaximumSessionExpiryInterval) * time.Second
 	if cl.Properties.ProtocolVersion == 5 {
 		ttl = min(ttl, time.Duration(cl.Properties.Props.SessionExpiryInterval)*time.Second)
