@@ -20,11 +20,13 @@ type connections struct {
 	mqtt *mqtt.Server
 	// bus is nil on one node.
 	bus *peers.Bus
+	// inbox keeps the node's closed sessions.
+	inbox *hooks.Inbox
 }
 
 // conns returns the node's connections.
 func (s *Server) conns() connections {
-	c := connections{mqtt: s.mqtt}
+	c := connections{mqtt: s.mqtt, inbox: s.inbox}
 	if s.cluster != nil {
 		c.bus = s.cluster.bus
 	}
@@ -62,6 +64,8 @@ func (c connections) Removed(user, device string) {
 	if c.bus != nil {
 		c.bus.DeviceRemoved(user, device)
 	}
+	// The device starts anew: it resumes no session.
+	c.inbox.DropSession(topic.ClientID(user, device))
 	endHere(c.mqtt, topic.ClientID(user, device), hooks.ErrDeviceRemoved)
 }
 
@@ -88,6 +92,7 @@ func (c connections) Erased(user string) {
 	if c.bus != nil {
 		c.bus.Erased(user)
 	}
+	c.inbox.DropUser(user)
 	c.endModeratedHere(user, "", true)
 }
 

@@ -353,7 +353,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		return fmt.Errorf("revocations: %w", err)
 	}
 	s.auth.Revoked = s.revoked
-	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: s.users, Observe: s.metrics, Log: log}
+	s.inbox = &hooks.Inbox{Server: s.mqtt, Path: s.path, Users: s.users, Observe: s.metrics, Log: log, Now: s.now}
 	for _, h := range []mqtt.Hook{s.auth, s.inbox, &hooks.Presence{Retained: s.presence, Log: log}} {
 		if err := s.mqtt.AddHook(h, nil); err != nil {
 			return fmt.Errorf("add hook %s: %w", h.ID(), err)
@@ -834,6 +834,7 @@ func (s *Server) joinCluster() error {
 		OnlineUsers:    s.presence.Local,
 		DeviceRemoved: func(user, device string) {
 			s.cluster.queue.Removed(user, device)
+			s.inbox.DropSession(topic.ClientID(user, device))
 			endHere(s.mqtt, topic.ClientID(user, device), hooks.ErrDeviceRemoved)
 		},
 		Connected: s.conns().connectedHere,
@@ -842,6 +843,7 @@ func (s *Server) joinCluster() error {
 			if err := s.presence.Erase(user); err != nil {
 				s.log.Error("erase notice", "user", user, "error", err)
 			}
+			s.inbox.DropUser(user)
 			s.conns().endModeratedHere(user, "", true)
 		},
 		// Stored notices of peers were lost: reread the queues of the
@@ -852,6 +854,9 @@ func (s *Server) joinCluster() error {
 
 // takeOver ends the session of clientID here: it connected on another node.
 func (s *Server) takeOver(clientID string) {
+	// The session moves to the other node: what this one kept of it
+	// would be stale when the device comes back here.
+	s.inbox.DropSession(clientID)
 	if cl, ok := s.mqtt.Clients.Get(clientID); ok && !cl.Closed() {
 		cl.Stop(hooks.ErrTakenOver)
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -47,6 +48,8 @@ type Inbox struct {
 	Observe DisconnectObserver
 	// Log receives session errors; never message contents.
 	Log *slog.Logger
+	// Now is the clock of kept sessions' expiry; nil means time.Now.
+	Now func() time.Time
 
 	sessions sync.Map // *mqtt.Client -> *msgpath.Session
 	closing  atomic.Bool
@@ -69,18 +72,64 @@ func (h *Inbox) ID() string { return "chatd-inbox" }
 func (h *Inbox) Provides(b byte) bool {
 	return bytes.Contains([]byte{
 		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed,
-		mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPacketRead,
+		mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPacketRead, mqtt.OnPacketEncode,
 	}, []byte{b})
 }
 
 // OnSessionEstablish records cl as the newest connection of its client ID,
-// before mochi takes over an older one and adds cl to its client map.
+// before mochi takes over an older one and adds cl to its client map, and
+// decides whether cl resumes a session the registry kept.
 func (h *Inbox) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
-	h.registry.Establish(cl)
+	h.registry.Establish(h.Server, cl, h.now())
 }
 
-// OnSessionEstablished opens the device's session on the message path.
+// OnPacketEncode sets Session Present in the successful CONNACK of a
+// connection that resumes a session the registry kept, which mochi no
+// longer holds (mochi.Registry).
+func (h *Inbox) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && pk.ReasonCode < packets.ErrUnspecifiedError.Code &&
+		!pk.SessionPresent && h.registry.Resuming(cl) {
+		pk.SessionPresent = true
+	}
+	return pk
+}
+
+func (h *Inbox) now() time.Time {
+	if h.Now != nil {
+		return h.Now()
+	}
+	return time.Now()
+}
+
+// sessionTTL is how long cl's session is kept once it closes: mochi's
+// MaximumSessionExpiryInterval (chatd's device_ttl), or an MQTT 5
+// client's shorter Session Expiry Interval; 0 for a clean session, which
+// Abandon ends with expire unset.
+func (h *Inbox) sessionTTL(cl *mqtt.Client) time.Duration {
+	if cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean {
+		return 0
+	}
+	ttl := time.Duration(h.Server.Options.Capabilities.MaximumSessionExpiryInterval) * time.Second
+	if cl.Properties.ProtocolVersion == 5 {
+		ttl = min(ttl, time.Duration(cl.Properties.Props.SessionExpiryInterval)*time.Second)
+	}
+	return ttl
+}
+
+// DropSession discards the session the node keeps for clientID, and the
+// one its connection here would leave: its device was removed, or it
+// connected to another node.
+func (h *Inbox) DropSession(clientID string) { h.registry.Drop(clientID) }
+
+// DropUser discards the sessions the node keeps for user's devices, and
+// those their connections here would leave: the user was erased.
+func (h *Inbox) DropUser(user string) { h.registry.DropUser(user) }
+
+// OnSessionEstablished opens the device's session on the message path,
+// and restores the subscriptions of a session cl resumes: the inbox's
+// feed starts as a SUBSCRIBE to it would start it.
 func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	resumed := h.registry.Resumed(cl)
 	user := string(cl.Properties.Username)
 	device, err := topic.ParseClientID(cl.ID, user)
 	if err != nil {
@@ -106,6 +155,26 @@ func (h *Inbox) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if err != nil {
 		h.Log.Error("open session", "client", cl.ID, "error", err)
 		cl.Stop(err)
+		return
+	}
+	if len(resumed) > 0 {
+		h.resume(cl, s, resumed)
+	}
+}
+
+// resume restores the subscriptions of the session cl resumed, and feeds
+// the inbox if it was one of them.
+func (h *Inbox) resume(cl *mqtt.Client, s *msgpath.Session, subs []mochi.Sub) {
+	mochi.Restore(h.Server, cl, subs)
+	inbox := topic.InboxOf(s.User())
+	for _, sub := range subs {
+		if sub.Filter == inbox {
+			if err := h.Path.Subscribe(s); err != nil {
+				h.Log.Error("resume subscription", "client", cl.ID, "error", err)
+				cl.Stop(err)
+			}
+			return
+		}
 	}
 }
 
@@ -160,7 +229,7 @@ func (h *Inbox) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // OnDisconnect ends the device's session, counts why the connection ended,
 // and removes a persistent connection from mochi's client map.
 func (h *Inbox) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
-	defer h.registry.Forget(h.Server, cl, expire, h.closing.Load())
+	defer h.registry.Forget(h.Server, cl, expire, h.closing.Load(), h.now(), h.sessionTTL(cl))
 	v, ok := h.sessions.LoadAndDelete(cl)
 	if !ok {
 		return

@@ -224,6 +224,13 @@ func (s session) clientID() string {
 // the CONNACK accepts.
 func (it *inboxTest) connect(s session) *rawClient {
 	it.t.Helper()
+	rc, _ := it.connectAck(s)
+	return rc
+}
+
+// connectAck is connect, returning the CONNACK too.
+func (it *inboxTest) connectAck(s session) (*rawClient, packets.Packet) {
+	it.t.Helper()
 	c, err := net.Dial("tcp", it.addr)
 	if err != nil {
 		it.t.Fatal(err)
@@ -257,7 +264,7 @@ func (it *inboxTest) connect(s session) *rawClient {
 	if ack.FixedHeader.Type != packets.Connack || ack.ReasonCode != 0 {
 		it.t.Fatalf("CONNACK of %s: type %d code %#x", s.clientID(), ack.FixedHeader.Type, ack.ReasonCode)
 	}
-	return rc
+	return rc, ack
 }
 
 // send encodes pk for the client's protocol version and writes it.
@@ -665,5 +672,89 @@ func TestAbandonEndsSession(t *testing.T) {
 	it.waitEnded("bob/phone")
 	if got := it.reasons.all(); len(got) != 1 {
 		t.Fatalf("the session ended %d times: %v", len(got), got)
+	}
+}
+
+// TestResumeRestoresSubscriptions: a persistent session that ended is
+// resumed by the device's next connection: Session Present 1, and its
+// inbox and presence subscriptions back in mochi; not after DropSession.
+func TestResumeRestoresSubscriptions(t *testing.T) {
+	for _, v5 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v5=%v", v5), func(t *testing.T) {
+			it := newInboxTest(t, 8)
+			s := session{user: "bob", device: "phone", v5: v5, persistent: true}
+			id := s.clientID()
+			leave := func(rc *rawClient) {
+				t.Helper()
+				if err := rc.conn.Close(); err != nil {
+					t.Fatal(err)
+				}
+				it.waitEnded(id)
+				testutil.Eventually(t, inboxWait, func() bool {
+					_, ok := it.srv.Clients.Get(id)
+					return !ok
+				}, "%s leaves mochi's client map", id)
+			}
+			bob, ack := it.connectAck(s)
+			if ack.SessionPresent {
+				t.Fatal("first connection: Session Present 1")
+			}
+			bob.subscribe(1, "inbox/bob")
+			bob.subscribe(2, "presence/alice")
+			leave(bob)
+			bob, ack = it.connectAck(s)
+			if !ack.SessionPresent {
+				t.Fatal("resumed session: Session Present 0")
+			}
+			cl, ok := it.srv.Clients.Get(id)
+			if !ok {
+				t.Fatalf("%s not in mochi's map", id)
+			}
+			testutil.Eventually(t, inboxWait, func() bool { return cl.State.Subscriptions.Len() == 2 },
+				"%s's subscriptions restored", id)
+			for _, f := range []string{"inbox/bob", "presence/alice"} {
+				if _, ok := it.srv.Topics.Subscribers(f).Subscriptions[id]; !ok {
+					t.Fatalf("%s not back in mochi's topic tree", f)
+				}
+			}
+			leave(bob)
+			it.inbox.DropSession(id)
+			if _, ack = it.connectAck(s); ack.SessionPresent {
+				t.Fatal("after DropSession: Session Present 1")
+			}
+		})
+	}
+}
+
+// TestSessionPresentOnlyOnSuccess: OnPacketEncode sets Session Present in
+// the successful CONNACK of the connection that resumes, and nowhere else.
+func TestSessionPresentOnlyOnSuccess(t *testing.T) {
+	srv := mqtt.New(&mqtt.Options{Logger: slog.New(slog.DiscardHandler)})
+	h := &Inbox{Server: srv}
+	client := func() *mqtt.Client {
+		cl := srv.NewClient(nil, "t1", "bob/phone", false)
+		cl.Properties.Username = []byte("bob")
+		return cl
+	}
+	old := client()
+	h.OnSessionEstablish(old, packets.Packet{})
+	srv.Clients.Add(old)
+	h.registry.Forget(srv, old, false, false, time.Now(), time.Hour)
+	cl := client()
+	h.OnSessionEstablish(cl, packets.Packet{})
+	connack := func(code byte) packets.Packet {
+		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ReasonCode: code}
+	}
+	if !h.OnPacketEncode(cl, connack(0)).SessionPresent {
+		t.Fatal("successful CONNACK of the resuming connection: Session Present 0")
+	}
+	if h.OnPacketEncode(cl, connack(packets.ErrNotAuthorized.Code)).SessionPresent {
+		t.Fatal("refusing CONNACK: Session Present 1")
+	}
+	if h.OnPacketEncode(old, connack(0)).SessionPresent {
+		t.Fatal("another connection's CONNACK: Session Present 1")
+	}
+	if h.OnPacketEncode(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}}).SessionPresent {
+		t.Fatal("a SUBACK changed")
 	}
 }

@@ -100,9 +100,17 @@
 //     and subscription itself, for device_ttl. Clients has no
 //     compare-and-delete, and a newer connection of the same client ID may
 //     be added at any moment.
+//   - mochi: answers Session Present = 1 only for a client ID it still
+//     holds, so Registry keeps a compact record of each session it removes
+//     (user, filters and their options, expiry), resumes it in Establish,
+//     and the Inbox hook sets the flag in OnPacketEncode and restores the
+//     subscriptions with Restore, as inheritClientSession would.
 //   - Upstream: no bug; the design is explained in mochi-mqtt/server#199
 //     (closed).
-//   - Tests: TestRegistryForget, TestRegistryOnMochi (its "mochi alone"
+//   - Tests: TestRegistryKeepsSessions, TestRegistryDropDuringConnection,
+//     TestRegistrySweepsExpired, TestRegistryRecordSize; broker's
+//     TestSessionPresentOnResume and TestSessionPresentZero;
+//     TestRegistryForget, TestRegistryOnMochi (its "mochi alone"
 //     rows record mochi's behaviour), TestRegistryTakeoverKeepsNewer,
 //     TestRegistryRapidReconnects, TestRegistryKeepsClientsWhileClosing,
 //     TestForgetWhileMapIsRead; hooks' TestDisconnectForgetsClient and
@@ -111,7 +119,13 @@
 //   - On upgrade: check in Server.attachClient that OnSessionEstablish
 //     still runs before inheritClientSession and Clients.Add, that mochi
 //     still removes a clean session itself after OnDisconnect, and what
-//     Client.IsTakenOver and Server.UnsubscribeClient do.
+//     Client.IsTakenOver and Server.UnsubscribeClient do; that SendConnack
+//     still writes the CONNACK through WritePacket (OnPacketEncode) and
+//     OnSessionEstablished still runs after it; that inheritClientSession
+//     still restores subscriptions as Restore does (Topics.Subscribe,
+//     State.Subscriptions.Add, Info.Subscriptions). If mochi gains a way
+//     to keep sessions compactly, or to answer Session Present from a
+//     hook, the records can go.
 //
 // # Writes of chatd's own packets: Conn
 //

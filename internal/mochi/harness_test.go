@@ -161,7 +161,7 @@ func (h *sessionHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true 
 
 func (h *sessionHook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	if h.registry != nil {
-		h.registry.Establish(cl)
+		h.registry.Establish(h.srv, cl, time.Now())
 	}
 	if h.onEstablish != nil {
 		h.onEstablish(cl)
@@ -176,7 +176,7 @@ func (h *sessionHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 
 func (h *sessionHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	if h.registry != nil {
-		h.registry.Forget(h.srv, cl, expire, h.closing.Load())
+		h.registry.Forget(h.srv, cl, expire, h.closing.Load(), time.Now(), time.Hour)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -54,13 +54,13 @@ func TestRegistryForget(t *testing.T) {
 			srv.Clients.Add(inMap)
 			var r Registry
 			if tt.established {
-				r.Establish(cl)
+				r.Establish(srv, cl, time.Now())
 			}
 			if tt.newer {
-				r.Establish(srv.NewClient(nil, "t1", id, false))
+				r.Establish(srv, srv.NewClient(nil, "t1", id, false), time.Now())
 			}
 
-			r.Forget(srv, cl, tt.expire, tt.closing)
+			r.Forget(srv, cl, tt.expire, tt.closing, time.Now(), time.Hour)
 
 			got, ok := srv.Clients.Get(id)
 			_, subscribed := srv.Topics.Subscribers(filter).Subscriptions[id]
@@ -242,13 +242,13 @@ func TestForgetWhileMapIsRead(t *testing.T) {
 			cl := srv.NewClient(nil, "t1", id, false)
 			srv.Clients.Add(cl)
 			var r Registry
-			r.Establish(cl)
+			r.Establish(srv, cl, time.Now())
 
 			srv.Clients.RLock() // GetByListener's first read lock
 			forgotten := make(chan struct{})
 			go func() {
 				defer close(forgotten)
-				r.Forget(srv, cl, false, closing)
+				r.Forget(srv, cl, false, closing, time.Now(), time.Hour)
 			}()
 			if closing {
 				select {
