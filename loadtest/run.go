@@ -139,7 +139,7 @@ type connStats struct {
 	// sessionsLost counts MQTT 5 reconnections the broker answered
 	// without the phone's session.
 	sessionsLost atomic.Int64
-	lost       atomic.Int64
+	lost         atomic.Int64
 
 	mu      sync.Mutex
 	reasons []string
