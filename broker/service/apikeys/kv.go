@@ -44,8 +44,16 @@ func (s *KV) Get(id string) (Key, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
 	// The leader's copy: a key revoked on another node must fail here
-	// at once, which a direct get from a lagging replica would not.
-	_, v, ok, err := natsnode.KVLast(ctx, s.js, s.bucket, id)
+	// at once, which a direct get from a lagging replica would not. Every
+	// request of this store is asked again while the bucket elects its
+	// leader, which a new bucket does just after it is made; each one is
+	// idempotent.
+	var v []byte
+	var ok bool
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) (err error) {
+		_, v, ok, err = natsnode.KVLast(ctx, s.js, s.bucket, id)
+		return err
+	})
 	if err != nil {
 		return Key{}, fmt.Errorf("API key %s: %w", id, err)
 	}
@@ -61,12 +69,16 @@ func (s *KV) Get(id string) (Key, error) {
 func (s *KV) List() ([]Key, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	stream, err := s.js.Stream(ctx, "KV_"+s.bucket)
-	if err != nil {
-		return nil, fmt.Errorf("API keys: %w", err)
-	}
 	prefix := "$KV." + s.bucket + "."
-	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
+	var info *jetstream.StreamInfo
+	err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
+		stream, err := s.js.Stream(ctx, "KV_"+s.bucket)
+		if err != nil {
+			return err
+		}
+		info, err = stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("API keys: %w", err)
 	}
@@ -93,7 +105,11 @@ func (s *KV) Put(k Key) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	if _, err := s.kv.Put(ctx, k.ID, b); err != nil {
+	err = natsnode.UntilAnswered(ctx, func(ctx context.Context) error {
+		_, err := s.kv.Put(ctx, k.ID, b)
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("API key %s: %w", k.ID, err)
 	}
 	return nil
@@ -106,7 +122,7 @@ func (s *KV) Delete(id string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
-	if err := s.kv.Purge(ctx, id); err != nil {
+	if err := natsnode.UntilAnswered(ctx, func(ctx context.Context) error { return s.kv.Purge(ctx, id) }); err != nil {
 		return fmt.Errorf("API key %s: %w", id, err)
 	}
 	return nil
