@@ -17,6 +17,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/chatd/chatd/broker/protocol/topic"
+	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/service/apikeys"
 	"github.com/chatd/chatd/internal/testutil"
 )
@@ -404,6 +405,14 @@ func TestSessionPresentModel(t *testing.T) {
 			if cur.present != want {
 				t.Fatalf("step %d (%s): Session Present %v, want %v", step, what, cur.present, want)
 			}
+			// A new device starts where the queue is when the server
+			// registers it, just after its CONNACK (PROTOCOL.md section
+			// 3): a message sent before that may rightly go to bob's
+			// other device only. CI hit that race once.
+			testutil.Eventually(t, 10*time.Second, func() bool {
+				ds, err := s.queue.Devices("bob")
+				return err == nil && slices.ContainsFunc(ds, func(d queue.Device) bool { return d.Name == "phone" && d.Connected })
+			}, "step %d: bob/phone registered", step)
 		case cur != nil && r < 3:
 			what = "subscribe"
 			cur.subscribe()
