@@ -23,14 +23,21 @@ type fakeSource struct {
 }
 
 func newSource() *fakeSource {
-	return &fakeSource{msgs: map[uint64][]byte{}, acked: map[string]uint64{}}
+	return &fakeSource{msgs: map[uint64][]byte{}, metas: map[uint64][]byte{}, acked: map[string]uint64{}}
 }
 
-func (s *fakeSource) store(seq uint64) queue.Message {
+func (s *fakeSource) store(seq uint64) queue.Message { return s.storeMeta(seq, nil) }
+
+// storeMeta stores seq with its meta in one step, as a real queue does: a
+// concurrent Read must never see the message without it.
+func (s *fakeSource) storeMeta(seq uint64, meta []byte) queue.Message {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m := queue.Message{Seq: seq, Data: []byte(fmt.Sprint(seq))}
+	m := queue.Message{Seq: seq, Meta: meta, Data: []byte(fmt.Sprint(seq))}
 	s.msgs[seq] = m.Data
+	if meta != nil {
+		s.metas[seq] = meta
+	}
 	s.head = max(s.head, seq)
 	return m
 }
