@@ -83,6 +83,10 @@ func ReasonOf(cause, err error) Reason {
 			continue
 		}
 		switch {
+		case errors.Is(e, errAbandoned):
+			// Before the read error that follows it, which would pass
+			// for the client's leaving.
+			return ReasonOther
 		case errors.Is(e, ErrTokenExpired):
 			return ReasonTokenExpired
 		case errors.Is(e, ErrTakenOver), errors.Is(e, packets.ErrSessionTakenOver):

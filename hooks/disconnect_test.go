@@ -53,6 +53,9 @@ func TestReasonOf(t *testing.T) {
 		{"cause before err, both known", io.EOF, ErrTokenExpired, ReasonClient},
 		{"unknown cause, known err", other, io.EOF, ReasonClient},
 		{"unknown cause and err", other, other, ReasonOther},
+		// Abandon stops the connection; a read loop still running then
+		// ends the session with the read error of the closed connection.
+		{"abandoned after a panic", errAbandoned, net.ErrClosed, ReasonOther},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

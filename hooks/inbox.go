@@ -260,10 +260,14 @@ func (h *Inbox) Abandon(conn net.Conn) {
 	if found == nil {
 		return
 	}
-	errPanic := errors.New("connection abandoned after a panic")
-	found.Stop(errPanic)
-	h.OnDisconnect(found, errPanic, false)
+	found.Stop(errAbandoned)
+	h.OnDisconnect(found, errAbandoned, false)
 }
+
+// errAbandoned stops a connection whose serving goroutine panicked. Where
+// that goroutine still reads, its read then fails on the closed
+// connection and it ends the session first, with both errors.
+var errAbandoned = errors.New("connection abandoned after a panic")
 
 // errQoS2 ends an MQTT 3.1.1 connection that published at QoS 2.
 var errQoS2 = errors.New("QoS 2 publish: the server grants at most QoS 1")
