@@ -25,6 +25,7 @@ import (
 	"github.com/chatd/chatd/broker/queue"
 	"github.com/chatd/chatd/broker/queue/badgerq"
 	"github.com/chatd/chatd/broker/service/groups"
+	"github.com/chatd/chatd/internal/mochi"
 	"github.com/chatd/chatd/internal/testutil"
 )
 
@@ -105,7 +106,10 @@ func newInboxTestWith(t *testing.T, maxInflight int, retained Retained) *inboxTe
 		}
 	}
 	l := listeners.NewTCP(listeners.Config{ID: "tcp", Address: "127.0.0.1:0"})
-	if err := srv.AddListener(l); err != nil {
+	// CloseClients as the server sets it: a clean session leaves mochi's
+	// client map only after its OnDisconnect, so one may leave while
+	// Close walks the map, which mochi's own walk deadlocks on.
+	if err := srv.AddListener(mochi.Guard{Listener: l, Timeout: inboxWait, CloseClients: mochi.DisconnectOnShutdown(srv)}); err != nil {
 		t.Fatal(err)
 	}
 	if err := srv.Serve(); err != nil {
