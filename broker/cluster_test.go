@@ -75,10 +75,19 @@ func startTestClusterWith(t *testing.T, n int, mutate func(*config.Config)) []*S
 		}()
 	}
 	wg.Wait()
-	for i, s := range servers {
-		if s != nil {
-			t.Cleanup(func() { stopServer(t, s) })
+	// The nodes stop side by side too, as a whole cluster stopped at once
+	// would: one after the other, the last would flush its cursors to a
+	// JetStream without quorum and wait out the request's 5 s timeout.
+	t.Cleanup(func() {
+		var wg sync.WaitGroup
+		for _, s := range servers {
+			if s != nil {
+				wg.Go(func() { stopServer(t, s) })
+			}
 		}
+		wg.Wait()
+	})
+	for i := range servers {
 		if errs[i] != nil {
 			t.Fatalf("node %d: %v", i+1, errs[i])
 		}

@@ -104,12 +104,30 @@ func (s *Store) follow() {
 	}
 }
 
+// stopWait bounds how long stopWatch waits for the cluster to delete a
+// watch's consumer. A cluster with a quorum answers in milliseconds; one
+// without (the last nodes shutting down) never does, and nats.go would
+// wait its fixed 5 s for each watch: the last node of a cluster took 5 s
+// more to stop.
+const stopWait = 500 * time.Millisecond
+
 // stopWatch stops w; a watch already ended with its connection is not an
 // error, nor is a stop the cluster cannot answer (its last nodes are
 // shutting down): the watch's consumer is ephemeral and JetStream drops it
-// once it is inactive.
+// once it is inactive. nats.go unsubscribes before it asks for the
+// consumer's deletion, so the watch delivers nothing more whether or not
+// the cluster answered within stopWait; a request left waiting ends
+// when the connection closes, as its owner does next on shutdown, or at
+// nats.go's timeout.
 func stopWatch(w jetstream.KeyWatcher) error {
-	err := w.Stop()
+	done := make(chan error, 1)
+	go func() { done <- w.Stop() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(stopWait):
+		return nil
+	}
 	var apiErr *jetstream.APIError
 	var legacyAPIErr *nats.APIError
 	if err == nil || errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrBadSubscription) ||
@@ -271,9 +289,6 @@ func (b *kvBackend) count(ctx context.Context, user string, delta, limit int) er
 	}
 }
 
-// kvKey is gid's key. Group IDs are [A-Za-z0-9_.-], but "." separates a
-// key's subject tokens, which must not be empty; "=" is a key character no
-// group ID has, so each "." becomes "=" and every ID maps to its own key.
 // each reads the bucket's latest values through one watch (a single
 // ordered consumer replaying them), not one request per key.
 func (b *kvBackend) each(ctx context.Context, fn func(*Group)) error {
@@ -299,6 +314,9 @@ func (b *kvBackend) each(ctx context.Context, fn func(*Group)) error {
 	return nil
 }
 
+// kvKey is gid's key. Group IDs are [A-Za-z0-9_.-], but "." separates a
+// key's subject tokens, which must not be empty; "=" is a key character no
+// group ID has, so each "." becomes "=" and every ID maps to its own key.
 func kvKey(gid string) string { return strings.ReplaceAll(gid, ".", "=") }
 
 // groupID reverses kvKey; false for a key no group has.
