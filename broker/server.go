@@ -85,6 +85,10 @@ type Server struct {
 	revocations *revocations.Store
 	push        *push.Notifier
 	events      *events.Emitter
+	// botList is the bots served by webhooks; bell wakes their consumers
+	// (nil without bots).
+	botList []bots.Bot
+	bell    *bots.Bell
 	// bots runs the bots' webhook consumers from Start, nil before.
 	bots     *bots.Runner
 	metrics  *metrics.Metrics
@@ -297,6 +301,13 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 	if s.cluster != nil {
 		relay, peers = s.cluster.bus.Presence, s.cluster.bus
 	}
+	if s.botList, err = bots.Parse(cfg.Bots.Webhooks); err != nil {
+		return fmt.Errorf("bots: %w", err)
+	}
+	var readers msgpath.Readers
+	if s.bell = bots.NewBell(s.botList); s.bell != nil {
+		readers = s.bell
+	}
 	s.presence = presence.New(db, s.mqtt.Publish, relay, log)
 	s.path, err = msgpath.New(msgpath.Options{
 		Store:           s.queue,
@@ -306,6 +317,7 @@ func (s *Server) build(cfg config.Config, db *badger.DB) error {
 		Events:          s.events,
 		BeforeSend:      beforeSend,
 		Peers:           peers,
+		Readers:         readers,
 		Observe:         s.metrics,
 		Receipts:        cfg.Receipts.Delivered,
 		Copies:          cfg.Carbons.Enabled,
@@ -528,11 +540,12 @@ func (s *Server) Start() error {
 // startBots starts the consumers of the bots' queues; in a cluster, one
 // node at a time consumes each bot's queue, under a lease.
 func (s *Server) startBots() error {
-	list, err := bots.Parse(s.cfg.Bots.Webhooks)
-	if err != nil || len(list) == 0 {
-		return err
+	list := s.botList
+	if len(list) == 0 {
+		return nil
 	}
 	var lease bots.Lease
+	var err error
 	if s.cluster != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -549,7 +562,7 @@ func (s *Server) startBots() error {
 	s.log.Info("bots served by webhooks", "bots", names)
 	s.bots, err = bots.Start(bots.Options{
 		Bots: list, Queue: s.queue, Secret: []byte(s.cfg.Events.Secret), Delivered: s.path.Delivered,
-		Node: s.cfg.Cluster.Node, Lease: lease, Now: s.now, Logger: s.log.With("component", "bots"),
+		Node: s.cfg.Cluster.Node, Lease: lease, Bell: s.bell, Now: s.now, Logger: s.log.With("component", "bots"),
 	})
 	return err
 }

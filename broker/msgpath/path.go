@@ -86,6 +86,13 @@ type Peers interface {
 	SessionStarted(clientID string)
 }
 
+// Readers are the readers of the store other than devices (the bots'
+// webhooks), told of each message stored for a user so that an idle one
+// reads at once; Stored must not block.
+type Readers interface {
+	Stored(user string)
+}
+
 // Observer counts what the message path does, for metrics.
 type Observer interface {
 	// Connected counts an established session.
@@ -110,6 +117,9 @@ type Options struct {
 	Push Pusher
 	// Peers is set in a cluster, nil on a single node.
 	Peers Peers
+	// Readers, if set, is told of every message stored for a user, here
+	// or passed on by another node.
+	Readers Readers
 	// Observe counts sessions, refusals and acknowledgements.
 	Observe Observer
 	// Events tells the app's backend what happens; nil tells nothing.
@@ -142,6 +152,7 @@ type Path struct {
 	presence Presence
 	push     Pusher
 	peers    Peers
+	readers  Readers
 	observe  Observer
 	events   Events
 	// beforeSend is nil when no service is asked.
@@ -228,6 +239,7 @@ func New(opts Options) (*Path, error) {
 		presence:   opts.Presence,
 		push:       opts.Push,
 		peers:      opts.Peers,
+		readers:    opts.Readers,
 		observe:    opts.Observe,
 		events:     opts.Events,
 		beforeSend: opts.BeforeSend,
@@ -264,11 +276,14 @@ func (p *Path) Close() {
 
 // stored is the notify step: it runs on the store's committer goroutine
 // for every copy a request of the path stored, once it is durable, and
-// must not block. It feeds the recipient's devices here, passes the
-// message to the other nodes, and asks for a push when no device of the
-// recipient is online anywhere.
+// must not block. It feeds the recipient's devices here, wakes the other
+// readers (a bot's webhook), passes the message to the other nodes, and
+// asks for a push when no device of the recipient is online anywhere.
 func (p *Path) stored(user string, m queue.Message) {
 	online := p.delivery.Stored(user, m)
+	if p.readers != nil {
+		p.readers.Stored(user)
+	}
 	if p.peers != nil {
 		p.peers.Stored(user, m)
 		if !online {
@@ -348,7 +363,12 @@ func (p *Path) Delivered(user string, metas [][]byte) {
 }
 
 // PeerStored feeds user's devices here with a message another node stored.
-func (p *Path) PeerStored(user string, m queue.Message) { p.delivery.Stored(user, m) }
+func (p *Path) PeerStored(user string, m queue.Message) {
+	p.delivery.Stored(user, m)
+	if p.readers != nil {
+		p.readers.Stored(user)
+	}
+}
 
 // PeerTyping passes another node's typing signal to user's devices here.
 func (p *Path) PeerTyping(user, topic string, payload []byte) {

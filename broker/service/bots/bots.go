@@ -104,6 +104,50 @@ type Lease interface {
 	Hold(ctx context.Context, name string) (held context.Context, release func(), err error)
 }
 
+// Bell wakes the consumer of a bot's queue when a message is stored for
+// the bot, so that an idle bot's webhook gets it at once rather than at
+// its next poll. The message path rings it from its notify step, which
+// runs for what this node stores and for what other nodes pass to it;
+// polling stays for a notice between nodes that was lost.
+type Bell struct {
+	rings map[string]chan struct{}
+}
+
+// NewBell returns a Bell for list's bots; nil when there are none.
+func NewBell(list []Bot) *Bell {
+	if len(list) == 0 {
+		return nil
+	}
+	b := &Bell{rings: make(map[string]chan struct{}, len(list))}
+	for _, bot := range list {
+		b.rings[bot.User] = make(chan struct{}, 1)
+	}
+	return b
+}
+
+// Stored rings user's bell when user is a bot; it never blocks, and rings
+// that come while one is pending are one.
+func (b *Bell) Stored(user string) {
+	if b == nil {
+		return
+	}
+	if c, ok := b.rings[user]; ok {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// ring returns the channel user's bell rings on; nil, which never
+// delivers, for a nil Bell or a user that is no bot.
+func (b *Bell) ring(user string) <-chan struct{} {
+	if b == nil {
+		return nil
+	}
+	return b.rings[user]
+}
+
 // Options configures a Runner.
 type Options struct {
 	// Bots are the bot users and their webhooks.
@@ -120,6 +164,9 @@ type Options struct {
 	// Lease, if set, lets one node of a cluster consume each bot's queue;
 	// nil consumes here.
 	Lease Lease
+	// Bell, if set, wakes an idle bot's consumer when a message is
+	// stored for the bot; Poll stays the longest wait.
+	Bell *Bell
 	// Poll is how often an idle bot's queue is read again.
 	Poll time.Duration
 	// Backoff is the longest first wait after a failed attempt; each
@@ -249,7 +296,7 @@ func (r *Runner) consume(ctx context.Context, b Bot, log *slog.Logger) error {
 			return fmt.Errorf("read the queue of bot %s: %w", b.User, err)
 		}
 		if len(msgs) == 0 {
-			r.wait(ctx, r.o.Poll)
+			r.idle(ctx, b.User)
 			continue
 		}
 		var metas [][]byte
@@ -323,6 +370,18 @@ func (r *Runner) backoff(n int) time.Duration {
 }
 
 // wait sleeps d or until ctx ends.
+// idle waits for user's bell, at most Poll. A ring that came since the
+// last read is pending in the bell's buffer, so none is missed.
+func (r *Runner) idle(ctx context.Context, user string) {
+	t := time.NewTimer(r.o.Poll)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-r.o.Bell.ring(user):
+	case <-ctx.Done():
+	}
+}
+
 func (r *Runner) wait(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)
 	defer t.Stop()

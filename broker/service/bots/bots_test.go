@@ -274,3 +274,39 @@ func TestParse(t *testing.T) {
 		}
 	}
 }
+
+// TestBellWakesIdleConsumer: with a poll of an hour, a message stored for
+// an idle bot reaches its webhook once its bell rings, and the bell of a
+// user that is no bot, or of no Bell at all, does nothing.
+func TestBellWakesIdleConsumer(t *testing.T) {
+	k := newSink(t, nil)
+	s := openStore(t, t.TempDir(), time.Now)
+	defer s.Close()
+	list := []bots.Bot{{User: "echo", URL: k.URL}}
+	bell := bots.NewBell(list)
+	r, err := bots.Start(bots.Options{
+		Bots: list, Queue: s, Secret: secret, Bell: bell,
+		Poll: time.Hour, Backoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond, Logger: quiet(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	// The consumer's first read may come before or after m1 is stored;
+	// once it found the queue empty it idles for an hour unless rung.
+	var want []string
+	for i := 1; i <= 4; i++ {
+		id := fmt.Sprintf("m%d", i)
+		send(t, s, "echo", id)
+		bell.Stored("bob") // no bot: nothing
+		bell.Stored("echo")
+		bell.Stored("echo") // a second ring while one is pending is the same
+		want = append(want, id)
+		k.wantTaken(want...)
+	}
+	var none *bots.Bell
+	none.Stored("echo") // a nil Bell, as without bots: nothing, no panic
+	if bots.NewBell(nil) != nil {
+		t.Error("NewBell of no bots is not nil")
+	}
+}
