@@ -155,6 +155,20 @@ func (h *endHook) Provides(b byte) bool                          { return b == m
 func (h *endHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) { h.ended <- cl }
 
 // waitEnded waits for the disconnect of clientID to pass every hook.
+// close closes rc, the connection of clientID, and waits until its
+// session ended and it left mochi's client map.
+func (it *inboxTest) close(rc *rawClient, clientID string) {
+	it.t.Helper()
+	if err := rc.conn.Close(); err != nil {
+		it.t.Fatal(err)
+	}
+	it.waitEnded(clientID)
+	testutil.Eventually(it.t, inboxWait, func() bool {
+		_, ok := it.srv.Clients.Get(clientID)
+		return !ok
+	}, "%s leaves mochi's client map", clientID)
+}
+
 func (it *inboxTest) waitEnded(clientID string) *mqtt.Client {
 	it.t.Helper()
 	for {
@@ -554,14 +568,7 @@ func TestDisconnectForgetsClient(t *testing.T) {
 			if c.bye {
 				bob.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
 			}
-			if err := bob.conn.Close(); err != nil {
-				t.Fatal(err)
-			}
-			it.waitEnded(id)
-			testutil.Eventually(t, inboxWait, func() bool {
-				_, ok := it.srv.Clients.Get(id)
-				return !ok
-			}, "%s leaves mochi's client map", id)
+			it.close(bob, id)
 			if got := it.reasons.all(); !slices.Equal(got, []string{string(ReasonClient)}) {
 				t.Fatalf("disconnect reasons %v, want [%s]", got, ReasonClient)
 			}
@@ -688,24 +695,13 @@ func TestResumeRestoresSubscriptions(t *testing.T) {
 			it := newInboxTest(t, 8)
 			s := session{user: "bob", device: "phone", v5: v5, persistent: true}
 			id := s.clientID()
-			leave := func(rc *rawClient) {
-				t.Helper()
-				if err := rc.conn.Close(); err != nil {
-					t.Fatal(err)
-				}
-				it.waitEnded(id)
-				testutil.Eventually(t, inboxWait, func() bool {
-					_, ok := it.srv.Clients.Get(id)
-					return !ok
-				}, "%s leaves mochi's client map", id)
-			}
 			bob, ack := it.connectAck(s)
 			if ack.SessionPresent {
 				t.Fatal("first connection: Session Present 1")
 			}
 			bob.subscribe(1, "inbox/bob")
 			bob.subscribe(2, "presence/alice")
-			leave(bob)
+			it.close(bob, id)
 			bob, ack = it.connectAck(s)
 			if !ack.SessionPresent {
 				t.Fatal("resumed session: Session Present 0")
@@ -721,7 +717,7 @@ func TestResumeRestoresSubscriptions(t *testing.T) {
 					t.Fatalf("%s not back in mochi's topic tree", f)
 				}
 			}
-			leave(bob)
+			it.close(bob, id)
 			it.inbox.DropSession(id)
 			if _, ack = it.connectAck(s); ack.SessionPresent {
 				t.Fatal("after DropSession: Session Present 1")

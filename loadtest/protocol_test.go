@@ -56,16 +56,9 @@ func TestRunFlakyMQTT5(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg := testConfig(ScenarioFlaky, tt.broker(t))
+			cfg := flakyConfig(tt.broker(t))
 			cfg.Plain = tt.plain
 			cfg.Protocol = 5
-			cfg.Duration = 3 * time.Second
-			cfg.Rate = 300
-			cfg.Latency = 10 * time.Millisecond
-			cfg.Jitter = 5 * time.Millisecond
-			cfg.Bandwidth = 512
-			cfg.CutEvery = 700 * time.Millisecond
-			cfg.CutFor = 200 * time.Millisecond
 			rep := runOK(t, cfg)
 			if !tt.ordered {
 				t.Logf("%d order violations by the broker", rep.Counts.OrderViolations)

@@ -265,8 +265,10 @@ func TestRunRestart(t *testing.T) {
 	}
 }
 
-func TestRunFlaky(t *testing.T) {
-	cfg := testConfig(ScenarioFlaky, startChatd(t))
+// flakyConfig is the flaky scenario against broker as the tests run it:
+// 3 s at 300 msg/s through a slow link cut every 700 ms for 200 ms.
+func flakyConfig(broker string) Config {
+	cfg := testConfig(ScenarioFlaky, broker)
 	cfg.Duration = 3 * time.Second
 	cfg.Rate = 300
 	cfg.Latency = 10 * time.Millisecond
@@ -274,6 +276,11 @@ func TestRunFlaky(t *testing.T) {
 	cfg.Bandwidth = 512
 	cfg.CutEvery = 700 * time.Millisecond
 	cfg.CutFor = 200 * time.Millisecond
+	return cfg
+}
+
+func TestRunFlaky(t *testing.T) {
+	cfg := flakyConfig(startChatd(t))
 	rep := runOK(t, cfg)
 	assertBalanced(t, rep)
 	cuts := 0
