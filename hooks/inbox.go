@@ -68,11 +68,17 @@ func (h *Inbox) Closing() { h.closing.Store(true) }
 // ID names the hook.
 func (h *Inbox) ID() string { return "chatd-inbox" }
 
-// Provides reports the events Inbox handles.
+// Provides reports the events Inbox handles. mochi asks it for every
+// packet it writes: OnPacketEncode, which takes and returns the whole
+// packet by value, is provided only while a connection resumes a kept
+// session, whose CONNACK it may change.
 func (h *Inbox) Provides(b byte) bool {
+	if b == mqtt.OnPacketEncode {
+		return h.registry.AnyResuming()
+	}
 	return bytes.Contains([]byte{
 		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed,
-		mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPacketRead, mqtt.OnPacketEncode,
+		mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPacketRead,
 	}, []byte{b})
 }
 

@@ -699,6 +699,12 @@ func TestResumeRestoresSubscriptions(t *testing.T) {
 			if ack.SessionPresent {
 				t.Fatal("first connection: Session Present 1")
 			}
+			// Nothing resumes: the hook is not handed every packet mochi
+			// writes (it is while one resumes, or Session Present below
+			// would be 0).
+			if it.inbox.Provides(mqtt.OnPacketEncode) {
+				t.Fatal("OnPacketEncode provided while no connection resumes")
+			}
 			bob.subscribe(1, "inbox/bob")
 			bob.subscribe(2, "presence/alice")
 			it.close(bob, id)

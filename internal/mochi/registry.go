@@ -47,6 +47,9 @@ type Registry struct {
 	// the next Establish of its client ID.
 	resuming map[*mqtt.Client][]Sub
 	dropped  map[*mqtt.Client]struct{}
+	// anyResuming mirrors len(resuming) > 0 for AnyResuming, which is
+	// asked for every packet written and must not take mu.
+	anyResuming atomic.Bool
 	// kept are the sessions Forget removed, by client ID.
 	kept map[string]kept
 	// sweepAt is the size of kept at which Forget next drops the expired
@@ -87,6 +90,7 @@ const minSweep = 1024
 func (r *Registry) Establish(server *mqtt.Server, cl *mqtt.Client, now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteResuming()
 	if r.newest == nil {
 		r.newest = make(map[string]*mqtt.Client)
 	}
@@ -122,11 +126,21 @@ func (r *Registry) Resuming(cl *mqtt.Client) bool {
 	return ok && r.newest[cl.ID] == cl
 }
 
+// AnyResuming reports whether some connection resumes a kept session,
+// without taking the registry's lock: the hook that sets Session Present
+// asks it for every packet mochi writes, and is called with that packet
+// only while a CONNACK may need it.
+func (r *Registry) AnyResuming() bool { return r.anyResuming.Load() }
+
+// noteResuming updates anyResuming after resuming changed; r.mu is held.
+func (r *Registry) noteResuming() { r.anyResuming.Store(len(r.resuming) > 0) }
+
 // Resumed returns the subscriptions of the session cl resumes, once; nil
 // if it resumes none or a newer connection of its ID passed Establish.
 func (r *Registry) Resumed(cl *mqtt.Client) []Sub {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteResuming()
 	subs, ok := r.resuming[cl]
 	if !ok || r.newest[cl.ID] != cl {
 		return nil
@@ -146,6 +160,7 @@ func (r *Registry) Resumed(cl *mqtt.Client) []Sub {
 func (r *Registry) Forget(server *mqtt.Server, cl *mqtt.Client, expire, closing bool, now time.Time, ttl time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteResuming()
 	if r.newest[cl.ID] != cl {
 		return
 	}
@@ -208,6 +223,7 @@ func (r *Registry) sweep(now time.Time) {
 func (r *Registry) Drop(clientID string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteResuming()
 	delete(r.kept, clientID)
 	if cl := r.newest[clientID]; cl != nil {
 		r.drop(cl)
@@ -220,6 +236,7 @@ func (r *Registry) Drop(clientID string) {
 func (r *Registry) DropUser(user string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteResuming()
 	for id, k := range r.kept {
 		if k.user == user {
 			delete(r.kept, id)
